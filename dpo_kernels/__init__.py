@@ -1,0 +1,22 @@
+"""dpo-kernels: fused log-prob kernels and a drop-in DPO loss.
+
+One import line: ``import dpo_kernels`` and call ``dpo_kernels.sequence_logprobs``.
+"""
+
+from .functional import (
+    PairLogprobs,
+    SequenceLogprobs,
+    cpu_extension_available,
+    resolve_backend,
+    sequence_logprobs,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PairLogprobs",
+    "SequenceLogprobs",
+    "cpu_extension_available",
+    "resolve_backend",
+    "sequence_logprobs",
+]

@@ -1,0 +1,314 @@
+"""Public ops with autograd, and the one place that picks a backend.
+
+Backends: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cpu" (the C++
+kernels in csrc/, built as dpo_kernels._C), "reference" (plain PyTorch, ops/reference.py).
+"auto" picks triton for CUDA and cpu (else reference) for CPU tensors. The `backend=` argument,
+or else the DPO_KERNELS_BACKEND environment variable, forces one.
+
+Each op is a torch.library custom op with a fake implementation, so torch.compile traces through
+it without a graph break; validation of shapes, dtypes and devices happens before it, in Python,
+and validation of label values inside it, before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from .ops import reference
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+
+class SequenceLogprobs(NamedTuple):
+    """Per-sequence outputs of `sequence_logprobs` (float32; float64 for float64 logits)."""
+
+    logps: torch.Tensor  # [B] sum of the counted tokens' log-probs (carries gradient)
+    counts: torch.Tensor  # [B] int64 number of counted tokens
+    token_logps: torch.Tensor  # [B, T] per-token log-probs, 0 where not counted (carries gradient)
+    ref_logps: torch.Tensor | None  # [B] same sums under ref_logits (no gradient), if given
+    ref_token_logps: torch.Tensor | None  # [B, T]
+
+    def pairs(self) -> PairLogprobs:
+        """Split a concatenated [chosen; rejected] batch into its halves."""
+        B = self.logps.shape[0]
+        if B % 2:
+            raise ValueError(
+                f"pairs() needs an even batch ([chosen; rejected] concatenated), got {B} rows"
+            )
+        h = B // 2
+        ref = self.ref_logps
+        return PairLogprobs(
+            self.logps[:h],
+            self.logps[h:],
+            None if ref is None else ref[:h],
+            None if ref is None else ref[h:],
+            self.counts[:h],
+            self.counts[h:],
+        )
+
+
+class PairLogprobs(NamedTuple):
+    """The four per-sequence sums a DPO loss needs, and the token counts of each half."""
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor | None
+    ref_rejected_logps: torch.Tensor | None
+    chosen_counts: torch.Tensor
+    rejected_counts: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Backend choice
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cpu_extension_available() -> bool:
+    """True when the C++ kernels (dpo_kernels._C) are built and loaded."""
+    from . import _cpu
+
+    return _cpu.AVAILABLE
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The concrete backend for tensors on `device` (see the module docstring)."""
+    name = backend or os.environ.get("DPO_KERNELS_BACKEND") or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            return "triton"
+        return "cpu" if device.type == "cpu" and cpu_extension_available() else "reference"
+    if name == "triton" and device.type != "cuda" and not _triton_interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 "
+            "before importing dpo_kernels to run the Triton kernels on CPU (slow, for tests)"
+        )
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+        if not cpu_extension_available():
+            raise RuntimeError(
+                "backend='cpu' needs the C++ extension dpo_kernels._C, which is not built; "
+                "reinstall with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
+            )
+    return name
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from .ops import triton_logprobs
+
+        return triton_logprobs.logprobs_forward, triton_logprobs.logprobs_backward
+    if backend == "cpu":
+        from . import _cpu
+
+        return _cpu.logprobs_forward, _cpu.logprobs_backward
+    return reference.token_logprobs, reference.token_logprobs_backward
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_same_device(name: str, t: torch.Tensor, logits: torch.Tensor) -> None:
+    if t.device != logits.device:
+        raise ValueError(
+            f"{name} is on {t.device} but logits is on {logits.device}; move {name} with "
+            f"{name}.to(logits.device)"
+        )
+
+
+def _check_logprob_inputs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logits: torch.Tensor | None,
+    ignore_index: int,
+) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(
+            f"logits must be a floating-point tensor (bf16, fp16, fp32 or fp64), got {got}"
+        )
+    if logits.dim() != 3:
+        raise ValueError(
+            f"logits must be [batch, tokens, vocab], got shape {tuple(logits.shape)}; "
+            "add a batch dimension with logits.unsqueeze(0)"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError("logits has an empty vocabulary (last dimension is 0)")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of token ids, got {got}")
+    if labels.dtype == torch.bool:
+        raise TypeError("labels must be an integer tensor of token ids, got torch.bool")
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"labels must have shape {tuple(logits.shape[:2])} (logits.shape[:2]), got "
+            f"{tuple(labels.shape)}; for causal LMs pass logits[:, :-1] with labels[:, 1:]"
+        )
+    _check_same_device("labels", labels, logits)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.is_complex():
+            raise TypeError("mask must be a bool or 0/1 tensor shaped like labels")
+        if tuple(mask.shape) != tuple(labels.shape):
+            raise ValueError(
+                f"mask must have the shape of labels {tuple(labels.shape)}, got {tuple(mask.shape)}"
+            )
+        _check_same_device("mask", mask, logits)
+    if ref_logits is not None:
+        if not isinstance(ref_logits, torch.Tensor) or not ref_logits.is_floating_point():
+            raise TypeError("ref_logits must be a floating-point tensor like logits")
+        if ref_logits.shape != logits.shape:
+            raise ValueError(
+                f"ref_logits must have the shape of logits {tuple(logits.shape)}, got "
+                f"{tuple(ref_logits.shape)}"
+            )
+        _check_same_device("ref_logits", ref_logits, logits)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_values(
+    labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int
+) -> None:
+    """Data checks (one device sync): counted labels in [0, vocab), mask values 0 or 1."""
+    counted = reference.counted_tokens(labels, mask, ignore_index)
+    bad_label = counted & ((labels < 0) | (labels >= vocab))
+    bad_mask = None
+    if mask is not None and mask.dtype != torch.bool:
+        bad_mask = (mask != 0) & (mask != 1)
+    flags = torch.stack(
+        [bad_label.any(), bad_mask.any() if bad_mask is not None else bad_label.new_zeros(())]
+    ).tolist()
+    if flags[0]:
+        b, t = bad_label.nonzero()[0].tolist()
+        raise ValueError(
+            f"labels[{b}, {t}] = {labels[b, t].item()} is outside the vocabulary [0, {vocab}); "
+            f"use ignore_index={ignore_index} (or mask=0) for tokens that should not count"
+        )
+    if flags[1]:
+        b, t = bad_mask.nonzero()[0].tolist()
+        raise ValueError(
+            f"mask[{b}, {t}] = {mask[b, t].item()}; mask must hold only 0 and 1 (or be bool)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The token log-prob op: custom op + fake + autograd
+
+
+@torch.library.custom_op("dpo_kernels::token_logprobs", mutates_args=())
+def _token_logprobs_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logits: torch.Tensor | None,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_values(labels, mask, ignore_index, logits.shape[-1])
+    fwd, _ = _kernels(backend)
+    tok, lse, ref_tok = fwd(logits, labels, mask, ref_logits, ignore_index)
+    return tok, lse, ref_tok
+
+
+@_token_logprobs_op.register_fake
+def _(logits, labels, mask, ref_logits, ignore_index, backend):
+    B, T, _ = logits.shape
+    acc = reference.acc_dtype(logits.dtype)
+    tok = logits.new_empty((B, T), dtype=acc)
+    lse = logits.new_empty((B, T), dtype=acc)
+    if ref_logits is None:
+        ref_tok = logits.new_empty(0, dtype=acc)
+    else:
+        ref_tok = logits.new_empty((B, T), dtype=reference.acc_dtype(ref_logits.dtype))
+    return tok, lse, ref_tok
+
+
+@torch.library.custom_op("dpo_kernels::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(
+    grad_tok: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    _, bwd = _kernels(backend)
+    return bwd(grad_tok, logits, labels, mask, lse, ignore_index)
+
+
+@_token_logprobs_backward_op.register_fake
+def _(grad_tok, logits, labels, mask, lse, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, mask, _, ignore_index, backend = inputs
+    _, lse, ref_tok = output
+    ctx.mark_non_differentiable(lse, ref_tok)
+    ctx.save_for_backward(logits, labels, mask, lse)
+    ctx.ignore_index = ignore_index
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_tok, _grad_lse, _grad_ref):
+    logits, labels, mask, lse = ctx.saved_tensors
+    dlogits = None
+    if ctx.needs_input_grad[0]:
+        dlogits = _token_logprobs_backward_op(
+            grad_tok, logits, labels, mask, lse, ctx.ignore_index, ctx.backend
+        )
+    return dlogits, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "dpo_kernels::token_logprobs", _backward, setup_context=_setup_context
+)
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    ref_logits: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> SequenceLogprobs:
+    """Per-sequence sums of the label tokens' log-probs, fused: log-softmax + gather + masked sum.
+
+    logits: [B, T, V] (bf16, fp16, fp32 or fp64; any strides, e.g. ``logits[:, :-1]``).
+    labels: [B, T] integer token ids, already aligned with logits (``labels[:, 1:]`` for causal
+        LMs); tokens equal to ``ignore_index`` do not count.
+    mask: optional [B, T] bool or 0/1 tensor; tokens with mask 0 do not count.
+    ref_logits: optional [B, T, V] reference-model logits for the same labels; their sums come back
+        in ``ref_logps`` without gradient, computed in the same kernel launch.
+
+    Returns a `SequenceLogprobs`; ``.pairs()`` splits a concatenated [chosen; rejected] batch.
+    Accumulates in float32 (float64 for float64 logits) whatever the input dtype. The log-sum-exp
+    is the only thing saved for the backward. A NaN in the logits of a counted token makes that
+    sequence's sum NaN and leaves every other sequence untouched; logits of tokens that do not count
+    are never read.
+    """
+    _check_logprob_inputs(logits, labels, mask, ref_logits, ignore_index)
+    name = resolve_backend(backend, logits.device)
+    tok, _, ref_tok = _token_logprobs_op(logits, labels, mask, ref_logits, ignore_index, name)
+    counts = reference.counted_tokens(labels, mask, ignore_index).sum(-1)
+    has_ref = ref_logits is not None
+    return SequenceLogprobs(
+        logps=tok.sum(-1),
+        counts=counts,
+        token_logps=tok,
+        ref_logps=ref_tok.sum(-1) if has_ref else None,
+        ref_token_logps=ref_tok if has_ref else None,
+    )

@@ -1,0 +1,199 @@
+"""Compile every Triton kernel for A100 (sm_80) and H100 (sm_90) without a GPU, and read the result.
+
+Each case calls a real launcher on small CPU tensors with the kernel swapped for a recorder, so the
+arguments, launch configuration and Triton's own specialization (alignment, ==1 strides) are the
+ones a real launch would use. The recorded launch is compiled with `triton.compile` for a
+`GPUTarget`, and the cubin is read with the `cuobjdump` that triton ships: registers, local-memory
+(spill) bytes, shared memory, and the widths of the global loads.
+
+    python -m dpo_kernels.gpu_check [--json PATH]
+
+Must run without TRITON_INTERPRET (the interpreter replaces the kernels at import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+ARCHS = (80, 90)
+
+
+@dataclass
+class KernelReport:
+    case: str
+    kernel: str
+    arch: int
+    num_warps: int
+    registers: int
+    local_bytes: int  # spills / stack in local memory; must be 0
+    shared_bytes: int
+    global_loads: dict[str, int]  # SASS load opcode -> count, e.g. {"LDG.E.128": 4}
+    global_stores: dict[str, int]  # SASS store opcode -> count, e.g. {"STG.E.128": 4}
+
+
+class _Recorder:
+    """Stands in for a JITFunction; remembers the launch instead of running it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.launches: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+@contextlib.contextmanager
+def _recording(module, names: list[str]) -> Iterator[dict[str, _Recorder]]:
+    recorders = {n: _Recorder(getattr(module, n)) for n in names}
+    try:
+        for n, r in recorders.items():
+            setattr(module, n, r)
+        yield recorders
+    finally:
+        for n, r in recorders.items():
+            setattr(module, n, r.fn)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_launch(fn, args: tuple, kwargs: dict, arch: int):
+    """Compile one recorded launch of `fn` for sm_<arch>, exactly as Triton's runtime would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs, debug=False)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(
+        backend, kwargs, bound, specialization, options
+    )
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target, options.__dict__)
+
+
+def read_cubin(cubin: bytes) -> tuple[int, int, int, dict[str, int], dict[str, int]]:
+    """(registers, local bytes, shared bytes, {load opcode: n}, {store opcode: n}) via cuobjdump."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run(
+            [_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
+
+    def field(name: str) -> int:
+        m = re.search(rf"\b{name}:(\d+)", res)
+        return int(m.group(1)) if m else 0
+
+    loads = collections.Counter(re.findall(r"\b(LDG\.E[.\w]*)", sass))
+    stores = collections.Counter(re.findall(r"\b(STG\.E[.\w]*)", sass))
+    return field("REG"), field("LOCAL") + field("STACK"), field("SHARED"), dict(loads), dict(stores)
+
+
+def _logprobs_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
+    from .ops import triton_logprobs as K
+
+    def fwd(dtype, V, mask, ref):
+        def run():
+            full = torch.randn(2, 9, V).to(dtype)
+            labels = torch.randint(0, V, (2, 9))[:, 1:]
+            m = torch.ones(2, 8, dtype=torch.bool) if mask else None
+            r = full[:, 1:].clone() if ref else None
+            K.logprobs_forward(full[:, :-1], labels, m, r, -100)
+
+        return run
+
+    def bwd(dtype, V):
+        def run():
+            logits = torch.randn(2, 8, V).to(dtype)
+            labels = torch.randint(0, V, (2, 8))
+            g = torch.randn(2).unsqueeze(1).expand(2, 8)  # what autograd passes for a .sum(-1)
+            K.logprobs_backward(g, logits, labels, None, torch.zeros(2, 8), -100)
+
+        return run
+
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        tag = str(dtype).replace("torch.", "")
+        cases.append((f"logprobs_fwd {tag} V=128256 mask+ref", fwd(dtype, 128256, True, True)))
+        cases.append((f"logprobs_fwd {tag} V=32000", fwd(dtype, 32000, False, False)))
+        cases.append((f"logprobs_bwd {tag} V=128256", bwd(dtype, 128256)))
+    names = ["_logprobs_fwd_kernel", "_logprobs_bwd_kernel"]
+    return [(name, run, K, names) for name, run in cases]
+
+
+def cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
+    """(case name, launcher call, module holding the kernels, kernel names) for every op."""
+    return _logprobs_cases()
+
+
+def check_all(archs=ARCHS) -> list[KernelReport]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("run gpu_check without TRITON_INTERPRET=1")
+    reports = []
+    for case, run, module, names in cases():
+        with _recording(module, names) as recs:
+            run()
+        for name, rec in recs.items():
+            for args, kwargs in rec.launches:
+                for arch in archs:
+                    k = compile_launch(rec.fn, args, kwargs, arch)
+                    regs, local, shared, loads, stores = read_cubin(k.asm["cubin"])
+                    reports.append(
+                        KernelReport(
+                            case,
+                            name,
+                            arch,
+                            k.metadata.num_warps,
+                            regs,
+                            local,
+                            shared,
+                            loads,
+                            stores,
+                        )
+                    )
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", help="write the reports here as JSON")
+    a = p.parse_args(argv)
+    reports = check_all()
+    print(f"{'case':40} {'kernel':22} {'sm':>3} {'warps':>5} {'regs':>4} {'local':>5}  memory ops")
+    for r in reports:
+        ops = {**r.global_loads, **r.global_stores}
+        print(
+            f"{r.case:40} {r.kernel:22} {r.arch:>3} {r.num_warps:>5} {r.registers:>4} "
+            f"{r.local_bytes:>5}  " + " ".join(f"{k}x{v}" for k, v in sorted(ops.items()))
+        )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([asdict(r) for r in reports], f, indent=1)
+    return 1 if any(r.local_bytes for r in reports) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Triton kernels for fused per-token log-probs: log-softmax + gather of the label, one pass.
+
+Forward: one program per token row. Rows that do not count (label == ignore_index or mask == 0)
+never read their logits. A counted row streams its vocabulary once in BLOCK_V chunks with an online
+max / sum-exp, and writes only two floats: the label's log-prob and the row's log-sum-exp. The
+reference model's row (same labels, same mask) is handled in the same program when given.
+
+Backward: one program per row writes `g * (onehot(label) - exp(z - lse))` for counted rows and zeros
+for the rest. No other [rows, vocab] tensor exists.
+
+Launchers here take validated tensors; autograd and dispatch live in `dpo_kernels.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest vocab chunk a program holds at once: 16 KiB of logits (8 KiB for 64-bit types' inputs).
+_MAX_BLOCK_BYTES = 16384
+
+
+def launch_config(vocab: int, element_size: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row of `vocab` elements of `element_size` bytes.
+
+    Each thread loads 16 bytes per access (128-bit loads); a block covers up to 16 KiB so a
+    thread holds a handful of vectors and the per-block reductions are amortized.
+    """
+    block = min(triton.next_power_of_2(vocab), _MAX_BLOCK_BYTES // element_size)
+    per_thread = 16 // element_size  # elements in one 128-bit load
+    num_warps = max(1, min(8, block // (32 * per_thread * 2)))
+    return block, num_warps
+
+
+def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def _row_lse_and_target(row_ptr, V, label, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Log-sum-exp of one row of V logits and the logit at `label`, both in ACC precision."""
+    m = tl.full([], float("-inf"), ACC)
+    s = tl.zeros([], ACC)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(z, 0))
+        # A row that is -inf so far has nothing to rescale: shift by 0 so exp(-inf - shift) = 0.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
+        m = m_new
+    target = tl.load(row_ptr + label).to(ACC)
+    return m + tl.log(s), target
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,
+    labels_ptr,
+    mask_ptr,
+    ref_ptr,
+    tok_ptr,  # [B*T] out, label log-prob (0 where not counted)
+    lse_ptr,  # [B*T] out, log-sum-exp (0 where not counted)
+    ref_tok_ptr,  # [B*T] out, reference label log-prob
+    T,
+    V,
+    ignore_index,
+    s_zb,
+    s_zt,
+    s_yb,
+    s_yt,
+    s_mb,
+    s_mt,
+    s_rb,
+    s_rt,
+    HAS_MASK: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    ACC: tl.constexpr,
+    REF_ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = (row // T).to(tl.int64)
+    t = (row % T).to(tl.int64)
+    label = tl.load(labels_ptr + b * s_yb + t * s_yt).to(tl.int64)
+    counted = label != ignore_index
+    if HAS_MASK:
+        counted = counted & (tl.load(mask_ptr + b * s_mb + t * s_mt) != 0)
+    tok = tl.zeros([], ACC)
+    lse = tl.zeros([], ACC)
+    if counted:
+        lse, target = _row_lse_and_target(logits_ptr + b * s_zb + t * s_zt, V, label, ACC, BLOCK_V)
+        tok = target - lse
+    tl.store(tok_ptr + row, tok)
+    tl.store(lse_ptr + row, lse)
+    if HAS_REF:
+        ref_tok = tl.zeros([], REF_ACC)
+        if counted:
+            ref_lse, ref_target = _row_lse_and_target(
+                ref_ptr + b * s_rb + t * s_rt, V, label, REF_ACC, BLOCK_V
+            )
+            ref_tok = ref_target - ref_lse
+        tl.store(ref_tok_ptr + row, ref_tok)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    grad_ptr,  # [B, T] upstream gradient of the token log-probs (any strides)
+    logits_ptr,
+    labels_ptr,
+    mask_ptr,
+    lse_ptr,  # [B*T] saved by the forward
+    dlogits_ptr,  # [B*T, V] out, contiguous
+    T,
+    V,
+    ignore_index,
+    s_gb,
+    s_gt,
+    s_zb,
+    s_zt,
+    s_yb,
+    s_yt,
+    s_mb,
+    s_mt,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = (row // T).to(tl.int64)
+    t = (row % T).to(tl.int64)
+    label = tl.load(labels_ptr + b * s_yb + t * s_yt).to(tl.int64)
+    counted = label != ignore_index
+    if HAS_MASK:
+        counted = counted & (tl.load(mask_ptr + b * s_mb + t * s_mt) != 0)
+    out_ptr = dlogits_ptr + row.to(tl.int64) * V
+    if counted:
+        g = tl.load(grad_ptr + b * s_gb + t * s_gt).to(ACC)
+        lse = tl.load(lse_ptr + row).to(ACC)
+        z_ptr = logits_ptr + b * s_zb + t * s_zt
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            z = tl.load(z_ptr + offs, mask=offs < V, other=0.0).to(ACC)
+            onehot = tl.where(offs == label, 1.0, 0.0).to(ACC)
+            dz = g * (onehot - tl.exp(z - lse))
+            tl.store(out_ptr + offs, dz.to(dlogits_ptr.dtype.element_ty), mask=offs < V)
+    else:
+        zeros = tl.zeros([BLOCK_V], dlogits_ptr.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            tl.store(out_ptr + offs, zeros, mask=offs < V)
+
+
+def _vocab_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernels index the vocabulary with unit stride (vector loads); other strides are kept.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _mask_args(mask: torch.Tensor | None, labels: torch.Tensor):
+    if mask is None:
+        return labels, 0, 0  # dummy pointer, never read
+    return mask, mask.stride(0), mask.stride(1)
+
+
+def logprobs_forward(
+    logits: torch.Tensor,  # [B, T, V]
+    labels: torch.Tensor,  # [B, T]
+    mask: torch.Tensor | None,  # [B, T]
+    ref_logits: torch.Tensor | None,  # [B, T, V]
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token log-probs [B, T], log-sum-exp [B, T] and reference token log-probs ([B, T] or [0])."""
+    B, T, V = logits.shape
+    logits = _vocab_contiguous(logits)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    tok = torch.empty((B, T), dtype=acc, device=logits.device)
+    lse = torch.empty((B, T), dtype=acc, device=logits.device)
+    if ref_logits is not None:
+        ref_logits = _vocab_contiguous(ref_logits)
+        ref_acc = torch.float64 if ref_logits.dtype == torch.float64 else torch.float32
+        ref_tok = torch.empty((B, T), dtype=ref_acc, device=logits.device)
+        ref_args = (ref_logits, ref_logits.stride(0), ref_logits.stride(1))
+    else:
+        ref_acc = acc
+        ref_tok = torch.empty(0, dtype=acc, device=logits.device)
+        ref_args = (logits, 0, 0)
+    mask_t, s_mb, s_mt = _mask_args(mask, labels)
+    if B * T == 0:
+        return tok, lse, ref_tok
+    element_size = max(logits.element_size(), ref_args[0].element_size())
+    block, warps = launch_config(V, element_size)
+    _logprobs_fwd_kernel[(B * T,)](
+        logits,
+        labels,
+        mask_t,
+        ref_args[0],
+        tok,
+        lse,
+        ref_tok if ref_logits is not None else tok,
+        T,
+        V,
+        ignore_index,
+        logits.stride(0),
+        logits.stride(1),
+        labels.stride(0),
+        labels.stride(1),
+        s_mb,
+        s_mt,
+        ref_args[1],
+        ref_args[2],
+        HAS_MASK=mask is not None,
+        HAS_REF=ref_logits is not None,
+        ACC=_acc_dtype(logits.dtype),
+        REF_ACC=_acc_dtype(ref_acc),
+        BLOCK_V=block,
+        num_warps=warps,
+    )
+    return tok, lse, ref_tok
+
+
+def logprobs_backward(
+    grad_tok: torch.Tensor,  # [B, T]
+    logits: torch.Tensor,  # [B, T, V]
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    lse: torch.Tensor,  # [B, T] contiguous, from logprobs_forward
+    ignore_index: int,
+) -> torch.Tensor:
+    """Gradient of the token log-probs with respect to the logits: [B, T, V], logits' dtype."""
+    B, T, V = logits.shape
+    logits = _vocab_contiguous(logits)
+    dlogits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
+    if B * T == 0:
+        return dlogits
+    mask_t, s_mb, s_mt = _mask_args(mask, labels)
+    block, warps = launch_config(V, logits.element_size())
+    _logprobs_bwd_kernel[(B * T,)](
+        grad_tok,
+        logits,
+        labels,
+        mask_t,
+        lse,
+        dlogits,
+        T,
+        V,
+        ignore_index,
+        grad_tok.stride(0),
+        grad_tok.stride(1),
+        logits.stride(0),
+        logits.stride(1),
+        labels.stride(0),
+        labels.stride(1),
+        s_mb,
+        s_mt,
+        HAS_MASK=mask is not None,
+        ACC=_acc_dtype(logits.dtype),
+        BLOCK_V=block,
+        num_warps=warps,
+    )
+    return dlogits

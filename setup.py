@@ -1,0 +1,5 @@
+"""Builds the package; the C++ CPU kernels in csrc/ become dpo_kernels._C."""
+
+from setuptools import setup
+
+setup()
