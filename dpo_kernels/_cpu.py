@@ -1,26 +1,51 @@
-"""Loader for the C++ CPU kernels (csrc/, built by setup.py as dpo_kernels._C).
+"""Loader for the C++ CPU kernels (csrc/, built by setup.py).
 
-If the extension is missing (no compiler at install time), the package still imports, warns once,
-and CPU tensors use the plain-PyTorch reference instead.
+setup.py builds one library per CPU capability; the one matching this machine is loaded. If none is
+built (no compiler at install time), the package still imports, warns once, and CPU tensors use the
+plain-PyTorch reference instead.
 """
 
 from __future__ import annotations
 
+import glob
+import os
 import warnings
 
 import torch
 
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.dpo_kernels_cpu)
+_HERE = os.path.dirname(__file__)
 
-    AVAILABLE = True
-except ImportError as exc:  # pragma: no cover - depends on the build
-    AVAILABLE = False
+
+def _candidates() -> list[str]:
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if cap.startswith("AVX512"):
+        return ["avx512", "avx2", "default"]
+    if cap.startswith("AVX2"):
+        return ["avx2", "default"]
+    return ["default"]
+
+
+def _load() -> str | None:
+    errors = []
+    for variant in _candidates():
+        for path in glob.glob(os.path.join(_HERE, f"_C_{variant}.*so")):
+            try:
+                torch.ops.load_library(path)
+                return variant
+            except OSError as exc:  # pragma: no cover - a broken build
+                errors.append(f"{os.path.basename(path)}: {exc}")
     warnings.warn(
-        f"dpo_kernels: the C++ CPU kernels are not built ({exc}); CPU tensors use the slow "
-        "plain-PyTorch reference. Rebuild with `pip install --no-build-isolation -e .`.",
-        stacklevel=2,
+        "dpo_kernels: the C++ CPU kernels are not built"
+        + (f" ({'; '.join(errors)})" if errors else "")
+        + "; CPU tensors use the slow plain-PyTorch reference. Rebuild with "
+        "`pip install --no-build-isolation -e .` (needs a C++ compiler).",
+        stacklevel=3,
     )
+    return None
+
+
+VARIANT = _load()  # "avx512", "avx2", "default" or None
+AVAILABLE = VARIANT is not None
 
 
 def logprobs_forward(logits, labels, mask, ref_logits, ignore_index):
@@ -31,6 +56,5 @@ def logprobs_forward(logits, labels, mask, ref_logits, ignore_index):
 
 def logprobs_backward(grad_tok, logits, labels, mask, lse, ignore_index):
     """Gradient of the token log-probs with respect to the logits."""
-    return torch.ops.dpo_kernels_cpu.logprobs_backward(
-        grad_tok, logits, labels, mask, lse, ignore_index
-    )
+    op = torch.ops.dpo_kernels_cpu.logprobs_backward
+    return op(grad_tok, logits, labels, mask, lse, ignore_index)

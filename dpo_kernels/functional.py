@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _cpu
 from .ops import reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -70,9 +71,7 @@ def _triton_interpreting() -> bool:
 
 
 def cpu_extension_available() -> bool:
-    """True when the C++ kernels (dpo_kernels._C) are built and loaded."""
-    from . import _cpu
-
+    """True when the C++ CPU kernels (csrc/) are built and loaded."""
     return _cpu.AVAILABLE
 
 
@@ -95,7 +94,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
         if not cpu_extension_available():
             raise RuntimeError(
-                "backend='cpu' needs the C++ extension dpo_kernels._C, which is not built; "
+                "backend='cpu' needs the C++ CPU kernels, which are not built; "
                 "reinstall with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
             )
     return name
@@ -107,8 +106,6 @@ def _kernels(backend: str):
 
         return triton_logprobs.logprobs_forward, triton_logprobs.logprobs_backward
     if backend == "cpu":
-        from . import _cpu
-
         return _cpu.logprobs_forward, _cpu.logprobs_backward
     return reference.token_logprobs, reference.token_logprobs_backward
 

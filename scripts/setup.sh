@@ -11,6 +11,6 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 PY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "$TORCH_SPEC"
-$PY -m pip install -q "setuptools>=64" wheel
+$PY -m pip install -q "setuptools>=77" wheel ninja
 # --no-build-isolation: build against the torch installed above instead of fetching another one.
 $PY -m pip install -q --no-build-isolation -e ".[test]"
