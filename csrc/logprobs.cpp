@@ -42,51 +42,88 @@ struct TokenIndex {
   }
 };
 
-// tok[r] = z[label] - lse, lse_out[r] = lse for counted rows; both 0 for the rest.
-void forward_rows(const at::Tensor& z, const TokenIndex& idx, at::Tensor& tok, at::Tensor* lse_out) {
+// Per-row outputs of the forward; null pointers are not written. Rows that do not count get 0s.
+template <typename A>
+struct RowOutputs {
+  A* tok;  // z[label] - lse
+  A* lse;
+  A* entropy;  // with stats
+  A* mean;
+  bool* top1;
+};
+
+template <typename scalar_t, bool STATS>
+void forward_rows_impl(const at::Tensor& z, const TokenIndex& idx, RowOutputs<acc_t<scalar_t>> o) {
+  using A = acc_t<scalar_t>;
   const int64_t T = z.size(1), V = z.size(2), N = z.size(0) * T;
   const int64_t s_b = z.stride(0), s_t = z.stride(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "logprobs_forward", [&] {
-    using A = acc_t<scalar_t>;
-    const scalar_t* base = z.const_data_ptr<scalar_t>();
-    A* tok_p = tok.data_ptr<A>();
-    A* lse_p = lse_out ? lse_out->data_ptr<A>() : nullptr;
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t y = idx.label(r);
-        A lp = 0, lse = 0;
-        if (y >= 0) {
-          const scalar_t* row = base + (r / T) * s_b + (r % T) * s_t;
-          lse = row_logsumexp(row, V);
-          lp = static_cast<A>(row[y]) - lse;
-        }
-        tok_p[r] = lp;
-        if (lse_p) lse_p[r] = lse;
+  const scalar_t* base = z.const_data_ptr<scalar_t>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = idx.label(r);
+      RowStats<A> st{0};
+      A lp = 0;
+      if (y >= 0) {
+        const scalar_t* row = base + (r / T) * s_b + (r % T) * s_t;
+        st = row_stats<scalar_t, STATS>(row, V);
+        lp = static_cast<A>(row[y]) - st.lse;
       }
-    });
+      o.tok[r] = lp;
+      if (o.lse) o.lse[r] = st.lse;
+      if constexpr (STATS) {
+        o.entropy[r] = st.entropy;
+        o.mean[r] = st.mean;
+        o.top1[r] = y >= 0 && st.arg == y;
+      }
+    }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
-    const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& ref_logits, int64_t ignore_index) {
+// Fills `tok` (and `lse`, and with `stats` the three statistics) for every row of z.
+void forward_rows(const at::Tensor& z, const TokenIndex& idx, at::Tensor& tok, at::Tensor* lse,
+                  at::Tensor* stats) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "logprobs_forward", [&] {
+    using A = acc_t<scalar_t>;
+    RowOutputs<A> o{tok.data_ptr<A>(), lse ? lse->data_ptr<A>() : nullptr, nullptr, nullptr,
+                    nullptr};
+    if (stats) {
+      o.entropy = stats[0].data_ptr<A>();
+      o.mean = stats[1].data_ptr<A>();
+      o.top1 = stats[2].data_ptr<bool>();
+      forward_rows_impl<scalar_t, true>(z, idx, o);
+    } else {
+      forward_rows_impl<scalar_t, false>(z, idx, o);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+logprobs_forward(const at::Tensor& logits, const at::Tensor& labels,
+                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref_logits,
+                 int64_t ignore_index, bool stats) {
   const at::Tensor z = vocab_contiguous(logits);
   const at::Tensor y = labels.to(at::kLong);
   const std::optional<at::Tensor> m = bool_mask(mask);
   const TokenIndex idx(y, m ? &*m : nullptr, ignore_index);
   const auto opts = z.options().dtype(acc_dtype(z.scalar_type()));
-  at::Tensor tok = at::empty({z.size(0), z.size(1)}, opts);
-  at::Tensor lse = at::empty({z.size(0), z.size(1)}, opts);
-  forward_rows(z, idx, tok, &lse);
-  at::Tensor ref_tok;
+  const int64_t B = z.size(0), T = z.size(1);
+  at::Tensor tok = at::empty({B, T}, opts);
+  at::Tensor lse = at::empty({B, T}, opts);
+  at::Tensor st[3] = {at::empty({0}, opts), at::empty({0}, opts),
+                      at::empty({0}, opts.dtype(at::kBool))};
+  if (stats) {
+    st[0] = at::empty({B, T}, opts);
+    st[1] = at::empty({B, T}, opts);
+    st[2] = at::empty({B, T}, opts.dtype(at::kBool));
+  }
+  forward_rows(z, idx, tok, &lse, stats ? st : nullptr);
+  at::Tensor ref_tok = at::empty({0}, opts);
   if (ref_logits) {
     const at::Tensor rz = vocab_contiguous(*ref_logits);
-    ref_tok = at::empty({z.size(0), z.size(1)}, rz.options().dtype(acc_dtype(rz.scalar_type())));
-    forward_rows(rz, idx, ref_tok, nullptr);
-  } else {
-    ref_tok = at::empty({0}, opts);
+    ref_tok = at::empty({B, T}, rz.options().dtype(acc_dtype(rz.scalar_type())));
+    forward_rows(rz, idx, ref_tok, nullptr, nullptr);
   }
-  return {tok, lse, ref_tok};
+  return {tok, lse, ref_tok, st[0], st[1], st[2]};
 }
 
 at::Tensor logprobs_backward(const at::Tensor& grad_tok, const at::Tensor& logits,
@@ -130,7 +167,7 @@ at::Tensor logprobs_backward(const at::Tensor& grad_tok, const at::Tensor& logit
 TORCH_LIBRARY_FRAGMENT(dpo_kernels_cpu, m) {
   m.def(
       "logprobs_forward(Tensor logits, Tensor labels, Tensor? mask, Tensor? ref_logits, "
-      "int ignore_index) -> (Tensor, Tensor, Tensor)");
+      "int ignore_index, bool stats) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "logprobs_backward(Tensor grad_tok, Tensor logits, Tensor labels, Tensor? mask, Tensor lse, "
       "int ignore_index) -> Tensor");

@@ -62,14 +62,26 @@ inline void for_each_vec(const S* p, int64_t n, FV&& f, FS&& g) {
   for (; i < n; ++i) g(static_cast<A>(p[i]));
 }
 
-// Log-sum-exp of the row p[0, V), in acc precision. One pass over memory.
-template <typename S>
-inline acc_t<S> row_logsumexp(const S* p, int64_t V) {
+// What one pass over a row yields: its log-sum-exp and, when asked, the statistics trainers log.
+template <typename A>
+struct RowStats {
+  A lse;
+  A entropy = 0;    // lse - sum_v p_v z_v
+  A mean = 0;       // sum_v z_v / V
+  int64_t arg = -1;  // first index of the maximum
+};
+
+// Log-sum-exp of the row p[0, V) in acc precision, one pass over memory; with STATS also the
+// entropy, the mean logit and the first argmax (a third, L1-resident pass over chunks whose
+// maximum beats the running one).
+template <typename S, bool STATS = false>
+inline RowStats<acc_t<S>> row_stats(const S* p, int64_t V) {
   using A = acc_t<S>;
   using VA = Vectorized<A>;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   A m = kNegInf;
-  A s = 0;
+  A s = 0, pz = 0, zsum = 0;
+  int64_t arg = -1;
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t n = std::min(kChunk, V - start);
     const S* c = p + start;
@@ -80,20 +92,65 @@ inline acc_t<S> row_logsumexp(const S* p, int64_t V) {
         [&](A x) { tail_max = max_nan(tail_max, x); });
     A chunk_max = at::vec::vec_reduce_all<A>(
         [](VA& a, VA& b) { return at::vec::maximum(a, b); }, vmax);
-    const A m_new = max_nan(max_nan(m, chunk_max), tail_max);
+    chunk_max = max_nan(chunk_max, tail_max);
+    const A m_new = max_nan(m, chunk_max);
     // Nothing finite seen yet: shift by 0 so that exp(-inf - shift) = 0 rather than NaN.
     const A shift = (m_new == kNegInf) ? A(0) : m_new;
+    const A scale = std::exp(m - shift);
     const VA vshift(shift);
     VA vsum(A(0));
     A tail_sum = 0;
-    for_each_vec(
-        c, n, [&](const VA& x) { vsum = vsum + (x - vshift).exp(); },
-        [&](A x) { tail_sum += std::exp(x - shift); });
+    if constexpr (STATS) {
+      VA vpz(A(0)), vz(A(0));
+      const VA zero(A(0));
+      A tail_pz = 0, tail_z = 0;
+      for_each_vec(
+          c, n,
+          [&](const VA& x) {
+            const VA e = (x - vshift).exp();
+            vsum = vsum + e;
+            vpz = vpz + VA::blendv(e * x, zero, e == zero);  // 0 * -inf counts as 0
+            vz = vz + x;
+          },
+          [&](A x) {
+            const A e = std::exp(x - shift);
+            tail_sum += e;
+            tail_pz += e == 0 ? A(0) : e * x;
+            tail_z += x;
+          });
+      auto add = [](VA& a, VA& b) { return a + b; };
+      pz = pz * scale + at::vec::vec_reduce_all<A>(add, vpz) + tail_pz;
+      zsum += at::vec::vec_reduce_all<A>(add, vz) + tail_z;
+      if (chunk_max > m) {  // strictly: an earlier chunk keeps a tie
+        for (int64_t i = 0; i < n; ++i) {
+          if (static_cast<A>(c[i]) == chunk_max) {
+            arg = start + i;
+            break;
+          }
+        }
+      }
+    } else {
+      for_each_vec(
+          c, n, [&](const VA& x) { vsum = vsum + (x - vshift).exp(); },
+          [&](A x) { tail_sum += std::exp(x - shift); });
+    }
     const A chunk_sum = at::vec::vec_reduce_all<A>([](VA& a, VA& b) { return a + b; }, vsum);
-    s = s * std::exp(m - shift) + (chunk_sum + tail_sum);
+    s = s * scale + (chunk_sum + tail_sum);
     m = m_new;
   }
-  return m + std::log(s);
+  RowStats<A> out{m + std::log(s)};
+  if constexpr (STATS) {
+    out.entropy = out.lse - pz / s;
+    out.mean = zsum / static_cast<A>(V);
+    out.arg = arg;
+  }
+  return out;
+}
+
+// Log-sum-exp of the row p[0, V), in acc precision. One pass over memory.
+template <typename S>
+inline acc_t<S> row_logsumexp(const S* p, int64_t V) {
+  return row_stats<S, false>(p, V).lse;
 }
 
 // out[v] = -g * exp(z[v] - lse) for all v, then out[label] += g: the gradient of g * log p[label].

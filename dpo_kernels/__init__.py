@@ -6,6 +6,7 @@ One import line: ``import dpo_kernels`` and call ``dpo_kernels.sequence_logprobs
 from .functional import (
     PairLogprobs,
     SequenceLogprobs,
+    TokenStats,
     cpu_extension_available,
     resolve_backend,
     sequence_logprobs,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PairLogprobs",
     "SequenceLogprobs",
+    "TokenStats",
     "cpu_extension_available",
     "resolve_backend",
     "sequence_logprobs",

@@ -48,10 +48,11 @@ VARIANT = _load()  # "avx512", "avx2", "default" or None
 AVAILABLE = VARIANT is not None
 
 
-def logprobs_forward(logits, labels, mask, ref_logits, ignore_index):
-    """Token log-probs, log-sum-exp and reference token log-probs; see ops/reference.py."""
+def logprobs_forward(logits, labels, mask, ref_logits, ignore_index, stats=False):
+    """Token log-probs, log-sum-exp, reference token log-probs and optional statistics; the
+    contract of ops/reference.py::token_logprobs."""
     op = torch.ops.dpo_kernels_cpu.logprobs_forward
-    return op(logits, labels, mask, ref_logits, ignore_index)
+    return op(logits, labels, mask, ref_logits, ignore_index, stats)
 
 
 def logprobs_backward(grad_tok, logits, labels, mask, lse, ignore_index):

@@ -23,14 +23,24 @@ from .ops import reference
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
+class TokenStats(NamedTuple):
+    """Per-token statistics of the policy logits that trainers log (no gradient; 0 where not
+    counted): TRL's entropy, logits/chosen|rejected and mean_token_accuracy come from these."""
+
+    entropy: torch.Tensor  # [B, T] -sum_v p_v log p_v
+    mean_logits: torch.Tensor  # [B, T] sum_v z_v / V
+    is_top1: torch.Tensor  # [B, T] bool: the label is the (first) argmax
+
+
 class SequenceLogprobs(NamedTuple):
     """Per-sequence outputs of `sequence_logprobs` (float32; float64 for float64 logits)."""
 
     logps: torch.Tensor  # [B] sum of the counted tokens' log-probs (carries gradient)
     counts: torch.Tensor  # [B] int64 number of counted tokens
     token_logps: torch.Tensor  # [B, T] per-token log-probs, 0 where not counted (carries gradient)
-    ref_logps: torch.Tensor | None  # [B] same sums under ref_logits (no gradient), if given
-    ref_token_logps: torch.Tensor | None  # [B, T]
+    ref_logps: torch.Tensor | None = None  # [B] same sums under ref_logits (no gradient), if given
+    ref_token_logps: torch.Tensor | None = None  # [B, T]
+    stats: TokenStats | None = None  # with stats=True
 
     def pairs(self) -> PairLogprobs:
         """Split a concatenated [chosen; rejected] batch into its halves."""
@@ -209,25 +219,32 @@ def _token_logprobs_op(
     mask: torch.Tensor | None,
     ref_logits: torch.Tensor | None,
     ignore_index: int,
+    stats: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token log-probs, lse, ref token log-probs, entropy, mean logit, is_top1); see reference."""
     _check_values(labels, mask, ignore_index, logits.shape[-1])
     fwd, _ = _kernels(backend)
-    tok, lse, ref_tok = fwd(logits, labels, mask, ref_logits, ignore_index)
-    return tok, lse, ref_tok
+    return tuple(fwd(logits, labels, mask, ref_logits, ignore_index, stats))
 
 
 @_token_logprobs_op.register_fake
-def _(logits, labels, mask, ref_logits, ignore_index, backend):
+def _(logits, labels, mask, ref_logits, ignore_index, stats, backend):
     B, T, _ = logits.shape
     acc = reference.acc_dtype(logits.dtype)
-    tok = logits.new_empty((B, T), dtype=acc)
-    lse = logits.new_empty((B, T), dtype=acc)
-    if ref_logits is None:
-        ref_tok = logits.new_empty(0, dtype=acc)
-    else:
-        ref_tok = logits.new_empty((B, T), dtype=reference.acc_dtype(ref_logits.dtype))
-    return tok, lse, ref_tok
+    shape = (B, T)
+    ref_tok = logits.new_empty(0, dtype=acc)
+    if ref_logits is not None:
+        ref_tok = logits.new_empty(shape, dtype=reference.acc_dtype(ref_logits.dtype))
+    s = shape if stats else (0,)
+    return (
+        logits.new_empty(shape, dtype=acc),
+        logits.new_empty(shape, dtype=acc),
+        ref_tok,
+        logits.new_empty(s, dtype=acc),
+        logits.new_empty(s, dtype=acc),
+        logits.new_empty(s, dtype=torch.bool),
+    )
 
 
 @torch.library.custom_op("dpo_kernels::token_logprobs_backward", mutates_args=())
@@ -250,22 +267,21 @@ def _(grad_tok, logits, labels, mask, lse, ignore_index, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, mask, _, ignore_index, backend = inputs
-    _, lse, ref_tok = output
-    ctx.mark_non_differentiable(lse, ref_tok)
-    ctx.save_for_backward(logits, labels, mask, lse)
+    logits, labels, mask, _, ignore_index, _, backend = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(logits, labels, mask, output[1])
     ctx.ignore_index = ignore_index
     ctx.backend = backend
 
 
-def _backward(ctx, grad_tok, _grad_lse, _grad_ref):
+def _backward(ctx, grad_tok, *_):
     logits, labels, mask, lse = ctx.saved_tensors
     dlogits = None
     if ctx.needs_input_grad[0]:
         dlogits = _token_logprobs_backward_op(
             grad_tok, logits, labels, mask, lse, ctx.ignore_index, ctx.backend
         )
-    return dlogits, None, None, None, None, None
+    return dlogits, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -280,6 +296,7 @@ def sequence_logprobs(
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     ref_logits: torch.Tensor | None = None,
+    stats: bool = False,
     backend: str | None = None,
 ) -> SequenceLogprobs:
     """Per-sequence sums of the label tokens' log-probs, fused: log-softmax + gather + masked sum.
@@ -291,6 +308,9 @@ def sequence_logprobs(
     ref_logits: optional [B, T, V] reference-model logits for the same labels; their sums come back
         in ``ref_logps`` without gradient, computed in the same kernel launch.
 
+    stats: also return the policy's per-token entropy, mean logit and label-is-argmax
+        (`TokenStats`, no gradient), computed in the same pass over the logits.
+
     Returns a `SequenceLogprobs`; ``.pairs()`` splits a concatenated [chosen; rejected] batch.
     Accumulates in float32 (float64 for float64 logits) whatever the input dtype. The log-sum-exp
     is the only thing saved for the backward. A NaN in the logits of a counted token makes that
@@ -299,7 +319,9 @@ def sequence_logprobs(
     """
     _check_logprob_inputs(logits, labels, mask, ref_logits, ignore_index)
     name = resolve_backend(backend, logits.device)
-    tok, _, ref_tok = _token_logprobs_op(logits, labels, mask, ref_logits, ignore_index, name)
+    tok, _, ref_tok, ent, mean, top1 = _token_logprobs_op(
+        logits, labels, mask, ref_logits, ignore_index, stats, name
+    )
     counts = reference.counted_tokens(labels, mask, ignore_index).sum(-1)
     has_ref = ref_logits is not None
     return SequenceLogprobs(
@@ -308,4 +330,5 @@ def sequence_logprobs(
         token_logps=tok,
         ref_logps=ref_tok.sum(-1) if has_ref else None,
         ref_token_logps=ref_tok if has_ref else None,
+        stats=TokenStats(ent, mean, top1) if stats else None,
     )

@@ -115,13 +115,13 @@ def read_cubin(cubin: bytes) -> tuple[int, int, int, dict[str, int], dict[str, i
 def _logprobs_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     from .ops import triton_logprobs as K
 
-    def fwd(dtype, V, mask, ref):
+    def fwd(dtype, V, mask, ref, stats=False):
         def run():
             full = torch.randn(2, 9, V).to(dtype)
             labels = torch.randint(0, V, (2, 9))[:, 1:]
             m = torch.ones(2, 8, dtype=torch.bool) if mask else None
             r = full[:, 1:].clone() if ref else None
-            K.logprobs_forward(full[:, :-1], labels, m, r, -100)
+            K.logprobs_forward(full[:, :-1], labels, m, r, -100, stats)
 
         return run
 
@@ -139,6 +139,7 @@ def _logprobs_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]
         tag = str(dtype).replace("torch.", "")
         cases.append((f"logprobs_fwd {tag} V=128256 mask+ref", fwd(dtype, 128256, True, True)))
         cases.append((f"logprobs_fwd {tag} V=32000", fwd(dtype, 32000, False, False)))
+        cases.append((f"logprobs_fwd {tag} V=32000 stats", fwd(dtype, 32000, True, False, True)))
         cases.append((f"logprobs_bwd {tag} V=128256", bwd(dtype, 128256)))
     names = ["_logprobs_fwd_kernel", "_logprobs_bwd_kernel"]
     return [(name, run, K, names) for name, run in cases]

@@ -228,3 +228,28 @@ def test_offsets_beyond_int32(backend):
     zd = dense.double().requires_grad_()
     reference.sequence_logprobs(zd, labels)[0].sum().backward()
     torch.testing.assert_close(z.grad.double(), zd.grad, rtol=0, atol=2**-8)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("V", [37, 4096 + 300], ids=["V37", "V4396-multiblock"])
+def test_token_stats_match_the_reference(backend, dtype, V):
+    logits, labels, mask = make_inputs(3, 5, V, dtype, kind="neg_inf" if V == 37 else "normal")
+    labels[0, 0] = logits[0, 0].double().argmax()  # at least one label that is the argmax
+    mask[0, 0] = True
+    # A tie for the maximum, label on the second one: not the first argmax.
+    logits[1, 1, 3] = logits[1, 1, 5] = logits[1, 1].double().max() + 1
+    labels[1, 1], mask[1, 1] = 5, True
+    out = dpo_kernels.sequence_logprobs(logits, labels, mask=mask, stats=True, backend=backend)
+    z = logits.double()
+    counted = reference.counted_tokens(labels, mask, -100)
+    lse = torch.where(counted, z.logsumexp(-1), 0)
+    ent, mean, top1 = reference.token_stats(z, lse, torch.where(counted, labels, 0), counted)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out.stats.entropy.double(), ent, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.stats.mean_logits.double(), mean, rtol=tol, atol=tol)
+    assert torch.equal(out.stats.is_top1, top1)
+    assert out.stats.is_top1[0, 0] and not out.stats.is_top1[1, 1]
+    assert not out.stats.entropy.requires_grad
+    plain = dpo_kernels.sequence_logprobs(logits, labels, mask=mask, backend=backend)
+    assert plain.stats is None and torch.equal(plain.logps, out.logps)

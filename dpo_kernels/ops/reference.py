@@ -22,32 +22,52 @@ def counted_tokens(
     return counted if mask is None else counted & (mask != 0)
 
 
+def token_stats(
+    z: torch.Tensor,  # [B, T, V] in the accumulation dtype
+    lse: torch.Tensor,  # [B, T]
+    labels: torch.Tensor,
+    counted: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token entropy, mean logit and whether the label is the first argmax (0 if not counted).
+
+    These are what trainers log (TRL's entropy, logits/chosen, mean_token_accuracy); no gradient.
+    """
+    p = torch.exp(z - lse.unsqueeze(-1))
+    pz = torch.where(p == 0, 0.0, p * z)  # 0 * -inf counts as 0
+    entropy = torch.where(counted, lse - pz.sum(-1), 0.0)
+    mean_logit = torch.where(counted, z.mean(-1), 0.0)
+    top1 = counted & (z.argmax(-1) == labels)
+    return entropy, mean_logit, top1
+
+
 def token_logprobs(
     logits: torch.Tensor,  # [B, T, V]
     labels: torch.Tensor,  # [B, T]
     mask: torch.Tensor | None,
     ref_logits: torch.Tensor | None,
     ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token log-probs [B, T], log-sum-exp [B, T], reference token log-probs ([B, T] or [0]).
+    stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Token log-probs [B, T], log-sum-exp [B, T], reference token log-probs ([B, T] or [0]), and
+    with `stats` the policy's entropy, mean logit and label-is-argmax ([B, T] each, else [0]).
 
     Tokens that are not counted get log-prob 0 and log-sum-exp 0, as in the kernels.
     """
     counted = counted_tokens(labels, mask, ignore_index)
     safe = torch.where(counted, labels, 0).unsqueeze(-1)
 
-    def one(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def one(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = z.to(acc_dtype(z.dtype))
         lse = torch.logsumexp(z, dim=-1)
         tok = torch.where(counted, z.gather(-1, safe).squeeze(-1) - lse, 0.0)
-        return tok, torch.where(counted, lse, 0.0)
+        return tok, torch.where(counted, lse, 0.0), z
 
-    tok, lse = one(logits)
-    if ref_logits is None:
-        ref_tok = logits.new_empty(0, dtype=tok.dtype)
-    else:
-        ref_tok = one(ref_logits)[0]
-    return tok, lse, ref_tok
+    tok, lse, z = one(logits)
+    ref_tok = logits.new_empty(0, dtype=tok.dtype) if ref_logits is None else one(ref_logits)[0]
+    if not stats:
+        empty = [logits.new_empty(0, dtype=d) for d in (tok.dtype, tok.dtype, torch.bool)]
+        return tok, lse, ref_tok, *empty
+    return tok, lse, ref_tok, *token_stats(z, lse, labels, counted)
 
 
 def token_logprobs_backward(

@@ -38,20 +38,35 @@ def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
 
 
 @triton.jit
-def _row_lse_and_target(row_ptr, V, label, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Log-sum-exp of one row of V logits and the logit at `label`, both in ACC precision."""
+def _row_lse_and_target(
+    row_ptr, V, label, ACC: tl.constexpr, BLOCK_V: tl.constexpr, STATS: tl.constexpr
+):
+    """Log-sum-exp of one row of V logits and the logit at `label`, both in ACC precision; with
+    STATS also the entropy, the mean logit and whether `label` is the first argmax."""
     m = tl.full([], float("-inf"), ACC)
     s = tl.zeros([], ACC)
+    pz = tl.zeros([], ACC)  # sum of exp(z - m) * z, rescaled with s
+    zsum = tl.zeros([], ACC)
+    arg = tl.full([], -1, tl.int64)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(z, 0))
+        blk_max = tl.max(z, 0)
+        m_new = tl.maximum(m, blk_max)
         # A row that is -inf so far has nothing to rescale: shift by 0 so exp(-inf - shift) = 0.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
+        scale = tl.exp(m - shift)
+        e = tl.exp(z - shift)
+        s = s * scale + tl.sum(e, 0)
+        if STATS:
+            pz = pz * scale + tl.sum(tl.where(e == 0.0, 0.0, e * z), 0)
+            zsum += tl.sum(tl.where(offs < V, z, 0.0), 0)
+            blk_arg = start + tl.argmax(z, 0, tie_break_left=True).to(tl.int64)
+            arg = tl.where(blk_max > m, blk_arg, arg)  # strictly: earlier blocks win ties
         m = m_new
     target = tl.load(row_ptr + label).to(ACC)
-    return m + tl.log(s), target
+    lse = m + tl.log(s)
+    return lse, target, lse - pz / s, zsum / V, arg == label
 
 
 @triton.jit
@@ -63,6 +78,9 @@ def _logprobs_fwd_kernel(
     tok_ptr,  # [B*T] out, label log-prob (0 where not counted)
     lse_ptr,  # [B*T] out, log-sum-exp (0 where not counted)
     ref_tok_ptr,  # [B*T] out, reference label log-prob
+    ent_ptr,  # [B*T] out with STATS: entropy, mean logit, label is argmax
+    mean_ptr,
+    top1_ptr,
     T,
     V,
     ignore_index,
@@ -76,6 +94,7 @@ def _logprobs_fwd_kernel(
     s_rt,
     HAS_MASK: tl.constexpr,
     HAS_REF: tl.constexpr,
+    STATS: tl.constexpr,
     ACC: tl.constexpr,
     REF_ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -89,16 +108,25 @@ def _logprobs_fwd_kernel(
         counted = counted & (tl.load(mask_ptr + b * s_mb + t * s_mt) != 0)
     tok = tl.zeros([], ACC)
     lse = tl.zeros([], ACC)
+    ent = tl.zeros([], ACC)
+    mean = tl.zeros([], ACC)
+    top1 = label != label
     if counted:
-        lse, target = _row_lse_and_target(logits_ptr + b * s_zb + t * s_zt, V, label, ACC, BLOCK_V)
+        lse, target, ent, mean, top1 = _row_lse_and_target(
+            logits_ptr + b * s_zb + t * s_zt, V, label, ACC, BLOCK_V, STATS
+        )
         tok = target - lse
     tl.store(tok_ptr + row, tok)
     tl.store(lse_ptr + row, lse)
+    if STATS:
+        tl.store(ent_ptr + row, ent)
+        tl.store(mean_ptr + row, mean)
+        tl.store(top1_ptr + row, top1)
     if HAS_REF:
         ref_tok = tl.zeros([], REF_ACC)
         if counted:
-            ref_lse, ref_target = _row_lse_and_target(
-                ref_ptr + b * s_rb + t * s_rt, V, label, REF_ACC, BLOCK_V
+            ref_lse, ref_target, _, _, _ = _row_lse_and_target(
+                ref_ptr + b * s_rb + t * s_rt, V, label, REF_ACC, BLOCK_V, False
             )
             ref_tok = ref_target - ref_lse
         tl.store(ref_tok_ptr + row, ref_tok)
@@ -169,13 +197,20 @@ def logprobs_forward(
     mask: torch.Tensor | None,  # [B, T]
     ref_logits: torch.Tensor | None,  # [B, T, V]
     ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token log-probs [B, T], log-sum-exp [B, T] and reference token log-probs ([B, T] or [0])."""
+    stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Token log-probs, log-sum-exp, reference token log-probs and, with `stats`, entropy, mean
+    logit and label-is-argmax: the contract of ops/reference.py::token_logprobs."""
     B, T, V = logits.shape
     logits = _vocab_contiguous(logits)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     tok = torch.empty((B, T), dtype=acc, device=logits.device)
     lse = torch.empty((B, T), dtype=acc, device=logits.device)
+    n_stats = B * T if stats else 0
+    ent = torch.empty(n_stats, dtype=acc, device=logits.device)
+    mean = torch.empty(n_stats, dtype=acc, device=logits.device)
+    top1 = torch.empty(n_stats, dtype=torch.bool, device=logits.device)
+    outs = (ent.view(B, T), mean.view(B, T), top1.view(B, T)) if stats else (ent, mean, top1)
     if ref_logits is not None:
         ref_logits = _vocab_contiguous(ref_logits)
         ref_acc = torch.float64 if ref_logits.dtype == torch.float64 else torch.float32
@@ -187,7 +222,7 @@ def logprobs_forward(
         ref_args = (logits, 0, 0)
     mask_t, s_mb, s_mt = _mask_args(mask, labels)
     if B * T == 0:
-        return tok, lse, ref_tok
+        return tok, lse, ref_tok, *outs
     element_size = max(logits.element_size(), ref_args[0].element_size())
     block, warps = launch_config(V, element_size)
     _logprobs_fwd_kernel[(B * T,)](
@@ -198,6 +233,9 @@ def logprobs_forward(
         tok,
         lse,
         ref_tok if ref_logits is not None else tok,
+        ent if stats else tok,
+        mean if stats else tok,
+        top1 if stats else labels,
         T,
         V,
         ignore_index,
@@ -211,12 +249,13 @@ def logprobs_forward(
         ref_args[2],
         HAS_MASK=mask is not None,
         HAS_REF=ref_logits is not None,
+        STATS=stats,
         ACC=_acc_dtype(logits.dtype),
         REF_ACC=_acc_dtype(ref_acc),
         BLOCK_V=block,
         num_warps=warps,
     )
-    return tok, lse, ref_tok
+    return tok, lse, ref_tok, *outs
 
 
 def logprobs_backward(
