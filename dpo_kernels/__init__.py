@@ -11,14 +11,19 @@ from .functional import (
     resolve_backend,
     sequence_logprobs,
 )
+from .losses import DPOLoss, DPOLossOutput, dpo_loss, make_spec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPOLoss",
+    "DPOLossOutput",
     "PairLogprobs",
     "SequenceLogprobs",
     "TokenStats",
     "cpu_extension_available",
+    "dpo_loss",
+    "make_spec",
     "resolve_backend",
     "sequence_logprobs",
 ]

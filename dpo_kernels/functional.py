@@ -332,3 +332,117 @@ def sequence_logprobs(
         ref_token_logps=ref_tok if has_ref else None,
         stats=TokenStats(ent, mean, top1) if stats else None,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The DPO loss: one fused op computes the loss and its gradient; autograd only scales it.
+
+
+def _dpo_loss_kernel(backend: str):
+    if backend == "triton":
+        from .ops import triton_dpo_loss
+
+        return triton_dpo_loss.dpo_loss_and_grads
+    from .ops import torch_dpo_loss
+
+    return torch_dpo_loss.dpo_loss_and_grads
+
+
+@torch.library.custom_op("dpo_kernels::dpo_loss", mutates_args=())
+def _dpo_loss_op(
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    nc: torch.Tensor,
+    nr: torch.Tensor,
+    type_weights: list[float],
+    beta: float,
+    label_smoothing: float,
+    f_divergence_type: str,
+    f_alpha_divergence_coef: float,
+    discopop_tau: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, per-pair loss [P], dloss/dpc [P], dloss/dpr [P]).
+
+    type_weights[i] is the weight of reference.LOSS_TYPES[i] (0: not used)."""
+    used = [(t, w) for t, w in zip(reference.LOSS_TYPES, type_weights, strict=True) if w != 0]
+    spec = reference.DPOLossSpec(
+        tuple(t for t, _ in used),
+        tuple(w for _, w in used),
+        beta,
+        label_smoothing,
+        f_divergence_type,
+        f_alpha_divergence_coef,
+        discopop_tau,
+    )
+    loss, per, dpc, dpr = _dpo_loss_kernel(backend)(pc, pr, rc, rr, nc, nr, spec)
+    return tuple(t.to(pc.dtype).clone() for t in (loss, per, dpc, dpr))
+
+
+@_dpo_loss_op.register_fake
+def _(pc, pr, rc, rr, nc, nr, *_):
+    return pc.new_empty(()), pc.new_empty(pc.shape), pc.new_empty(pc.shape), pc.new_empty(pc.shape)
+
+
+def _dpo_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(output[2], output[3])
+
+
+def _dpo_backward(ctx, grad_loss, *_):
+    dpc, dpr = ctx.saved_tensors
+    return (grad_loss * dpc, grad_loss * dpr, *([None] * 11))
+
+
+torch.library.register_autograd(
+    "dpo_kernels::dpo_loss", _dpo_backward, setup_context=_dpo_setup_context
+)
+
+
+def _type_weights(spec: reference.DPOLossSpec) -> list[float]:
+    weights = [0.0] * len(reference.LOSS_TYPES)
+    for kind, w in zip(spec.loss_types, spec.loss_weights, strict=True):
+        weights[reference.LOSS_TYPES.index(kind)] += float(w)
+    return weights
+
+
+def dpo_pair_loss(
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    nc: torch.Tensor,
+    nr: torch.Tensor,
+    spec: reference.DPOLossSpec,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss (carries gradient to pc and pr) and the detached per-pair losses [P].
+
+    Validated inputs only (see `dpo_kernels.losses.dpo_loss`); computes in float32 (float64 for
+    float64 inputs). The reference log-probs get no gradient. Backends: "triton" (one kernel
+    launch), "cpu" (the closed forms in vectorized torch), "reference" (autograd formulas).
+    """
+    dtype = torch.float64 if pc.dtype == torch.float64 else torch.float32
+    pc, pr, rc, rr, nc, nr = (t.to(dtype) for t in (pc, pr, rc, rr, nc, nr))
+    name = resolve_backend(backend, pc.device)
+    if name == "reference":  # the spec: plain autograd formulas
+        per = reference.dpo_losses(pc, pr, rc.detach(), rr.detach(), nc, nr, spec)
+        return per.mean(), per.detach()
+    loss, per, _, _ = _dpo_loss_op(
+        pc,
+        pr,
+        rc.detach(),
+        rr.detach(),
+        nc,
+        nr,
+        _type_weights(spec),
+        float(spec.beta),
+        float(spec.label_smoothing),
+        spec.f_divergence_type,
+        float(spec.f_alpha_divergence_coef),
+        float(spec.discopop_tau),
+        name,
+    )
+    return loss, per

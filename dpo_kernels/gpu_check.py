@@ -145,9 +145,29 @@ def _logprobs_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]
     return [(name, run, K, names) for name, run in cases]
 
 
+def _dpo_loss_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
+    from .ops import triton_dpo_loss as K
+    from .ops.reference import LOSS_TYPES, DPOLossSpec
+
+    def run(types, fdiv):
+        def go():
+            x = [torch.randn(64) - 30 for _ in range(4)] + [torch.full((64,), 20.0)] * 2
+            spec = DPOLossSpec(types, (1.0,) * len(types), 0.1, 0.1, fdiv)
+            K.dpo_loss_and_grads(*x, spec)
+
+        return go
+
+    every = tuple(t for t in LOSS_TYPES if t not in K.SORTING and t != "exo_pair")
+    return [
+        ("dpo_loss sigmoid", run(("sigmoid",), "reverse_kl"), K, ["_dpo_loss_kernel"]),
+        ("dpo_loss all types", run(every, "reverse_kl"), K, ["_dpo_loss_kernel"]),
+        ("dpo_loss ipo alpha-div", run(("ipo",), "alpha_divergence"), K, ["_dpo_loss_kernel"]),
+    ]
+
+
 def cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     """(case name, launcher call, module holding the kernels, kernel names) for every op."""
-    return _logprobs_cases()
+    return _logprobs_cases() + _dpo_loss_cases()
 
 
 def check_all(archs=ARCHS) -> list[KernelReport]:

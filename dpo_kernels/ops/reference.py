@@ -6,7 +6,11 @@ float64 inputs) [rows, vocab] temporaries, which is exactly what the kernels avo
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,3 +104,115 @@ def sequence_logprobs(
     logp = logits.to(acc_dtype(logits.dtype)).log_softmax(-1)
     tok = logp.gather(-1, torch.where(counted, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(counted, tok, 0.0).sum(-1), counted.sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The DPO loss family, as TRL's DPOTrainer defines it (same formulas, same defaults).
+
+LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# Loss types that the f-divergence generalization applies to (the others use raw log-ratios).
+F_DIVERGENCE_LOSS_TYPES = frozenset(
+    ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+)
+# The alpha-divergence score exp((alpha - 1) * logratio) is clamped at this exponent (float32).
+ALPHA_CLAMP_MAX = 80.0
+
+
+@dataclass(frozen=True)
+class DPOLossSpec:
+    """Which losses, with which weights and hyper-parameters (TRL DPOConfig names, defaults)."""
+
+    loss_types: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] = (1.0,)
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+
+
+def _f_score(x: torch.Tensor, spec: DPOLossSpec) -> torch.Tensor:
+    kind, alpha = spec.f_divergence_type, spec.f_alpha_divergence_coef
+    if kind == "forward_kl":
+        return 1 - torch.exp(-x)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(x)
+    if kind == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
+        return (torch.exp(torch.clamp((alpha - 1) * x, max=ALPHA_CLAMP_MAX)) - 1) / (alpha - 1)
+    return x
+
+
+def dpo_losses(
+    pc: torch.Tensor,  # [P] policy chosen log-probs
+    pr: torch.Tensor,  # [P] policy rejected
+    rc: torch.Tensor,  # [P] reference chosen
+    rr: torch.Tensor,  # [P] reference rejected
+    nc: torch.Tensor,  # [P] chosen token counts
+    nr: torch.Tensor,  # [P] rejected token counts
+    spec: DPOLossSpec,
+) -> torch.Tensor:
+    """Per-pair loss [P], summed over the loss types with their weights; the loss is its mean.
+
+    Written as autograd formulas: the spec the fused kernels are tested against.
+    """
+    beta, eps = spec.beta, spec.label_smoothing
+    chosen_lr, rejected_lr = pc - rc, pr - rr
+    s_c, s_r = _f_score(chosen_lr, spec), _f_score(rejected_lr, spec)
+    delta = s_c - s_r
+    chosen_tokens = nc.sum().clamp(min=1)  # sft: mean over every chosen token of the batch
+    nc, nr = nc.clamp(min=1), nr.clamp(min=1)
+    total = torch.zeros_like(pc)
+    for kind, weight in zip(spec.loss_types, spec.loss_weights, strict=True):
+        if kind == "sigmoid":
+            per = -F.logsigmoid(beta * delta)
+        elif kind == "hinge":
+            per = torch.relu(1 - beta * delta)
+        elif kind == "ipo":
+            per = (s_c / nc - s_r / nr - 1 / (2 * beta)) ** 2
+        elif kind == "exo_pair":
+            qw, ql = torch.sigmoid(beta * delta), torch.sigmoid(-beta * delta)
+            per = qw * (F.logsigmoid(beta * delta) - math.log1p(-eps)) + ql * (
+                F.logsigmoid(-beta * delta) - math.log(eps)
+            )
+        elif kind == "nca_pair":
+            cw, rw = beta * chosen_lr, beta * rejected_lr
+            per = -F.logsigmoid(cw) - 0.5 * F.logsigmoid(-cw) - 0.5 * F.logsigmoid(-rw)
+        elif kind == "robust":
+            per = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (
+                1 - 2 * eps
+            )
+        elif kind == "bco_pair":
+            per = -F.logsigmoid(beta * chosen_lr) - F.logsigmoid(-beta * rejected_lr)
+        elif kind == "sppo_hard":
+            per = (chosen_lr - 0.5 / beta) ** 2 + (rejected_lr + 0.5 / beta) ** 2
+        elif kind in ("aot", "aot_unpaired"):
+            if kind == "aot":
+                a, b = pc - pr, rc - rr
+            else:
+                a, b = chosen_lr, rejected_lr
+            d = torch.sort(a, stable=True)[0] - torch.sort(b, stable=True)[0]
+            per = -F.logsigmoid(beta * d) * (1 - eps) - F.logsigmoid(-beta * d) * eps
+        elif kind == "apo_zero":
+            per = 1 - torch.sigmoid(beta * chosen_lr) + torch.sigmoid(beta * rejected_lr)
+        elif kind == "apo_down":
+            per = (
+                torch.sigmoid(beta * chosen_lr)
+                + 1
+                - torch.sigmoid(beta * (chosen_lr - rejected_lr))
+            )
+        elif kind == "discopop":
+            logits = beta * delta
+            mix = torch.sigmoid(logits / spec.discopop_tau)
+            per = -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
+        elif kind == "sft":
+            per = (-pc.sum() / chosen_tokens).expand_as(pc)
+        elif kind == "sigmoid_norm":
+            per = -F.logsigmoid(beta * (s_c / nc - s_r / nr))
+        else:
+            raise ValueError(f"unknown loss type {kind!r}")
+        total = total + weight * per
+    return total

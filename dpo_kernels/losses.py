@@ -1,0 +1,217 @@
+"""The DPO loss family (TRL DPOTrainer's formulas and defaults), fused, with its metrics.
+
+`dpo_loss(...)` and the `DPOLoss` module take the four per-sequence log-prob sums (policy and
+reference, chosen and rejected), validate the configuration, and run one fused op that returns the
+loss and its gradient with respect to the policy log-probs. The loss is a mean over pairs (so
+gradient accumulation over micro-batches must average, as it does for any per-pair mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .functional import PairLogprobs, SequenceLogprobs, dpo_pair_loss
+from .ops.reference import (
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCES,
+    LOSS_TYPES,
+    DPOLossSpec,
+)
+
+# Loss types that divide by the completion lengths and so need the token counts.
+NEEDS_COUNTS = frozenset(("ipo", "sigmoid_norm", "sft"))
+
+
+class DPOLossOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, carries gradient to the policy log-probs
+    losses: torch.Tensor  # [P] per-pair loss (detached)
+    chosen_rewards: torch.Tensor  # [P] beta * (chosen - ref_chosen), detached
+    rejected_rewards: torch.Tensor  # [P]
+    metrics: dict[str, torch.Tensor]  # TRL's names: rewards/*, logps/* (detached means)
+
+
+def make_spec(
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+) -> DPOLossSpec:
+    """A validated loss configuration; raises ValueError naming the bad argument."""
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not types:
+        raise ValueError("loss_type is empty; give one of " + ", ".join(LOSS_TYPES))
+    unknown = [t for t in types if t not in LOSS_TYPES]
+    if unknown:
+        raise ValueError(f"unknown loss_type {unknown}; choose from {', '.join(LOSS_TYPES)}")
+    weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
+    if len(weights) != len(types):
+        raise ValueError(
+            f"loss_weights has {len(weights)} entries for {len(types)} loss types {list(types)}"
+        )
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    if "exo_pair" in types and label_smoothing == 0.0:
+        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+    if f_divergence_type not in F_DIVERGENCES:
+        choices = ", ".join(F_DIVERGENCES)
+        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; choose from {choices}")
+    if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(
+            f"f_divergence_type={f_divergence_type!r} works only with loss types "
+            f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, got {list(types)}"
+        )
+    if not discopop_tau > 0:
+        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+    return DPOLossSpec(
+        types,
+        weights,
+        float(beta),
+        float(label_smoothing),
+        f_divergence_type,
+        float(f_alpha_divergence_coef),
+        float(discopop_tau),
+    )
+
+
+def _check_pair_inputs(named: dict[str, torch.Tensor | None]) -> int:
+    """All given inputs are 1-D floating tensors of one length P, on one device; returns P."""
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [pairs], got shape {tuple(t.shape)}")
+        if t.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"{name} has {t.shape[0]} entries but {first_name} has {first.shape[0]}; "
+                "the four log-prob inputs (and counts) must describe the same pairs"
+            )
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+    return first.shape[0]
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    chosen_counts: torch.Tensor | None = None,
+    rejected_counts: torch.Tensor | None = None,
+    spec: DPOLossSpec | None = None,
+    backend: str | None = None,
+    **config,
+) -> DPOLossOutput:
+    """DPO loss of P pairs from per-sequence log-prob sums, fused, with TRL's metrics.
+
+    chosen_logps, rejected_logps: [P] policy sums (carry gradient).
+    ref_chosen_logps, ref_rejected_logps: [P] reference sums (no gradient); both None for
+        reference-free training (a reference of 0).
+    chosen_counts, rejected_counts: [P] completion token counts; needed by ipo, sigmoid_norm, sft.
+    config: beta=0.1, loss_type="sigmoid" (or a list), loss_weights=None, label_smoothing=0.0,
+        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05 (TRL's
+        DPOConfig names and defaults); or pass a prepared `spec` from `make_spec`.
+    """
+    if spec is None:
+        spec = make_spec(**config)
+    elif config:
+        raise TypeError(f"pass either spec or loss options, not both (got {sorted(config)})")
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
+    named = {
+        "chosen_logps": chosen_logps,
+        "rejected_logps": rejected_logps,
+        "ref_chosen_logps": ref_chosen_logps,
+        "ref_rejected_logps": ref_rejected_logps,
+        "chosen_counts": chosen_counts,
+        "rejected_counts": rejected_counts,
+    }
+    P = _check_pair_inputs(named)
+    if P == 0:
+        raise ValueError("chosen_logps is empty: no pairs to compute a loss over")
+    need = NEEDS_COUNTS.intersection(spec.loss_types)
+    if need and (chosen_counts is None or rejected_counts is None):
+        raise ValueError(
+            f"loss_type {sorted(need)} divides by completion lengths: pass chosen_counts and "
+            "rejected_counts (SequenceLogprobs.counts gives them)"
+        )
+    pc, pr = chosen_logps, rejected_logps
+    rc = torch.zeros_like(pc) if ref_chosen_logps is None else ref_chosen_logps
+    rr = torch.zeros_like(pr) if ref_rejected_logps is None else ref_rejected_logps
+    nc = torch.ones_like(pc) if chosen_counts is None else chosen_counts
+    nr = torch.ones_like(pr) if rejected_counts is None else rejected_counts
+    loss, per = dpo_pair_loss(pc, pr, rc, rr, nc, nr, spec, backend)
+    with torch.no_grad():
+        chosen_rewards = spec.beta * (pc.detach().float() - rc.detach().float())
+        rejected_rewards = spec.beta * (pr.detach().float() - rr.detach().float())
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": pc.detach().float().mean(),
+            "logps/rejected": pr.detach().float().mean(),
+        }
+    return DPOLossOutput(loss, per, chosen_rewards, rejected_rewards, metrics)
+
+
+class DPOLoss(nn.Module):
+    """The fused DPO loss as a module: ``DPOLoss(beta=0.1, loss_type="sigmoid")(pairs)``.
+
+    Call it with the four sums (and counts), or with a `PairLogprobs` / `SequenceLogprobs` of a
+    concatenated [chosen; rejected] batch (then the counts come along, and the reference sums too
+    when they were computed with ``ref_logits``).
+    """
+
+    def __init__(self, *, backend: str | None = None, **config) -> None:
+        super().__init__()
+        self.spec = make_spec(**config)
+        self.backend = backend
+
+    def forward(
+        self,
+        chosen_logps: torch.Tensor | PairLogprobs | SequenceLogprobs,
+        rejected_logps: torch.Tensor | None = None,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        chosen_counts: torch.Tensor | None = None,
+        rejected_counts: torch.Tensor | None = None,
+    ) -> DPOLossOutput:
+        if isinstance(chosen_logps, SequenceLogprobs):
+            chosen_logps = chosen_logps.pairs()
+        if isinstance(chosen_logps, PairLogprobs):
+            p = chosen_logps
+            if rejected_logps is not None:
+                raise TypeError("pass either a PairLogprobs or separate tensors, not both")
+            chosen_logps, rejected_logps = p.chosen_logps, p.rejected_logps
+            if ref_chosen_logps is None and ref_rejected_logps is None:
+                ref_chosen_logps, ref_rejected_logps = p.ref_chosen_logps, p.ref_rejected_logps
+            chosen_counts = p.chosen_counts if chosen_counts is None else chosen_counts
+            rejected_counts = p.rejected_counts if rejected_counts is None else rejected_counts
+        if rejected_logps is None:
+            raise TypeError("rejected_logps is missing")
+        return dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            chosen_counts=chosen_counts,
+            rejected_counts=rejected_counts,
+            spec=self.spec,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.spec.__dict__.items())

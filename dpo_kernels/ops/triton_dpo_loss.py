@@ -1,0 +1,257 @@
+"""Triton kernel for the DPO loss family: loss and gradient of every pair in one launch.
+
+One program walks the P pairs in blocks (P is a per-device batch, small): per pair it computes the
+weighted sum of the selected losses and its derivative with respect to the policy's chosen and
+rejected log-probs, and accumulates the mean loss in a fixed order (deterministic, no atomics).
+The formulas are those of ops/torch_dpo_loss.py (closed forms of ops/reference.py::dpo_losses).
+The sorting losses (aot, aot_unpaired) are added by the torch closed form; everything else is here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import ALPHA_CLAMP_MAX, LOSS_TYPES, DPOLossSpec
+
+SORTING = ("aot", "aot_unpaired")
+_FDIV = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2, "alpha_divergence": 3}
+# Bit i of TYPES selects LOSS_TYPES[i] (tested as `(ONE << i) & TYPES`: constexpr first).
+ONE = tl.constexpr(1)
+SIGMOID = tl.constexpr(LOSS_TYPES.index("sigmoid"))
+HINGE = tl.constexpr(LOSS_TYPES.index("hinge"))
+IPO = tl.constexpr(LOSS_TYPES.index("ipo"))
+EXO = tl.constexpr(LOSS_TYPES.index("exo_pair"))
+NCA = tl.constexpr(LOSS_TYPES.index("nca_pair"))
+ROBUST = tl.constexpr(LOSS_TYPES.index("robust"))
+BCO = tl.constexpr(LOSS_TYPES.index("bco_pair"))
+SPPO = tl.constexpr(LOSS_TYPES.index("sppo_hard"))
+APO_ZERO = tl.constexpr(LOSS_TYPES.index("apo_zero"))
+APO_DOWN = tl.constexpr(LOSS_TYPES.index("apo_down"))
+DISCOPOP = tl.constexpr(LOSS_TYPES.index("discopop"))
+SFT = tl.constexpr(LOSS_TYPES.index("sft"))
+SIGMOID_NORM = tl.constexpr(LOSS_TYPES.index("sigmoid_norm"))
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _log1p(y):
+    """log(1 + y) without cancellation for small y (Goldberg's correction)."""
+    u = 1.0 + y
+    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _score(x, FDIV: tl.constexpr, a1, hi):
+    """f-divergence score of log-ratios x and its derivative."""
+    if FDIV == 1:
+        e = tl.exp(-x)
+        return 1.0 - e, e
+    elif FDIV == 2:
+        return LN2 - _softplus(-x), tl.sigmoid(-x)
+    elif FDIV == 3:
+        t = a1 * x
+        e = tl.exp(tl.minimum(t, hi))
+        return (e - 1.0) / a1, tl.where(t <= hi, e, 0.0)
+    else:
+        return x, x * 0.0 + 1.0
+
+
+@triton.jit
+def _dpo_loss_kernel(
+    pc_ptr, pr_ptr, rc_ptr, rr_ptr, nc_ptr, nr_ptr,  # [P] inputs, ACC
+    w_ptr,  # [len(LOSS_TYPES)] loss weights
+    loss_ptr,  # [1] out: mean over pairs
+    per_ptr, dpc_ptr, dpr_ptr,  # [P] out: per-pair loss, dloss/dpc, dloss/dpr
+    prm_ptr,  # [5] beta, label smoothing, discopop tau, alpha - 1, alpha clamp (in ACC: a float
+    P,  # argument would arrive as float32)
+    TYPES: tl.constexpr, FDIV: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    beta = tl.load(prm_ptr)
+    eps = tl.load(prm_ptr + 1)
+    tau = tl.load(prm_ptr + 2)
+    a1 = tl.load(prm_ptr + 3)
+    hi = tl.load(prm_ptr + 4)
+    sum_pc = tl.zeros([], ACC)
+    tokens = tl.zeros([], ACC)
+    if (ONE << SFT) & TYPES:  # sft needs the batch's chosen log-prob sum and token count first
+        for start in range(0, P, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < P
+            sum_pc += tl.sum(tl.load(pc_ptr + offs, mask=m, other=0.0), 0)
+            tokens += tl.sum(tl.load(nc_ptr + offs, mask=m, other=0.0), 0)
+        tokens = tl.maximum(tokens, 1.0)
+    total = tl.zeros([], ACC)
+    for start in range(0, P, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < P
+        pc = tl.load(pc_ptr + offs, mask=m, other=0.0)
+        pr = tl.load(pr_ptr + offs, mask=m, other=0.0)
+        c = pc - tl.load(rc_ptr + offs, mask=m, other=0.0)
+        r = pr - tl.load(rr_ptr + offs, mask=m, other=0.0)
+        nc = tl.maximum(tl.load(nc_ptr + offs, mask=m, other=1.0), 1.0)
+        nr = tl.maximum(tl.load(nr_ptr + offs, mask=m, other=1.0), 1.0)
+        sc, dsc = _score(c, FDIV, a1, hi)
+        sr, dsr = _score(r, FDIV, a1, hi)
+        u = beta * (sc - sr)
+        loss = tl.zeros([BLOCK], ACC)
+        du = tl.zeros([BLOCK], ACC)  # d/du of the losses of u = beta * (sc - sr)
+        gc = tl.zeros([BLOCK], ACC)  # d/dc of the others
+        gr = tl.zeros([BLOCK], ACC)
+        if (ONE << SIGMOID) & TYPES:
+            w = tl.load(w_ptr + SIGMOID)
+            loss += w * _softplus(-u)
+            du -= w * tl.sigmoid(-u)
+        if (ONE << HINGE) & TYPES:
+            w = tl.load(w_ptr + HINGE)
+            loss += w * tl.maximum(1.0 - u, 0.0)
+            du -= w * tl.where(1.0 - u > 0.0, 1.0, 0.0)
+        if (ONE << ROBUST) & TYPES:
+            w = tl.load(w_ptr + ROBUST) / (1.0 - 2.0 * eps)
+            loss += w * ((1.0 - eps) * _softplus(-u) - eps * _softplus(u))
+            du -= w * ((1.0 - eps) * tl.sigmoid(-u) + eps * tl.sigmoid(u))
+        if (ONE << EXO) & TYPES:
+            w = tl.load(w_ptr + EXO)
+            qw = tl.sigmoid(u)
+            kl_w = -_softplus(-u) - _log1p(-eps)
+            kl_l = -_softplus(u) - tl.log(eps)
+            loss += w * (qw * kl_w + (1.0 - qw) * kl_l)
+            du += w * qw * (1.0 - qw) * (kl_w - kl_l)
+        if (ONE << DISCOPOP) & TYPES:
+            w = tl.load(w_ptr + DISCOPOP)
+            mix = tl.sigmoid(u / tau)
+            a = _softplus(-u)
+            e = tl.exp(-u)
+            loss += w * (a * (1.0 - mix) + e * mix)
+            du += w * (-tl.sigmoid(-u) * (1.0 - mix) - e * mix + mix * (1.0 - mix) / tau * (e - a))
+        gc += beta * du * dsc
+        gr -= beta * du * dsr
+        if (ONE << IPO) & TYPES or (ONE << SIGMOID_NORM) & TYPES:
+            d = sc / nc - sr / nr
+            dd = tl.zeros([BLOCK], ACC)
+            if (ONE << IPO) & TYPES:
+                w = tl.load(w_ptr + IPO)
+                q = d - 1.0 / (2.0 * beta)
+                loss += w * q * q
+                dd += w * 2.0 * q
+            if (ONE << SIGMOID_NORM) & TYPES:
+                w = tl.load(w_ptr + SIGMOID_NORM)
+                loss += w * _softplus(-beta * d)
+                dd -= w * beta * tl.sigmoid(-beta * d)
+            gc += dd * dsc / nc
+            gr -= dd * dsr / nr
+        if (ONE << NCA) & TYPES:
+            w = tl.load(w_ptr + NCA)
+            loss += w * (
+                _softplus(-beta * c) + 0.5 * _softplus(beta * c) + 0.5 * _softplus(beta * r)
+            )
+            gc += w * beta * (0.5 * tl.sigmoid(beta * c) - tl.sigmoid(-beta * c))
+            gr += w * 0.5 * beta * tl.sigmoid(beta * r)
+        if (ONE << BCO) & TYPES:
+            w = tl.load(w_ptr + BCO)
+            loss += w * (_softplus(-beta * c) + _softplus(beta * r))
+            gc -= w * beta * tl.sigmoid(-beta * c)
+            gr += w * beta * tl.sigmoid(beta * r)
+        if (ONE << SPPO) & TYPES:
+            w = tl.load(w_ptr + SPPO)
+            a = c - 0.5 / beta
+            b = r + 0.5 / beta
+            loss += w * (a * a + b * b)
+            gc += w * 2.0 * a
+            gr += w * 2.0 * b
+        if (ONE << APO_ZERO) & TYPES:
+            w = tl.load(w_ptr + APO_ZERO)
+            s_c = tl.sigmoid(beta * c)
+            s_r = tl.sigmoid(beta * r)
+            loss += w * (1.0 - s_c + s_r)
+            gc -= w * beta * s_c * (1.0 - s_c)
+            gr += w * beta * s_r * (1.0 - s_r)
+        if (ONE << APO_DOWN) & TYPES:
+            w = tl.load(w_ptr + APO_DOWN)
+            s_c = tl.sigmoid(beta * c)
+            s_d = tl.sigmoid(beta * (c - r))
+            dd = beta * s_d * (1.0 - s_d)
+            loss += w * (s_c + 1.0 - s_d)
+            gc += w * (beta * s_c * (1.0 - s_c) - dd)
+            gr += w * dd
+        if (ONE << SFT) & TYPES:
+            w = tl.load(w_ptr + SFT)
+            loss += w * (-sum_pc / tokens)
+            gc -= w * P / tokens
+        tl.store(per_ptr + offs, loss, mask=m)
+        tl.store(dpc_ptr + offs, gc / P, mask=m)
+        tl.store(dpr_ptr + offs, gr / P, mask=m)
+        total += tl.sum(tl.where(m, loss, 0.0), 0)
+    tl.store(loss_ptr, total / P)
+
+
+def dpo_loss_and_grads(
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    nc: torch.Tensor,
+    nr: torch.Tensor,
+    spec: DPOLossSpec,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-pair loss [P], dloss/dpc [P], dloss/dpr [P]); see torch_dpo_loss.py."""
+    P = pc.shape[0]
+    dtype = torch.float64 if pc.dtype == torch.float64 else torch.float32
+    args = [x.to(dtype).contiguous() for x in (pc, pr, rc, rr, nc, nr)]
+    weights = torch.zeros(len(LOSS_TYPES), dtype=dtype)
+    types = 0
+    sorting = []
+    for kind, w in zip(spec.loss_types, spec.loss_weights, strict=True):
+        if kind in SORTING:
+            sorting.append((kind, w))
+            continue
+        i = LOSS_TYPES.index(kind)
+        types |= 1 << i
+        weights[i] += w
+    out = [torch.empty(P, dtype=dtype, device=pc.device) for _ in range(3)]
+    loss = torch.empty(1, dtype=dtype, device=pc.device)
+    a1 = spec.f_alpha_divergence_coef - 1.0
+    fdiv = _FDIV[spec.f_divergence_type]
+    if fdiv == 3 and abs(a1) < 1e-6:
+        fdiv = 0  # alpha -> 1 is reverse KL
+    _dpo_loss_kernel[(1,)](
+        *args,
+        weights.to(pc.device),
+        loss,
+        *out,
+        torch.tensor(
+            [
+                spec.beta,
+                spec.label_smoothing,
+                spec.discopop_tau,
+                a1 if fdiv == 3 else 1.0,
+                ALPHA_CLAMP_MAX,
+            ],
+            dtype=dtype,
+        ).to(pc.device),
+        P,
+        TYPES=types,
+        FDIV=fdiv,
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        BLOCK=min(1024, max(16, triton.next_power_of_2(P))),
+    )
+    loss = loss[0]
+    per, dpc, dpr = out
+    if sorting:
+        from . import torch_dpo_loss
+
+        part = DPOLossSpec(
+            tuple(k for k, _ in sorting),
+            tuple(w for _, w in sorting),
+            spec.beta,
+            spec.label_smoothing,
+        )
+        s_loss, s_per, s_dpc, s_dpr = torch_dpo_loss.dpo_loss_and_grads(*args, part)
+        loss, per, dpc, dpr = loss + s_loss, per + s_per, dpc + s_dpc, dpr + s_dpr
+    return loss, per, dpc, dpr
