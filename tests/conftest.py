@@ -62,3 +62,39 @@ def assert_no_worse_than_naive(ours, naive, ref64, tol, what=""):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0):
+    """A small random causal LM built from a config (nothing is downloaded), float32, eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def preference_examples(n: int, vocab: int = 97, seed: int = 0):
+    """Token-id preference examples of varied prompt and completion lengths."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        k = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(3, vocab, (k,), generator=g).tolist()
+
+    return [
+        {"prompt_ids": ids(2, 8), "chosen_ids": ids(1, 9), "rejected_ids": ids(1, 9)}
+        for _ in range(n)
+    ]

@@ -1,0 +1,51 @@
+"""DPO with the plain Hugging Face `Trainer`: a `compute_loss` on the fused forward and loss.
+
+    trainer = DPOLossTrainer(model=model, ref_model=ref, loss=DPOLoss(beta=0.1), args=args,
+                             train_dataset=ds, data_collator=collate_preferences)
+
+Rows of `train_dataset` are token-id examples {prompt_ids, chosen_ids, rejected_ids};
+`collate_preferences` (or TRL's DataCollatorForPreference) turns them into a concatenated batch.
+Set `remove_unused_columns=False` in the TrainingArguments: the batch keys are not model inputs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from ..forward import concatenated_forward
+from ..losses import DPOLoss
+
+
+class DPOLossTrainer(Trainer):
+    """`transformers.Trainer` whose loss is the fused DPO loss of one concatenated forward."""
+
+    def __init__(
+        self,
+        *args,
+        ref_model: torch.nn.Module | None = None,
+        loss: DPOLoss | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.ref_model = ref_model
+        if ref_model is not None:
+            self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False)
+        self.dpo = loss if loss is not None else DPOLoss()
+        self._dpo_metrics: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = concatenated_forward(model, inputs, ref_model=self.ref_model)
+        res = self.dpo(out.pairs())
+        if model.training:
+            for k, v in res.metrics.items():
+                self._dpo_metrics[k].append(v.item())
+        return (res.loss, res) if return_outputs else res.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the DPO metrics (rewards/*, logps/*) averaged since the last log."""
+        logs.update({k: sum(v) / len(v) for k, v in self._dpo_metrics.items()})
+        self._dpo_metrics.clear()
+        super().log(logs, start_time)

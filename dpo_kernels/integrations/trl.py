@@ -1,0 +1,182 @@
+"""Drop-in for TRL's DPOTrainer: the same training, losses and logged metrics, on our kernels.
+
+    from dpo_kernels.integrations.trl import FusedDPOTrainer as DPOTrainer
+
+`FusedDPOTrainer` subclasses `trl.DPOTrainer` and replaces only the loss computation: one
+concatenated forward, log-probs (and the logged entropy / logits / token-accuracy statistics) from
+the fused op, the reference pass through the same op without gradient, and the fused DPO loss. The
+TRL options it does not cover raise at construction instead of training differently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from ..forward import PreferenceBatch, batch_logprobs, preference_batch
+from ..losses import dpo_loss, make_spec
+
+SUPPORTED_TRL = (
+    "1.16",
+    "1.17",
+)  # [min, max): the versions this subclass was written and tested for
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+def check_trl_version() -> str:
+    """The installed TRL version, or an ImportError saying which versions are supported."""
+    from packaging.version import Version
+
+    try:
+        import trl
+    except ImportError as exc:
+        raise ImportError(
+            "dpo_kernels.integrations.trl needs TRL: pip install 'dpo-kernels[trl]'"
+        ) from exc
+    lo, hi = (Version(v) for v in SUPPORTED_TRL)
+    if not lo <= Version(trl.__version__) < hi:
+        raise ImportError(
+            f"dpo_kernels.integrations.trl supports trl>={lo},<{hi}; found trl {trl.__version__}. "
+            f"Install a supported version (pip install 'trl>={lo},<{hi}') or use stock TRL."
+        )
+    return trl.__version__
+
+
+check_trl_version()
+
+from trl import DPOTrainer  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer.utils import use_adapter  # noqa: E402
+
+
+def _ld_weighted(tok: torch.Tensor, completion: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO sums: full weight on the first min(len_chosen, len_rejected) completion tokens of a
+    pair, ld_alpha on the longer one's tail. tok, completion: [2P, L-1] (shifted)."""
+    pos = completion.cumsum(1)
+    lens = completion.sum(1)
+    shared = torch.minimum(*lens.chunk(2)).repeat(2).unsqueeze(1)
+    return (tok * ((pos > 0) & (pos <= shared))).sum(1) + ld_alpha * (tok * (pos > shared)).sum(1)
+
+
+class FusedDPOTrainer(DPOTrainer):
+    """`trl.DPOTrainer` with the log-probs and the loss computed by dpo_kernels."""
+
+    def __init__(self, *args, backend: str | None = None, **kwargs) -> None:
+        self._kernel_backend = (
+            backend  # before TRL's __init__: it may precompute reference log-probs
+        )
+        super().__init__(*args, **kwargs)
+        unsupported = {
+            "use_weighting=True": self.use_weighting,
+            "padding_free=True": getattr(self.args, "padding_free", False),
+            "a Mixture-of-Experts router aux loss": self.aux_loss_enabled,
+            "ld_alpha with loss_type 'sft'": self.ld_alpha is not None and "sft" in self.loss_types,
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise NotImplementedError(
+                f"FusedDPOTrainer does not support {', '.join(bad)}; use trl.DPOTrainer for these"
+            )
+        self._loss_spec = make_spec(
+            beta=self.beta,
+            loss_type=self.loss_types,
+            loss_weights=self.loss_weights,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.args.discopop_tau,
+        )
+
+    # -- log-probs ---------------------------------------------------------------------------
+
+    def _sums(self, out, b: PreferenceBatch) -> torch.Tensor:
+        if self.ld_alpha is None:
+            return out.logps
+        return _ld_weighted(out.token_logps, b.completion_mask[:, 1:], self.ld_alpha)
+
+    def _reference_sums(self, b: PreferenceBatch, model_kwargs: dict[str, Any]) -> torch.Tensor:
+        ref, adapter = self.ref_model, contextlib.nullcontext()
+        if ref is None:  # PEFT: the policy with its adapter disabled (or the "ref" adapter)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            name = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
+            adapter, ref = use_adapter(unwrapped, adapter_name=name), self.model
+        gc_kwargs = self.args.gradient_checkpointing_kwargs
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, gc_kwargs), adapter:
+            out = batch_logprobs(ref, b, backend=self._kernel_backend, model_kwargs=model_kwargs)
+        return self._sums(out, b)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one padded batch (TRL calls this to precompute them)."""
+        b = preference_batch(inputs)
+        kwargs = self._model_kwargs(inputs)
+        with torch.no_grad(), self.accelerator.autocast():
+            out = batch_logprobs(model, b, backend=self._kernel_backend, model_kwargs=kwargs)
+        return self._sums(out, b).chunk(2)
+
+    @staticmethod
+    def _model_kwargs(inputs) -> dict[str, Any]:
+        skip = _NON_MODEL_KEYS | {"input_ids", "attention_mask"}
+        return {k: v for k, v in inputs.items() if k not in skip}
+
+    # -- loss and metrics --------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        b = preference_batch(inputs)
+        kwargs = self._model_kwargs(inputs)
+        out = batch_logprobs(
+            model, b, stats=True, backend=self._kernel_backend, model_kwargs=kwargs
+        )
+        chosen, rejected = self._sums(out, b).chunk(2)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self._reference_sums(b, kwargs).chunk(2)
+        # ipo / sigmoid_norm divide by the completion lengths (TRL counts the unshifted mask).
+        counts = b.completion_mask.sum(1).chunk(2)
+        res = dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            chosen_counts=counts[0],
+            rejected_counts=counts[1],
+            spec=self._loss_spec,
+            backend=self._kernel_backend,
+        )
+        self._log_metrics(mode, b, out, res, chosen, rejected)
+        if return_outputs:  # as TRL: logits for compute_metrics come from an extra forward
+            with torch.no_grad():
+                return res.loss, model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        return res.loss
+
+    def _log_metrics(self, mode, b, out, res, chosen, rejected) -> None:
+        acc = self.accelerator
+        metrics = self._metrics[mode]
+        mask = b.completion_mask[:, 1:] != 0
+        stats = out.stats
+
+        def ratio(num, den) -> float:
+            num, den = acc.gather_for_metrics(num).sum(), acc.gather_for_metrics(den).sum()
+            return (num / den).item() if den > 0 else 0.0
+
+        metrics["entropy"].append(ratio((stats.entropy * mask).sum(), mask.sum()))
+        if mode == "train":
+            tokens = acc.gather_for_metrics(b.attention_mask.sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        c_mask, r_mask = mask.chunk(2)
+        c_mean, r_mean = stats.mean_logits.chunk(2)
+        metrics["logits/chosen"].append(ratio(c_mean[c_mask].sum(), c_mask.sum()))
+        metrics["logits/rejected"].append(ratio(r_mean[r_mask].sum(), r_mask.sum()))
+        c_top1 = stats.is_top1.chunk(2)[0] & c_mask
+        metrics["mean_token_accuracy"].append(ratio(c_top1.sum(), c_mask.sum()))
+        cr, rr = res.chosen_rewards, res.rejected_rewards
+        metrics["rewards/chosen"].append(acc.gather(cr).mean().item())
+        metrics["rewards/rejected"].append(acc.gather(rr).mean().item())
+        metrics["rewards/accuracies"].append(acc.gather((cr > rr).float()).mean().item())
+        metrics["rewards/margins"].append(acc.gather(cr - rr).mean().item())
+        metrics["logps/chosen"].append(acc.gather(chosen.detach()).mean().item())
+        metrics["logps/rejected"].append(acc.gather(rejected.detach()).mean().item())

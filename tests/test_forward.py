@@ -1,0 +1,122 @@
+"""The concatenated-batch forward against separate forwards of chosen and rejected."""
+
+import pytest
+import torch
+from conftest import preference_examples, tiny_causal_lm
+
+from dpo_kernels import dpo_loss
+from dpo_kernels.forward import concatenated_forward, preference_batch
+
+
+def trl_collate(examples, pad=0):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    return DataCollatorForPreference(pad_token_id=pad)(examples)
+
+
+def split_batch(examples, pad=0):
+    """The separate-halves layout, each half padded to its own length, masks as labels."""
+    out = {}
+    for half in ("chosen", "rejected"):
+        seqs = [e["prompt_ids"] + e[f"{half}_ids"] for e in examples]
+        L = max(map(len, seqs))
+        ids = torch.full((len(seqs), L), pad)
+        am = torch.zeros(len(seqs), L, dtype=torch.long)
+        labels = torch.full((len(seqs), L), -100)
+        for i, (e, s) in enumerate(zip(examples, seqs, strict=True)):
+            ids[i, : len(s)] = torch.tensor(s)
+            am[i, : len(s)] = 1
+            labels[i, len(e["prompt_ids"]) : len(s)] = torch.tensor(e[f"{half}_ids"])
+        out |= {f"{half}_input_ids": ids, f"{half}_attention_mask": am, f"{half}_labels": labels}
+    return out
+
+
+def separate_sums(model, examples, half):
+    """Each sequence alone, unpadded, naive log-softmax in float64."""
+    sums = []
+    for e in examples:
+        ids = torch.tensor([e["prompt_ids"] + e[f"{half}_ids"]])
+        logits = model(input_ids=ids).logits.double()
+        lp = logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        sums.append(lp[len(e["prompt_ids"]) - 1 :].sum())
+    return torch.stack(sums)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("layout", ["trl", "split"])
+def test_concatenated_equals_separate_forwards(kind, layout):
+    model = tiny_causal_lm(kind)
+    ref_model = tiny_causal_lm(kind, seed=1)
+    ex = preference_examples(4)
+    batch = trl_collate(ex) if layout == "trl" else split_batch(ex)
+    out = concatenated_forward(model, batch, ref_model=ref_model)
+    p = out.pairs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            p.chosen_logps.double(), separate_sums(model, ex, "chosen"), rtol=1e-5, atol=1e-4
+        )
+        torch.testing.assert_close(
+            p.rejected_logps.double(), separate_sums(model, ex, "rejected"), rtol=1e-5, atol=1e-4
+        )
+        torch.testing.assert_close(
+            p.ref_chosen_logps.double(),
+            separate_sums(ref_model, ex, "chosen"),
+            rtol=1e-5,
+            atol=1e-4,
+        )
+        torch.testing.assert_close(
+            p.ref_rejected_logps.double(),
+            separate_sums(ref_model, ex, "rejected"),
+            rtol=1e-5,
+            atol=1e-4,
+        )
+    assert p.chosen_counts.tolist() == [len(e["chosen_ids"]) for e in ex]
+    assert p.rejected_counts.tolist() == [len(e["rejected_ids"]) for e in ex]
+    assert p.chosen_logps.requires_grad and not p.ref_chosen_logps.requires_grad
+
+
+def test_one_policy_forward_and_one_reference_forward():
+    model, ref_model = tiny_causal_lm(), tiny_causal_lm(seed=1)
+    calls = []
+    model.register_forward_hook(lambda m, a, k: calls.append(("policy", torch.is_grad_enabled())))
+    ref_model.register_forward_hook(lambda m, a, k: calls.append(("ref", torch.is_grad_enabled())))
+    concatenated_forward(model, trl_collate(preference_examples(3)), ref_model=ref_model)
+    assert sorted(calls) == [("policy", True), ("ref", False)]
+
+
+def test_precomputed_and_reference_free():
+    model, ref_model = tiny_causal_lm(), tiny_causal_lm(seed=1)
+    ex = preference_examples(3)
+    with_model = concatenated_forward(model, trl_collate(ex), ref_model=ref_model)
+    rc, rr = with_model.ref_chosen_logps, with_model.ref_rejected_logps
+    batch = dict(trl_collate(ex), ref_chosen_logps=rc, ref_rejected_logps=rr)
+    pre = concatenated_forward(model, batch)
+    torch.testing.assert_close(pre.ref_chosen_logps, rc)
+    pre2 = concatenated_forward(model, trl_collate(ex), ref_logps=(rc, rr))
+    torch.testing.assert_close(pre2.ref_rejected_logps, rr)
+    free = concatenated_forward(model, trl_collate(ex))
+    assert free.ref_chosen_logps is None
+    loss = dpo_loss(*free.pairs()[:4]).loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_bad_batches():
+    model = tiny_causal_lm()
+    with pytest.raises(KeyError, match="needs input_ids"):
+        preference_batch({"ids": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match="2 \\* pairs"):
+        preference_batch(
+            {"input_ids": torch.zeros(3, 4, dtype=torch.long), "completion_mask": torch.ones(3, 4)}
+        )
+    with pytest.raises(KeyError, match="completion_mask or labels"):
+        preference_batch({"input_ids": torch.zeros(2, 4, dtype=torch.long)})
+    with pytest.raises(ValueError, match="must match input_ids"):
+        preference_batch(
+            {"input_ids": torch.zeros(2, 4, dtype=torch.long), "completion_mask": torch.ones(2, 3)}
+        )
+    ex = preference_examples(3)
+    b = split_batch(ex)
+    b["rejected_input_ids"] = b["rejected_input_ids"][:2]
+    with pytest.raises(ValueError, match="one chosen and one rejected"):
+        concatenated_forward(model, b)

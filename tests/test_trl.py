@@ -1,0 +1,129 @@
+"""FusedDPOTrainer against stock trl.DPOTrainer: same losses and logged metrics over 5 steps."""
+
+import copy
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from conftest import tiny_causal_lm  # noqa: E402
+
+from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(LETTERS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+
+
+def preference_dataset(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def words(lo, hi):
+        k = int(torch.randint(lo, hi, (1,), generator=g))
+        return " ".join(LETTERS[int(i)] for i in torch.randint(0, 26, (k,), generator=g))
+
+    rows = [
+        {
+            "prompt": words(2, 6),
+            "chosen": " " + words(1, 7) + " </s>",
+            "rejected": " " + words(1, 7) + " </s>",
+        }
+        for _ in range(n)
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+def train(trainer_cls, loss_type, precompute, tmp_path, bf16=False):
+    datasets.disable_caching()
+    model = tiny_causal_lm("llama", vocab=28, seed=0)
+    # A reference different from the policy: rewards are real from step 0, not rounding noise.
+    ref = tiny_causal_lm("llama", vocab=28, seed=1)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / trainer_cls.__name__),
+        per_device_train_batch_size=4,
+        max_steps=5,
+        logging_steps=1,
+        learning_rate=0.5,
+        optim="sgd",  # Adam turns 1e-7 gradient rounding into O(1) updates of tiny entries
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        loss_type=[loss_type],
+        label_smoothing=0.1 if loss_type == "robust" else 0.0,
+        precompute_ref_log_probs=precompute,
+        dataloader_num_workers=0,
+        bf16=bf16,  # TRL turns CPU bf16 autocast on by default
+    )
+    trainer = trainer_cls(
+        model=model,
+        ref_model=ref,
+        args=args,
+        train_dataset=preference_dataset(),
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+KEYS = [
+    "loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+    "rewards/margins", "logps/chosen", "logps/rejected", "entropy", "logits/chosen",
+    "logits/rejected", "mean_token_accuracy", "num_tokens",
+]  # fmt: skip
+
+
+def assert_same_history(stock, ours, rel, abs_):
+    assert len(stock) == len(ours) == 5
+    for step, (s, o) in enumerate(zip(stock, ours, strict=True)):
+        for k in KEYS:
+            assert k in s and k in o, (step, k)
+            assert o[k] == pytest.approx(s[k], rel=rel, abs=abs_), (step, k, s[k], o[k])
+    # Training moved the policy: the run is not trivially constant.
+    assert stock[0]["logps/chosen"] != stock[-1]["logps/chosen"]
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["ref-model", "precomputed"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+def test_same_losses_and_metrics_as_stock_trl(loss_type, precompute, tmp_path):
+    stock = train(trl.DPOTrainer, loss_type, precompute, tmp_path)
+    ours = train(FusedDPOTrainer, loss_type, precompute, tmp_path)
+    assert_same_history(stock, ours, rel=1e-4, abs_=1e-6)
+
+
+def test_bf16_autocast_close_to_stock_trl(tmp_path):
+    # TRL's default on CPU: bf16 autocast. Both run the LM head in bf16; they differ by bf16
+    # rounding of the logits (ours reads the model's bf16 logits, TRL's head rounds its own tiles).
+    stock = train(trl.DPOTrainer, "sigmoid", False, tmp_path, bf16=True)
+    ours = train(FusedDPOTrainer, "sigmoid", False, tmp_path, bf16=True)
+    assert_same_history(stock, ours, rel=3e-2, abs_=2e-3)
+
+
+def test_unsupported_options_raise(tmp_path):
+    args = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], use_weighting=True)
+    model = tiny_causal_lm("llama", vocab=28)
+    with pytest.raises(NotImplementedError, match="use_weighting"):
+        FusedDPOTrainer(
+            model=model, ref_model=copy.deepcopy(model), args=args,
+            train_dataset=preference_dataset(4), processing_class=tiny_tokenizer(),
+        )  # fmt: skip
+
+
+def test_unsupported_trl_version_is_refused_with_the_supported_range(monkeypatch):
+    from dpo_kernels.integrations import trl as integration
+
+    monkeypatch.setattr(trl, "__version__", "0.9.6")
+    with pytest.raises(ImportError, match=r"supports trl>=1\.16,<1\.17; found trl 0\.9\.6"):
+        integration.check_trl_version()
+    monkeypatch.setattr(trl, "__version__", "1.16.0")
+    assert integration.check_trl_version() == "1.16.0"
