@@ -99,9 +99,14 @@ def sequence_logprobs(
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The naive computation with autograd: per-sequence log-prob sums [B] and counts [B]."""
+    """The naive computation with autograd: per-sequence log-prob sums [B] and counts [B].
+
+    Rows that do not count are replaced by zeros before the log-softmax, so they neither add to
+    the sums nor receive gradient, whatever they hold (inf, NaN): the contract of every backend.
+    """
     counted = counted_tokens(labels, mask, ignore_index)
-    logp = logits.to(acc_dtype(logits.dtype)).log_softmax(-1)
+    z = logits.to(acc_dtype(logits.dtype))
+    logp = torch.where(counted.unsqueeze(-1), z, 0.0).log_softmax(-1)
     tok = logp.gather(-1, torch.where(counted, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(counted, tok, 0.0).sum(-1), counted.sum(-1)
 

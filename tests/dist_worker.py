@@ -1,0 +1,65 @@
+"""Worker processes for tests/test_distributed.py (spawned; must be importable)."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from conftest import preference_examples, tiny_causal_lm
+
+from dpo_kernels import DPOLoss
+from dpo_kernels.forward import collate_preferences, concatenated_forward
+
+PAIRS = 8
+
+
+def dpo_step_loss(model, ref, examples):
+    out = concatenated_forward(model, collate_preferences(examples), ref_model=ref)
+    return DPOLoss(beta=0.1)(out.pairs()).loss
+
+
+def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model, ref = tiny_causal_lm(seed=0).train(), tiny_causal_lm(seed=1)
+    examples = preference_examples(PAIRS, seed=3)
+    share = PAIRS // world
+    mine = examples[rank * share : (rank + 1) * share]
+    if mode == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
+    loss = dpo_step_loss(wrapped, ref, mine)
+    loss.backward()
+    grads = {}
+    for n, p in wrapped.named_parameters():
+        g = p.grad
+        if hasattr(g, "full_tensor"):  # FSDP2: sharded DTensor gradients
+            g = g.full_tensor()
+        grads[n.replace("module.", "")] = g.detach().clone()
+    if rank == 0:
+        torch.save(grads, os.path.join(out_dir, f"{mode}_grads.pt"))
+    opt.step()
+    for step in range(3):
+        opt.zero_grad()
+        batch = examples[((rank + step) % world) * share :][:share]
+        dpo_step_loss(wrapped, ref, batch).backward()
+        opt.step()
+    flat = torch.cat([
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
+        for p in wrapped.parameters()
+    ])  # fmt: skip
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        same = all(torch.equal(gathered[0], g) for g in gathered[1:])
+        torch.save({"same": same}, os.path.join(out_dir, f"{mode}_params.pt"))
+    dist.destroy_process_group()

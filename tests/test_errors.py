@@ -1,0 +1,82 @@
+"""The bad-input inventory: every row of the README's table, tried, with the error it must give."""
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+import dpo_kernels
+from dpo_kernels import dpo_loss, sequence_logprobs
+from dpo_kernels.forward import preference_batch
+
+B, T, V = 2, 3, 11
+
+
+def z(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+def y(*shape):
+    return torch.randint(0, V, shape)
+
+
+def p(n=3):
+    return torch.randn(n, dtype=torch.float64) - 20
+
+
+# (README row id, the call, exception type, message pattern)
+INVENTORY = [
+    ("integer logits", lambda: sequence_logprobs(y(B, T, V), y(B, T)), TypeError, "logits must be a floating-point"),
+    ("logits not 3-D", lambda: sequence_logprobs(z(T, V), y(T)), ValueError, r"logits must be \[batch, tokens, vocab\]"),
+    ("empty vocabulary", lambda: sequence_logprobs(z(B, T, 0), y(B, T)), ValueError, "empty vocabulary"),
+    ("float labels", lambda: sequence_logprobs(z(B, T, V), z(B, T)), TypeError, "labels must be an integer"),
+    ("bool labels", lambda: sequence_logprobs(z(B, T, V), y(B, T) > 3), TypeError, "labels must be an integer"),
+    ("labels shape", lambda: sequence_logprobs(z(B, T, V), y(B, T + 1)), ValueError, r"labels must have shape \(2, 3\)"),
+    ("label >= V", lambda: sequence_logprobs(z(B, T, V), torch.full((B, T), V)), ValueError, r"labels\[0, 0\] = 11 is outside the vocabulary \[0, 11\)"),
+    ("negative label", lambda: sequence_logprobs(z(B, T, V), torch.full((B, T), -5)), ValueError, "is outside the vocabulary"),
+    ("mask shape", lambda: sequence_logprobs(z(B, T, V), y(B, T), mask=torch.ones(B, T + 1)), ValueError, "mask must have the shape of labels"),
+    ("mask values", lambda: sequence_logprobs(z(B, T, V), y(B, T), mask=torch.full((B, T), 2)), ValueError, "mask must hold only 0 and 1"),
+    ("labels on another device", lambda: sequence_logprobs(z(B, T, V), y(B, T).to("meta")), ValueError, "labels is on meta but logits is on cpu"),
+    ("ref_logits shape", lambda: sequence_logprobs(z(B, T, V), y(B, T), ref_logits=z(B, T, V + 1)), ValueError, "ref_logits must have the shape of logits"),
+    ("unknown backend", lambda: sequence_logprobs(z(B, T, V), y(B, T), backend="cuda"), ValueError, "backend must be one of"),
+    ("odd rows as pairs", lambda: sequence_logprobs(z(3, T, V), y(3, T)).pairs(), ValueError, "even batch"),
+    ("unknown loss_type", lambda: dpo_loss(p(), p(), loss_type="dpo"), ValueError, "unknown loss_type"),
+    ("beta <= 0", lambda: dpo_loss(p(), p(), beta=0.0), ValueError, "beta must be > 0"),
+    ("label_smoothing range", lambda: dpo_loss(p(), p(), label_smoothing=0.5), ValueError, r"label_smoothing must lie in \[0, 0.5\)"),
+    ("exo_pair without smoothing", lambda: dpo_loss(p(), p(), loss_type="exo_pair"), ValueError, "needs label_smoothing > 0"),
+    ("f-divergence with a raw-ratio loss", lambda: dpo_loss(p(), p(), loss_type="nca_pair", f_divergence_type="forward_kl"), ValueError, "works only with"),
+    ("loss input lengths", lambda: dpo_loss(p(3), p(4)), ValueError, "rejected_logps has 4 entries but chosen_logps has 3"),
+    ("one reference sum missing", lambda: dpo_loss(p(), p(), p(), None), ValueError, "both ref_chosen_logps and ref_rejected_logps"),
+    ("counts missing for ipo", lambda: dpo_loss(p(), p(), loss_type="ipo"), ValueError, "pass chosen_counts and rejected_counts"),
+    ("batch without ids", lambda: preference_batch({"tokens": y(2, 3)}), KeyError, "needs input_ids"),
+    ("odd rows in a batch", lambda: preference_batch({"input_ids": y(3, 4), "completion_mask": y(3, 4)}), ValueError, r"2 \* pairs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("row,call,exc,pattern", INVENTORY, ids=[r[0] for r in INVENTORY])
+def test_bad_input_gets_its_error(row, call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_masked_tokens_may_hold_any_label():
+    labels = torch.full((B, T), 10**6)
+    labels[0, 0] = 3
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, 0] = True
+    out = sequence_logprobs(z(B, T, V), labels, mask=mask)  # no error: only counted labels matter
+    assert out.counts.tolist() == [1, 0]
+
+
+def test_readme_lists_every_row():
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Bad input")[1]
+    rows = re.findall(r"^\| ([^|]+?) \|", table, re.M)
+    assert {r[0] for r in INVENTORY} <= set(rows), set(r[0] for r in INVENTORY) - set(rows)
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        dpo_kernels.resolve_backend("triton", torch.device("cpu"))
