@@ -132,15 +132,55 @@ def _policy_logits(model, b: PreferenceBatch, model_kwargs: Mapping[str, Any]) -
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+class PackedBatch(NamedTuple):
+    """The rows of a PreferenceBatch back to back without padding (padding-free layout)."""
+
+    input_ids: torch.Tensor  # [1, N]
+    position_ids: torch.Tensor  # [1, N], restarting at 0 for every sequence
+    cu_seqlens: torch.Tensor  # [2P + 1] int32 offsets, flash-attention's varlen convention
+    labels: torch.Tensor  # [N] next token within the same sequence; ignore_index at each end
+    mask: torch.Tensor  # [N] bool: the label is a completion token
+
+
+def pack(b: PreferenceBatch, ignore_index: int = -100) -> PackedBatch:
+    """Drop the padding of a right-padded batch: its real tokens back to back, rows in order."""
+    lengths = b.attention_mask.sum(1)
+    keep = b.attention_mask != 0
+    ids = b.input_ids[keep]
+    completion = (b.completion_mask != 0)[keep]
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    starts = torch.repeat_interleave(cu[:-1].long(), lengths)
+    position = torch.arange(ids.numel(), device=ids.device) - starts
+    last = torch.zeros_like(completion)
+    last[cu[1:].long() - 1] = True  # a sequence's last token has no next token in the sequence
+    labels = torch.roll(ids, -1).masked_fill(last, ignore_index)
+    mask = torch.roll(completion, -1) & ~last
+    return PackedBatch(ids[None], position[None], cu, labels, mask)
+
+
 def batch_logprobs(
     model,
     b: PreferenceBatch,
     *,
     stats: bool = False,
+    padding_free: bool = False,
     backend: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> SequenceLogprobs:
-    """One forward of `model` over the concatenated rows; fused log-probs of the completions."""
+    """One forward of `model` over the concatenated rows; fused log-probs of the completions.
+
+    padding_free: run the rows packed into one sequence with restarting position_ids and no
+    padding (flash-attention varlen on GPU; transformers' packed-sequence masks with sdpa/eager),
+    and score them through the fused op's cu_seqlens layout. Same numbers, no padded tokens.
+    """
+    if padding_free:
+        p = pack(b)
+        out = model(input_ids=p.input_ids, position_ids=p.position_ids, use_cache=False,
+                    **(model_kwargs or {}))  # fmt: skip
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return sequence_logprobs(
+            logits[0], p.labels, mask=p.mask, cu_seqlens=p.cu_seqlens, stats=stats, backend=backend
+        )
     logits = _policy_logits(model, b, model_kwargs or {})
     labels = b.input_ids[:, 1:]
     mask = (b.completion_mask[:, 1:] != 0) & (b.attention_mask[:, 1:] != 0)
@@ -154,6 +194,7 @@ def concatenated_forward(
     ref_model: torch.nn.Module | None = None,
     ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
     stats: bool = False,
+    padding_free: bool = False,
     pad_token_id: int = 0,
     ignore_index: int = -100,
     backend: str | None = None,
@@ -164,6 +205,8 @@ def concatenated_forward(
     The reference comes from, in order: `ref_logps` (chosen, rejected), the batch's
     ref_chosen_logps / ref_rejected_logps, one no-grad forward of `ref_model`; else None
     (reference-free). `stats` adds the policy's per-token entropy, mean logit and top-1 flags.
+    `padding_free` packs the rows (see `batch_logprobs`): the model must honour packed
+    position_ids (flash-attention 2/3 in transformers, or its sdpa/eager packed-sequence masks).
     Works with any Hugging Face causal LM (anything whose forward takes input_ids and
     attention_mask and returns logits).
     """
@@ -172,8 +215,12 @@ def concatenated_forward(
         ref_logps = (b.ref_chosen_logps, b.ref_rejected_logps)
     if ref_logps is None and ref_model is not None:
         with torch.no_grad():  # before the policy: its logits are freed before the policy's exist
-            ref = batch_logprobs(ref_model, b, backend=backend, model_kwargs=model_kwargs)
+            ref = batch_logprobs(
+                ref_model, b, padding_free=padding_free, backend=backend, model_kwargs=model_kwargs
+            )
         ref_logps = ref.logps.chunk(2)
-    policy = batch_logprobs(model, b, stats=stats, backend=backend, model_kwargs=model_kwargs)
+    policy = batch_logprobs(
+        model, b, stats=stats, padding_free=padding_free, backend=backend, model_kwargs=model_kwargs
+    )
     rc, rr = (None, None) if ref_logps is None else ref_logps
     return ConcatenatedOutput(policy, rc, rr, b)

@@ -289,6 +289,93 @@ torch.library.register_autograd(
 )
 
 
+# --------------------------------------------------------------------------------------------
+# Packed (padding-free) layout: tokens of many sequences back to back, split by cu_seqlens.
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
+    """cu_seqlens: [S + 1] integer offsets from 0 to n_tokens, non-decreasing (flash-attn's varlen
+    convention). Raises ValueError naming what is wrong."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point():
+        raise TypeError("cu_seqlens must be an integer tensor of sequence offsets, [S + 1]")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D [S + 1] with S >= 1, got {tuple(cu_seqlens.shape)}"
+        )
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != n_tokens or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(
+            f"cu_seqlens must rise from 0 to the number of tokens ({n_tokens}) without going "
+            f"down, got {cu[:4]}{'...' if len(cu) > 4 else ''}{cu[-1:]}"
+        )
+
+
+def segment_sum(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[N] -> [S]: the sum of each sequence's tokens (differentiable)."""
+    return torch.segment_reduce(x, "sum", offsets=cu_seqlens.long(), initial=0)
+
+
+def segment_count(counted: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[N] bool -> [S] int64 counts, exact."""
+    c = torch.nn.functional.pad(counted.long().cumsum(0), (1, 0))
+    cu = cu_seqlens.long()
+    return c[cu[1:]] - c[cu[:-1]]
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary-parallel log-probs: each rank holds a slice of the vocabulary.
+
+
+class _VocabParallelTokenLogprobs(torch.autograd.Function):
+    """Token log-probs when the vocabulary is split over `group`: a rank holds logits[..., V_local]
+    for ids [vocab_start, vocab_start + V_local). Local log-sum-exp and label logit are combined
+    with three all-reduces of [B, T] floats; the backward needs no communication."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, counted, vocab_start, group, backend):
+        import torch.distributed as dist
+
+        local = labels - vocab_start
+        in_shard = counted & (local >= 0) & (local < logits.shape[-1])
+        arg = torch.where(in_shard, local, 0)  # any valid index for rows owned elsewhere
+        fwd, _ = _kernels(backend)
+        lse_local = fwd(logits, arg, counted, None, -1, False)[1]
+        acc = lse_local.dtype
+        target = torch.where(in_shard, logits.gather(-1, arg.unsqueeze(-1)).squeeze(-1).to(acc), 0)
+        top = lse_local.clone()
+        dist.all_reduce(top, dist.ReduceOp.MAX, group=group)
+        top = torch.where(torch.isinf(top), 0.0, top)  # all -inf: any shift works
+        s = torch.exp(lse_local - top)
+        dist.all_reduce(s, group=group)
+        dist.all_reduce(target, group=group)
+        lse = torch.where(counted, top + torch.log(s), 0.0)
+        ctx.save_for_backward(logits, arg, counted, in_shard, lse)
+        ctx.backend = backend
+        return torch.where(counted, target - lse, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_tok):
+        logits, arg, counted, in_shard, lse = ctx.saved_tensors
+        _, bwd = _kernels(ctx.backend)
+        dz = bwd(grad_tok, logits, arg, counted, lse, -1)
+        # Rows whose label lives on another rank: that position gets -g * p, not g * (1 - p).
+        b, t = (counted & ~in_shard).nonzero(as_tuple=True)
+        a = arg[b, t]
+        p = torch.exp(logits[b, t, a].to(lse.dtype) - lse[b, t])
+        dz[b, t, a] = (-grad_tok[b, t].to(lse.dtype) * p).to(dz.dtype)
+        return dz, None, None, None, None, None
+
+
+def _vocab_parallel_tokens(logits, labels, mask, ignore_index, group, vocab_start, backend):
+    import torch.distributed as dist
+
+    size = torch.tensor([logits.shape[-1]], device=logits.device)
+    dist.all_reduce(size, group=group)
+    counted = reference.counted_tokens(labels, mask, ignore_index)
+    _check_values(labels, mask, ignore_index, int(size.item()))
+    return _VocabParallelTokenLogprobs.apply(logits, labels, counted, vocab_start, group, backend)
+
+
 def sequence_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -297,6 +384,9 @@ def sequence_logprobs(
     ignore_index: int = -100,
     ref_logits: torch.Tensor | None = None,
     stats: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    vocab_group: object | None = None,
+    vocab_start: int = 0,
     backend: str | None = None,
 ) -> SequenceLogprobs:
     """Per-sequence sums of the label tokens' log-probs, fused: log-softmax + gather + masked sum.
@@ -307,9 +397,14 @@ def sequence_logprobs(
     mask: optional [B, T] bool or 0/1 tensor; tokens with mask 0 do not count.
     ref_logits: optional [B, T, V] reference-model logits for the same labels; their sums come back
         in ``ref_logps`` without gradient, computed in the same kernel launch.
-
     stats: also return the policy's per-token entropy, mean logit and label-is-argmax
         (`TokenStats`, no gradient), computed in the same pass over the logits.
+    cu_seqlens: packed layout: logits [N, V], labels [N] (mask [N]) hold S sequences back to back,
+        sequence i being tokens cu_seqlens[i]:cu_seqlens[i + 1]; sums and counts are [S], token
+        outputs [N]. Labels must not cross sequences (see `dpo_kernels.forward.packed_labels`).
+    vocab_group, vocab_start: vocabulary-parallel: this rank's logits are the vocabulary columns
+        [vocab_start, vocab_start + V) of a vocabulary split over the torch.distributed group
+        `vocab_group`; labels are global ids. Every rank gets the full sums; gradients stay local.
 
     Returns a `SequenceLogprobs`; ``.pairs()`` splits a concatenated [chosen; rejected] batch.
     Accumulates in float32 (float64 for float64 logits) whatever the input dtype. The log-sum-exp
@@ -317,18 +412,49 @@ def sequence_logprobs(
     sequence's sum NaN and leaves every other sequence untouched; logits of tokens that do not count
     are never read.
     """
+    packed = cu_seqlens is not None
+    if packed:
+        if logits.dim() == 2:
+            logits, labels = logits.unsqueeze(0), labels.unsqueeze(0)
+            mask = None if mask is None else mask.unsqueeze(0)
+            ref_logits = None if ref_logits is None else ref_logits.unsqueeze(0)
+        if logits.dim() != 3 or logits.shape[0] != 1:
+            raise ValueError(
+                f"with cu_seqlens, logits must be packed [N, V] (or [1, N, V]), got "
+                f"{tuple(logits.shape)}"
+            )
     _check_logprob_inputs(logits, labels, mask, ref_logits, ignore_index)
+    if packed:
+        check_cu_seqlens(cu_seqlens, logits.shape[1])
     name = resolve_backend(backend, logits.device)
-    tok, _, ref_tok, ent, mean, top1 = _token_logprobs_op(
-        logits, labels, mask, ref_logits, ignore_index, stats, name
-    )
-    counts = reference.counted_tokens(labels, mask, ignore_index).sum(-1)
+    counted = reference.counted_tokens(labels, mask, ignore_index)
+    if vocab_group is not None:
+        if ref_logits is not None or stats:
+            raise ValueError(
+                "vocab_group does not combine with ref_logits or stats: call the reference model "
+                "separately (under torch.no_grad) and compute statistics on gathered logits"
+            )
+        tok = _vocab_parallel_tokens(
+            logits, labels, mask, ignore_index, vocab_group, vocab_start, name
+        )
+        ref_tok = ent = mean = top1 = None
+    else:
+        tok, _, ref_tok, ent, mean, top1 = _token_logprobs_op(
+            logits, labels, mask, ref_logits, ignore_index, stats, name
+        )
     has_ref = ref_logits is not None
+    if packed:
+        tok, counted = tok[0], counted[0]
+        ref_tok = ref_tok[0] if has_ref else None
+        ent, mean, top1 = (x[0] for x in (ent, mean, top1)) if stats else (None,) * 3
+        reduce, counts = (lambda x: segment_sum(x, cu_seqlens)), segment_count(counted, cu_seqlens)
+    else:
+        reduce, counts = (lambda x: x.sum(-1)), counted.sum(-1)
     return SequenceLogprobs(
-        logps=tok.sum(-1),
+        logps=reduce(tok),
         counts=counts,
         token_logps=tok,
-        ref_logps=ref_tok.sum(-1) if has_ref else None,
+        ref_logps=reduce(ref_tok) if has_ref else None,
         ref_token_logps=ref_tok if has_ref else None,
         stats=TokenStats(ent, mean, top1) if stats else None,
     )

@@ -78,7 +78,7 @@ def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0):
     elif kind == "gpt2":
         cfg = transformers.GPT2Config(
             vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
         )  # fmt: skip
         model = transformers.GPT2LMHeadModel(cfg)
     else:

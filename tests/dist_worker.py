@@ -63,3 +63,44 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -
         same = all(torch.equal(gathered[0], g) for g in gathered[1:])
         torch.save({"same": same}, os.path.join(out_dir, f"{mode}_params.pt"))
     dist.destroy_process_group()
+
+
+def vocab_parallel_case(V=37, seed=11):
+    """Logits [3, 5, V], labels hitting every rank's slice boundaries, ignore_index, a mask."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 5, V, generator=g) * 3
+    labels = torch.randint(0, V, (3, 5), generator=g)
+    labels[0, 0] = -100
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 4] = False
+    return logits, labels, mask
+
+
+def vocab_slices(V: int, world: int) -> list[tuple[int, int]]:
+    sizes = [len(c) for c in torch.arange(V).tensor_split(world)]
+    starts = [sum(sizes[:i]) for i in range(world)]
+    return [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+
+
+def vocab_parallel_worker(rank: int, world: int, init_file: str, out_dir: str, backends) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from dpo_kernels import sequence_logprobs
+
+    logits, labels, mask = vocab_parallel_case()
+    slices = vocab_slices(logits.shape[-1], world)
+    # Labels on the first and last id of every rank's slice.
+    flat = labels.view(-1)
+    for i, (a, b) in enumerate(slices):
+        flat[1 + 2 * i], flat[2 + 2 * i] = a, b - 1
+    start, end = slices[rank]
+    w = torch.linspace(-1, 1, labels.shape[0])
+    results = {}
+    for backend in backends:
+        z = logits[..., start:end].clone().requires_grad_()
+        out = sequence_logprobs(
+            z, labels, mask=mask, vocab_group=dist.group.WORLD, vocab_start=start, backend=backend
+        )
+        (out.logps * w).sum().backward()
+        results[backend] = (out.logps.detach(), z.grad, labels.clone())
+    torch.save(results, os.path.join(out_dir, f"vp_rank{rank}.pt"))
+    dist.destroy_process_group()

@@ -1,0 +1,35 @@
+"""Vocabulary-parallel log-probs over torch.distributed (gloo; 2 and 4 processes)."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import cpu_backends
+from dist_worker import vocab_parallel_case, vocab_parallel_worker, vocab_slices
+
+import dpo_kernels
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_vocabulary_equals_single_process(world, tmp_path):
+    backends = cpu_backends()
+    mp.spawn(
+        vocab_parallel_worker,
+        args=(world, str(tmp_path / "init"), str(tmp_path), backends),
+        nprocs=world,
+    )
+    logits, _, mask = vocab_parallel_case()
+    slices = vocab_slices(logits.shape[-1], world)
+    per_rank = [torch.load(tmp_path / f"vp_rank{r}.pt") for r in range(world)]
+    labels = per_rank[0][backends[0]][2]
+    for a, b in slices:  # the boundary labels are really there
+        assert (labels == a).any() and (labels == b - 1).any()
+    w = torch.linspace(-1, 1, labels.shape[0])
+    for backend in backends:
+        z = logits.clone().requires_grad_()
+        full = dpo_kernels.sequence_logprobs(z, labels, mask=mask, backend=backend)
+        (full.logps * w).sum().backward()
+        for r in range(world):
+            logps, grad, _ = per_rank[r][backend]
+            torch.testing.assert_close(logps, full.logps.detach(), rtol=1e-6, atol=1e-5)
+        grads = torch.cat([per_rank[r][backend][1] for r in range(world)], dim=-1)
+        torch.testing.assert_close(grads, z.grad, rtol=1e-5, atol=1e-6, msg=backend)
