@@ -12,6 +12,7 @@ and validation of label values inside it, before any kernel runs.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import NamedTuple
 
@@ -303,7 +304,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
             f"cu_seqlens must be 1-D [S + 1] with S >= 1, got {tuple(cu_seqlens.shape)}"
         )
     cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] != n_tokens or any(b < a for a, b in zip(cu, cu[1:])):
+    if cu[0] != 0 or cu[-1] != n_tokens or any(b < a for a, b in itertools.pairwise(cu)):
         raise ValueError(
             f"cu_seqlens must rise from 0 to the number of tokens ({n_tokens}) without going "
             f"down, got {cu[:4]}{'...' if len(cu) > 4 else ''}{cu[-1:]}"

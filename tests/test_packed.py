@@ -61,7 +61,7 @@ def test_packed_gradcheck():
     ],
 )
 def test_bad_cu_seqlens(cu, match):
-    logits, labels, mask, _ = packed_case([4, 5])
+    logits, labels, _mask, _ = packed_case([4, 5])
     with pytest.raises(ValueError, match=match):
         dpo_kernels.sequence_logprobs(logits, labels, cu_seqlens=cu)
 
