@@ -1,4 +1,5 @@
-// Vectorized row primitives over one row of logits: log-sum-exp and the log-softmax gradient.
+// Vectorized row primitives over one row of logits: log-sum-exp and the log-softmax gradient, and
+// for the fused linear op the logit transform and its gradient.
 //
 // Rows are processed in L1-sized chunks: a max pass and a sum-exp pass over the same chunk, so the
 // row is read from memory once and each element costs one exp. Accumulation is in acc_t (float for
@@ -62,21 +63,20 @@ inline void for_each_vec(const S* p, int64_t n, FV&& f, FS&& g) {
   for (; i < n; ++i) g(static_cast<A>(p[i]));
 }
 
-// Log-sum-exp of the row p[0, V), in acc precision. One pass over memory.
+// Folds p[0, n) into a running log-sum-exp: m is the max so far, s the sum of exp(x - m). Works in
+// L1-sized chunks, so memory is read once and each element costs one exp.
 template <typename S>
-inline acc_t<S> row_logsumexp(const S* p, int64_t V) {
+inline void lse_fold(const S* p, int64_t n, acc_t<S>& m, acc_t<S>& s) {
   using A = acc_t<S>;
   using VA = Vectorized<A>;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
-  A m = kNegInf;
-  A s = 0;
-  for (int64_t start = 0; start < V; start += kChunk) {
-    const int64_t n = std::min(kChunk, V - start);
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t len = std::min(kChunk, n - start);
     const S* c = p + start;
     VA vmax(kNegInf);
     A tail_max = kNegInf;
     for_each_vec(
-        c, n, [&](const VA& x) { vmax = at::vec::maximum(vmax, x); },
+        c, len, [&](const VA& x) { vmax = at::vec::maximum(vmax, x); },
         [&](A x) { tail_max = max_nan(tail_max, x); });
     A chunk_max = at::vec::vec_reduce_all<A>(
         [](VA& a, VA& b) { return at::vec::maximum(a, b); }, vmax);
@@ -87,12 +87,20 @@ inline acc_t<S> row_logsumexp(const S* p, int64_t V) {
     VA vsum(A(0));
     A tail_sum = 0;
     for_each_vec(
-        c, n, [&](const VA& x) { vsum = vsum + (x - vshift).exp(); },
+        c, len, [&](const VA& x) { vsum = vsum + (x - vshift).exp(); },
         [&](A x) { tail_sum += std::exp(x - shift); });
     const A chunk_sum = at::vec::vec_reduce_all<A>([](VA& a, VA& b) { return a + b; }, vsum);
     s = s * std::exp(m - shift) + (chunk_sum + tail_sum);
     m = m_new;
   }
+}
+
+// Log-sum-exp of the row p[0, V), in acc precision. One pass over memory.
+template <typename S>
+inline acc_t<S> row_logsumexp(const S* p, int64_t V) {
+  acc_t<S> m = -std::numeric_limits<acc_t<S>>::infinity();
+  acc_t<S> s = 0;
+  lse_fold(p, V, m, s);
   return m + std::log(s);
 }
 
@@ -119,6 +127,56 @@ inline void row_logsoftmax_grad(const S* z, S* out, int64_t V, acc_t<S> lse, acc
   }
   for (; i < V; ++i) out[i] = static_cast<S>(-g * std::exp(static_cast<A>(z[i]) - lse));
   out[label] = static_cast<S>(g * (A(1) - std::exp(static_cast<A>(z[label]) - lse)));
+}
+
+// The fused linear op's logit transform: z = x * a, or z = (c * tanh(x / c)) * a with a softcap c,
+// where a = logit_scale / temperature (the order of operations of ops/reference.py).
+template <typename A>
+struct LogitTransform {
+  A a;
+  A c;  // softcap; 0 for none
+  bool identity() const { return c == 0 && a == 1; }
+};
+
+// x[0, n) <- z(x), in place.
+template <typename A>
+inline void row_transform(A* x, int64_t n, const LogitTransform<A>& tf) {
+  using VA = Vectorized<A>;
+  const VA va(tf.a), vc(tf.c);
+  if (tf.c > 0) {
+    at::vec::map([&](VA v) { return vc * (v / vc).tanh() * va; }, x, x, n);
+  } else {
+    at::vec::map([&](VA v) { return v * va; }, x, x, n);
+  }
+}
+
+// x[0, n) <- g * (onehot(label) - exp(z(x) - lse)) * dz/dx, in place: the gradient of
+// g * log softmax(z)[label] with respect to the logits before the transform. label < 0: the label
+// is not in this row segment.
+template <typename A>
+inline void row_linear_logprob_grad(A* x, int64_t n, A lse, A g, int64_t label,
+                                    const LogitTransform<A>& tf) {
+  using VA = Vectorized<A>;
+  const VA va(tf.a), vc(tf.c), vlse(lse), vneg_g(-g), one(A(1));
+  const A x_label = label >= 0 ? x[label] : A(0);
+  if (tf.c > 0) {
+    at::vec::map(
+        [&](VA v) {
+          const VA t = (v / vc).tanh();
+          return vneg_g * (vc * t * va - vlse).exp() * (va * (one - t * t));
+        },
+        x, x, n);
+  } else {
+    at::vec::map([&](VA v) { return vneg_g * (v * va - vlse).exp() * va; }, x, x, n);
+  }
+  if (label < 0) return;
+  A z = x_label * tf.a, dzdx = tf.a;
+  if (tf.c > 0) {
+    const A t = std::tanh(x_label / tf.c);
+    z = tf.c * t * tf.a;
+    dzdx = tf.a * (A(1) - t * t);
+  }
+  x[label] = g * (A(1) - std::exp(z - lse)) * dzdx;
 }
 
 // Fills p[0, n) with zeros.

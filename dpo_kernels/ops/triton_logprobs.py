@@ -33,8 +33,18 @@ def launch_config(vocab: int, element_size: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Triton accumulation dtype: float64 for float64 inputs, float32 for everything else."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def online_lse_update(m, s, z):
+    """Folds the block z into a running max m and sum s of exp(z - m); returns the new (m, s)."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    # A row that is -inf so far has nothing to rescale: shift by 0 so exp(-inf - shift) = 0.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(m.dtype)
+    return m_new, s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
 
 
 @triton.jit
@@ -45,11 +55,7 @@ def _row_lse_and_target(row_ptr, V, label, ACC: tl.constexpr, BLOCK_V: tl.conste
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(z, 0))
-        # A row that is -inf so far has nothing to rescale: shift by 0 so exp(-inf - shift) = 0.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
-        m = m_new
+        m, s = online_lse_update(m, s, z)
     target = tl.load(row_ptr + label).to(ACC)
     return m + tl.log(s), target
 
@@ -211,8 +217,8 @@ def logprobs_forward(
         ref_args[2],
         HAS_MASK=mask is not None,
         HAS_REF=ref_logits is not None,
-        ACC=_acc_dtype(logits.dtype),
-        REF_ACC=_acc_dtype(ref_acc),
+        ACC=acc_dtype(logits.dtype),
+        REF_ACC=acc_dtype(ref_acc),
         BLOCK_V=block,
         num_warps=warps,
     )
@@ -254,7 +260,7 @@ def logprobs_backward(
         s_mb,
         s_mt,
         HAS_MASK=mask is not None,
-        ACC=_acc_dtype(logits.dtype),
+        ACC=acc_dtype(logits.dtype),
         BLOCK_V=block,
         num_warps=warps,
     )
