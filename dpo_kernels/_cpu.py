@@ -66,18 +66,14 @@ LINEAR_TOKEN_TILE = 512
 LINEAR_VOCAB_BLOCK = 2048
 
 
-def linear_logprobs_forward(hidden, weight, bias, targets, logit_scale, softcap, temperature):
+def linear_logprobs_forward(hidden, weight, bias, targets, transform):
     """Label log-probs and log-sum-exp of the counted rows; see ops/reference.py."""
     op = torch.ops.dpo_kernels_cpu.linear_logprobs_forward
-    tiles = (LINEAR_TOKEN_TILE, LINEAR_VOCAB_BLOCK)
-    return op(hidden, weight, bias, targets, logit_scale, softcap, temperature, *tiles)
+    return op(hidden, weight, bias, targets, *transform, LINEAR_TOKEN_TILE, LINEAR_VOCAB_BLOCK)
 
 
-def linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, logit_scale, softcap,
-                             temperature, hidden_grad, weight_grad, bias_grad):  # fmt: skip
+def linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, transform, needs):
     """Gradients for hidden, weight and bias of the counted rows' label log-probs."""
     op = torch.ops.dpo_kernels_cpu.linear_logprobs_backward
     tiles = (LINEAR_TOKEN_TILE, LINEAR_VOCAB_BLOCK)
-    transform = (logit_scale, softcap, temperature)
-    needs = (hidden_grad, weight_grad, bias_grad)
     return op(grad, hidden, weight, bias, targets, lse, *transform, *needs, *tiles)

@@ -199,17 +199,7 @@ def _check_logprob_inputs(
         _check_same_device("ref_logits", ref_logits, logits, "logits")
 
 
-def _check_linear_inputs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    mask: torch.Tensor | None,
-    ignore_index: int,
-    logit_scale: float,
-    softcap: float | None,
-    temperature: float,
-) -> None:
+def _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, transform) -> None:
     _check_float("hidden", hidden)
     _check_float("weight", weight)
     if weight.dim() != 2:
@@ -246,6 +236,7 @@ def _check_linear_inputs(
             raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}; they must match")
         _check_same_device("bias", bias, hidden, "hidden")
     _check_labels_and_mask(labels, mask, ignore_index, hidden, "hidden", hidden.dim() - 1)
+    logit_scale, softcap, temperature = transform
     for name, value in (("logit_scale", logit_scale), ("temperature", temperature)):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -420,10 +411,9 @@ def _linear_token_logprobs_op(
     _check_values(labels, mask, ignore_index, weight.shape[0])
     counted = reference.counted_tokens(labels, mask, ignore_index)
     fwd, _ = _kernels(backend, "linear_logprobs")
+    transform = reference.LogitTransform(logit_scale, softcap, temperature)
     # Only the counted tokens' rows are gathered and projected.
-    tok, lse = fwd(
-        hidden[counted], weight, bias, labels[counted].long(), logit_scale, softcap, temperature
-    )
+    tok, lse = fwd(hidden[counted], weight, bias, labels[counted].long(), transform)
     return _scatter_counted(counted, tok), _scatter_counted(counted, lse)
 
 
@@ -460,12 +450,8 @@ def _linear_token_logprobs_backward_op(
         bias,
         labels[counted].long(),
         lse[counted],
-        logit_scale,
-        softcap,
-        temperature,
-        hidden_grad,
-        weight_grad,
-        bias_grad,
+        reference.LogitTransform(logit_scale, softcap, temperature),
+        (hidden_grad, weight_grad, bias_grad),
     )
     if hidden_grad:  # tokens that do not count get exactly zero
         dh = hidden.new_zeros(hidden.shape).index_put_((counted,), dh)
@@ -494,9 +480,7 @@ def _linear_setup_context(ctx, inputs, output):
 
 def _linear_backward(ctx, grad_tok, _grad_lse):
     hidden, weight, bias, labels, mask, lse = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
-    if not any(needs):
-        return (None,) * 10
+    needs = ctx.needs_input_grad[:3]  # a frozen hidden or weight skips its matmul
     grads = _linear_token_logprobs_backward_op(
         grad_tok, hidden, weight, bias, labels, mask, lse, *ctx.args, *needs, ctx.backend
     )
@@ -534,9 +518,8 @@ def linear_sequence_logprobs(
     tile. Gradients reach hidden, weight and bias; those of weight and bias accumulate in float32
     and are cast once. Returns a `SequenceLogprobs` without reference fields.
     """
-    _check_linear_inputs(
-        hidden, weight, bias, labels, mask, ignore_index, logit_scale, softcap, temperature
-    )
+    transform = reference.LogitTransform(logit_scale, softcap, temperature)
+    _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, transform)
     if hidden.dim() == 2:
         hidden, labels = hidden.unsqueeze(0), labels.unsqueeze(0)
         mask = None if mask is None else mask.unsqueeze(0)

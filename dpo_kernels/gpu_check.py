@@ -146,6 +146,7 @@ def _logprobs_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]
 
 def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     from .ops import triton_linear_logprobs as K
+    from .ops.reference import LogitTransform
 
     def fwd_bwd(dtype, softcap):
         def run():
@@ -154,11 +155,12 @@ def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
             hidden = torch.randn(M, H).to(dtype)
             weight = torch.randn(V, H).to(dtype)
             targets = torch.randint(0, V, (M,))
-            transform = (1.0, softcap, 1.0)
-            _, lse = K.linear_logprobs_forward(hidden, weight, None, targets, *transform)
+            transform = LogitTransform(softcap=softcap)
+            _, lse = K.linear_logprobs_forward(hidden, weight, None, targets, transform)
             g = torch.ones(M)
-            needs = (True, True, False)
-            K.linear_logprobs_backward(g, hidden, weight, None, targets, lse, *transform, *needs)
+            K.linear_logprobs_backward(
+                g, hidden, weight, None, targets, lse, transform, (True,) * 3
+            )
 
         return run
 

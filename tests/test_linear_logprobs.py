@@ -2,7 +2,13 @@
 
 import pytest
 import torch
-from conftest import GRAD_TOL, HAS_TRITON, assert_no_worse_than_naive, cpu_backends
+from conftest import (
+    GRAD_TOL,
+    HAS_TRITON,
+    assert_no_worse_than_naive,
+    cpu_backends,
+    record_calls,
+)
 from test_logprobs import fwd_tol
 
 import dpo_kernels
@@ -259,14 +265,12 @@ def test_cpu_tensors_run_the_cpp_kernels(monkeypatch):
     if not dpo_kernels.cpu_extension_available():
         pytest.skip("the C++ extension is not built")
     monkeypatch.delenv("DPO_KERNELS_BACKEND", raising=False)
-    calls = []
-    fwd, bwd = _cpu.linear_logprobs_forward, _cpu.linear_logprobs_backward
-    monkeypatch.setattr(_cpu, "linear_logprobs_forward", lambda *a: calls.append("fwd") or fwd(*a))
-    monkeypatch.setattr(_cpu, "linear_logprobs_backward", lambda *a: calls.append("bwd") or bwd(*a))
+    names = ("linear_logprobs_forward", "linear_logprobs_backward")
+    calls = record_calls(monkeypatch, _cpu, *names)
     hidden, weight, _, labels, mask = make_inputs(2, 3, 8, 20, torch.float32)
     h, w = leaves(hidden, weight)
     dpo_kernels.linear_sequence_logprobs(h, w, labels, mask=mask).logps.sum().backward()
-    assert calls == ["fwd", "bwd"]
+    assert calls == list(names)
 
 
 def _bad_inputs():

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import LogitTransform
 from .triton_logprobs import acc_dtype, launch_config, online_lse_update
 
 # One projection tile: 2048 tokens x 4096 vocabulary entries, 16 MiB in bf16 (32 MiB in fp32);
@@ -127,10 +128,11 @@ def _projected_tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             yield ts, h, vs, w, tile
 
 
-def _params(logit_scale: float, softcap: float | None, temperature: float, like: torch.Tensor):
+def _params(transform: LogitTransform, like: torch.Tensor) -> torch.Tensor:
     # A tensor rather than scalar arguments: Triton passes Python floats as float32.
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.tensor([logit_scale / temperature, softcap or 0.0], dtype=acc, device=like.device)
+    values = [transform.factor, transform.softcap or 0.0]
+    return torch.tensor(values, dtype=acc, device=like.device)
 
 
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -148,13 +150,11 @@ def linear_logprobs_forward(
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,  # [V]
     targets: torch.Tensor,  # [M] int64 labels in [0, V)
-    logit_scale: float,
-    softcap: float | None,
-    temperature: float,
+    transform: LogitTransform,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Label log-probs [M] and log-sum-exp [M] (float32; float64 for float64 inputs)."""
     M = hidden.shape[0]
-    params = _params(logit_scale, softcap, temperature, hidden)
+    params = _params(transform, hidden)
     run_max = torch.full((M,), float("-inf"), dtype=params.dtype, device=hidden.device)
     run_sum = torch.zeros(M, dtype=params.dtype, device=hidden.device)
     target = torch.zeros(M, dtype=params.dtype, device=hidden.device)
@@ -171,7 +171,7 @@ def linear_logprobs_forward(
             nv,
             tile.stride(0),
             vs,
-            HAS_SOFTCAP=softcap is not None,
+            HAS_SOFTCAP=transform.softcap is not None,
             ACC=acc_dtype(hidden.dtype),
             BLOCK_V=block,
             num_warps=warps,
@@ -187,16 +187,13 @@ def linear_logprobs_backward(
     bias: torch.Tensor | None,
     targets: torch.Tensor,  # [M]
     lse: torch.Tensor,  # [M] from linear_logprobs_forward
-    logit_scale: float,
-    softcap: float | None,
-    temperature: float,
-    hidden_grad: bool,
-    weight_grad: bool,
-    bias_grad: bool,
+    transform: LogitTransform,
+    needs: tuple[bool, bool, bool],  # gradients wanted for (hidden, weight, bias)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for hidden [M, H], weight [V, H], bias [V] in their dtypes ([0] if not asked)."""
     (M, H), V = hidden.shape, weight.shape[0]
-    params = _params(logit_scale, softcap, temperature, hidden)
+    hidden_grad, weight_grad, bias_grad = needs
+    params = _params(transform, hidden)
     acc = params.dtype
     empty = hidden.new_empty(0)
     dh = torch.empty_like(hidden) if hidden_grad else empty
@@ -218,7 +215,7 @@ def linear_logprobs_backward(
             nv,
             tile.stride(0),
             vs,
-            HAS_SOFTCAP=softcap is not None,
+            HAS_SOFTCAP=transform.softcap is not None,
             ACC=acc_dtype(hidden.dtype),
             BLOCK_V=block,
             num_warps=warps,
