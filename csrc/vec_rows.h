@@ -1,4 +1,5 @@
-// Vectorized row primitives over one row of logits: log-sum-exp and the log-softmax gradient.
+// Vectorized row primitives over one row of logits: log-sum-exp and the log-softmax gradient, and
+// for the fused linear op the logit transform and its gradient.
 //
 // Rows are processed in L1-sized chunks: a max pass and a sum-exp pass over the same chunk, so the
 // row is read from memory once and each element costs one exp. Accumulation is in acc_t (float for
@@ -62,41 +63,41 @@ inline void for_each_vec(const S* p, int64_t n, FV&& f, FS&& g) {
   for (; i < n; ++i) g(static_cast<A>(p[i]));
 }
 
-// What one pass over a row yields: its log-sum-exp and, when asked, the statistics trainers log.
+// Running statistics of the part of a row folded so far.
 template <typename A>
-struct RowStats {
-  A lse;
-  A entropy = 0;    // lse - sum_v p_v z_v
-  A mean = 0;       // sum_v z_v / V
-  int64_t arg = -1;  // first index of the maximum
+struct RowFold {
+  A m = -std::numeric_limits<A>::infinity();  // max so far
+  A s = 0;                                     // sum of exp(x - m)
+  A pz = 0;                                    // with stats: sum of exp(x - m) * x
+  A zsum = 0;                                  // with stats: sum of x
+  int64_t arg = -1;                            // with stats: index of the first maximum
 };
 
-// Log-sum-exp of the row p[0, V) in acc precision, one pass over memory; with STATS also the
-// entropy, the mean logit and the first argmax (a third, L1-resident pass over chunks whose
-// maximum beats the running one).
+// Folds p[0, n) (whose first element has index `offset` in the row) into f. Works in L1-sized
+// chunks: a max pass and an exp pass over the same chunk, so memory is read once and each element
+// costs one exp. With STATS, also the entropy and mean-logit sums and the first argmax (a third,
+// L1-resident pass over chunks whose maximum beats the running one).
 template <typename S, bool STATS = false>
-inline RowStats<acc_t<S>> row_stats(const S* p, int64_t V) {
+inline void fold_row(const S* p, int64_t n, RowFold<acc_t<S>>& f, int64_t offset = 0) {
   using A = acc_t<S>;
   using VA = Vectorized<A>;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
-  A m = kNegInf;
-  A s = 0, pz = 0, zsum = 0;
-  int64_t arg = -1;
-  for (int64_t start = 0; start < V; start += kChunk) {
-    const int64_t n = std::min(kChunk, V - start);
+  auto add = [](VA& a, VA& b) { return a + b; };
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t len = std::min(kChunk, n - start);
     const S* c = p + start;
     VA vmax(kNegInf);
     A tail_max = kNegInf;
     for_each_vec(
-        c, n, [&](const VA& x) { vmax = at::vec::maximum(vmax, x); },
+        c, len, [&](const VA& x) { vmax = at::vec::maximum(vmax, x); },
         [&](A x) { tail_max = max_nan(tail_max, x); });
     A chunk_max = at::vec::vec_reduce_all<A>(
         [](VA& a, VA& b) { return at::vec::maximum(a, b); }, vmax);
     chunk_max = max_nan(chunk_max, tail_max);
-    const A m_new = max_nan(m, chunk_max);
+    const A m_new = max_nan(f.m, chunk_max);
     // Nothing finite seen yet: shift by 0 so that exp(-inf - shift) = 0 rather than NaN.
     const A shift = (m_new == kNegInf) ? A(0) : m_new;
-    const A scale = std::exp(m - shift);
+    const A scale = std::exp(f.m - shift);
     const VA vshift(shift);
     VA vsum(A(0));
     A tail_sum = 0;
@@ -105,7 +106,7 @@ inline RowStats<acc_t<S>> row_stats(const S* p, int64_t V) {
       const VA zero(A(0));
       A tail_pz = 0, tail_z = 0;
       for_each_vec(
-          c, n,
+          c, len,
           [&](const VA& x) {
             const VA e = (x - vshift).exp();
             vsum = vsum + e;
@@ -118,31 +119,58 @@ inline RowStats<acc_t<S>> row_stats(const S* p, int64_t V) {
             tail_pz += e == 0 ? A(0) : e * x;
             tail_z += x;
           });
-      auto add = [](VA& a, VA& b) { return a + b; };
-      pz = pz * scale + at::vec::vec_reduce_all<A>(add, vpz) + tail_pz;
-      zsum += at::vec::vec_reduce_all<A>(add, vz) + tail_z;
-      if (chunk_max > m) {  // strictly: an earlier chunk keeps a tie
-        for (int64_t i = 0; i < n; ++i) {
+      f.pz = f.pz * scale + at::vec::vec_reduce_all<A>(add, vpz) + tail_pz;
+      f.zsum += at::vec::vec_reduce_all<A>(add, vz) + tail_z;
+      if (chunk_max > f.m) {  // strictly: an earlier chunk keeps a tie
+        for (int64_t i = 0; i < len; ++i) {
           if (static_cast<A>(c[i]) == chunk_max) {
-            arg = start + i;
+            f.arg = offset + start + i;
             break;
           }
         }
       }
     } else {
       for_each_vec(
-          c, n, [&](const VA& x) { vsum = vsum + (x - vshift).exp(); },
+          c, len, [&](const VA& x) { vsum = vsum + (x - vshift).exp(); },
           [&](A x) { tail_sum += std::exp(x - shift); });
     }
-    const A chunk_sum = at::vec::vec_reduce_all<A>([](VA& a, VA& b) { return a + b; }, vsum);
-    s = s * scale + (chunk_sum + tail_sum);
-    m = m_new;
+    f.s = f.s * scale + (at::vec::vec_reduce_all<A>(add, vsum) + tail_sum);
+    f.m = m_new;
   }
-  RowStats<A> out{m + std::log(s)};
+}
+
+// Folds p[0, n) into a running log-sum-exp (m: max so far, s: sum of exp(x - m)).
+template <typename S>
+inline void lse_fold(const S* p, int64_t n, acc_t<S>& m, acc_t<S>& s) {
+  RowFold<acc_t<S>> f;
+  f.m = m;
+  f.s = s;
+  fold_row<S, false>(p, n, f);
+  m = f.m;
+  s = f.s;
+}
+
+// What one pass over a row yields: its log-sum-exp and, when asked, the statistics trainers log.
+template <typename A>
+struct RowStats {
+  A lse;
+  A entropy = 0;     // lse - sum_v p_v z_v
+  A mean = 0;        // sum_v z_v / V
+  int64_t arg = -1;  // first index of the maximum
+};
+
+// Log-sum-exp of the row p[0, V) in acc precision, one pass over memory; with STATS also the
+// entropy, the mean logit and the first argmax.
+template <typename S, bool STATS = false>
+inline RowStats<acc_t<S>> row_stats(const S* p, int64_t V) {
+  using A = acc_t<S>;
+  RowFold<A> f;
+  fold_row<S, STATS>(p, V, f);
+  RowStats<A> out{f.m + std::log(f.s)};
   if constexpr (STATS) {
-    out.entropy = out.lse - pz / s;
-    out.mean = zsum / static_cast<A>(V);
-    out.arg = arg;
+    out.entropy = out.lse - f.pz / f.s;
+    out.mean = f.zsum / static_cast<A>(V);
+    out.arg = f.arg;
   }
   return out;
 }
@@ -176,6 +204,56 @@ inline void row_logsoftmax_grad(const S* z, S* out, int64_t V, acc_t<S> lse, acc
   }
   for (; i < V; ++i) out[i] = static_cast<S>(-g * std::exp(static_cast<A>(z[i]) - lse));
   out[label] = static_cast<S>(g * (A(1) - std::exp(static_cast<A>(z[label]) - lse)));
+}
+
+// The fused linear op's logit transform: z = x * a, or z = (c * tanh(x / c)) * a with a softcap c,
+// where a = logit_scale / temperature (the order of operations of ops/reference.py).
+template <typename A>
+struct LogitTransform {
+  A a;
+  A c;  // softcap; 0 for none
+  bool identity() const { return c == 0 && a == 1; }
+};
+
+// x[0, n) <- z(x), in place.
+template <typename A>
+inline void row_transform(A* x, int64_t n, const LogitTransform<A>& tf) {
+  using VA = Vectorized<A>;
+  const VA va(tf.a), vc(tf.c);
+  if (tf.c > 0) {
+    at::vec::map([&](VA v) { return vc * (v / vc).tanh() * va; }, x, x, n);
+  } else {
+    at::vec::map([&](VA v) { return v * va; }, x, x, n);
+  }
+}
+
+// x[0, n) <- g * (onehot(label) - exp(z(x) - lse)) * dz/dx, in place: the gradient of
+// g * log softmax(z)[label] with respect to the logits before the transform. label < 0: the label
+// is not in this row segment.
+template <typename A>
+inline void row_linear_logprob_grad(A* x, int64_t n, A lse, A g, int64_t label,
+                                    const LogitTransform<A>& tf) {
+  using VA = Vectorized<A>;
+  const VA va(tf.a), vc(tf.c), vlse(lse), vneg_g(-g), one(A(1));
+  const A x_label = label >= 0 ? x[label] : A(0);
+  if (tf.c > 0) {
+    at::vec::map(
+        [&](VA v) {
+          const VA t = (v / vc).tanh();
+          return vneg_g * (vc * t * va - vlse).exp() * (va * (one - t * t));
+        },
+        x, x, n);
+  } else {
+    at::vec::map([&](VA v) { return vneg_g * (v * va - vlse).exp() * va; }, x, x, n);
+  }
+  if (label < 0) return;
+  A z = x_label * tf.a, dzdx = tf.a;
+  if (tf.c > 0) {
+    const A t = std::tanh(x_label / tf.c);
+    z = tf.c * t * tf.a;
+    dzdx = tf.a * (A(1) - t * t);
+  }
+  x[label] = g * (A(1) - std::exp(z - lse)) * dzdx;
 }
 
 // Fills p[0, n) with zeros.

@@ -1,6 +1,7 @@
 """dpo-kernels: fused log-prob kernels and a drop-in DPO loss.
 
-One import line: ``import dpo_kernels`` and call ``dpo_kernels.sequence_logprobs``.
+One import line: ``import dpo_kernels`` and call ``dpo_kernels.sequence_logprobs`` (from logits)
+or ``dpo_kernels.linear_sequence_logprobs`` (from hidden states and the LM head, no logits).
 """
 
 from .functional import (
@@ -8,6 +9,7 @@ from .functional import (
     SequenceLogprobs,
     TokenStats,
     cpu_extension_available,
+    linear_sequence_logprobs,
     resolve_backend,
     sequence_logprobs,
 )
@@ -23,6 +25,7 @@ __all__ = [
     "TokenStats",
     "cpu_extension_available",
     "dpo_loss",
+    "linear_sequence_logprobs",
     "make_spec",
     "resolve_backend",
     "sequence_logprobs",

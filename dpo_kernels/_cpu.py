@@ -59,3 +59,22 @@ def logprobs_backward(grad_tok, logits, labels, mask, lse, ignore_index):
     """Gradient of the token log-probs with respect to the logits."""
     op = torch.ops.dpo_kernels_cpu.logprobs_backward
     return op(grad_tok, logits, labels, mask, lse, ignore_index)
+
+
+# Counted tokens x vocabulary of one projection tile of the fused linear op (float32 or float64):
+# 512 x 2048 floats is 4 MiB, as fast per flop as larger tiles here (BENCHMARKS.md).
+LINEAR_TOKEN_TILE = 512
+LINEAR_VOCAB_BLOCK = 2048
+
+
+def linear_logprobs_forward(hidden, weight, bias, targets, transform):
+    """Label log-probs and log-sum-exp of the counted rows; see ops/reference.py."""
+    op = torch.ops.dpo_kernels_cpu.linear_logprobs_forward
+    return op(hidden, weight, bias, targets, *transform, LINEAR_TOKEN_TILE, LINEAR_VOCAB_BLOCK)
+
+
+def linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, transform, needs):
+    """Gradients for hidden, weight and bias of the counted rows' label log-probs."""
+    op = torch.ops.dpo_kernels_cpu.linear_logprobs_backward
+    tiles = (LINEAR_TOKEN_TILE, LINEAR_VOCAB_BLOCK)
+    return op(grad, hidden, weight, bias, targets, lse, *transform, *needs, *tiles)

@@ -57,9 +57,17 @@ class Row:
 
 
 # ------------------------------------------------------------------------------------------
-# Inputs and methods. A method builds a step() -> (per-sequence logps, input gradient).
+# Inputs and methods. A method builds a step() -> (per-sequence logps, input gradient or a tuple
+# of them, or None for a gradient of another objective), or None for a timing reference.
 
-Step = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[], tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...] | None] | None]
+
+
+def _prompt_mask(B: int, T: int, device: str) -> torch.Tensor:
+    """[B, T] bool: the first quarter of each sequence is the prompt and does not count."""
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    mask[:, : T // 4] = False
+    return mask
 
 
 def logits_inputs(case: Case, device: str):
@@ -68,9 +76,19 @@ def logits_inputs(case: Case, device: str):
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(B, T, V, generator=g) * 2).to(DTYPES[case.dtype]).to(device)
     labels = torch.randint(0, V, (B, T), generator=g).to(device)
-    mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    mask[:, : T // 4] = False
-    return logits, labels, mask
+    return logits, labels, _prompt_mask(B, T, device)
+
+
+def linear_inputs(case: Case, device: str):
+    """hidden [B, T, H] (randn), LM head weight [V, H] (randn * 0.02: logits of std ~0.45 at
+    H = 512), labels [B, T], mask [B, T]: the first quarter of tokens is the prompt."""
+    B, T, H, V = case.shape
+    g = torch.Generator().manual_seed(0)
+    dtype = DTYPES[case.dtype]
+    hidden = torch.randn(B, T, H, generator=g).to(dtype).to(device)
+    weight = (torch.randn(V, H, generator=g) * 0.02).to(dtype).to(device)
+    labels = torch.randint(0, V, (B, T), generator=g).to(device)
+    return hidden, weight, labels, _prompt_mask(B, T, device)
 
 
 def _naive(case, device) -> Step:
@@ -117,18 +135,135 @@ def _trl_selective(case, device) -> Step:
     return step
 
 
+def _linear_step(case: Case, device: str, logps_of) -> Step:
+    """fwd+bwd of logps_of(hidden, weight, labels, mask) -> [B]; gradients of hidden and weight."""
+    hidden, weight, labels, mask = linear_inputs(case, device)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+
+    def step():
+        h.grad = w.grad = None
+        logps = logps_of(h, w, labels, mask)
+        logps.sum().backward()
+        return logps.detach(), (h.grad, w.grad)
+
+    return step
+
+
+def _linear_naive(case, device) -> Step:
+    def logps_of(h, w, labels, mask):
+        lp = (h @ w.T).float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return (lp * mask).sum(-1)
+
+    return _linear_step(case, device, logps_of)
+
+
+def _linear_ours(case, device) -> Step:
+    from .functional import linear_sequence_logprobs
+
+    return _linear_step(
+        case,
+        device,
+        lambda h, w, labels, mask: linear_sequence_logprobs(h, w, labels, mask=mask).logps,
+    )
+
+
+def _linear_trl(case, device) -> Step:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer import utils
+
+    # What TRL's DPOTrainer passes (one vocabulary chunk up to 32k), on the counted rows only.
+    chunk = getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+
+    def logps_of(h, w, labels, mask):
+        lp = ChunkedLogProbFunction.apply(h[mask], w, None, labels[mask], 1.0, chunk, None, 1.0, ())
+        return lp[0].new_zeros(mask.shape).masked_scatter(mask, lp[0]).sum(-1)
+
+    return _linear_step(case, device, logps_of)
+
+
+def _cce(linear_cross_entropy) -> Callable[[Case, str], Step]:
+    def build(case, device) -> Step:
+        def logps_of(h, w, labels, mask):
+            targets = labels.masked_fill(~mask, -100)
+            return -linear_cross_entropy(h, w, targets, reduction="none").sum(-1)
+
+        return _linear_step(case, device, logps_of)
+
+    return build
+
+
+def _cce_torch_compile(case, device) -> Step:
+    from cut_cross_entropy.torch_compile import torch_compile_linear_cross_entropy
+
+    return _cce(torch_compile_linear_cross_entropy)(case, device)
+
+
+def _cce_triton(case, device) -> Step:
+    from cut_cross_entropy import linear_cross_entropy
+
+    return _cce(linear_cross_entropy)(case, device)
+
+
+def _liger_dpo(case, device) -> Step:
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    # Liger fuses the LM head with a whole DPO loss (first half chosen, second half rejected): its
+    # sums are checked, its gradients (of the DPO loss, not of the sums) are not.
+    loss_fn = LigerFusedLinearDPOLoss(use_ref_model=False)
+    hidden, weight, labels, mask = linear_inputs(case, device)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    targets = labels.masked_fill(~mask, -100)
+
+    def step():
+        h.grad = w.grad = None
+        loss, aux = loss_fn(w, h, targets)
+        loss.backward()
+        return torch.cat([aux[0], aux[1]]).detach(), None
+
+    return step
+
+
+def _linear_matmuls(case, device) -> Step:
+    """Timing reference: the 4 plain matmuls the fused op does over the counted tokens."""
+    hidden, weight, _, mask = linear_inputs(case, device)
+    h = hidden[mask]
+    dz = torch.randn(h.shape[0], weight.shape[0], device=device).to(weight.dtype)
+    z, dh, dw = torch.empty_like(dz), torch.empty_like(h), torch.empty_like(weight)
+
+    def step():  # into preallocated outputs: matmul time only, no page faults
+        torch.mm(h, weight.T, out=z)  # forward
+        torch.mm(h, weight.T, out=z)  # backward: recomputed
+        torch.mm(dz, weight, out=dh)  # dh
+        torch.mm(dz.T, h, out=dw)  # dW
+
+    return step
+
+
 def _has(module: str) -> str | None:
     import importlib.util
 
     return None if importlib.util.find_spec(module) else f"{module} not installed"
 
 
-# op -> [(method name, builder, availability check returning a reason or None)]
-METHODS: dict[str, list[tuple[str, Callable[[Case, str], Step], Callable[[], str | None]]]] = {
+def _cuda_only(device: str) -> str | None:
+    return None if device == "cuda" else "its Triton kernels need CUDA"
+
+
+# op -> [(method name, builder, availability check on the device: a reason to skip, or None)]
+METHODS: dict[str, list[tuple[str, Callable[[Case, str], Step], Callable[[str], str | None]]]] = {
     "logprobs": [
-        ("naive", _naive, lambda: None),
-        ("trl.selective_log_softmax", _trl_selective, lambda: _has("trl")),
-        ("dpo_kernels", _ours, lambda: None),
+        ("naive", _naive, lambda device: None),
+        ("trl.selective_log_softmax", _trl_selective, lambda device: _has("trl")),
+        ("dpo_kernels", _ours, lambda device: None),
+    ],
+    "linear": [
+        ("naive", _linear_naive, lambda device: None),
+        ("trl.ChunkedLogProbFunction", _linear_trl, lambda device: _has("trl")),
+        ("cce.torch_compile", _cce_torch_compile, lambda device: _has("cut_cross_entropy")),
+        ("cce", _cce_triton, lambda d: _has("cut_cross_entropy") or _cuda_only(d)),
+        ("liger.LigerFusedLinearDPOLoss", _liger_dpo, lambda device: _has("liger_kernel")),
+        ("dpo_kernels", _linear_ours, lambda device: None),
+        ("matmuls", _linear_matmuls, lambda device: None),
     ],
 }
 
@@ -138,12 +273,25 @@ DEFAULT_GRID = {
         Case("logprobs", (4, 512, 32000), "bf16"),
         Case("logprobs", (2, 256, 128256), "bf16"),
     ],
+    "linear": [  # (B, T, H, V); then sequences twice as long: [T, V] chunks double, tiles do not
+        Case("linear", (8, 256, 512, 32000), "fp32"),
+        Case("linear", (8, 512, 512, 32000), "fp32"),
+    ],
 }
-QUICK_GRID = {"logprobs": [Case("logprobs", (2, 128, 32000), "fp32")]}
+QUICK_GRID = {
+    "logprobs": [Case("logprobs", (2, 128, 32000), "fp32")],
+    "linear": [Case("linear", (2, 64, 128, 4000), "fp32")],
+}
 
 
-def expected(case: Case, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 reference logps and gradient of sum(logps) for the case's inputs."""
+def expected(case: Case, device: str):
+    """float64 reference logps and gradient(s) of sum(logps) for the case's inputs."""
+    if case.op == "linear":
+        hidden, weight, labels, mask = linear_inputs(case, device)
+        h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        logps, _ = reference.sequence_logprobs(h @ w.T, labels, mask)
+        logps.sum().backward()
+        return logps.detach(), (h.grad, w.grad)
     logits, labels, mask = logits_inputs(case, device)
     z = logits.double().requires_grad_()
     logps, _ = reference.sequence_logprobs(z, labels, mask)
@@ -151,12 +299,16 @@ def expected(case: Case, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return logps.detach(), z.grad
 
 
-def max_error(got: tuple[torch.Tensor, torch.Tensor], ref) -> tuple[float, bool]:
-    """Largest error of logps (relative to their scale) and gradient; True when within tolerance."""
+def max_error(got, ref) -> tuple[float, bool]:
+    """Largest error of logps (relative to their scale) and gradient(s); True when within
+    tolerance. A method whose gradient is of another objective (None) is checked on logps only."""
     lp, grad = got
     rlp, rgrad = ref
     lp_err = ((lp.double() - rlp).abs() / rlp.abs().clamp(min=1)).max().item()
-    g_err = (grad.double() - rgrad).abs().max().item()
+    if grad is None:
+        return lp_err, lp_err <= 1e-3
+    grads, rgrads = (grad, rgrad) if isinstance(grad, tuple) else ((grad,), (rgrad,))
+    g_err = max((g.double() - r).abs().max().item() for g, r in zip(grads, rgrads, strict=True))
     ok = lp_err <= 1e-3 and g_err <= 2e-2  # bf16 gradients carry one bf16 rounding (~4e-3)
     return max(lp_err, g_err), ok
 
@@ -252,8 +404,11 @@ def stream_bandwidth(device: str) -> float:
     return 2 * a.numel() * 4 / (ms * 1e-3)
 
 
-def must_move_bytes(case: Case) -> int:
-    """Bytes fwd+bwd must move: read the counted rows twice, write the whole gradient once."""
+def must_move_bytes(case: Case) -> int | None:
+    """Bytes logprobs fwd+bwd must move: read the counted rows twice, write the whole gradient
+    once. None for the linear op, which is bound by its matmuls (see its "matmuls" row)."""
+    if case.op != "logprobs":
+        return None
     B, T, V = case.shape
     esize = DTYPES[case.dtype].itemsize
     counted_rows = B * (T - T // 4)
@@ -267,26 +422,31 @@ def run_case(
     rows: list[Row] = []
     for name, builder, available in METHODS[case.op]:
         row = Row(case.op, case.label, case.dtype, name)
-        reason = available()
+        reason = available(device)
         if reason:
             row.status, row.note = "skipped", reason
             rows.append(row)
             continue
         try:
             step = builder(case, device)
-            row.max_err, ok = max_error(step(), ref)
-            row.status = "ok" if ok else "WRONG"
+            out = step()
+            if out is None:
+                row.note = "timing reference, no result"
+            else:
+                row.max_err, ok = max_error(out, ref)
+                row.status = "ok" if ok else "WRONG"
             row.time_ms = time_step(step, device, reps)
-            del step
+            del step, out
         except Exception as exc:  # a peer that fails on this case is a skipped row, not a crash
             row.status, row.note = "skipped", f"{type(exc).__name__}: {str(exc)[:60]}"
             rows.append(row)
             continue
-        if memory:
+        if memory and row.max_err is not None:
             extra = measure_memory(case, name, device)
             row.extra_mib = None if extra is None else extra / 2**20
-        if bandwidth:
-            row.roofline = must_move_bytes(case) / bandwidth * 1e3 / row.time_ms
+        moved = must_move_bytes(case)
+        if bandwidth and moved:
+            row.roofline = moved / bandwidth * 1e3 / row.time_ms
         rows.append(row)
     base = next((r for r in rows if r.method == "naive" and r.time_ms), None)
     for r in rows:

@@ -13,6 +13,7 @@ and validation of label values inside it, before any kernel runs.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from typing import NamedTuple
 
@@ -111,26 +112,75 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return name
 
 
-def _kernels(backend: str):
-    if backend == "triton":
-        from .ops import triton_logprobs
+_REFERENCE_KERNELS = {
+    "logprobs": (reference.token_logprobs, reference.token_logprobs_backward),
+    "linear_logprobs": (reference.linear_token_logprobs, reference.linear_token_logprobs_backward),
+}
 
-        return triton_logprobs.logprobs_forward, triton_logprobs.logprobs_backward
-    if backend == "cpu":
-        return _cpu.logprobs_forward, _cpu.logprobs_backward
-    return reference.token_logprobs, reference.token_logprobs_backward
+
+def _kernels(backend: str, op: str = "logprobs"):
+    """(forward, backward) of `op` ("logprobs" or "linear_logprobs") on a concrete backend."""
+    if backend == "reference":
+        return _REFERENCE_KERNELS[op]
+    if backend == "triton":
+        from .ops import triton_linear_logprobs, triton_logprobs
+
+        module = triton_logprobs if op == "logprobs" else triton_linear_logprobs
+    else:
+        module = _cpu
+    return getattr(module, f"{op}_forward"), getattr(module, f"{op}_backward")
 
 
 # --------------------------------------------------------------------------------------------
 # Validation
 
 
-def _check_same_device(name: str, t: torch.Tensor, logits: torch.Tensor) -> None:
-    if t.device != logits.device:
+def _check_same_device(name: str, t: torch.Tensor, other: torch.Tensor, other_name: str) -> None:
+    if t.device != other.device:
         raise ValueError(
-            f"{name} is on {t.device} but logits is on {logits.device}; move {name} with "
-            f"{name}.to(logits.device)"
+            f"{name} is on {t.device} but {other_name} is on {other.device}; move {name} with "
+            f"{name}.to({other_name}.device)"
         )
+
+
+def _check_float(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(
+            f"{name} must be a floating-point tensor (bf16, fp16, fp32 or fp64), got {got}"
+        )
+
+
+def _check_labels_and_mask(
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    ignore_index: int,
+    source: torch.Tensor,
+    source_name: str,
+    token_dims: int,
+) -> None:
+    """labels (and mask) shaped like the first `token_dims` dims of `source`, on its device."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of token ids, got {got}")
+    if labels.dtype == torch.bool:
+        raise TypeError("labels must be an integer tensor of token ids, got torch.bool")
+    shape = tuple(source.shape[:token_dims])
+    if tuple(labels.shape) != shape:
+        hint = f"; for causal LMs pass {source_name}[:, :-1] with labels[:, 1:]"
+        raise ValueError(
+            f"labels must have shape {shape} ({source_name}.shape[:{token_dims}]), got "
+            f"{tuple(labels.shape)}" + (hint if token_dims == 2 else "")
+        )
+    _check_same_device("labels", labels, source, source_name)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.is_complex():
+            raise TypeError("mask must be a bool or 0/1 tensor shaped like labels")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"mask must have the shape of labels {shape}, got {tuple(mask.shape)}")
+        _check_same_device("mask", mask, source, source_name)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
 def _check_logprob_inputs(
@@ -140,11 +190,7 @@ def _check_logprob_inputs(
     ref_logits: torch.Tensor | None,
     ignore_index: int,
 ) -> None:
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise TypeError(
-            f"logits must be a floating-point tensor (bf16, fp16, fp32 or fp64), got {got}"
-        )
+    _check_float("logits", logits)
     if logits.dim() != 3:
         raise ValueError(
             f"logits must be [batch, tokens, vocab], got shape {tuple(logits.shape)}; "
@@ -152,25 +198,7 @@ def _check_logprob_inputs(
         )
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary (last dimension is 0)")
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise TypeError(f"labels must be an integer tensor of token ids, got {got}")
-    if labels.dtype == torch.bool:
-        raise TypeError("labels must be an integer tensor of token ids, got torch.bool")
-    if tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
-            f"labels must have shape {tuple(logits.shape[:2])} (logits.shape[:2]), got "
-            f"{tuple(labels.shape)}; for causal LMs pass logits[:, :-1] with labels[:, 1:]"
-        )
-    _check_same_device("labels", labels, logits)
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.is_complex():
-            raise TypeError("mask must be a bool or 0/1 tensor shaped like labels")
-        if tuple(mask.shape) != tuple(labels.shape):
-            raise ValueError(
-                f"mask must have the shape of labels {tuple(labels.shape)}, got {tuple(mask.shape)}"
-            )
-        _check_same_device("mask", mask, logits)
+    _check_labels_and_mask(labels, mask, ignore_index, logits, "logits", 2)
     if ref_logits is not None:
         if not isinstance(ref_logits, torch.Tensor) or not ref_logits.is_floating_point():
             raise TypeError("ref_logits must be a floating-point tensor like logits")
@@ -179,9 +207,56 @@ def _check_logprob_inputs(
                 f"ref_logits must have the shape of logits {tuple(logits.shape)}, got "
                 f"{tuple(ref_logits.shape)}"
             )
-        _check_same_device("ref_logits", ref_logits, logits)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        _check_same_device("ref_logits", ref_logits, logits, "logits")
+
+
+def _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, transform) -> None:
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(
+            "weight must be the LM head's [vocab, hidden] matrix (lm_head.weight), got shape "
+            f"{tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (first dimension is 0)")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(
+            f"hidden must be [batch, tokens, hidden] or [tokens, hidden], got shape "
+            f"{tuple(hidden.shape)}"
+        )
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden has {hidden.shape[-1]} features but weight has shape {tuple(weight.shape)} "
+            f"([vocab, hidden]); they must agree (pass lm_head.weight, not its transpose)"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"hidden is {hidden.dtype} but weight is {weight.dtype}; they must match, e.g. "
+            "hidden.to(weight.dtype)"
+        )
+    _check_same_device("weight", weight, hidden, "hidden")
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},) (weight.shape[:1]), got "
+                f"{tuple(bias.shape)}"
+            )
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}; they must match")
+        _check_same_device("bias", bias, hidden, "hidden")
+    _check_labels_and_mask(labels, mask, ignore_index, hidden, "hidden", hidden.dim() - 1)
+    logit_scale, softcap, temperature = transform
+    for name, value in (("logit_scale", logit_scale), ("temperature", temperature)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if softcap is not None and (
+        not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0
+    ):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
 
 
 def _check_values(
@@ -573,3 +648,157 @@ def dpo_pair_loss(
         name,
     )
     return loss, per
+
+
+# --------------------------------------------------------------------------------------------
+# The fused LM head + token log-prob op: custom op + fake + autograd
+
+
+def _scatter_counted(counted: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """[B, T] with the counted tokens' values ([M], in row-major order) and 0 elsewhere."""
+    return values.new_zeros(counted.shape).masked_scatter_(counted, values)
+
+
+@torch.library.custom_op("dpo_kernels::linear_token_logprobs", mutates_args=())
+def _linear_token_logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: float | None,
+    temperature: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_values(labels, mask, ignore_index, weight.shape[0])
+    counted = reference.counted_tokens(labels, mask, ignore_index)
+    fwd, _ = _kernels(backend, "linear_logprobs")
+    transform = reference.LogitTransform(logit_scale, softcap, temperature)
+    # Only the counted tokens' rows are gathered and projected.
+    tok, lse = fwd(hidden[counted], weight, bias, labels[counted].long(), transform)
+    return _scatter_counted(counted, tok), _scatter_counted(counted, lse)
+
+
+@_linear_token_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, mask, ignore_index, logit_scale, softcap, temperature, backend):
+    acc = reference.acc_dtype(hidden.dtype)
+    return hidden.new_empty(labels.shape, dtype=acc), hidden.new_empty(labels.shape, dtype=acc)
+
+
+@torch.library.custom_op("dpo_kernels::linear_token_logprobs_backward", mutates_args=())
+def _linear_token_logprobs_backward_op(
+    grad_tok: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: float | None,
+    temperature: float,
+    hidden_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    counted = reference.counted_tokens(labels, mask, ignore_index)
+    _, bwd = _kernels(backend, "linear_logprobs")
+    dh, dw, db = bwd(
+        grad_tok[counted].to(lse.dtype),
+        hidden[counted],
+        weight,
+        bias,
+        labels[counted].long(),
+        lse[counted],
+        reference.LogitTransform(logit_scale, softcap, temperature),
+        (hidden_grad, weight_grad, bias_grad),
+    )
+    if hidden_grad:  # tokens that do not count get exactly zero
+        dh = hidden.new_zeros(hidden.shape).index_put_((counted,), dh)
+    return dh, dw, db
+
+
+@_linear_token_logprobs_backward_op.register_fake
+def _(grad_tok, hidden, weight, bias, labels, mask, lse, ignore_index, logit_scale, softcap,
+      temperature, hidden_grad, weight_grad, bias_grad, backend):  # fmt: skip
+    empty = hidden.new_empty(0)
+    return (
+        torch.empty_like(hidden) if hidden_grad else empty,
+        torch.empty_like(weight) if weight_grad else empty,
+        torch.empty_like(bias) if bias_grad and bias is not None else empty,
+    )
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, mask, ignore_index, scale, softcap, temperature, backend = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(hidden, weight, bias, labels, mask, lse)
+    ctx.args = (ignore_index, scale, softcap, temperature)
+    ctx.backend = backend
+
+
+def _linear_backward(ctx, grad_tok, _grad_lse):
+    hidden, weight, bias, labels, mask, lse = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]  # a frozen hidden or weight skips its matmul
+    grads = _linear_token_logprobs_backward_op(
+        grad_tok, hidden, weight, bias, labels, mask, lse, *ctx.args, *needs, ctx.backend
+    )
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 7
+
+
+torch.library.register_autograd(
+    "dpo_kernels::linear_token_logprobs", _linear_backward, setup_context=_linear_setup_context
+)
+
+
+def linear_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    backend: str | None = None,
+) -> SequenceLogprobs:
+    """`sequence_logprobs` of the LM head's logits, computed from hidden states without them.
+
+    hidden: [B, T, H] (or [N, H], taken as one sequence [1, N, H]); bf16, fp16, fp32 or fp64.
+    weight: [V, H] LM head (``lm_head.weight``), same dtype as hidden; bias: optional [V].
+    labels, mask, ignore_index: as in `sequence_logprobs`, shaped ``hidden.shape[:-1]``.
+    The logits are ``z = logit_scale * softcap(hidden @ weight.T + bias) / temperature`` with
+    ``softcap(x) = softcap * tanh(x / softcap)`` (the identity when softcap is None).
+
+    Only the counted tokens are projected, in tiles of tokens x vocabulary that are never all alive
+    at once; the forward saves one float32 log-sum-exp per token and the backward recomputes each
+    tile. Gradients reach hidden, weight and bias; those of weight and bias accumulate in float32
+    and are cast once. Returns a `SequenceLogprobs` without reference fields.
+    """
+    transform = reference.LogitTransform(logit_scale, softcap, temperature)
+    _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, transform)
+    if hidden.dim() == 2:
+        hidden, labels = hidden.unsqueeze(0), labels.unsqueeze(0)
+        mask = None if mask is None else mask.unsqueeze(0)
+    name = resolve_backend(backend, hidden.device)
+    tok, _ = _linear_token_logprobs_op(
+        hidden,
+        weight,
+        bias,
+        labels,
+        mask,
+        ignore_index,
+        float(logit_scale),
+        None if softcap is None else float(softcap),
+        float(temperature),
+        name,
+    )
+    counts = reference.counted_tokens(labels, mask, ignore_index).sum(-1)
+    return SequenceLogprobs(tok.sum(-1), counts, tok, None, None)

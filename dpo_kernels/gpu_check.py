@@ -165,9 +165,39 @@ def _dpo_loss_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]
     ]
 
 
+def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
+    from .ops import triton_linear_logprobs as K
+    from .ops.reference import LogitTransform
+
+    def fwd_bwd(dtype, softcap):
+        def run():
+            # One token tile and one full vocabulary block: one launch of each kernel.
+            M, H, V = 16, 64, K.VOCAB_BLOCK
+            hidden = torch.randn(M, H).to(dtype)
+            weight = torch.randn(V, H).to(dtype)
+            targets = torch.randint(0, V, (M,))
+            transform = LogitTransform(softcap=softcap)
+            _, lse = K.linear_logprobs_forward(hidden, weight, None, targets, transform)
+            g = torch.ones(M)
+            K.linear_logprobs_backward(
+                g, hidden, weight, None, targets, lse, transform, (True,) * 3
+            )
+
+        return run
+
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        tag = str(dtype).replace("torch.", "")
+        for softcap in (None, 30.0):
+            name = f"linear {tag} V={K.VOCAB_BLOCK}" + (" softcap" if softcap else "")
+            cases.append((name, fwd_bwd(dtype, softcap)))
+    names = ["_linear_fwd_kernel", "_linear_bwd_kernel"]
+    return [(name, run, K, names) for name, run in cases]
+
+
 def cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     """(case name, launcher call, module holding the kernels, kernel names) for every op."""
-    return _logprobs_cases() + _dpo_loss_cases()
+    return _logprobs_cases() + _dpo_loss_cases() + _linear_cases()
 
 
 def check_all(archs=ARCHS) -> list[KernelReport]:

@@ -59,6 +59,15 @@ def assert_no_worse_than_naive(ours, naive, ref64, tol, what=""):
     assert err <= naive_err + tol, f"{what}: error {err:.3g} > naive {naive_err:.3g} + {tol:.3g}"
 
 
+def record_calls(monkeypatch, module, *names: str) -> list[str]:
+    """Wraps each `module.<name>` so that every call appends its name to the returned list."""
+    calls = []
+    for name in names:
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import record_calls
 from test_logprobs import check_case, make_inputs
 
 import dpo_kernels
@@ -24,14 +25,11 @@ def test_extension_is_built_and_is_what_cpu_tensors_run(monkeypatch):
     assert torch.ops.dpo_kernels_cpu.build_info() == expect.upper()
     monkeypatch.delenv("DPO_KERNELS_BACKEND", raising=False)
     assert dpo_kernels.resolve_backend(None, torch.device("cpu")) == "cpu"
-    calls = []
-    fwd, bwd = _cpu.logprobs_forward, _cpu.logprobs_backward
-    monkeypatch.setattr(_cpu, "logprobs_forward", lambda *a: calls.append("fwd") or fwd(*a))
-    monkeypatch.setattr(_cpu, "logprobs_backward", lambda *a: calls.append("bwd") or bwd(*a))
+    calls = record_calls(monkeypatch, _cpu, "logprobs_forward", "logprobs_backward")
     logits, labels, mask = make_inputs(2, 3, 40, torch.float32)
     z = logits.clone().requires_grad_()
     dpo_kernels.sequence_logprobs(z, labels, mask=mask).logps.sum().backward()
-    assert calls == ["fwd", "bwd"]
+    assert calls == ["logprobs_forward", "logprobs_backward"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

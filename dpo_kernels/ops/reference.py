@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -221,3 +222,86 @@ def dpo_losses(
             raise ValueError(f"unknown loss type {kind!r}")
         total = total + weight * per
     return total
+
+
+class LogitTransform(NamedTuple):
+    """The fused linear op's logits: z = logit_scale * softcap(x) / temperature, x = h @ W.T + b,
+    softcap(x) = softcap * tanh(x / softcap) (the identity when softcap is None)."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    @property
+    def factor(self) -> float:
+        """logit_scale / temperature: z = softcap(x) * factor, in this order in every backend."""
+        return self.logit_scale / self.temperature
+
+
+def _projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """hidden @ weight.T + bias in the accumulation dtype: [M, V]."""
+    acc = acc_dtype(hidden.dtype)
+    x = hidden.to(acc) @ weight.to(acc).T
+    return x if bias is None else x + bias.to(acc)
+
+
+def linear_logits(
+    hidden: torch.Tensor,  # [M, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    transform: LogitTransform,
+) -> torch.Tensor:
+    """[M, V] logits of the fused linear op, materialized in the accumulation dtype."""
+    x = _projection(hidden, weight, bias)
+    if transform.softcap is not None:
+        x = transform.softcap * torch.tanh(x / transform.softcap)
+    return x * transform.factor
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,  # [M, H] rows of the counted tokens
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # [M] labels in [0, V)
+    transform: LogitTransform,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label log-probs [M] and log-sum-exp [M] of `linear_logits`, which it materializes."""
+    z = linear_logits(hidden, weight, bias, transform)
+    lse = torch.logsumexp(z, dim=-1)
+    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse, lse
+
+
+def linear_token_logprobs_backward(
+    grad: torch.Tensor,  # [M] upstream gradient of the label log-probs
+    hidden: torch.Tensor,  # [M, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # [M]
+    lse: torch.Tensor,  # [M] from the forward
+    transform: LogitTransform,
+    needs: tuple[bool, bool, bool],  # gradients wanted for (hidden, weight, bias)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for hidden [M, H], weight [V, H], bias [V] in their dtypes ([0] where not asked).
+
+    With a = transform.factor and z = softcap(x) * a: dz = g * (onehot - softmax(z)),
+    dx = dz * a * (1 - tanh(x / softcap)^2) (dz * a without softcap), dh = dx @ W, dW = dx.T @ h
+    and db = sum of dx over the tokens.
+    """
+    acc = acc_dtype(hidden.dtype)
+    h, w = hidden.to(acc), weight.to(acc)
+    a, c = transform.factor, transform.softcap
+    x = _projection(hidden, weight, bias)
+    dzdx = torch.full_like(x, a)
+    if c is not None:
+        t = torch.tanh(x / c)
+        x = c * t
+        dzdx = dzdx * (1 - t * t)
+    probs = torch.exp(x * a - lse.to(acc).unsqueeze(-1))
+    onehot = torch.zeros_like(probs).scatter_(-1, targets.unsqueeze(-1), 1.0)
+    dx = grad.to(acc).unsqueeze(-1) * (onehot - probs) * dzdx
+    empty = hidden.new_empty(0)
+    return (
+        (dx @ w).to(hidden.dtype) if needs[0] else empty,
+        (dx.T @ h).to(weight.dtype) if needs[1] else empty,
+        dx.sum(0).to(bias.dtype) if needs[2] and bias is not None else empty,
+    )

@@ -33,8 +33,18 @@ def launch_config(vocab: int, element_size: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Triton accumulation dtype: float64 for float64 inputs, float32 for everything else."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def online_lse_update(m, s, z):
+    """Folds the block z into a running max m and sum s of exp(z - m); returns the new (m, s)."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    # A row that is -inf so far has nothing to rescale: shift by 0 so exp(-inf - shift) = 0.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(m.dtype)
+    return m_new, s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
 
 
 @triton.jit
@@ -250,8 +260,8 @@ def logprobs_forward(
         HAS_MASK=mask is not None,
         HAS_REF=ref_logits is not None,
         STATS=stats,
-        ACC=_acc_dtype(logits.dtype),
-        REF_ACC=_acc_dtype(ref_acc),
+        ACC=acc_dtype(logits.dtype),
+        REF_ACC=acc_dtype(ref_acc),
         BLOCK_V=block,
         num_warps=warps,
     )
@@ -293,7 +303,7 @@ def logprobs_backward(
         s_mb,
         s_mt,
         HAS_MASK=mask is not None,
-        ACC=_acc_dtype(logits.dtype),
+        ACC=acc_dtype(logits.dtype),
         BLOCK_V=block,
         num_warps=warps,
     )

@@ -1,0 +1,237 @@
+"""Fused LM head + token log-probs on CUDA: cuBLAS tiles and Triton kernels; the logits never exist.
+
+The counted tokens' hidden rows [M, H] go in tiles of TOKEN_TILE rows, and each tile is projected
+one VOCAB_BLOCK of the LM head at a time by torch.mm (cuBLAS) into one preallocated
+[TOKEN_TILE, VOCAB_BLOCK] buffer in the inputs' dtype. Forward: `_linear_fwd_kernel` applies the
+logit transform and folds the buffer into per-token running max / sum-exp (float32; float64 for
+float64 inputs), picking the label's logit in the block that holds it. Backward: each tile is
+recomputed and `_linear_bwd_kernel` overwrites it with the gradient with respect to the
+pre-transform logits; cuBLAS then accumulates dh (per token tile) and dW, db (across token tiles) in
+float32, cast once at the end. Why cuBLAS tiles rather than a fused matmul kernel: BENCHMARKS.md.
+
+Launchers here take validated tensors; autograd and dispatch live in `dpo_kernels.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import LogitTransform
+from .triton_logprobs import acc_dtype, launch_config, online_lse_update
+
+# One projection tile: 2048 tokens x 4096 vocabulary entries, 16 MiB in bf16 (32 MiB in fp32);
+# large enough for cuBLAS to run near peak, small next to the [tokens, vocab] logits it replaces.
+TOKEN_TILE = 2048
+VOCAB_BLOCK = 4096
+
+
+@triton.jit
+def _tanh(y):
+    """tanh from exp (libdevice's tanh has no interpreter version); absolute error ~1 ulp."""
+    e = tl.exp(-2 * tl.abs(y))
+    t = (1 - e) / (1 + e)
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _transform(x, params_ptr, HAS_SOFTCAP: tl.constexpr):
+    """(z, dz/dx) for z = (c * tanh(x / c)) * a, or z = x * a; params = (a, c) with
+    a = logit_scale / temperature and c = softcap (the order of operations of ops/reference.py)."""
+    a = tl.load(params_ptr)
+    if HAS_SOFTCAP:
+        c = tl.load(params_ptr + 1)
+        t = _tanh(x / c)
+        z = c * t * a
+        slope = a * (1 - t * t)
+    else:
+        z = x * a
+        slope = tl.zeros_like(x) + a
+    return z, slope
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    tile_ptr,  # [n, n_cols] projection tile (row stride s_tile), the inputs' dtype
+    targets_ptr,  # [n] labels of the tile's rows
+    max_ptr,  # [n] running max of the transformed logits, ACC, updated in place
+    sum_ptr,  # [n] running sum of exp(z - max), ACC, updated in place
+    target_ptr,  # [n] out, the label's transformed logit, written by the block holding it
+    params_ptr,  # [2] (logit_scale / temperature, softcap), ACC
+    n_cols,
+    s_tile,
+    vocab_start,
+    HAS_SOFTCAP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = tile_ptr + row.to(tl.int64) * s_tile
+    m = tl.load(max_ptr + row)
+    s = tl.load(sum_ptr + row)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        valid = offs < n_cols
+        x = tl.load(row_ptr + offs, mask=valid, other=0.0).to(ACC)
+        z, _ = _transform(x, params_ptr, HAS_SOFTCAP)
+        m, s = online_lse_update(m, s, tl.where(valid, z, float("-inf")))
+    tl.store(max_ptr + row, m)
+    tl.store(sum_ptr + row, s)
+    local = tl.load(targets_ptr + row) - vocab_start
+    if (local >= 0) & (local < n_cols):
+        z, _ = _transform(tl.load(row_ptr + local).to(ACC), params_ptr, HAS_SOFTCAP)
+        tl.store(target_ptr + row, z)
+
+
+@triton.jit
+def _linear_bwd_kernel(
+    tile_ptr,  # [n, n_cols] recomputed projection tile (row stride s_tile), overwritten with dx
+    targets_ptr,  # [n] labels of the tile's rows
+    grad_ptr,  # [n] upstream gradient of the label log-probs, ACC
+    lse_ptr,  # [n] log-sum-exp saved by the forward, ACC
+    params_ptr,  # [2] (logit_scale / temperature, softcap), ACC
+    n_cols,
+    s_tile,
+    vocab_start,
+    HAS_SOFTCAP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    valid = offs < n_cols
+    ptrs = tile_ptr + row.to(tl.int64) * s_tile + offs
+    z, slope = _transform(tl.load(ptrs, mask=valid, other=0.0).to(ACC), params_ptr, HAS_SOFTCAP)
+    g = tl.load(grad_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    onehot = tl.where(offs == tl.load(targets_ptr + row) - vocab_start, 1.0, 0.0).to(ACC)
+    dx = g * (onehot - tl.exp(z - lse)) * slope
+    tl.store(ptrs, dx.to(tile_ptr.dtype.element_ty), mask=valid)
+
+
+def _projected_tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Yields (token start, rows [n, H], vocab start, weight block [nv, H], tile [n, nv]) with
+    tile = rows @ block.T + bias, token tiles outside, vocabulary blocks inside. One buffer serves
+    every tile: use each before asking for the next."""
+    M, V = hidden.shape[0], weight.shape[0]
+    buf = hidden.new_empty(min(M, TOKEN_TILE) * min(V, VOCAB_BLOCK))
+    for ts in range(0, M, TOKEN_TILE):
+        h = hidden[ts : ts + TOKEN_TILE]
+        for vs in range(0, V, VOCAB_BLOCK):
+            w = weight[vs : vs + VOCAB_BLOCK]
+            tile = buf[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
+            if bias is None:
+                torch.mm(h, w.T, out=tile)
+            else:
+                torch.addmm(bias[vs : vs + VOCAB_BLOCK], h, w.T, out=tile)
+            yield ts, h, vs, w, tile
+
+
+def _params(transform: LogitTransform, like: torch.Tensor) -> torch.Tensor:
+    # A tensor rather than scalar arguments: Triton passes Python floats as float32.
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    values = [transform.factor, transform.softcap or 0.0]
+    return torch.tensor(values, dtype=acc, device=like.device)
+
+
+def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with a float32 result, without rounding a @ b to the inputs' dtype first."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # CPU tensors under TRITON_INTERPRET: ATen's CPU matmul has no bf16 -> float32 form
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor,  # [M, H] counted rows, contiguous
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # [M] int64 labels in [0, V)
+    transform: LogitTransform,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label log-probs [M] and log-sum-exp [M] (float32; float64 for float64 inputs)."""
+    M = hidden.shape[0]
+    params = _params(transform, hidden)
+    run_max = torch.full((M,), float("-inf"), dtype=params.dtype, device=hidden.device)
+    run_sum = torch.zeros(M, dtype=params.dtype, device=hidden.device)
+    target = torch.zeros(M, dtype=params.dtype, device=hidden.device)
+    for ts, _, vs, _, tile in _projected_tiles(hidden, weight, bias):
+        n, nv = tile.shape
+        block, warps = launch_config(nv, tile.element_size())
+        _linear_fwd_kernel[(n,)](
+            tile,
+            targets[ts:],
+            run_max[ts:],
+            run_sum[ts:],
+            target[ts:],
+            params,
+            nv,
+            tile.stride(0),
+            vs,
+            HAS_SOFTCAP=transform.softcap is not None,
+            ACC=acc_dtype(hidden.dtype),
+            BLOCK_V=block,
+            num_warps=warps,
+        )
+    lse = run_max + torch.log(run_sum)
+    return target - lse, lse
+
+
+def linear_logprobs_backward(
+    grad: torch.Tensor,  # [M] gradient of the label log-probs
+    hidden: torch.Tensor,  # [M, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,  # [M]
+    lse: torch.Tensor,  # [M] from linear_logprobs_forward
+    transform: LogitTransform,
+    needs: tuple[bool, bool, bool],  # gradients wanted for (hidden, weight, bias)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for hidden [M, H], weight [V, H], bias [V] in their dtypes ([0] if not asked)."""
+    (M, H), V = hidden.shape, weight.shape[0]
+    hidden_grad, weight_grad, bias_grad = needs
+    params = _params(transform, hidden)
+    acc = params.dtype
+    empty = hidden.new_empty(0)
+    dh = torch.empty_like(hidden) if hidden_grad else empty
+    dh_tile = hidden.new_empty((min(M, TOKEN_TILE), H), dtype=acc)
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight_grad else None
+    use_bias = bias_grad and bias is not None
+    db = torch.zeros(V, dtype=acc, device=weight.device) if use_bias else None
+    grad = grad.to(acc).contiguous()
+    lse = lse.to(acc).contiguous()
+    for ts, h, vs, w, tile in _projected_tiles(hidden, weight, bias):
+        n, nv = tile.shape
+        block, warps = launch_config(nv, tile.element_size())
+        _linear_bwd_kernel[(n, triton.cdiv(nv, block))](
+            tile,
+            targets[ts:],
+            grad[ts:],
+            lse[ts:],
+            params,
+            nv,
+            tile.stride(0),
+            vs,
+            HAS_SOFTCAP=transform.softcap is not None,
+            ACC=acc_dtype(hidden.dtype),
+            BLOCK_V=block,
+            num_warps=warps,
+        )
+        if hidden_grad:
+            if vs == 0:
+                dh_tile[:n].zero_()
+            _addmm_acc(dh_tile[:n], tile, w)
+            if vs + nv == V:
+                dh[ts : ts + n] = dh_tile[:n]
+        if dw is not None:
+            _addmm_acc(dw[vs : vs + nv], tile.T, h)
+        if db is not None:
+            db[vs : vs + nv] += tile.sum(0, dtype=acc)
+    return (
+        dh,
+        empty if dw is None else dw.to(weight.dtype),
+        empty if db is None else db.to(bias.dtype),
+    )

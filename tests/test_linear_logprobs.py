@@ -1,0 +1,310 @@
+"""linear_sequence_logprobs on every CPU-runnable backend vs float64 logits and the reference op."""
+
+import pytest
+import torch
+from conftest import (
+    GRAD_TOL,
+    HAS_TRITON,
+    assert_no_worse_than_naive,
+    cpu_backends,
+    record_calls,
+)
+from test_logprobs import fwd_tol
+
+import dpo_kernels
+from dpo_kernels import _cpu
+from dpo_kernels.ops import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+TRANSFORMS = {
+    "plain": {},
+    "scale+softcap+temperature": dict(logit_scale=0.8, softcap=5.0, temperature=0.7),
+}
+
+
+def _tile_settings():
+    """(module, token tile attribute, vocab block attribute) of every tiled backend."""
+    settings = [(_cpu, "LINEAR_TOKEN_TILE", "LINEAR_VOCAB_BLOCK")]
+    if HAS_TRITON:
+        from dpo_kernels.ops import triton_linear_logprobs
+
+        settings.append((triton_linear_logprobs, "TOKEN_TILE", "VOCAB_BLOCK"))
+    return settings
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 3 tokens x 16 vocabulary entries: small shapes cross several tiles and blocks."""
+    for module, token_tile, vocab_block in _tile_settings():
+        monkeypatch.setattr(module, token_tile, 3)
+        monkeypatch.setattr(module, vocab_block, 16)
+
+
+def make_inputs(B, T, H, V, dtype, bias=True, masked_frac=0.3):
+    """hidden as a strided view (the causal slice), weight and bias scaled so logits are O(3)."""
+    full = torch.randn(B, T + 1, H, dtype=torch.float64)
+    hidden = full.to(dtype)[:, :-1]
+    weight = (torch.randn(V, H, dtype=torch.float64) * (3 / H**0.5)).to(dtype)
+    b = (torch.randn(V, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V, (B, T))
+    labels[torch.rand(B, T) < masked_frac / 2] = -100
+    mask = torch.rand(B, T) > masked_frac / 2
+    return hidden, weight, b, labels, mask
+
+
+def logits_of(hidden, weight, bias, logit_scale=1.0, softcap=None, temperature=1.0):
+    """The transform written out, in the inputs' dtype: [B, T, V]."""
+    x = hidden @ weight.T
+    if bias is not None:
+        x = x + bias
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x * logit_scale / temperature
+
+
+def leaves(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+def grads(*tensors):
+    return [None if t is None else t.grad for t in tensors]
+
+
+def run_ours(backend, hidden, weight, bias, labels, mask, w_seq, w_tok, **kw):
+    h, w, b = leaves(hidden, weight, bias)
+    out = dpo_kernels.linear_sequence_logprobs(
+        h, w, labels, bias=b, mask=mask, backend=backend, **kw
+    )
+    acc = out.logps.dtype
+    ((out.logps * w_seq.to(acc)).sum() + (out.token_logps * w_tok.to(acc)).sum()).backward()
+    return out, grads(h, w, b)
+
+
+def run_materialized(hidden, weight, bias, labels, mask, w_seq, w_tok, upcast, **kw):
+    """Logits materialized, then log-softmax: in float64 (upcast) or naively in the input dtype."""
+    inputs = (hidden, weight, bias)
+    h, w, b = leaves(*(t.double() if upcast and t is not None else t for t in inputs))
+    z = logits_of(h, w, b, **kw)
+    if upcast:
+        tok = reference.token_logprobs(z, labels, mask, None, -100)[0]
+    else:
+        counted = reference.counted_tokens(labels, mask, -100)
+        lp = z.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        tok = torch.where(counted, lp, 0)
+    logps = tok.sum(-1)
+    ((logps * w_seq.to(logps.dtype)).sum() + (tok * w_tok.to(tok.dtype)).sum()).backward()
+    return logps.detach(), tok.detach(), z.detach(), grads(h, w, b)
+
+
+def check_case(backend, hidden, weight, bias, labels, mask, **kw):
+    B, T, _ = hidden.shape
+    w_seq, w_tok = torch.randn(B, dtype=torch.float64), torch.randn(B, T, dtype=torch.float64)
+    out, ours = run_ours(backend, hidden, weight, bias, labels, mask, w_seq, w_tok, **kw)
+    ref_lp, ref_tok, z64, ref = run_materialized(
+        hidden, weight, bias, labels, mask, w_seq, w_tok, upcast=True, **kw
+    )
+    naive_lp, naive_tok, _, naive = run_materialized(
+        hidden, weight, bias, labels, mask, w_seq, w_tok, upcast=False, **kw
+    )
+    assert out.logps.dtype == reference.acc_dtype(hidden.dtype)
+    assert out.ref_logps is None and out.ref_token_logps is None
+    assert torch.equal(out.counts, reference.counted_tokens(labels, mask, -100).sum(-1))
+    tol = fwd_tol(z64.to(hidden.dtype), T)
+    assert_no_worse_than_naive(out.logps.detach(), naive_lp, ref_lp, tol, "logps")
+    assert_no_worse_than_naive(out.token_logps.detach(), naive_tok, ref_tok, tol, "token_logps")
+    for name, g, g_naive, g_ref, x in zip(
+        ("hidden", "weight", "bias"), ours, naive, ref, (hidden, weight, bias), strict=True
+    ):
+        if x is None:
+            continue
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        gtol = 2 * GRAD_TOL[x.dtype] * g_ref.abs().max().item()
+        assert_no_worse_than_naive(g, g_naive, g_ref, gtol, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_matches_reference(small_tiles, backend, dtype, bias, transform):
+    # 3-token tiles and 16-wide vocabulary blocks: V = 37 ends in a partial block.
+    check_case(backend, *make_inputs(2, 7, 16, 37, dtype, bias), **TRANSFORMS[transform])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shipped_tiles_with_a_partial_vocab_block(backend, dtype):
+    # The tile sizes the package ships with: three vocabulary blocks, the last one partial.
+    block = max(getattr(m, attr) for m, _, attr in _tile_settings())
+    inputs = make_inputs(2, 3, 32, 2 * block + 17, dtype)
+    check_case(backend, *inputs, **TRANSFORMS["scale+softcap+temperature"])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_gradcheck_float64(small_tiles, backend, transform):
+    hidden, weight, bias, labels, mask = make_inputs(2, 3, 5, 19, torch.float64)
+    w_tok = torch.randn(2, 3, dtype=torch.float64)
+
+    def f(h, w, b):
+        out = dpo_kernels.linear_sequence_logprobs(
+            h, w, labels, bias=b, mask=mask, backend=backend, **TRANSFORMS[transform]
+        )
+        return out.logps, (out.token_logps * w_tok).sum()
+
+    inputs = tuple(leaves(hidden, weight, bias))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_torch_compile_fullgraph_matches_eager(backend):
+    hidden, weight, bias, labels, mask = make_inputs(4, 5, 8, 50, torch.float32)
+
+    def dpo_like(h, w, b):
+        out = dpo_kernels.linear_sequence_logprobs(
+            h, w, labels, bias=b, mask=mask, softcap=4.0, backend=backend
+        )
+        p = out.pairs()
+        return -torch.nn.functional.logsigmoid(p.chosen_logps - p.rejected_logps).mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(dpo_like, fullgraph=True)
+    eager_in, comp_in = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+    eager = dpo_like(*eager_in)
+    comp = compiled(*comp_in)
+    eager.backward()
+    comp.backward()
+    torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
+    # The compiled logsigmoid's gradient may differ from eager's in the last bit; the matmuls of
+    # the backward carry that into the input gradients.
+    for got, want in zip(grads(*comp_in), grads(*eager_in), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_tokens_that_do_not_count_are_never_projected(small_tiles, backend):
+    hidden, weight, bias, labels, mask = make_inputs(2, 6, 8, 20, torch.float32)
+    labels[0, 2] = -100
+    mask[1, 4] = False
+    mask[1, 0] = True
+    labels[1, 0] = 3
+    hidden = hidden.clone()
+    hidden[0, 2] = float("nan")  # not counted (ignore_index): never read
+    hidden[1, 4] = float("inf")  # not counted (mask 0): never read
+    h, w, b = leaves(hidden, weight, bias)
+    out = dpo_kernels.linear_sequence_logprobs(h, w, labels, bias=b, mask=mask, backend=backend)
+    assert torch.isfinite(out.logps).all()
+    assert out.token_logps[0, 2] == 0 and out.token_logps[1, 4] == 0
+    out.logps.sum().backward()
+    assert torch.all(h.grad[0, 2] == 0) and torch.all(h.grad[1, 4] == 0)
+    assert torch.isfinite(w.grad).all() and torch.isfinite(b.grad).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nothing_counted_gives_zeros(backend):
+    hidden, weight, bias, labels, _ = make_inputs(2, 3, 8, 20, torch.float32)
+    h, w, b = leaves(hidden, weight, bias)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    out = dpo_kernels.linear_sequence_logprobs(h, w, labels, bias=b, mask=mask, backend=backend)
+    assert torch.equal(out.logps, torch.zeros(2)) and torch.equal(out.counts, torch.zeros(2).long())
+    out.logps.sum().backward()
+    for g in (h.grad, w.grad, b.grad):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_two_dimensional_hidden_is_one_sequence(backend):
+    hidden, weight, bias, labels, mask = make_inputs(1, 9, 8, 30, torch.float32)
+    flat = dpo_kernels.linear_sequence_logprobs(
+        hidden[0], weight, labels[0], bias=bias, mask=mask[0], backend=backend
+    )
+    batched = dpo_kernels.linear_sequence_logprobs(
+        hidden, weight, labels, bias=bias, mask=mask, backend=backend
+    )
+    assert flat.logps.shape == (1,) and flat.token_logps.shape == (1, 9)
+    torch.testing.assert_close(flat.logps, batched.logps, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_frozen_inputs_get_no_gradient(small_tiles, backend, frozen):
+    hidden, weight, bias, labels, mask = make_inputs(2, 5, 8, 37, torch.float32)
+    h, w, b = leaves(hidden, weight, bias)
+    (h if frozen == "hidden" else w).requires_grad_(False)
+    kw = dict(bias=b, mask=mask, backend=backend)
+    dpo_kernels.linear_sequence_logprobs(h, w, labels, **kw).logps.sum().backward()
+    h2, w2, b2 = leaves(hidden, weight, bias)
+    kw["bias"] = b2
+    dpo_kernels.linear_sequence_logprobs(h2, w2, labels, **kw).logps.sum().backward()
+    assert (h if frozen == "hidden" else w).grad is None
+    for got, want in ((h.grad, h2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
+        if got is not None:
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "reference"])
+def test_bf16_weight_gradient_accumulates_in_float32(monkeypatch, backend):
+    # 192 counted tokens. In 2-token tiles each weight entry sums 96 tile products: accumulated in
+    # float32 and rounded once, that is within one bf16 rounding of a single 192-token tile; a bf16
+    # running sum drifts by several roundings (about 2.5x this bound on these inputs).
+    hidden, weight, _, labels, _ = make_inputs(4, 48, 8, 24, torch.bfloat16, masked_frac=0)
+
+    def weight_grad(token_tile):
+        for module, attr, _ in _tile_settings():
+            monkeypatch.setattr(module, attr, token_tile)
+        h, w = leaves(hidden, weight)
+        dpo_kernels.linear_sequence_logprobs(h, w, labels, backend=backend).logps.sum().backward()
+        assert w.grad.dtype == torch.bfloat16
+        return w.grad.double()
+
+    tiled, whole = weight_grad(2), weight_grad(192)
+    assert (tiled - whole).abs().max() <= 2**-8 * whole.abs().max()
+
+
+def test_cpu_tensors_run_the_cpp_kernels(monkeypatch):
+    if not dpo_kernels.cpu_extension_available():
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.delenv("DPO_KERNELS_BACKEND", raising=False)
+    names = ("linear_logprobs_forward", "linear_logprobs_backward")
+    calls = record_calls(monkeypatch, _cpu, *names)
+    hidden, weight, _, labels, mask = make_inputs(2, 3, 8, 20, torch.float32)
+    h, w = leaves(hidden, weight)
+    dpo_kernels.linear_sequence_logprobs(h, w, labels, mask=mask).logps.sum().backward()
+    assert calls == list(names)
+
+
+def _bad_inputs():
+    h, w, b, y, m = make_inputs(2, 3, 8, 20, torch.float32)
+    big = y.clone()
+    big[1, 2] = 20
+    big_mask = torch.ones(2, 3, dtype=torch.bool)
+    return [
+        ("dtype mismatch", dict(weight=w.double()), TypeError, "hidden is torch.float32 but"),
+        ("H mismatch", dict(weight=w[:, :7]), ValueError, "hidden has 8 features"),
+        ("transposed weight", dict(weight=w.T), ValueError, "hidden has 8 features"),
+        ("weight 1-D", dict(weight=w[0]), ValueError, "weight must be the LM head's"),
+        ("weight 3-D", dict(weight=w[None]), ValueError, "weight must be the LM head's"),
+        ("integer hidden", dict(hidden=y), TypeError, "hidden must be a floating-point"),
+        ("hidden 4-D", dict(hidden=h[None]), ValueError, "hidden must be"),
+        ("bias shape", dict(bias=b[:5]), ValueError, r"bias must have shape \(20,\)"),
+        ("bias dtype", dict(bias=b.double()), TypeError, "bias is torch.float64"),
+        ("label >= V", dict(labels=big, mask=big_mask), ValueError, r"labels\[1, 2\] = 20"),
+        ("labels shape", dict(labels=y[:, :2]), ValueError, r"labels must have shape \(2, 3\)"),
+        ("float labels", dict(labels=y.float()), TypeError, "labels must be an integer"),
+        ("mask shape", dict(mask=m[:1]), ValueError, "mask must have the shape"),
+        ("temperature 0", dict(temperature=0.0), ValueError, "temperature must be positive"),
+        ("softcap <= 0", dict(softcap=-1.0), ValueError, "softcap must be a positive"),
+        ("scale nan", dict(logit_scale=float("nan")), ValueError, "logit_scale must be a finite"),
+    ], dict(hidden=h, weight=w, bias=b, labels=y, mask=m)
+
+
+@pytest.mark.parametrize("case", range(len(_bad_inputs()[0])), ids=[c[0] for c in _bad_inputs()[0]])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_bad_inputs_name_the_argument(backend, case):
+    cases, good = _bad_inputs()
+    _, change, exc, match = cases[case]
+    args = good | change
+    with pytest.raises(exc, match=match):
+        dpo_kernels.linear_sequence_logprobs(
+            args.pop("hidden"), args.pop("weight"), args.pop("labels"), backend=backend, **args
+        )
