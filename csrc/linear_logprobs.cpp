@@ -52,6 +52,7 @@ class Projection {
 
   int64_t tile_rows() const { return tile_rows_; }
   int64_t block() const { return block_; }
+  int64_t vocab() const { return weight_.size(0); }
 
   // Rows [start, start + n) of hidden, in the accumulation dtype.
   at::Tensor rows(const at::Tensor& hidden, int64_t start, int64_t n) {
@@ -84,50 +85,72 @@ class Projection {
   int64_t tile_rows_, block_;
 };
 
-std::tuple<at::Tensor, at::Tensor> linear_logprobs_forward(
+// One token tile through every vocabulary block: per-row statistics folded across blocks.
+template <typename A, bool STATS>
+void forward_tiles(const at::Tensor& hidden, Projection& proj, const LogitTransform<A>& tf,
+                   const int64_t* yp, A* tok_p, A* lse_p, A* ent_p, A* mean_p, bool* top1_p) {
+  const int64_t M = hidden.size(0), V = proj.vocab();
+  std::vector<RowFold<A>> fold(proj.tile_rows());
+  for (int64_t ts = 0; ts < M; ts += proj.tile_rows()) {
+    const int64_t n = std::min(proj.tile_rows(), M - ts);
+    const at::Tensor h = proj.rows(hidden, ts, n);
+    std::fill(fold.begin(), fold.end(), RowFold<A>{});
+    for (int64_t vs = 0; vs < V; vs += proj.block()) {
+      const int64_t nv = std::min(proj.block(), V - vs);
+      at::Tensor x = proj.project(h, proj.weight_block(vs, nv), vs);
+      A* xp = x.data_ptr<A>();
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          A* row = xp + r * nv;
+          if (!tf.identity()) row_transform(row, nv, tf);
+          const int64_t local = yp[ts + r] - vs;
+          if (local >= 0 && local < nv) tok_p[ts + r] = row[local];  // the label's logit
+          fold_row<A, STATS>(row, nv, fold[r], vs);
+        }
+      });
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const RowFold<A>& f = fold[r];
+      const A lse = f.m + std::log(f.s);
+      lse_p[ts + r] = lse;
+      tok_p[ts + r] -= lse;
+      if constexpr (STATS) {
+        ent_p[ts + r] = lse - f.pz / f.s;
+        mean_p[ts + r] = f.zsum / static_cast<A>(V);
+        top1_p[ts + r] = f.arg == yp[ts + r];
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, double logit_scale, std::optional<double> softcap,
-    double temperature, int64_t token_tile, int64_t vocab_block) {
-  const int64_t M = hidden.size(0), V = weight.size(0);
+    double temperature, bool stats, int64_t token_tile, int64_t vocab_block) {
+  const int64_t M = hidden.size(0);
   const auto opts = hidden.options().dtype(acc_dtype(hidden.scalar_type()));
-  at::Tensor tok = at::empty({M}, opts);
+  // A target of -1 (the label is not in this weight: vocabulary-parallel) leaves tok = -lse.
+  at::Tensor tok = at::zeros({M}, opts);
   at::Tensor lse = at::empty({M}, opts);
-  if (M == 0) return {tok, lse};
+  const int64_t n_stats = stats ? M : 0;
+  at::Tensor ent = at::empty({n_stats}, opts), mean = at::empty({n_stats}, opts);
+  at::Tensor top1 = at::empty({n_stats}, opts.dtype(at::kBool));
+  if (M == 0) return {tok, lse, ent, mean, top1};
   const at::Tensor y = targets.to(at::kLong).contiguous();
   Projection proj(weight, bias, M, token_tile, vocab_block);
   AT_DISPATCH_FLOATING_TYPES(tok.scalar_type(), "linear_logprobs_forward", [&] {
     using A = scalar_t;
     const LogitTransform<A> tf = make_transform<A>(logit_scale, softcap, temperature);
     const int64_t* yp = y.const_data_ptr<int64_t>();
-    A* tok_p = tok.data_ptr<A>();  // holds the label logit until the tile is done
-    A* lse_p = lse.data_ptr<A>();
-    std::vector<A> m(proj.tile_rows()), s(proj.tile_rows());
-    for (int64_t ts = 0; ts < M; ts += proj.tile_rows()) {
-      const int64_t n = std::min(proj.tile_rows(), M - ts);
-      const at::Tensor h = proj.rows(hidden, ts, n);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
-      std::fill(s.begin(), s.end(), A(0));
-      for (int64_t vs = 0; vs < V; vs += proj.block()) {
-        const int64_t nv = std::min(proj.block(), V - vs);
-        at::Tensor x = proj.project(h, proj.weight_block(vs, nv), vs);
-        A* xp = x.data_ptr<A>();
-        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            A* row = xp + r * nv;
-            if (!tf.identity()) row_transform(row, nv, tf);
-            const int64_t local = yp[ts + r] - vs;
-            if (local >= 0 && local < nv) tok_p[ts + r] = row[local];
-            lse_fold(row, nv, m[r], s[r]);
-          }
-        });
-      }
-      for (int64_t r = 0; r < n; ++r) {
-        lse_p[ts + r] = m[r] + std::log(s[r]);
-        tok_p[ts + r] -= lse_p[ts + r];
-      }
+    if (stats) {
+      forward_tiles<A, true>(hidden, proj, tf, yp, tok.data_ptr<A>(), lse.data_ptr<A>(),
+                             ent.data_ptr<A>(), mean.data_ptr<A>(), top1.data_ptr<bool>());
+    } else {
+      forward_tiles<A, false>(hidden, proj, tf, yp, tok.data_ptr<A>(), lse.data_ptr<A>(),
+                              nullptr, nullptr, nullptr);
     }
   });
-  return {tok, lse};
+  return {tok, lse, ent, mean, top1};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
@@ -187,8 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
 TORCH_LIBRARY_FRAGMENT(dpo_kernels_cpu, m) {
   m.def(
       "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-      "float logit_scale, float? softcap, float temperature, int token_tile, int vocab_block) "
-      "-> (Tensor, Tensor)");
+      "float logit_scale, float? softcap, float temperature, bool stats, int token_tile, "
+      "int vocab_block) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_logprobs_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor targets, Tensor lse, float logit_scale, float? softcap, float temperature, "

@@ -67,10 +67,12 @@ LINEAR_TOKEN_TILE = 512
 LINEAR_VOCAB_BLOCK = 2048
 
 
-def linear_logprobs_forward(hidden, weight, bias, targets, transform):
-    """Label log-probs and log-sum-exp of the counted rows; see ops/reference.py."""
+def linear_logprobs_forward(hidden, weight, bias, targets, transform, stats=False):
+    """Label log-probs, log-sum-exp and optional statistics of the counted rows; the contract of
+    ops/reference.py::linear_token_logprobs."""
     op = torch.ops.dpo_kernels_cpu.linear_logprobs_forward
-    return op(hidden, weight, bias, targets, *transform, LINEAR_TOKEN_TILE, LINEAR_VOCAB_BLOCK)
+    tiles = (LINEAR_TOKEN_TILE, LINEAR_VOCAB_BLOCK)
+    return op(hidden, weight, bias, targets, *transform, stats, *tiles)
 
 
 def linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, transform, needs):

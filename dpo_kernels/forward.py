@@ -10,13 +10,19 @@ returns the four sums through the fused op.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .functional import PairLogprobs, SequenceLogprobs, sequence_logprobs
+from .functional import (
+    PairLogprobs,
+    SequenceLogprobs,
+    linear_sequence_logprobs,
+    sequence_logprobs,
+)
 
 
 class PreferenceBatch(NamedTuple):
@@ -125,13 +131,6 @@ def collate_preferences(
     return {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
 
 
-def _policy_logits(model, b: PreferenceBatch, model_kwargs: Mapping[str, Any]) -> torch.Tensor:
-    out = model(
-        input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, **model_kwargs
-    )
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
 class PackedBatch(NamedTuple):
     """The rows of a PreferenceBatch back to back without padding (padding-free layout)."""
 
@@ -158,12 +157,49 @@ def pack(b: PreferenceBatch, ignore_index: int = -100) -> PackedBatch:
     return PackedBatch(ids[None], position[None], cu, labels, mask)
 
 
+def head_transform(model) -> dict[str, float | None]:
+    """The logit post-processing a causal LM applies after its LM head, read from its config:
+    Gemma-2-style `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`
+    (a divisor). Arguments for `linear_sequence_logprobs`."""
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None and getattr(cfg, "logits_scaling", None):
+        scale = 1.0 / cfg.logits_scaling
+    return {
+        "logit_scale": float(scale or 1.0),
+        "softcap": getattr(cfg, "final_logit_softcapping", None),
+    }
+
+
+@contextlib.contextmanager
+def capture_head_input(model) -> Iterator[list[torch.Tensor]]:
+    """Within the block, the model's LM head records its input (the final hidden states) and
+    returns a [..., 1] stand-in instead of the logits, so a normal `model(...)` call (through any
+    DDP wrapper, with its hooks) runs the backbone only. Yields the list of recorded inputs."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+    head = inner.get_output_embeddings()
+    seen: list[torch.Tensor] = []
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        seen.append(hidden)
+        return hidden[..., :1]
+
+    head.forward = forward
+    try:
+        yield seen
+    finally:
+        del head.forward
+
+
 def batch_logprobs(
     model,
     b: PreferenceBatch,
     *,
     stats: bool = False,
     padding_free: bool = False,
+    fused_lm_head: bool = False,
     backend: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> SequenceLogprobs:
@@ -172,19 +208,32 @@ def batch_logprobs(
     padding_free: run the rows packed into one sequence with restarting position_ids and no
     padding (flash-attention varlen on GPU; transformers' packed-sequence masks with sdpa/eager),
     and score them through the fused op's cu_seqlens layout. Same numbers, no padded tokens.
+    fused_lm_head: never build the logits: the backbone's last hidden states and the LM head
+    (`get_output_embeddings()`, with `head_transform`) go to `linear_sequence_logprobs`.
     """
+    kwargs = dict(model_kwargs or {}, use_cache=False)
     if padding_free:
         p = pack(b)
-        out = model(input_ids=p.input_ids, position_ids=p.position_ids, use_cache=False,
-                    **(model_kwargs or {}))  # fmt: skip
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return sequence_logprobs(
-            logits[0], p.labels, mask=p.mask, cu_seqlens=p.cu_seqlens, stats=stats, backend=backend
-        )
-    logits = _policy_logits(model, b, model_kwargs or {})
-    labels = b.input_ids[:, 1:]
-    mask = (b.completion_mask[:, 1:] != 0) & (b.attention_mask[:, 1:] != 0)
-    return sequence_logprobs(logits[:, :-1], labels, mask=mask, stats=stats, backend=backend)
+        kwargs |= {"input_ids": p.input_ids, "position_ids": p.position_ids}
+        labels, mask, cu = p.labels, p.mask, p.cu_seqlens
+    else:
+        kwargs |= {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+        labels = b.input_ids[:, 1:]
+        mask = (b.completion_mask[:, 1:] != 0) & (b.attention_mask[:, 1:] != 0)
+        cu = None
+    if fused_lm_head:
+        with capture_head_input(model) as seen:
+            model(**kwargs)
+        hidden = seen[-1][0] if padding_free else seen[-1][:, :-1]
+        head = getattr(model, "module", model).get_output_embeddings()
+        return linear_sequence_logprobs(
+            hidden, head.weight, labels, bias=head.bias, mask=mask, stats=stats, cu_seqlens=cu,
+            backend=backend, **head_transform(getattr(model, "module", model)),
+        )  # fmt: skip
+    out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = logits[0] if padding_free else logits[:, :-1]
+    return sequence_logprobs(logits, labels, mask=mask, cu_seqlens=cu, stats=stats, backend=backend)
 
 
 def concatenated_forward(
@@ -195,6 +244,7 @@ def concatenated_forward(
     ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
     stats: bool = False,
     padding_free: bool = False,
+    fused_lm_head: bool = False,
     pad_token_id: int = 0,
     ignore_index: int = -100,
     backend: str | None = None,
@@ -207,20 +257,23 @@ def concatenated_forward(
     (reference-free). `stats` adds the policy's per-token entropy, mean logit and top-1 flags.
     `padding_free` packs the rows (see `batch_logprobs`): the model must honour packed
     position_ids (flash-attention 2/3 in transformers, or its sdpa/eager packed-sequence masks).
+    `fused_lm_head` never builds the logits (see `batch_logprobs`).
     Works with any Hugging Face causal LM (anything whose forward takes input_ids and
     attention_mask and returns logits).
     """
     b = preference_batch(batch, pad_token_id, ignore_index)
+    options = dict(
+        padding_free=padding_free,
+        fused_lm_head=fused_lm_head,
+        backend=backend,
+        model_kwargs=model_kwargs,
+    )
     if ref_logps is None and b.ref_chosen_logps is not None:
         ref_logps = (b.ref_chosen_logps, b.ref_rejected_logps)
     if ref_logps is None and ref_model is not None:
         with torch.no_grad():  # before the policy: its logits are freed before the policy's exist
-            ref = batch_logprobs(
-                ref_model, b, padding_free=padding_free, backend=backend, model_kwargs=model_kwargs
-            )
+            ref = batch_logprobs(ref_model, b, **options)
         ref_logps = ref.logps.chunk(2)
-    policy = batch_logprobs(
-        model, b, stats=stats, padding_free=padding_free, backend=backend, model_kwargs=model_kwargs
-    )
+    policy = batch_logprobs(model, b, stats=stats, **options)
     rc, rr = (None, None) if ref_logps is None else ref_logps
     return ConcatenatedOutput(policy, rc, rr, b)

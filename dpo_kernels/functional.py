@@ -398,8 +398,65 @@ def segment_count(counted: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tens
     return c[cu[1:]] - c[cu[:-1]]
 
 
+def _batch_of_one(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """A flat [N, ...] layout as a batch of one sequence [1, N, ...]."""
+    return tuple(None if t is None or not isinstance(t, torch.Tensor) else t.unsqueeze(0)
+                 for t in tensors)  # fmt: skip
+
+
+def _check_packed(cu_seqlens: torch.Tensor | None, x: torch.Tensor, name: str) -> None:
+    if cu_seqlens is None:
+        return
+    if x.shape[0] != 1:
+        raise ValueError(
+            f"with cu_seqlens, {name} must be packed [N, ...] (or [1, N, ...]), got "
+            f"{tuple(x.shape)}"
+        )
+    check_cu_seqlens(cu_seqlens, x.shape[1])
+
+
+def _sequence_outputs(
+    tok: torch.Tensor,
+    counted: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    ref_tok: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, ...] | None = None,
+) -> SequenceLogprobs:
+    """Per-token [B, T] outputs -> per-sequence sums and counts; packed ([1, N] + cu_seqlens)
+    outputs come back as [N] tokens and [S] sequences."""
+    if cu_seqlens is None:
+        reduce, counts = (lambda x: x.sum(-1)), counted.sum(-1)
+    else:
+        tok, counted = tok[0], counted[0]
+        ref_tok = None if ref_tok is None else ref_tok[0]
+        stats = None if stats is None else tuple(x[0] for x in stats)
+        reduce, counts = (lambda x: segment_sum(x, cu_seqlens)), segment_count(counted, cu_seqlens)
+    return SequenceLogprobs(
+        logps=reduce(tok),
+        counts=counts,
+        token_logps=tok,
+        ref_logps=None if ref_tok is None else reduce(ref_tok),
+        ref_token_logps=ref_tok,
+        stats=None if stats is None else TokenStats(*stats),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Vocabulary-parallel log-probs: each rank holds a slice of the vocabulary.
+
+
+def _all_reduce(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(x, getattr(dist.ReduceOp, op.upper()), group=group)
+    return x
+
+
+def _all_reduce_logsumexp(lse_local: torch.Tensor, group) -> torch.Tensor:
+    """log(sum over ranks of exp(lse_local)), without overflow: two all-reduces of [M] floats."""
+    top = _all_reduce(lse_local.clone(), group, "max")
+    top = torch.where(torch.isinf(top), 0.0, top)  # all -inf: any shift works
+    return top + torch.log(_all_reduce(torch.exp(lse_local - top), group))
 
 
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
@@ -409,8 +466,6 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, counted, vocab_start, group, backend):
-        import torch.distributed as dist
-
         local = labels - vocab_start
         in_shard = counted & (local >= 0) & (local < logits.shape[-1])
         arg = torch.where(in_shard, local, 0)  # any valid index for rows owned elsewhere
@@ -418,13 +473,8 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         lse_local = fwd(logits, arg, counted, None, -1, False)[1]
         acc = lse_local.dtype
         target = torch.where(in_shard, logits.gather(-1, arg.unsqueeze(-1)).squeeze(-1).to(acc), 0)
-        top = lse_local.clone()
-        dist.all_reduce(top, dist.ReduceOp.MAX, group=group)
-        top = torch.where(torch.isinf(top), 0.0, top)  # all -inf: any shift works
-        s = torch.exp(lse_local - top)
-        dist.all_reduce(s, group=group)
-        dist.all_reduce(target, group=group)
-        lse = torch.where(counted, top + torch.log(s), 0.0)
+        _all_reduce(target, group)
+        lse = torch.where(counted, _all_reduce_logsumexp(lse_local, group), 0.0)
         ctx.save_for_backward(logits, arg, counted, in_shard, lse)
         ctx.backend = backend
         return torch.where(counted, target - lse, 0.0)
@@ -443,12 +493,9 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
 
 
 def _vocab_parallel_tokens(logits, labels, mask, ignore_index, group, vocab_start, backend):
-    import torch.distributed as dist
-
-    size = torch.tensor([logits.shape[-1]], device=logits.device)
-    dist.all_reduce(size, group=group)
+    vocab = int(_all_reduce(torch.tensor([logits.shape[-1]], device=logits.device), group))
     counted = reference.counted_tokens(labels, mask, ignore_index)
-    _check_values(labels, mask, ignore_index, int(size.item()))
+    _check_values(labels, mask, ignore_index, vocab)
     return _VocabParallelTokenLogprobs.apply(logits, labels, counted, vocab_start, group, backend)
 
 
@@ -488,20 +535,10 @@ def sequence_logprobs(
     sequence's sum NaN and leaves every other sequence untouched; logits of tokens that do not count
     are never read.
     """
-    packed = cu_seqlens is not None
-    if packed:
-        if logits.dim() == 2:
-            logits, labels = logits.unsqueeze(0), labels.unsqueeze(0)
-            mask = None if mask is None else mask.unsqueeze(0)
-            ref_logits = None if ref_logits is None else ref_logits.unsqueeze(0)
-        if logits.dim() != 3 or logits.shape[0] != 1:
-            raise ValueError(
-                f"with cu_seqlens, logits must be packed [N, V] (or [1, N, V]), got "
-                f"{tuple(logits.shape)}"
-            )
+    if cu_seqlens is not None and isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        logits, labels, mask, ref_logits = _batch_of_one(logits, labels, mask, ref_logits)
     _check_logprob_inputs(logits, labels, mask, ref_logits, ignore_index)
-    if packed:
-        check_cu_seqlens(cu_seqlens, logits.shape[1])
+    _check_packed(cu_seqlens, logits, "logits")
     name = resolve_backend(backend, logits.device)
     counted = reference.counted_tokens(labels, mask, ignore_index)
     if vocab_group is not None:
@@ -518,21 +555,12 @@ def sequence_logprobs(
         tok, _, ref_tok, ent, mean, top1 = _token_logprobs_op(
             logits, labels, mask, ref_logits, ignore_index, stats, name
         )
-    has_ref = ref_logits is not None
-    if packed:
-        tok, counted = tok[0], counted[0]
-        ref_tok = ref_tok[0] if has_ref else None
-        ent, mean, top1 = (x[0] for x in (ent, mean, top1)) if stats else (None,) * 3
-        reduce, counts = (lambda x: segment_sum(x, cu_seqlens)), segment_count(counted, cu_seqlens)
-    else:
-        reduce, counts = (lambda x: x.sum(-1)), counted.sum(-1)
-    return SequenceLogprobs(
-        logps=reduce(tok),
-        counts=counts,
-        token_logps=tok,
-        ref_logps=reduce(ref_tok) if has_ref else None,
-        ref_token_logps=ref_tok if has_ref else None,
-        stats=TokenStats(ent, mean, top1) if stats else None,
+    return _sequence_outputs(
+        tok,
+        counted,
+        cu_seqlens,
+        ref_tok if ref_logits is not None else None,
+        (ent, mean, top1) if stats else None,
     )
 
 
@@ -670,21 +698,37 @@ def _linear_token_logprobs_op(
     logit_scale: float,
     softcap: float | None,
     temperature: float,
+    stats: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token log-probs, lse, entropy, mean logit, is_top1), [B, T] each (the last three [0]
+    without stats)."""
     _check_values(labels, mask, ignore_index, weight.shape[0])
     counted = reference.counted_tokens(labels, mask, ignore_index)
     fwd, _ = _kernels(backend, "linear_logprobs")
     transform = reference.LogitTransform(logit_scale, softcap, temperature)
     # Only the counted tokens' rows are gathered and projected.
-    tok, lse = fwd(hidden[counted], weight, bias, labels[counted].long(), transform)
-    return _scatter_counted(counted, tok), _scatter_counted(counted, lse)
+    out = fwd(hidden[counted], weight, bias, labels[counted].long(), transform, stats)
+    if not stats:
+        out = out[:2]
+    return (*(_scatter_counted(counted, x) for x in out), *_empty_stats(hidden)[len(out) - 2 :])
+
+
+def _empty_stats(like: torch.Tensor) -> list[torch.Tensor]:
+    acc = reference.acc_dtype(like.dtype)
+    return [like.new_empty(0, dtype=d) for d in (acc, acc, torch.bool)]
 
 
 @_linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, mask, ignore_index, logit_scale, softcap, temperature, backend):
+def _(hidden, weight, bias, labels, mask, ignore_index, logit_scale, softcap, temperature, stats,
+      backend):  # fmt: skip
     acc = reference.acc_dtype(hidden.dtype)
-    return hidden.new_empty(labels.shape, dtype=acc), hidden.new_empty(labels.shape, dtype=acc)
+    shape = labels.shape
+    tok, lse = hidden.new_empty(shape, dtype=acc), hidden.new_empty(shape, dtype=acc)
+    if not stats:
+        return tok, lse, *_empty_stats(hidden)
+    top1 = hidden.new_empty(shape, dtype=torch.bool)
+    return tok, lse, hidden.new_empty(shape, dtype=acc), hidden.new_empty(shape, dtype=acc), top1
 
 
 @torch.library.custom_op("dpo_kernels::linear_token_logprobs_backward", mutates_args=())
@@ -719,7 +763,9 @@ def _linear_token_logprobs_backward_op(
     )
     if hidden_grad:  # tokens that do not count get exactly zero
         dh = hidden.new_zeros(hidden.shape).index_put_((counted,), dh)
-    return dh, dw, db
+    # Outputs must not alias each other: the gradients not asked for are distinct empty tensors.
+    return tuple(g if want else hidden.new_empty(0) for g, want in
+                 zip((dh, dw, db), (hidden_grad, weight_grad, bias_grad), strict=True))  # fmt: skip
 
 
 @_linear_token_logprobs_backward_op.register_fake
@@ -734,26 +780,59 @@ def _(grad_tok, hidden, weight, bias, labels, mask, lse, ignore_index, logit_sca
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, mask, ignore_index, scale, softcap, temperature, backend = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
+    hidden, weight, bias, labels, mask, ignore_index, scale, softcap, temperature, _, backend = (
+        inputs
+    )
+    lse = output[1]
+    ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(hidden, weight, bias, labels, mask, lse)
     ctx.args = (ignore_index, scale, softcap, temperature)
     ctx.backend = backend
 
 
-def _linear_backward(ctx, grad_tok, _grad_lse):
+def _linear_backward(ctx, grad_tok, *_):
     hidden, weight, bias, labels, mask, lse = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]  # a frozen hidden or weight skips its matmul
     grads = _linear_token_logprobs_backward_op(
         grad_tok, hidden, weight, bias, labels, mask, lse, *ctx.args, *needs, ctx.backend
     )
-    return *(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 7
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 8
 
 
 torch.library.register_autograd(
     "dpo_kernels::linear_token_logprobs", _linear_backward, setup_context=_linear_setup_context
 )
+
+
+class _VocabParallelLinearTokens(torch.autograd.Function):
+    """Token log-probs of hidden [M, H] through this rank's LM-head rows weight [V_local, H]
+    (ids [vocab_start, vocab_start + V_local)) of a head split over `group`. The forward combines
+    local log-sum-exps and label logits like the logits path; the backward all-reduces the hidden
+    gradient (every rank's slice contributes to it) and keeps weight and bias gradients local."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, vocab_start, group, transform, backend):
+        local = targets - vocab_start
+        here = (local >= 0) & (local < weight.shape[0])
+        arg = torch.where(here, local, -1)  # -1: the label's row is on another rank
+        fwd, _ = _kernels(backend, "linear_logprobs")
+        tok_local, lse_local = fwd(hidden, weight, bias, arg, transform, False)[:2]
+        target = torch.where(here, tok_local + lse_local, 0.0)
+        lse = _all_reduce_logsumexp(lse_local, group)
+        _all_reduce(target, group)
+        ctx.save_for_backward(hidden, weight, bias, arg, lse)
+        ctx.args = (group, transform, backend)
+        return target - lse
+
+    @staticmethod
+    def backward(ctx, grad_tok):
+        hidden, weight, bias, arg, lse = ctx.saved_tensors
+        group, transform, backend = ctx.args
+        needs = (True, ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
+        _, bwd = _kernels(backend, "linear_logprobs")
+        dh, dw, db = bwd(grad_tok.to(lse.dtype), hidden, weight, bias, arg, lse, transform, needs)
+        _all_reduce(dh, group)
+        return dh, dw if needs[1] else None, db if needs[2] else None, *(None,) * 5
 
 
 def linear_sequence_logprobs(
@@ -767,6 +846,10 @@ def linear_sequence_logprobs(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     temperature: float = 1.0,
+    stats: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    vocab_group: object | None = None,
+    vocab_start: int = 0,
     backend: str | None = None,
 ) -> SequenceLogprobs:
     """`sequence_logprobs` of the LM head's logits, computed from hidden states without them.
@@ -776,6 +859,10 @@ def linear_sequence_logprobs(
     labels, mask, ignore_index: as in `sequence_logprobs`, shaped ``hidden.shape[:-1]``.
     The logits are ``z = logit_scale * softcap(hidden @ weight.T + bias) / temperature`` with
     ``softcap(x) = softcap * tanh(x / softcap)`` (the identity when softcap is None).
+    stats, cu_seqlens: as in `sequence_logprobs` (packed: hidden [N, H], labels [N]).
+    vocab_group, vocab_start: vocabulary-parallel LM head: `weight` (and `bias`) are rows
+        [vocab_start, vocab_start + V) of a head split over the torch.distributed group; hidden is
+        the same on every rank and its gradient is all-reduced; weight gradients stay local.
 
     Only the counted tokens are projected, in tiles of tokens x vocabulary that are never all alive
     at once; the forward saves one float32 log-sum-exp per token and the backward recomputes each
@@ -783,12 +870,23 @@ def linear_sequence_logprobs(
     and are cast once. Returns a `SequenceLogprobs` without reference fields.
     """
     transform = reference.LogitTransform(logit_scale, softcap, temperature)
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # [N, H]: one sequence, or packed
+        hidden, labels, mask = _batch_of_one(hidden, labels, mask)
     _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, transform)
-    if hidden.dim() == 2:
-        hidden, labels = hidden.unsqueeze(0), labels.unsqueeze(0)
-        mask = None if mask is None else mask.unsqueeze(0)
+    _check_packed(cu_seqlens, hidden, "hidden")
     name = resolve_backend(backend, hidden.device)
-    tok, _ = _linear_token_logprobs_op(
+    counted = reference.counted_tokens(labels, mask, ignore_index)
+    if vocab_group is not None:
+        if stats:
+            raise ValueError("vocab_group does not combine with stats")
+        vocab = int(_all_reduce(torch.tensor([weight.shape[0]], device=hidden.device), vocab_group))
+        _check_values(labels, mask, ignore_index, vocab)
+        tok_c = _VocabParallelLinearTokens.apply(
+            hidden[counted], weight, bias, labels[counted].long(), vocab_start, vocab_group,
+            transform, name,
+        )  # fmt: skip
+        return _sequence_outputs(_scatter_counted(counted, tok_c), counted, cu_seqlens)
+    tok, _, *token_stats = _linear_token_logprobs_op(
         hidden,
         weight,
         bias,
@@ -798,7 +896,7 @@ def linear_sequence_logprobs(
         float(logit_scale),
         None if softcap is None else float(softcap),
         float(temperature),
+        stats,
         name,
     )
-    counts = reference.counted_tokens(labels, mask, ignore_index).sum(-1)
-    return SequenceLogprobs(tok.sum(-1), counts, tok, None, None)
+    return _sequence_outputs(tok, counted, cu_seqlens, stats=tuple(token_stats) if stats else None)

@@ -169,7 +169,7 @@ def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     from .ops import triton_linear_logprobs as K
     from .ops.reference import LogitTransform
 
-    def fwd_bwd(dtype, softcap):
+    def fwd_bwd(dtype, softcap, stats=False):
         def run():
             # One token tile and one full vocabulary block: one launch of each kernel.
             M, H, V = 16, 64, K.VOCAB_BLOCK
@@ -177,7 +177,7 @@ def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
             weight = torch.randn(V, H).to(dtype)
             targets = torch.randint(0, V, (M,))
             transform = LogitTransform(softcap=softcap)
-            _, lse = K.linear_logprobs_forward(hidden, weight, None, targets, transform)
+            lse = K.linear_logprobs_forward(hidden, weight, None, targets, transform, stats)[1]
             g = torch.ones(M)
             K.linear_logprobs_backward(
                 g, hidden, weight, None, targets, lse, transform, (True,) * 3
@@ -191,6 +191,7 @@ def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
         for softcap in (None, 30.0):
             name = f"linear {tag} V={K.VOCAB_BLOCK}" + (" softcap" if softcap else "")
             cases.append((name, fwd_bwd(dtype, softcap)))
+        cases.append((f"linear {tag} V={K.VOCAB_BLOCK} stats", fwd_bwd(dtype, None, True)))
     names = ["_linear_fwd_kernel", "_linear_bwd_kernel"]
     return [(name, run, K, names) for name, run in cases]
 

@@ -104,3 +104,46 @@ def vocab_parallel_worker(rank: int, world: int, init_file: str, out_dir: str, b
         results[backend] = (out.logps.detach(), z.grad, labels.clone())
     torch.save(results, os.path.join(out_dir, f"vp_rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def linear_vocab_parallel_case(V=37, H=8, seed=12):
+    """hidden [2, 5, H], an LM head [V, H] with bias, labels on every slice boundary, a mask."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 5, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    bias = torch.randn(V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    labels[1, 4] = -100
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 4] = False
+    return hidden, weight, bias, labels, mask
+
+
+def boundary_labels(labels: torch.Tensor, slices) -> torch.Tensor:
+    flat = labels.clone().view(-1)
+    for i, (a, b) in enumerate(slices):
+        flat[2 * i], flat[2 * i + 1] = a, b - 1
+    return flat.view(labels.shape)
+
+
+def linear_vocab_parallel_worker(rank, world, init_file, out_dir, backends) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from dpo_kernels import linear_sequence_logprobs
+
+    hidden, weight, bias, labels, mask = linear_vocab_parallel_case()
+    slices = vocab_slices(weight.shape[0], world)
+    labels = boundary_labels(labels, slices)
+    start, end = slices[rank]
+    results = {}
+    for backend in backends:
+        h = hidden.clone().requires_grad_()
+        w = weight[start:end].clone().requires_grad_()
+        b = bias[start:end].clone().requires_grad_()
+        out = linear_sequence_logprobs(
+            h, w, labels, bias=b, mask=mask, softcap=3.0, vocab_group=dist.group.WORLD,
+            vocab_start=start, backend=backend,
+        )  # fmt: skip
+        (out.logps * torch.tensor([0.7, -1.3], dtype=out.logps.dtype)).sum().backward()
+        results[backend] = (out.logps.detach(), h.grad, w.grad, b.grad, labels)
+    torch.save(results, os.path.join(out_dir, f"lvp_rank{rank}.pt"))
+    dist.destroy_process_group()

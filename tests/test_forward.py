@@ -5,7 +5,7 @@ import torch
 from conftest import preference_examples, tiny_causal_lm
 
 from dpo_kernels import dpo_loss
-from dpo_kernels.forward import concatenated_forward, preference_batch
+from dpo_kernels.forward import collate_preferences, concatenated_forward, preference_batch
 
 
 def trl_collate(examples, pad=0):
@@ -120,3 +120,59 @@ def test_bad_batches():
     b["rejected_input_ids"] = b["rejected_input_ids"][:2]
     with pytest.raises(ValueError, match="one chosen and one rejected"):
         concatenated_forward(model, b)
+
+
+def tiny_softcapped_lm():
+    """Gemma-2-style: final_logit_softcapping applied after the LM head."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        final_logit_softcapping=2.0,
+    )  # fmt: skip
+    return transformers.Gemma2ForCausalLM(cfg).eval()
+
+
+def tiny_scaled_lm():
+    """Cohere-style: logits multiplied by logit_scale."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.CohereConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, logit_scale=0.3,
+    )  # fmt: skip
+    return transformers.CohereForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_causal_lm, lambda: tiny_causal_lm("gpt2"), tiny_softcapped_lm, tiny_scaled_lm],
+    ids=["llama", "gpt2-tied", "gemma2-softcap", "cohere-scale"],
+)  # fmt: skip
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_fused_lm_head_equals_the_logits_path(make, padding_free):
+    model = make()
+    batch = collate_preferences(preference_examples(4))
+    kw = dict(padding_free=padding_free, stats=True)
+    a = concatenated_forward(model, batch, **kw).policy
+    f = concatenated_forward(model, batch, fused_lm_head=True, **kw).policy
+    torch.testing.assert_close(f.logps, a.logps, rtol=1e-5, atol=1e-5)
+    for x, y in zip(f.stats, a.stats, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ga = torch.autograd.grad(a.logps.sum(), params, allow_unused=True)
+    gf = torch.autograd.grad(f.logps.sum(), params, allow_unused=True)
+    for x, y in zip(gf, ga, strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_lm_head_restores_the_model():
+    model = tiny_causal_lm()
+    ids = torch.randint(0, 97, (2, 6))
+    before = model(input_ids=ids).logits
+    concatenated_forward(model, collate_preferences(preference_examples(2)), fused_lm_head=True)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)

@@ -308,3 +308,52 @@ def test_bad_inputs_name_the_argument(backend, case):
         dpo_kernels.linear_sequence_logprobs(
             args.pop("hidden"), args.pop("weight"), args.pop("labels"), backend=backend, **args
         )
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stats_match_the_logits_path(small_tiles, backend, dtype):
+    # Stats folded across vocabulary blocks (16 per block here) equal those of the materialized
+    # logits through the logits-path op; a tie for the maximum lands in two different blocks.
+    hidden, weight, bias, labels, mask = make_inputs(2, 5, 8, 40, dtype)
+    weight[33] = weight[2]  # logits 2 and 33 tie in every row, in blocks 0 and 2
+    if bias is not None:
+        bias[33] = bias[2]
+    labels[0, 1], mask[0, 1] = 33, True
+    hidden[0, 1] = weight[2] * 50  # ... and are the maximum of that row: the label is not top-1
+    out = dpo_kernels.linear_sequence_logprobs(
+        hidden, weight, labels, bias=bias, mask=mask, stats=True, backend=backend, softcap=20.0
+    )
+    z = logits_of(hidden.double(), weight.double(), bias.double(), softcap=20.0)
+    ref = dpo_kernels.sequence_logprobs(z, labels, mask=mask, stats=True, backend="reference")
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for a, b in zip(out.stats[:2], ref.stats[:2], strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+    assert torch.equal(out.stats.is_top1, ref.stats.is_top1)
+    assert not out.stats.is_top1[0, 1]
+    torch.testing.assert_close(out.logps.double(), ref.logps, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_packed_hidden_equals_per_sequence(small_tiles, backend):
+    hidden, weight, bias, labels, mask = make_inputs(1, 12, 8, 40, torch.float32)
+    hidden = hidden[0].clone().requires_grad_()
+    cu = torch.tensor([0, 4, 4, 9, 12], dtype=torch.int32)
+    out = dpo_kernels.linear_sequence_logprobs(
+        hidden, weight, labels[0], bias=bias, mask=mask[0], cu_seqlens=cu, backend=backend
+    )
+    out.logps.sum().backward()
+    h2 = hidden.detach().clone().requires_grad_()
+    sums = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        one = dpo_kernels.linear_sequence_logprobs(
+            h2[a:b][None], weight, labels[0, a:b][None], bias=bias, mask=mask[0, a:b][None],
+            backend=backend,
+        )  # fmt: skip
+        sums.append(one.logps[0])
+    torch.stack(sums).sum().backward()
+    torch.testing.assert_close(out.logps, torch.stack(sums).detach())
+    torch.testing.assert_close(hidden.grad, h2.grad)
+    counted = mask[0] & (labels[0] != -100)
+    bounds = zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)
+    assert out.counts.tolist() == [int(counted[a:b].sum()) for a, b in bounds]

@@ -43,7 +43,7 @@ def preference_dataset(n=16, seed=0):
     return datasets.Dataset.from_list(rows)
 
 
-def train(trainer_cls, loss_type, precompute, tmp_path, bf16=False):
+def train(trainer_cls, loss_type, precompute, tmp_path, bf16=False, **trainer_kwargs):
     datasets.disable_caching()
     model = tiny_causal_lm("llama", vocab=28, seed=0)
     # A reference different from the policy: rewards are real from step 0, not rounding noise.
@@ -71,6 +71,7 @@ def train(trainer_cls, loss_type, precompute, tmp_path, bf16=False):
         args=args,
         train_dataset=preference_dataset(),
         processing_class=tiny_tokenizer(),
+        **trainer_kwargs,
     )
     trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h]
@@ -98,6 +99,12 @@ def assert_same_history(stock, ours, rel, abs_):
 def test_same_losses_and_metrics_as_stock_trl(loss_type, precompute, tmp_path):
     stock = train(trl.DPOTrainer, loss_type, precompute, tmp_path)
     ours = train(FusedDPOTrainer, loss_type, precompute, tmp_path)
+    assert_same_history(stock, ours, rel=1e-4, abs_=1e-6)
+
+
+def test_logits_path_option_matches_stock_trl(tmp_path):
+    stock = train(trl.DPOTrainer, "sigmoid", False, tmp_path)
+    ours = train(FusedDPOTrainer, "sigmoid", False, tmp_path, fused_lm_head=False)
     assert_same_history(stock, ours, rel=1e-4, abs_=1e-6)
 
 

@@ -33,3 +33,32 @@ def test_split_vocabulary_equals_single_process(world, tmp_path):
             torch.testing.assert_close(logps, full.logps.detach(), rtol=1e-6, atol=1e-5)
         grads = torch.cat([per_rank[r][backend][1] for r in range(world)], dim=-1)
         torch.testing.assert_close(grads, z.grad, rtol=1e-5, atol=1e-6, msg=backend)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_lm_head_equals_single_process(world, tmp_path):
+    from dist_worker import linear_vocab_parallel_case, linear_vocab_parallel_worker
+
+    backends = cpu_backends()
+    mp.spawn(
+        linear_vocab_parallel_worker,
+        args=(world, str(tmp_path / "init"), str(tmp_path), backends),
+        nprocs=world,
+    )
+    hidden, weight, bias, _, mask = linear_vocab_parallel_case()
+    per_rank = [torch.load(tmp_path / f"lvp_rank{r}.pt") for r in range(world)]
+    for backend in backends:
+        labels = per_rank[0][backend][4]
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        full = dpo_kernels.linear_sequence_logprobs(
+            h, w, labels, bias=b, mask=mask, softcap=3.0, backend=backend
+        )
+        (full.logps * torch.tensor([0.7, -1.3], dtype=full.logps.dtype)).sum().backward()
+        for r in range(world):
+            logps, dh, *_ = per_rank[r][backend]
+            torch.testing.assert_close(logps, full.logps.detach(), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(dh, h.grad, rtol=1e-10, atol=1e-10, msg="hidden")
+        dw = torch.cat([per_rank[r][backend][2] for r in range(world)])
+        db = torch.cat([per_rank[r][backend][3] for r in range(world)])
+        torch.testing.assert_close(dw, w.grad, rtol=1e-10, atol=1e-10, msg="weight")
+        torch.testing.assert_close(db, b.grad, rtol=1e-10, atol=1e-10, msg="bias")

@@ -4,8 +4,11 @@
 
 `FusedDPOTrainer` subclasses `trl.DPOTrainer` and replaces only the loss computation: one
 concatenated forward, log-probs (and the logged entropy / logits / token-accuracy statistics) from
-the fused op, the reference pass through the same op without gradient, and the fused DPO loss. The
-TRL options it does not cover raise at construction instead of training differently.
+the fused op, the reference pass through the same op without gradient, and the fused DPO loss. By
+default the logits are never built (`fused_lm_head=True`: backbone hidden states and the LM head
+go to `linear_sequence_logprobs`, as stock TRL's own fused head does); `fused_lm_head=False` uses
+the model's logits and the logits-path op. The TRL options it does not cover raise at
+construction instead of training differently.
 """
 
 from __future__ import annotations
@@ -63,10 +66,11 @@ def _ld_weighted(tok: torch.Tensor, completion: torch.Tensor, ld_alpha: float) -
 class FusedDPOTrainer(DPOTrainer):
     """`trl.DPOTrainer` with the log-probs and the loss computed by dpo_kernels."""
 
-    def __init__(self, *args, backend: str | None = None, **kwargs) -> None:
-        self._kernel_backend = (
-            backend  # before TRL's __init__: it may precompute reference log-probs
-        )
+    def __init__(
+        self, *args, backend: str | None = None, fused_lm_head: bool = True, **kwargs
+    ) -> None:
+        # Set before TRL's __init__: it may precompute reference log-probs.
+        self._kernel_options = {"backend": backend, "fused_lm_head": fused_lm_head}
         super().__init__(*args, **kwargs)
         unsupported = {
             "use_weighting=True": self.use_weighting,
@@ -104,7 +108,7 @@ class FusedDPOTrainer(DPOTrainer):
             adapter, ref = use_adapter(unwrapped, adapter_name=name), self.model
         gc_kwargs = self.args.gradient_checkpointing_kwargs
         with torch.no_grad(), disable_gradient_checkpointing(self.model, gc_kwargs), adapter:
-            out = batch_logprobs(ref, b, backend=self._kernel_backend, model_kwargs=model_kwargs)
+            out = batch_logprobs(ref, b, model_kwargs=model_kwargs, **self._kernel_options)
         return self._sums(out, b)
 
     def compute_ref_log_probs(self, model, inputs):
@@ -112,7 +116,7 @@ class FusedDPOTrainer(DPOTrainer):
         b = preference_batch(inputs)
         kwargs = self._model_kwargs(inputs)
         with torch.no_grad(), self.accelerator.autocast():
-            out = batch_logprobs(model, b, backend=self._kernel_backend, model_kwargs=kwargs)
+            out = batch_logprobs(model, b, model_kwargs=kwargs, **self._kernel_options)
         return self._sums(out, b).chunk(2)
 
     @staticmethod
@@ -126,9 +130,7 @@ class FusedDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         b = preference_batch(inputs)
         kwargs = self._model_kwargs(inputs)
-        out = batch_logprobs(
-            model, b, stats=True, backend=self._kernel_backend, model_kwargs=kwargs
-        )
+        out = batch_logprobs(model, b, stats=True, model_kwargs=kwargs, **self._kernel_options)
         chosen, rejected = self._sums(out, b).chunk(2)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -144,7 +146,7 @@ class FusedDPOTrainer(DPOTrainer):
             chosen_counts=counts[0],
             rejected_counts=counts[1],
             spec=self._loss_spec,
-            backend=self._kernel_backend,
+            backend=self._kernel_options["backend"],
         )
         self._log_metrics(mode, b, out, res, chosen, rejected)
         if return_outputs:  # as TRL: logits for compute_metrics come from an extra forward

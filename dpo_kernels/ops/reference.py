@@ -262,13 +262,20 @@ def linear_token_logprobs(
     hidden: torch.Tensor,  # [M, H] rows of the counted tokens
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,  # [V]
-    targets: torch.Tensor,  # [M] labels in [0, V)
+    targets: torch.Tensor,  # [M] labels in [0, V); -1: not in this weight (vocab-parallel)
     transform: LogitTransform,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label log-probs [M] and log-sum-exp [M] of `linear_logits`, which it materializes."""
+    stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Label log-probs [M], log-sum-exp [M] and, with `stats`, entropy, mean logit and
+    label-is-argmax [M] of `linear_logits`, which it materializes. A target of -1 gives -lse."""
     z = linear_logits(hidden, weight, bias, transform)
     lse = torch.logsumexp(z, dim=-1)
-    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse, lse
+    here = targets >= 0
+    target = torch.where(here, z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+    if not stats:
+        empty = [hidden.new_empty(0, dtype=d) for d in (lse.dtype, lse.dtype, torch.bool)]
+        return target - lse, lse, *empty
+    return target - lse, lse, *token_stats(z, lse, targets, torch.ones_like(here))
 
 
 def linear_token_logprobs_backward(
@@ -297,7 +304,7 @@ def linear_token_logprobs_backward(
         x = c * t
         dzdx = dzdx * (1 - t * t)
     probs = torch.exp(x * a - lse.to(acc).unsqueeze(-1))
-    onehot = torch.zeros_like(probs).scatter_(-1, targets.unsqueeze(-1), 1.0)
+    onehot = (torch.arange(x.shape[-1], device=x.device) == targets.unsqueeze(-1)).to(acc)
     dx = grad.to(acc).unsqueeze(-1) * (onehot - probs) * dzdx
     empty = hidden.new_empty(0)
     return (

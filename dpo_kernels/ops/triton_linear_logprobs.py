@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .reference import LogitTransform
-from .triton_logprobs import acc_dtype, launch_config, online_lse_update
+from .triton_logprobs import acc_dtype, fold_block, launch_config
 
 # One projection tile: 2048 tokens x 4096 vocabulary entries, 16 MiB in bf16 (32 MiB in fp32);
 # large enough for cuBLAS to run near peak, small next to the [tokens, vocab] logits it replaces.
@@ -57,12 +57,16 @@ def _linear_fwd_kernel(
     targets_ptr,  # [n] labels of the tile's rows
     max_ptr,  # [n] running max of the transformed logits, ACC, updated in place
     sum_ptr,  # [n] running sum of exp(z - max), ACC, updated in place
+    pz_ptr,  # [n] with STATS: running sum of exp(z - max) * z, sum of z, first argmax
+    zsum_ptr,
+    arg_ptr,
     target_ptr,  # [n] out, the label's transformed logit, written by the block holding it
     params_ptr,  # [2] (logit_scale / temperature, softcap), ACC
     n_cols,
     s_tile,
     vocab_start,
     HAS_SOFTCAP: tl.constexpr,
+    STATS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -70,14 +74,26 @@ def _linear_fwd_kernel(
     row_ptr = tile_ptr + row.to(tl.int64) * s_tile
     m = tl.load(max_ptr + row)
     s = tl.load(sum_ptr + row)
+    pz = tl.zeros([], ACC)
+    zsum = tl.zeros([], ACC)
+    arg = tl.full([], -1, tl.int64)
+    if STATS:
+        pz = tl.load(pz_ptr + row)
+        zsum = tl.load(zsum_ptr + row)
+        arg = tl.load(arg_ptr + row)
     for start in range(0, n_cols, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         valid = offs < n_cols
         x = tl.load(row_ptr + offs, mask=valid, other=0.0).to(ACC)
         z, _ = _transform(x, params_ptr, HAS_SOFTCAP)
-        m, s = online_lse_update(m, s, tl.where(valid, z, float("-inf")))
+        z = tl.where(valid, z, float("-inf"))
+        m, s, pz, zsum, arg = fold_block(m, s, pz, zsum, arg, z, vocab_start + offs, valid, STATS)
     tl.store(max_ptr + row, m)
     tl.store(sum_ptr + row, s)
+    if STATS:
+        tl.store(pz_ptr + row, pz)
+        tl.store(zsum_ptr + row, zsum)
+        tl.store(arg_ptr + row, arg)
     local = tl.load(targets_ptr + row) - vocab_start
     if (local >= 0) & (local < n_cols):
         z, _ = _transform(tl.load(row_ptr + local).to(ACC), params_ptr, HAS_SOFTCAP)
@@ -149,15 +165,21 @@ def linear_logprobs_forward(
     hidden: torch.Tensor,  # [M, H] counted rows, contiguous
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,  # [V]
-    targets: torch.Tensor,  # [M] int64 labels in [0, V)
+    targets: torch.Tensor,  # [M] int64 labels in [0, V); -1: not in this weight (vocab-parallel)
     transform: LogitTransform,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label log-probs [M] and log-sum-exp [M] (float32; float64 for float64 inputs)."""
+    stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Label log-probs [M], log-sum-exp [M] and, with `stats`, entropy, mean logit and
+    label-is-argmax [M] (float32; float64 for float64 inputs): ops/reference.py's contract."""
     M = hidden.shape[0]
     params = _params(transform, hidden)
-    run_max = torch.full((M,), float("-inf"), dtype=params.dtype, device=hidden.device)
-    run_sum = torch.zeros(M, dtype=params.dtype, device=hidden.device)
-    target = torch.zeros(M, dtype=params.dtype, device=hidden.device)
+    acc, dev = params.dtype, hidden.device
+    run_max = torch.full((M,), float("-inf"), dtype=acc, device=dev)
+    run_sum = torch.zeros(M, dtype=acc, device=dev)
+    target = torch.zeros(M, dtype=acc, device=dev)
+    n_stats = M if stats else 1
+    pz, zsum = (torch.zeros(n_stats, dtype=acc, device=dev) for _ in range(2))
+    arg = torch.full((n_stats,), -1, dtype=torch.int64, device=dev)
     for ts, _, vs, _, tile in _projected_tiles(hidden, weight, bias):
         n, nv = tile.shape
         block, warps = launch_config(nv, tile.element_size())
@@ -166,18 +188,25 @@ def linear_logprobs_forward(
             targets[ts:],
             run_max[ts:],
             run_sum[ts:],
+            pz[ts:] if stats else pz,
+            zsum[ts:] if stats else zsum,
+            arg[ts:] if stats else arg,
             target[ts:],
             params,
             nv,
             tile.stride(0),
             vs,
             HAS_SOFTCAP=transform.softcap is not None,
+            STATS=stats,
             ACC=acc_dtype(hidden.dtype),
             BLOCK_V=block,
             num_warps=warps,
         )
     lse = run_max + torch.log(run_sum)
-    return target - lse, lse
+    if not stats:
+        empty = [hidden.new_empty(0, dtype=d) for d in (acc, acc, torch.bool)]
+        return target - lse, lse, *empty
+    return target - lse, lse, lse - pz / run_sum, zsum / weight.shape[0], arg == targets
 
 
 def linear_logprobs_backward(

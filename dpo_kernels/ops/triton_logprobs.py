@@ -39,12 +39,24 @@ def acc_dtype(dtype: torch.dtype) -> tl.dtype:
 
 
 @triton.jit
-def online_lse_update(m, s, z):
-    """Folds the block z into a running max m and sum s of exp(z - m); returns the new (m, s)."""
-    m_new = tl.maximum(m, tl.max(z, 0))
+def fold_block(m, s, pz, zsum, arg, z, index, valid, STATS: tl.constexpr):
+    """Folds a block z of one row's logits (ACC; -inf where not `valid`; `index`: their positions
+    in the row) into the row's running statistics and returns them updated:
+    m max, s sum of exp(z - m), and with STATS pz sum of exp(z - m) * z, zsum sum of z, arg the
+    first argmax."""
+    blk_max = tl.max(z, 0)
+    m_new = tl.maximum(m, blk_max)
     # A row that is -inf so far has nothing to rescale: shift by 0 so exp(-inf - shift) = 0.
     shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(m.dtype)
-    return m_new, s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
+    scale = tl.exp(m - shift)
+    e = tl.exp(z - shift)
+    s = s * scale + tl.sum(e, 0)
+    if STATS:
+        pz = pz * scale + tl.sum(tl.where(e == 0.0, 0.0, e * z), 0)
+        zsum += tl.sum(tl.where(valid, z, 0.0), 0)
+        blk_arg = tl.min(tl.where(z == blk_max, index.to(tl.int64), 2**62), 0)
+        arg = tl.where(blk_max > m, blk_arg, arg)  # strictly: earlier blocks win ties
+    return m_new, s, pz, zsum, arg
 
 
 @triton.jit
@@ -55,25 +67,13 @@ def _row_lse_and_target(
     STATS also the entropy, the mean logit and whether `label` is the first argmax."""
     m = tl.full([], float("-inf"), ACC)
     s = tl.zeros([], ACC)
-    pz = tl.zeros([], ACC)  # sum of exp(z - m) * z, rescaled with s
+    pz = tl.zeros([], ACC)
     zsum = tl.zeros([], ACC)
     arg = tl.full([], -1, tl.int64)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC)
-        blk_max = tl.max(z, 0)
-        m_new = tl.maximum(m, blk_max)
-        # A row that is -inf so far has nothing to rescale: shift by 0 so exp(-inf - shift) = 0.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
-        scale = tl.exp(m - shift)
-        e = tl.exp(z - shift)
-        s = s * scale + tl.sum(e, 0)
-        if STATS:
-            pz = pz * scale + tl.sum(tl.where(e == 0.0, 0.0, e * z), 0)
-            zsum += tl.sum(tl.where(offs < V, z, 0.0), 0)
-            blk_arg = start + tl.argmax(z, 0, tie_break_left=True).to(tl.int64)
-            arg = tl.where(blk_max > m, blk_arg, arg)  # strictly: earlier blocks win ties
-        m = m_new
+        m, s, pz, zsum, arg = fold_block(m, s, pz, zsum, arg, z, offs, offs < V, STATS)
     target = tl.load(row_ptr + label).to(ACC)
     lse = m + tl.log(s)
     return lse, target, lse - pz / s, zsum / V, arg == label
