@@ -80,6 +80,20 @@ def _row_lse_and_target(
 
 
 @triton.jit
+def _row_token(
+    row, T, labels_ptr, mask_ptr, ignore_index, s_yb, s_yt, s_mb, s_mt, HAS_MASK: tl.constexpr
+):
+    """(b, t, label, counted) of token row `row` = b * T + t; int64 indices for large offsets."""
+    b = (row // T).to(tl.int64)
+    t = (row % T).to(tl.int64)
+    label = tl.load(labels_ptr + b * s_yb + t * s_yt).to(tl.int64)
+    counted = label != ignore_index
+    if HAS_MASK:
+        counted = counted & (tl.load(mask_ptr + b * s_mb + t * s_mt) != 0)
+    return b, t, label, counted
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr,
     labels_ptr,
@@ -110,12 +124,9 @@ def _logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
-    b = (row // T).to(tl.int64)
-    t = (row % T).to(tl.int64)
-    label = tl.load(labels_ptr + b * s_yb + t * s_yt).to(tl.int64)
-    counted = label != ignore_index
-    if HAS_MASK:
-        counted = counted & (tl.load(mask_ptr + b * s_mb + t * s_mt) != 0)
+    b, t, label, counted = _row_token(
+        row, T, labels_ptr, mask_ptr, ignore_index, s_yb, s_yt, s_mb, s_mt, HAS_MASK
+    )
     tok = tl.zeros([], ACC)
     lse = tl.zeros([], ACC)
     ent = tl.zeros([], ACC)
@@ -166,12 +177,9 @@ def _logprobs_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
-    b = (row // T).to(tl.int64)
-    t = (row % T).to(tl.int64)
-    label = tl.load(labels_ptr + b * s_yb + t * s_yt).to(tl.int64)
-    counted = label != ignore_index
-    if HAS_MASK:
-        counted = counted & (tl.load(mask_ptr + b * s_mb + t * s_mt) != 0)
+    b, t, label, counted = _row_token(
+        row, T, labels_ptr, mask_ptr, ignore_index, s_yb, s_yt, s_mb, s_mt, HAS_MASK
+    )
     out_ptr = dlogits_ptr + row.to(tl.int64) * V
     if counted:
         g = tl.load(grad_ptr + b * s_gb + t * s_gt).to(ACC)
