@@ -193,6 +193,16 @@ def capture_head_input(model) -> Iterator[list[torch.Tensor]]:
         del head.forward
 
 
+def _head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, head.bias
+
+
+def _full(p: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter as a plain tensor: FSDP2 shards are gathered (differentiably) first."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
 def batch_logprobs(
     model,
     b: PreferenceBatch,
@@ -225,10 +235,11 @@ def batch_logprobs(
         with capture_head_input(model) as seen:
             model(**kwargs)
         hidden = seen[-1][0] if padding_free else seen[-1][:, :-1]
-        head = getattr(model, "module", model).get_output_embeddings()
+        inner = getattr(model, "module", model)
+        weight, bias = (_full(p) for p in _head_params(inner))
         return linear_sequence_logprobs(
-            hidden, head.weight, labels, bias=head.bias, mask=mask, stats=stats, cu_seqlens=cu,
-            backend=backend, **head_transform(getattr(model, "module", model)),
+            hidden, weight, labels, bias=bias, mask=mask, stats=stats, cu_seqlens=cu,
+            backend=backend, **head_transform(inner),
         )  # fmt: skip
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]

@@ -16,8 +16,9 @@ from dpo_kernels.forward import collate_preferences, concatenated_forward
 PAIRS = 8
 
 
-def dpo_step_loss(model, ref, examples):
-    out = concatenated_forward(model, collate_preferences(examples), ref_model=ref)
+def dpo_step_loss(model, ref, examples, fused_lm_head=False):
+    batch = collate_preferences(examples)
+    out = concatenated_forward(model, batch, ref_model=ref, fused_lm_head=fused_lm_head)
     return DPOLoss(beta=0.1)(out.pairs()).loss
 
 
@@ -28,7 +29,8 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -
     examples = preference_examples(PAIRS, seed=3)
     share = PAIRS // world
     mine = examples[rank * share : (rank + 1) * share]
-    if mode == "ddp":
+    fused = mode.endswith("fused_head")
+    if mode.startswith("ddp"):
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     else:
         from torch.distributed.fsdp import fully_shard
@@ -37,7 +39,7 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -
             fully_shard(layer)
         wrapped = fully_shard(model)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
-    loss = dpo_step_loss(wrapped, ref, mine)
+    loss = dpo_step_loss(wrapped, ref, mine, fused)
     loss.backward()
     grads = {}
     for n, p in wrapped.named_parameters():
@@ -51,7 +53,7 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -
     for step in range(3):
         opt.zero_grad()
         batch = examples[((rank + step) % world) * share :][:share]
-        dpo_step_loss(wrapped, ref, batch).backward()
+        dpo_step_loss(wrapped, ref, batch, fused).backward()
         opt.step()
     flat = torch.cat([
         (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()

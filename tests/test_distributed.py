@@ -18,7 +18,7 @@ def single_process_grads():
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp_fused_head", "fsdp_fused_head"])
 def test_two_process_gradients_equal_single_process(mode, tmp_path):
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), mode), nprocs=2)
     dist_grads = torch.load(tmp_path / f"{mode}_grads.pt")
