@@ -3,41 +3,71 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 import torch
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.lower().split("x"))
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
-def main(argv: list[str] | None = None) -> int:
+class Progress:
+    """Which method of which case is running: a tqdm bar on stderr, or one stderr line each."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.started = total, 0
+        self.bar = None
+        if importlib.util.find_spec("tqdm"):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, unit="method", leave=False)
+
+    def __call__(self, label: str) -> None:
+        self.started += 1
+        if self.bar is None:
+            print(f"[{self.started}/{self.total}] {label}", file=sys.stderr, flush=True)
+        else:
+            self.bar.set_description_str(label, refresh=False)
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _dtypes_of(cases: list) -> list[str]:
+    return sorted({c.dtype for c in cases}) or ["fp32"]
+
+
+def _grid(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
+    """The cases to run: the default (or quick) grid of the chosen ops, or --shapes, in --dtype."""
     from . import bench
 
-    p = argparse.ArgumentParser(prog="dpo-kernels")
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="fused ops vs naive PyTorch and peers: time, memory, error")
-    b.add_argument("--quick", action="store_true", help="one small case per op")
-    b.add_argument("--ops", default=",".join(bench.DEFAULT_GRID), help="comma-separated ops")
-    b.add_argument("--shapes", help="comma-separated shapes like 4x512x32000 (replace the grid)")
-    b.add_argument("--dtype", help="comma-separated dtypes among fp32,bf16,fp16")
-    b.add_argument("--reps", type=int, default=5, help="timed repetitions per method")
-    b.add_argument("--no-memory", action="store_true", help="skip the per-method memory probes")
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    b.add_argument("--json", help="write rows and machine facts to this file")
-    a = p.parse_args(argv)
-
-    grid = bench.QUICK_GRID if a.quick else bench.DEFAULT_GRID
     ops = a.ops.split(",")
-    unknown = set(ops) - set(bench.METHODS)
+    unknown = set(ops) - set(bench.OPS)
     if unknown:
-        p.error(f"unknown op(s) {sorted(unknown)}; choose from {sorted(bench.METHODS)}")
-    grid = {op: list(grid.get(op, [])) for op in ops}
+        p.error(f"unknown op(s) {sorted(unknown)}; choose from {sorted(bench.OPS)}")
+    base = bench.QUICK_GRID if a.quick else bench.DEFAULT_GRID
+    grid = {op: list(base.get(op, [])) for op in ops}
     if a.shapes:
-        shapes = [_parse_shape(s) for s in a.shapes.split(",")]
-        dtypes = sorted({c.dtype for cs in grid.values() for c in cs}) or ["fp32"]
-        grid = {op: [bench.Case(op, s, d) for s in shapes for d in dtypes] for op in ops}
+        try:
+            shapes = [bench.parse_shape(s) for s in a.shapes.split(",")]
+        except ValueError:
+            p.error(f"--shapes takes shapes like 4x512x32000, got {a.shapes!r}")
+        for op in ops:
+            dims = bench.OPS[op].dims
+            bad = [s for s in shapes if len(s) != len(dims.split("x")) or min(s) < 1]
+            if bad:
+                p.error(f"op {op} takes shapes {dims} (positive), got {bad}; choose it with --ops")
+        grid = {
+            op: [bench.Case(op, s, d) for s in shapes for d in _dtypes_of(cases)]
+            for op, cases in grid.items()
+        }
     if a.dtype:
         dts = a.dtype.split(",")
         bad = set(dts) - set(bench.DTYPES)
@@ -47,11 +77,52 @@ def main(argv: list[str] | None = None) -> int:
             op: list(dict.fromkeys(bench.Case(op, c.shape, d) for c in cs for d in dts))
             for op, cs in grid.items()
         }
+    for op, cases in grid.items():
+        supported = bench.OPS[op].dtypes
+        grid[op] = [c for c in cases if c.dtype in supported]
+        if cases and not grid[op]:
+            p.error(f"op {op} runs in {','.join(supported)} only")
+    return grid
 
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
-    rows, facts = bench.run(grid, a.device, a.reps, not a.no_memory, progress)
+def main(argv: list[str] | None = None) -> int:
+    from . import bench
+
+    p = argparse.ArgumentParser(prog="dpo-kernels")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="fused ops vs naive PyTorch and peers: time, memory, error")
+    b.add_argument("--quick", action="store_true", help="one small case per op")
+    b.add_argument(
+        "--ops",
+        default=",".join(bench.DEFAULT_OPS),
+        help=f"comma-separated ops among {','.join(bench.OPS)} (default: %(default)s)",
+    )
+    b.add_argument(
+        "--shapes",
+        help="comma-separated shapes replacing the grid: "
+        + ", ".join(f"{op} {o.dims}" for op, o in bench.OPS.items()),
+    )
+    b.add_argument("--dtype", help="comma-separated dtypes among fp32,bf16,fp16")
+    b.add_argument(
+        "--reps", type=_positive, default=5, help="timed repetitions per method (default: 5)"
+    )
+    b.add_argument("--no-memory", action="store_true", help="skip the per-method memory probes")
+    b.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    b.add_argument("--json", help="write rows and machine facts to this file")
+    b.add_argument("--plot", help="write a PNG of time and memory against vocabulary or tokens")
+    a = p.parse_args(argv)
+
+    if a.plot and not importlib.util.find_spec("matplotlib"):
+        p.error("--plot needs matplotlib: pip install 'dpo-kernels[bench]'")
+    grid = _grid(p, a)
+    progress = Progress(sum(len(bench.OPS[c.op].methods) for cs in grid.values() for c in cs))
+    try:
+        rows, facts = bench.run(grid, a.device, a.reps, not a.no_memory, progress)
+    finally:
+        progress.close()
+    facts["command"] = " ".join(["dpo-kernels", *(sys.argv[1:] if argv is None else argv)])
     print(
         f"# {facts['device']}, torch {facts['torch']}, {facts['threads']} threads, "
         f"stream {facts['stream_GBps']:.1f} GB/s, {facts['date']}"
@@ -63,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
         with open(a.json, "w") as f:
             json.dump({"facts": facts, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
-    return 1 if any(r.status == "WRONG" and r.method == "dpo_kernels" for r in rows) else 0
+    if a.plot:
+        bench.plot(rows, facts, a.plot)
+    ours = {(op, m.name) for op, o in bench.OPS.items() for m in o.methods if m.ours}
+    return 1 if any(r.status == "WRONG" and (r.op, r.method) in ours for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""`dpo-kernels bench`: flags, the table, WRONG marking, --json and --plot (tiny cases, no timing
+assertions: the numbers themselves live in BENCHMARKS.md)."""
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+
+from dpo_kernels import bench, cli
+
+TINY = ["--ops", "logprobs", "--shapes", "1x8x50,1x8x90", "--dtype", "fp32", "--reps", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _no_bandwidth_probe(monkeypatch):
+    monkeypatch.setattr(bench, "stream_bandwidth", lambda device: 1e10)
+
+
+@pytest.fixture
+def grids(monkeypatch):
+    """The grids main() would run, without running them."""
+    seen = []
+
+    def fake_run(grid, device, reps, memory, progress):
+        seen.append(grid)
+        return [], bench.machine_facts(device, 1e10)
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    return seen
+
+
+def test_every_op_has_a_grid_with_two_points_to_plot_and_a_quick_case(grids):
+    assert cli.main(["bench"]) == 0
+    assert list(grids[-1]) == list(bench.DEFAULT_OPS)
+    cli.main(["bench", "--ops", ",".join(bench.OPS)])
+    for op, cases in grids[-1].items():
+        by_vocab = bench.OPS[op].x_axis == "vocabulary size"
+        assert len({c.shape[-1] if by_vocab else c.shape for c in cases}) >= 2, op
+        assert bench.QUICK_GRID[op], op
+
+
+def test_shapes_dtypes_and_ops_select_the_cases(grids):
+    cli.main(["bench", "--ops", "logprobs,linear", "--quick"])
+    assert set(grids[-1]) == {"logprobs", "linear"}
+    cli.main(["bench", "--ops", "logprobs", "--shapes", "2x16x100,4x16x100", "--dtype", "bf16"])
+    assert grids[-1] == {
+        "logprobs": [bench.Case("logprobs", (2, 16, 100), "bf16"),
+                     bench.Case("logprobs", (4, 16, 100), "bf16")]
+    }  # fmt: skip
+    cli.main(["bench", "--ops", "dpo_step,logprobs", "--dtype", "fp32,bf16"])
+    assert {c.dtype for c in grids[-1]["dpo_step"]} == {"fp32"}  # it runs in fp32 only
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ops", "softmax"], "unknown op"),
+        (["--dtype", "fp8"], "unknown dtype"),
+        (["--ops", "linear", "--shapes", "4x512x32000"], "linear takes shapes BxTxHxV"),
+        (["--ops", "logprobs", "--shapes", "4x0x32000"], "positive"),
+        (["--shapes", "4by512"], "--shapes takes shapes like"),
+        (["--ops", "dpo_step", "--dtype", "bf16"], "dpo_step runs in fp32 only"),
+        (["--reps", "0"], "must be at least 1"),
+        (["--device", "tpu"], "invalid choice"),
+        (["--speed"], "unrecognized arguments"),
+    ],
+)
+def test_bad_flags_are_rejected(grids, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not grids
+
+
+def test_plot_without_matplotlib_is_rejected_before_running(grids, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name)
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--plot", "out.png"])
+    assert "pip install 'dpo-kernels[bench]'" in capsys.readouterr().err
+    assert not grids
+
+
+def _with_method(monkeypatch, op: str, method: bench.Method) -> None:
+    spec = bench.OPS[op]
+    monkeypatch.setitem(bench.OPS, op, dataclasses.replace(spec, methods=[*spec.methods, method]))
+
+
+def _off_by_one_percent(case, device):
+    step = bench._naive(case, device)
+    return lambda: (lambda values, grads: (values * 1.01, grads))(*step())
+
+
+def _raises(case, device):
+    raise RuntimeError("this peer does not run here")
+
+
+def test_a_wrong_answer_is_marked_wrong_and_a_failing_peer_is_skipped(monkeypatch, capsys):
+    _with_method(monkeypatch, "logprobs", bench.Method("fast.but.wrong", _off_by_one_percent))
+    _with_method(monkeypatch, "logprobs", bench.Method("broken", _raises))
+    assert cli.main(["bench", *TINY, "--no-memory"]) == 0  # a wrong peer is not our failure
+    table = capsys.readouterr().out
+    rows = {line.split()[3]: line for line in table.splitlines() if line.startswith("logprobs")}
+    assert rows["fast.but.wrong"].rstrip().endswith("WRONG")
+    assert rows["dpo_kernels"].rstrip().endswith("ok")
+    assert "skipped (RuntimeError: this peer does not run here)" in rows["broken"]
+    assert table.splitlines()[1].split()[:4] == ["op", "shape", "dtype", "method"]
+
+
+def test_exit_status_is_1_when_ours_is_wrong(monkeypatch):
+    wrong = bench.Method("ours.wrong", _off_by_one_percent, ours=True)
+    _with_method(monkeypatch, "logprobs", wrong)
+    assert cli.main(["bench", *TINY, "--no-memory"]) == 1
+
+
+def test_json_has_the_facts_and_one_row_per_case_and_method(tmp_path):
+    path = tmp_path / "rows.json"
+    assert cli.main(["bench", *TINY, "--no-memory", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["facts"]["command"].startswith("dpo-kernels bench --ops logprobs")
+    methods = [m.name for m in bench.OPS["logprobs"].methods]
+    assert [(r["shape"], r["method"]) for r in data["rows"]] == [
+        (s, m) for s in ("1x8x50", "1x8x90") for m in methods
+    ]
+    naive = data["rows"][0]
+    assert naive["speedup"] == 1.0 and naive["tokens"] == 8 and naive["status"] == "ok"
+    assert all(r["value_err"] < 1e-5 for r in data["rows"] if r["status"] == "ok")
+    assert all(r["grad_err"] < 1e-5 for r in data["rows"] if r["status"] == "ok")
+
+
+def test_memory_probe_runs_in_a_subprocess_and_gives_ratios(tmp_path, monkeypatch):
+    spec = bench.OPS["logprobs"]
+    ours = [m for m in spec.methods if m.name in ("naive", "dpo_kernels")]
+    monkeypatch.setitem(bench.OPS, "logprobs", dataclasses.replace(spec, methods=ours))
+    path = tmp_path / "rows.json"
+    cli.main(["bench", "--ops", "logprobs", "--shapes", "2x64x2000", "--dtype", "fp32",
+              "--reps", "1", "--json", str(path)])  # fmt: skip
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["extra_mib"] is not None and r["extra_mib"] >= 0 for r in rows)
+    assert rows[0]["mem_ratio"] == 1.0
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "plot.png"
+    assert cli.main(["bench", *TINY, "--no-memory", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
