@@ -332,7 +332,7 @@ def _dpo_trainer(trainer_cls: type, case: Case, device: str):
     return trainer, trainer._prepare_inputs(preference_inputs(case, device))
 
 
-def _dpo_step(trainer_cls_of: Callable[[], type]) -> Callable[[Case, str], Step]:
+def _dpo_step(trainer_cls_of: Callable[[], Callable]) -> Callable[[Case, str], Step]:
     """The whole DPO loss step of a trainer: its compute_loss (policy forward, no-grad reference
     forward, log-probs, loss) and the backward into the policy's parameters."""
 
@@ -354,6 +354,15 @@ def _fused_trainer() -> type:
     from .integrations.trl import FusedDPOTrainer
 
     return FusedDPOTrainer
+
+
+def _fused_trainer_logits() -> Callable:
+    """FusedDPOTrainer on the logits path: the model builds its logits, our op reads them."""
+    import functools
+
+    from .integrations.trl import FusedDPOTrainer
+
+    return functools.partial(FusedDPOTrainer, fused_lm_head=False)
 
 
 def _padding(padding_free: bool) -> Callable[[Case, str], Step]:
@@ -507,6 +516,7 @@ OPS: dict[str, Op] = {
         methods=[
             Method("trl.DPOTrainer", _dpo_step(_trl_trainer), _need_trl),
             Method("dpo_kernels", _dpo_step(_fused_trainer), _need_trl, ours=True),
+            Method("dpo_kernels (logits)", _dpo_step(_fused_trainer_logits), _need_trl, ours=True),
         ],
         expected=_dpo_expected,
         tokens=lambda case: 2 * _bt(case),
