@@ -296,9 +296,10 @@ def _linear_matmuls(case, device) -> Step:
 DPO_BETA = reference.DPOLossSpec().beta  # TRL's default, given to both trainers and the reference
 
 
-def _dpo_trainer(trainer_cls: type, case: Case, device: str):
-    """A `trainer_cls` (trl.DPOTrainer or a subclass) on the tiny Llama (seed 0) and its reference
-    (seed 1): stock settings except float32 (bf16=False) and no gradient checkpointing. A one-row
+def _dpo_trainer(trainer_cls: type, case: Case, device: str, **trainer_kwargs):
+    """A `trainer_cls` (trl.DPOTrainer or a subclass, given `trainer_kwargs`) on the tiny Llama
+    (seed 0) and its reference (seed 1): stock settings except float32 (bf16=False) and no
+    gradient checkpointing. A one-row
     dataset and a two-word tokenizer satisfy the constructor; the timed batch is
     `preference_inputs`, in the layout TRL's DataCollatorForPreference makes."""
     import tempfile
@@ -328,16 +329,17 @@ def _dpo_trainer(trainer_cls: type, case: Case, device: str):
     trainer = trainer_cls(
         model=tiny_llama(V, 0, device), ref_model=tiny_llama(V, 1, device), args=args,
         train_dataset=datasets.Dataset.from_list([row]), processing_class=tokenizer,
+        **trainer_kwargs,
     )  # fmt: skip
     return trainer, trainer._prepare_inputs(preference_inputs(case, device))
 
 
-def _dpo_step(trainer_cls_of: Callable[[], Callable]) -> Callable[[Case, str], Step]:
+def _dpo_step(trainer_cls_of: Callable[[], type], **trainer_kwargs) -> Callable[[Case, str], Step]:
     """The whole DPO loss step of a trainer: its compute_loss (policy forward, no-grad reference
     forward, log-probs, loss) and the backward into the policy's parameters."""
 
     def build(case, device) -> Step:
-        trainer, batch = _dpo_trainer(trainer_cls_of(), case, device)
+        trainer, batch = _dpo_trainer(trainer_cls_of(), case, device, **trainer_kwargs)
         model = trainer.model
         return GradStep(list(model.parameters()), lambda: trainer.compute_loss(model, batch)[None])
 
@@ -354,15 +356,6 @@ def _fused_trainer() -> type:
     from .integrations.trl import FusedDPOTrainer
 
     return FusedDPOTrainer
-
-
-def _fused_trainer_logits() -> Callable:
-    """FusedDPOTrainer on the logits path: the model builds its logits, our op reads them."""
-    import functools
-
-    from .integrations.trl import FusedDPOTrainer
-
-    return functools.partial(FusedDPOTrainer, fused_lm_head=False)
 
 
 def _padding(padding_free: bool) -> Callable[[Case, str], Step]:
@@ -516,7 +509,12 @@ OPS: dict[str, Op] = {
         methods=[
             Method("trl.DPOTrainer", _dpo_step(_trl_trainer), _need_trl),
             Method("dpo_kernels", _dpo_step(_fused_trainer), _need_trl, ours=True),
-            Method("dpo_kernels (logits)", _dpo_step(_fused_trainer_logits), _need_trl, ours=True),
+            Method(  # the logits path: the model builds its logits, our op reads them
+                "dpo_kernels (logits)",
+                _dpo_step(_fused_trainer, fused_lm_head=False),
+                _need_trl,
+                ours=True,
+            ),
         ],
         expected=_dpo_expected,
         tokens=lambda case: 2 * _bt(case),

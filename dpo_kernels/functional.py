@@ -492,11 +492,10 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         return dz, None, None, None, None, None
 
 
-def _vocab_parallel_tokens(logits, labels, mask, ignore_index, group, vocab_start, backend):
-    vocab = int(_all_reduce(torch.tensor([logits.shape[-1]], device=logits.device), group))
-    counted = reference.counted_tokens(labels, mask, ignore_index)
+def _check_global_values(labels, mask, ignore_index, local_vocab: int, group) -> None:
+    """`_check_values` against the whole vocabulary: the ranks' slices summed over `group`."""
+    vocab = int(_all_reduce(torch.tensor([local_vocab], device=labels.device), group))
     _check_values(labels, mask, ignore_index, vocab)
-    return _VocabParallelTokenLogprobs.apply(logits, labels, counted, vocab_start, group, backend)
 
 
 def sequence_logprobs(
@@ -547,8 +546,9 @@ def sequence_logprobs(
                 "vocab_group does not combine with ref_logits or stats: call the reference model "
                 "separately (under torch.no_grad) and compute statistics on gathered logits"
             )
-        tok = _vocab_parallel_tokens(
-            logits, labels, mask, ignore_index, vocab_group, vocab_start, name
+        _check_global_values(labels, mask, ignore_index, logits.shape[-1], vocab_group)
+        tok = _VocabParallelTokenLogprobs.apply(
+            logits, labels, counted, vocab_start, vocab_group, name
         )
         ref_tok = ent = mean = top1 = None
     else:
@@ -654,7 +654,7 @@ def dpo_pair_loss(
     float64 inputs). The reference log-probs get no gradient. Backends: "triton" (one kernel
     launch), "cpu" (the closed forms in vectorized torch), "reference" (autograd formulas).
     """
-    dtype = torch.float64 if pc.dtype == torch.float64 else torch.float32
+    dtype = reference.acc_dtype(pc.dtype)
     pc, pr, rc, rr, nc, nr = (t.to(dtype) for t in (pc, pr, rc, rr, nc, nr))
     name = resolve_backend(backend, pc.device)
     if name == "reference":  # the spec: plain autograd formulas
@@ -879,8 +879,7 @@ def linear_sequence_logprobs(
     if vocab_group is not None:
         if stats:
             raise ValueError("vocab_group does not combine with stats")
-        vocab = int(_all_reduce(torch.tensor([weight.shape[0]], device=hidden.device), vocab_group))
-        _check_values(labels, mask, ignore_index, vocab)
+        _check_global_values(labels, mask, ignore_index, weight.shape[0], vocab_group)
         tok_c = _VocabParallelLinearTokens.apply(
             hidden[counted], weight, bias, labels[counted].long(), vocab_start, vocab_group,
             transform, name,

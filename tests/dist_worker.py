@@ -5,6 +5,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -14,6 +15,12 @@ from dpo_kernels import DPOLoss
 from dpo_kernels.forward import collate_preferences, concatenated_forward
 
 PAIRS = 8
+
+
+def spawn_ranks(worker, world: int, tmp_path, *args) -> None:
+    """Runs worker(rank, world, init_file, out_dir, *args) in `world` processes (gloo through a
+    file in tmp_path, which also receives their results)."""
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path), *args), nprocs=world)
 
 
 def shutdown() -> None:

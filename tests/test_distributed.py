@@ -5,9 +5,8 @@ import pathlib
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import preference_examples, tiny_causal_lm
-from dist_worker import PAIRS, ddp_worker, dpo_step_loss
+from dist_worker import PAIRS, ddp_worker, dpo_step_loss, spawn_ranks
 
 import dpo_kernels
 
@@ -20,7 +19,7 @@ def single_process_grads():
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp_fused_head", "fsdp_fused_head"])
 def test_two_process_gradients_equal_single_process(mode, tmp_path):
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), mode), nprocs=2)
+    spawn_ranks(ddp_worker, 2, tmp_path, mode)
     dist_grads = torch.load(tmp_path / f"{mode}_grads.pt")
     expect = single_process_grads()
     assert dist_grads.keys() == expect.keys()

@@ -2,9 +2,15 @@
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import cpu_backends
-from dist_worker import vocab_parallel_case, vocab_parallel_worker, vocab_slices
+from dist_worker import (
+    linear_vocab_parallel_case,
+    linear_vocab_parallel_worker,
+    spawn_ranks,
+    vocab_parallel_case,
+    vocab_parallel_worker,
+    vocab_slices,
+)
 
 import dpo_kernels
 
@@ -12,11 +18,7 @@ import dpo_kernels
 @pytest.mark.parametrize("world", [2, 4])
 def test_split_vocabulary_equals_single_process(world, tmp_path):
     backends = cpu_backends()
-    mp.spawn(
-        vocab_parallel_worker,
-        args=(world, str(tmp_path / "init"), str(tmp_path), backends),
-        nprocs=world,
-    )
+    spawn_ranks(vocab_parallel_worker, world, tmp_path, backends)
     logits, _, mask = vocab_parallel_case()
     slices = vocab_slices(logits.shape[-1], world)
     per_rank = [torch.load(tmp_path / f"vp_rank{r}.pt") for r in range(world)]
@@ -37,14 +39,8 @@ def test_split_vocabulary_equals_single_process(world, tmp_path):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_split_lm_head_equals_single_process(world, tmp_path):
-    from dist_worker import linear_vocab_parallel_case, linear_vocab_parallel_worker
-
     backends = cpu_backends()
-    mp.spawn(
-        linear_vocab_parallel_worker,
-        args=(world, str(tmp_path / "init"), str(tmp_path), backends),
-        nprocs=world,
-    )
+    spawn_ranks(linear_vocab_parallel_worker, world, tmp_path, backends)
     hidden, weight, bias, _, mask = linear_vocab_parallel_case()
     per_rank = [torch.load(tmp_path / f"lvp_rank{r}.pt") for r in range(world)]
     for backend in backends:

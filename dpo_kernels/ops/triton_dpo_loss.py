@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import ALPHA_CLAMP_MAX, LOSS_TYPES, DPOLossSpec
+from .reference import ALPHA_CLAMP_MAX, LOSS_TYPES, DPOLossSpec, acc_dtype
+from .triton_logprobs import tl_acc_dtype
 
 SORTING = ("aot", "aot_unpaired")
 _FDIV = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2, "alpha_divergence": 3}
@@ -202,7 +203,7 @@ def dpo_loss_and_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, per-pair loss [P], dloss/dpc [P], dloss/dpr [P]); see torch_dpo_loss.py."""
     P = pc.shape[0]
-    dtype = torch.float64 if pc.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(pc.dtype)
     args = [x.to(dtype).contiguous() for x in (pc, pr, rc, rr, nc, nr)]
     weights = torch.zeros(len(LOSS_TYPES), dtype=dtype)
     types = 0
@@ -238,7 +239,7 @@ def dpo_loss_and_grads(
         P,
         TYPES=types,
         FDIV=fdiv,
-        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        ACC=tl_acc_dtype(dtype),
         BLOCK=min(1024, max(16, triton.next_power_of_2(P))),
     )
     loss = loss[0]

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import LogitTransform
-from .triton_logprobs import acc_dtype, fold_block, launch_config
+from .reference import LogitTransform, acc_dtype
+from .triton_logprobs import fold_block, launch_config, tl_acc_dtype
 
 # One projection tile: 2048 tokens x 4096 vocabulary entries, 16 MiB in bf16 (32 MiB in fp32);
 # large enough for cuBLAS to run near peak, small next to the [tokens, vocab] logits it replaces.
@@ -146,7 +146,7 @@ def _projected_tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def _params(transform: LogitTransform, like: torch.Tensor) -> torch.Tensor:
     # A tensor rather than scalar arguments: Triton passes Python floats as float32.
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(like.dtype)
     values = [transform.factor, transform.softcap or 0.0]
     return torch.tensor(values, dtype=acc, device=like.device)
 
@@ -198,7 +198,7 @@ def linear_logprobs_forward(
             vs,
             HAS_SOFTCAP=transform.softcap is not None,
             STATS=stats,
-            ACC=acc_dtype(hidden.dtype),
+            ACC=tl_acc_dtype(hidden.dtype),
             BLOCK_V=block,
             num_warps=warps,
         )
@@ -245,7 +245,7 @@ def linear_logprobs_backward(
             tile.stride(0),
             vs,
             HAS_SOFTCAP=transform.softcap is not None,
-            ACC=acc_dtype(hidden.dtype),
+            ACC=tl_acc_dtype(hidden.dtype),
             BLOCK_V=block,
             num_warps=warps,
         )

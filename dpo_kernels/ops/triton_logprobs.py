@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import acc_dtype
+
 # Largest vocab chunk a program holds at once: 16 KiB of logits (8 KiB for 64-bit types' inputs).
 _MAX_BLOCK_BYTES = 16384
 
@@ -33,9 +35,9 @@ def launch_config(vocab: int, element_size: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def acc_dtype(dtype: torch.dtype) -> tl.dtype:
-    """Triton accumulation dtype: float64 for float64 inputs, float32 for everything else."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """reference.acc_dtype as a Triton dtype."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 @triton.jit
@@ -221,7 +223,7 @@ def logprobs_forward(
     logit and label-is-argmax: the contract of ops/reference.py::token_logprobs."""
     B, T, V = logits.shape
     logits = _vocab_contiguous(logits)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     tok = torch.empty((B, T), dtype=acc, device=logits.device)
     lse = torch.empty((B, T), dtype=acc, device=logits.device)
     n_stats = B * T if stats else 0
@@ -231,7 +233,7 @@ def logprobs_forward(
     outs = (ent.view(B, T), mean.view(B, T), top1.view(B, T)) if stats else (ent, mean, top1)
     if ref_logits is not None:
         ref_logits = _vocab_contiguous(ref_logits)
-        ref_acc = torch.float64 if ref_logits.dtype == torch.float64 else torch.float32
+        ref_acc = acc_dtype(ref_logits.dtype)
         ref_tok = torch.empty((B, T), dtype=ref_acc, device=logits.device)
         ref_args = (ref_logits, ref_logits.stride(0), ref_logits.stride(1))
     else:
@@ -268,8 +270,8 @@ def logprobs_forward(
         HAS_MASK=mask is not None,
         HAS_REF=ref_logits is not None,
         STATS=stats,
-        ACC=acc_dtype(logits.dtype),
-        REF_ACC=acc_dtype(ref_acc),
+        ACC=tl_acc_dtype(logits.dtype),
+        REF_ACC=tl_acc_dtype(ref_acc),
         BLOCK_V=block,
         num_warps=warps,
     )
@@ -311,7 +313,7 @@ def logprobs_backward(
         s_mb,
         s_mt,
         HAS_MASK=mask is not None,
-        ACC=acc_dtype(logits.dtype),
+        ACC=tl_acc_dtype(logits.dtype),
         BLOCK_V=block,
         num_warps=warps,
     )
