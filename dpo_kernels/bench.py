@@ -545,7 +545,7 @@ DEFAULT_GRID = {
         Case("linear", (B, 256, 512, 32000), "fp32") for B in (1, 2)
     ],
     "dpo_step": [Case("dpo_step", (P, 256, 32000), "fp32") for P in (1, 2)],
-    # Completions of 64..1024 tokens: ~105 s alone here, so not in DEFAULT_OPS (--ops packed).
+    # Completions of 64..1024 tokens: ~100 s alone here, so not in DEFAULT_OPS (--ops packed).
     "packed": [Case("packed", (P, 1024, 8000), "fp32") for P in (1, 2, 4)],
 }
 DEFAULT_OPS = ("logprobs", "linear", "dpo_step")
