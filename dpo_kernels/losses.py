@@ -221,7 +221,8 @@ def _weighted_loss(pc, pr, rc, rr, nc, nr, spec: DPOLossSpec, backend, weights: 
     acc = torch.float64 if pc.dtype == torch.float64 else torch.float32
     w = weights.detach().to(acc)
     types = [(t, x) for t, x in zip(spec.loss_types, spec.loss_weights, strict=True) if t != "sft"]
-    sft_weight = sum(x for t, x in zip(spec.loss_types, spec.loss_weights, strict=True) if t == "sft")
+    sft_weight = sum(x for t, x in zip(spec.loss_types, spec.loss_weights, strict=True)
+                     if t == "sft")  # fmt: skip
     loss = pc.new_zeros((), dtype=acc)
     per = loss.new_zeros(pc.shape)
     if types:

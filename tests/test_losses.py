@@ -308,8 +308,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 def weighted_scalar_loss(types, weights_of_types, pair_w, lists, beta):
     """sum over types of mean_i(pair_w[i] * loss_i) from the scalar formulas (TRL's WPO weighting):
     sft is one value for every pair, so it is scaled by the mean pair weight."""
-    pc, pr, rc, rr, nc, nr = lists
-    P, total = len(pc), 0.0
+    P, total = len(lists[0]), 0.0
     for kind, tw in zip(types, weights_of_types, strict=True):
         if kind == "sft":
             total += tw * scalar_loss(kind, *lists, beta, 0.0) * sum(pair_w) / P
@@ -350,7 +349,7 @@ def test_pair_weights_scale_each_pair_loss(backend, types):
 
 
 def test_pair_weights_refuse_sorting_losses_and_gradients():
-    pc, pr, rc, rr, nc, nr = make_pairs()
+    pc, pr, rc, rr, _, _ = make_pairs()
     with pytest.raises(ValueError, match="aot"):
         dpo_loss(pc, pr, rc, rr, loss_type="aot", weights=torch.ones(6, dtype=torch.float64))
     with pytest.raises(ValueError, match="detach"):

@@ -87,16 +87,16 @@ class FusedDPOTrainer(DPOTrainer):
             # Stock TRL 1.16 fails on its first step here (it multiplies the expanded sft loss in
             # place), so there are no stock numbers to match.
             raise NotImplementedError(
-                "use_weighting=True with loss_type 'sft' fails in trl.DPOTrainer 1.16 at the first "
-                "step, so FusedDPOTrainer does not define it either: remove 'sft' from loss_type or "
-                "set use_weighting=False"
+                "use_weighting=True with loss_type 'sft' fails in trl.DPOTrainer 1.16 at the "
+                "first step, so FusedDPOTrainer does not define it either: remove 'sft' from "
+                "loss_type or set use_weighting=False"
             )
         # The sft term is kept apart from the pair losses: it averages the unweighted (not LD)
         # token log-probs over the scored (shifted) chosen tokens, while ipo and sigmoid_norm
         # divide by the unshifted completion lengths, as in TRL.
-        pair = [(t, w) for t, w in zip(self.loss_types, self.loss_weights, strict=True) if t != "sft"]
-        self._sft_weight = sum(w for t, w in zip(self.loss_types, self.loss_weights, strict=True)
-                               if t == "sft")  # fmt: skip
+        typed = list(zip(self.loss_types, self.loss_weights, strict=True))
+        pair = [(t, w) for t, w in typed if t != "sft"]
+        self._sft_weight = sum(w for t, w in typed if t == "sft")
         self._loss_spec = None
         if pair:
             self._loss_spec = make_spec(
