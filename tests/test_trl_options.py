@@ -132,10 +132,8 @@ CONFIGS = {
     "ld-alpha-sft": dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]),
     "ld-alpha-sft-only-adamw": dict(ld_alpha=0.3, loss_type=["sft"], optim="adamw_torch"),
 }
-# The logits path (fused_lm_head=False) too where the options read new statistics or counts.
-CASES = [(name, True) for name in CONFIGS] + [
-    (name, False) for name in ("sft-no-prompt", "wpo", "wpo-mix-adamw", "ld-alpha-sft")
-]
+# The logits path (fused_lm_head=False) too where the options read the new log_sum_sq statistic.
+CASES = [(name, True) for name in CONFIGS] + [(name, False) for name in ("wpo", "wpo-mix-adamw")]
 _stock_runs = {}
 
 
