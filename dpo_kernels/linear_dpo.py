@@ -37,9 +37,11 @@ from .losses import DPOLossOutput, dpo_loss, make_spec
 from .ops import reference
 from .ops.reference import DPOLossSpec, LogitTransform
 
-# Bytes of float32 logits alive at once (the chunk buffer). 64 MiB holds one pair of 2 x 256
-# tokens at V = 32000, or 128 tokens at V = 128256.
-DEFAULT_MEMORY_BUDGET = 64 * 2**20
+# Bytes of float32 logits alive at once (the chunk buffer), by device type. CPU: 64 MiB holds one
+# pair of 2 x 192 counted tokens at V = 32000 (the extra peak then stays under half of CCE's).
+# CUDA: 2 GiB holds ~2800 tokens at V = 128256 (float32 logits and their bf16 gradient), so that
+# pairs of typical lengths stay on the 3-matmul route.
+DEFAULT_MEMORY_BUDGET = {"cpu": 64 * 2**20, "cuda": 2 * 2**30}
 # Loss types whose per-pair gradient needs every pair's log-probs first: the two-pass route.
 BATCH_COUPLED = frozenset(("aot", "aot_unpaired"))
 # Loss types normalized by a batch total that is known before the forward (chosen token counts).
@@ -512,8 +514,8 @@ def linear_dpo_loss(
     logit_scale, softcap, temperature: z = logit_scale * softcap(hidden @ weight.T + bias) /
         temperature, as in `linear_sequence_logprobs`.
     memory_budget: bytes of float32 logits (working buffers included) alive at once; default
-        `DEFAULT_MEMORY_BUDGET` (64 MiB). Pairs go in chunks that fit; a pair that does not fit
-        alone is done in tiles with recompute.
+        `DEFAULT_MEMORY_BUDGET` (64 MiB on CPU, 2 GiB on CUDA). Pairs go in chunks that fit;
+        a pair that does not fit alone is done in tiles with recompute.
 
     Returns `dpo_loss`'s `DPOLossOutput`; ``loss`` carries gradient to hidden, weight and bias,
     which were computed during this call (3 matmuls over the counted tokens; `aot` and
@@ -534,7 +536,7 @@ def linear_dpo_loss(
     if hidden.shape[0] == 0:
         raise ValueError("hidden has no rows: no pairs to compute a loss over")
     if memory_budget is None:
-        memory_budget = DEFAULT_MEMORY_BUDGET
+        memory_budget = DEFAULT_MEMORY_BUDGET.get(hidden.device.type, DEFAULT_MEMORY_BUDGET["cpu"])
     if not isinstance(memory_budget, int) or memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
