@@ -106,8 +106,10 @@ class _Rows:
         if bias is not None:
             x.add_(bias[vs : vs + nv])
 
-    def backprop(self, x, h, weight, vs, dh, dw, db) -> None:
-        """dh += x @ W_blk, dw[blk] += x.T @ h, db[blk] += sum of x (those not None)."""
+    def backprop(self, x, h, weight, vs, dh, dw, db, dw_fresh=False) -> None:
+        """dh (+)= x @ W_blk, dw[blk] (+)= x.T @ h, db[blk] += sum of x (those not None). dh is
+        written, not added to, at vs == 0 and dw with dw_fresh: no zero fill (CPU; on CUDA the
+        buffers start at zero and are always added to)."""
         nv = x.shape[1]
         if self.reduced and self.cuda:
             xd = x.to(self.dtype)
@@ -120,9 +122,16 @@ class _Rows:
             for s, w in self._blocks(weight, vs, nv):
                 xs = x if w.shape[0] == nv else x[:, s : s + w.shape[0]]
                 if dh is not None:
-                    dh.addmm_(xs, w)
+                    if vs == 0 and s == 0:
+                        torch.mm(xs, w, out=dh)
+                    else:
+                        dh.addmm_(xs, w)
                 if dw is not None:
-                    dw[vs + s : vs + s + w.shape[0]].addmm_(xs.T, h)
+                    rows = dw[vs + s : vs + s + w.shape[0]]
+                    if dw_fresh:
+                        torch.mm(xs.T, h, out=rows)
+                    else:
+                        rows.addmm_(xs.T, h)
         if db is not None:
             db[vs : vs + nv] += x.sum(0)
 
@@ -218,11 +227,24 @@ class _Grads:
     """Gradient buffers: dh [2P * T, H] (inputs' dtype), dw [V, H] and db [V] (accumulation dtype,
     cast once at the end); None where not wanted."""
 
-    def __init__(self, hidden2, weight, bias, acc, wants):
+    def __init__(self, hidden2, weight, bias, acc, wants, zero_fill):
         self.dh = torch.zeros_like(hidden2) if wants[0] else None
-        self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if wants[1] else None
+        dw = None
+        if wants[1]:  # zero_fill False: the first full pass over the vocabulary writes it
+            dw = (torch.zeros if zero_fill else torch.empty)(
+                weight.shape, dtype=acc, device=weight.device
+            )
+        self.dw, self.dw_fresh = dw, not zero_fill
         use_b = wants[2] and bias is not None
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if use_b else None
+
+    def done_pass(self) -> None:
+        """One pass over the whole vocabulary has written dw: add to it from now on."""
+        self.dw_fresh = False
+
+    def finish(self) -> None:
+        if self.dw is not None and self.dw_fresh:  # no token counted anywhere
+            self.dw.zero_()
 
 
 def _tile_shape(n_tokens: int, vocab: int, budget_logits: int) -> tuple[int, int]:
@@ -251,7 +273,8 @@ def _chunk_single_pass(rows, batch, grads, weight, bias, k0, k1, buf, grad_fn):
     dh = None
     if grads.dh is not None:
         dh = torch.zeros(n, h.shape[1], dtype=x.dtype, device=x.device)
-    rows.backprop(x, h, weight, 0, dh, grads.dw, grads.db)
+    rows.backprop(x, h, weight, 0, dh, grads.dw, grads.db, grads.dw_fresh)
+    grads.done_pass()
     if dh is not None:
         grads.dh.index_copy_(0, idx, dh.to(grads.dh.dtype))
     return sums
@@ -303,7 +326,8 @@ def _chunk_recompute(rows, batch, grads, weight, bias, k0, k1, buf, budget_logit
             x = buf[: (te - ts) * (ve - vs)].view(te - ts, ve - vs)
             rows.project(x, h, weight, bias, vs)
             rows.grad(x, _local(y[ts:te], vs, ve), g[ts:te], lse[ts:te])
-            rows.backprop(x, h, weight, vs, dh, grads.dw, grads.db)
+            rows.backprop(x, h, weight, vs, dh, grads.dw, grads.db, grads.dw_fresh)
+        grads.done_pass()
         if dh is not None:
             grads.dh.index_copy_(0, idx[ts:te], dh.to(grads.dh.dtype))
     return sums
@@ -364,7 +388,7 @@ def _run(hidden, weight, bias, labels, counted, rc, rr, spec, tf, budget, backen
     )
     kernel = _dpo_loss_kernel(backend)
     rows = _Rows(backend, hidden.dtype, dev, tf)
-    grads = _Grads(batch.hidden, weight, bias, acc, wants)
+    grads = _Grads(batch.hidden, weight, bias, acc, wants, zero_fill=rows.reduced and rows.cuda)
     weight = weight.detach()
     bias = None if bias is None else bias.detach().to(acc)
     budget_logits = max(1, budget // rows.bytes_per_logit())
@@ -425,6 +449,7 @@ def _run(hidden, weight, bias, labels, counted, rc, rr, spec, tf, budget, backen
                                     budget_logits, fn)  # fmt: skip
         pc[k0:k1], pr[k0:k1] = sums[: k1 - k0], sums[k1 - k0 :]
     del buf
+    grads.finish()
     loss = kernel(pc, pr, batch.rc, batch.rr, batch.nc, batch.nr, spec)[0]
     return loss, pc, pr, grads
 
