@@ -213,3 +213,28 @@ def test_bad_input(change, error, match):
     kw["mask"] = mask[: h.shape[0]]
     with pytest.raises(error, match=match):
         linear_dpo_loss(h, weight, lab, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kind", "budget", "passes"),
+    [("sigmoid", 2 * ONE_PAIR, 1), ("sft", ONE_PAIR, 1), ("sigmoid", 300, 2), ("aot", 10**9, 2)],
+)
+def test_logits_projected_once_within_budget(monkeypatch, kind, budget, passes):
+    """The 3-matmul route projects every counted token's logits once; the recompute routes (a
+    pair over the budget, the sorting losses) twice. No projection exceeds the budget."""
+    from dpo_kernels import linear_dpo
+
+    seen = []
+    project = linear_dpo._Rows.project
+
+    def spy(self, x, *args):
+        seen.append(x.shape)
+        return project(self, x, *args)
+
+    monkeypatch.setattr(linear_dpo._Rows, "project", spy)
+    batch = make_batch()
+    check(batch, **loss_options(kind), memory_budget=budget)
+    labels, mask = batch[3], batch[4]
+    counted = int(((labels != -100) & mask).sum())
+    assert sum(n * nv for n, nv in seen) == passes * counted * V
+    assert max(n * nv for n, nv in seen) * 4 <= budget
