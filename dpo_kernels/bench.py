@@ -670,7 +670,8 @@ DEFAULT_GRID = {
         Case("linear", (B, 256, 512, 32000), "fp32") for B in (1, 2)
     ],
     "dpo_step": [Case("dpo_step", (P, 256, 32000), "fp32") for P in (1, 2)],
-    "linear_dpo": [Case("linear_dpo", (8, 256, 512, 32000), "fp32")],
+    # 2 and 4 pairs: the shape is the second (not in DEFAULT_OPS: --ops linear_dpo)
+    "linear_dpo": [Case("linear_dpo", (B, 256, 512, 32000), "fp32") for B in (4, 8)],
     # Completions of 64..1024 tokens: ~100 s alone here, so not in DEFAULT_OPS (--ops packed).
     "packed": [Case("packed", (P, 1024, 8000), "fp32") for P in (1, 2, 4)],
 }

@@ -199,7 +199,7 @@ def _transform(x: torch.Tensor, tf: LogitTransform) -> torch.Tensor:
 class _Batch:
     """Counted tokens of a [2P, T] batch, grouped by row (row-major), and the pair inputs."""
 
-    hidden: torch.Tensor  # [2P * T, H]
+    hidden: torch.Tensor  # [2P, T, H], any strides (hidden[:, :-1] is not copied)
     labels: torch.Tensor  # [2P * T] int64
     flat: torch.Tensor  # [M] flat indices of the counted tokens
     offsets: list[int]  # [2P + 1] start of each row's tokens in `flat`
@@ -208,6 +208,11 @@ class _Batch:
     rr: torch.Tensor
     nc: torch.Tensor  # [P] counts, accumulation dtype
     nr: torch.Tensor
+
+    def rows_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """[n, H] hidden rows of flat token indices (only those rows are copied)."""
+        T = self.hidden.shape[1]
+        return self.hidden[idx // T, idx % T]
 
     def tokens(self, k0: int, k1: int) -> torch.Tensor:
         """Flat indices of pairs [k0, k1)'s tokens: chosen rows, then rejected rows."""
@@ -224,11 +229,13 @@ class _Batch:
 
 
 class _Grads:
-    """Gradient buffers: dh [2P * T, H] (inputs' dtype), dw [V, H] and db [V] (accumulation dtype,
-    cast once at the end); None where not wanted."""
+    """Gradient buffers: dh [2P * T, H] (inputs' dtype, contiguous), dw [V, H] and db [V]
+    (accumulation dtype, cast once at the end); None where not wanted."""
 
-    def __init__(self, hidden2, weight, bias, acc, wants, zero_fill):
-        self.dh = torch.zeros_like(hidden2) if wants[0] else None
+    def __init__(self, hidden, weight, bias, acc, wants, zero_fill):
+        self.dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device).view(
+            -1, hidden.shape[-1]
+        ) if wants[0] else None  # fmt: skip
         dw = None
         if wants[1]:  # zero_fill False: the first full pass over the vocabulary writes it
             dw = (torch.zeros if zero_fill else torch.empty)(
@@ -258,7 +265,7 @@ def _chunk_single_pass(rows, batch, grads, weight, bias, k0, k1, buf, grad_fn):
     idx = batch.tokens(k0, k1)
     seg = batch.row_ids(k0, k1, idx.device)
     y = batch.labels.index_select(0, idx)
-    h = rows.rows_in(batch.hidden.index_select(0, idx))
+    h = rows.rows_in(batch.rows_of(idx))
     n, V = idx.numel(), weight.shape[0]
     x = buf[: n * V].view(n, V)
     rows.project(x, h, weight, bias, 0)
@@ -296,7 +303,7 @@ def _chunk_recompute(rows, batch, grads, weight, bias, k0, k1, buf, budget_logit
     idx = batch.tokens(k0, k1)
     seg = batch.row_ids(k0, k1, idx.device)
     y = batch.labels.index_select(0, idx)
-    hid = batch.hidden.index_select(0, idx)
+    hid = batch.rows_of(idx)
     n, V = idx.numel(), weight.shape[0]
     tile, block = _tile_shape(n, V, budget_logits)
     acc = buf.dtype
@@ -369,14 +376,14 @@ def _split_spec(
 
 def _run(hidden, weight, bias, labels, counted, rc, rr, spec, tf, budget, backend, wants):
     """(loss, chosen sums [P], rejected sums [P], _Grads): everything the op computes."""
-    B, T, H = hidden.shape
+    B, T, _ = hidden.shape
     P, V = B // 2, weight.shape[0]
     acc = reference.acc_dtype(hidden.dtype)
     dev = hidden.device
     counts = counted.sum(-1)
     offsets = [0, *torch.cumsum(counts, 0).tolist()]
     batch = _Batch(
-        hidden.reshape(B * T, H),
+        hidden.detach(),
         labels.reshape(B * T).long(),
         counted.reshape(-1).nonzero().squeeze(1),
         offsets,

@@ -238,3 +238,15 @@ def test_logits_projected_once_within_budget(monkeypatch, kind, budget, passes):
     counted = int(((labels != -100) & mask).sum())
     assert sum(n * nv for n, nv in seen) == passes * counted * V
     assert max(n * nv for n, nv in seen) * 4 <= budget
+
+
+def test_strided_hidden():
+    """hidden[:, :-1] of a causal LM's output: gradients in the right rows, none in the last."""
+    hidden, weight, bias, labels, mask, rc, rr = make_batch()
+    full = torch.cat([hidden, torch.randn(2 * P, 1, H)], 1).requires_grad_()
+    out = linear_dpo_loss(full[:, :-1], weight, labels, bias=bias, mask=mask, ref_chosen_logps=rc,
+                          ref_rejected_logps=rr, memory_budget=ONE_PAIR)  # fmt: skip
+    out.loss.backward()
+    _, dh64, _, _ = reference64(hidden, weight, bias, labels, mask, rc, rr)
+    assert_close(full.grad[:, :-1], dh64, 1e-4, "hidden grad")
+    assert torch.equal(full.grad[:, -1], torch.zeros(2 * P, H))
