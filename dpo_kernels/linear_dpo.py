@@ -146,6 +146,8 @@ class _Rows:
         if self.backend == "triton":
             n, nv = x.shape
             acc, dev = x.dtype, x.device
+            if n == 0:  # no rows: no launch (an empty grid)
+                return x.new_zeros(0), x.new_zeros(0)
             m = torch.full((n,), float("-inf"), dtype=acc, device=dev)
             s, target, dummy = (torch.zeros(k, dtype=acc, device=dev) for k in (n, n, 1))
             block, warps = self._tl.launch_config(nv, x.element_size())
@@ -169,6 +171,8 @@ class _Rows:
             return
         if self.backend == "triton":
             n, nv = x.shape
+            if n == 0:
+                return
             block, warps = self._tl.launch_config(nv, x.element_size())
             self._tl._linear_bwd_kernel[(n, -(-nv // block))](
                 x, local, g.contiguous(), lse.contiguous(), self._params, nv, x.stride(0), 0,

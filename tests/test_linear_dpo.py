@@ -250,3 +250,15 @@ def test_strided_hidden():
     _, dh64, _, _ = reference64(hidden, weight, bias, labels, mask, rc, rr)
     assert_close(full.grad[:, :-1], dh64, 1e-4, "hidden grad")
     assert torch.equal(full.grad[:, -1], torch.zeros(2 * P, H))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_pair_without_counted_tokens(backend):
+    """A pair whose chosen and rejected rows count no token (all prompt): sums of 0, no gradient
+    in its rows, the other pairs unaffected."""
+    batch = make_batch(P=2, T=5, H=8, V=37)
+    mask = batch[4].clone()
+    mask[0] = False
+    mask[2] = False
+    batch = (*batch[:4], mask, *batch[5:])
+    check(batch, loss_type=["sigmoid", "ipo"], memory_budget=6 * 37 * 4, backend=backend)
