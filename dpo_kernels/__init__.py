@@ -1,7 +1,8 @@
 """dpo-kernels: fused log-prob kernels and a drop-in DPO loss.
 
 One import line: ``import dpo_kernels`` and call ``dpo_kernels.sequence_logprobs`` (from logits)
-or ``dpo_kernels.linear_sequence_logprobs`` (from hidden states and the LM head, no logits).
+or ``dpo_kernels.linear_sequence_logprobs`` (from hidden states and the LM head, no logits);
+``dpo_kernels.linear_dpo_loss`` fuses the LM head with the DPO loss.
 """
 
 from .functional import (
@@ -13,6 +14,7 @@ from .functional import (
     resolve_backend,
     sequence_logprobs,
 )
+from .linear_dpo import linear_dpo_loss
 from .losses import DPOLoss, DPOLossOutput, dpo_loss, make_spec
 
 __version__ = "0.1.0"
@@ -25,6 +27,7 @@ __all__ = [
     "TokenStats",
     "cpu_extension_available",
     "dpo_loss",
+    "linear_dpo_loss",
     "linear_sequence_logprobs",
     "make_spec",
     "resolve_backend",

@@ -293,6 +293,116 @@ def _linear_matmuls(case, device) -> Step:
     return step
 
 
+def linear_dpo_inputs(case: Case, device: str):
+    """`linear_inputs` of a [chosen (P); rejected (P)] batch (B = 2P rows), a reference head
+    (the policy head plus noise of 1/10 its scale) and the reference sums it gives, precomputed
+    as a trainer would (not timed)."""
+    from .functional import linear_sequence_logprobs
+
+    hidden, weight, labels, mask = linear_inputs(case, device)
+    g = torch.Generator().manual_seed(1)
+    noise = (torch.randn(weight.shape, generator=g) * 0.002).to(weight.dtype).to(device)
+    ref_weight = weight + noise
+    with torch.no_grad():
+        ref = linear_sequence_logprobs(hidden, ref_weight, labels, mask=mask).logps
+    P = case.shape[0] // 2
+    return hidden, weight, labels, mask, ref_weight, ref[:P], ref[P:]
+
+
+def _sigmoid_loss(sums: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+    """The sigmoid DPO loss (beta = DPO_BETA) of [chosen; rejected] sums, as [1]."""
+    pc, pr = sums.chunk(2)
+    return -torch.nn.functional.logsigmoid(DPO_BETA * ((pc - rc) - (pr - rr))).mean()[None]
+
+
+def _linear_dpo_step(case: Case, device: str, loss_of) -> GradStep:
+    """fwd+bwd of loss_of(hidden, weight, labels, mask, rc, rr) -> [1]; gradients of hidden and
+    weight."""
+    hidden, weight, labels, mask, _, rc, rr = linear_dpo_inputs(case, device)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    return GradStep([h, w], lambda: loss_of(h, w, labels, mask, rc, rr))
+
+
+def _ldpo_naive(case, device) -> Step:
+    def loss_of(h, w, y, mask, rc, rr):
+        return _sigmoid_loss(_naive_logps(h @ w.T, y, mask), rc, rr)
+
+    return _linear_dpo_step(case, device, loss_of)
+
+
+def _ldpo_cce(case, device) -> Step:
+    from cut_cross_entropy.torch_compile import torch_compile_linear_cross_entropy as lce
+
+    def loss_of(h, w, y, mask, rc, rr):
+        sums = -lce(h, w, y.masked_fill(~mask, -100), reduction="none").sum(-1)
+        return _sigmoid_loss(sums, rc, rr)
+
+    return _linear_dpo_step(case, device, loss_of)
+
+
+def _ldpo_liger(case, device) -> Step:
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    # Liger takes no precomputed reference sums: it runs the reference head itself (one more
+    # projection of every token, without gradient), on the same hidden states.
+    hidden, weight, labels, mask, ref_weight, _, _ = linear_dpo_inputs(case, device)
+    loss_fn = LigerFusedLinearDPOLoss(beta=DPO_BETA, use_ref_model=True)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    targets = labels.masked_fill(~mask, -100)
+    return GradStep(
+        [h, w],
+        lambda: loss_fn(w, h, targets, ref_input=hidden.detach(), ref_weight=ref_weight)[0][None],
+    )
+
+
+def _ldpo_unfused(case, device) -> Step:
+    from .functional import linear_sequence_logprobs
+    from .losses import dpo_loss
+
+    def loss_of(h, w, y, mask, rc, rr):
+        pc, pr = linear_sequence_logprobs(h, w, y, mask=mask).logps.chunk(2)
+        return dpo_loss(pc, pr, rc, rr, beta=DPO_BETA).loss[None]
+
+    return _linear_dpo_step(case, device, loss_of)
+
+
+def _ldpo_fused(case, device) -> Step:
+    from .linear_dpo import linear_dpo_loss
+
+    def loss_of(h, w, y, mask, rc, rr):
+        out = linear_dpo_loss(h, w, y, mask=mask, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                              beta=DPO_BETA)  # fmt: skip
+        return out.loss[None]
+
+    return _linear_dpo_step(case, device, loss_of)
+
+
+def _ldpo_matmuls(case, device) -> Step:
+    """Timing reference: the 3 plain matmuls of the fused loss over the counted tokens."""
+    hidden, weight, _, mask = linear_inputs(case, device)
+    h = hidden[mask]
+    dz = torch.randn(h.shape[0], weight.shape[0], device=device).to(weight.dtype)
+    z, dh, dw = torch.empty_like(dz), torch.empty_like(h), torch.empty_like(weight)
+
+    def step():
+        torch.mm(h, weight.T, out=z)  # logits
+        torch.mm(dz, weight, out=dh)  # dh
+        torch.mm(dz.T, h, out=dw)  # dW
+
+    return step
+
+
+def _linear_dpo_expected(case: Case, device: str) -> Result:
+    hidden, weight, labels, mask, _, rc, rr = linear_dpo_inputs(case, device)
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    rc, rr = rc.double(), rr.double()
+
+    def loss():
+        return _sigmoid_loss(reference.sequence_logprobs(h @ w.T, labels, mask)[0], rc, rr)
+
+    return GradStep([h, w], loss)()
+
+
 DPO_BETA = reference.DPOLossSpec().beta  # TRL's default, given to both trainers and the reference
 
 
@@ -504,6 +614,21 @@ OPS: dict[str, Op] = {
         tokens=_bt,
         x_axis="tokens",
     ),
+    "linear_dpo": Op(  # B = 2P rows [chosen; rejected], reference sums precomputed
+        dims="BxTxHxV",
+        methods=[
+            Method("naive", _ldpo_naive),
+            Method("liger.LigerFusedLinearDPOLoss", _ldpo_liger, lambda d: _has("liger_kernel")),
+            Method("cce.torch_compile", _ldpo_cce, lambda d: _has("cut_cross_entropy")),
+            Method("dpo_kernels (unfused)", _ldpo_unfused, ours=True),
+            Method("dpo_kernels.linear_dpo_loss", _ldpo_fused, ours=True),
+            Method("matmuls", _ldpo_matmuls),
+        ],
+        expected=_linear_dpo_expected,
+        tokens=_bt,
+        x_axis="tokens",
+        dtypes=("fp32", "bf16"),
+    ),
     "dpo_step": Op(
         dims="PxTxV",
         methods=[
@@ -545,6 +670,8 @@ DEFAULT_GRID = {
         Case("linear", (B, 256, 512, 32000), "fp32") for B in (1, 2)
     ],
     "dpo_step": [Case("dpo_step", (P, 256, 32000), "fp32") for P in (1, 2)],
+    # 2 and 4 pairs: the issue's shape is the second (not in DEFAULT_OPS: --ops linear_dpo)
+    "linear_dpo": [Case("linear_dpo", (B, 256, 512, 32000), "fp32") for B in (4, 8)],
     # Completions of 64..1024 tokens: ~100 s alone here, so not in DEFAULT_OPS (--ops packed).
     "packed": [Case("packed", (P, 1024, 8000), "fp32") for P in (1, 2, 4)],
 }
@@ -554,6 +681,7 @@ QUICK_GRID = {  # one small case per op, large enough that the fused ops show wh
     "linear": [Case("linear", (1, 256, 512, 32000), "fp32")],
     "dpo_step": [Case("dpo_step", (1, 128, 32000), "fp32")],
     "packed": [Case("packed", (2, 512, 8000), "fp32")],
+    "linear_dpo": [Case("linear_dpo", (2, 256, 512, 32000), "fp32")],
 }
 
 

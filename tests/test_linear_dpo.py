@@ -1,0 +1,264 @@
+"""linear_dpo_loss against a float64 reference: naive logits + log_softmax + the DPO loss.
+
+Values within 1e-5 and gradients of hidden, weight and bias within 1e-4 (relative to their
+largest entry) in float32, for every loss type, every route (chunks of pairs, a pair larger than
+the budget, the two-pass route of the sorting losses) and every backend that runs on CPU (Triton
+through the interpreter).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cpu_backends
+
+from dpo_kernels import dpo_loss, linear_dpo_loss
+from dpo_kernels.ops.reference import LOSS_TYPES
+
+P, T, H, V = 3, 9, 16, 61  # odd lengths everywhere
+
+
+def make_batch(P=P, T=T, H=H, V=V, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * P, T, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype)
+    b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V, (2 * P, T), generator=g)
+    # A prompt of a different length in every row; an ignore_index token and a masked one.
+    mask = torch.ones(2 * P, T, dtype=torch.bool)
+    for r in range(2 * P):
+        mask[r, : 1 + r % 4] = False
+    labels[1, T - 1] = -100
+    labels[P + 1, T // 2] = -100
+    mask[0, T - 2] = False
+    ref_c = torch.randn(P, generator=g, dtype=torch.float64).to(torch.float32) * 3 - 40
+    ref_r = torch.randn(P, generator=g, dtype=torch.float64).to(torch.float32) * 3 - 40
+    return hidden, weight, b, labels, mask, ref_c, ref_r
+
+
+def reference64(hidden, weight, bias, labels, mask, ref_c, ref_r, ignore_index=-100,
+                logit_scale=1.0, softcap=None, temperature=1.0, **loss):  # fmt: skip
+    """(loss, per-pair losses, dh, dW, db) in float64 with plain autograd."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    b = None if bias is None else bias.detach().double().requires_grad_()
+    x = h @ w.T + (0 if b is None else b)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    z = logit_scale * x / temperature
+    counted = (labels != ignore_index) & mask
+    logp = F.log_softmax(z, -1).gather(-1, torch.where(counted, labels, 0)[..., None])[..., 0]
+    sums = torch.where(counted, logp, 0.0).sum(-1)
+    counts = counted.sum(-1)
+    n = hidden.shape[0] // 2
+    rc = None if ref_c is None else ref_c.double()
+    rr = None if ref_r is None else ref_r.double()
+    out = dpo_loss(sums[:n], sums[n:], rc, rr, chosen_counts=counts[:n],
+                   rejected_counts=counts[n:], backend="reference", **loss)  # fmt: skip
+    out.loss.backward()
+    return out, h.grad, w.grad, None if b is None else b.grad
+
+
+def run(hidden, weight, bias, labels, mask, ref_c, ref_r, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    out = linear_dpo_loss(h, w, labels, bias=b, mask=mask, ref_chosen_logps=ref_c,
+                          ref_rejected_logps=ref_r, **kw)  # fmt: skip
+    out.loss.backward()
+    return out, h.grad, w.grad, None if b is None else b.grad
+
+
+def assert_close(ours, ref, tol, what):
+    scale = max(1.0, ref.abs().max().item()) if ref.dim() == 0 else ref.abs().max().item()
+    err = (ours.double() - ref).abs().max().item()
+    assert err <= tol * max(scale, 1e-30), f"{what}: error {err:.3g} (scale {scale:.3g})"
+
+
+def check(batch, loss_tol=1e-5, grad_tol=1e-4, **kw):
+    bias, labels, mask = batch[2], batch[3], batch[4]
+    opts = {k: v for k, v in kw.items() if k not in ("memory_budget", "backend")}
+    ref, dh64, dw64, db64 = reference64(*batch, **opts)
+    out, dh, dw, db = run(*batch, **kw)
+    assert_close(out.loss, ref.loss, loss_tol, "loss")
+    assert_close(out.losses, ref.losses, loss_tol, "per-pair losses")
+    assert_close(out.chosen_rewards, ref.chosen_rewards, loss_tol, "chosen rewards")
+    for key, value in ref.metrics.items():
+        assert_close(out.metrics[key], value, loss_tol, key)
+    assert_close(dh, dh64, grad_tol, "hidden grad")
+    assert_close(dw, dw64, grad_tol, "weight grad")
+    if bias is not None:
+        assert_close(db, db64, grad_tol, "bias grad")
+    # Tokens that do not count get exactly zero gradient.
+    counted = (labels != -100) & mask
+    assert torch.equal(dh[~counted], torch.zeros_like(dh[~counted]))
+    return out
+
+
+def loss_options(kind):
+    extra = {"label_smoothing": 0.1} if kind in ("exo_pair", "robust", "aot") else {}
+    return {"loss_type": kind, "beta": 0.3, **extra}
+
+
+ONE_PAIR = 2 * T * V * 4  # bytes of the float32 logits of one pair (at most)
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+@pytest.mark.parametrize("kind", LOSS_TYPES)
+def test_every_loss_type(kind, backend):
+    # A budget of two pairs: chunks of 2 and 1 pairs (P = 3).
+    check(make_batch(), **loss_options(kind), memory_budget=2 * ONE_PAIR, backend=backend)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "sft", "aot_unpaired"])
+def test_budget_smaller_than_one_pair(kind):
+    # 40 logits of budget: tiles of a few tokens x part of the vocabulary, with recompute.
+    check(make_batch(), **loss_options(kind), memory_budget=160)
+
+
+@pytest.mark.parametrize("budget", [1, 200 * 4, ONE_PAIR, 10**9])
+def test_any_budget_same_result(budget):
+    batch = make_batch()
+    check(batch, memory_budget=budget)
+
+
+def test_mix_of_losses_reference_free_without_bias():
+    batch = make_batch(bias=False)
+    batch = (*batch[:5], None, None)
+    check(batch, loss_type=["sigmoid", "sft", "bco_pair"], loss_weights=[1.0, 0.5, 0.2],
+          memory_budget=ONE_PAIR)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "aot"])
+def test_softcap_scale_temperature(kind):
+    check(make_batch(), **loss_options(kind), logit_scale=1.7, softcap=3.0, temperature=0.8,
+          memory_budget=ONE_PAIR)  # fmt: skip
+
+
+def test_f_divergence_and_other_ignore_index():
+    hidden, weight, bias, labels, mask, rc, rr = make_batch()
+    labels = torch.where(labels == -100, 7777, labels)
+    check((hidden, weight, bias, labels, mask, rc, rr), f_divergence_type="js_divergence",
+          ignore_index=7777, memory_budget=ONE_PAIR)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "aot", "sft"])
+def test_triton_interpreter(kind):
+    pytest.importorskip("triton")
+    batch = make_batch(P=2, T=5, H=8, V=37)
+    check(batch, **loss_options(kind), softcap=4.0, memory_budget=5 * 37 * 4, backend="triton")
+
+
+def test_bfloat16_within_naive_error():
+    hidden, weight, bias, labels, mask, rc, rr = make_batch(dtype=torch.bfloat16)
+    ref, dh64, dw64, _ = reference64(hidden, weight, bias, labels, mask, rc, rr)
+    out, dh, dw, _ = run(hidden, weight, bias, labels, mask, rc, rr, memory_budget=ONE_PAIR)
+    assert out.loss.dtype == torch.float32 and dh.dtype == torch.bfloat16
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+    assert_close(dh, dh64, 2**-7, "hidden grad")
+    assert_close(dw, dw64, 2**-7, "weight grad")
+
+
+def test_gradcheck_float64():
+    hidden, weight, bias, labels, mask, rc, rr = make_batch(P=2, T=4, H=5, V=11)
+    args = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+
+    def f(h, w, b):
+        return linear_dpo_loss(h, w, labels, bias=b, mask=mask, ref_chosen_logps=rc.double(),
+                               ref_rejected_logps=rr.double(), softcap=2.0,
+                               memory_budget=4 * 11 * 8).loss  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_incoming_gradient_scales_and_frozen_weight():
+    hidden, weight, bias, labels, mask, rc, rr = make_batch()
+    h = hidden.clone().requires_grad_()
+    out = linear_dpo_loss(h, weight, labels, bias=bias, mask=mask, ref_chosen_logps=rc,
+                          ref_rejected_logps=rr)  # fmt: skip
+    (out.loss * 2.5).backward(retain_graph=True)
+    _, dh64, _, _ = reference64(hidden, weight, bias, labels, mask, rc, rr)
+    assert_close(h.grad, 2.5 * dh64, 1e-4, "scaled hidden grad")
+    out.loss.backward()  # a retained graph: scaled relative to the first call
+    assert_close(h.grad, 3.5 * dh64, 1e-4, "accumulated hidden grad")
+
+
+def test_no_grad_gives_the_loss():
+    batch = make_batch()
+    ref = reference64(*batch)[0]
+    hidden, weight, bias, labels, mask, rc, rr = batch
+    with torch.no_grad():
+        out = linear_dpo_loss(hidden, weight, labels, bias=bias, mask=mask,
+                              ref_chosen_logps=rc, ref_rejected_logps=rr)  # fmt: skip
+    assert_close(out.loss, ref.loss, 1e-5, "loss")
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"hidden": torch.zeros(3, T, H)}, ValueError, r"\[2P, T, H\]"),
+        ({"memory_budget": 0}, ValueError, "memory_budget"),
+        ({"ref_chosen_logps": torch.zeros(P + 1)}, ValueError, "ref_chosen_logps"),
+        ({"ref_rejected_logps": None}, ValueError, "both"),
+        ({"loss_type": "nope"}, ValueError, "loss_type"),
+    ],
+)
+def test_bad_input(change, error, match):
+    hidden, weight, bias, labels, mask, rc, rr = make_batch()
+    kw = {"hidden": hidden, "bias": bias, "mask": mask, "ref_chosen_logps": rc,
+          "ref_rejected_logps": rr, **change}  # fmt: skip
+    h = kw.pop("hidden")
+    lab = labels if h.shape[0] == labels.shape[0] else labels[: h.shape[0]]
+    kw["mask"] = mask[: h.shape[0]]
+    with pytest.raises(error, match=match):
+        linear_dpo_loss(h, weight, lab, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kind", "budget", "passes"),
+    [("sigmoid", 2 * ONE_PAIR, 1), ("sft", ONE_PAIR, 1), ("sigmoid", 300, 2), ("aot", 10**9, 2)],
+)
+def test_logits_projected_once_within_budget(monkeypatch, kind, budget, passes):
+    """The 3-matmul route projects every counted token's logits once; the recompute routes (a
+    pair over the budget, the sorting losses) twice. No projection exceeds the budget."""
+    from dpo_kernels import linear_dpo
+
+    seen = []
+    project = linear_dpo._Rows.project
+
+    def spy(self, x, *args):
+        seen.append(x.shape)
+        return project(self, x, *args)
+
+    monkeypatch.setattr(linear_dpo._Rows, "project", spy)
+    batch = make_batch()
+    check(batch, **loss_options(kind), memory_budget=budget)
+    labels, mask = batch[3], batch[4]
+    counted = int(((labels != -100) & mask).sum())
+    assert sum(n * nv for n, nv in seen) == passes * counted * V
+    assert max(n * nv for n, nv in seen) * 4 <= budget
+
+
+def test_strided_hidden():
+    """hidden[:, :-1] of a causal LM's output: gradients in the right rows, none in the last."""
+    hidden, weight, bias, labels, mask, rc, rr = make_batch()
+    full = torch.cat([hidden, torch.randn(2 * P, 1, H)], 1).requires_grad_()
+    out = linear_dpo_loss(full[:, :-1], weight, labels, bias=bias, mask=mask, ref_chosen_logps=rc,
+                          ref_rejected_logps=rr, memory_budget=ONE_PAIR)  # fmt: skip
+    out.loss.backward()
+    _, dh64, _, _ = reference64(hidden, weight, bias, labels, mask, rc, rr)
+    assert_close(full.grad[:, :-1], dh64, 1e-4, "hidden grad")
+    assert torch.equal(full.grad[:, -1], torch.zeros(2 * P, H))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_pair_without_counted_tokens(backend):
+    """A pair whose chosen and rejected rows count no token (all prompt): sums of 0, no gradient
+    in its rows, the other pairs unaffected."""
+    batch = make_batch(P=2, T=5, H=8, V=37)
+    mask = batch[4].clone()
+    mask[0] = False
+    mask[2] = False
+    batch = (*batch[:4], mask, *batch[5:])
+    check(batch, loss_type=["sigmoid", "ipo"], memory_budget=6 * 37 * 4, backend=backend)
