@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..forward import PreferenceBatch, batch_logprobs, preference_batch
+from ..forward import PreferenceBatch, batch_logprobs, model_logprobs, preference_batch
 from ..losses import dpo_loss, make_spec
 
 SUPPORTED_TRL = (
@@ -75,7 +75,6 @@ class FusedDPOTrainer(DPOTrainer):
         unsupported = {
             "use_weighting=True": self.use_weighting,
             "padding_free=True": getattr(self.args, "padding_free", False),
-            "a Mixture-of-Experts router aux loss": self.aux_loss_enabled,
             "ld_alpha with loss_type 'sft'": self.ld_alpha is not None and "sft" in self.loss_types,
         }
         bad = [name for name, on in unsupported.items() if on]
@@ -130,7 +129,11 @@ class FusedDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         b = preference_batch(inputs)
         kwargs = self._model_kwargs(inputs)
-        out = batch_logprobs(model, b, stats=True, model_kwargs=kwargs, **self._kernel_options)
+        # MoE: the router load-balancing loss of the same forward, weighted as stock TRL does.
+        out, aux_loss = model_logprobs(
+            model, b, stats=True, router_aux=self.aux_loss_enabled, model_kwargs=kwargs,
+            **self._kernel_options,
+        )  # fmt: skip
         chosen, rejected = self._sums(out, b).chunk(2)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -148,11 +151,17 @@ class FusedDPOTrainer(DPOTrainer):
             spec=self._loss_spec,
             backend=self._kernel_options["backend"],
         )
+        loss = res.loss
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item()
+            )
         self._log_metrics(mode, b, out, res, chosen, rejected)
         if return_outputs:  # as TRL: logits for compute_metrics come from an extra forward
             with torch.no_grad():
-                return res.loss, model(input_ids=b.input_ids, attention_mask=b.attention_mask)
-        return res.loss
+                return loss, model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        return loss
 
     def _log_metrics(self, mode, b, out, res, chosen, rejected) -> None:
         acc = self.accelerator
