@@ -2,7 +2,8 @@
 `FusedDPOTrainer` trained from the same seed and data under one distributed engine, for several
 configurations in one launch; each rank writes its comparison to OUT_DIR/rank{RANK}.json.
 
-    RANK=.. WORLD_SIZE=2 MASTER_ADDR=.. MASTER_PORT=.. python tests/engine_worker.py ENGINE OUT_DIR CONFIGS_JSON
+    RANK=r WORLD_SIZE=2 MASTER_ADDR=.. MASTER_PORT=.. \
+        python tests/engine_worker.py ENGINE OUT_DIR CONFIGS_JSON
 
 ENGINE: "ddp" and "deepspeed" go through accelerate as `accelerate launch` would (the Trainer
 reads the distributed environment). "fsdp1" / "fsdp2": accelerate 1.15 enables FSDP only on
@@ -20,8 +21,8 @@ import traceback
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 ENGINE, OUT_DIR, CONFIGS = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -177,7 +178,9 @@ def train(cls, cfg):
         shard(trainer, cfg)
     trainer.train()
     history = [
-        {k: v for k, v in h.items() if k not in SKIP} for h in trainer.state.log_history if "loss" in h
+        {k: v for k, v in h.items() if k not in SKIP}
+        for h in trainer.state.log_history
+        if "loss" in h
     ]
     params = full_params(trainer)
     if ENGINE == "deepspeed":
@@ -204,7 +207,9 @@ def compare(stock, ours) -> dict:
         "metrics": worst,
         "max_metric_dev": max(worst.values()),
         "max_param_dev": max((ps[n] - po[n]).abs().max().item() for n in ps),
-        "param_moved": max(moved, default=None),  # training changed the policy: the comparison is not vacuous
+        "param_moved": max(
+            moved, default=None
+        ),  # training changed the policy: the comparison is not vacuous
         "loss_moved": abs(hs[0]["logps/chosen"] - hs[-1]["logps/chosen"]),
         "keys": sorted(keys),
     }
@@ -217,7 +222,10 @@ for cfg in CONFIGS:
     try:
         INITIAL.clear()
         INITIAL.update(
-            {n: p.detach().clone() for n, p in tiny_llama(cfg.get("tied", False), 0).named_parameters()}
+            {
+                n: p.detach().clone()
+                for n, p in tiny_llama(cfg.get("tied", False), 0).named_parameters()
+            }
         )
         runs = {}
         for cls in (trl.DPOTrainer, FusedDPOTrainer):
