@@ -133,6 +133,24 @@ def full_params(trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+def facts(trainer) -> dict:
+    """What the run really used, read back from the trained objects (checked by the test)."""
+    from dpo_kernels.forward import unwrap_model
+
+    wrapped = trainer.model_wrapped
+    inner = unwrap_model(trainer.model)
+    out = {
+        "gc": bool(getattr(inner, "is_gradient_checkpointing", False)),
+        "lora": any("lora_" in n for n, _ in trainer.model.named_parameters()),
+        "wrapper": type(wrapped).__name__,
+        "find_unused": getattr(wrapped, "find_unused_parameters", None),
+    }
+    if ENGINE == "deepspeed":
+        out["zero"] = wrapped.zero_optimization_stage()
+        out["offload"] = bool(wrapped.zero_offload_param())
+    return out
+
+
 def train(cls, cfg):
     datasets.disable_caching()
     peft = cfg.get("peft", False)
@@ -183,6 +201,7 @@ def train(cls, cfg):
         if "loss" in h
     ]
     params = full_params(trainer)
+    params["__facts__"] = facts(trainer)
     if ENGINE == "deepspeed":
         trainer.accelerator.free_memory()
     return history, params
@@ -200,6 +219,9 @@ def compare(stock, ours) -> dict:
         for k in s:
             rel = abs(o[k] - s[k]) / max(1.0, abs(s[k]))  # absolute below 1, relative above
             worst[k] = max(worst.get(k, 0.0), rel)
+    fs, fo = ps.pop("__facts__"), po.pop("__facts__")
+    if fs != fo:
+        return {"error": f"the runs differ in setup: stock {fs}, ours {fo}"}
     if ps.keys() != po.keys():
         return {"error": f"parameter names differ: {sorted(ps.keys() ^ po.keys())[:5]}"}
     moved = [(ps[n] - p0).abs().max().item() for n, p0 in INITIAL.items() if n in ps]
@@ -212,6 +234,7 @@ def compare(stock, ours) -> dict:
         ),  # training changed the policy: the comparison is not vacuous
         "loss_moved": abs(hs[0]["logps/chosen"] - hs[-1]["logps/chosen"]),
         "keys": sorted(keys),
+        "facts": fs,
     }
 
 

@@ -109,6 +109,16 @@ def test_fused_trainer_matches_stock_under_engine(engine, tmp_path):
             if "error" in r:
                 failures.append(f"{where}: {r['error']}")
                 continue
+            # The run used what the configuration asks for (read back from the trained objects).
+            f = r["facts"]
+            assert f["gc"] == ("gc" in cfg) and f["lora"] == cfg.get("peft", False), (where, f)
+            if engine == "ddp":
+                assert f["wrapper"] == "DistributedDataParallel", (where, f)
+                assert f["find_unused"] == cfg.get("find_unused", not f["gc"]), (where, f)
+            if engine == "deepspeed":
+                assert (f["zero"], f["offload"]) == (cfg["zero"], cfg.get("offload", False)), f
+            if engine == "fsdp1":
+                assert f["wrapper"] == "FullyShardedDataParallel", (where, f)
             # A run whose numbers did not move would compare nothing.
             assert r["loss_moved"] > 1e-3, where
             assert {"loss", "logps/chosen", "rewards/margins", "entropy"} <= set(r["keys"]), where
