@@ -60,6 +60,11 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
         policy = ModuleWrapPolicy({LlamaDecoderLayer})
+        if "head_unit" in mode:  # lm_head as its own FSDP unit, outside the root's parameters
+            from torch.distributed.fsdp.wrap import CustomPolicy
+
+            head = model.lm_head
+            policy = CustomPolicy(lambda m: isinstance(m, LlamaDecoderLayer) or m is head)
         wrapped = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id="cpu")
     else:
         from torch.distributed.fsdp import fully_shard

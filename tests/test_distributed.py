@@ -21,7 +21,7 @@ def single_process_grads():
 # lm_head.weight after the model's forward had returned).
 MODES = [
     "ddp", "fsdp", "ddp_fused_head", "fsdp_fused_head", "ddp_find_unused_fused_head",
-    "fsdp1_fused_head",
+    "fsdp1_fused_head", "fsdp1_head_unit_fused_head",
 ]  # fmt: skip
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -126,3 +127,29 @@ def test_fused_trainer_matches_stock_under_engine(engine, tmp_path):
                 failures.append(f"{where}: metrics {r['metrics']}, params {r['max_param_dev']}")
             print(f"{where}: metric {r['max_metric_dev']:.2e} param {r['max_param_dev']:.2e}")
     assert not failures, "\n".join(failures)
+
+
+def test_install_fused_head_leaves_the_plain_forward_alone():
+    import inspect
+
+    from conftest import preference_examples, tiny_causal_lm
+
+    from dpo_kernels.forward import (
+        batch_logprobs,
+        collate_preferences,
+        install_fused_head,
+        preference_batch,
+    )
+
+    model = tiny_causal_lm()
+    ids = torch.randint(0, 97, (2, 7))
+    before = model(input_ids=ids).logits
+    params = inspect.signature(model.forward).parameters
+    assert install_fused_head(model) is install_fused_head(model)  # idempotent
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    assert inspect.signature(model.forward).parameters.keys() == params.keys()  # generate()
+    assert "forward" not in model.lm_head.__dict__  # the head's forward is swapped per call only
+    b = preference_batch(collate_preferences(preference_examples(3)))
+    fused = batch_logprobs(model, b, fused_lm_head=True)
+    plain = batch_logprobs(model, b, fused_lm_head=False)
+    torch.testing.assert_close(fused.logps, plain.logps, rtol=1e-5, atol=1e-5)
