@@ -11,6 +11,9 @@ returns the four sums through the fused op.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import types
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -176,9 +179,12 @@ def head_transform(model) -> dict[str, float | None]:
 @contextlib.contextmanager
 def capture_head_input(model) -> Iterator[list[torch.Tensor]]:
     """Within the block, the model's LM head records its input (the final hidden states) and
-    returns a [..., 1] stand-in instead of the logits, so a normal `model(...)` call (through any
-    DDP wrapper, with its hooks) runs the backbone only. Yields the list of recorded inputs."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+    returns a [..., 1] stand-in instead of the logits. Yields the list of recorded inputs.
+
+    Single-process helper only: reading the head's weight after `model(...)` has returned is
+    wrong under DDP (find_unused_parameters), FSDP1 and ZeRO-3; `batch_logprobs` runs the fused
+    head inside the model's forward instead (`install_fused_head`)."""
+    inner = unwrap_model(model)
     head = inner.get_output_embeddings()
     seen: list[torch.Tensor] = []
 
@@ -193,14 +199,170 @@ def capture_head_input(model) -> Iterator[list[torch.Tensor]]:
         del head.forward
 
 
-def _head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()
-    return head.weight, head.bias
-
-
 def _full(p: torch.Tensor | None) -> torch.Tensor | None:
-    """A parameter as a plain tensor: FSDP2 shards are gathered (differentiably) first."""
+    """A parameter as a plain tensor: FSDP2 shards (DTensor) are gathered differentiably."""
     return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+# -- the fused LM head inside the model's forward -----------------------------------------------
+#
+# DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-3 expect every parameter to be used inside the forward of
+# the module that owns it: DDP marks gradients ready per forward, FSDP1 / ZeRO-3 gather a sharded
+# parameter only for its module's forward (and again, through hooks on that forward's outputs,
+# for its backward) and reduce its gradient through hooks that forward armed. So the fused head
+# is a mode of the model's own forward: `install_fused_head` patches the innermost causal LM so
+# that `wrapped_model(..., dpo_kernels_head=HeadCall(...))` runs the backbone, then CALLS the LM
+# head module (its forward temporarily replaced by `linear_sequence_logprobs`), so the engines'
+# hooks on `lm_head` gather the weight for the forward and again for the backward's recompute.
+
+HEAD_KWARG = "dpo_kernels_head"
+_WRAPPER_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeadCall:
+    """What the fused head scores: passed as `dpo_kernels_head=` to the (wrapped) model."""
+
+    labels: torch.Tensor  # [B, T-1] next tokens (padded rows) or [N] (packed)
+    mask: torch.Tensor  # same shape, bool: the token is counted
+    cu_seqlens: torch.Tensor | None = None  # packed rows (padding_free)
+    stats: bool = False
+    backend: str | None = None
+    router_aux: bool = False  # MoE: also return the router load-balancing loss
+
+
+class HeadOutput(NamedTuple):
+    """`logprobs` from the fused head; `aux_loss`: the MoE load-balancing loss (or None)."""
+
+    logprobs: SequenceLogprobs
+    aux_loss: torch.Tensor | None = None
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside DDP / FSDP1 / DeepSpeed engines (`.module`) and PEFT wrappers."""
+    m = model
+    while isinstance(getattr(m, "module", None), torch.nn.Module):
+        m = m.module
+    if hasattr(m, "get_base_model"):  # PEFT: the transformers model under the adapters
+        m = m.get_base_model()
+    return m
+
+
+def _router_aux_loss(model, out, attention_mask) -> torch.Tensor:
+    """The MoE load-balancing loss as the model's own forward computes it (Mixtral's formula,
+    which every transformers MoE family uses), from the backbone's router logits."""
+    import sys
+
+    cfg = model.config.get_text_config()
+    func = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    if func is None:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as func
+    experts = getattr(model, "num_experts", None) or getattr(cfg, "num_experts", None)
+    experts = experts or cfg.num_local_experts
+    top_k = getattr(model, "num_experts_per_tok", None) or cfg.num_experts_per_tok
+    return func(out.router_logits, experts, top_k, attention_mask)
+
+
+def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform):
+    """Calls the LM head module (through its engine wrappers and hooks) with its forward
+    replaced, for this call, by the fused log-probs of `call.labels`."""
+    inner = head
+    while any(isinstance(getattr(inner, a, None), torch.nn.Module) for a in _WRAPPER_ATTRS):
+        inner = next(getattr(inner, a) for a in _WRAPPER_ATTRS if hasattr(inner, a))
+
+    def fused(h: torch.Tensor) -> SequenceLogprobs:
+        weight, bias = _full(inner.weight), _full(getattr(inner, "bias", None))
+        return linear_sequence_logprobs(
+            h.to(weight.device), weight, call.labels.to(weight.device), bias=bias,
+            mask=call.mask.to(weight.device), stats=call.stats, cu_seqlens=call.cu_seqlens,
+            backend=call.backend, **transform,
+        )  # fmt: skip
+
+    saved = inner.__dict__.get("forward")  # e.g. accelerate's device hooks
+    inner.forward = fused
+    try:
+        return head(hidden)
+    finally:
+        if saved is None:
+            del inner.forward
+        else:
+            inner.forward = saved
+
+
+def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
+    if dpo_kernels_head is None:
+        return self._dpo_kernels_forward(*args, **kwargs)
+    call = dpo_kernels_head
+    for k in ("labels", "output_attentions", "output_hidden_states", "return_dict"):
+        kwargs.pop(k, None)  # PEFT passes these (as None); the backbone returns what we need
+    kwargs["use_cache"] = False
+    if call.router_aux:
+        kwargs["output_router_logits"] = True
+    out = self.base_model(*args, **kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
+    logprobs = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self))
+    aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
+    return HeadOutput(logprobs, aux)
+
+
+def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Patches the causal LM inside `model` (DDP / FSDP / DeepSpeed / PEFT wrappers) so that its
+    forward takes `dpo_kernels_head=HeadCall(...)` and then returns a `HeadOutput` computed inside
+    that forward; without the keyword the forward is unchanged. Idempotent; returns the patched
+    module. Works after the model was wrapped: the wrappers call the patched forward."""
+    inner = unwrap_model(model)
+    if "_dpo_kernels_forward" in inner.__dict__:
+        return inner
+    if not hasattr(inner, "get_output_embeddings") or inner.get_output_embeddings() is None:
+        raise ValueError(
+            f"fused_lm_head needs a causal LM with an LM head (get_output_embeddings()); "
+            f"{type(inner).__name__} has none: pass fused_lm_head=False"
+        )
+    inner._dpo_kernels_forward = inner.forward
+
+    @functools.wraps(type(inner).forward)  # generate() validates its kwargs against the signature
+    def forward(self, *args, **kwargs):
+        return _fused_head_forward(self, *args, **kwargs)
+
+    inner.forward = types.MethodType(forward, inner)
+    return inner
+
+
+def model_logprobs(
+    model,
+    b: PreferenceBatch,
+    *,
+    stats: bool = False,
+    padding_free: bool = False,
+    fused_lm_head: bool = False,
+    backend: str | None = None,
+    router_aux: bool = False,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> HeadOutput:
+    """`batch_logprobs`, and with `router_aux` the MoE router load-balancing loss of the same
+    forward (`output_router_logits=True`), as `HeadOutput`."""
+    kwargs = dict(model_kwargs or {}, use_cache=False)
+    if padding_free:
+        p = pack(b)
+        kwargs |= {"input_ids": p.input_ids, "position_ids": p.position_ids}
+        labels, mask, cu = p.labels, p.mask, p.cu_seqlens
+    else:
+        kwargs |= {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+        labels = b.input_ids[:, 1:]
+        mask = (b.completion_mask[:, 1:] != 0) & (b.attention_mask[:, 1:] != 0)
+        cu = None
+    if fused_lm_head:
+        install_fused_head(model)
+        call = HeadCall(labels, mask, cu, stats, backend, router_aux)
+        return model(**kwargs, **{HEAD_KWARG: call})
+    if router_aux:
+        kwargs["output_router_logits"] = True
+    out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = logits[0] if padding_free else logits[:, :-1]
+    res = sequence_logprobs(logits, labels, mask=mask, cu_seqlens=cu, stats=stats, backend=backend)
+    return HeadOutput(res, out.aux_loss if router_aux else None)
 
 
 def batch_logprobs(
@@ -218,33 +380,14 @@ def batch_logprobs(
     padding_free: run the rows packed into one sequence with restarting position_ids and no
     padding (flash-attention varlen on GPU; transformers' packed-sequence masks with sdpa/eager),
     and score them through the fused op's cu_seqlens layout. Same numbers, no padded tokens.
-    fused_lm_head: never build the logits: the backbone's last hidden states and the LM head
-    (`get_output_embeddings()`, with `head_transform`) go to `linear_sequence_logprobs`.
+    fused_lm_head: never build the logits: inside the model's forward (`install_fused_head`), the
+    backbone's last hidden states and the LM head (with `head_transform`) go to
+    `linear_sequence_logprobs`; works under DDP, FSDP1/2 and DeepSpeed ZeRO-1/2/3.
     """
-    kwargs = dict(model_kwargs or {}, use_cache=False)
-    if padding_free:
-        p = pack(b)
-        kwargs |= {"input_ids": p.input_ids, "position_ids": p.position_ids}
-        labels, mask, cu = p.labels, p.mask, p.cu_seqlens
-    else:
-        kwargs |= {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
-        labels = b.input_ids[:, 1:]
-        mask = (b.completion_mask[:, 1:] != 0) & (b.attention_mask[:, 1:] != 0)
-        cu = None
-    if fused_lm_head:
-        with capture_head_input(model) as seen:
-            model(**kwargs)
-        hidden = seen[-1][0] if padding_free else seen[-1][:, :-1]
-        inner = getattr(model, "module", model)
-        weight, bias = (_full(p) for p in _head_params(inner))
-        return linear_sequence_logprobs(
-            hidden, weight, labels, bias=bias, mask=mask, stats=stats, cu_seqlens=cu,
-            backend=backend, **head_transform(inner),
-        )  # fmt: skip
-    out = model(**kwargs)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    logits = logits[0] if padding_free else logits[:, :-1]
-    return sequence_logprobs(logits, labels, mask=mask, cu_seqlens=cu, stats=stats, backend=backend)
+    return model_logprobs(
+        model, b, stats=stats, padding_free=padding_free, fused_lm_head=fused_lm_head,
+        backend=backend, model_kwargs=model_kwargs,
+    ).logprobs  # fmt: skip
 
 
 def concatenated_forward(

@@ -1,5 +1,6 @@
 """Worker processes for tests/test_distributed.py (spawned; must be importable)."""
 
+import contextlib
 import os
 import sys
 
@@ -49,7 +50,22 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -
     mine = examples[rank * share : (rank + 1) * share]
     fused = mode.endswith("fused_head")
     if mode.startswith("ddp"):
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        find_unused = "find_unused" in mode  # what HF Trainer passes without gradient checkpointing
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=find_unused
+        )
+    elif mode.startswith("fsdp1"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        policy = ModuleWrapPolicy({LlamaDecoderLayer})
+        if "head_unit" in mode:  # lm_head as its own FSDP unit, outside the root's parameters
+            from torch.distributed.fsdp.wrap import CustomPolicy
+
+            head = model.lm_head
+            policy = CustomPolicy(lambda m: isinstance(m, LlamaDecoderLayer) or m is head)
+        wrapped = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id="cpu")
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -60,11 +76,22 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -
     loss = dpo_step_loss(wrapped, ref, mine, fused)
     loss.backward()
     grads = {}
-    for n, p in wrapped.named_parameters():
-        g = p.grad
-        if hasattr(g, "full_tensor"):  # FSDP2: sharded DTensor gradients
-            g = g.full_tensor()
-        grads[n.replace("module.", "")] = g.detach().clone()
+
+    def full():  # FSDP1: the whole parameters and gradients, on every rank, for the block
+        if not mode.startswith("fsdp1"):
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(wrapped, with_grads=True)
+
+    with full():
+        for n, p in wrapped.named_parameters():
+            g = p.grad
+            if hasattr(g, "full_tensor"):  # FSDP2: sharded DTensor gradients
+                g = g.full_tensor()
+            grads[n.replace("_fsdp_wrapped_module.", "").replace("module.", "")] = (
+                g.detach().clone()
+            )
     if rank == 0:
         torch.save(grads, os.path.join(out_dir, f"{mode}_grads.pt"))
     opt.step()
@@ -73,10 +100,11 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -
         batch = examples[((rank + step) % world) * share :][:share]
         dpo_step_loss(wrapped, ref, batch, fused).backward()
         opt.step()
-    flat = torch.cat([
-        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
-        for p in wrapped.parameters()
-    ])  # fmt: skip
+    with full():
+        flat = torch.cat([
+            (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
+            for p in wrapped.parameters()
+        ])  # fmt: skip
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     if rank == 0:

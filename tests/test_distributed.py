@@ -17,7 +17,15 @@ def single_process_grads():
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp_fused_head", "fsdp_fused_head"])
+# ddp_find_unused_fused_head and fsdp1_fused_head: issue #12 (they crashed when the fused head read
+# lm_head.weight after the model's forward had returned).
+MODES = [
+    "ddp", "fsdp", "ddp_fused_head", "fsdp_fused_head", "ddp_find_unused_fused_head",
+    "fsdp1_fused_head", "fsdp1_head_unit_fused_head",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_two_process_gradients_equal_single_process(mode, tmp_path):
     spawn_ranks(ddp_worker, 2, tmp_path, mode)
     dist_grads = torch.load(tmp_path / f"{mode}_grads.pt")

@@ -38,7 +38,8 @@ def test_hf_trainer_example_trains():
     assert history[-1]["rewards/accuracies"] > 0.5
 
 
-def test_dpo_loss_trainer_compute_loss_is_the_fused_loss(tmp_path):
+@pytest.mark.parametrize("fused_lm_head", [False, True], ids=["logits", "fused-head"])
+def test_dpo_loss_trainer_compute_loss_is_the_fused_loss(fused_lm_head, tmp_path):
     import datasets
     import transformers
 
@@ -52,9 +53,10 @@ def test_dpo_loss_trainer_compute_loss_is_the_fused_loss(tmp_path):
     trainer = DPOLossTrainer(
         model=model, ref_model=ref, loss=DPOLoss(beta=0.2, loss_type="ipo"), args=args,
         train_dataset=datasets.Dataset.from_list(ex), data_collator=collate_preferences,
+        fused_lm_head=fused_lm_head,
     )  # fmt: skip
     batch = collate_preferences(ex)
     got = trainer.compute_loss(model, batch)
     out = concatenated_forward(model, batch, ref_model=ref)
     expect = DPOLoss(beta=0.2, loss_type="ipo")(out.pairs()).loss
-    torch.testing.assert_close(got, expect)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)

@@ -27,9 +27,14 @@ class DPOLossTrainer(Trainer):
         *args,
         ref_model: torch.nn.Module | None = None,
         loss: DPOLoss | None = None,
+        fused_lm_head: bool = False,
         **kwargs,
     ) -> None:
+        """fused_lm_head: score the completions from the backbone's hidden states and the LM head
+        inside the model's forward, without building the logits (works under DDP, FSDP and
+        DeepSpeed: see `dpo_kernels.forward.install_fused_head`)."""
         super().__init__(*args, **kwargs)
+        self.fused_lm_head = fused_lm_head
         self.ref_model = ref_model
         if ref_model is not None:
             self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False)
@@ -37,7 +42,9 @@ class DPOLossTrainer(Trainer):
         self._dpo_metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = concatenated_forward(model, inputs, ref_model=self.ref_model)
+        out = concatenated_forward(
+            model, inputs, ref_model=self.ref_model, fused_lm_head=self.fused_lm_head
+        )
         res = self.dpo(out.pairs())
         if model.training:
             for k, v in res.metrics.items():

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..forward import PreferenceBatch, batch_logprobs, preference_batch
+from ..forward import PreferenceBatch, batch_logprobs, model_logprobs, preference_batch
 from ..losses import dpo_loss, make_spec
 
 SUPPORTED_TRL = (
@@ -75,14 +75,6 @@ class FusedDPOTrainer(DPOTrainer):
         # padding_free=True: stock TRL 1.16 warns and sets self.padding_free = False (it trains on
         # padded batches); so do we, through its __init__.
         super().__init__(*args, **kwargs)
-        unsupported = {
-            "a Mixture-of-Experts router aux loss": self.aux_loss_enabled,
-        }
-        bad = [name for name, on in unsupported.items() if on]
-        if bad:
-            raise NotImplementedError(
-                f"FusedDPOTrainer does not support {', '.join(bad)}; use trl.DPOTrainer for these"
-            )
         if self.use_weighting and "sft" in self.loss_types:
             # Stock TRL 1.16 fails on its first step here (it multiplies the expanded sft loss in
             # place), so there are no stock numbers to match.
@@ -162,7 +154,11 @@ class FusedDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         b = preference_batch(inputs)
         kwargs = self._model_kwargs(inputs)
-        out = batch_logprobs(model, b, stats=True, model_kwargs=kwargs, **self._kernel_options)
+        # MoE: the router load-balancing loss of the same forward, weighted as stock TRL does.
+        out, aux_loss = model_logprobs(
+            model, b, stats=True, router_aux=self.aux_loss_enabled, model_kwargs=kwargs,
+            **self._kernel_options,
+        )  # fmt: skip
         chosen, rejected = self._sums(out, b).chunk(2)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -188,6 +184,11 @@ class FusedDPOTrainer(DPOTrainer):
                 weights=weights,
             ).loss  # fmt: skip
             loss = loss + self._sft_weight * sft
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item()
+            )
         self._log_metrics(mode, b, out, chosen, rejected, ref_chosen, ref_rejected)
         if return_outputs:  # as TRL: logits for compute_metrics come from an extra forward
             with torch.no_grad():
