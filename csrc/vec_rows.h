@@ -95,8 +95,9 @@ inline void fold_row(const S* p, int64_t n, RowFold<acc_t<S>>& f, int64_t offset
         [](VA& a, VA& b) { return at::vec::maximum(a, b); }, vmax);
     chunk_max = max_nan(chunk_max, tail_max);
     const A m_new = max_nan(f.m, chunk_max);
-    // Nothing finite seen yet: shift by 0 so that exp(-inf - shift) = 0 rather than NaN.
-    const A shift = (m_new == kNegInf) ? A(0) : m_new;
+    // An infinite max shifts by 0: nothing finite seen yet gives exp(-inf) = 0, and a +inf logit
+    // makes the sum +inf (so the log-sum-exp is +inf and log p = -inf) rather than NaN.
+    const A shift = std::isinf(m_new) ? A(0) : m_new;
     const A scale = std::exp(f.m - shift);
     const VA vshift(shift);
     VA vsum(A(0));

@@ -48,8 +48,9 @@ def fold_block(m, s, pz, zsum, arg, z, index, valid, STATS: tl.constexpr):
     first argmax."""
     blk_max = tl.max(z, 0)
     m_new = tl.maximum(m, blk_max)
-    # A row that is -inf so far has nothing to rescale: shift by 0 so exp(-inf - shift) = 0.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(m.dtype)
+    # An infinite max shifts by 0: a row that is -inf so far has nothing to rescale
+    # (exp(-inf) = 0), and a +inf logit makes the sum +inf (so lse = +inf) instead of NaN.
+    shift = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new).to(m.dtype)
     scale = tl.exp(m - shift)
     e = tl.exp(z - shift)
     s = s * scale + tl.sum(e, 0)
