@@ -122,7 +122,8 @@ inline void fold_row(const S* p, int64_t n, RowFold<acc_t<S>>& f, int64_t offset
           });
       f.pz = f.pz * scale + at::vec::vec_reduce_all<A>(add, vpz) + tail_pz;
       f.zsum += at::vec::vec_reduce_all<A>(add, vz) + tail_z;
-      if (chunk_max > f.m) {  // strictly: an earlier chunk keeps a tie
+      // Strictly: an earlier chunk keeps a tie; a row that is all -inf so far takes its first -inf.
+      if (chunk_max > f.m || f.arg < 0) {
         for (int64_t i = 0; i < len; ++i) {
           if (static_cast<A>(c[i]) == chunk_max) {
             f.arg = offset + start + i;

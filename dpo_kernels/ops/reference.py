@@ -41,7 +41,8 @@ def token_stats(
     """
     p = torch.exp(z - lse.unsqueeze(-1))
     pz = torch.where(p == 0, 0.0, p * z)  # 0 * -inf counts as 0
-    entropy = torch.where(counted, lse - pz.sum(-1), 0.0)
+    # Divided by sum(p), as the kernels do: at huge logits lse is rounded and p does not sum to 1.
+    entropy = torch.where(counted, lse - pz.sum(-1) / p.sum(-1), 0.0)
     mean_logit = torch.where(counted, z.mean(-1), 0.0)
     top1 = counted & (z.argmax(-1) == labels)
     return entropy, mean_logit, top1
@@ -221,7 +222,7 @@ def dpo_losses(
             # inf * 0 at large |u|: 1 - sigmoid(x) = sigmoid(-x) and
             # exp(-u) * sigmoid(u / tau) = exp(-u - softplus(-u / tau)).
             u, tau = beta * delta, spec.discopop_tau
-            per = F.softplus(-u) * torch.sigmoid(-u / tau) + torch.exp(-u - F.softplus(-u / tau))
+            per = -F.logsigmoid(u) * torch.sigmoid(-u / tau) + torch.exp(-u + F.logsigmoid(u / tau))
         elif kind == "sft":
             per = (-pc.sum() / chosen_tokens).expand_as(pc)
         elif kind == "sigmoid_norm":

@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from .reference import ALPHA_CLAMP_MAX, DPOLossSpec
 
 sig = torch.sigmoid
-softplus = F.softplus
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)) to the last bit (F.softplus returns x itself above x = 20)."""
+    return -F.logsigmoid(-x)
+
 
 
 def _scores(x: torch.Tensor, spec: DPOLossSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +115,8 @@ def _delta_loss(kind: str, u: torch.Tensor, spec: DPOLossSpec):
     tau = spec.discopop_tau
     m, m1 = sig(u / tau), sig(-u / tau)
     a, em = softplus(-u), torch.exp(-u - softplus(-u / tau))
-    return a * m1 + em, -sig(-u) * m1 - a * m * m1 / tau + em * (m1 / tau - 1)
+    amm = torch.where(m * m1 == 0, 0.0, a * m * m1)  # 0, not inf * 0, at u = -inf
+    return a * m1 + em, -sig(-u) * m1 - amm / tau + em * (m1 / tau - 1)
 
 
 def _logratio_loss(kind, c, r, beta, pc, chosen_tokens):

@@ -134,7 +134,8 @@ def _dpo_loss_kernel(
             a = _softplus(-u)
             em = tl.exp(-u - _softplus(-u / tau))
             loss += w * (a * mix1 + em)
-            du += w * (-tl.sigmoid(-u) * mix1 - a * mix * mix1 / tau + em * (mix1 / tau - 1.0))
+            amm = tl.where(mix * mix1 == 0.0, 0.0, a * mix * mix1)  # 0, not inf * 0, at u = -inf
+            du += w * (-tl.sigmoid(-u) * mix1 - amm / tau + em * (mix1 / tau - 1.0))
         gc += beta * du * dsc
         gr -= beta * du * dsr
         if (ONE << IPO) & TYPES or (ONE << SIGMOID_NORM) & TYPES:

@@ -58,7 +58,8 @@ def fold_block(m, s, pz, zsum, arg, z, index, valid, STATS: tl.constexpr):
         pz = pz * scale + tl.sum(tl.where(e == 0.0, 0.0, e * z), 0)
         zsum += tl.sum(tl.where(valid, z, 0.0), 0)
         blk_arg = tl.min(tl.where(z == blk_max, index.to(tl.int64), 2**62), 0)
-        arg = tl.where(blk_max > m, blk_arg, arg)  # strictly: earlier blocks win ties
+        # strictly: earlier blocks win ties; a row that is all -inf so far has its first -inf
+        arg = tl.where((blk_max > m) | (arg < 0), blk_arg, arg)
     return m_new, s, pz, zsum, arg
 
 
