@@ -172,7 +172,7 @@ inline RowStats<acc_t<S>> row_stats(const S* p, int64_t V) {
   if constexpr (STATS) {
     out.entropy = out.lse - f.pz / f.s;
     out.mean = f.zsum / static_cast<A>(V);
-    out.arg = f.arg;
+    out.arg = std::isnan(out.lse) ? -1 : f.arg;  // a row with a NaN has no argmax
   }
   return out;
 }

@@ -31,7 +31,7 @@ class TokenStats(NamedTuple):
 
     entropy: torch.Tensor  # [B, T] -sum_v p_v log p_v
     mean_logits: torch.Tensor  # [B, T] sum_v z_v / V
-    is_top1: torch.Tensor  # [B, T] bool: the label is the (first) argmax
+    is_top1: torch.Tensor  # [B, T] bool: the label is the (first) argmax; False if a logit is NaN
 
 
 class SequenceLogprobs(NamedTuple):

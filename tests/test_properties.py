@@ -325,3 +325,66 @@ def test_loss_backends_agree_on_extreme_values(other):
         assert_agree(o_pr[ok], d_pr[ok], rtol, atol, f"d_pr {case}")
 
     run()
+
+
+@st.composite
+def extreme_linear_cases(draw):
+    B, T = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    H, V = draw(st.integers(1, 8)), draw(st.integers(1, 40))
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    scale = draw(st.sampled_from([1.0, 30.0, 1e3]))
+    softcap = draw(st.sampled_from([None, 1e-3, 30.0, 1e6]))
+    temperature = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    logit_scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return B, T, H, V, dtype, scale, softcap, temperature, logit_scale, bias, seed
+
+
+@pytest.mark.parametrize("other", [b for b in cpu_backends() if b != "reference"])
+def test_linear_backends_agree_on_extreme_transforms(other):
+    @settings(
+        max_examples=30 if other == "triton" else 100,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        derandomize=True,
+    )
+    @given(extreme_linear_cases())
+    def run(case):
+        B, T, H, V, dtype, scale, softcap, temperature, logit_scale, has_bias, seed = case
+        g = torch.Generator().manual_seed(seed)
+        dt = DTYPES[dtype]
+        h = (torch.randn(B, T, H, generator=g, dtype=torch.float64) * scale).to(dt)
+        w = torch.randn(V, H, generator=g, dtype=torch.float64).to(dt)
+        b = torch.randn(V, generator=g, dtype=torch.float64).to(dt) if has_bias else None
+        labels = torch.randint(0, V, (B, T), generator=g)
+        labels[torch.rand(B, T, generator=g) < 0.25] = -100
+        kw = dict(softcap=softcap, temperature=temperature, logit_scale=logit_scale, stats=True)
+        wt = torch.randn(B, T, dtype=torch.float64)
+        res = []
+        for name in ("reference", other):
+            leaves = [None if t is None else t.clone().requires_grad_() for t in (h, w, b)]
+            out = dpo_kernels.linear_sequence_logprobs(
+                leaves[0], leaves[1], labels, bias=leaves[2], backend=name, **kw
+            )
+            (out.token_logps * wt.to(out.token_logps.dtype)).sum().backward()
+            res.append((out, [None if t is None else t.grad for t in leaves]))
+        (ref, ref_grads), (out, grads) = res
+        # Bound on the logits' error: the projection in another order, times logit_scale / T.
+        eps = torch.finfo(reference.acc_dtype(dt)).eps
+        x = h.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+        factor = logit_scale / temperature
+        zmax = x.max().item() * factor if softcap is None else softcap * factor
+        ztol = 8 * eps * H * (x.max().item() + 1) * factor + 8 * eps * zmax
+        tol = 4 * ztol * T + 1e-12
+        assert torch.equal(out.counts, ref.counts)
+        assert_agree(out.token_logps, ref.token_logps, 1e-5, tol, f"token_logps {case}")
+        assert_agree(out.stats.entropy, ref.stats.entropy, 1e-5, 4 * tol * V, f"entropy {case}")
+        assert_agree(out.stats.mean_logits, ref.stats.mean_logits, 1e-5, tol, f"mean {case}")
+        for name, gr, go in zip(("hidden", "weight", "bias"), ref_grads, grads, strict=True):
+            if gr is None:
+                continue
+            g_tol = (8 * GRAD_TOL[dt] + 4 * ztol) * max(1.0, gr.abs().max().item()) * V * T
+            assert_agree(go, gr, 0, g_tol, f"d{name} {case}")
+
+    run()

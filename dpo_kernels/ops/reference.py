@@ -44,7 +44,7 @@ def token_stats(
     # Divided by sum(p), as the kernels do: at huge logits lse is rounded and p does not sum to 1.
     entropy = torch.where(counted, lse - pz.sum(-1) / p.sum(-1), 0.0)
     mean_logit = torch.where(counted, z.mean(-1), 0.0)
-    top1 = counted & (z.argmax(-1) == labels)
+    top1 = counted & (z.argmax(-1) == labels) & ~lse.isnan()  # a row with a NaN has no argmax
     return entropy, mean_logit, top1
 
 

@@ -225,7 +225,8 @@ def linear_logprobs_forward(
     if not stats:
         empty = [hidden.new_empty(0, dtype=d) for d in (acc, acc, torch.bool)]
         return target - lse, lse, *empty
-    return target - lse, lse, lse - pz / run_sum, zsum / weight.shape[0], arg == targets
+    top1 = (arg == targets) & ~lse.isnan()  # a row with a NaN has no argmax
+    return target - lse, lse, lse - pz / run_sum, zsum / weight.shape[0], top1
 
 
 def linear_logprobs_backward(

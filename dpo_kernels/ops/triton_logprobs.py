@@ -80,7 +80,7 @@ def _row_lse_and_target(
         m, s, pz, zsum, arg = fold_block(m, s, pz, zsum, arg, z, offs, offs < V, STATS)
     target = tl.load(row_ptr + label).to(ACC)
     lse = m + tl.log(s)
-    return lse, target, lse - pz / s, zsum / V, arg == label
+    return lse, target, lse - pz / s, zsum / V, (arg == label) & (lse == lse)  # NaN: no argmax
 
 
 @triton.jit
