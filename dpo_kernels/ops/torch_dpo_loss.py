@@ -23,7 +23,6 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(-x)
 
 
-
 def _scores(x: torch.Tensor, spec: DPOLossSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """f-divergence score of a log-ratio and its derivative."""
     kind = spec.f_divergence_type
