@@ -219,7 +219,7 @@ def _logprob_results(backend, logits, labels, w):
 @pytest.mark.parametrize("other", [b for b in cpu_backends() if b != "reference"])
 def test_logprobs_backends_agree_on_extreme_values(other):
     @settings(
-        max_examples=40 if other == "triton" else 200,
+        max_examples=40 if other == "triton" else 120,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
         derandomize=True,
@@ -289,7 +289,7 @@ def build_loss_inputs(P, values, dtype, seed):
 @pytest.mark.parametrize("other", [b for b in cpu_backends() if b != "reference"])
 def test_loss_backends_agree_on_extreme_values(other):
     @settings(
-        max_examples=40 if other == "triton" else 150,
+        max_examples=40 if other == "triton" else 100,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
         derandomize=True,
