@@ -88,7 +88,8 @@ class Projection {
 // One token tile through every vocabulary block: per-row statistics folded across blocks.
 template <typename A, bool STATS>
 void forward_tiles(const at::Tensor& hidden, Projection& proj, const LogitTransform<A>& tf,
-                   const int64_t* yp, A* tok_p, A* lse_p, A* ent_p, A* mean_p, bool* top1_p) {
+                   const int64_t* yp, A* tok_p, A* lse_p, A* ent_p, A* mean_p, bool* top1_p,
+                   A* sq_p) {
   const int64_t M = hidden.size(0), V = proj.vocab();
   std::vector<RowFold<A>> fold(proj.tile_rows());
   for (int64_t ts = 0; ts < M; ts += proj.tile_rows()) {
@@ -118,12 +119,14 @@ void forward_tiles(const at::Tensor& hidden, Projection& proj, const LogitTransf
         ent_p[ts + r] = lse - f.pz / f.s;
         mean_p[ts + r] = f.zsum / static_cast<A>(V);
         top1_p[ts + r] = f.arg == yp[ts + r] && !std::isnan(lse);  // NaN: no argmax
+        sq_p[ts + r] = log_sum_sq(f);
       }
     }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_logprobs_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, double logit_scale, std::optional<double> softcap,
     double temperature, bool stats, int64_t token_tile, int64_t vocab_block) {
@@ -135,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lo
   const int64_t n_stats = stats ? M : 0;
   at::Tensor ent = at::empty({n_stats}, opts), mean = at::empty({n_stats}, opts);
   at::Tensor top1 = at::empty({n_stats}, opts.dtype(at::kBool));
-  if (M == 0) return {tok, lse, ent, mean, top1};
+  at::Tensor sq = at::empty({n_stats}, opts);
+  if (M == 0) return {tok, lse, ent, mean, top1, sq};
   const at::Tensor y = targets.to(at::kLong).contiguous();
   Projection proj(weight, bias, M, token_tile, vocab_block);
   AT_DISPATCH_FLOATING_TYPES(tok.scalar_type(), "linear_logprobs_forward", [&] {
@@ -144,13 +148,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lo
     const int64_t* yp = y.const_data_ptr<int64_t>();
     if (stats) {
       forward_tiles<A, true>(hidden, proj, tf, yp, tok.data_ptr<A>(), lse.data_ptr<A>(),
-                             ent.data_ptr<A>(), mean.data_ptr<A>(), top1.data_ptr<bool>());
+                             ent.data_ptr<A>(), mean.data_ptr<A>(), top1.data_ptr<bool>(),
+                             sq.data_ptr<A>());
     } else {
       forward_tiles<A, false>(hidden, proj, tf, yp, tok.data_ptr<A>(), lse.data_ptr<A>(),
-                              nullptr, nullptr, nullptr);
+                              nullptr, nullptr, nullptr, nullptr);
     }
   });
-  return {tok, lse, ent, mean, top1};
+  return {tok, lse, ent, mean, top1, sq};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
@@ -211,7 +216,7 @@ TORCH_LIBRARY_FRAGMENT(dpo_kernels_cpu, m) {
   m.def(
       "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "float logit_scale, float? softcap, float temperature, bool stats, int token_tile, "
-      "int vocab_block) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int vocab_block) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_logprobs_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor targets, Tensor lse, float logit_scale, float? softcap, float temperature, "

@@ -50,6 +50,7 @@ struct RowOutputs {
   A* entropy;  // with stats
   A* mean;
   bool* top1;
+  A* log_sum_sq;
 };
 
 template <typename scalar_t, bool STATS>
@@ -74,6 +75,7 @@ void forward_rows_impl(const at::Tensor& z, const TokenIndex& idx, RowOutputs<ac
         o.entropy[r] = st.entropy;
         o.mean[r] = st.mean;
         o.top1[r] = y >= 0 && st.arg == y;
+        o.log_sum_sq[r] = st.log_sum_sq;
       }
     }
   });
@@ -85,11 +87,12 @@ void forward_rows(const at::Tensor& z, const TokenIndex& idx, at::Tensor& tok, a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "logprobs_forward", [&] {
     using A = acc_t<scalar_t>;
     RowOutputs<A> o{tok.data_ptr<A>(), lse ? lse->data_ptr<A>() : nullptr, nullptr, nullptr,
-                    nullptr};
+                    nullptr, nullptr};
     if (stats) {
       o.entropy = stats[0].data_ptr<A>();
       o.mean = stats[1].data_ptr<A>();
       o.top1 = stats[2].data_ptr<bool>();
+      o.log_sum_sq = stats[3].data_ptr<A>();
       forward_rows_impl<scalar_t, true>(z, idx, o);
     } else {
       forward_rows_impl<scalar_t, false>(z, idx, o);
@@ -97,7 +100,7 @@ void forward_rows(const at::Tensor& z, const TokenIndex& idx, at::Tensor& tok, a
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 logprobs_forward(const at::Tensor& logits, const at::Tensor& labels,
                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref_logits,
                  int64_t ignore_index, bool stats) {
@@ -109,12 +112,13 @@ logprobs_forward(const at::Tensor& logits, const at::Tensor& labels,
   const int64_t B = z.size(0), T = z.size(1);
   at::Tensor tok = at::empty({B, T}, opts);
   at::Tensor lse = at::empty({B, T}, opts);
-  at::Tensor st[3] = {at::empty({0}, opts), at::empty({0}, opts),
-                      at::empty({0}, opts.dtype(at::kBool))};
+  at::Tensor st[4] = {at::empty({0}, opts), at::empty({0}, opts),
+                      at::empty({0}, opts.dtype(at::kBool)), at::empty({0}, opts)};
   if (stats) {
     st[0] = at::empty({B, T}, opts);
     st[1] = at::empty({B, T}, opts);
     st[2] = at::empty({B, T}, opts.dtype(at::kBool));
+    st[3] = at::empty({B, T}, opts);
   }
   forward_rows(z, idx, tok, &lse, stats ? st : nullptr);
   at::Tensor ref_tok = at::empty({0}, opts);
@@ -123,7 +127,7 @@ logprobs_forward(const at::Tensor& logits, const at::Tensor& labels,
     ref_tok = at::empty({B, T}, rz.options().dtype(acc_dtype(rz.scalar_type())));
     forward_rows(rz, idx, ref_tok, nullptr, nullptr);
   }
-  return {tok, lse, ref_tok, st[0], st[1], st[2]};
+  return {tok, lse, ref_tok, st[0], st[1], st[2], st[3]};
 }
 
 at::Tensor logprobs_backward(const at::Tensor& grad_tok, const at::Tensor& logits,
@@ -167,7 +171,7 @@ at::Tensor logprobs_backward(const at::Tensor& grad_tok, const at::Tensor& logit
 TORCH_LIBRARY_FRAGMENT(dpo_kernels_cpu, m) {
   m.def(
       "logprobs_forward(Tensor logits, Tensor labels, Tensor? mask, Tensor? ref_logits, "
-      "int ignore_index, bool stats) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int ignore_index, bool stats) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "logprobs_backward(Tensor grad_tok, Tensor logits, Tensor labels, Tensor? mask, Tensor lse, "
       "int ignore_index) -> Tensor");

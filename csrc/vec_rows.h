@@ -70,12 +70,14 @@ struct RowFold {
   A s = 0;                                     // sum of exp(x - m)
   A pz = 0;                                    // with stats: sum of exp(x - m) * x
   A zsum = 0;                                  // with stats: sum of x
+  A sq = 0;                                    // with stats: sum of exp(2 (x - m))
   int64_t arg = -1;                            // with stats: index of the first maximum
 };
 
 // Folds p[0, n) (whose first element has index `offset` in the row) into f. Works in L1-sized
 // chunks: a max pass and an exp pass over the same chunk, so memory is read once and each element
-// costs one exp. With STATS, also the entropy and mean-logit sums and the first argmax (a third,
+// costs one exp. With STATS, also the entropy and mean-logit sums, the sum of squared
+// exponentials (for log sum_v p_v^2; one multiply, no extra exp) and the first argmax (a third,
 // L1-resident pass over chunks whose maximum beats the running one).
 template <typename S, bool STATS = false>
 inline void fold_row(const S* p, int64_t n, RowFold<acc_t<S>>& f, int64_t offset = 0) {
@@ -103,9 +105,9 @@ inline void fold_row(const S* p, int64_t n, RowFold<acc_t<S>>& f, int64_t offset
     VA vsum(A(0));
     A tail_sum = 0;
     if constexpr (STATS) {
-      VA vpz(A(0)), vz(A(0));
+      VA vpz(A(0)), vz(A(0)), vsq(A(0));
       const VA zero(A(0));
-      A tail_pz = 0, tail_z = 0;
+      A tail_pz = 0, tail_z = 0, tail_sq = 0;
       for_each_vec(
           c, len,
           [&](const VA& x) {
@@ -113,14 +115,17 @@ inline void fold_row(const S* p, int64_t n, RowFold<acc_t<S>>& f, int64_t offset
             vsum = vsum + e;
             vpz = vpz + VA::blendv(e * x, zero, e == zero);  // 0 * -inf counts as 0
             vz = vz + x;
+            vsq = vsq + e * e;
           },
           [&](A x) {
             const A e = std::exp(x - shift);
             tail_sum += e;
             tail_pz += e == 0 ? A(0) : e * x;
             tail_z += x;
+            tail_sq += e * e;
           });
       f.pz = f.pz * scale + at::vec::vec_reduce_all<A>(add, vpz) + tail_pz;
+      f.sq = f.sq * (scale * scale) + at::vec::vec_reduce_all<A>(add, vsq) + tail_sq;
       f.zsum += at::vec::vec_reduce_all<A>(add, vz) + tail_z;
       // Strictly: an earlier chunk keeps a tie; a row that is all -inf so far takes its first -inf.
       if (chunk_max > f.m || f.arg < 0) {
@@ -158,11 +163,18 @@ struct RowStats {
   A lse;
   A entropy = 0;     // lse - sum_v p_v z_v
   A mean = 0;        // sum_v z_v / V
+  A log_sum_sq = 0;  // log sum_v p_v^2
   int64_t arg = -1;  // first index of the maximum
 };
 
+// log sum_v p_v^2 of a folded row: log(sum exp(2 (z - m))) - 2 log(sum exp(z - m)).
+template <typename A>
+inline A log_sum_sq(const RowFold<A>& f) {
+  return std::log(f.sq) - 2 * std::log(f.s);
+}
+
 // Log-sum-exp of the row p[0, V) in acc precision, one pass over memory; with STATS also the
-// entropy, the mean logit and the first argmax.
+// entropy, the mean logit, log sum_v p_v^2 and the first argmax.
 template <typename S, bool STATS = false>
 inline RowStats<acc_t<S>> row_stats(const S* p, int64_t V) {
   using A = acc_t<S>;
@@ -172,6 +184,7 @@ inline RowStats<acc_t<S>> row_stats(const S* p, int64_t V) {
   if constexpr (STATS) {
     out.entropy = out.lse - f.pz / f.s;
     out.mean = f.zsum / static_cast<A>(V);
+    out.log_sum_sq = log_sum_sq(f);
     out.arg = std::isnan(out.lse) ? -1 : f.arg;  // a row with a NaN has no argmax
   }
   return out;

@@ -26,12 +26,14 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
 class TokenStats(NamedTuple):
-    """Per-token statistics of the policy logits that trainers log (no gradient; 0 where not
-    counted): TRL's entropy, logits/chosen|rejected and mean_token_accuracy come from these."""
+    """Per-token statistics of the policy logits that trainers use (no gradient; 0 where not
+    counted): TRL's entropy, logits/chosen|rejected and mean_token_accuracy come from the first
+    three, WPO's weights (TRL's use_weighting) from log_sum_sq."""
 
     entropy: torch.Tensor  # [B, T] -sum_v p_v log p_v
     mean_logits: torch.Tensor  # [B, T] sum_v z_v / V
     is_top1: torch.Tensor  # [B, T] bool: the label is the (first) argmax; False if a logit is NaN
+    log_sum_sq: torch.Tensor  # [B, T] log sum_v p_v^2
 
 
 class SequenceLogprobs(NamedTuple):
@@ -302,8 +304,11 @@ def _token_logprobs_op(
     ignore_index: int,
     stats: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token log-probs, lse, ref token log-probs, entropy, mean logit, is_top1); see reference."""
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """(token log-probs, lse, ref token log-probs, entropy, mean logit, is_top1, log_sum_sq); see
+    reference."""
     _check_values(labels, mask, ignore_index, logits.shape[-1])
     fwd, _ = _kernels(backend)
     return tuple(fwd(logits, labels, mask, ref_logits, ignore_index, stats))
@@ -322,9 +327,7 @@ def _(logits, labels, mask, ref_logits, ignore_index, stats, backend):
         logits.new_empty(shape, dtype=acc),
         logits.new_empty(shape, dtype=acc),
         ref_tok,
-        logits.new_empty(s, dtype=acc),
-        logits.new_empty(s, dtype=acc),
-        logits.new_empty(s, dtype=torch.bool),
+        *(logits.new_empty(s, dtype=d) for d in reference.stats_dtypes(acc)),
     )
 
 
@@ -560,8 +563,8 @@ def sequence_logprobs(
     mask: optional [B, T] bool or 0/1 tensor; tokens with mask 0 do not count.
     ref_logits: optional [B, T, V] reference-model logits for the same labels; their sums come back
         in ``ref_logps`` without gradient, computed in the same kernel launch.
-    stats: also return the policy's per-token entropy, mean logit and label-is-argmax
-        (`TokenStats`, no gradient), computed in the same pass over the logits.
+    stats: also return the policy's per-token entropy, mean logit, label-is-argmax and
+        log(sum_v p_v^2) (`TokenStats`, no gradient), computed in the same pass over the logits.
     cu_seqlens: packed layout: logits [N, V], labels [N] (mask [N]) hold S sequences back to back,
         sequence i being tokens cu_seqlens[i]:cu_seqlens[i + 1]; sums and counts are [S], token
         outputs [N]. Labels must not cross sequences (see `dpo_kernels.forward.packed_labels`).
@@ -591,9 +594,9 @@ def sequence_logprobs(
         tok = _VocabParallelTokenLogprobs.apply(
             logits, labels, counted, vocab_start, vocab_group, name
         )
-        ref_tok = ent = mean = top1 = None
+        ref_tok, token_stats = None, ()
     else:
-        tok, _, ref_tok, ent, mean, top1 = _token_logprobs_op(
+        tok, _, ref_tok, *token_stats = _token_logprobs_op(
             logits, labels, mask, ref_logits, ignore_index, stats, name
         )
     return _sequence_outputs(
@@ -601,7 +604,7 @@ def sequence_logprobs(
         counted,
         cu_seqlens,
         ref_tok if ref_logits is not None else None,
-        (ent, mean, top1) if stats else None,
+        tuple(token_stats) if stats else None,
     )
 
 
@@ -770,9 +773,9 @@ def _linear_token_logprobs_op(
     temperature: float,
     stats: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token log-probs, lse, entropy, mean logit, is_top1), [B, T] each (the last three [0]
-    without stats)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token log-probs, lse, entropy, mean logit, is_top1, log_sum_sq), [B, T] each (the last
+    four [0] without stats)."""
     _check_values(labels, mask, ignore_index, weight.shape[0])
     counted = reference.counted_tokens(labels, mask, ignore_index)
     fwd, _ = _kernels(backend, "linear_logprobs")
@@ -786,7 +789,7 @@ def _linear_token_logprobs_op(
 
 def _empty_stats(like: torch.Tensor) -> list[torch.Tensor]:
     acc = reference.acc_dtype(like.dtype)
-    return [like.new_empty(0, dtype=d) for d in (acc, acc, torch.bool)]
+    return [like.new_empty(0, dtype=d) for d in reference.stats_dtypes(acc)]
 
 
 @_linear_token_logprobs_op.register_fake
@@ -797,8 +800,7 @@ def _(hidden, weight, bias, labels, mask, ignore_index, logit_scale, softcap, te
     tok, lse = hidden.new_empty(shape, dtype=acc), hidden.new_empty(shape, dtype=acc)
     if not stats:
         return tok, lse, *_empty_stats(hidden)
-    top1 = hidden.new_empty(shape, dtype=torch.bool)
-    return tok, lse, hidden.new_empty(shape, dtype=acc), hidden.new_empty(shape, dtype=acc), top1
+    return tok, lse, *(hidden.new_empty(shape, dtype=d) for d in reference.stats_dtypes(acc))
 
 
 @torch.library.custom_op("dpo_kernels::linear_token_logprobs_backward", mutates_args=())

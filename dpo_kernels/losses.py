@@ -8,6 +8,7 @@ gradient accumulation over micro-batches must average, as it does for any per-pa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -25,6 +26,8 @@ from .ops.reference import (
 
 # Loss types that divide by the completion lengths and so need the token counts.
 NEEDS_COUNTS = frozenset(("ipo", "sigmoid_norm", "sft"))
+# Loss types that sort the pairs: a per-pair weight would not stay with its pair.
+SORTING = frozenset(("aot", "aot_unpaired"))
 
 
 class DPOLossOutput(NamedTuple):
@@ -130,6 +133,7 @@ def dpo_loss(
     rejected_counts: torch.Tensor | None = None,
     spec: DPOLossSpec | None = None,
     backend: str | None = None,
+    weights: torch.Tensor | None = None,
     **config,
 ) -> DPOLossOutput:
     """DPO loss of P pairs from per-sequence log-prob sums, fused, with TRL's metrics.
@@ -138,6 +142,9 @@ def dpo_loss(
     ref_chosen_logps, ref_rejected_logps: [P] reference sums (no gradient); both None for
         reference-free training (a reference of 0).
     chosen_counts, rejected_counts: [P] completion token counts; needed by ipo, sigmoid_norm, sft.
+    weights: optional [P] per-pair weights (no gradient), e.g. WPO's (TRL's use_weighting): every
+        loss type's per-pair loss is multiplied by its pair's weight before the mean (sft, one
+        value for every pair, so by the mean weight). Not with aot / aot_unpaired, which sort pairs.
     config: beta=0.1, loss_type="sigmoid" (or a list), loss_weights=None, label_smoothing=0.0,
         f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05 (TRL's
         DPOConfig names and defaults); or pass a prepared `spec` from `make_spec`.
@@ -155,6 +162,7 @@ def dpo_loss(
         "ref_rejected_logps": ref_rejected_logps,
         "chosen_counts": chosen_counts,
         "rejected_counts": rejected_counts,
+        "weights": weights,
     }
     P = _check_pair_inputs(named)
     if P == 0:
@@ -170,7 +178,10 @@ def dpo_loss(
     rr = torch.zeros_like(pr) if ref_rejected_logps is None else ref_rejected_logps
     nc = torch.ones_like(pc) if chosen_counts is None else chosen_counts
     nr = torch.ones_like(pr) if rejected_counts is None else rejected_counts
-    loss, per = dpo_pair_loss(pc, pr, rc, rr, nc, nr, spec, backend)
+    if weights is None:
+        loss, per = dpo_pair_loss(pc, pr, rc, rr, nc, nr, spec, backend)
+    else:
+        loss, per = _weighted_loss(pc, pr, rc, rr, nc, nr, spec, backend, weights)
     with torch.no_grad():
         chosen_rewards = spec.beta * (pc.detach().float() - rc.detach().float())
         rejected_rewards = spec.beta * (pr.detach().float() - rr.detach().float())
@@ -183,6 +194,68 @@ def dpo_loss(
             "logps/rejected": pr.detach().float().mean(),
         }
     return DPOLossOutput(loss, per, chosen_rewards, rejected_rewards, metrics)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `w` (per pair)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (w,) = ctx.saved_tensors
+        return g * w.to(g.dtype), None
+
+
+class _ReplaceValue(torch.autograd.Function):
+    """Returns `value` (no gradient of its own) and passes the gradient through to `carrier`."""
+
+    @staticmethod
+    def forward(ctx, carrier: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, None
+
+
+def _weighted_loss(pc, pr, rc, rr, nc, nr, spec: DPOLossSpec, backend, weights: torch.Tensor):
+    """(sum over types of mean(weights * per-pair loss), weighted per-pair losses).
+
+    Every pair loss but sft depends on its own pair only, so d mean(w * l) / d pc_p is w_p times
+    the unweighted gradient: the fused op runs unchanged and the weights scale its gradient. sft is
+    one value for every pair: its weighted mean is mean(w) times that value."""
+    if not weights.is_floating_point() or weights.requires_grad:
+        raise ValueError("weights must be a floating-point tensor without gradient (detach it)")
+    sorting = SORTING.intersection(spec.loss_types)
+    if sorting:
+        raise ValueError(
+            f"weights do not combine with loss_type {sorted(sorting)}: those losses sort the "
+            "pairs, which would misalign the per-pair weights (TRL refuses use_weighting too)"
+        )
+    acc = torch.float64 if pc.dtype == torch.float64 else torch.float32
+    w = weights.detach().to(acc)
+    types = [(t, x) for t, x in zip(spec.loss_types, spec.loss_weights, strict=True) if t != "sft"]
+    sft_weight = sum(x for t, x in zip(spec.loss_types, spec.loss_weights, strict=True)
+                     if t == "sft")  # fmt: skip
+    loss = pc.new_zeros((), dtype=acc)
+    per = loss.new_zeros(pc.shape)
+    if types:
+        sub = dataclasses.replace(
+            spec, loss_types=tuple(t for t, _ in types), loss_weights=tuple(x for _, x in types)
+        )
+        scaled = (_ScaleGrad.apply(pc, w), _ScaleGrad.apply(pr, w))
+        unweighted, per_pair = dpo_pair_loss(*scaled, rc, rr, nc, nr, sub, backend)
+        per = w.to(per_pair.dtype) * per_pair
+        loss = _ReplaceValue.apply(unweighted, per.mean())
+    if sft_weight:
+        sft = -pc.to(loss.dtype).sum() / nc.sum().clamp(min=1)
+        loss = loss + sft_weight * w.mean() * sft
+        per = per + sft_weight * w * sft.detach()
+    return loss, per
 
 
 class DPOLoss(nn.Module):

@@ -244,7 +244,7 @@ def test_token_stats_match_the_reference(backend, dtype, V):
     z = logits.double()
     counted = reference.counted_tokens(labels, mask, -100)
     lse = torch.where(counted, z.logsumexp(-1), 0)
-    ent, mean, top1 = reference.token_stats(z, lse, torch.where(counted, labels, 0), counted)
+    ent, mean, top1, _ = reference.token_stats(z, lse, torch.where(counted, labels, 0), counted)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(out.stats.entropy.double(), ent, rtol=tol, atol=tol)
     torch.testing.assert_close(out.stats.mean_logits.double(), mean, rtol=tol, atol=tol)

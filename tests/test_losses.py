@@ -303,3 +303,56 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     torch.testing.assert_close(comp, eager)
     torch.testing.assert_close(a2.grad, a1.grad)
     torch.testing.assert_close(b2.grad, b1.grad)
+
+
+def weighted_scalar_loss(types, weights_of_types, pair_w, lists, beta):
+    """sum over types of mean_i(pair_w[i] * loss_i) from the scalar formulas (TRL's WPO weighting):
+    sft is one value for every pair, so it is scaled by the mean pair weight."""
+    P, total = len(lists[0]), 0.0
+    for kind, tw in zip(types, weights_of_types, strict=True):
+        if kind == "sft":
+            total += tw * scalar_loss(kind, *lists, beta, 0.0) * sum(pair_w) / P
+            continue
+        for i in range(P):
+            one = [[x[i]] for x in lists]
+            total += tw * pair_w[i] * scalar_loss(kind, *one, beta, 0.0) / P
+    return total
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize(
+    "types", [("sigmoid",), ("ipo", "sft", "bco_pair")], ids=["sigmoid", "ipo+sft+bco_pair"]
+)
+def test_pair_weights_scale_each_pair_loss(backend, types):
+    pc, pr, rc, rr, nc, nr = make_pairs()
+    w = torch.rand(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    type_w = [1.0, 0.5, 0.25][: len(types)]
+    pc_, pr_ = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    out = dpo_loss(
+        pc_, pr_, rc, rr, chosen_counts=nc, rejected_counts=nr, beta=0.1, loss_type=list(types),
+        loss_weights=type_w, weights=w, backend=backend,
+    )  # fmt: skip
+    lists = [t.tolist() for t in (pc, pr, rc, rr, nc, nr)]
+    wl = w.tolist()
+    expect = weighted_scalar_loss(types, type_w, wl, lists, 0.1)
+    assert out.loss.item() == pytest.approx(expect, rel=1e-10)
+    out.loss.backward()
+    for grad, k in ((pc_.grad, 0), (pr_.grad, 1)):
+        for i in range(6):
+
+            def f(xs, k=k, i=i):
+                ls = [list(x) for x in lists]
+                ls[k] = xs
+                return weighted_scalar_loss(types, type_w, wl, ls, 0.1)
+
+            assert grad[i].item() == pytest.approx(numeric_grad(f, lists[k], i), rel=1e-5, abs=1e-9)
+
+
+def test_pair_weights_refuse_sorting_losses_and_gradients():
+    pc, pr, rc, rr, _, _ = make_pairs()
+    with pytest.raises(ValueError, match="aot"):
+        dpo_loss(pc, pr, rc, rr, loss_type="aot", weights=torch.ones(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="detach"):
+        dpo_loss(pc, pr, rc, rr, weights=torch.ones(6, dtype=torch.float64, requires_grad=True))
+    with pytest.raises(ValueError, match="weights has 5 entries"):
+        dpo_loss(pc, pr, rc, rr, weights=torch.ones(5, dtype=torch.float64))

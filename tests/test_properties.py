@@ -241,6 +241,8 @@ def test_logprobs_backends_agree_on_extreme_values(other):
         assert_agree(out.stats.entropy, ref.stats.entropy, 1e-5, tol, f"entropy {case}")
         assert_agree(out.stats.mean_logits, ref.stats.mean_logits, 1e-5, tol, f"mean {case}")
         assert torch.equal(out.stats.is_top1, ref.stats.is_top1), case
+        sq, ref_sq = out.stats.log_sum_sq, ref.stats.log_sum_sq
+        assert_agree(sq, ref_sq, 1e-5, tol, f"log_sum_sq {case}")
         assert grad.dtype == logits.dtype
         g_tol = (4 * GRAD_TOL[logits.dtype] + 8 * eps * scale) * w.abs().max().item()
         assert_agree(grad, ref_grad, 0, g_tol, f"grad {case}")
@@ -381,6 +383,8 @@ def test_linear_backends_agree_on_extreme_transforms(other):
         assert_agree(out.token_logps, ref.token_logps, 1e-5, tol, f"token_logps {case}")
         assert_agree(out.stats.entropy, ref.stats.entropy, 1e-5, 4 * tol * V, f"entropy {case}")
         assert_agree(out.stats.mean_logits, ref.stats.mean_logits, 1e-5, tol, f"mean {case}")
+        sq, ref_sq = out.stats.log_sum_sq, ref.stats.log_sum_sq
+        assert_agree(sq, ref_sq, 1e-5, 4 * tol * V, f"log_sum_sq {case}")
         for name, gr, go in zip(("hidden", "weight", "bias"), ref_grads, grads, strict=True):
             if gr is None:
                 continue

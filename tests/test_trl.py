@@ -117,9 +117,13 @@ def test_bf16_autocast_close_to_stock_trl(tmp_path):
 
 
 def test_unsupported_options_raise(tmp_path):
-    args = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], use_weighting=True)
+    # Stock TRL 1.16 fails at its first step on WPO weighting with sft: we refuse it up front.
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], use_weighting=True,
+        loss_type=["sigmoid", "sft"],
+    )  # fmt: skip
     model = tiny_causal_lm("llama", vocab=28)
-    with pytest.raises(NotImplementedError, match="use_weighting"):
+    with pytest.raises(NotImplementedError, match="use_weighting=True with loss_type 'sft'"):
         FusedDPOTrainer(
             model=model, ref_model=copy.deepcopy(model), args=args,
             train_dataset=preference_dataset(4), processing_class=tiny_tokenizer(),

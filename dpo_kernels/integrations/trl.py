@@ -49,6 +49,7 @@ def check_trl_version() -> str:
 
 check_trl_version()
 
+from accelerate.utils import is_peft_model  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
@@ -71,27 +72,43 @@ class FusedDPOTrainer(DPOTrainer):
     ) -> None:
         # Set before TRL's __init__: it may precompute reference log-probs.
         self._kernel_options = {"backend": backend, "fused_lm_head": fused_lm_head}
+        # padding_free=True: stock TRL 1.16 warns and sets self.padding_free = False (it trains on
+        # padded batches); so do we, through its __init__.
         super().__init__(*args, **kwargs)
         unsupported = {
-            "use_weighting=True": self.use_weighting,
-            "padding_free=True": getattr(self.args, "padding_free", False),
             "a Mixture-of-Experts router aux loss": self.aux_loss_enabled,
-            "ld_alpha with loss_type 'sft'": self.ld_alpha is not None and "sft" in self.loss_types,
         }
         bad = [name for name, on in unsupported.items() if on]
         if bad:
             raise NotImplementedError(
                 f"FusedDPOTrainer does not support {', '.join(bad)}; use trl.DPOTrainer for these"
             )
-        self._loss_spec = make_spec(
-            beta=self.beta,
-            loss_type=self.loss_types,
-            loss_weights=self.loss_weights,
-            label_smoothing=self.label_smoothing,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            discopop_tau=self.args.discopop_tau,
-        )
+        if self.use_weighting and "sft" in self.loss_types:
+            # Stock TRL 1.16 fails on its first step here (it multiplies the expanded sft loss in
+            # place), so there are no stock numbers to match.
+            raise NotImplementedError(
+                "use_weighting=True with loss_type 'sft' fails in trl.DPOTrainer 1.16 at the "
+                "first step, so FusedDPOTrainer does not define it either: remove 'sft' from "
+                "loss_type or set use_weighting=False"
+            )
+        # The sft term is kept apart from the pair losses: it averages the unweighted (not LD)
+        # token log-probs over the scored (shifted) chosen tokens, while ipo and sigmoid_norm
+        # divide by the unshifted completion lengths, as in TRL.
+        typed = list(zip(self.loss_types, self.loss_weights, strict=True))
+        pair = [(t, w) for t, w in typed if t != "sft"]
+        self._sft_weight = sum(w for t, w in typed if t == "sft")
+        self._loss_spec = None
+        if pair:
+            self._loss_spec = make_spec(
+                beta=self.beta,
+                loss_type=[t for t, _ in pair],
+                loss_weights=[w for _, w in pair],
+                label_smoothing=self.label_smoothing,
+                f_divergence_type=self.f_divergence_type,
+                f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                discopop_tau=self.args.discopop_tau,
+            )
+        self._sft_spec = make_spec(beta=self.beta, loss_type="sft")
 
     # -- log-probs ---------------------------------------------------------------------------
 
@@ -100,14 +117,23 @@ class FusedDPOTrainer(DPOTrainer):
             return out.logps
         return _ld_weighted(out.token_logps, b.completion_mask[:, 1:], self.ld_alpha)
 
+    def _reference_context(self) -> contextlib.AbstractContextManager:
+        """Without a reference model, a PEFT policy is its own reference: adapter disabled (or the
+        "ref" adapter active), as in TRL."""
+        if self.ref_model is not None or not is_peft_model(self.model):
+            return contextlib.nullcontext()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        name = "ref" if "ref" in unwrapped.peft_config else None
+        return use_adapter(unwrapped, adapter_name=name)
+
     def _reference_sums(self, b: PreferenceBatch, model_kwargs: dict[str, Any]) -> torch.Tensor:
-        ref, adapter = self.ref_model, contextlib.nullcontext()
-        if ref is None:  # PEFT: the policy with its adapter disabled (or the "ref" adapter)
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            name = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
-            adapter, ref = use_adapter(unwrapped, adapter_name=name), self.model
+        ref = self.model if self.ref_model is None else self.ref_model
         gc_kwargs = self.args.gradient_checkpointing_kwargs
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, gc_kwargs), adapter:
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, gc_kwargs),
+            self._reference_context(),
+        ):
             out = batch_logprobs(ref, b, model_kwargs=model_kwargs, **self._kernel_options)
         return self._sums(out, b)
 
@@ -115,7 +141,13 @@ class FusedDPOTrainer(DPOTrainer):
         """Reference log-probs of one padded batch (TRL calls this to precompute them)."""
         b = preference_batch(inputs)
         kwargs = self._model_kwargs(inputs)
-        with torch.no_grad(), self.accelerator.autocast():
+        gc_kwargs = self.args.gradient_checkpointing_kwargs
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, gc_kwargs),
+            self._reference_context(),
+            self.accelerator.autocast(),
+        ):
             out = batch_logprobs(model, b, model_kwargs=kwargs, **self._kernel_options)
         return self._sums(out, b).chunk(2)
 
@@ -136,25 +168,44 @@ class FusedDPOTrainer(DPOTrainer):
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self._reference_sums(b, kwargs).chunk(2)
-        # ipo / sigmoid_norm divide by the completion lengths (TRL counts the unshifted mask).
-        counts = b.completion_mask.sum(1).chunk(2)
-        res = dpo_loss(
-            chosen,
-            rejected,
-            ref_chosen,
-            ref_rejected,
-            chosen_counts=counts[0],
-            rejected_counts=counts[1],
-            spec=self._loss_spec,
-            backend=self._kernel_options["backend"],
-        )
-        self._log_metrics(mode, b, out, res, chosen, rejected)
+        weights = self._wpo_weights(out, b) if self.use_weighting else None
+        backend = self._kernel_options["backend"]
+        loss = chosen.new_zeros(())
+        if self._loss_spec is not None:
+            # ipo / sigmoid_norm divide by the completion lengths (TRL counts the unshifted mask).
+            counts = b.completion_mask.sum(1).chunk(2)
+            loss = dpo_loss(
+                chosen, rejected, ref_chosen, ref_rejected, chosen_counts=counts[0],
+                rejected_counts=counts[1], spec=self._loss_spec, backend=backend, weights=weights,
+            ).loss  # fmt: skip
+        if self._sft_weight:
+            # TRL's sft: minus the mean log-prob of the scored chosen tokens (shifted mask; not
+            # LD-weighted), expanded to every pair (so WPO scales it by the mean pair weight).
+            P = chosen.shape[0]
+            sft = dpo_loss(
+                out.logps[:P], rejected, chosen_counts=out.counts[:P],
+                rejected_counts=out.counts[P:], spec=self._sft_spec, backend=backend,
+                weights=weights,
+            ).loss  # fmt: skip
+            loss = loss + self._sft_weight * sft
+        self._log_metrics(mode, b, out, chosen, rejected, ref_chosen, ref_rejected)
         if return_outputs:  # as TRL: logits for compute_metrics come from an extra forward
             with torch.no_grad():
-                return res.loss, model(input_ids=b.input_ids, attention_mask=b.attention_mask)
-        return res.loss
+                return loss, model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        return loss
 
-    def _log_metrics(self, mode, b, out, res, chosen, rejected) -> None:
+    @staticmethod
+    def _wpo_weights(out, b: PreferenceBatch) -> torch.Tensor:
+        """WPO's pair weights (TRL's use_weighting): exp of each completion's mean over its scored
+        tokens of log p(label) - log sum_v p_v^2, chosen times rejected; no gradient."""
+        with torch.no_grad():
+            mask = b.completion_mask[:, 1:]
+            aligned = (out.token_logps - out.stats.log_sum_sq) * mask
+            w = torch.exp(aligned.sum(1) / mask.sum(1).clamp_min(1))
+            chosen_w, rejected_w = w.chunk(2)
+            return chosen_w * rejected_w
+
+    def _log_metrics(self, mode, b, out, chosen, rejected, ref_chosen, ref_rejected) -> None:
         acc = self.accelerator
         metrics = self._metrics[mode]
         mask = b.completion_mask[:, 1:] != 0
@@ -175,7 +226,8 @@ class FusedDPOTrainer(DPOTrainer):
         metrics["logits/rejected"].append(ratio(r_mean[r_mask].sum(), r_mask.sum()))
         c_top1 = stats.is_top1.chunk(2)[0] & c_mask
         metrics["mean_token_accuracy"].append(ratio(c_top1.sum(), c_mask.sum()))
-        cr, rr = res.chosen_rewards, res.rejected_rewards
+        cr = self.beta * (chosen.detach() - ref_chosen.detach())
+        rr = self.beta * (rejected.detach() - ref_rejected.detach())
         metrics["rewards/chosen"].append(acc.gather(cr).mean().item())
         metrics["rewards/rejected"].append(acc.gather(rr).mean().item())
         metrics["rewards/accuracies"].append(acc.gather((cr > rr).float()).mean().item())

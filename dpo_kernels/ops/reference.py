@@ -19,6 +19,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def stats_dtypes(acc: torch.dtype) -> tuple[torch.dtype, ...]:
+    """dtypes of the token statistics (entropy, mean logit, is_top1, log_sum_sq), in order."""
+    return (acc, acc, torch.bool, acc)
+
+
 def counted_tokens(
     labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int
 ) -> torch.Tensor:
@@ -34,10 +39,12 @@ def token_stats(
     lse: torch.Tensor,  # [B, T]
     labels: torch.Tensor,
     counted: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token entropy, mean logit and whether the label is the first argmax (0 if not counted).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token entropy, mean logit, whether the label is the first argmax, and the log of the
+    summed squared probabilities log(sum_v p_v^2) (0 where not counted).
 
-    These are what trainers log (TRL's entropy, logits/chosen, mean_token_accuracy); no gradient.
+    The first three are what trainers log (TRL's entropy, logits/chosen, mean_token_accuracy); the
+    last one gives WPO's weights (TRL's use_weighting). No gradient.
     """
     p = torch.exp(z - lse.unsqueeze(-1))
     pz = torch.where(p == 0, 0.0, p * z)  # 0 * -inf counts as 0
@@ -45,7 +52,8 @@ def token_stats(
     entropy = torch.where(counted, lse - pz.sum(-1) / p.sum(-1), 0.0)
     mean_logit = torch.where(counted, z.mean(-1), 0.0)
     top1 = counted & (z.argmax(-1) == labels) & ~lse.isnan()  # a row with a NaN has no argmax
-    return entropy, mean_logit, top1
+    log_sum_sq = torch.where(counted, torch.logsumexp(2 * z, dim=-1) - 2 * lse, 0.0)
+    return entropy, mean_logit, top1, log_sum_sq
 
 
 def token_logprobs(
@@ -57,7 +65,8 @@ def token_logprobs(
     stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Token log-probs [B, T], log-sum-exp [B, T], reference token log-probs ([B, T] or [0]), and
-    with `stats` the policy's entropy, mean logit and label-is-argmax ([B, T] each, else [0]).
+    with `stats` the policy's entropy, mean logit, label-is-argmax and log(sum_v p_v^2) ([B, T]
+    each, else [0]).
 
     Tokens that are not counted get log-prob 0 and log-sum-exp 0, as in the kernels.
     """
@@ -73,7 +82,7 @@ def token_logprobs(
     tok, lse, z = one(logits)
     ref_tok = logits.new_empty(0, dtype=tok.dtype) if ref_logits is None else one(ref_logits)[0]
     if not stats:
-        empty = [logits.new_empty(0, dtype=d) for d in (tok.dtype, tok.dtype, torch.bool)]
+        empty = [logits.new_empty(0, dtype=d) for d in stats_dtypes(tok.dtype)]
         return tok, lse, ref_tok, *empty
     return tok, lse, ref_tok, *token_stats(z, lse, labels, counted)
 
@@ -275,14 +284,15 @@ def linear_token_logprobs(
     transform: LogitTransform,
     stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Label log-probs [M], log-sum-exp [M] and, with `stats`, entropy, mean logit and
-    label-is-argmax [M] of `linear_logits`, which it materializes. A target of -1 gives -lse."""
+    """Label log-probs [M], log-sum-exp [M] and, with `stats`, entropy, mean logit,
+    label-is-argmax and log(sum_v p_v^2) [M] of `linear_logits`, which it materializes. A target
+    of -1 gives -lse."""
     z = linear_logits(hidden, weight, bias, transform)
     lse = torch.logsumexp(z, dim=-1)
     here = targets >= 0
     target = torch.where(here, z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
     if not stats:
-        empty = [hidden.new_empty(0, dtype=d) for d in (lse.dtype, lse.dtype, torch.bool)]
+        empty = [hidden.new_empty(0, dtype=d) for d in stats_dtypes(lse.dtype)]
         return target - lse, lse, *empty
     return target - lse, lse, *token_stats(z, lse, targets, torch.ones_like(here))
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import LogitTransform, acc_dtype
+from .reference import LogitTransform, acc_dtype, stats_dtypes
 from .triton_logprobs import fold_block, launch_config, tl_acc_dtype
 
 # One projection tile: 2048 tokens x 4096 vocabulary entries, 32 MiB of float32 for any input;
@@ -58,8 +58,9 @@ def _linear_fwd_kernel(
     targets_ptr,  # [n] labels of the tile's rows
     max_ptr,  # [n] running max of the transformed logits, ACC, updated in place
     sum_ptr,  # [n] running sum of exp(z - max), ACC, updated in place
-    pz_ptr,  # [n] with STATS: running sum of exp(z - max) * z, sum of z, first argmax
-    zsum_ptr,
+    pz_ptr,  # [n] with STATS: running sum of exp(z - max) * z, sum of z, sum of
+    zsum_ptr,  # exp(2 (z - max)), first argmax
+    sq_ptr,
     arg_ptr,
     target_ptr,  # [n] out, the label's transformed logit, written by the block holding it
     params_ptr,  # [2] (logit_scale / temperature, softcap), ACC
@@ -77,10 +78,12 @@ def _linear_fwd_kernel(
     s = tl.load(sum_ptr + row)
     pz = tl.zeros([], ACC)
     zsum = tl.zeros([], ACC)
+    sq = tl.zeros([], ACC)
     arg = tl.full([], -1, tl.int64)
     if STATS:
         pz = tl.load(pz_ptr + row)
         zsum = tl.load(zsum_ptr + row)
+        sq = tl.load(sq_ptr + row)
         arg = tl.load(arg_ptr + row)
     for start in range(0, n_cols, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
@@ -88,12 +91,15 @@ def _linear_fwd_kernel(
         x = tl.load(row_ptr + offs, mask=valid, other=0.0).to(ACC)
         z, _ = _transform(x, params_ptr, HAS_SOFTCAP)
         z = tl.where(valid, z, float("-inf"))
-        m, s, pz, zsum, arg = fold_block(m, s, pz, zsum, arg, z, vocab_start + offs, valid, STATS)
+        m, s, pz, zsum, sq, arg = fold_block(
+            m, s, pz, zsum, sq, arg, z, vocab_start + offs, valid, STATS
+        )
     tl.store(max_ptr + row, m)
     tl.store(sum_ptr + row, s)
     if STATS:
         tl.store(pz_ptr + row, pz)
         tl.store(zsum_ptr + row, zsum)
+        tl.store(sq_ptr + row, sq)
         tl.store(arg_ptr + row, arg)
     local = tl.load(targets_ptr + row) - vocab_start
     if (local >= 0) & (local < n_cols):
@@ -188,8 +194,9 @@ def linear_logprobs_forward(
     transform: LogitTransform,
     stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Label log-probs [M], log-sum-exp [M] and, with `stats`, entropy, mean logit and
-    label-is-argmax [M] (float32; float64 for float64 inputs): ops/reference.py's contract."""
+    """Label log-probs [M], log-sum-exp [M] and, with `stats`, entropy, mean logit,
+    label-is-argmax and log sum_v p_v^2 [M] (float32; float64 for float64 inputs):
+    ops/reference.py's contract."""
     M = hidden.shape[0]
     params = _params(transform, hidden)
     acc, dev = params.dtype, hidden.device
@@ -197,7 +204,7 @@ def linear_logprobs_forward(
     run_sum = torch.zeros(M, dtype=acc, device=dev)
     target = torch.zeros(M, dtype=acc, device=dev)
     n_stats = M if stats else 1
-    pz, zsum = (torch.zeros(n_stats, dtype=acc, device=dev) for _ in range(2))
+    pz, zsum, sq = (torch.zeros(n_stats, dtype=acc, device=dev) for _ in range(3))
     arg = torch.full((n_stats,), -1, dtype=torch.int64, device=dev)
     for ts, _, vs, _, tile in _projected_tiles(hidden, weight, bias):
         n, nv = tile.shape
@@ -209,6 +216,7 @@ def linear_logprobs_forward(
             run_sum[ts:],
             pz[ts:] if stats else pz,
             zsum[ts:] if stats else zsum,
+            sq[ts:] if stats else sq,
             arg[ts:] if stats else arg,
             target[ts:],
             params,
@@ -221,12 +229,14 @@ def linear_logprobs_forward(
             BLOCK_V=block,
             num_warps=warps,
         )
-    lse = run_max + torch.log(run_sum)
+    log_s = torch.log(run_sum)
+    lse = run_max + log_s
     if not stats:
-        empty = [hidden.new_empty(0, dtype=d) for d in (acc, acc, torch.bool)]
+        empty = [hidden.new_empty(0, dtype=d) for d in stats_dtypes(acc)]
         return target - lse, lse, *empty
+    mean = zsum / weight.shape[0]
     top1 = (arg == targets) & ~lse.isnan()  # a row with a NaN has no argmax
-    return target - lse, lse, lse - pz / run_sum, zsum / weight.shape[0], top1
+    return target - lse, lse, lse - pz / run_sum, mean, top1, torch.log(sq) - 2 * log_s
 
 
 def linear_logprobs_backward(

@@ -41,10 +41,11 @@ def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
 
 
 @triton.jit
-def fold_block(m, s, pz, zsum, arg, z, index, valid, STATS: tl.constexpr):
+def fold_block(m, s, pz, zsum, sq, arg, z, index, valid, STATS: tl.constexpr):
     """Folds a block z of one row's logits (ACC; -inf where not `valid`; `index`: their positions
     in the row) into the row's running statistics and returns them updated:
-    m max, s sum of exp(z - m), and with STATS pz sum of exp(z - m) * z, zsum sum of z, arg the
+    m max, s sum of exp(z - m), and with STATS pz sum of exp(z - m) * z, zsum sum of z, sq sum of
+    exp(2 (z - m)) (for log sum_v p_v^2 = log sq - 2 log s; one multiply, no extra exp), arg the
     first argmax."""
     blk_max = tl.max(z, 0)
     m_new = tl.maximum(m, blk_max)
@@ -56,11 +57,12 @@ def fold_block(m, s, pz, zsum, arg, z, index, valid, STATS: tl.constexpr):
     s = s * scale + tl.sum(e, 0)
     if STATS:
         pz = pz * scale + tl.sum(tl.where(e == 0.0, 0.0, e * z), 0)
+        sq = sq * (scale * scale) + tl.sum(e * e, 0)
         zsum += tl.sum(tl.where(valid, z, 0.0), 0)
         blk_arg = tl.min(tl.where(z == blk_max, index.to(tl.int64), 2**62), 0)
         # strictly: earlier blocks win ties; a row that is all -inf so far has its first -inf
         arg = tl.where((blk_max > m) | (arg < 0), blk_arg, arg)
-    return m_new, s, pz, zsum, arg
+    return m_new, s, pz, zsum, sq, arg
 
 
 @triton.jit
@@ -68,19 +70,23 @@ def _row_lse_and_target(
     row_ptr, V, label, ACC: tl.constexpr, BLOCK_V: tl.constexpr, STATS: tl.constexpr
 ):
     """Log-sum-exp of one row of V logits and the logit at `label`, both in ACC precision; with
-    STATS also the entropy, the mean logit and whether `label` is the first argmax."""
+    STATS also the entropy, the mean logit, whether `label` is the first argmax and
+    log sum_v p_v^2."""
     m = tl.full([], float("-inf"), ACC)
     s = tl.zeros([], ACC)
     pz = tl.zeros([], ACC)
     zsum = tl.zeros([], ACC)
+    sq = tl.zeros([], ACC)
     arg = tl.full([], -1, tl.int64)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC)
-        m, s, pz, zsum, arg = fold_block(m, s, pz, zsum, arg, z, offs, offs < V, STATS)
+        m, s, pz, zsum, sq, arg = fold_block(m, s, pz, zsum, sq, arg, z, offs, offs < V, STATS)
     target = tl.load(row_ptr + label).to(ACC)
-    lse = m + tl.log(s)
-    return lse, target, lse - pz / s, zsum / V, (arg == label) & (lse == lse)  # NaN: no argmax
+    log_s = tl.log(s)
+    lse = m + log_s
+    top1 = (arg == label) & (lse == lse)  # a row with a NaN has no argmax
+    return lse, target, lse - pz / s, zsum / V, top1, tl.log(sq) - 2 * log_s
 
 
 @triton.jit
@@ -106,9 +112,10 @@ def _logprobs_fwd_kernel(
     tok_ptr,  # [B*T] out, label log-prob (0 where not counted)
     lse_ptr,  # [B*T] out, log-sum-exp (0 where not counted)
     ref_tok_ptr,  # [B*T] out, reference label log-prob
-    ent_ptr,  # [B*T] out with STATS: entropy, mean logit, label is argmax
+    ent_ptr,  # [B*T] out with STATS: entropy, mean logit, label is argmax, log sum_v p_v^2
     mean_ptr,
     top1_ptr,
+    sq_ptr,
     T,
     V,
     ignore_index,
@@ -135,9 +142,10 @@ def _logprobs_fwd_kernel(
     lse = tl.zeros([], ACC)
     ent = tl.zeros([], ACC)
     mean = tl.zeros([], ACC)
+    log_sum_sq = tl.zeros([], ACC)
     top1 = label != label
     if counted:
-        lse, target, ent, mean, top1 = _row_lse_and_target(
+        lse, target, ent, mean, top1, log_sum_sq = _row_lse_and_target(
             logits_ptr + b * s_zb + t * s_zt, V, label, ACC, BLOCK_V, STATS
         )
         tok = target - lse
@@ -147,10 +155,11 @@ def _logprobs_fwd_kernel(
         tl.store(ent_ptr + row, ent)
         tl.store(mean_ptr + row, mean)
         tl.store(top1_ptr + row, top1)
+        tl.store(sq_ptr + row, log_sum_sq)
     if HAS_REF:
         ref_tok = tl.zeros([], REF_ACC)
         if counted:
-            ref_lse, ref_target, _, _, _ = _row_lse_and_target(
+            ref_lse, ref_target, _, _, _, _ = _row_lse_and_target(
                 ref_ptr + b * s_rb + t * s_rt, V, label, REF_ACC, BLOCK_V, False
             )
             ref_tok = ref_target - ref_lse
@@ -222,7 +231,7 @@ def logprobs_forward(
     stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Token log-probs, log-sum-exp, reference token log-probs and, with `stats`, entropy, mean
-    logit and label-is-argmax: the contract of ops/reference.py::token_logprobs."""
+    logit, label-is-argmax and log sum_v p_v^2: the contract of ops/reference.py::token_logprobs."""
     B, T, V = logits.shape
     logits = _vocab_contiguous(logits)
     acc = acc_dtype(logits.dtype)
@@ -232,7 +241,10 @@ def logprobs_forward(
     ent = torch.empty(n_stats, dtype=acc, device=logits.device)
     mean = torch.empty(n_stats, dtype=acc, device=logits.device)
     top1 = torch.empty(n_stats, dtype=torch.bool, device=logits.device)
-    outs = (ent.view(B, T), mean.view(B, T), top1.view(B, T)) if stats else (ent, mean, top1)
+    sq = torch.empty(n_stats, dtype=acc, device=logits.device)
+    outs = (ent, mean, top1, sq)
+    if stats:
+        outs = tuple(x.view(B, T) for x in outs)
     if ref_logits is not None:
         ref_logits = _vocab_contiguous(ref_logits)
         ref_acc = acc_dtype(ref_logits.dtype)
@@ -258,6 +270,7 @@ def logprobs_forward(
         ent if stats else tok,
         mean if stats else tok,
         top1 if stats else labels,
+        sq if stats else tok,
         T,
         V,
         ignore_index,
