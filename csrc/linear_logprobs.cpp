@@ -118,7 +118,7 @@ void forward_tiles(const at::Tensor& hidden, Projection& proj, const LogitTransf
       if constexpr (STATS) {
         ent_p[ts + r] = lse - f.pz / f.s;
         mean_p[ts + r] = f.zsum / static_cast<A>(V);
-        top1_p[ts + r] = f.arg == yp[ts + r];
+        top1_p[ts + r] = f.arg == yp[ts + r] && !std::isnan(lse);  // NaN: no argmax
         sq_p[ts + r] = log_sum_sq(f);
       }
     }

@@ -97,8 +97,9 @@ inline void fold_row(const S* p, int64_t n, RowFold<acc_t<S>>& f, int64_t offset
         [](VA& a, VA& b) { return at::vec::maximum(a, b); }, vmax);
     chunk_max = max_nan(chunk_max, tail_max);
     const A m_new = max_nan(f.m, chunk_max);
-    // Nothing finite seen yet: shift by 0 so that exp(-inf - shift) = 0 rather than NaN.
-    const A shift = (m_new == kNegInf) ? A(0) : m_new;
+    // An infinite max shifts by 0: nothing finite seen yet gives exp(-inf) = 0, and a +inf logit
+    // makes the sum +inf (so the log-sum-exp is +inf and log p = -inf) rather than NaN.
+    const A shift = std::isinf(m_new) ? A(0) : m_new;
     const A scale = std::exp(f.m - shift);
     const VA vshift(shift);
     VA vsum(A(0));
@@ -126,7 +127,8 @@ inline void fold_row(const S* p, int64_t n, RowFold<acc_t<S>>& f, int64_t offset
       f.pz = f.pz * scale + at::vec::vec_reduce_all<A>(add, vpz) + tail_pz;
       f.sq = f.sq * (scale * scale) + at::vec::vec_reduce_all<A>(add, vsq) + tail_sq;
       f.zsum += at::vec::vec_reduce_all<A>(add, vz) + tail_z;
-      if (chunk_max > f.m) {  // strictly: an earlier chunk keeps a tie
+      // Strictly: an earlier chunk keeps a tie; a row that is all -inf so far takes its first -inf.
+      if (chunk_max > f.m || f.arg < 0) {
         for (int64_t i = 0; i < len; ++i) {
           if (static_cast<A>(c[i]) == chunk_max) {
             f.arg = offset + start + i;
@@ -183,7 +185,7 @@ inline RowStats<acc_t<S>> row_stats(const S* p, int64_t V) {
     out.entropy = out.lse - f.pz / f.s;
     out.mean = f.zsum / static_cast<A>(V);
     out.log_sum_sq = log_sum_sq(f);
-    out.arg = f.arg;
+    out.arg = std::isnan(out.lse) ? -1 : f.arg;  // a row with a NaN has no argmax
   }
   return out;
 }

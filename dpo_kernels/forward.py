@@ -118,6 +118,11 @@ def collate_preferences(
     The layout TRL's DataCollatorForPreference makes (rows [chosen; rejected], right-padded), for
     loops and trainers that do not use TRL.
     """
+    if not examples:
+        raise ValueError(
+            "collate_preferences got an empty batch: pass at least one example "
+            "{prompt_ids, chosen_ids, rejected_ids}"
+        )
     rows, completion = [], []
     for half in ("chosen_ids", "rejected_ids"):
         for e in examples:

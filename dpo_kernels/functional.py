@@ -32,7 +32,7 @@ class TokenStats(NamedTuple):
 
     entropy: torch.Tensor  # [B, T] -sum_v p_v log p_v
     mean_logits: torch.Tensor  # [B, T] sum_v z_v / V
-    is_top1: torch.Tensor  # [B, T] bool: the label is the (first) argmax
+    is_top1: torch.Tensor  # [B, T] bool: the label is the (first) argmax; False if a logit is NaN
     log_sum_sq: torch.Tensor  # [B, T] log sum_v p_v^2
 
 
@@ -183,6 +183,11 @@ def _check_labels_and_mask(
         _check_same_device("mask", mask, source, source_name)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(
+            f"ignore_index must lie in the int64 range [-2**63, 2**63 - 1], got {ignore_index}; "
+            "use a value no label takes, such as -100"
+        )
 
 
 def _check_logprob_inputs(
@@ -368,6 +373,24 @@ torch.library.register_autograd(
 )
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "dpo_kernels: double backward (torch.autograd.grad(..., create_graph=True), e.g. a "
+        "gradient penalty) through sequence_logprobs / linear_sequence_logprobs is not supported: "
+        "their backward is a fused kernel with no derivative of its own. Compute the term that "
+        "needs second derivatives with plain PyTorch (log_softmax + gather)."
+    )
+
+
+def _no_setup(ctx, inputs, output) -> None:
+    pass
+
+
+torch.library.register_autograd(
+    "dpo_kernels::token_logprobs_backward", _no_double_backward, setup_context=_no_setup
+)
+
+
 # --------------------------------------------------------------------------------------------
 # Packed (padding-free) layout: tokens of many sequences back to back, split by cu_seqlens.
 
@@ -418,6 +441,24 @@ def _check_packed(cu_seqlens: torch.Tensor | None, x: torch.Tensor, name: str) -
     check_cu_seqlens(cu_seqlens, x.shape[1])
 
 
+# Token sums are taken in chunks of this many tokens: see _fixed_order_sum.
+_SUM_CHUNK = 4096
+
+
+def _fixed_order_sum(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(-1), in an order fixed by x's shape alone, so bitwise identical for any thread count.
+
+    ATen's CPU reduction splits a long row over threads when the output has one element (a batch
+    of one sequence), and the partial sums then depend on the thread count. Here every row is cut
+    into chunks of _SUM_CHUNK tokens (each too short to be split) and the chunk sums are summed the
+    same way, until one chunk is left; rows of a batch are never split. Differentiable.
+    """
+    while x.shape[-1] > _SUM_CHUNK:
+        pad = -x.shape[-1] % _SUM_CHUNK
+        x = torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, _SUM_CHUNK)).sum(-1)
+    return x.sum(-1)
+
+
 def _sequence_outputs(
     tok: torch.Tensor,
     counted: torch.Tensor,
@@ -428,7 +469,7 @@ def _sequence_outputs(
     """Per-token [B, T] outputs -> per-sequence sums and counts; packed ([1, N] + cu_seqlens)
     outputs come back as [N] tokens and [S] sequences."""
     if cu_seqlens is None:
-        reduce, counts = (lambda x: x.sum(-1)), counted.sum(-1)
+        reduce, counts = _fixed_order_sum, counted.sum(-1)
     else:
         tok, counted = tok[0], counted[0]
         ref_tok = None if ref_tok is None else ref_tok[0]
@@ -469,7 +510,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, counted, vocab_start, group, backend):
-        local = labels - vocab_start
+        local = labels.long() - vocab_start
         in_shard = counted & (local >= 0) & (local < logits.shape[-1])
         arg = torch.where(in_shard, local, 0)  # any valid index for rows owned elsewhere
         fwd, _ = _kernels(backend)
@@ -600,16 +641,8 @@ def _dpo_loss_op(
     """(mean loss, per-pair loss [P], dloss/dpc [P], dloss/dpr [P]).
 
     type_weights[i] is the weight of reference.LOSS_TYPES[i] (0: not used)."""
-    used = [(t, w) for t, w in zip(reference.LOSS_TYPES, type_weights, strict=True) if w != 0]
-    spec = reference.DPOLossSpec(
-        tuple(t for t, _ in used),
-        tuple(w for _, w in used),
-        beta,
-        label_smoothing,
-        f_divergence_type,
-        f_alpha_divergence_coef,
-        discopop_tau,
-    )
+    spec = _spec_of(type_weights, beta, label_smoothing, f_divergence_type,
+                    f_alpha_divergence_coef, discopop_tau)  # fmt: skip
     loss, per, dpc, dpr = _dpo_loss_kernel(backend)(pc, pr, rc, rr, nc, nr, spec)
     return tuple(t.to(pc.dtype).clone() for t in (loss, per, dpc, dpr))
 
@@ -619,13 +652,50 @@ def _(pc, pr, rc, rr, nc, nr, *_):
     return pc.new_empty(()), pc.new_empty(pc.shape), pc.new_empty(pc.shape), pc.new_empty(pc.shape)
 
 
+def _spec_of(
+    type_weights: list[float],
+    beta: float,
+    label_smoothing: float,
+    f_divergence_type: str,
+    f_alpha_divergence_coef: float,
+    discopop_tau: float,
+    *_,
+) -> reference.DPOLossSpec:
+    """The DPOLossSpec that `_dpo_loss_op`'s flat arguments describe."""
+    used = [(t, w) for t, w in zip(reference.LOSS_TYPES, type_weights, strict=True) if w != 0]
+    return reference.DPOLossSpec(
+        tuple(t for t, _ in used),
+        tuple(w for _, w in used),
+        beta,
+        label_smoothing,
+        f_divergence_type,
+        f_alpha_divergence_coef,
+        discopop_tau,
+    )
+
+
 def _dpo_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(output[2], output[3])
+    ctx.save_for_backward(output[2], output[3], *inputs[:6])
+    ctx.config = inputs[6:]
 
 
 def _dpo_backward(ctx, grad_loss, *_):
-    dpc, dpr = ctx.saved_tensors
+    dpc, dpr, pc, pr, rc, rr, nc, nr = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True (a gradient penalty, Hessian-vector products): the gradient must be
+        # differentiable in pc and pr. The closed forms are not, so recompute it (same values)
+        # from the autograd formulas of the reference, whose graph supports double backward.
+        spec = _spec_of(*ctx.config)
+        a = pc if pc.requires_grad else pc.detach().requires_grad_()
+        b = pr if pr.requires_grad else pr.detach().requires_grad_()
+        mean = reference.dpo_losses(a, b, rc.detach(), rr.detach(), nc, nr, spec).mean()
+        ga, gb = torch.autograd.grad(mean, (a, b), grad_loss, create_graph=True, allow_unused=True)
+        return (
+            torch.zeros_like(pc) if ga is None else ga,
+            torch.zeros_like(pr) if gb is None else gb,
+            *([None] * 11),
+        )
     return (grad_loss * dpc, grad_loss * dpr, *([None] * 11))
 
 
@@ -803,6 +873,11 @@ def _linear_backward(ctx, grad_tok, *_):
 
 torch.library.register_autograd(
     "dpo_kernels::linear_token_logprobs", _linear_backward, setup_context=_linear_setup_context
+)
+torch.library.register_autograd(
+    "dpo_kernels::linear_token_logprobs_backward",
+    _no_double_backward,
+    setup_context=_no_setup,
 )
 
 

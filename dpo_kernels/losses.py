@@ -9,6 +9,7 @@ gradient accumulation over micro-batches must average, as it does for any per-pa
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -58,8 +59,15 @@ def make_spec(
         raise ValueError(
             f"loss_weights has {len(weights)} entries for {len(types)} loss types {list(types)}"
         )
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"loss_weights must be finite numbers, got {list(weights)}")
+    beta, label_smoothing = _number("beta", beta), _number("label_smoothing", label_smoothing)
+    f_alpha_divergence_coef = _number("f_alpha_divergence_coef", f_alpha_divergence_coef)
+    discopop_tau = _number("discopop_tau", discopop_tau)
+    if not beta > 0 or not math.isfinite(beta):
+        raise ValueError(f"beta must be > 0 and finite, got {beta}")
+    if not math.isfinite(f_alpha_divergence_coef):
+        raise ValueError(f"f_alpha_divergence_coef must be finite, got {f_alpha_divergence_coef}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     if "exo_pair" in types and label_smoothing == 0.0:
@@ -72,8 +80,8 @@ def make_spec(
             f"f_divergence_type={f_divergence_type!r} works only with loss types "
             f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, got {list(types)}"
         )
-    if not discopop_tau > 0:
-        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+    if not discopop_tau > 0 or not math.isfinite(discopop_tau):
+        raise ValueError(f"discopop_tau must be > 0 and finite, got {discopop_tau}")
     return DPOLossSpec(
         types,
         weights,
@@ -83,6 +91,16 @@ def make_spec(
         float(f_alpha_divergence_coef),
         float(discopop_tau),
     )
+
+
+def _number(name: str, value: object) -> float:
+    """`value` as a float, or a TypeError naming the argument."""
+    try:
+        if isinstance(value, (bool, str)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
 
 
 def _check_pair_inputs(named: dict[str, torch.Tensor | None]) -> int:

@@ -8,7 +8,7 @@ import torch
 
 import dpo_kernels
 from dpo_kernels import dpo_loss, sequence_logprobs
-from dpo_kernels.forward import preference_batch
+from dpo_kernels.forward import collate_preferences, preference_batch
 
 B, T, V = 2, 3, 11
 
@@ -23,6 +23,13 @@ def y(*shape):
 
 def p(n=3):
     return torch.randn(n, dtype=torch.float64) - 20
+
+
+def _double_backward():
+    logits = z(B, T, V).requires_grad_()
+    out = sequence_logprobs(logits, y(B, T))
+    (g,) = torch.autograd.grad(out.logps.sum(), logits, create_graph=True)
+    g.sum().backward()
 
 
 # (README row id, the call, exception type, message pattern)
@@ -49,6 +56,15 @@ INVENTORY = [
     ("loss input lengths", lambda: dpo_loss(p(3), p(4)), ValueError, "rejected_logps has 4 entries but chosen_logps has 3"),
     ("one reference sum missing", lambda: dpo_loss(p(), p(), p(), None), ValueError, "both ref_chosen_logps and ref_rejected_logps"),
     ("counts missing for ipo", lambda: dpo_loss(p(), p(), loss_type="ipo"), ValueError, "pass chosen_counts and rejected_counts"),
+    ("beta not finite", lambda: dpo_loss(p(), p(), beta=float("inf")), ValueError, "beta must be > 0 and finite, got inf"),
+    ("beta NaN", lambda: dpo_loss(p(), p(), beta=float("nan")), ValueError, "beta must be > 0 and finite, got nan"),
+    ("discopop_tau not finite", lambda: dpo_loss(p(), p(), loss_type="discopop", discopop_tau=float("inf")), ValueError, "discopop_tau must be > 0 and finite"),
+    ("f_alpha_divergence_coef not finite", lambda: dpo_loss(p(), p(), f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("nan")), ValueError, "f_alpha_divergence_coef must be finite"),
+    ("loss_weights not finite", lambda: dpo_loss(p(), p(), loss_type=["sigmoid", "sft"], loss_weights=[1.0, float("inf")], chosen_counts=p(), rejected_counts=p()), ValueError, "loss_weights must be finite"),
+    ("beta not a number", lambda: dpo_loss(p(), p(), beta="0.1"), TypeError, "beta must be a number"),
+    ("ignore_index range", lambda: sequence_logprobs(z(B, T, V), y(B, T), ignore_index=2**63), ValueError, r"ignore_index must lie in the int64 range \[-2\*\*63, 2\*\*63 - 1\]"),
+    ("double backward through log-probs", lambda: _double_backward(), RuntimeError, "double backward .* is not supported"),
+    ("empty preference batch", lambda: collate_preferences([]), ValueError, "empty batch"),
     ("batch without ids", lambda: preference_batch({"tokens": y(2, 3)}), KeyError, "needs input_ids"),
     ("odd rows in a batch", lambda: preference_batch({"input_ids": y(3, 4), "completion_mask": y(3, 4)}), ValueError, r"2 \* pairs"),
 ]  # fmt: skip

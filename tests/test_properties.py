@@ -159,3 +159,236 @@ def test_loss_properties(backend):
         torch.testing.assert_close(b1, b2, rtol=1e-8, atol=1e-12)
 
     run()
+
+
+# --------------------------------------------------------------------------------------------
+# Every backend against every other on the same inputs, extreme values included: +-inf, +-1e30,
+# denormals, NaN, extreme hyper-parameters. Where the answer is not finite, all must give the same
+# infinity or NaN; elsewhere the same number up to rounding.
+
+
+def assert_agree(a, b, rtol, atol, what):
+    """Elementwise: NaN where the other is NaN, the same infinities, close finite values."""
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape, what
+    assert torch.equal(a.isnan(), b.isnan()), (what, a, b)
+    inf = a.isinf() | b.isinf()
+    assert torch.equal(a[inf], b[inf]), (what, a, b)
+    fin = torch.isfinite(a) & torch.isfinite(b)
+    torch.testing.assert_close(a[fin], b[fin], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _specials(dtype):
+    tiny = torch.finfo(DTYPES[dtype]).tiny
+    return [
+        float("inf"), float("-inf"), float("nan"), 1e30, -1e30, tiny / 4, -tiny / 4, 0.0,
+    ]  # fmt: skip
+
+
+@st.composite
+def extreme_logit_cases(draw, max_v=40):
+    B = draw(st.integers(1, 2))
+    T = draw(st.integers(1, 3))
+    V = draw(st.integers(1, max_v))
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    scale = draw(st.sampled_from([1.0, 1e3, 1e30]))
+    specials = draw(st.lists(st.sampled_from(_specials(dtype)), min_size=1, max_size=3))
+    frac = draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return B, T, V, dtype, scale, specials, frac, seed
+
+
+def build_extreme(B, T, V, dtype, scale, specials, frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, V, generator=g, dtype=torch.float64) * scale
+    pick = torch.randint(0, len(specials), x.shape, generator=g)
+    where = torch.rand(x.shape, generator=g) < frac
+    x = torch.where(where, torch.tensor(specials, dtype=torch.float64)[pick], x)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.25] = -100
+    return x.to(DTYPES[dtype]), labels
+
+
+def _logprob_results(backend, logits, labels, w):
+    z = logits.clone().requires_grad_()
+    out = dpo_kernels.sequence_logprobs(z, labels, stats=True, backend=backend)
+    (out.token_logps * w.to(out.token_logps.dtype)).sum().backward()
+    return out, z.grad
+
+
+@pytest.mark.parametrize("other", [b for b in cpu_backends() if b != "reference"])
+def test_logprobs_backends_agree_on_extreme_values(other):
+    @settings(
+        max_examples=40 if other == "triton" else 120,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        derandomize=True,
+    )
+    @given(extreme_logit_cases())
+    def run(case):
+        logits, labels = build_extreme(*case)
+        B, T, V = logits.shape
+        w = torch.randn(B, T, dtype=torch.float64)
+        ref, ref_grad = _logprob_results("reference", logits, labels, w)
+        out, grad = _logprob_results(other, logits, labels, w)
+        finite = logits.double()[torch.isfinite(logits.double())]
+        scale = max(1.0, finite.abs().max().item() if finite.numel() else 1.0)
+        eps = torch.finfo(reference.acc_dtype(logits.dtype)).eps
+        tol = 16 * eps * scale * V * T
+        assert torch.equal(out.counts, ref.counts)
+        assert_agree(out.token_logps, ref.token_logps, 1e-5, tol, f"token_logps {case}")
+        assert_agree(out.logps, ref.logps, 1e-5, tol, f"logps {case}")
+        assert_agree(out.stats.entropy, ref.stats.entropy, 1e-5, tol, f"entropy {case}")
+        assert_agree(out.stats.mean_logits, ref.stats.mean_logits, 1e-5, tol, f"mean {case}")
+        assert torch.equal(out.stats.is_top1, ref.stats.is_top1), case
+        sq, ref_sq = out.stats.log_sum_sq, ref.stats.log_sum_sq
+        assert_agree(sq, ref_sq, 1e-5, tol, f"log_sum_sq {case}")
+        assert grad.dtype == logits.dtype
+        g_tol = (4 * GRAD_TOL[logits.dtype] + 8 * eps * scale) * w.abs().max().item()
+        assert_agree(grad, ref_grad, 0, g_tol, f"grad {case}")
+
+    run()
+
+
+@st.composite
+def extreme_loss_cases(draw):
+    P = draw(st.integers(1, 6))
+    kinds = draw(
+        st.lists(st.sampled_from(reference.LOSS_TYPES), min_size=1, max_size=3, unique=True)
+    )
+    weights = [draw(st.sampled_from([0.5, 1.0, 3.0])) for _ in kinds]
+    beta = draw(st.sampled_from([1e-9, 1e-3, 0.1, 2.0, 1e6]))
+    eps = draw(st.sampled_from([0.0, 1e-3, 0.1, 0.49]))
+    if "exo_pair" in kinds and eps == 0.0:
+        eps = 1e-3
+    fdiv = "reverse_kl"
+    if set(kinds) <= reference.F_DIVERGENCE_LOSS_TYPES:
+        fdiv = draw(st.sampled_from(reference.F_DIVERGENCES))
+    alpha = draw(st.sampled_from([-1.0, 0.5, 0.999, 2.0]))
+    tau = draw(st.sampled_from([1e-3, 0.05, 1.0, 20.0]))
+    values = draw(st.sampled_from(["moderate", "large", "specials"]))
+    dtype = draw(st.sampled_from(["fp64", "fp32"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return P, kinds, weights, beta, eps, fdiv, alpha, tau, values, dtype, seed
+
+
+def build_loss_inputs(P, values, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = -50 * torch.rand(4, P, generator=g, dtype=torch.float64)
+    if values == "large":
+        x = x * 200 + 1e4 * torch.randn(4, P, generator=g, dtype=torch.float64)
+    elif values == "specials":
+        tiny = torch.finfo(DTYPES[dtype]).tiny / 4
+        specials = torch.tensor(
+            [float("inf"), float("-inf"), 1e30, -1e30, tiny, 0.0], dtype=torch.float64
+        )
+        pick = torch.randint(0, len(specials), x.shape, generator=g)
+        x = torch.where(torch.rand(x.shape, generator=g) < 0.3, specials[pick], x)
+    n = torch.randint(0, 30, (2, P), generator=g).double()
+    return (*x.to(DTYPES[dtype]), *n)
+
+
+@pytest.mark.parametrize("other", [b for b in cpu_backends() if b != "reference"])
+def test_loss_backends_agree_on_extreme_values(other):
+    @settings(
+        max_examples=40 if other == "triton" else 100,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        derandomize=True,
+    )
+    @given(extreme_loss_cases())
+    def run(case):
+        P, kinds, weights, beta, eps, fdiv, alpha, tau, values, dtype, seed = case
+        pc, pr, rc, rr, nc, nr = build_loss_inputs(P, values, dtype, seed)
+        spec = dpo_kernels.make_spec(
+            beta=beta, loss_type=kinds, loss_weights=weights, label_smoothing=eps,
+            f_divergence_type=fdiv, f_alpha_divergence_coef=alpha, discopop_tau=tau,
+        )  # fmt: skip
+        res = []
+        for name in ("reference", other):
+            a, b = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+            out = dpo_kernels.dpo_loss(
+                a, b, rc, rr, chosen_counts=nc, rejected_counts=nr, spec=spec, backend=name
+            )
+            out.loss.backward()
+            gb = torch.zeros_like(pr) if b.grad is None else b.grad
+            res.append((out.loss, out.losses, a.grad, gb))
+        eps_d = torch.finfo(pc.dtype).eps
+        finite = torch.cat([t[torch.isfinite(t)] for t in (pc, pr, rc, rr)]).double()
+        scale = max(1.0, finite.abs().max().item() if finite.numel() else 1.0)
+        rtol, atol = 64 * eps_d, 64 * eps_d * scale
+        (loss, losses, d_pc, d_pr), (o_loss, o_losses, o_pc, o_pr) = res
+        assert_agree(o_loss, loss, rtol, atol, f"loss {case}")
+        assert_agree(o_losses, losses, rtol, atol, f"losses {case}")
+        # Where a pair's loss overflows (inf, or NaN from inf - inf), its gradient is a limit of
+        # overflowed terms and is not specified; elsewhere it must agree.
+        ok = torch.isfinite(losses)
+        assert_agree(o_pc[ok], d_pc[ok], rtol, atol, f"d_pc {case}")
+        assert_agree(o_pr[ok], d_pr[ok], rtol, atol, f"d_pr {case}")
+
+    run()
+
+
+@st.composite
+def extreme_linear_cases(draw):
+    B, T = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    H, V = draw(st.integers(1, 8)), draw(st.integers(1, 40))
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    scale = draw(st.sampled_from([1.0, 30.0, 1e3]))
+    softcap = draw(st.sampled_from([None, 1e-3, 30.0, 1e6]))
+    temperature = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    logit_scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return B, T, H, V, dtype, scale, softcap, temperature, logit_scale, bias, seed
+
+
+@pytest.mark.parametrize("other", [b for b in cpu_backends() if b != "reference"])
+def test_linear_backends_agree_on_extreme_transforms(other):
+    @settings(
+        max_examples=30 if other == "triton" else 100,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        derandomize=True,
+    )
+    @given(extreme_linear_cases())
+    def run(case):
+        B, T, H, V, dtype, scale, softcap, temperature, logit_scale, has_bias, seed = case
+        g = torch.Generator().manual_seed(seed)
+        dt = DTYPES[dtype]
+        h = (torch.randn(B, T, H, generator=g, dtype=torch.float64) * scale).to(dt)
+        w = torch.randn(V, H, generator=g, dtype=torch.float64).to(dt)
+        b = torch.randn(V, generator=g, dtype=torch.float64).to(dt) if has_bias else None
+        labels = torch.randint(0, V, (B, T), generator=g)
+        labels[torch.rand(B, T, generator=g) < 0.25] = -100
+        kw = dict(softcap=softcap, temperature=temperature, logit_scale=logit_scale, stats=True)
+        wt = torch.randn(B, T, dtype=torch.float64)
+        res = []
+        for name in ("reference", other):
+            leaves = [None if t is None else t.clone().requires_grad_() for t in (h, w, b)]
+            out = dpo_kernels.linear_sequence_logprobs(
+                leaves[0], leaves[1], labels, bias=leaves[2], backend=name, **kw
+            )
+            (out.token_logps * wt.to(out.token_logps.dtype)).sum().backward()
+            res.append((out, [None if t is None else t.grad for t in leaves]))
+        (ref, ref_grads), (out, grads) = res
+        # Bound on the logits' error: the projection in another order, times logit_scale / T.
+        eps = torch.finfo(reference.acc_dtype(dt)).eps
+        x = h.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+        factor = logit_scale / temperature
+        zmax = x.max().item() * factor if softcap is None else softcap * factor
+        ztol = 8 * eps * H * (x.max().item() + 1) * factor + 8 * eps * zmax
+        tol = 4 * ztol * T + 1e-12
+        assert torch.equal(out.counts, ref.counts)
+        assert_agree(out.token_logps, ref.token_logps, 1e-5, tol, f"token_logps {case}")
+        assert_agree(out.stats.entropy, ref.stats.entropy, 1e-5, 4 * tol * V, f"entropy {case}")
+        assert_agree(out.stats.mean_logits, ref.stats.mean_logits, 1e-5, tol, f"mean {case}")
+        sq, ref_sq = out.stats.log_sum_sq, ref.stats.log_sum_sq
+        assert_agree(sq, ref_sq, 1e-5, 4 * tol * V, f"log_sum_sq {case}")
+        for name, gr, go in zip(("hidden", "weight", "bias"), ref_grads, grads, strict=True):
+            if gr is None:
+                continue
+            g_tol = (8 * GRAD_TOL[dt] + 4 * ztol) * max(1.0, gr.abs().max().item()) * V * T
+            assert_agree(go, gr, 0, g_tol, f"d{name} {case}")
+
+    run()

@@ -27,8 +27,10 @@ def stats_dtypes(acc: torch.dtype) -> tuple[torch.dtype, ...]:
 def counted_tokens(
     labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int
 ) -> torch.Tensor:
-    """[B, T] bool: tokens that enter the sums (label != ignore_index and mask != 0)."""
-    counted = labels != ignore_index
+    """[B, T] bool: tokens that enter the sums (label != ignore_index and mask != 0).
+
+    Compared in int64: a narrow label dtype would wrap ignore_index (uint8 156 == -100)."""
+    counted = labels.long() != ignore_index
     return counted if mask is None else counted & (mask != 0)
 
 
@@ -46,9 +48,10 @@ def token_stats(
     """
     p = torch.exp(z - lse.unsqueeze(-1))
     pz = torch.where(p == 0, 0.0, p * z)  # 0 * -inf counts as 0
-    entropy = torch.where(counted, lse - pz.sum(-1), 0.0)
+    # Divided by sum(p), as the kernels do: at huge logits lse is rounded and p does not sum to 1.
+    entropy = torch.where(counted, lse - pz.sum(-1) / p.sum(-1), 0.0)
     mean_logit = torch.where(counted, z.mean(-1), 0.0)
-    top1 = counted & (z.argmax(-1) == labels)
+    top1 = counted & (z.argmax(-1) == labels) & ~lse.isnan()  # a row with a NaN has no argmax
     log_sum_sq = torch.where(counted, torch.logsumexp(2 * z, dim=-1) - 2 * lse, 0.0)
     return entropy, mean_logit, top1, log_sum_sq
 
@@ -68,7 +71,7 @@ def token_logprobs(
     Tokens that are not counted get log-prob 0 and log-sum-exp 0, as in the kernels.
     """
     counted = counted_tokens(labels, mask, ignore_index)
-    safe = torch.where(counted, labels, 0).unsqueeze(-1)
+    safe = torch.where(counted, labels.long(), 0).unsqueeze(-1)  # any integer dtype
 
     def one(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = z.to(acc_dtype(z.dtype))
@@ -96,7 +99,8 @@ def token_logprobs_backward(
     counted = counted_tokens(labels, mask, ignore_index)
     z = logits.to(acc_dtype(logits.dtype))
     probs = torch.exp(z - lse.unsqueeze(-1).to(z.dtype))
-    onehot = torch.zeros_like(z).scatter_(-1, torch.where(counted, labels, 0).unsqueeze(-1), 1.0)
+    safe = torch.where(counted, labels.long(), 0).unsqueeze(-1)
+    onehot = torch.zeros_like(z).scatter_(-1, safe, 1.0)
     g = torch.where(counted, grad_tok.to(z.dtype), 0.0).unsqueeze(-1)
     # Rows that are not counted are exactly zero, even where their logits are NaN or inf.
     dz = torch.where(counted.unsqueeze(-1), g * (onehot - probs), 0.0)
@@ -117,7 +121,7 @@ def sequence_logprobs(
     counted = counted_tokens(labels, mask, ignore_index)
     z = logits.to(acc_dtype(logits.dtype))
     logp = torch.where(counted.unsqueeze(-1), z, 0.0).log_softmax(-1)
-    tok = logp.gather(-1, torch.where(counted, labels, 0).unsqueeze(-1)).squeeze(-1)
+    tok = logp.gather(-1, torch.where(counted, labels.long(), 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(counted, tok, 0.0).sum(-1), counted.sum(-1)
 
 
@@ -197,9 +201,10 @@ def dpo_losses(
             cw, rw = beta * chosen_lr, beta * rejected_lr
             per = -F.logsigmoid(cw) - 0.5 * F.logsigmoid(-cw) - 0.5 * F.logsigmoid(-rw)
         elif kind == "robust":
-            per = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (
-                1 - 2 * eps
-            )
+            per = -(1 - eps) * F.logsigmoid(beta * delta)
+            if eps:  # eps = 0 adds nothing, not 0 * inf = NaN at an infinite margin
+                per = per + eps * F.logsigmoid(-beta * delta)
+            per = per / (1 - 2 * eps)
         elif kind == "bco_pair":
             per = -F.logsigmoid(beta * chosen_lr) - F.logsigmoid(-beta * rejected_lr)
         elif kind == "sppo_hard":
@@ -210,7 +215,9 @@ def dpo_losses(
             else:
                 a, b = chosen_lr, rejected_lr
             d = torch.sort(a, stable=True)[0] - torch.sort(b, stable=True)[0]
-            per = -F.logsigmoid(beta * d) * (1 - eps) - F.logsigmoid(-beta * d) * eps
+            per = -F.logsigmoid(beta * d) * (1 - eps)
+            if eps:
+                per = per - F.logsigmoid(-beta * d) * eps
         elif kind == "apo_zero":
             per = 1 - torch.sigmoid(beta * chosen_lr) + torch.sigmoid(beta * rejected_lr)
         elif kind == "apo_down":
@@ -220,9 +227,11 @@ def dpo_losses(
                 - torch.sigmoid(beta * (chosen_lr - rejected_lr))
             )
         elif kind == "discopop":
-            logits = beta * delta
-            mix = torch.sigmoid(logits / spec.discopop_tau)
-            per = -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
+            # TRL's -logsigmoid(u) * (1 - sigmoid(u / tau)) + exp(-u) * sigmoid(u / tau), with no
+            # inf * 0 at large |u|: 1 - sigmoid(x) = sigmoid(-x) and
+            # exp(-u) * sigmoid(u / tau) = exp(-u - softplus(-u / tau)).
+            u, tau = beta * delta, spec.discopop_tau
+            per = -F.logsigmoid(u) * torch.sigmoid(-u / tau) + torch.exp(-u + F.logsigmoid(u / tau))
         elif kind == "sft":
             per = (-pc.sum() / chosen_tokens).expand_as(pc)
         elif kind == "sigmoid_norm":

@@ -16,7 +16,11 @@ import torch.nn.functional as F
 from .reference import ALPHA_CLAMP_MAX, DPOLossSpec
 
 sig = torch.sigmoid
-softplus = F.softplus
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)) to the last bit (F.softplus returns x itself above x = 20)."""
+    return -F.logsigmoid(-x)
 
 
 def _scores(x: torch.Tensor, spec: DPOLossSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,18 +100,22 @@ def _delta_loss(kind: str, u: torch.Tensor, spec: DPOLossSpec):
     if kind == "hinge":
         return torch.relu(1 - u), -(1 - u > 0).to(u.dtype)
     if kind == "robust":
-        ell = ((1 - eps) * softplus(-u) - eps * softplus(u)) / (1 - 2 * eps)
-        return ell, (-(1 - eps) * sig(-u) - eps * sig(u)) / (1 - 2 * eps)
+        ell, du = (1 - eps) * softplus(-u), -(1 - eps) * sig(-u)
+        if eps:  # eps = 0 adds nothing, not 0 * inf = NaN at an infinite margin
+            ell, du = ell - eps * softplus(u), du - eps * sig(u)
+        return ell / (1 - 2 * eps), du / (1 - 2 * eps)
     if kind == "exo_pair":
         qw, ql = sig(u), sig(-u)
         kl_w = F.logsigmoid(u) - math.log1p(-eps)
         kl_l = F.logsigmoid(-u) - math.log(eps)
         return qw * kl_w + ql * kl_l, qw * ql * (kl_w - kl_l)
-    # discopop: a logistic and an exponential loss blended by sigmoid(u / tau)
+    # discopop: a logistic and an exponential loss blended by m = sigmoid(u / tau), written with
+    # no inf * 0 at large |u|: 1 - m = sigmoid(-u / tau), exp(-u) * m = exp(-u - softplus(-u / tau))
     tau = spec.discopop_tau
-    m = sig(u / tau)
-    a, e = softplus(-u), torch.exp(-u)
-    return a * (1 - m) + e * m, -sig(-u) * (1 - m) - e * m + m * (1 - m) / tau * (e - a)
+    m, m1 = sig(u / tau), sig(-u / tau)
+    a, em = softplus(-u), torch.exp(-u - softplus(-u / tau))
+    amm = torch.where(m * m1 == 0, 0.0, a * m * m1)  # 0, not inf * 0, at u = -inf
+    return a * m1 + em, -sig(-u) * m1 - amm / tau + em * (m1 / tau - 1)
 
 
 def _logratio_loss(kind, c, r, beta, pc, chosen_tokens):
@@ -147,8 +155,9 @@ def _sorted_loss(kind, pc, pr, rc, rr, c, r, beta, eps):
     xs, ix = torch.sort(x, stable=True)
     ys, iy = torch.sort(y, stable=True)
     u = beta * (xs - ys)
-    ell = (1 - eps) * softplus(-u) + eps * softplus(u)
-    du = beta * (-(1 - eps) * sig(-u) + eps * sig(u))
+    ell, du = (1 - eps) * softplus(-u), -beta * (1 - eps) * sig(-u)
+    if eps:
+        ell, du = ell + eps * softplus(u), du + beta * eps * sig(u)
     dx = torch.zeros_like(x).index_copy_(0, ix, du)
     if kind == "aot":  # x = pc - pr; y has no policy term
         return ell, dx, -dx

@@ -61,7 +61,7 @@ def _score(x, FDIV: tl.constexpr, a1, hi):
         e = tl.exp(tl.minimum(t, hi))
         return (e - 1.0) / a1, tl.where(t <= hi, e, 0.0)
     else:
-        return x, x * 0.0 + 1.0
+        return x, tl.zeros_like(x) + 1.0  # not x * 0 + 1: NaN for an infinite x
 
 
 @triton.jit
@@ -115,7 +115,8 @@ def _dpo_loss_kernel(
             du -= w * tl.where(1.0 - u > 0.0, 1.0, 0.0)
         if (ONE << ROBUST) & TYPES:
             w = tl.load(w_ptr + ROBUST) / (1.0 - 2.0 * eps)
-            loss += w * ((1.0 - eps) * _softplus(-u) - eps * _softplus(u))
+            # eps = 0 adds nothing, not 0 * inf = NaN at an infinite margin
+            loss += w * ((1.0 - eps) * _softplus(-u) - tl.where(eps == 0, 0.0, eps * _softplus(u)))
             du -= w * ((1.0 - eps) * tl.sigmoid(-u) + eps * tl.sigmoid(u))
         if (ONE << EXO) & TYPES:
             w = tl.load(w_ptr + EXO)
@@ -126,11 +127,15 @@ def _dpo_loss_kernel(
             du += w * qw * (1.0 - qw) * (kl_w - kl_l)
         if (ONE << DISCOPOP) & TYPES:
             w = tl.load(w_ptr + DISCOPOP)
+            # no inf * 0 at large |u|: 1 - m = sigmoid(-u / tau),
+            # exp(-u) * m = exp(-u - softplus(-u / tau))
             mix = tl.sigmoid(u / tau)
+            mix1 = tl.sigmoid(-u / tau)
             a = _softplus(-u)
-            e = tl.exp(-u)
-            loss += w * (a * (1.0 - mix) + e * mix)
-            du += w * (-tl.sigmoid(-u) * (1.0 - mix) - e * mix + mix * (1.0 - mix) / tau * (e - a))
+            em = tl.exp(-u - _softplus(-u / tau))
+            loss += w * (a * mix1 + em)
+            amm = tl.where(mix * mix1 == 0.0, 0.0, a * mix * mix1)  # 0, not inf * 0, at u = -inf
+            du += w * (-tl.sigmoid(-u) * mix1 - amm / tau + em * (mix1 / tau - 1.0))
         gc += beta * du * dsc
         gr -= beta * du * dsr
         if (ONE << IPO) & TYPES or (ONE << SIGMOID_NORM) & TYPES:

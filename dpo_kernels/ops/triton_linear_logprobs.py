@@ -2,7 +2,8 @@
 
 The counted tokens' hidden rows [M, H] go in tiles of TOKEN_TILE rows, and each tile is projected
 one VOCAB_BLOCK of the LM head at a time by torch.mm (cuBLAS) into one preallocated
-[TOKEN_TILE, VOCAB_BLOCK] buffer in the inputs' dtype. Forward: `_linear_fwd_kernel` applies the
+[TOKEN_TILE, VOCAB_BLOCK] buffer in float32 (float64 for float64 inputs): bf16/fp16 products are
+accumulated and kept in float32 up to the log-softmax. Forward: `_linear_fwd_kernel` applies the
 logit transform and folds the buffer into per-token running max / sum-exp (float32; float64 for
 float64 inputs), picking the label's logit in the block that holds it. Backward: each tile is
 recomputed and `_linear_bwd_kernel` overwrites it with the gradient with respect to the
@@ -21,7 +22,7 @@ import triton.language as tl
 from .reference import LogitTransform, acc_dtype, stats_dtypes
 from .triton_logprobs import fold_block, launch_config, tl_acc_dtype
 
-# One projection tile: 2048 tokens x 4096 vocabulary entries, 16 MiB in bf16 (32 MiB in fp32);
+# One projection tile: 2048 tokens x 4096 vocabulary entries, 32 MiB of float32 for any input;
 # large enough for cuBLAS to run near peak, small next to the [tokens, vocab] logits it replaces.
 TOKEN_TILE = 2048
 VOCAB_BLOCK = 4096
@@ -53,7 +54,7 @@ def _transform(x, params_ptr, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _linear_fwd_kernel(
-    tile_ptr,  # [n, n_cols] projection tile (row stride s_tile), the inputs' dtype
+    tile_ptr,  # [n, n_cols] projection tile (row stride s_tile), float32 (float64)
     targets_ptr,  # [n] labels of the tile's rows
     max_ptr,  # [n] running max of the transformed logits, ACC, updated in place
     sum_ptr,  # [n] running sum of exp(z - max), ACC, updated in place
@@ -132,21 +133,36 @@ def _linear_bwd_kernel(
     tl.store(ptrs, dx.to(tile_ptr.dtype.element_ty), mask=valid)
 
 
+def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = h @ w.T + b with `out` in the accumulation dtype: bf16/fp16 products are accumulated
+    and kept in float32, never rounded to the inputs' dtype before the log-softmax."""
+    if h.dtype == out.dtype:
+        if b is None:
+            torch.mm(h, w.T, out=out)
+        else:
+            torch.addmm(b, h, w.T, out=out)
+        return
+    if out.is_cuda:  # cuBLAS: bf16/fp16 inputs, float32 accumulation and result
+        torch.mm(h, w.T, out_dtype=out.dtype, out=out)
+    else:  # CPU tensors under TRITON_INTERPRET: ATen's CPU matmul has no bf16 -> float32 form
+        torch.mm(h.to(out.dtype), w.to(out.dtype).T, out=out)
+    if b is not None:
+        out += b.to(out.dtype)
+
+
 def _projected_tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """Yields (token start, rows [n, H], vocab start, weight block [nv, H], tile [n, nv]) with
-    tile = rows @ block.T + bias, token tiles outside, vocabulary blocks inside. One buffer serves
-    every tile: use each before asking for the next."""
+    tile = rows @ block.T + bias in the accumulation dtype (float32; float64 for float64 inputs),
+    token tiles outside, vocabulary blocks inside. One buffer serves every tile: use each before
+    asking for the next."""
     M, V = hidden.shape[0], weight.shape[0]
-    buf = hidden.new_empty(min(M, TOKEN_TILE) * min(V, VOCAB_BLOCK))
+    buf = hidden.new_empty(min(M, TOKEN_TILE) * min(V, VOCAB_BLOCK), dtype=acc_dtype(hidden.dtype))
     for ts in range(0, M, TOKEN_TILE):
         h = hidden[ts : ts + TOKEN_TILE]
         for vs in range(0, V, VOCAB_BLOCK):
             w = weight[vs : vs + VOCAB_BLOCK]
             tile = buf[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
-            if bias is None:
-                torch.mm(h, w.T, out=tile)
-            else:
-                torch.addmm(bias[vs : vs + VOCAB_BLOCK], h, w.T, out=tile)
+            _project(h, w, None if bias is None else bias[vs : vs + VOCAB_BLOCK], tile)
             yield ts, h, vs, w, tile
 
 
@@ -158,11 +174,14 @@ def _params(transform: LogitTransform, like: torch.Tensor) -> torch.Tensor:
 
 
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with a float32 result, without rounding a @ b to the inputs' dtype first."""
-    if a.dtype == acc.dtype:
+    """acc += a @ b with a float32 result, without rounding a @ b to the inputs' dtype first.
+
+    One of a, b is a gradient tile (float32) and the other the inputs' rows or weight block."""
+    if a.dtype == b.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    elif acc.is_cuda:  # cuBLAS in the inputs' dtype: the float32 gradient tile is rounded once
+        low = b.dtype if a.dtype == acc.dtype else a.dtype
+        torch.addmm(acc, a.to(low), b.to(low), out_dtype=acc.dtype, out=acc)
     else:  # CPU tensors under TRITON_INTERPRET: ATen's CPU matmul has no bf16 -> float32 form
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
@@ -216,7 +235,8 @@ def linear_logprobs_forward(
         empty = [hidden.new_empty(0, dtype=d) for d in stats_dtypes(acc)]
         return target - lse, lse, *empty
     mean = zsum / weight.shape[0]
-    return target - lse, lse, lse - pz / run_sum, mean, arg == targets, torch.log(sq) - 2 * log_s
+    top1 = (arg == targets) & ~lse.isnan()  # a row with a NaN has no argmax
+    return target - lse, lse, lse - pz / run_sum, mean, top1, torch.log(sq) - 2 * log_s
 
 
 def linear_logprobs_backward(

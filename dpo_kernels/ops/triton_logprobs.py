@@ -49,8 +49,9 @@ def fold_block(m, s, pz, zsum, sq, arg, z, index, valid, STATS: tl.constexpr):
     first argmax."""
     blk_max = tl.max(z, 0)
     m_new = tl.maximum(m, blk_max)
-    # A row that is -inf so far has nothing to rescale: shift by 0 so exp(-inf - shift) = 0.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(m.dtype)
+    # An infinite max shifts by 0: a row that is -inf so far has nothing to rescale
+    # (exp(-inf) = 0), and a +inf logit makes the sum +inf (so lse = +inf) instead of NaN.
+    shift = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new).to(m.dtype)
     scale = tl.exp(m - shift)
     e = tl.exp(z - shift)
     s = s * scale + tl.sum(e, 0)
@@ -59,7 +60,8 @@ def fold_block(m, s, pz, zsum, sq, arg, z, index, valid, STATS: tl.constexpr):
         sq = sq * (scale * scale) + tl.sum(e * e, 0)
         zsum += tl.sum(tl.where(valid, z, 0.0), 0)
         blk_arg = tl.min(tl.where(z == blk_max, index.to(tl.int64), 2**62), 0)
-        arg = tl.where(blk_max > m, blk_arg, arg)  # strictly: earlier blocks win ties
+        # strictly: earlier blocks win ties; a row that is all -inf so far has its first -inf
+        arg = tl.where((blk_max > m) | (arg < 0), blk_arg, arg)
     return m_new, s, pz, zsum, sq, arg
 
 
@@ -83,7 +85,8 @@ def _row_lse_and_target(
     target = tl.load(row_ptr + label).to(ACC)
     log_s = tl.log(s)
     lse = m + log_s
-    return lse, target, lse - pz / s, zsum / V, arg == label, tl.log(sq) - 2 * log_s
+    top1 = (arg == label) & (lse == lse)  # a row with a NaN has no argmax
+    return lse, target, lse - pz / s, zsum / V, top1, tl.log(sq) - 2 * log_s
 
 
 @triton.jit

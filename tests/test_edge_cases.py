@@ -1,0 +1,387 @@
+"""Edge cases of issue 14, one test per row, on every backend, each against a float64 (or mpmath)
+formula written here."""
+
+import math
+
+import mpmath as mp
+import pytest
+import torch
+from conftest import GRAD_TOL, cpu_backends
+
+from dpo_kernels import dpo_loss, linear_sequence_logprobs, sequence_logprobs
+from dpo_kernels.ops import reference
+
+BACKENDS = cpu_backends()
+LOSS_BACKENDS = BACKENDS  # the reference runs the autograd formulas, the others the closed forms
+
+# --------------------------------------------------------------------------------------------
+# Row 1: every loss type is finite, and right, at margins of +-1e4 and beta from 1e-9 to 1e6.
+
+mp.mp.dps = 40
+
+
+def _sig(x):
+    return 1 / (1 + mp.exp(-x))
+
+
+def _logsig(x):
+    return -mp.log(1 + mp.exp(-x))
+
+
+def mp_losses(kind, pc, pr, rc, rr, nc, nr, beta, eps, tau=0.05):
+    """Per-pair losses as TRL writes them (no stability tricks: mpmath has no overflow)."""
+    P = len(pc)
+    c = [pc[i] - rc[i] for i in range(P)]
+    r = [pr[i] - rr[i] for i in range(P)]
+    out = []
+    if kind in ("aot", "aot_unpaired"):
+        a, b = ([pc[i] - pr[i] for i in range(P)], [rc[i] - rr[i] for i in range(P)])
+        if kind == "aot_unpaired":
+            a, b = c, r
+        d = [x - y for x, y in zip(sorted(a), sorted(b), strict=True)]
+        return [-_logsig(beta * x) * (1 - eps) - _logsig(-beta * x) * eps for x in d]
+    for i in range(P):
+        ci, ri = c[i], r[i]
+        u = beta * (ci - ri)
+        if kind == "sigmoid":
+            v = -_logsig(u)
+        elif kind == "hinge":
+            v = max(mp.mpf(0), 1 - u)
+        elif kind == "ipo":
+            v = (ci / nc[i] - ri / nr[i] - 1 / (2 * beta)) ** 2
+        elif kind == "exo_pair":
+            v = _sig(u) * (_logsig(u) - mp.log(1 - eps)) + _sig(-u) * (_logsig(-u) - mp.log(eps))
+        elif kind == "nca_pair":
+            v = -_logsig(beta * ci) - _logsig(-beta * ci) / 2 - _logsig(-beta * ri) / 2
+        elif kind == "robust":
+            v = (-(1 - eps) * _logsig(u) + eps * _logsig(-u)) / (1 - 2 * eps)
+        elif kind == "bco_pair":
+            v = -_logsig(beta * ci) - _logsig(-beta * ri)
+        elif kind == "sppo_hard":
+            v = (ci - 1 / (2 * beta)) ** 2 + (ri + 1 / (2 * beta)) ** 2
+        elif kind == "apo_zero":
+            v = 1 - _sig(beta * ci) + _sig(beta * ri)
+        elif kind == "apo_down":
+            v = _sig(beta * ci) + 1 - _sig(beta * (ci - ri))
+        elif kind == "discopop":
+            t = mp.mpf(tau)
+            v = -_logsig(u) * (1 - _sig(u / t)) + mp.exp(-u) * _sig(u / t)
+        elif kind == "sft":
+            v = -mp.fsum(pc) / mp.fsum(nc)
+        elif kind == "sigmoid_norm":
+            v = -_logsig(beta * (ci / nc[i] - ri / nr[i]))
+        else:
+            raise AssertionError(kind)
+        out.append(v)
+    return out
+
+
+# Log-ratios (chosen, rejected) at +-1e4 and small: no ties (aot sorts them) and no hinge on its
+# kink, so every loss is differentiable there.
+C = [1e4, -1e4, 1e4 - 3, -1e4 + 1, 3.0, -7.0, 1e4 + 2, 0.5]
+R = [-1e4, 1e4, 1e4 - 5, -1e4 + 2, -1e4 + 7, 1e4 - 1, 2.0, -0.25]
+
+
+def extreme_pairs():
+    P = len(C)
+    rc = torch.tensor([-50.0 - i for i in range(P)], dtype=torch.float64)
+    rr = torch.tensor([-60.0 - 2 * i for i in range(P)], dtype=torch.float64)
+    pc = torch.tensor(C, dtype=torch.float64) + rc
+    pr = torch.tensor(R, dtype=torch.float64) + rr
+    nc = torch.arange(1, P + 1, dtype=torch.float64) * 3
+    nr = torch.arange(1, P + 1, dtype=torch.float64) * 2 + 1
+    return pc, pr, rc, rr, nc, nr
+
+
+def mp_loss_and_grads(kind, pc, pr, rc, rr, nc, nr, beta, eps):
+    """Mean loss and its derivatives in every pc[i], pr[i] (mpmath.diff), as floats."""
+    args = [[mp.mpf(float(x)) for x in t] for t in (pc, pr, rc, rr, nc, nr)]
+    beta, eps = mp.mpf(beta), mp.mpf(eps)
+    P = len(args[0])
+
+    def mean(pcv, prv):
+        return mp.fsum(mp_losses(kind, pcv, prv, *args[2:], beta, eps)) / P
+
+    loss = mean(args[0], args[1])
+    grads = []
+    for which in (0, 1):
+        g = []
+        for i in range(P):
+
+            def f(t, which=which, i=i):
+                v = [list(args[0]), list(args[1])]
+                v[which][i] = t
+                return mean(*v)
+
+            g.append(float(mp.diff(f, args[which][i])))
+        grads.append(g)
+    return (
+        float(loss),
+        torch.tensor(grads[0], dtype=torch.float64),
+        torch.tensor(grads[1], dtype=torch.float64),
+    )
+
+
+SMOOTHED = {"exo_pair": 0.1, "robust": 0.2, "aot": 0.1, "aot_unpaired": 0.1}
+
+
+@pytest.mark.parametrize("kind", reference.LOSS_TYPES)
+def test_every_loss_type_right_at_extreme_margins(kind):
+    pc, pr, rc, rr, nc, nr = extreme_pairs()
+    eps = SMOOTHED.get(kind, 0.0)
+    for beta in (1e-9, 1e-3, 0.1, 10.0, 1e6):
+        loss64, gpc64, gpr64 = mp_loss_and_grads(kind, pc, pr, rc, rr, nc, nr, beta, eps)
+        scale = max(1.0, abs(loss64))
+        g_scale = max(1.0, gpc64.abs().max().item(), gpr64.abs().max().item())
+        for backend in LOSS_BACKENDS:
+            for dtype in (torch.float64, torch.float32):
+                a = pc.to(dtype).detach().clone().requires_grad_()
+                b = pr.to(dtype).detach().clone().requires_grad_()
+                out = dpo_loss(
+                    a, b, rc.to(dtype), rr.to(dtype), chosen_counts=nc, rejected_counts=nr,
+                    beta=beta, loss_type=kind, label_smoothing=eps, backend=backend,
+                )  # fmt: skip
+                out.loss.backward()
+                gb = torch.zeros_like(pr) if b.grad is None else b.grad.double()
+                what = f"{kind} beta={beta} {backend} {dtype}"
+                assert torch.isfinite(out.loss), what
+                assert torch.isfinite(a.grad).all() and torch.isfinite(gb).all(), what
+                # float32 rounds the inputs (1e4 + 50 carries 1e-3) and every step after.
+                rtol = 1e-9 if dtype == torch.float64 else 2e-4
+                assert abs(out.loss.item() - loss64) <= rtol * scale, (
+                    what,
+                    out.loss.item(),
+                    loss64,
+                )
+                torch.testing.assert_close(
+                    a.grad.double(), gpc64, rtol=rtol, atol=rtol * g_scale, msg=what
+                )
+                torch.testing.assert_close(gb, gpr64, rtol=rtol, atol=rtol * g_scale, msg=what)
+
+
+def test_discopop_issue_example():
+    """The issue's case: beta * margin = -1000, where exp(-u) * sigmoid(u / tau) was inf * 0."""
+    u = 0.1 * ((-5050.0 + 50.0) - (4940.0 + 60.0))
+    tau = 0.05
+    expected = float(
+        -_logsig(mp.mpf(u)) * (1 - _sig(mp.mpf(u) / tau)) + mp.exp(-u) * _sig(mp.mpf(u) / tau)
+    )
+    for backend in LOSS_BACKENDS:
+        pc = torch.tensor([-5050.0], requires_grad=True)
+        out = dpo_loss(
+            pc, torch.tensor([4940.0]), torch.tensor([-50.0]), torch.tensor([-60.0]),
+            loss_type="discopop", backend=backend,
+        )  # fmt: skip
+        out.loss.backward()
+        assert out.loss.item() == pytest.approx(expected, rel=1e-6), backend
+        assert pc.grad.item() == pytest.approx(-0.1, rel=1e-5), backend  # -beta * sigmoid(-u)
+
+
+# --------------------------------------------------------------------------------------------
+# Row 2: the fused LM head keeps bf16/fp16 logits in float32 up to the log-softmax.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_low_precision_logits_stay_float32(backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    M, H, V = 24, 32, 80
+    hidden = torch.randn(1, M, H, generator=g, dtype=torch.float64).to(dtype)
+    # Logits of about +-60: one fp16 rounding of them moves a log-prob by ~0.03.
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) * 60 / H**0.5).to(dtype)
+    labels = torch.randint(0, V, (1, M), generator=g)
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    out = linear_sequence_logprobs(h, w, labels, backend=backend)
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    z64 = (h64 @ w64.T).log_softmax(-1)
+    ref = z64.gather(-1, labels[..., None])[..., 0].sum(-1)
+    rounded = (hidden.double() @ weight.double().T).to(dtype).double().log_softmax(-1)
+    rounded_err = (rounded.gather(-1, labels[..., None])[..., 0].sum(-1) - ref).abs().item()
+    err = (out.logps.double() - ref).abs().item()
+    assert rounded_err > 1e-2  # the case tells float32 logits from rounded ones
+    assert err <= 1e-3, (err, rounded_err)
+    out.logps.sum().backward()
+    ref.sum().backward()
+    tol = GRAD_TOL[dtype] * 4 * max(1.0, h64.grad.abs().max().item(), w64.grad.abs().max().item())
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=tol, rtol=0)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=tol, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Row 3: per-sequence sums are bitwise identical for any thread count.
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # interpreter: slow
+def test_sequence_sums_independent_of_thread_count(backend):
+    threads = torch.get_num_threads()
+    try:
+        for seed, shape in enumerate([(1, 70000, 8), (2, 40000, 3), (1, 9000, 5)]):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(*shape, generator=g) * 4
+            y = torch.randint(0, shape[-1], shape[:2], generator=g)
+            results = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                z = x.clone().requires_grad_()
+                out = sequence_logprobs(z, y, backend=backend)
+                out.logps.sum().backward()
+                results.append((out.logps, z.grad))
+            for logps, grad in results[1:]:
+                assert torch.equal(logps, results[0][0]), (shape, logps - results[0][0])
+                assert torch.equal(grad, results[0][1])
+            ref = x.double().log_softmax(-1).gather(-1, y[..., None])[..., 0].sum(-1)
+            torch.testing.assert_close(results[0][0].double(), ref, rtol=1e-6, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Row 4: double backward through the loss is right (a gradient penalty), or raises.
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_dpo_loss_double_backward(backend):
+    g = torch.Generator().manual_seed(0)
+    P, beta = 5, 0.7
+    pc, pr, rc, rr = (-30 * torch.rand(4, P, generator=g, dtype=torch.float64)).unbind()
+    a, b = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    loss = dpo_loss(a, b, rc, rr, beta=beta, backend=backend).loss
+    ga, gb = torch.autograd.grad(loss, (a, b), create_graph=True)
+    assert ga.requires_grad
+    ((ga**2).sum() + (gb**2).sum()).backward()
+    # The float64 formula: s = sigmoid(-u), dL/dpc = -beta s / P, d(s)/d(pc) = -beta s (1 - s).
+    u = beta * ((pc - rc) - (pr - rr))
+    s = torch.sigmoid(-u)
+    g_pc = -beta * s / P
+    torch.testing.assert_close(ga.detach(), g_pc)
+    # penalty = 2 * sum g_pc^2; d/dpc = 4 g_pc * beta^2 s (1 - s) / P, and d/dpr the opposite
+    expected = 4 * g_pc * beta**2 * s * (1 - s) / P
+    torch.testing.assert_close(a.grad, expected)
+    torch.testing.assert_close(b.grad, -expected)
+
+
+@pytest.mark.parametrize("kind", ["discopop", "ipo", "aot", "sigmoid_norm", "exo_pair"])
+def test_dpo_loss_double_backward_matches_reference(kind):
+    g = torch.Generator().manual_seed(1)
+    P = 4
+    pc, pr, rc, rr = (-30 * torch.rand(4, P, generator=g, dtype=torch.float64)).unbind()
+    n = torch.tensor([3.0, 5.0, 2.0, 7.0], dtype=torch.float64)
+    results = []
+    for backend in LOSS_BACKENDS:
+        a, b = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+        loss = dpo_loss(
+            a, b, rc, rr, chosen_counts=n, rejected_counts=n + 1, loss_type=kind,
+            label_smoothing=0.1 if kind == "exo_pair" else 0.0, backend=backend,
+        ).loss  # fmt: skip
+        ga, gb = torch.autograd.grad(loss, (a, b), create_graph=True, allow_unused=True)
+        penalty = (ga**2).sum() + (0 if gb is None else (gb**2).sum())
+        penalty.backward()
+        results.append((a.grad, b.grad))
+    for ga, gb in results[1:]:
+        torch.testing.assert_close(ga, results[0][0])
+        if gb is not None or results[0][1] is not None:
+            torch.testing.assert_close(gb, results[0][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_double_backward_raises(backend):
+    z = torch.randn(1, 3, 5, requires_grad=True)
+    out = sequence_logprobs(z, torch.randint(0, 5, (1, 3)), backend=backend)
+    (gz,) = torch.autograd.grad(out.logps.sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gz.sum().backward()
+
+
+# --------------------------------------------------------------------------------------------
+# Row 5: narrow integer labels on every backend, including values that alias ignore_index.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8, torch.int32])
+def test_narrow_label_dtypes(backend, dtype):
+    V = 200 if dtype != torch.int8 else 120
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, V, generator=g)
+    y = torch.randint(0, V, (2, 4), generator=g)
+    y[0, 0] = 156 if dtype == torch.uint8 else 7  # uint8 156 is -100 modulo 256: it counts
+    if dtype == torch.int16:
+        y[1, 3] = -100  # ignored
+    out = sequence_logprobs(x, y.to(dtype), backend=backend)
+    counted = y != -100
+    ref = x.double().log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    ref = torch.where(counted, ref, 0.0).sum(-1)
+    assert out.counts.tolist() == counted.sum(-1).tolist()
+    torch.testing.assert_close(out.logps.double(), ref, rtol=1e-6, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Row 6: a +inf logit at a non-label position gives log p = -inf on every backend.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_plus_inf_logit_gives_minus_inf(backend, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    y = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    x[0, 0, 3] = math.inf  # not the label
+    x[1, 2, 0] = x[1, 2, 1] = math.inf  # two of them
+    z = x.to(dtype).requires_grad_()
+    out = sequence_logprobs(z, y, backend=backend)
+    ref = x.to(dtype).double().log_softmax(-1).gather(-1, y[..., None])[..., 0]
+    ref[0, 0] = ref[1, 2] = -math.inf  # float64 log_softmax gives NaN there; -inf is the limit
+    assert torch.equal(out.token_logps.double().isinf(), ref.isinf())
+    torch.testing.assert_close(out.token_logps.double(), ref, rtol=1e-6, atol=1e-6)
+    assert out.logps.tolist() == [-math.inf, -math.inf]
+    # Rows without an infinity keep their usual gradient.
+    out.token_logps[:, 1].sum().backward()
+    p = x.to(dtype).double().softmax(-1)
+    expected = torch.nn.functional.one_hot(y[:, 1], 7) - p[:, 1]
+    torch.testing.assert_close(z.grad[:, 1].double(), expected, atol=GRAD_TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plus_inf_logit_linear(backend):
+    """The fused LM head's logits overflow to +inf (bias +inf): the same -inf answer."""
+    hidden = torch.randn(1, 3, 4)
+    weight = torch.randn(6, 4)
+    bias = torch.zeros(6)
+    bias[2] = math.inf
+    out = linear_sequence_logprobs(hidden, weight, torch.tensor([[0, 1, 5]]), bias=bias,
+                                   backend=backend)  # fmt: skip
+    assert out.token_logps.isneginf().all()
+
+
+# --------------------------------------------------------------------------------------------
+# Row 7: a policy sum of -inf gives the limit's finite gradient on every backend.
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_minus_inf_policy_sum_has_finite_gradient(backend):
+    beta, P = 0.1, 2
+    pc = torch.tensor([-math.inf, -3.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-4.0, -5.0], dtype=torch.float64, requires_grad=True)
+    rc = torch.tensor([-3.0, -3.0], dtype=torch.float64)
+    rr = torch.tensor([-3.0, -3.0], dtype=torch.float64)
+    for kind in ("sigmoid", "hinge", "bco_pair", "apo_zero"):
+        pc.grad = pr.grad = None
+        out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=kind, backend=backend)
+        out.loss.backward()
+        u = beta * ((pc.detach() - rc) - (pr.detach() - rr))
+        c = beta * (pc.detach() - rc)
+        r = beta * (pr.detach() - rr)
+        if kind == "sigmoid":  # d softplus(-u) / du = -sigmoid(-u) -> -1
+            d_pc, d_pr = -beta * torch.sigmoid(-u), beta * torch.sigmoid(-u)
+        elif kind == "hinge":
+            d_pc = -beta * (u < 1).double()
+            d_pr = -d_pc
+        elif kind == "bco_pair":
+            d_pc, d_pr = -beta * torch.sigmoid(-c), beta * torch.sigmoid(r)
+        else:  # apo_zero
+            d_pc = -beta * torch.sigmoid(c) * torch.sigmoid(-c)
+            d_pr = beta * torch.sigmoid(r) * torch.sigmoid(-r)
+        assert out.loss.item() == math.inf or kind == "apo_zero", kind
+        torch.testing.assert_close(pc.grad, d_pc / P, msg=f"{kind} {backend}")
+        torch.testing.assert_close(pr.grad, d_pr / P, msg=f"{kind} {backend}")
