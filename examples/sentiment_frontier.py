@@ -1,7 +1,7 @@
 """The DPO paper's controlled-sentiment experiment in miniature: reward vs KL, on a CPU.
 
-    python examples/sentiment_frontier.py            # full run (see docs/sentiment_frontier.md)
-    python examples/sentiment_frontier.py --quick    # the CI-sized run (tests/test_sentiment_frontier.py)
+    python examples/sentiment_frontier.py          # the full run (docs/sentiment_frontier.md)
+    python examples/sentiment_frontier.py --quick  # CI-sized (tests/test_sentiment_frontier.py)
 
 Rafailov et al. 2023 (arXiv 2305.18290, Sec. 6.1, Fig. 2) fine-tune GPT-2 on IMDb reviews, then
 train it with DPO to write positive continuations of review prefixes; a sentiment classifier is the
@@ -34,8 +34,8 @@ Bradley-Terry sampling); tied pairs are dropped. The data are text (`prompt`, `c
 TRL 1.16's `DPOTrainer` takes; TRL tokenizes them and appends `</s>`.
 
 **Training.** `dpo_kernels.integrations.trl.FusedDPOTrainer` at each beta, and stock
-`trl.DPOTrainer` (same seed, data, optimizer, float32) at the betas given by `--stock-betas`: sigmoid
-loss, AdamW, constant learning rate, the frozen SFT model as `ref_model`.
+`trl.DPOTrainer` (same seed, data, optimizer, float32) at the betas given by `--stock-betas`:
+sigmoid loss, AdamW, constant learning rate, the frozen SFT model as `ref_model`.
 
 **Measurement.** Every `--eval-every` steps (and at step 0, the SFT model) a callback samples one
 completion per held-out prompt from the policy (its own `torch.Generator`, the same seed at every
@@ -121,7 +121,9 @@ class Language:
         weights = torch.zeros(VOCAB, dtype=torch.float64)
         weights[POS0:NEG0] = mags
         weights[NEG0:NEU0] = -mags
-        successors = torch.stack([torch.randperm(N_NEUTRAL, generator=g)[:5] for _ in range(N_NEUTRAL)])
+        successors = torch.stack(
+            [torch.randperm(N_NEUTRAL, generator=g)[:5] for _ in range(N_NEUTRAL)]
+        )
         gamma = -torch.log(torch.rand(N_NEUTRAL, 5, generator=g))  # Exp(1): Dirichlet(1) weights
         succ_probs = gamma / gamma.sum(1, keepdim=True)
         words = ["<pad>", "</s>", "not"]
@@ -131,7 +133,9 @@ class Language:
 
     def sample(self, n: int, g: torch.Generator, length: int = PROMPT_LEN + COMPLETION_LEN):
         """n reviews of `length` word ids, [n, length] int64."""
-        moods = torch.tensor(self.mood_p_pos)[torch.randint(0, len(self.mood_p_pos), (n,), generator=g)]
+        moods = torch.tensor(self.mood_p_pos)[
+            torch.randint(0, len(self.mood_p_pos), (n,), generator=g)
+        ]
         out = torch.empty(n, length, dtype=torch.long)
         neutral = torch.randint(0, N_NEUTRAL, (n,), generator=g)  # the chain's current word
         pending = torch.zeros(n, dtype=torch.long)  # after `not`: +1/-1 polarity to write next
@@ -388,7 +392,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
     runs = result["runs"]
     betas = sorted({r["beta"] for r in runs})
-    colors = dict(zip(betas, plt.get_cmap("viridis")(torch.linspace(0, 0.9, len(betas)).tolist())))
+    shades = plt.get_cmap("viridis")(torch.linspace(0, 0.9, len(betas)).tolist())
+    colors = dict(zip(betas, shades, strict=True))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for r in runs:
         pts, c = r["points"], colors[r["beta"]]
@@ -412,7 +417,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"DPO on a synthetic sentiment task ({result['config']['mode']}): "
-        f"{result['data']['pairs']} pairs, {result['config']['eval_prompts']} eval samples per point"
+        f"{result['data']['pairs']} pairs, "
+        f"{result['config']['eval_prompts']} eval samples per point"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -442,8 +448,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="the CI-sized run (one beta)")
     p.add_argument("--out", default="sentiment_frontier_out", help="folder for the PNG and JSON")
     p.add_argument("--betas", type=float, nargs="+", help="FusedDPOTrainer betas")
-    p.add_argument("--stock-betas", type=float, nargs="*", help="betas also run with trl.DPOTrainer")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the model is too small to gain from more)")
+    p.add_argument(
+        "--stock-betas", type=float, nargs="*", help="betas also run with trl.DPOTrainer"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (the model is too small to gain from more)",
+    )
     a = p.parse_args(argv)
 
     import trl
@@ -467,7 +480,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"SFT: {cfg.sft_steps} steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} "
           f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     rows, data_stats = preference_pairs(sft, lang, cfg)
-    eval_prompts = lang.sample(cfg.eval_prompts, torch.Generator().manual_seed(cfg.seed + 4), PROMPT_LEN)
+    eval_prompts = lang.sample(
+        cfg.eval_prompts, torch.Generator().manual_seed(cfg.seed + 4), PROMPT_LEN
+    )
     sft_point = evaluate(sft, sft, lang, eval_prompts, cfg.seed + 3)
     print(f"data: {data_stats['pairs']} pairs; SFT reward {sft_point['reward']:.3f}")
 
@@ -479,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
             last = run["points"][-1]
             print(f"beta {beta:g} {run['trainer']}: reward {last['reward']:.3f}, KL "
                   f"{last['kl']:.2f} ({run['seconds']:.0f} s)")  # fmt: skip
-        fused = [r for r in runs if r["beta"] == beta and r["trainer"] == "fused"][0]
+        fused = next(r for r in runs if r["beta"] == beta and r["trainer"] == "fused")
         stock = [r for r in runs if r["beta"] == beta and r["trainer"] == "stock"]
         if stock:
             diffs = [abs(x - y) for x, y in zip(fused["losses"], stock[0]["losses"], strict=True)]

@@ -1,4 +1,4 @@
-"""examples/sentiment_frontier.py --quick: DPO raises the true reward, fused and stock TRL coincide."""
+"""examples/sentiment_frontier.py --quick: DPO raises the true reward; fused and stock TRL agree."""
 
 import json
 import math
@@ -16,9 +16,8 @@ sys.path.insert(0, str(EXAMPLES))
 
 
 def test_true_reward_is_the_documented_formula():
-    import torch
-
     import sentiment_frontier as sf
+    import torch
 
     lang = sf.Language.build(0)
     ids = {w: i for i, w in enumerate(lang.words)}
