@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 pytest.importorskip("trl")
 pytest.importorskip("matplotlib")
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 
@@ -33,9 +35,15 @@ def test_true_reward_is_the_documented_formula():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("frontier")
+    # The script's folder, not the checkout, is first on its sys.path: import this checkout's
+    # dpo_kernels, not whichever one is installed.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "sentiment_frontier.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "frontier.json").read_text()), proc.stdout
