@@ -37,7 +37,7 @@ TRL 1.16's `DPOTrainer` takes; TRL tokenizes them and appends `</s>`.
 `trl.DPOTrainer` (same seed, data, optimizer, float32) at the betas given by `--stock-betas`:
 sigmoid loss, AdamW, constant learning rate, the frozen SFT model as `ref_model`.
 
-**Measurement.** Every `--eval-every` steps (and at step 0, the SFT model) a callback samples one
+**Measurement.** Every `Config.eval_every` steps (and at step 0) a callback samples one
 completion per held-out prompt from the policy (its own `torch.Generator`, the same seed at every
 evaluation, so the training RNG is untouched and all runs see the same prompts and random draws)
 and reports the mean true reward and the sequence-level KL(policy || SFT), estimated as the paper
