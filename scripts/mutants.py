@@ -59,6 +59,7 @@ VP2 = "tests/test_vocab_parallel.py::test_split_vocabulary_equals_single_process
 LVP2 = "tests/test_vocab_parallel.py::test_split_lm_head_equals_single_process[2]"
 
 # Grouped by layer. C++ mutants come last: they rebuild the library (see main()).
+# fmt: off
 MUTANTS: list[Mutant] = [
     # -- Triton kernels (run by the tests under TRITON_INTERPRET=1) ------------------------------
     M("triton-ignore-index-hardcoded", "dpo_kernels/ops/triton_logprobs.py",
@@ -124,8 +125,8 @@ MUTANTS: list[Mutant] = [
       "return counted if mask is None else counted | (mask != 0)",
       T_GAPS, "-k", "logits_path_honours_ignore_index and reference"),
     M("reference-linear-softcap-dropped", "dpo_kernels/ops/reference.py",
-      "        x = transform.softcap * torch.tanh(x / transform.softcap)\n    return x * transform.factor",
-      "        x = torch.tanh(x / transform.softcap)\n    return x * transform.factor",
+      "x = transform.softcap * torch.tanh(x / transform.softcap)\n    return x * transform.factor",
+      "x = torch.tanh(x / transform.softcap)\n    return x * transform.factor",
       T_GAPS, "-k", "linear_path_honours_ignore_index and reference"),
     M("label-range-check-off-by-one", "dpo_kernels/functional.py",
       "bad_label = counted & ((labels < 0) | (labels >= vocab))",
@@ -225,6 +226,7 @@ MUTANTS: list[Mutant] = [
       "return x.stride(-1) == 1 ? x : x.contiguous();", "return x;",
       "tests/test_cpu_backend.py", "-k", "non_contiguous"),
 ]
+# fmt: on
 
 
 def is_cpp(m: Mutant) -> bool:
@@ -377,10 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     tree = make_scratch()
     print(f"scratch copy: {tree}", flush=True)
     try:
-        where = subprocess.run([sys.executable, "-c", "import dpo_kernels; print(dpo_kernels.__file__)"],
-                               cwd=tree, env=env_for(tree), capture_output=True, text=True)  # fmt: skip
+        code = "import dpo_kernels; print(dpo_kernels.__file__)"
+        where = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env_for(tree),
+                               capture_output=True, text=True)  # fmt: skip
         if not where.stdout.startswith(tree):
-            print(f"dpo_kernels does not import from the scratch copy: {where.stdout}{where.stderr}")
+            print(f"dpo_kernels imports from outside the copy: {where.stdout}{where.stderr}")
             return 2
         if not a.no_baseline and applicable:
             files, exprs = baseline_selection(applicable)

@@ -263,3 +263,28 @@ def test_packed_op_counts_first_and_last_tokens_of_each_sequence(backend):
     (out.logps * w.float()).sum().backward()
     (expect * w).sum().backward()
     torch.testing.assert_close(z.grad.double(), z64.grad, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The accuracy checks themselves can fail: controls for errors the naive bound alone let through.
+
+
+@pytest.mark.parametrize(
+    "dtype,kind,error",
+    [(torch.float16, "large", 1000.0), (torch.bfloat16, "normal", 0.03)],
+    ids=["fp16-overflowing-naive-plus-1000", "bf16-accumulation-sized-error"],
+)
+def test_logprob_check_rejects_a_wrong_forward(monkeypatch, dtype, kind, error):
+    import test_logprobs
+
+    real = dpo_kernels.sequence_logprobs
+
+    def off_by(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out._replace(logps=out.logps + error)
+
+    inputs = test_logprobs.make_inputs(2, 4, 300, dtype, kind)
+    test_logprobs.check_case("reference", *inputs)  # the unshifted result passes
+    monkeypatch.setattr(dpo_kernels, "sequence_logprobs", off_by)
+    with pytest.raises(AssertionError, match="float32 accumulation"):
+        test_logprobs.check_case("reference", *inputs)
