@@ -134,7 +134,7 @@ MUTANTS: list[Mutant] = [
       "tests/test_errors.py"),
     # -- Forward: concatenated batch, LM-head transforms -----------------------------------------
     M("forward-granite-scaling-multiplies", "dpo_kernels/forward.py",
-      "scale = 1.0 / cfg.logits_scaling", "scale = cfg.logits_scaling",
+      "else 1.0 / cfg.logits_scaling", "else cfg.logits_scaling",
       T_GAPS, "-k", "family_transform and granite"),
     M("forward-softcap-not-read", "dpo_kernels/forward.py",
       '"softcap": getattr(cfg, "final_logit_softcapping", None)', '"softcap": None',

@@ -173,7 +173,25 @@ FAMILIES = {
     ),
     "cohere-scale": lambda: _tiny("CohereConfig", "CohereForCausalLM", logit_scale=0.3),
     "granite-divisor": lambda: _tiny("GraniteConfig", "GraniteForCausalLM", logits_scaling=4.0),
+    "hyperclovax-multiplier": lambda: _tiny(
+        "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", logits_scaling=0.25
+    ),
 }
+
+
+def test_unmapped_head_post_processing_raises():
+    class Config:
+        model_type = "muse_spark_text"
+        output_multiplier = 0.18
+        final_logit_softcapping = 20.0
+
+    class Model:
+        config = Config()
+
+    from dpo_kernels.forward import head_transform
+
+    with pytest.raises(NotImplementedError, match=r"output_multiplier.*fused_lm_head=False"):
+        head_transform(Model())
 
 
 def model_logps_f64(model, batch):
