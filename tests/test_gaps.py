@@ -253,7 +253,7 @@ def test_pack_labels_match_a_per_row_construction():
 def test_padding_free_forward_with_completions_at_every_boundary():
     ex = preference_examples(3, seed=6)
     for e in ex:
-        e["prompt_ids"] = e["prompt_ids"][:1]  # one prompt token: completions start at token 1
+        e["prompt_ids"] = []  # every row starts with a completion token: right after each end
     batch = collate_preferences(ex)
     model = tiny_causal_lm()
     expect = model_logps_f64(model, batch)
