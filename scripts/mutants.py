@@ -9,9 +9,10 @@ The tree is copied to a scratch folder; each mutant replaces one exact snippet o
 (`old` must occur exactly once in the current source, else the mutant is reported `stale` and
 skipped: update its snippet), runs `pytest -x` on its test selection with the scratch copy first on
 sys.path, and restores the file. Mutants in csrc/ rebuild the C++ library for this CPU's variant
-only, into the scratch copy (ninja keeps the objects between mutants). Before any mutant, the union
-of the selections runs once on the unmutated copy: a selection that fails there makes every score
-meaningless, so the script stops.
+only, into the scratch copy (ninja keeps the objects between mutants). With --baseline, the union
+of the selections first runs once on the unmutated copy (a selection that fails there makes every
+score meaningless, so the script stops); without it, a selection that fails for another reason
+shows up as a kill whose failing test has nothing to do with the mutant.
 
 Prints one line per mutant (killed / survived / stale, and the first failing test) and a last line
 `killed K of N` (N: mutants that applied). Exit status 0 when every applied mutant was killed.
@@ -191,9 +192,11 @@ MUTANTS: list[Mutant] = [
     M("trl-ld-alpha-maximum", "dpo_kernels/integrations/trl.py",
       "shared = torch.minimum(*lens.chunk(2))", "shared = torch.maximum(*lens.chunk(2))",
       T_PARITY, "-k", "sigmoid-ld_alpha"),
-    M("trl-counts-shifted", "dpo_kernels/integrations/trl.py",
+    # (Counting the shifted completion mask instead is equivalent unless a completion starts at
+    # token 0, which TRL's tokenized prompts never do: not a useful mutant.)
+    M("trl-counts-include-prompt", "dpo_kernels/integrations/trl.py",
       "counts = b.completion_mask.sum(1).chunk(2)",
-      "counts = b.completion_mask[:, 1:].sum(1).chunk(2)",
+      "counts = b.attention_mask.sum(1).chunk(2)",
       T_PARITY, "-k", "ipo or sigmoid_norm"),
     M("trl-logits-metric-from-rejected", "dpo_kernels/integrations/trl.py",
       'metrics["logits/chosen"].append(ratio(c_mean[c_mask].sum(), c_mask.sum()))',
@@ -362,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-k", action="append", default=[], help="only mutants whose name has this")
     p.add_argument("--list", action="store_true", help="list the mutants and whether they apply")
-    p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="first run every selection once on the unmutated copy (stops if one fails)",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     a = p.parse_args(argv)
@@ -385,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         if not where.stdout.startswith(tree):
             print(f"dpo_kernels imports from outside the copy: {where.stdout}{where.stderr}")
             return 2
-        if not a.no_baseline and applicable:
+        if a.baseline and applicable:
             files, exprs = baseline_selection(applicable)
             outcome, detail = run_pytest(tree, [*files, "-k", exprs], a.timeout * 3)
             print(f"baseline (unmutated, every selection at once): {outcome} {detail}", flush=True)
