@@ -215,7 +215,7 @@ MUTANTS: list[Mutant] = [
       T_LOG, "-k", "test_matches_reference and cpu and V37"),
     M("cpp-argmax-offset-dropped", "csrc/vec_rows.h",
       "f.arg = offset + start + i;", "f.arg = start + i;",
-      T_LIN, "-k", "stats_match and cpu"),
+      T_GAPS, "-k", "later_blocks and cpu"),
     M("cpp-softcap-cap-dropped", "csrc/vec_rows.h",
       "return vc * (v / vc).tanh() * va;", "return (v / vc).tanh() * va;",
       T_LIN, "-k", "test_matches_reference and cpu and softcap"),

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 from conftest import cpu_backends, preference_examples, tiny_causal_lm
+from test_linear_logprobs import small_tiles  # noqa: F401 (a fixture, used by name)
 
 import dpo_kernels
 from dpo_kernels.forward import collate_preferences, concatenated_forward, pack, preference_batch
@@ -306,3 +307,25 @@ def test_logprob_check_rejects_a_wrong_forward(monkeypatch, dtype, kind, error):
     monkeypatch.setattr(dpo_kernels, "sequence_logprobs", off_by)
     with pytest.raises(AssertionError, match="float32 accumulation"):
         test_logprobs.check_case("reference", *inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics of the fused LM head where the label is the argmax in a later vocabulary block.
+
+
+@pytest.mark.usefixtures("small_tiles")
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_linear_stats_with_labels_at_the_argmax_of_later_blocks(backend):
+    g = torch.Generator().manual_seed(8)
+    B, T, H, V = 2, 6, 8, 40  # vocabulary blocks of 16 (small_tiles): the argmax is in any block
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    z = hidden @ weight.T
+    labels = z.argmax(-1)
+    labels[:, ::3] = (labels[:, ::3] + 1) % V  # some labels that are not the argmax
+    assert (z.argmax(-1) >= 16).any()
+    out = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels, stats=True, backend=backend)
+    p = z.softmax(-1)
+    torch.testing.assert_close(out.stats.entropy, -(p * p.log()).sum(-1), rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.stats.mean_logits, z.mean(-1), rtol=0, atol=1e-10)
+    assert torch.equal(out.stats.is_top1, z.argmax(-1) == labels)
