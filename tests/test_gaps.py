@@ -329,3 +329,24 @@ def test_linear_stats_with_labels_at_the_argmax_of_later_blocks(backend):
     torch.testing.assert_close(out.stats.entropy, -(p * p.log()).sum(-1), rtol=0, atol=1e-10)
     torch.testing.assert_close(out.stats.mean_logits, z.mean(-1), rtol=0, atol=1e-10)
     assert torch.equal(out.stats.is_top1, z.argmax(-1) == labels)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_logits_with_a_vocabulary_stride_reach_the_kernel_as_they_are(backend):
+    # tests/test_cpu_backend.py's strided case is cloned by its helper, and clone() of a
+    # non-dense view is contiguous: this one passes the stride-2 view itself.
+    g = torch.Generator().manual_seed(9)
+    B, T, V = 2, 3, 37
+    wide = (torch.randn(B, T, 2 * V, generator=g) * 2).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    view = wide[:, :, ::2]
+    assert view.stride(-1) == 2
+    out = dpo_kernels.sequence_logprobs(view, labels, ref_logits=view.detach(), backend=backend)
+    z64 = view.detach().double().requires_grad_()
+    tok = f64_token_logps(z64, labels, torch.ones(B, T, dtype=torch.bool))
+    torch.testing.assert_close(out.logps.double(), tok.sum(-1).detach(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.ref_logps.double(), tok.sum(-1).detach(), rtol=0, atol=2e-5)
+    out.logps.sum().backward()
+    tok.sum().backward()
+    torch.testing.assert_close(wide.grad[:, :, ::2].double(), z64.grad, rtol=0, atol=1e-6)
+    assert torch.all(wide.grad[:, :, 1::2] == 0)
