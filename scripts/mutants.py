@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Mutation check: plants realistic bugs one at a time and runs the tests that should catch each.
 
-    python scripts/mutants.py                 # every mutant (about 15-25 min on 2 CPU cores)
+    python scripts/mutants.py                 # every mutant (README, Testing: time and score)
     python scripts/mutants.py --list          # the mutants, and whether each still applies
     python scripts/mutants.py -k trl -k cpp   # only mutants whose name contains one of these
 
