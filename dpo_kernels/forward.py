@@ -165,16 +165,27 @@ def pack(b: PreferenceBatch, ignore_index: int = -100) -> PackedBatch:
     return PackedBatch(ids[None], position[None], cu, labels, mask)
 
 
+# Model types whose `logits_scaling` multiplies the logits (muP); Granite's divides them.
+_MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
+
+
 def head_transform(model) -> dict[str, float | None]:
     """The logit post-processing a causal LM applies after its LM head, read from its config:
     Gemma-2-style `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`
-    (a divisor). Arguments for `linear_sequence_logprobs`."""
+    (a divisor; HyperCLOVAX's multiplies). Arguments for `linear_sequence_logprobs`. A config
+    with a post-processing this does not map raises instead of giving wrong log-probs."""
     cfg = (
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     )
+    if getattr(cfg, "output_multiplier", None) not in (None, 1, 1.0):
+        raise NotImplementedError(
+            f"{type(cfg).__name__} scales its logits by output_multiplier before the softcap; "
+            "fused_lm_head=True does not cover it: use fused_lm_head=False"
+        )
     scale = getattr(cfg, "logit_scale", None)
     if scale is None and getattr(cfg, "logits_scaling", None):
-        scale = 1.0 / cfg.logits_scaling
+        multiplies = getattr(cfg, "model_type", "") in _MULTIPLYING_LOGITS_SCALING
+        scale = cfg.logits_scaling if multiplies else 1.0 / cfg.logits_scaling
     return {
         "logit_scale": float(scale or 1.0),
         "softcap": getattr(cfg, "final_logit_softcapping", None),

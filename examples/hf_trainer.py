@@ -24,6 +24,7 @@ from dpo_kernels.integrations.hf import DPOLossTrainer
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--logging-steps", type=int, default=10)
     a = p.parse_args(argv)
     policy = tiny_llama()
     reference = copy.deepcopy(policy)
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
             per_device_train_batch_size=8,
             max_steps=a.steps,
             learning_rate=3e-3,
-            logging_steps=10,
+            logging_steps=a.logging_steps,
             report_to=[],
             save_strategy="no",
             use_cpu=True,

@@ -1,5 +1,6 @@
 """The examples run, and DPO training with them does what DPO training should."""
 
+import math
 import pathlib
 import subprocess
 import sys
@@ -32,10 +33,19 @@ def test_plain_loop_script_learns_the_preferences():
 def test_hf_trainer_example_trains():
     import hf_trainer
 
-    history = hf_trainer.main(["--steps", "30"])
-    assert len(history) == 3
-    assert history[-1]["loss"] < history[0]["loss"]
-    assert history[-1]["rewards/accuracies"] > 0.5
+    history = hf_trainer.main(["--steps", "30", "--logging-steps", "1"])
+    assert len(history) == 30
+    # Step 1: the policy is a copy of the reference, so every margin is 0 and the loss is exactly
+    # -log sigmoid(0) = log 2, whatever the batch.
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-7)
+    # The loss is the mean of -log sigmoid(margin) over the pairs (margins are beta-scaled, as
+    # logged); -log sigmoid is convex, so by Jensen it is at least -log sigmoid(mean margin).
+    for h in history:
+        assert h["loss"] >= -math.log(1 / (1 + math.exp(-h["rewards/margins"]))) - 1e-6
+    first, last = history[:5], history[-5:]
+    assert sum(h["loss"] for h in last) < sum(h["loss"] for h in first)
+    assert sum(h["rewards/accuracies"] for h in last) / 5 > 0.5
 
 
 @pytest.mark.parametrize("fused_lm_head", [False, True], ids=["logits", "fused-head"])

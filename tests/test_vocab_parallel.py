@@ -15,6 +15,13 @@ from dist_worker import (
 import dpo_kernels
 
 
+def f64_logps(z, labels, mask):
+    """Per-sequence sums of log_softmax(z)[label] in float64, written out (not the package's)."""
+    counted = (labels != -100) & mask
+    lp = z.double().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(counted, lp, 0.0).sum(-1)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_split_vocabulary_equals_single_process(world, tmp_path):
     backends = cpu_backends()
@@ -30,6 +37,11 @@ def test_split_vocabulary_equals_single_process(world, tmp_path):
         z = logits.clone().requires_grad_()
         full = dpo_kernels.sequence_logprobs(z, labels, mask=mask, backend=backend)
         (full.logps * w).sum().backward()
+        z64 = logits.double().requires_grad_()
+        expect = f64_logps(z64, labels, mask)
+        (expect * w.double()).sum().backward()
+        torch.testing.assert_close(full.logps.double(), expect.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(z.grad.double(), z64.grad, rtol=0, atol=1e-6)
         for r in range(world):
             logps, _grad, _ = per_rank[r][backend]
             torch.testing.assert_close(logps, full.logps.detach(), rtol=1e-6, atol=1e-5)
@@ -50,6 +62,11 @@ def test_split_lm_head_equals_single_process(world, tmp_path):
             h, w, labels, bias=b, mask=mask, softcap=3.0, backend=backend
         )
         (full.logps * torch.tensor([0.7, -1.3], dtype=full.logps.dtype)).sum().backward()
+        h64 = hidden.clone().requires_grad_()
+        expect = f64_logps(3.0 * torch.tanh((h64 @ weight.T + bias) / 3.0), labels, mask)
+        torch.testing.assert_close(full.logps, expect.detach(), rtol=0, atol=1e-10)
+        (expect * torch.tensor([0.7, -1.3], dtype=expect.dtype)).sum().backward()
+        torch.testing.assert_close(h.grad, h64.grad, rtol=0, atol=1e-10)
         for r in range(world):
             logps, dh, *_ = per_rank[r][backend]
             torch.testing.assert_close(logps, full.logps.detach(), rtol=1e-10, atol=1e-10)
