@@ -10,11 +10,10 @@ returns the four sums through the fused op.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -190,29 +189,6 @@ def head_transform(model) -> dict[str, float | None]:
         "logit_scale": float(scale or 1.0),
         "softcap": getattr(cfg, "final_logit_softcapping", None),
     }
-
-
-@contextlib.contextmanager
-def capture_head_input(model) -> Iterator[list[torch.Tensor]]:
-    """Within the block, the model's LM head records its input (the final hidden states) and
-    returns a [..., 1] stand-in instead of the logits. Yields the list of recorded inputs.
-
-    Single-process helper only: reading the head's weight after `model(...)` has returned is
-    wrong under DDP (find_unused_parameters), FSDP1 and ZeRO-3; `batch_logprobs` runs the fused
-    head inside the model's forward instead (`install_fused_head`)."""
-    inner = unwrap_model(model)
-    head = inner.get_output_embeddings()
-    seen: list[torch.Tensor] = []
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        seen.append(hidden)
-        return hidden[..., :1]
-
-    head.forward = forward
-    try:
-        yield seen
-    finally:
-        del head.forward
 
 
 def _full(p: torch.Tensor | None) -> torch.Tensor | None:
