@@ -14,6 +14,13 @@ from .functional import (
     sequence_logprobs,
 )
 from .losses import DPOLoss, DPOLossOutput, dpo_loss, make_spec
+from .preference_losses import (
+    PreferenceLossOutput,
+    cpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -21,12 +28,17 @@ __all__ = [
     "DPOLoss",
     "DPOLossOutput",
     "PairLogprobs",
+    "PreferenceLossOutput",
     "SequenceLogprobs",
     "TokenStats",
+    "cpo_loss",
     "cpu_extension_available",
     "dpo_loss",
+    "kto_loss",
     "linear_sequence_logprobs",
     "make_spec",
+    "orpo_loss",
     "resolve_backend",
     "sequence_logprobs",
+    "simpo_loss",
 ]
