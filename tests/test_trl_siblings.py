@@ -1,0 +1,154 @@
+"""FusedCPOTrainer / FusedORPOTrainer / FusedKTOTrainer against the stock TRL trainers.
+
+Stock and fused train from the same seed on a tiny model for 3 steps; every logged value must
+agree to 1e-5 (fp32) and the final parameters must match.
+"""
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from conftest import tiny_causal_lm  # noqa: E402
+from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
+
+from dpo_kernels.integrations.trl_siblings import (  # noqa: E402
+    FusedCPOTrainer,
+    FusedKTOTrainer,
+    FusedORPOTrainer,
+)
+from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
+
+STEPS = 3
+COMMON = dict(
+    per_device_train_batch_size=4,
+    max_steps=STEPS,
+    logging_steps=1,
+    report_to=[],
+    save_strategy="no",
+    use_cpu=True,
+    seed=0,
+    dataloader_num_workers=0,
+    bf16=False,  # KTOConfig turns bf16 autocast on by default; these runs compare fp32
+)
+
+
+def sgd_or_adamw(optim):
+    if optim == "sgd":  # SGD: a large step so that the runs move
+        return {"optim": "sgd", "learning_rate": 0.5}
+    return {"optim": "adamw_torch", "learning_rate": 1e-3, "adam_epsilon": 1e-6}
+
+
+def unpaired_dataset(n=16, seed=0):
+    rows = preference_dataset(n // 2, seed).to_list()
+    out = []
+    for i, r in enumerate(rows):
+        # a desirable/undesirable mix that differs between batches
+        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": i % 3 == 0})
+    return datasets.Dataset.from_list(out)
+
+
+def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sgd", **cfg):
+    datasets.disable_caching()
+    model = tiny_causal_lm("llama", vocab=28, seed=0)
+    args = config_cls(
+        output_dir=str(tmp_path / trainer_cls.__name__), **COMMON, **sgd_or_adamw(optim), **cfg
+    )
+    kwargs = {"ref_model": tiny_causal_lm("llama", vocab=28, seed=1)} if ref else {}
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=dataset if dataset is not None else preference_dataset(),
+        processing_class=tiny_tokenizer(),
+        **kwargs,
+    )
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    return history, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def assert_same(stock, ours, keys):
+    (hs, ps), (ho, po) = stock, ours
+    assert len(hs) == len(ho) == STEPS
+    for step, (s, o) in enumerate(zip(hs, ho, strict=True)):
+        assert set(s) - {"epoch"} == set(o) - {"epoch"}, (step, set(s) ^ set(o))
+        for k in keys:
+            assert k in s, (step, k)
+        for k in s:
+            assert o[k] == pytest.approx(s[k], rel=1e-5, abs=1e-5), (step, k, s[k], o[k])
+    moved = False
+    for name, p in ps.items():
+        torch.testing.assert_close(po[name], p, rtol=1e-5, atol=1e-5)
+        moved |= not torch.equal(p, tiny_causal_lm("llama", vocab=28, seed=0).state_dict()[name])
+    assert moved
+
+
+PAIRED_KEYS = [
+    "loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+    "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
+    "nll_loss",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cfg,optim",
+    [
+        ({"loss_type": "sigmoid", "label_smoothing": 0.1}, "sgd"),
+        ({"loss_type": "hinge"}, "sgd"),
+        ({"loss_type": "ipo", "cpo_alpha": 0.5}, "adamw"),
+        ({"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.7, "beta": 2.0}, "sgd"),
+        ({"loss_type": "alphapo", "alpha": 0.3, "beta": 1.0}, "sgd"),
+    ],
+    ids=["sigmoid-smoothing", "hinge", "ipo-adamw", "simpo", "alphapo"],
+)
+def test_cpo_matches_stock(cfg, optim, tmp_path):
+    stock = run(CPOTrainer, CPOConfig, tmp_path, optim=optim, **cfg)
+    ours = run(FusedCPOTrainer, CPOConfig, tmp_path, optim=optim, **cfg)
+    assert_same(stock, ours, PAIRED_KEYS)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_orpo_matches_stock(optim, tmp_path):
+    stock = run(ORPOTrainer, ORPOConfig, tmp_path, optim=optim, beta=0.5)
+    ours = run(FusedORPOTrainer, ORPOConfig, tmp_path, optim=optim, beta=0.5)
+    assert_same(stock, ours, PAIRED_KEYS + ["log_odds_ratio", "log_odds_chosen"])
+
+
+KTO_KEYS = [
+    "loss", "grad_norm", "kl", "entropy", "num_tokens", "logits/chosen", "logits/rejected",
+    "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cfg,optim",
+    [
+        ({"loss_type": "kto", "desirable_weight": 1.3, "undesirable_weight": 0.8}, "sgd"),
+        ({"loss_type": "kto", "precompute_ref_log_probs": True}, "adamw"),
+        ({"loss_type": "apo_zero_unpaired", "beta": 0.5}, "sgd"),
+    ],
+    ids=["kto-weights", "kto-precomputed-adamw", "apo_zero_unpaired"],
+)
+def test_kto_matches_stock(cfg, optim, tmp_path):
+    data = unpaired_dataset()
+    stock = run(trl.KTOTrainer, trl.KTOConfig, tmp_path, ref=True, dataset=data, optim=optim, **cfg)
+    ours = run(FusedKTOTrainer, trl.KTOConfig, tmp_path, ref=True, dataset=data, optim=optim, **cfg)
+    keys = [k for k in KTO_KEYS if cfg["loss_type"] == "kto" or k != "kl"]
+    assert_same(stock, ours, keys)
+
+
+def test_unsupported_option_raises(tmp_path):
+    model = tiny_causal_lm("llama", vocab=28, seed=0)
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = 0.1
+    args = CPOConfig(output_dir=str(tmp_path), **COMMON)
+    with pytest.raises(ValueError, match="output_router_logits"):
+        FusedCPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=preference_dataset(4),
+            processing_class=tiny_tokenizer(),
+        )
