@@ -12,16 +12,16 @@ datasets = pytest.importorskip("datasets")
 
 from conftest import tiny_causal_lm  # noqa: E402
 from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
+from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from dpo_kernels.integrations.trl_siblings import (  # noqa: E402
     FusedCPOTrainer,
     FusedKTOTrainer,
     FusedORPOTrainer,
 )
-from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
-from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
-STEPS = 3
+STEPS = 2
 COMMON = dict(
     per_device_train_batch_size=4,
     max_steps=STEPS,
@@ -32,6 +32,7 @@ COMMON = dict(
     seed=0,
     dataloader_num_workers=0,
     bf16=False,  # KTOConfig turns bf16 autocast on by default; these runs compare fp32
+    gradient_checkpointing=False,  # TRL's default recomputes the forward: slower, same numbers
 )
 
 
@@ -97,12 +98,11 @@ PAIRED_KEYS = [
     "cfg,optim",
     [
         ({"loss_type": "sigmoid", "label_smoothing": 0.1}, "sgd"),
-        ({"loss_type": "hinge"}, "sgd"),
+        ({"loss_type": "hinge", "alpha": 0.3, "beta": 1.0}, "sgd"),
         ({"loss_type": "ipo", "cpo_alpha": 0.5}, "adamw"),
-        ({"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.7, "beta": 2.0}, "sgd"),
-        ({"loss_type": "alphapo", "alpha": 0.3, "beta": 1.0}, "sgd"),
+        ({"loss_type": "alphapo", "alpha": 0.2, "simpo_gamma": 0.7, "beta": 2.0}, "sgd"),
     ],
-    ids=["sigmoid-smoothing", "hinge", "ipo-adamw", "simpo", "alphapo"],
+    ids=["sigmoid-smoothing", "hinge-alpha", "ipo-adamw", "alphapo-simpo"],
 )
 def test_cpo_matches_stock(cfg, optim, tmp_path):
     stock = run(CPOTrainer, CPOConfig, tmp_path, optim=optim, **cfg)
@@ -110,11 +110,10 @@ def test_cpo_matches_stock(cfg, optim, tmp_path):
     assert_same(stock, ours, PAIRED_KEYS)
 
 
-@pytest.mark.parametrize("optim", ["sgd", "adamw"])
-def test_orpo_matches_stock(optim, tmp_path):
+def test_orpo_matches_stock(tmp_path, optim="sgd"):
     stock = run(ORPOTrainer, ORPOConfig, tmp_path, optim=optim, beta=0.5)
     ours = run(FusedORPOTrainer, ORPOConfig, tmp_path, optim=optim, beta=0.5)
-    assert_same(stock, ours, PAIRED_KEYS + ["log_odds_ratio", "log_odds_chosen"])
+    assert_same(stock, ours, [*PAIRED_KEYS, "log_odds_ratio", "log_odds_chosen"])
 
 
 KTO_KEYS = [

@@ -23,12 +23,12 @@ from .trl import check_trl_version
 check_trl_version()
 
 from accelerate.utils import is_peft_model  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutput  # noqa: E402
 from trl import KTOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
-from transformers.modeling_outputs import CausalLMOutput  # noqa: E402
 
 
 def _refuse(trainer_name: str, unsupported: dict[str, bool]) -> None:
@@ -111,7 +111,7 @@ class FusedCPOTrainer(_PairedMixin, CPOTrainer):
         self, model, batch: dict[str, Any], train_eval: Literal["train", "eval"] = "train"
     ):
         """CPO loss and TRL's metrics for a batch (TRL's get_batch_loss_metrics, fused)."""
-        cb, P, logits, seq = self._paired_forward(model, batch)
+        _cb, P, logits, seq = self._paired_forward(model, batch)
         out = cpo_loss(
             seq.logps[:P],
             seq.logps[P:],
