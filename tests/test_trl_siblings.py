@@ -52,13 +52,16 @@ def unpaired_dataset(n=16, seed=0):
     return datasets.Dataset.from_list(out)
 
 
-def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sgd", **cfg):
+def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sgd", fused=None,
+        **cfg):  # fmt: skip
     datasets.disable_caching()
     model = tiny_causal_lm("llama", vocab=28, seed=0)
     args = config_cls(
         output_dir=str(tmp_path / trainer_cls.__name__), **COMMON, **sgd_or_adamw(optim), **cfg
     )
     kwargs = {"ref_model": tiny_causal_lm("llama", vocab=28, seed=1)} if ref else {}
+    if fused is not None:  # ours: the fused LM head (True) or the logits path (False)
+        kwargs["fused_lm_head"] = fused
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -95,24 +98,25 @@ PAIRED_KEYS = [
 
 
 @pytest.mark.parametrize(
-    "cfg,optim",
+    "cfg,optim,fused",
     [
-        ({"loss_type": "sigmoid", "label_smoothing": 0.1}, "sgd"),
-        ({"loss_type": "hinge", "alpha": 0.3, "beta": 1.0}, "sgd"),
-        ({"loss_type": "ipo", "cpo_alpha": 0.5}, "adamw"),
-        ({"loss_type": "alphapo", "alpha": 0.2, "simpo_gamma": 0.7, "beta": 2.0}, "sgd"),
+        ({"loss_type": "sigmoid", "label_smoothing": 0.1}, "sgd", True),
+        ({"loss_type": "hinge", "alpha": 0.3, "beta": 1.0}, "sgd", False),
+        ({"loss_type": "ipo", "cpo_alpha": 0.5}, "adamw", True),
+        ({"loss_type": "alphapo", "alpha": 0.2, "simpo_gamma": 0.7, "beta": 2.0}, "sgd", False),
     ],
-    ids=["sigmoid-smoothing", "hinge-alpha", "ipo-adamw", "alphapo-simpo"],
+    ids=["sigmoid-smoothing-head", "hinge-alpha-logits", "ipo-adamw-head", "alphapo-logits"],
 )
-def test_cpo_matches_stock(cfg, optim, tmp_path):
+def test_cpo_matches_stock(cfg, optim, fused, tmp_path):
     stock = run(CPOTrainer, CPOConfig, tmp_path, optim=optim, **cfg)
-    ours = run(FusedCPOTrainer, CPOConfig, tmp_path, optim=optim, **cfg)
+    ours = run(FusedCPOTrainer, CPOConfig, tmp_path, optim=optim, fused=fused, **cfg)
     assert_same(stock, ours, PAIRED_KEYS)
 
 
-def test_orpo_matches_stock(tmp_path, optim="sgd"):
-    stock = run(ORPOTrainer, ORPOConfig, tmp_path, optim=optim, beta=0.5)
-    ours = run(FusedORPOTrainer, ORPOConfig, tmp_path, optim=optim, beta=0.5)
+@pytest.mark.parametrize("fused", [True, False], ids=["head", "logits"])
+def test_orpo_matches_stock(fused, tmp_path):
+    stock = run(ORPOTrainer, ORPOConfig, tmp_path, beta=0.5)
+    ours = run(FusedORPOTrainer, ORPOConfig, tmp_path, beta=0.5, fused=fused)
     assert_same(stock, ours, [*PAIRED_KEYS, "log_odds_ratio", "log_odds_chosen"])
 
 
@@ -123,18 +127,19 @@ KTO_KEYS = [
 
 
 @pytest.mark.parametrize(
-    "cfg,optim",
+    "cfg,optim,fused",
     [
-        ({"loss_type": "kto", "desirable_weight": 1.3, "undesirable_weight": 0.8}, "sgd"),
-        ({"loss_type": "kto", "precompute_ref_log_probs": True}, "adamw"),
-        ({"loss_type": "apo_zero_unpaired", "beta": 0.5}, "sgd"),
+        ({"loss_type": "kto", "desirable_weight": 1.3, "undesirable_weight": 0.8}, "sgd", True),
+        ({"loss_type": "kto", "precompute_ref_log_probs": True}, "adamw", False),
+        ({"loss_type": "apo_zero_unpaired", "beta": 0.5}, "sgd", True),
     ],
-    ids=["kto-weights", "kto-precomputed-adamw", "apo_zero_unpaired"],
+    ids=["kto-weights-head", "kto-precomputed-adamw-logits", "apo_zero_unpaired-head"],
 )
-def test_kto_matches_stock(cfg, optim, tmp_path):
+def test_kto_matches_stock(cfg, optim, fused, tmp_path):
     data = unpaired_dataset()
-    stock = run(trl.KTOTrainer, trl.KTOConfig, tmp_path, ref=True, dataset=data, optim=optim, **cfg)
-    ours = run(FusedKTOTrainer, trl.KTOConfig, tmp_path, ref=True, dataset=data, optim=optim, **cfg)
+    kw = dict(ref=True, dataset=data, optim=optim, **cfg)
+    stock = run(trl.KTOTrainer, trl.KTOConfig, tmp_path, **kw)
+    ours = run(FusedKTOTrainer, trl.KTOConfig, tmp_path, fused=fused, **kw)
     keys = [k for k in KTO_KEYS if cfg["loss_type"] == "kto" or k != "kl"]
     assert_same(stock, ours, keys)
 

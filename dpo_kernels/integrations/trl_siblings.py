@@ -2,21 +2,25 @@
 
     from dpo_kernels.integrations.trl_siblings import FusedCPOTrainer as CPOTrainer
 
-Each class subclasses its TRL 1.16 trainer and replaces only the loss computation: the model's
-logits go to `dpo_kernels.sequence_logprobs` (the fused log-softmax + gather + masked sum, and for
-KTO the entropy / mean-logit statistics in the same pass), and the loss is the fused closed-form
-one from `dpo_kernels.preference_losses`. Arguments, numbers and logged metrics are TRL's. Options
-these subclasses do not cover raise at construction, naming the option.
+Each class subclasses its TRL 1.16 trainer and replaces only the loss computation: by default
+(`fused_lm_head=True`) the backbone's hidden states and the LM head go to
+`dpo_kernels.linear_sequence_logprobs` and the logits are never built; `fused_lm_head=False`
+sends the model's logits to `dpo_kernels.sequence_logprobs`. Either op is the fused log-softmax +
+gather + masked sum (for KTO, with the entropy / mean-logit statistics in the same pass); the
+loss is the fused closed-form one from `dpo_kernels.preference_losses`. Arguments, numbers and
+logged metrics are TRL's. Options these subclasses do not cover raise at construction, naming
+the option.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
-from ..functional import sequence_logprobs
+from ..forward import capture_head_input, head_transform
+from ..functional import linear_sequence_logprobs, sequence_logprobs
 from ..preference_losses import cpo_loss, kto_loss, orpo_loss
 from .trl import check_trl_version
 
@@ -31,6 +35,29 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 
+def _head(model) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    return head.weight, head.bias, head_transform(inner)
+
+
+def _hidden(model, **kwargs) -> torch.Tensor:
+    """The backbone's last hidden states (the LM head's input), without building the logits."""
+    with capture_head_input(model) as seen:
+        model(**kwargs, use_cache=False)
+    return seen[-1]
+
+
+def _check_fused_head(trainer) -> None:
+    """The logits/* metrics of the paired trainers average every logit of the sequence, which the
+    fused head gets as hidden @ mean(weight): exact for a linear head only."""
+    if trainer._fused_lm_head and head_transform(trainer.model)["softcap"] is not None:
+        raise ValueError(
+            f"{type(trainer).__name__}(fused_lm_head=True) does not support a final logit "
+            "softcap (final_logit_softcapping); pass fused_lm_head=False"
+        )
+
+
 def _refuse(trainer_name: str, unsupported: dict[str, bool]) -> None:
     bad = [name for name, on in unsupported.items() if on]
     if bad:
@@ -39,10 +66,22 @@ def _refuse(trainer_name: str, unsupported: dict[str, bool]) -> None:
         )
 
 
+class _Logits(NamedTuple):
+    """The logits (logits path) or the hidden states and head (fused head); `mean` is the logits
+    themselves or, with the fused head, each position's mean logit (same means)."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    transform: dict[str, Any] | None
+    mean: torch.Tensor
+
+
 class _PairedMixin:
     """Shared by CPO and ORPO: one concatenated forward, completion sums from the fused op."""
 
     _backend: str | None
+    _fused_lm_head: bool
 
     def _pad_value(self) -> int:
         raise NotImplementedError
@@ -55,16 +94,23 @@ class _PairedMixin:
             device=self.accelerator.device,
         )
         P = batch["chosen_labels"].shape[0]
-        outputs = model(
-            cb["concatenated_input_ids"],
-            attention_mask=cb["concatenated_attention_mask"],
-            use_cache=False,
-        )
-        logits = outputs.logits
-        seq = sequence_logprobs(
-            logits[:, :-1], cb["concatenated_labels"][:, 1:], backend=self._backend
-        )
-        return cb, P, logits, seq
+        ids, attn = cb["concatenated_input_ids"], cb["concatenated_attention_mask"]
+        labels = cb["concatenated_labels"][:, 1:]
+        if self._fused_lm_head:
+            hidden = _hidden(model, input_ids=ids, attention_mask=attn)
+            weight, bias, tr = _head(model)
+            seq = linear_sequence_logprobs(
+                hidden[:, :-1], weight, labels, bias=bias, backend=self._backend, **tr
+            )
+            with torch.no_grad():  # mean over the vocabulary of every position's logits
+                mean = hidden @ weight.mean(0).to(hidden.dtype)
+                if bias is not None:
+                    mean = mean + bias.mean()
+                mean = (tr["logit_scale"] * mean).float()
+            return cb, P, _Logits(hidden, weight, bias, tr, mean), seq
+        logits = model(ids, attention_mask=attn, use_cache=False).logits
+        seq = sequence_logprobs(logits[:, :-1], labels, backend=self._backend)
+        return cb, P, _Logits(None, None, None, None, logits), seq
 
     def _log_paired(self, out, logits_c, logits_r, train_eval, extra_keys=()) -> dict[str, float]:
         gather = self.accelerator.gather_for_metrics
@@ -89,11 +135,15 @@ class _PairedMixin:
 
 class FusedCPOTrainer(_PairedMixin, CPOTrainer):
     """`trl.experimental.cpo.CPOTrainer` (CPO, SimPO, AlphaPO) with dpo_kernels' log-probs and
-    fused loss. Extra keyword: backend (None = automatic)."""
+    fused loss. Extra keywords: backend (None = automatic), fused_lm_head."""
 
-    def __init__(self, *args, backend: str | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, backend: str | None = None, fused_lm_head: bool = True, **kwargs
+    ) -> None:
         self._backend = backend
+        self._fused_lm_head = fused_lm_head
         super().__init__(*args, **kwargs)
+        _check_fused_head(self)
         _refuse(
             type(self).__name__,
             {
@@ -129,17 +179,21 @@ class FusedCPOTrainer(_PairedMixin, CPOTrainer):
         else:
             lp = seq.logps.detach()
         self._avg_or_sum = (lp[:P], lp[P:])
-        metrics = self._log_paired(out, logits[:P], logits[P:], train_eval)
+        metrics = self._log_paired(out, logits.mean[:P], logits.mean[P:], train_eval)
         return out.loss, metrics
 
 
 class FusedORPOTrainer(_PairedMixin, ORPOTrainer):
     """`trl.experimental.orpo.ORPOTrainer` with dpo_kernels' log-probs and fused loss. Extra
-    keyword: backend (None = automatic)."""
+    keywords: backend (None = automatic), fused_lm_head."""
 
-    def __init__(self, *args, backend: str | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, backend: str | None = None, fused_lm_head: bool = True, **kwargs
+    ) -> None:
         self._backend = backend
+        self._fused_lm_head = fused_lm_head
         super().__init__(*args, **kwargs)
+        _check_fused_head(self)
         _refuse(
             type(self).__name__,
             {
@@ -159,13 +213,20 @@ class FusedORPOTrainer(_PairedMixin, ORPOTrainer):
         """ORPO loss and TRL's metrics for a batch (TRL's get_batch_loss_metrics, fused)."""
         cb, P, logits, seq = self._paired_forward(model, batch)
         # TRL's NLL: every attended token of the chosen sequence (prompt and completion).
-        ids = cb["concatenated_input_ids"][:P]
-        full = sequence_logprobs(
-            logits[:P, :-1],
-            ids[:, 1:],
-            mask=cb["concatenated_attention_mask"][:P, 1:],
-            backend=self._backend,
-        )
+        ids = cb["concatenated_input_ids"][:P, 1:]
+        mask = cb["concatenated_attention_mask"][:P, 1:]
+        if logits.hidden is not None:
+            full = linear_sequence_logprobs(
+                logits.hidden[:P, :-1],
+                logits.weight,
+                ids,
+                bias=logits.bias,
+                mask=mask,
+                backend=self._backend,
+                **logits.transform,
+            )
+        else:
+            full = sequence_logprobs(logits.mean[:P, :-1], ids, mask=mask, backend=self._backend)
         nll = -full.logps.sum() / full.counts.sum()
         out = orpo_loss(
             seq.logps[:P],
@@ -179,8 +240,8 @@ class FusedORPOTrainer(_PairedMixin, ORPOTrainer):
         self._avg_or_sum = (avg[:P], avg[P:])
         metrics = self._log_paired(
             out,
-            logits[:P, :-1],
-            logits[P:, :-1],
+            logits.mean[:P, :-1],
+            logits.mean[P:, :-1],
             train_eval,
             extra_keys=("log_odds_ratio", "log_odds_chosen"),
         )
@@ -202,11 +263,14 @@ _KTO_NON_MODEL_KEYS = {
 
 class FusedKTOTrainer(KTOTrainer):
     """`trl.KTOTrainer` (kto, apo_zero_unpaired) with dpo_kernels' log-probs, statistics and fused
-    loss. Extra keyword: backend (None = automatic). Precomputed reference log-probs
+    loss. Extra keywords: backend (None = automatic), fused_lm_head. Precomputed reference log-probs
     (precompute_ref_log_probs=True) are TRL's own, read from the dataset as stock does."""
 
-    def __init__(self, *args, backend: str | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, backend: str | None = None, fused_lm_head: bool = True, **kwargs
+    ) -> None:
         self._backend = backend
+        self._fused_lm_head = fused_lm_head
         super().__init__(*args, **kwargs)
         _refuse(
             type(self).__name__,
@@ -220,8 +284,23 @@ class FusedKTOTrainer(KTOTrainer):
 
     def _sums(self, model, input_ids, attention_mask, completion_mask, stats=False):
         """Completion log-prob sums of `model` on one padded batch (and the logits, stats)."""
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         L = input_ids.size(1)
+        if self._fused_lm_head:
+            hidden = _hidden(model, input_ids=input_ids, attention_mask=attention_mask)
+            hidden = hidden[:, -L:]  # prompt-learning PEFT prepends virtual tokens
+            weight, bias, tr = _head(model)
+            seq = linear_sequence_logprobs(
+                hidden[:, :-1],
+                weight,
+                input_ids[:, 1:],
+                bias=bias,
+                mask=completion_mask[:, 1:],
+                stats=stats,
+                backend=self._backend,
+                **tr,
+            )
+            return seq, None
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logits = logits[:, -L:]  # prompt-learning PEFT prepends virtual tokens
         seq = sequence_logprobs(
             logits[:, :-1],
@@ -298,6 +377,11 @@ class FusedKTOTrainer(KTOTrainer):
         )
         self._log_kto(mode, batch, labels, seq, out, gather)
         if return_outputs:
+            if logits is None:  # the fused head built none: one more forward, as stock does
+                with torch.no_grad():
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
             return out.loss, CausalLMOutput(logits=logits)
         return out.loss
 
