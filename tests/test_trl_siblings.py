@@ -53,7 +53,7 @@ def unpaired_dataset(n=16, seed=0):
 
 
 def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sgd", fused=None,
-        **cfg):  # fmt: skip
+        peft_config=None, **cfg):  # fmt: skip
     datasets.disable_caching()
     model = tiny_causal_lm("llama", vocab=28, seed=0)
     args = config_cls(
@@ -62,6 +62,8 @@ def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sg
     kwargs = {"ref_model": tiny_causal_lm("llama", vocab=28, seed=1)} if ref else {}
     if fused is not None:  # ours: the fused LM head (True) or the logits path (False)
         kwargs["fused_lm_head"] = fused
+    if peft_config is not None:
+        kwargs["peft_config"] = peft_config
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -69,13 +71,15 @@ def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sg
         processing_class=tiny_tokenizer(),
         **kwargs,
     )
+    initial = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
-    return history, {k: v.detach().clone() for k, v in model.named_parameters()}
+    final = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    return history, final, initial
 
 
 def assert_same(stock, ours, keys):
-    (hs, ps), (ho, po) = stock, ours
+    (hs, ps, p0), (ho, po, _) = stock, ours
     assert len(hs) == len(ho) == STEPS
     for step, (s, o) in enumerate(zip(hs, ho, strict=True)):
         assert set(s) - {"epoch"} == set(o) - {"epoch"}, (step, set(s) ^ set(o))
@@ -83,11 +87,10 @@ def assert_same(stock, ours, keys):
             assert k in s, (step, k)
         for k in s:
             assert o[k] == pytest.approx(s[k], rel=1e-5, abs=1e-5), (step, k, s[k], o[k])
-    moved = False
+    assert set(ps) == set(po)
     for name, p in ps.items():
         torch.testing.assert_close(po[name], p, rtol=1e-5, atol=1e-5)
-        moved |= not torch.equal(p, tiny_causal_lm("llama", vocab=28, seed=0).state_dict()[name])
-    assert moved
+    assert any(not torch.equal(p, p0[name]) for name, p in ps.items())  # training moved it
 
 
 PAIRED_KEYS = [
@@ -144,6 +147,17 @@ def test_kto_matches_stock(cfg, optim, fused, tmp_path):
     assert_same(stock, ours, keys)
 
 
+def test_kto_peft_matches_stock(tmp_path):
+    """LoRA, no ref_model: the reference is the model with its adapter disabled."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    kw = dict(dataset=unpaired_dataset(), peft_config=lora, loss_type="kto")
+    stock = run(trl.KTOTrainer, trl.KTOConfig, tmp_path, **kw)
+    ours = run(FusedKTOTrainer, trl.KTOConfig, tmp_path, **kw)
+    assert any("lora" in k for k in stock[1])
+    assert_same(stock, ours, KTO_KEYS)
+
+
 def test_unsupported_option_raises(tmp_path):
     model = tiny_causal_lm("llama", vocab=28, seed=0)
     model.config.output_router_logits = True
@@ -156,3 +170,13 @@ def test_unsupported_option_raises(tmp_path):
             train_dataset=preference_dataset(4),
             processing_class=tiny_tokenizer(),
         )
+
+
+def test_fused_head_refuses_softcap(tmp_path):
+    model = tiny_causal_lm("llama", vocab=28, seed=0)
+    model.config.final_logit_softcapping = 30.0  # read by head_transform, as on Gemma-2
+    args = ORPOConfig(output_dir=str(tmp_path), **COMMON)
+    kw = dict(model=model, args=args, train_dataset=preference_dataset(4))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        FusedORPOTrainer(**kw, processing_class=tiny_tokenizer())
+    FusedORPOTrainer(**kw, processing_class=tiny_tokenizer(), fused_lm_head=False)  # logits path
