@@ -180,3 +180,14 @@ def test_fused_head_refuses_softcap(tmp_path):
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         FusedORPOTrainer(**kw, processing_class=tiny_tokenizer())
     FusedORPOTrainer(**kw, processing_class=tiny_tokenizer(), fused_lm_head=False)  # logits path
+
+
+def test_bad_loss_option_raises_at_construction(tmp_path):
+    args = CPOConfig(output_dir=str(tmp_path), **COMMON, label_smoothing=0.6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        FusedCPOTrainer(
+            model=tiny_causal_lm("llama", vocab=28, seed=0),
+            args=args,
+            train_dataset=preference_dataset(4),
+            processing_class=tiny_tokenizer(),
+        )

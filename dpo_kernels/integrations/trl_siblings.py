@@ -58,6 +58,9 @@ def _check_fused_head(trainer) -> None:
         )
 
 
+_ONE = torch.ones(1)  # a dummy pair: the loss runs once at construction to check the options
+
+
 def _refuse(trainer_name: str, unsupported: dict[str, bool]) -> None:
     bad = [name for name, on in unsupported.items() if on]
     if bad:
@@ -144,6 +147,7 @@ class FusedCPOTrainer(_PairedMixin, CPOTrainer):
         self._fused_lm_head = fused_lm_head
         super().__init__(*args, **kwargs)
         _check_fused_head(self)
+        cpo_loss(-_ONE, -_ONE, chosen_counts=_ONE, rejected_counts=_ONE, **self._loss_options())
         _refuse(
             type(self).__name__,
             {
@@ -157,6 +161,17 @@ class FusedCPOTrainer(_PairedMixin, CPOTrainer):
     def _pad_value(self) -> int:
         return self.pad_token_id
 
+    def _loss_options(self) -> dict[str, Any]:
+        smoothing = self.label_smoothing if self.loss_type in ("sigmoid", "simpo") else 0.0
+        return {
+            "beta": self.beta,
+            "label_smoothing": smoothing,  # hinge and ipo ignore it, as stock does
+            "loss_type": self.loss_type,
+            "cpo_alpha": self.cpo_alpha,
+            "simpo_gamma": getattr(self, "simpo_gamma", 0.5),
+            "alpha": self.alpha,
+        }
+
     def get_batch_loss_metrics(
         self, model, batch: dict[str, Any], train_eval: Literal["train", "eval"] = "train"
     ):
@@ -167,12 +182,7 @@ class FusedCPOTrainer(_PairedMixin, CPOTrainer):
             seq.logps[P:],
             chosen_counts=seq.counts[:P],
             rejected_counts=seq.counts[P:],
-            beta=self.beta,
-            label_smoothing=self.label_smoothing if self.loss_type in ("sigmoid", "simpo") else 0,
-            loss_type=self.loss_type,
-            cpo_alpha=self.cpo_alpha,
-            simpo_gamma=getattr(self, "simpo_gamma", 0.5),
-            alpha=self.alpha,
+            **self._loss_options(),
         )
         if self.loss_type in ("ipo", "simpo"):
             lp = (seq.logps / seq.counts).detach()
@@ -194,6 +204,7 @@ class FusedORPOTrainer(_PairedMixin, ORPOTrainer):
         self._fused_lm_head = fused_lm_head
         super().__init__(*args, **kwargs)
         _check_fused_head(self)
+        orpo_loss(-_ONE, -_ONE, chosen_counts=_ONE, rejected_counts=_ONE, beta=self.beta)
         _refuse(
             type(self).__name__,
             {
@@ -272,6 +283,16 @@ class FusedKTOTrainer(KTOTrainer):
         self._backend = backend
         self._fused_lm_head = fused_lm_head
         super().__init__(*args, **kwargs)
+        kto_loss(
+            -_ONE,
+            -_ONE,
+            _ONE > 0,
+            kl=0.0,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+        )
         _refuse(
             type(self).__name__,
             {
