@@ -22,6 +22,7 @@ from dpo_kernels.integrations.trl_siblings import (  # noqa: E402
 )
 
 STEPS = 2
+TIMING = ("_runtime", "_per_second")
 COMMON = dict(
     per_device_train_batch_size=4,
     max_steps=STEPS,
@@ -64,10 +65,12 @@ def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sg
         kwargs["fused_lm_head"] = fused
     if peft_config is not None:
         kwargs["peft_config"] = peft_config
+    data = dataset if dataset is not None else preference_dataset()
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=dataset if dataset is not None else preference_dataset(),
+        train_dataset=data,
+        eval_dataset=data.select(range(8)),
         processing_class=tiny_tokenizer(),
         **kwargs,
     )
@@ -75,11 +78,15 @@ def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sg
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
     final = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
-    return history, final, initial
+    evaluation = {k: v for k, v in trainer.evaluate().items() if not k.endswith(TIMING)}
+    return history, final, initial, evaluation
 
 
 def assert_same(stock, ours, keys):
-    (hs, ps, p0), (ho, po, _) = stock, ours
+    (hs, ps, p0, es), (ho, po, _, eo) = stock, ours
+    assert set(es) == set(eo) and "eval_loss" in es and "eval_rewards/chosen" in es, set(es)
+    for k in es:  # evaluation after training, the same metrics under eval_ names
+        assert eo[k] == pytest.approx(es[k], rel=1e-5, abs=1e-5), ("eval", k, es[k], eo[k])
     assert len(hs) == len(ho) == STEPS
     for step, (s, o) in enumerate(zip(hs, ho, strict=True)):
         assert set(s) - {"epoch"} == set(o) - {"epoch"}, (step, set(s) ^ set(o))
