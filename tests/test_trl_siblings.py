@@ -43,7 +43,7 @@ def sgd_or_adamw(optim):
     return {"optim": "adamw_torch", "learning_rate": 1e-3, "adam_epsilon": 1e-6}
 
 
-def unpaired_dataset(n=16, seed=0):
+def unpaired_dataset(n=8, seed=0):
     rows = preference_dataset(n // 2, seed).to_list()
     out = []
     for i, r in enumerate(rows):
@@ -65,12 +65,12 @@ def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sg
         kwargs["fused_lm_head"] = fused
     if peft_config is not None:
         kwargs["peft_config"] = peft_config
-    data = dataset if dataset is not None else preference_dataset()
+    data = dataset if dataset is not None else preference_dataset(8)  # 2 steps of 4
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=data,
-        eval_dataset=data.select(range(8)),
+        eval_dataset=data.select(range(4)),
         processing_class=tiny_tokenizer(),
         **kwargs,
     )
