@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from ..forward import capture_head_input, head_transform
+from ..forward import _full, capture_head_input, head_transform
 from ..functional import linear_sequence_logprobs, sequence_logprobs
 from ..preference_losses import cpo_loss, kto_loss, orpo_loss
 from .trl import check_trl_version
@@ -38,7 +38,7 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 def _head(model) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
-    return head.weight, head.bias, head_transform(inner)
+    return _full(head.weight), _full(head.bias), head_transform(inner)
 
 
 def _hidden(model, **kwargs) -> torch.Tensor:
@@ -115,7 +115,10 @@ class _PairedMixin:
         seq = sequence_logprobs(logits[:, :-1], labels, backend=self._backend)
         return cb, P, _Logits(None, None, None, None, logits), seq
 
-    def _log_paired(self, out, logits_c, logits_r, train_eval, extra_keys=()) -> dict[str, float]:
+    def _log_paired(
+        self, out, logps, logits_c, logits_r, train_eval, extra_keys=()
+    ) -> dict[str, float]:
+        """TRL's metrics; logps: the (chosen, rejected) log-probs the loss saw, detached."""
         gather = self.accelerator.gather_for_metrics
         prefix = "eval_" if train_eval == "eval" else ""
         ch, rj = out.chosen_rewards, out.rejected_rewards
@@ -125,8 +128,8 @@ class _PairedMixin:
             "rewards/rejected": gather(rj).mean(),
             "rewards/accuracies": gather((ch > rj).float()).mean(),
             "rewards/margins": gather(ch - rj).mean(),
-            "logps/rejected": gather(self._avg_or_sum[1]).mean(),
-            "logps/chosen": gather(self._avg_or_sum[0]).mean(),
+            "logps/rejected": gather(logps[1]).mean(),
+            "logps/chosen": gather(logps[0]).mean(),
             "logits/rejected": gather(logits_r.detach().mean()).mean(),
             "logits/chosen": gather(logits_c.detach().mean()).mean(),
             "nll_loss": gather(m["nll_loss"].detach()).mean(),
@@ -188,8 +191,9 @@ class FusedCPOTrainer(_PairedMixin, CPOTrainer):
             lp = (seq.logps / seq.counts).detach()
         else:
             lp = seq.logps.detach()
-        self._avg_or_sum = (lp[:P], lp[P:])
-        metrics = self._log_paired(out, logits.mean[:P], logits.mean[P:], train_eval)
+        metrics = self._log_paired(
+            out, (lp[:P], lp[P:]), logits.mean[:P], logits.mean[P:], train_eval
+        )
         return out.loss, metrics
 
 
@@ -248,9 +252,9 @@ class FusedORPOTrainer(_PairedMixin, ORPOTrainer):
             nll_loss=nll,
         )
         avg = (seq.logps / seq.counts).detach()
-        self._avg_or_sum = (avg[:P], avg[P:])
         metrics = self._log_paired(
             out,
+            (avg[:P], avg[P:]),
             logits.mean[:P, :-1],
             logits.mean[P:, :-1],
             train_eval,
