@@ -16,6 +16,13 @@ from .functional import (
 )
 from .linear_dpo import linear_dpo_loss
 from .losses import DPOLoss, DPOLossOutput, dpo_loss, make_spec
+from .preference_losses import (
+    PreferenceLossOutput,
+    cpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -23,13 +30,18 @@ __all__ = [
     "DPOLoss",
     "DPOLossOutput",
     "PairLogprobs",
+    "PreferenceLossOutput",
     "SequenceLogprobs",
     "TokenStats",
+    "cpo_loss",
     "cpu_extension_available",
     "dpo_loss",
     "linear_dpo_loss",
+    "kto_loss",
     "linear_sequence_logprobs",
     "make_spec",
+    "orpo_loss",
     "resolve_backend",
     "sequence_logprobs",
+    "simpo_loss",
 ]

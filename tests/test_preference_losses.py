@@ -1,0 +1,251 @@
+"""CPO / SimPO / ORPO / KTO losses against float64 formulas written from TRL 1.16's source.
+
+Each spec below is autograd on float64 tensors; the fused losses (closed-form gradients) must
+match its value, gradient and metrics, in float64 and in float32.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpo_kernels import cpo_loss, kto_loss, orpo_loss, simpo_loss
+
+
+def _inputs(P, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    nc = torch.randint(1, 9, (P,), generator=g)
+    nr = torch.randint(1, 9, (P,), generator=g)
+    # average log-probs in (-3, -0.05): sums = average * count
+    pc = -(torch.rand(P, generator=g, dtype=torch.float64) * 2.95 + 0.05) * nc
+    pr = -(torch.rand(P, generator=g, dtype=torch.float64) * 2.95 + 0.05) * nr
+    return pc.to(dtype), pr.to(dtype), nc, nr
+
+
+# --- CPO: trl/experimental/cpo/cpo_trainer.py, CPOTrainer.cpo_loss + get_batch_loss_metrics,
+# with the NLL of concatenated_forward (CrossEntropyLoss mean over the chosen label tokens) and
+# get_batch_logps(average_log_prob=loss_type in ["ipo", "simpo"]).
+def cpo_spec(pc, pr, nc, nr, beta, eps, loss_type, cpo_alpha, gamma, alpha):
+    if loss_type == "alphapo":  # CPOConfig.__post_init__
+        loss_type, cpo_alpha = "simpo", 0.0
+    avg = loss_type in ("ipo", "simpo")
+    c = pc / nc if avg else pc
+    r = pr / nr if avg else pr
+    if alpha != 0.0:
+        rc = (1 - torch.exp(c).pow(-alpha)) / alpha
+        rr = (1 - torch.exp(r).pow(-alpha)) / alpha
+    else:
+        rc, rr = c, r
+    logits = rc - rr
+    if loss_type == "simpo":
+        logits = logits - gamma / beta
+    if loss_type in ("sigmoid", "simpo"):
+        losses = -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        losses = (logits - 1 / (2 * beta)) ** 2
+    nll = -pc.sum() / nc.sum() if cpo_alpha != 0 else torch.zeros((), dtype=pc.dtype)
+    loss = losses.mean() + cpo_alpha * nll
+    ch, rj = beta * rc, beta * rr
+    metrics = {
+        "rewards/chosen": ch.mean(),
+        "rewards/rejected": rj.mean(),
+        "rewards/accuracies": (ch > rj).double().mean(),
+        "rewards/margins": (ch - rj).mean(),
+        "logps/chosen": c.mean(),
+        "logps/rejected": r.mean(),
+        "nll_loss": nll,
+    }
+    return loss, metrics
+
+
+def _check(out, loss_ref, metrics_ref, inputs, inputs64, tol):
+    g = torch.autograd.grad(out.loss, inputs)
+    g_ref = torch.autograd.grad(loss_ref, inputs64)
+    torch.testing.assert_close(out.loss.double(), loss_ref.detach(), rtol=tol, atol=tol)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+    assert set(out.metrics) == set(metrics_ref)
+    for k, v in metrics_ref.items():
+        torch.testing.assert_close(out.metrics[k].double(), v.detach().double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo", "alphapo"])
+@pytest.mark.parametrize(
+    "beta,eps,cpo_alpha,gamma,alpha",
+    [(0.1, 0.0, 1.0, 0.5, 0.0), (0.5, 0.2, 0.0, 1.2, 0.0), (2.0, 0.1, 0.7, 0.3, 0.25)],
+)
+def test_cpo_matches_trl_formula(dtype, loss_type, beta, eps, cpo_alpha, gamma, alpha):
+    pc, pr, nc, nr = _inputs(9, seed=hash((loss_type, beta)) % 1000, dtype=dtype)
+    pc.requires_grad_(), pr.requires_grad_()
+    out = cpo_loss(
+        pc, pr, chosen_counts=nc, rejected_counts=nr, beta=beta, label_smoothing=eps,
+        loss_type=loss_type, cpo_alpha=cpo_alpha, simpo_gamma=gamma, alpha=alpha,
+    )  # fmt: skip
+    pc64, pr64 = (t.detach().double().requires_grad_() for t in (pc, pr))
+    loss_ref, m = cpo_spec(pc64, pr64, nc.double(), nr.double(), beta, eps, loss_type,
+                           cpo_alpha, gamma, alpha)  # fmt: skip
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    _check(out, loss_ref, m, (pc, pr), (pc64, pr64), tol)
+
+
+def test_simpo_is_cpo_simpo_without_nll():
+    pc, pr, nc, nr = _inputs(7, seed=3)
+    pc.requires_grad_()
+    out = simpo_loss(pc, pr, chosen_counts=nc, rejected_counts=nr, beta=2.0, simpo_gamma=0.8)
+    pc64 = pc.detach().clone().requires_grad_()
+    loss_ref, m = cpo_spec(pc64, pr, nc.double(), nr.double(), 2.0, 0.0, "simpo", 0.0, 0.8, 0.0)
+    _check(out, loss_ref, m, (pc,), (pc64,), 1e-10)
+
+
+# --- ORPO: trl/experimental/orpo/orpo_trainer.py, ORPOTrainer.odds_ratio_loss (with log1mexp)
+# and get_batch_loss_metrics: loss = nll - mean(beta * logsigmoid(log_odds)) over averaged logps.
+def orpo_spec(pc, pr, nc, nr, beta, nll):
+    c, r = pc / nc, pr / nr
+    log_odds = (c - r) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(r)))
+    ratio = F.logsigmoid(log_odds)
+    loss = nll - (beta * ratio).mean()
+    ch, rj = beta * c, beta * r
+    return loss, {
+        "rewards/chosen": ch.mean(),
+        "rewards/rejected": rj.mean(),
+        "rewards/accuracies": (ch > rj).double().mean(),
+        "rewards/margins": (ch - rj).mean(),
+        "logps/chosen": c.mean(),
+        "logps/rejected": r.mean(),
+        "nll_loss": nll,
+        "log_odds_ratio": ratio.mean(),
+        "log_odds_chosen": log_odds.mean(),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+@pytest.mark.parametrize("with_nll", [True, False])
+def test_orpo_matches_trl_formula(dtype, beta, with_nll):
+    pc, pr, nc, nr = _inputs(8, seed=11, dtype=dtype)
+    pc.requires_grad_(), pr.requires_grad_()
+    w = torch.randn(3, dtype=dtype, requires_grad=True)
+    nll = (w**2).sum() if with_nll else None
+    out = orpo_loss(pc, pr, chosen_counts=nc, rejected_counts=nr, beta=beta, nll_loss=nll)
+    pc64, pr64, w64 = (t.detach().double().requires_grad_() for t in (pc, pr, w))
+    nll64 = (w64**2).sum() if with_nll else torch.zeros((), dtype=torch.float64)
+    loss_ref, m = orpo_spec(pc64, pr64, nc.double(), nr.double(), beta, nll64)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    inputs, inputs64 = ((pc, pr, w), (pc64, pr64, w64)) if with_nll else ((pc, pr), (pc64, pr64))
+    _check(out, loss_ref, m, inputs, inputs64, tol)
+
+
+def test_orpo_log1mexp_near_zero():
+    # averages just below 0 (log1mexp's expm1 branch) keep a finite loss and gradient
+    pc = torch.tensor([-1e-4, -0.5], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-3.0, -1e-3], dtype=torch.float64)
+    n = torch.tensor([1, 1])
+    out = orpo_loss(pc, pr, chosen_counts=n, rejected_counts=n, beta=0.1)
+    (g,) = torch.autograd.grad(out.loss, pc)
+    assert torch.isfinite(out.loss) and torch.isfinite(g).all()
+    pc64 = pc.detach().clone().requires_grad_()
+    ref, _ = orpo_spec(pc64, pr, n.double(), n.double(), 0.1, torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(g, torch.autograd.grad(ref, pc64)[0], rtol=1e-8, atol=1e-10)
+
+
+# --- KTO: trl/trainer/kto_trainer.py, KTOTrainer._compute_loss: kl = mean(KL_logps -
+# ref_KL_logps).clamp(min=0) (no gradient); chosen 1 - sigmoid(beta (logratio - kl)), rejected
+# 1 - sigmoid(beta (kl - logratio)); apo_zero_unpaired 1 - sigmoid(beta logratio) and
+# sigmoid(beta logratio); losses weighted then nanmean; metrics are means over each group.
+def kto_spec(lp, ref, labels, kl_lp, ref_kl, beta, loss_type, wd, wu):
+    if loss_type == "kto":
+        kl = (kl_lp - ref_kl).mean().detach().clamp(min=0)
+    else:
+        kl = torch.zeros((), dtype=lp.dtype)
+    c = lp[labels] - ref[labels]
+    r = lp[~labels] - ref[~labels]
+    if loss_type == "kto":
+        cl, rl = 1 - torch.sigmoid(beta * (c - kl)), 1 - torch.sigmoid(beta * (kl - r))
+    else:
+        cl, rl = 1 - torch.sigmoid(beta * c), torch.sigmoid(beta * r)
+    loss = torch.cat((wd * cl, wu * rl)).nanmean()
+    m = {"kl": kl}
+    if labels.any():
+        m["rewards/chosen"] = (beta * c).sum() / labels.sum()
+        m["logps/chosen"] = lp[labels].sum() / labels.sum()
+    if (~labels).any():
+        m["rewards/rejected"] = (beta * r).sum() / (~labels).sum()
+        m["logps/rejected"] = lp[~labels].sum() / (~labels).sum()
+    if labels.any() and (~labels).any():
+        m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
+    return loss, m
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize(
+    "beta,wd,wu,label_mix",
+    [(0.1, 1.0, 1.0, "mixed"), (0.5, 1.33, 0.7, "mixed"), (1.0, 2.0, 1.0, "all_desirable"),
+     (0.3, 1.0, 1.5, "all_undesirable")],
+)  # fmt: skip
+def test_kto_matches_trl_formula(dtype, loss_type, beta, wd, wu, label_mix):
+    g = torch.Generator().manual_seed(5)
+    N = 10
+    lp = (-torch.rand(N, generator=g, dtype=torch.float64) * 20).to(dtype).requires_grad_()
+    ref = -torch.rand(N, generator=g, dtype=torch.float64).to(dtype) * 20
+    kl_lp = -torch.rand(N, generator=g, dtype=torch.float64).to(dtype) * 20
+    # shift the mismatched policy sums up so that the KL is positive in one case, clamped in other
+    ref_kl = kl_lp - (torch.randn(N, generator=g, dtype=torch.float64).to(dtype) + 0.3 * beta * 10)
+    labels = {
+        "mixed": torch.rand(N, generator=g) < 0.5,
+        "all_desirable": torch.ones(N, dtype=torch.bool),
+        "all_undesirable": torch.zeros(N, dtype=torch.bool),
+    }[label_mix]
+    out = kto_loss(
+        lp, ref, labels, kl_logps=kl_lp, ref_kl_logps=ref_kl, beta=beta, loss_type=loss_type,
+        desirable_weight=wd, undesirable_weight=wu,
+    )  # fmt: skip
+    lp64 = lp.detach().double().requires_grad_()
+    loss_ref, m = kto_spec(lp64, ref.double(), labels, kl_lp.double(), ref_kl.double(), beta,
+                           loss_type, wd, wu)  # fmt: skip
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    _check(out, loss_ref, m, (lp,), (lp64,), tol)
+
+
+def test_kto_kl_clamped_and_passed_directly():
+    lp = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.5, -1.0], dtype=torch.float64)
+    labels = torch.tensor([True, False])
+    neg = kto_loss(lp, ref, labels, kl_logps=ref - 1, ref_kl_logps=ref)  # KL < 0 -> 0
+    assert neg.metrics["kl"].item() == 0.0
+    direct = kto_loss(lp, ref, labels, kl=0.0)
+    torch.testing.assert_close(neg.loss, direct.loss)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda a, n: cpo_loss(a, a, loss_type="dpo"), "loss_type"),
+        (lambda a, n: cpo_loss(a, a, loss_type="ipo", cpo_alpha=0.0), "chosen_counts"),
+        (lambda a, n: cpo_loss(a, a), "cpo_alpha"),
+        (lambda a, n: cpo_loss(a, a, beta=0.0, cpo_alpha=0.0), "beta"),
+        (lambda a, n: cpo_loss(a, a, label_smoothing=0.5, cpo_alpha=0.0), "label_smoothing"),
+        (lambda a, n: cpo_loss(a, a[:2], cpo_alpha=0.0), "rejected_logps"),
+        (lambda a, n: orpo_loss(a, a, chosen_counts=n, rejected_counts=n, beta=-1), "beta"),
+        (lambda a, n: kto_loss(a, a, n > 0), "kl_logps"),
+        (lambda a, n: kto_loss(a, a, n), "bool"),
+        (lambda a, n: kto_loss(a, a, n > 0, loss_type="bco", kl=0.0), "loss_type"),
+    ],
+)
+def test_bad_arguments_named(call, match):
+    a = torch.tensor([-1.0, -2.0, -3.0])
+    n = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match=match):
+        call(a, n)
+
+
+def test_alpha_reward_shape():
+    # AlphaPO: r = (1 - p^-alpha) / alpha tends to log p as alpha -> 0
+    pc, pr, nc, nr = _inputs(5, seed=2)
+    a = cpo_loss(pc, pr, chosen_counts=nc, rejected_counts=nr, cpo_alpha=0.0, alpha=1e-7)
+    b = cpo_loss(pc, pr, chosen_counts=nc, rejected_counts=nr, cpo_alpha=0.0, alpha=0.0)
+    assert math.isclose(a.loss.item(), b.loss.item(), rel_tol=1e-5)

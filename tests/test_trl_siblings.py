@@ -1,0 +1,200 @@
+"""FusedCPOTrainer / FusedORPOTrainer / FusedKTOTrainer against the stock TRL trainers.
+
+Stock and fused train from the same seed on a tiny model for 3 steps; every logged value must
+agree to 1e-5 (fp32) and the final parameters must match.
+"""
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from conftest import tiny_causal_lm  # noqa: E402
+from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
+from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
+
+from dpo_kernels.integrations.trl_siblings import (  # noqa: E402
+    FusedCPOTrainer,
+    FusedKTOTrainer,
+    FusedORPOTrainer,
+)
+
+STEPS = 2
+TIMING = ("_runtime", "_per_second")
+COMMON = dict(
+    per_device_train_batch_size=4,
+    max_steps=STEPS,
+    logging_steps=1,
+    report_to=[],
+    save_strategy="no",
+    use_cpu=True,
+    seed=0,
+    dataloader_num_workers=0,
+    bf16=False,  # KTOConfig turns bf16 autocast on by default; these runs compare fp32
+    gradient_checkpointing=False,  # TRL's default recomputes the forward: slower, same numbers
+)
+
+
+def sgd_or_adamw(optim):
+    if optim == "sgd":  # SGD: a large step so that the runs move
+        return {"optim": "sgd", "learning_rate": 0.5}
+    return {"optim": "adamw_torch", "learning_rate": 1e-3, "adam_epsilon": 1e-6}
+
+
+def unpaired_dataset(n=8, seed=0):
+    rows = preference_dataset(n // 2, seed).to_list()
+    out = []
+    for i, r in enumerate(rows):
+        # a desirable/undesirable mix that differs between batches
+        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": i % 3 == 0})
+    return datasets.Dataset.from_list(out)
+
+
+def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sgd", fused=None,
+        peft_config=None, **cfg):  # fmt: skip
+    datasets.disable_caching()
+    model = tiny_causal_lm("llama", vocab=28, seed=0)
+    args = config_cls(
+        output_dir=str(tmp_path / trainer_cls.__name__), **COMMON, **sgd_or_adamw(optim), **cfg
+    )
+    kwargs = {"ref_model": tiny_causal_lm("llama", vocab=28, seed=1)} if ref else {}
+    if fused is not None:  # ours: the fused LM head (True) or the logits path (False)
+        kwargs["fused_lm_head"] = fused
+    if peft_config is not None:
+        kwargs["peft_config"] = peft_config
+    data = dataset if dataset is not None else preference_dataset(8)  # 2 steps of 4
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data.select(range(4)),
+        processing_class=tiny_tokenizer(),
+        **kwargs,
+    )
+    initial = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    final = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    evaluation = {k: v for k, v in trainer.evaluate().items() if not k.endswith(TIMING)}
+    return history, final, initial, evaluation
+
+
+def assert_same(stock, ours, keys):
+    (hs, ps, p0, es), (ho, po, _, eo) = stock, ours
+    assert set(es) == set(eo) and "eval_loss" in es and "eval_rewards/chosen" in es, set(es)
+    for k in es:  # evaluation after training, the same metrics under eval_ names
+        assert eo[k] == pytest.approx(es[k], rel=1e-5, abs=1e-5), ("eval", k, es[k], eo[k])
+    assert len(hs) == len(ho) == STEPS
+    for step, (s, o) in enumerate(zip(hs, ho, strict=True)):
+        assert set(s) - {"epoch"} == set(o) - {"epoch"}, (step, set(s) ^ set(o))
+        for k in keys:
+            assert k in s, (step, k)
+        for k in s:
+            assert o[k] == pytest.approx(s[k], rel=1e-5, abs=1e-5), (step, k, s[k], o[k])
+    assert set(ps) == set(po)
+    for name, p in ps.items():
+        torch.testing.assert_close(po[name], p, rtol=1e-5, atol=1e-5)
+    assert any(not torch.equal(p, p0[name]) for name, p in ps.items())  # training moved it
+
+
+PAIRED_KEYS = [
+    "loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+    "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
+    "nll_loss",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cfg,optim,fused",
+    [
+        ({"loss_type": "sigmoid", "label_smoothing": 0.1}, "sgd", True),
+        ({"loss_type": "hinge", "alpha": 0.3, "beta": 1.0}, "sgd", False),
+        ({"loss_type": "ipo", "cpo_alpha": 0.5}, "adamw", True),
+        ({"loss_type": "alphapo", "alpha": 0.2, "simpo_gamma": 0.7, "beta": 2.0}, "sgd", False),
+    ],
+    ids=["sigmoid-smoothing-head", "hinge-alpha-logits", "ipo-adamw-head", "alphapo-logits"],
+)
+def test_cpo_matches_stock(cfg, optim, fused, tmp_path):
+    stock = run(CPOTrainer, CPOConfig, tmp_path, optim=optim, **cfg)
+    ours = run(FusedCPOTrainer, CPOConfig, tmp_path, optim=optim, fused=fused, **cfg)
+    assert_same(stock, ours, PAIRED_KEYS)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["head", "logits"])
+def test_orpo_matches_stock(fused, tmp_path):
+    stock = run(ORPOTrainer, ORPOConfig, tmp_path, beta=0.5)
+    ours = run(FusedORPOTrainer, ORPOConfig, tmp_path, beta=0.5, fused=fused)
+    assert_same(stock, ours, [*PAIRED_KEYS, "log_odds_ratio", "log_odds_chosen"])
+
+
+KTO_KEYS = [
+    "loss", "grad_norm", "kl", "entropy", "num_tokens", "logits/chosen", "logits/rejected",
+    "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cfg,optim,fused",
+    [
+        ({"loss_type": "kto", "desirable_weight": 1.3, "undesirable_weight": 0.8}, "sgd", True),
+        ({"loss_type": "kto", "precompute_ref_log_probs": True}, "adamw", False),
+        ({"loss_type": "apo_zero_unpaired", "beta": 0.5}, "sgd", True),
+    ],
+    ids=["kto-weights-head", "kto-precomputed-adamw-logits", "apo_zero_unpaired-head"],
+)
+def test_kto_matches_stock(cfg, optim, fused, tmp_path):
+    data = unpaired_dataset()
+    kw = dict(ref=True, dataset=data, optim=optim, **cfg)
+    stock = run(trl.KTOTrainer, trl.KTOConfig, tmp_path, **kw)
+    ours = run(FusedKTOTrainer, trl.KTOConfig, tmp_path, fused=fused, **kw)
+    keys = [k for k in KTO_KEYS if cfg["loss_type"] == "kto" or k != "kl"]
+    assert_same(stock, ours, keys)
+
+
+def test_kto_peft_matches_stock(tmp_path):
+    """LoRA, no ref_model: the reference is the model with its adapter disabled."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    kw = dict(dataset=unpaired_dataset(), peft_config=lora, loss_type="kto")
+    stock = run(trl.KTOTrainer, trl.KTOConfig, tmp_path, **kw)
+    ours = run(FusedKTOTrainer, trl.KTOConfig, tmp_path, **kw)
+    assert any("lora" in k for k in stock[1])
+    assert_same(stock, ours, KTO_KEYS)
+
+
+def test_unsupported_option_raises(tmp_path):
+    model = tiny_causal_lm("llama", vocab=28, seed=0)
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = 0.1
+    args = CPOConfig(output_dir=str(tmp_path), **COMMON)
+    with pytest.raises(ValueError, match="output_router_logits"):
+        FusedCPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=preference_dataset(4),
+            processing_class=tiny_tokenizer(),
+        )
+
+
+def test_fused_head_refuses_softcap(tmp_path):
+    model = tiny_causal_lm("llama", vocab=28, seed=0)
+    model.config.final_logit_softcapping = 30.0  # read by head_transform, as on Gemma-2
+    args = ORPOConfig(output_dir=str(tmp_path), **COMMON)
+    kw = dict(model=model, args=args, train_dataset=preference_dataset(4))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        FusedORPOTrainer(**kw, processing_class=tiny_tokenizer())
+    FusedORPOTrainer(**kw, processing_class=tiny_tokenizer(), fused_lm_head=False)  # logits path
+
+
+def test_bad_loss_option_raises_at_construction(tmp_path):
+    args = CPOConfig(output_dir=str(tmp_path), **COMMON, label_smoothing=0.6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        FusedCPOTrainer(
+            model=tiny_causal_lm("llama", vocab=28, seed=0),
+            args=args,
+            train_dataset=preference_dataset(4),
+            processing_class=tiny_tokenizer(),
+        )
