@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from ..forward import _full, capture_head_input, head_transform
+from ..forward import _full, head_transform, unwrap_model
 from ..functional import linear_sequence_logprobs, sequence_logprobs
 from ..preference_losses import cpo_loss, kto_loss, orpo_loss
 from .trl import check_trl_version
@@ -42,16 +42,30 @@ def _head(model) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
 
 
 def _hidden(model, **kwargs) -> torch.Tensor:
-    """The backbone's last hidden states (the LM head's input), without building the logits."""
-    with capture_head_input(model) as seen:
+    """The backbone's last hidden states (the LM head's input), without building the logits:
+    the head records its input and returns a [..., 1] stand-in. The head's weight is then read
+    after the forward, which only one process may do (see `_check_fused_head`)."""
+    head = unwrap_model(model).get_output_embeddings()
+    seen: list[torch.Tensor] = []
+    head.forward = lambda hidden: seen.append(hidden) or hidden[..., :1]
+    try:
         model(**kwargs, use_cache=False)
+    finally:
+        del head.forward
     return seen[-1]
 
 
-def _check_fused_head(trainer) -> None:
-    """The logits/* metrics of the paired trainers average every logit of the sequence, which the
-    fused head gets as hidden @ mean(weight): exact for a linear head only."""
-    if trainer._fused_lm_head and head_transform(trainer.model)["softcap"] is not None:
+def _check_fused_head(trainer, paired: bool = True) -> None:
+    """The sibling trainers' fused head reads the LM head's weight after the model's forward,
+    which DDP (find_unused_parameters), FSDP and ZeRO-3 do not allow: one process only. The
+    logits/* metrics of the paired trainers average every logit of the sequence, which the fused
+    head gets as hidden @ mean(weight): exact for a linear head only."""
+    if trainer._fused_lm_head and trainer.accelerator.num_processes > 1:
+        raise ValueError(
+            f"{type(trainer).__name__}(fused_lm_head=True) runs in one process only for now; "
+            "under DDP, FSDP or DeepSpeed pass fused_lm_head=False"
+        )
+    if paired and trainer._fused_lm_head and head_transform(trainer.model)["softcap"] is not None:
         raise ValueError(
             f"{type(trainer).__name__}(fused_lm_head=True) does not support a final logit "
             "softcap (final_logit_softcapping); pass fused_lm_head=False"
@@ -287,6 +301,7 @@ class FusedKTOTrainer(KTOTrainer):
         self._backend = backend
         self._fused_lm_head = fused_lm_head
         super().__init__(*args, **kwargs)
+        _check_fused_head(self, paired=False)
         kto_loss(
             -_ONE,
             -_ONE,
