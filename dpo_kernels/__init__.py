@@ -12,6 +12,7 @@ from .functional import (
     linear_sequence_logprobs,
     resolve_backend,
     sequence_logprobs,
+    set_sync_free,
 )
 from .losses import DPOLoss, DPOLossOutput, dpo_loss, make_spec
 
@@ -29,4 +30,5 @@ __all__ = [
     "make_spec",
     "resolve_backend",
     "sequence_logprobs",
+    "set_sync_free",
 ]

@@ -686,12 +686,18 @@ def measure_memory(case: Case, method: str, device: str) -> int | None:
     return extra if proc.exitcode == 0 else None
 
 
+def probe_workers(device: str) -> int:
+    """How many memory probes run at once: as many as there are cores on CPU (each reads its own
+    process's peak only); one on CUDA, where probes would share the GPU's memory and each would
+    start a CUDA context of its own."""
+    return 1 if device == "cuda" else os.cpu_count() or 1
+
+
 def _probe_rows(case: Case, rows: list[Row], device: str) -> None:
-    """Extra peak memory of each row's method, one process each. They run after the case's
-    timings, as many at a time as there are cores: each reads its own process's peak only."""
+    """Extra peak memory of each row's method, one process each, after the case's timings."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=probe_workers(device)) as pool:
         extras = list(pool.map(lambda r: measure_memory(case, r.method, device), rows))
     for row, extra in zip(rows, extras, strict=True):
         row.extra_mib = None if extra is None else extra / 2**20
@@ -770,6 +776,9 @@ def run_case(
         moved = must_move_bytes(case)
         if bandwidth and moved:
             row.roofline = moved / bandwidth * 1e3 / row.time_ms
+    del ref  # the float64 reference: not held while the probes allocate (on the same GPU)
+    if device == "cuda":
+        torch.cuda.empty_cache()
     if memory:
         _probe_rows(case, [r for r in rows if r.value_err is not None], device)
     base = rows[0]
