@@ -227,7 +227,7 @@ def _launch_key(fn, args: tuple, kwargs: dict) -> tuple:
     return (fn.__name__, tuple(key), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
 
 
-def check_all(archs=ARCHS, quick: bool = False) -> list[KernelReport]:
+def check_all(archs=ARCHS, quick: bool = False, only: str | None = None) -> list[KernelReport]:
     """One report per case, kernel, distinct compiled variant and arch. Launches that Triton would
     specialize the same way are compiled (and read) once."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -236,6 +236,8 @@ def check_all(archs=ARCHS, quick: bool = False) -> list[KernelReport]:
     seen: dict[tuple, tuple] = {}
     for case, run, module, names in cases():
         if quick and not any(f"V={v}" in case for v in QUICK_VOCABS) and "V=" in case:
+            continue
+        if only and only not in case:
             continue
         with _recording(module, names) as recs:
             run()
@@ -263,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick", action="store_true", help=f"only V in {QUICK_VOCABS} (one of each alignment)"
     )
+    p.add_argument("--only", help="only the cases whose name contains this text")
     a = p.parse_args(argv)
-    reports = check_all(quick=a.quick)
+    reports = check_all(quick=a.quick, only=a.only)
     print(f"{'case':40} {'kernel':22} {'sm':>3} {'warps':>5} {'regs':>4} {'local':>5}  memory ops")
     for r in reports:
         ops = {**r.global_loads, **r.global_stores}

@@ -337,5 +337,6 @@ def test_launch_config_keeps_registers_bounded():
         for V in (37, 4096, 32001, 151665):
             for stats in (False, True):
                 block, warps = K.launch_config(V, esize, stats)
-                per_thread = block / (32 * warps)
-                assert per_thread <= (16 if stats else 32) or block <= K.vec_elems(esize)
+                per_thread = block // (32 * warps)  # whole 16-byte vectors, a bounded number
+                vec = K.vec_elems(esize)
+                assert per_thread % vec == 0 and vec <= per_thread <= max(vec, 16 if stats else 32)

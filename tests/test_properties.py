@@ -3,7 +3,7 @@ against the float64 reference, values and gradients."""
 
 import pytest
 import torch
-from conftest import GRAD_TOL, cpu_backends
+from conftest import EPS32, GRAD_TOL, cpu_backends
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -73,7 +73,7 @@ def check(backend, logits, labels, mask):
     ref, counts = reference.sequence_logprobs(z64, labels, mask)
     assert torch.equal(out.counts, counts)
     finite = torch.isfinite(ref)
-    eps = 2.3e-16 if logits.dtype == torch.float64 else 1.2e-7
+    eps = 2.3e-16 if logits.dtype == torch.float64 else EPS32
     scale = max(1.0, logits.double().nan_to_num(0, 0, 0).abs().max().item())
     tol = 16 * eps * T * scale + 1e-12
     assert torch.equal(torch.isfinite(out.logps), finite)

@@ -57,9 +57,10 @@ def launch_config(vocab: int, element_size: int, stats: bool = False) -> tuple[i
     per_thread = vec_elems(element_size)  # elements in one 128-bit load
     num_warps = max(1, min(8, block // (32 * per_thread * 2)))
     limit = _PER_THREAD_STATS if stats else _PER_THREAD
-    while block > 32 * num_warps * max(limit, per_thread) and block > per_thread:
+    while block > 32 * num_warps * max(limit, per_thread):
         block //= 2
-    return block, num_warps
+    # At least one 16-byte vector per thread, or the compiler splits the block into narrower loads.
+    return max(block, 32 * num_warps * per_thread), num_warps
 
 
 def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -142,15 +143,22 @@ def row_fold(
     head = a0 - row_off
     n_vec = tl.maximum(V - head, 0) // VEC * VEC
     ptr = base_ptr + a0
+    lanes = tl.arange(0, BLOCK_V)
+    # Prefetch: block i + 1's loads are issued before block i is folded, so a row's loop keeps
+    # one block of loads in flight while it computes (what hides latency when a few long rows,
+    # not many programs per SM, are all there is). The last prefetch is fully masked: no traffic.
+    nxt = tl.load(ptr + lanes, mask=lanes < n_vec, other=float("-inf"))
     for start in range(0, n_vec, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
+        offs = start + lanes
         valid = offs < n_vec
-        z = tl.load(ptr + offs, mask=valid, other=float("-inf")).to(ACC)
-        index = (head + offs).to(tl.int32)
+        z = nxt.to(ACC)
+        ahead = offs + BLOCK_V
+        nxt = tl.load(ptr + ahead, mask=ahead < n_vec, other=float("-inf"))
+        index = lanes + (head + start).to(tl.int32)  # int32: fewer registers than int64
         m, s, pz, zsum, arg = fold_block(m, s, pz, zsum, arg, z, index, valid, STATS)
-    lanes = tl.arange(0, 2 * VEC)
-    pos = tl.where(lanes < VEC, lanes, head + n_vec + lanes - VEC)
-    valid = tl.where(lanes < VEC, lanes < head, True) & (pos < V)
+    edge = tl.arange(0, 2 * VEC)
+    pos = tl.where(edge < VEC, edge, head + n_vec + edge - VEC)
+    valid = tl.where(edge < VEC, edge < head, True) & (pos < V)
     z = tl.load(base_ptr + row_off + pos, mask=valid, other=float("-inf")).to(ACC)
     return fold_block(m, s, pz, zsum, arg, z, pos.to(tl.int32), valid, STATS)
 
@@ -309,7 +317,8 @@ def _logprobs_bwd_kernel(
             offs = start + tl.arange(0, BLOCK_V)
             valid = offs < n_vec
             z = tl.load(z_ptr + offs, mask=valid, other=0.0).to(ACC)
-            onehot = tl.where(head + offs == label, 1.0, 0.0).to(ACC)
+            at = (label - head - start).to(tl.int32)  # the label's lane, compared in int32
+            onehot = tl.where(tl.arange(0, BLOCK_V) == at, 1.0, 0.0).to(ACC)
             dz = g * (onehot - tl.exp(z - lse))
             tl.store(out_ptr + offs, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
         z = tl.load(logits_ptr + row_z + pos, mask=edge, other=0.0).to(ACC)
