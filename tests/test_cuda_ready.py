@@ -339,4 +339,5 @@ def test_launch_config_keeps_registers_bounded():
                 block, warps = K.launch_config(V, esize, stats)
                 per_thread = block // (32 * warps)  # whole 16-byte vectors, a bounded number
                 vec = K.vec_elems(esize)
-                assert per_thread % vec == 0 and vec <= per_thread <= max(vec, 16 if stats else 32)
+                most = (32 if stats else 64) // esize  # bytes per thread, as registers allow
+                assert per_thread % vec == 0 and vec <= per_thread <= max(vec, most)

@@ -34,11 +34,12 @@ from .reference import acc_dtype
 
 # Largest vocab chunk a program holds at once: 16 KiB of logits (8 KiB for 64-bit types' inputs).
 _MAX_BLOCK_BYTES = 16384
-# Elements of one row a thread holds per block iteration, at most: enough 128-bit loads in flight
-# to hide latency, few enough registers to stay far from a spill. With statistics a thread also
-# keeps exp(z - m) and int32 positions alive next to z: half as many.
-_PER_THREAD = 32
-_PER_THREAD_STATS = 16
+# Bytes of one row a thread loads per block iteration, at most: enough 128-bit loads in flight to
+# hide latency, few enough registers to stay far from a spill (the next block is prefetched, so
+# two blocks are alive). With statistics a thread also keeps exp(z - m) and int32 positions alive
+# next to z: half as many.
+_BYTES_PER_THREAD = 64
+_BYTES_PER_THREAD_STATS = 32
 
 
 def vec_elems(element_size: int) -> int:
@@ -51,12 +52,12 @@ def launch_config(vocab: int, element_size: int, stats: bool = False) -> tuple[i
 
     Each thread loads 16 bytes per access (128-bit loads); a block covers up to 16 KiB so a
     thread holds a handful of vectors and the per-block reductions are amortized. With `stats`
-    (five running reductions, positions for the argmax) a thread holds half as many elements.
+    (five running reductions, positions for the argmax) a thread holds half as many bytes.
     """
     block = min(triton.next_power_of_2(vocab), _MAX_BLOCK_BYTES // element_size)
     per_thread = vec_elems(element_size)  # elements in one 128-bit load
     num_warps = max(1, min(8, block // (32 * per_thread * 2)))
-    limit = _PER_THREAD_STATS if stats else _PER_THREAD
+    limit = (_BYTES_PER_THREAD_STATS if stats else _BYTES_PER_THREAD) // element_size
     while block > 32 * num_warps * max(limit, per_thread):
         block //= 2
     # At least one 16-byte vector per thread, or the compiler splits the block into narrower loads.
