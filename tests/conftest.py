@@ -121,7 +121,7 @@ def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0):
 
 def preference_examples(n: int, vocab: int = 97, seed: int = 0):
     """Token-id preference examples of varied prompt and completion lengths."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
 
     def ids(lo, hi):
         k = int(torch.randint(lo, hi, (1,), generator=g))
@@ -131,3 +131,17 @@ def preference_examples(n: int, vocab: int = 97, seed: int = 0):
         {"prompt_ids": ids(2, 8), "chosen_ids": ids(1, 9), "rejected_ids": ids(1, 9)}
         for _ in range(n)
     ]
+
+
+# Tests about CPU-only machinery (the C++ backend on CPU tensors, gloo process groups, the CPU
+# benchmark): skipped when the suite runs on CUDA tensors.
+CPU_ONLY_MODULES = ("test_cpu_backend.py", "test_distributed.py", "test_bench_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_DEVICE != "cuda":
+        return
+    skip = pytest.mark.skip(reason="CPU-only test (DPO_KERNELS_TEST_DEVICE=cuda)")
+    for item in items:
+        if item.path.name in CPU_ONLY_MODULES:
+            item.add_marker(skip)

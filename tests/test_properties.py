@@ -35,7 +35,7 @@ def logprob_cases(draw, max_v=3000):
 
 
 def build(B, T, V, dtype, scale, mask_kind, layout, neg_inf, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     dt = DTYPES[dtype]
     if dt == torch.float16:
         scale = min(scale, 1e3)
@@ -135,7 +135,7 @@ def test_loss_properties(backend):
     @given(loss_cases())
     def run(case):
         P, kinds, weights, beta, eps, spread, seed = case
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(torch.get_default_device()).manual_seed(seed)
         pc, pr = -50 * torch.rand(2, P, generator=g, dtype=torch.float64)
         rc = pc + spread * torch.randn(P, generator=g, dtype=torch.float64)
         rr = pr + spread * torch.randn(P, generator=g, dtype=torch.float64)
