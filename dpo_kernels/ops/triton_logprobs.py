@@ -383,7 +383,9 @@ def logprobs_forward(
     top1 = torch.empty(n_stats, dtype=torch.bool, device=logits.device)
     outs = (ent.view(B, T), mean.view(B, T), top1.view(B, T)) if stats else (ent, mean, top1)
     base, z0 = _aligned_base(logits)
-    block, warps = launch_config(V, logits.element_size(), stats)
+    # The statistics' budget with or without them: one block size, one order of summation, so the
+    # log-probs are the same bits whether stats are asked for or not.
+    block, warps = launch_config(V, logits.element_size(), stats=True)
     if ref_logits is not None:
         ref_logits = _vocab_contiguous(ref_logits)
         ref_acc = acc_dtype(ref_logits.dtype)
