@@ -13,6 +13,7 @@ from .functional import (
     linear_sequence_logprobs,
     resolve_backend,
     sequence_logprobs,
+    set_sync_free,
 )
 from .linear_dpo import linear_dpo_loss
 from .losses import DPOLoss, DPOLossOutput, dpo_loss, make_spec
@@ -43,5 +44,6 @@ __all__ = [
     "orpo_loss",
     "resolve_backend",
     "sequence_logprobs",
+    "set_sync_free",
     "simpo_loss",
 ]

@@ -814,12 +814,18 @@ def measure_memory(case: Case, method: str, device: str) -> int | None:
     return extra if proc.exitcode == 0 else None
 
 
+def probe_workers(device: str) -> int:
+    """How many memory probes run at once: as many as there are cores on CPU (each reads its own
+    process's peak only); one on CUDA, where probes would share the GPU's memory and each would
+    start a CUDA context of its own."""
+    return 1 if device == "cuda" else os.cpu_count() or 1
+
+
 def _probe_rows(case: Case, rows: list[Row], device: str) -> None:
-    """Extra peak memory of each row's method, one process each. They run after the case's
-    timings, as many at a time as there are cores: each reads its own process's peak only."""
+    """Extra peak memory of each row's method, one process each, after the case's timings."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=probe_workers(device)) as pool:
         extras = list(pool.map(lambda r: measure_memory(case, r.method, device), rows))
     for row, extra in zip(rows, extras, strict=True):
         row.extra_mib = None if extra is None else extra / 2**20
@@ -898,6 +904,9 @@ def run_case(
         moved = must_move_bytes(case)
         if bandwidth and moved:
             row.roofline = moved / bandwidth * 1e3 / row.time_ms
+    del ref  # the float64 reference: not held while the probes allocate (on the same GPU)
+    if device == "cuda":
+        torch.cuda.empty_cache()
     if memory:
         _probe_rows(case, [r for r in rows if r.value_err is not None], device)
     base = rows[0]
@@ -1022,3 +1031,52 @@ def plot(rows: list[Row], facts: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def markdown_section(rows: list[Row], facts: dict, title: str) -> str:
+    """A BENCHMARKS.md section: a heading, the machine and command, and the rows as a table."""
+    head = ["op", "shape", "dtype", "method", "ms", "speed-up", "tok/s", "extra MiB",
+            "mem ratio", "value err", "grad err", "roofline", "status"]  # fmt: skip
+
+    def f(v, spec, unit=""):
+        return "-" if v is None else format(v, spec) + unit
+
+    lines = [
+        f"## {title}",
+        "",
+        f"Device: {facts['device']}; torch {facts['torch']}; measured copy bandwidth "
+        f"{facts['stream_GBps']:.1f} GB/s; date {facts['date']}. Command: "
+        f"`{facts.get('command', 'dpo-kernels bench')}`.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        roof = None if r.roofline is None else 100 * r.roofline
+        tps = None if r.tokens_per_s is None else r.tokens_per_s / 1e3
+        cells = [
+            r.op, r.shape, r.dtype, r.method, f(r.time_ms, ".2f"), f(r.speedup, ".2f", "x"),
+            f(tps, ".1f", "k"), f(r.extra_mib, ".0f"), f(r.mem_ratio, ".2f"),
+            f(r.value_err, ".1e"), f(r.grad_err, ".1e"), f(roof, ".0f", "%"),
+            r.status + (f" ({r.note})" if r.note else ""),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: str, section: str) -> None:
+    """Puts `section` into the markdown file at `path`, replacing a section with the same heading
+    (its first line) up to the next `## ` heading, or appending it."""
+    heading = section.splitlines()[0]
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip("\n") == heading), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))  # fmt: skip
+        tail = "".join(lines[end:])
+        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    with open(path, "w") as f:
+        f.write(text)

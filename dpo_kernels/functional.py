@@ -25,6 +25,39 @@ from .ops import reference
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
+# --------------------------------------------------------------------------------------------
+# Host synchronization. On CUDA no op reads a device value back to the host to validate it: label,
+# mask and cu_seqlens checks are device-side asserts (`torch._assert_async`: a bad value stops the
+# process at a later CUDA call, with the message, instead of raising a ValueError that names the
+# position, as on CPU). What is left: the linear path gathers the counted tokens' rows, which needs
+# their number on the host: one sync in the forward and one in the backward. Sync-free mode
+# projects every token instead (counted or not: more matmul work when many tokens do not count)
+# and syncs never, so a step can be captured in a CUDA graph; it is on while a graph is captured.
+
+_SYNC_FREE: bool | None = None
+
+
+def set_sync_free(enabled: bool | None) -> None:
+    """Sync-free mode on (True), off (False), or automatic (None: on while a CUDA graph is being
+    captured, or when the DPO_KERNELS_SYNC_FREE environment variable is 1). See above."""
+    global _SYNC_FREE
+    _SYNC_FREE = enabled
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether ops on `device` must not synchronize with the host (see `set_sync_free`)."""
+    if _SYNC_FREE is not None:
+        return _SYNC_FREE
+    if os.environ.get("DPO_KERNELS_SYNC_FREE", "0") not in ("", "0"):
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _device_side_checks(device: torch.device) -> bool:
+    """Data checks as device-side asserts (CUDA), or as host checks that raise ValueError."""
+    return device.type == "cuda"
+
+
 class TokenStats(NamedTuple):
     """Per-token statistics of the policy logits that trainers use (no gradient; 0 where not
     counted): TRL's entropy, logits/chosen|rejected and mean_token_accuracy come from the first
@@ -269,12 +302,22 @@ def _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, trans
 def _check_values(
     labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int
 ) -> None:
-    """Data checks (one device sync): counted labels in [0, vocab), mask values 0 or 1."""
+    """Data checks: counted labels in [0, vocab), mask values 0 or 1. On CPU one look at the
+    values and a ValueError naming the first bad position; on CUDA a device-side assert."""
     counted = reference.counted_tokens(labels, mask, ignore_index)
     bad_label = counted & ((labels < 0) | (labels >= vocab))
     bad_mask = None
     if mask is not None and mask.dtype != torch.bool:
         bad_mask = (mask != 0) & (mask != 1)
+    if _device_side_checks(labels.device):
+        bad = bad_label.any() if bad_mask is None else bad_label.any() | bad_mask.any()
+        torch._assert_async(
+            ~bad,
+            f"dpo_kernels: a counted label is outside the vocabulary [0, {vocab}) or the mask "
+            f"holds a value other than 0 and 1; use ignore_index={ignore_index} (or mask=0) for "
+            "tokens that should not count (run on CPU tensors to see the position)",
+        )
+        return
     flags = torch.stack(
         [bad_label.any(), bad_mask.any() if bad_mask is not None else bad_label.new_zeros(())]
     ).tolist()
@@ -347,6 +390,12 @@ def _token_logprobs_backward_op(
 
 @_token_logprobs_backward_op.register_fake
 def _(grad_tok, logits, labels, mask, lse, ignore_index, backend):
+    if backend == "triton":  # the logits' own strides where the kernel keeps them
+        from .ops.triton_logprobs import grad_strides
+
+        strides = grad_strides(tuple(logits.shape), tuple(logits.stride()))
+        if strides is not None:
+            return logits.new_empty_strided(logits.shape, strides)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -404,6 +453,14 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
         raise ValueError(
             f"cu_seqlens must be 1-D [S + 1] with S >= 1, got {tuple(cu_seqlens.shape)}"
         )
+    if _device_side_checks(cu_seqlens.device):
+        cu = cu_seqlens.long()
+        ok = (cu[0] == 0) & (cu[-1] == n_tokens) & (cu[1:] >= cu[:-1]).all()
+        torch._assert_async(
+            ok,
+            f"cu_seqlens must rise from 0 to the number of tokens ({n_tokens}) without going down",
+        )
+        return
     cu = cu_seqlens.tolist()
     if cu[0] != 0 or cu[-1] != n_tokens or any(b < a for a, b in itertools.pairwise(cu)):
         raise ValueError(
@@ -780,11 +837,45 @@ def _linear_token_logprobs_op(
     counted = reference.counted_tokens(labels, mask, ignore_index)
     fwd, _ = _kernels(backend, "linear_logprobs")
     transform = reference.LogitTransform(logit_scale, softcap, temperature)
-    # Only the counted tokens' rows are gathered and projected.
-    out = fwd(hidden[counted], weight, bias, labels[counted].long(), transform, stats)
+    rows = _CountedRows(counted, sync_free(hidden.device))
+    out = fwd(rows.hidden(hidden), weight, bias, rows.targets(labels), transform, stats)
     if not stats:
         out = out[:2]
-    return (*(_scatter_counted(counted, x) for x in out), *_empty_stats(hidden)[len(out) - 2 :])
+    return (*(rows.scatter(x) for x in out), *_empty_stats(hidden)[len(out) - 2 :])
+
+
+class _CountedRows:
+    """Which token rows the linear kernels project. By default only the counted ones, gathered by
+    index (one host sync: their number); in sync-free mode every row, with a zero hidden row and
+    target -1 (no label) where the token does not count, and zeros written back there."""
+
+    def __init__(self, counted: torch.Tensor, every_row: bool):
+        self.counted, self.every_row = counted, every_row
+        self.index = None if every_row else counted.nonzero(as_tuple=True)
+
+    def hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.every_row:
+            return torch.where(self.counted.unsqueeze(-1), hidden, 0).reshape(-1, hidden.shape[-1])
+        return hidden[self.index]
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.every_row:
+            return torch.where(self.counted, labels, -1).reshape(-1).long()
+        return labels[self.index].long()
+
+    def rows(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Per-token [B, T] values as the projected rows' values ([M])."""
+        if self.every_row:
+            return torch.where(self.counted, x, fill).reshape(-1)
+        return x[self.index]
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """The projected rows' values back to [B, T (, ...)], zeros where not counted."""
+        shape = (*self.counted.shape, *values.shape[1:])
+        if self.every_row:
+            mask = self.counted.view(*self.counted.shape, *(1,) * (values.dim() - 1))
+            return torch.where(mask, values.view(shape), values.new_zeros(()))
+        return values.new_zeros(shape).index_put_(self.index, values)
 
 
 def _empty_stats(like: torch.Tensor) -> list[torch.Tensor]:
@@ -823,18 +914,19 @@ def _linear_token_logprobs_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     counted = reference.counted_tokens(labels, mask, ignore_index)
     _, bwd = _kernels(backend, "linear_logprobs")
+    rows = _CountedRows(counted, sync_free(hidden.device))
     dh, dw, db = bwd(
-        grad_tok[counted].to(lse.dtype),
-        hidden[counted],
+        rows.rows(grad_tok.to(lse.dtype)),
+        rows.hidden(hidden),
         weight,
         bias,
-        labels[counted].long(),
-        lse[counted],
+        rows.targets(labels),
+        rows.rows(lse, float("inf")),  # exp(z - inf) = 0: rows not counted add nothing
         reference.LogitTransform(logit_scale, softcap, temperature),
         (hidden_grad, weight_grad, bias_grad),
     )
     if hidden_grad:  # tokens that do not count get exactly zero
-        dh = hidden.new_zeros(hidden.shape).index_put_((counted,), dh)
+        dh = rows.scatter(dh)
     # Outputs must not alias each other: the gradients not asked for are distinct empty tensors.
     return tuple(g if want else hidden.new_empty(0) for g, want in
                  zip((dh, dw, db), (hidden_grad, weight_grad, bias_grad), strict=True))  # fmt: skip

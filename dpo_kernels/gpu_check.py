@@ -112,12 +112,22 @@ def read_cubin(cubin: bytes) -> tuple[int, int, int, dict[str, int], dict[str, i
     return field("REG"), field("LOCAL") + field("STACK"), field("SHARED"), dict(loads), dict(stores)
 
 
+# Llama 2, odd (tokenizer + 1 pad), GPT-2, Llama 3, Qwen 2.5: multiples of 16 and not.
+VOCABS = (32000, 32001, 50257, 128256, 151665)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+QUICK_VOCABS = (32000, 32001)
+
+
+def _tag(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _logprobs_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     from .ops import triton_logprobs as K
 
     def fwd(dtype, V, mask, ref, stats=False):
         def run():
-            full = torch.randn(2, 9, V).to(dtype)
+            full = torch.empty(2, 9, V, dtype=dtype)  # never read: the kernel is not run
             labels = torch.randint(0, V, (2, 9))[:, 1:]
             m = torch.ones(2, 8, dtype=torch.bool) if mask else None
             r = full[:, 1:].clone() if ref else None
@@ -127,20 +137,22 @@ def _logprobs_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]
 
     def bwd(dtype, V):
         def run():
-            logits = torch.randn(2, 8, V).to(dtype)
+            full = torch.empty(2, 9, V, dtype=dtype)
             labels = torch.randint(0, V, (2, 8))
             g = torch.randn(2).unsqueeze(1).expand(2, 8)  # what autograd passes for a .sum(-1)
-            K.logprobs_backward(g, logits, labels, None, torch.zeros(2, 8), -100)
+            K.logprobs_backward(g, full[:, :-1], labels, None, torch.zeros(2, 8), -100)
 
         return run
 
     cases = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        tag = str(dtype).replace("torch.", "")
-        cases.append((f"logprobs_fwd {tag} V=128256 mask+ref", fwd(dtype, 128256, True, True)))
-        cases.append((f"logprobs_fwd {tag} V=32000", fwd(dtype, 32000, False, False)))
-        cases.append((f"logprobs_fwd {tag} V=32000 stats", fwd(dtype, 32000, True, False, True)))
-        cases.append((f"logprobs_bwd {tag} V=128256", bwd(dtype, 128256)))
+    for dtype in DTYPES:
+        for V in VOCABS:
+            tag = f"{_tag(dtype)} V={V}"
+            cases.append((f"logprobs_fwd {tag}", fwd(dtype, V, False, False)))
+            cases.append((f"logprobs_fwd {tag} mask+ref", fwd(dtype, V, True, True)))
+            cases.append((f"logprobs_fwd {tag} stats", fwd(dtype, V, True, False, True)))
+            cases.append((f"logprobs_fwd {tag} stats+ref", fwd(dtype, V, True, True, True)))
+            cases.append((f"logprobs_bwd {tag}", bwd(dtype, V)))
     names = ["_logprobs_fwd_kernel", "_logprobs_bwd_kernel"]
     return [(name, run, K, names) for name, run in cases]
 
@@ -169,10 +181,10 @@ def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     from .ops import triton_linear_logprobs as K
     from .ops.reference import LogitTransform
 
-    def fwd_bwd(dtype, softcap, stats=False):
+    def fwd_bwd(dtype, V, softcap, stats=False):
         def run():
-            # One token tile and one full vocabulary block: one launch of each kernel.
-            M, H, V = 16, 64, K.VOCAB_BLOCK
+            # One token tile, every vocabulary block (the last one is V % VOCAB_BLOCK wide).
+            M, H = 16, 16
             hidden = torch.randn(M, H).to(dtype)
             weight = torch.randn(V, H).to(dtype)
             targets = torch.randint(0, V, (M,))
@@ -186,12 +198,12 @@ def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
         return run
 
     cases = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        tag = str(dtype).replace("torch.", "")
-        for softcap in (None, 30.0):
-            name = f"linear {tag} V={K.VOCAB_BLOCK}" + (" softcap" if softcap else "")
-            cases.append((name, fwd_bwd(dtype, softcap)))
-        cases.append((f"linear {tag} V={K.VOCAB_BLOCK} stats", fwd_bwd(dtype, None, True)))
+    for dtype in DTYPES:
+        for V in VOCABS:
+            tag = f"linear {_tag(dtype)} V={V}"
+            cases.append((tag, fwd_bwd(dtype, V, None)))
+            cases.append((tag + " softcap", fwd_bwd(dtype, V, 30.0)))
+            cases.append((tag + " stats", fwd_bwd(dtype, V, None, True)))
     names = ["_linear_fwd_kernel", "_linear_bwd_kernel"]
     return [(name, run, K, names) for name, run in cases]
 
@@ -201,30 +213,48 @@ def cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     return _logprobs_cases() + _dpo_loss_cases() + _linear_cases()
 
 
-def check_all(archs=ARCHS) -> list[KernelReport]:
+def _launch_key(fn, args: tuple, kwargs: dict) -> tuple:
+    """What Triton specializes a launch on: its constexprs, and for every other argument the
+    dtype (tensors) or the type and divisibility-by-16 / ==1 of its value (ints)."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((str(a.dtype), a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            key.append((type(a).__name__, a if isinstance(a, bool) else None))
+        else:
+            key.append(("int", a % 16 == 0, a == 1, abs(a) >= 2**31))
+    return (fn.__name__, tuple(key), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+
+
+def check_all(archs=ARCHS, quick: bool = False, only: str | None = None) -> list[KernelReport]:
+    """One report per case, kernel, distinct compiled variant and arch. Launches that Triton would
+    specialize the same way are compiled (and read) once."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("run gpu_check without TRITON_INTERPRET=1")
     reports = []
+    seen: dict[tuple, tuple] = {}
     for case, run, module, names in cases():
+        if quick and not any(f"V={v}" in case for v in QUICK_VOCABS) and "V=" in case:
+            continue
+        if only and only not in case:
+            continue
         with _recording(module, names) as recs:
             run()
         for name, rec in recs.items():
+            done = set()
             for args, kwargs in rec.launches:
                 for arch in archs:
-                    k = compile_launch(rec.fn, args, kwargs, arch)
-                    regs, local, shared, loads, stores = read_cubin(k.asm["cubin"])
+                    key = (_launch_key(rec.fn, args, kwargs), arch)
+                    if key in done:
+                        continue
+                    done.add(key)
+                    if key not in seen:
+                        k = compile_launch(rec.fn, args, kwargs, arch)
+                        seen[key] = (k.metadata.num_warps, *read_cubin(k.asm["cubin"]))
+                    warps, regs, local, shared, loads, stores = seen[key]
                     reports.append(
-                        KernelReport(
-                            case,
-                            name,
-                            arch,
-                            k.metadata.num_warps,
-                            regs,
-                            local,
-                            shared,
-                            loads,
-                            stores,
-                        )
+                        KernelReport(case, name, arch, warps, regs, local, shared, loads, stores)
                     )
     return reports
 
@@ -232,8 +262,12 @@ def check_all(archs=ARCHS) -> list[KernelReport]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", help="write the reports here as JSON")
+    p.add_argument(
+        "--quick", action="store_true", help=f"only V in {QUICK_VOCABS} (one of each alignment)"
+    )
+    p.add_argument("--only", help="only the cases whose name contains this text")
     a = p.parse_args(argv)
-    reports = check_all()
+    reports = check_all(quick=a.quick, only=a.only)
     print(f"{'case':40} {'kernel':22} {'sm':>3} {'warps':>5} {'regs':>4} {'local':>5}  memory ops")
     for r in reports:
         ops = {**r.global_loads, **r.global_stores}

@@ -68,6 +68,18 @@ class _Rows:
             self._tl = tl_ops
             self._params = tl_ops._params(tf, torch.empty(0, dtype=dtype, device=device))
 
+    def tile(self, buf: torch.Tensor, n: int, nv: int) -> torch.Tensor:
+        """An [n, nv] tile in `buf`; for the Triton kernels its rows are padded to whole 16-byte
+        vectors, which they read and write (`slack` elements of `buf` cover the padding)."""
+        if self.backend != "triton":
+            return buf[: n * nv].view(n, nv)
+        width = self._tl.padded(nv)
+        return buf[: n * width].view(n, width)[:, :nv]
+
+    def slack(self, n_rows: int) -> int:
+        """Extra elements of the tile buffer that padded rows of `n_rows` tokens need."""
+        return n_rows * self._tl._ROW_ALIGN if self.backend == "triton" else 0
+
     def bytes_per_logit(self) -> int:
         """Bytes of working memory per projected logit (the float32 tile, and what rides on it)."""
         size = torch.empty(0, dtype=self.acc).element_size()
@@ -151,11 +163,14 @@ class _Rows:
             m = torch.full((n,), float("-inf"), dtype=acc, device=dev)
             s, target, dummy = (torch.zeros(k, dtype=acc, device=dev) for k in (n, n, 1))
             block, warps = self._tl.launch_config(nv, x.element_size())
-            self._tl._linear_fwd_kernel[(n,)](
-                x, local, m, s, dummy, dummy, dummy.long(), target, self._params, nv,
-                x.stride(0), 0, HAS_SOFTCAP=tf.softcap is not None, STATS=False,
-                ACC=self._tl.tl_acc_dtype(acc), BLOCK_V=block, num_warps=warps,
-            )  # fmt: skip
+            vec = self._tl.vec_elems(x.element_size())
+            with self._tl.device_guard(x):
+                self._tl._linear_fwd_kernel[(n,)](
+                    x, local, m, s, dummy, dummy, dummy, dummy.long(), target, self._params, nv,
+                    -(-nv // vec) * vec, x.stride(0), 0, HAS_SOFTCAP=tf.softcap is not None,
+                    STATS=False, ACC=self._tl.tl_acc_dtype(acc), BLOCK_V=block, VEC=vec,
+                    num_warps=warps,
+                )  # fmt: skip
             return m + torch.log(s), target
         z = _transform(x, tf)
         here = local >= 0
@@ -174,11 +189,13 @@ class _Rows:
             if n == 0:
                 return
             block, warps = self._tl.launch_config(nv, x.element_size())
-            self._tl._linear_bwd_kernel[(n, -(-nv // block))](
-                x, local, g.contiguous(), lse.contiguous(), self._params, nv, x.stride(0), 0,
-                HAS_SOFTCAP=tf.softcap is not None, ACC=self._tl.tl_acc_dtype(x.dtype),
-                BLOCK_V=block, num_warps=warps,
-            )  # fmt: skip
+            vec = self._tl.vec_elems(x.element_size())
+            with self._tl.device_guard(x):
+                self._tl._linear_bwd_kernel[(n, -(-nv // block))](
+                    x, local, g.contiguous(), lse.contiguous(), self._params, -(-nv // vec) * vec,
+                    x.stride(0), 0, HAS_SOFTCAP=tf.softcap is not None,
+                    ACC=self._tl.tl_acc_dtype(x.dtype), BLOCK_V=block, VEC=vec, num_warps=warps,
+                )  # fmt: skip
             return
         slope = tf.factor
         if tf.softcap is not None:
@@ -279,7 +296,7 @@ def _chunk_single_pass(rows, batch, grads, weight, bias, k0, k1, buf, grad_fn):
     y = batch.labels.index_select(0, idx)
     h = rows.rows_in(batch.rows_of(idx))
     n, V = idx.numel(), weight.shape[0]
-    x = buf[: n * V].view(n, V)
+    x = rows.tile(buf, n, V)
     rows.project(x, h, weight, bias, 0)
     lse, target = rows.lse(x, y)
     sums = _row_sums(target - lse, seg, 2 * (k1 - k0))
@@ -323,7 +340,7 @@ def _chunk_recompute(rows, batch, grads, weight, bias, k0, k1, buf, budget_logit
         h = rows.rows_in(hid[ts:te])
         run = torch.full((te - ts,), float("-inf"), dtype=acc, device=buf.device)
         for vs, ve in blocks:
-            x = buf[: (te - ts) * (ve - vs)].view(te - ts, ve - vs)
+            x = rows.tile(buf, te - ts, ve - vs)
             rows.project(x, h, weight, bias, vs)
             lse_b, t_b = rows.lse(x, _local(y[ts:te], vs, ve))
             run = torch.logaddexp(run, lse_b)
@@ -339,7 +356,7 @@ def _chunk_recompute(rows, batch, grads, weight, bias, k0, k1, buf, budget_logit
         if grads.dh is not None:
             dh = torch.zeros(te - ts, hid.shape[1], dtype=acc, device=buf.device)
         for vs, ve in blocks:
-            x = buf[: (te - ts) * (ve - vs)].view(te - ts, ve - vs)
+            x = rows.tile(buf, te - ts, ve - vs)
             rows.project(x, h, weight, bias, vs)
             rows.grad(x, _local(y[ts:te], vs, ve), g[ts:te], lse[ts:te])
             rows.backprop(x, h, weight, vs, dh, grads.dw, grads.db, grads.dw_fresh)
@@ -445,7 +462,7 @@ def _run(hidden, weight, bias, labels, counted, rc, rr, spec, tf, budget, backen
     # One buffer for every chunk: the largest chunk's logits, or one tile of the recompute route.
     need = [sum(pair_tokens[k0:k1]) * V if fits else min(budget_logits, sum(pair_tokens[k0:k1]) * V)
             for k0, k1, fits in plan]  # fmt: skip
-    buf = torch.empty(max(1, *need), dtype=acc, device=dev)
+    buf = torch.empty(max(1, *need) + rows.slack(sum(pair_tokens)), dtype=acc, device=dev)
     pc = torch.empty(P, dtype=acc, device=dev)
     pr = torch.empty(P, dtype=acc, device=dev)
     for k0, k1, fits in plan:

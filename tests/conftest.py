@@ -1,23 +1,47 @@
-"""Shared test setup: Triton kernels run on CPU tensors through the interpreter."""
+"""Shared test setup: Triton kernels run on CPU tensors through the interpreter.
+
+With DPO_KERNELS_TEST_DEVICE=cuda (scripts/gpu.sh) the same tests run on CUDA tensors instead:
+tensors created without a device go to the GPU, the Triton kernels are compiled (no interpreter),
+and the backends under test are the reference and Triton. Every comparison is then made on the
+GPU: float64 reference and naive same-dtype computation included.
+"""
 
 import os
 
+TEST_DEVICE = os.environ.get("DPO_KERNELS_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"DPO_KERNELS_TEST_DEVICE must be cpu or cuda, got {TEST_DEVICE!r}")
 # Must be set before triton.jit decorates the kernels (at dpo_kernels import).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    raise RuntimeError(
+        "DPO_KERNELS_TEST_DEVICE=cuda runs the compiled kernels: unset TRITON_INTERPRET"
+    )
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import importlib.util
+import importlib.util  # noqa: E402  (after the environment the imports read)
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-import dpo_kernels
+import dpo_kernels  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+if TEST_DEVICE == "cuda":
+    torch.set_default_device("cuda")
+
+# Precision of a float32 accumulation, per step. The interpreter's exp and log are numpy's
+# (correctly rounded to about 1 ulp); compiled for a GPU, tl.exp and tl.log are ex2.approx and
+# lg2.approx (2 ulp, plus the rounding of x * log2(e) before ex2): 4 ulp there.
+EPS32 = 2**-23 if TEST_DEVICE == "cpu" else 4 * 2**-23
 
 
 def cpu_backends() -> list[str]:
-    """Every backend that can run on CPU tensors here."""
+    """Every backend that can run on the tests' tensors here (CPU; CUDA with
+    DPO_KERNELS_TEST_DEVICE=cuda, where the C++ CPU backend does not apply)."""
+    if TEST_DEVICE == "cuda":
+        return ["reference", "triton"]
     names = ["reference"]
     if dpo_kernels.cpu_extension_available():
         names.append("cpu")
@@ -101,7 +125,7 @@ def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0):
 
 def preference_examples(n: int, vocab: int = 97, seed: int = 0):
     """Token-id preference examples of varied prompt and completion lengths."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
 
     def ids(lo, hi):
         k = int(torch.randint(lo, hi, (1,), generator=g))
@@ -111,3 +135,17 @@ def preference_examples(n: int, vocab: int = 97, seed: int = 0):
         {"prompt_ids": ids(2, 8), "chosen_ids": ids(1, 9), "rejected_ids": ids(1, 9)}
         for _ in range(n)
     ]
+
+
+# Tests about CPU-only machinery (the C++ backend on CPU tensors, gloo process groups, the CPU
+# benchmark): skipped when the suite runs on CUDA tensors.
+CPU_ONLY_MODULES = ("test_cpu_backend.py", "test_distributed.py", "test_bench_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_DEVICE != "cuda":
+        return
+    skip = pytest.mark.skip(reason="CPU-only test (DPO_KERNELS_TEST_DEVICE=cuda)")
+    for item in items:
+        if item.path.name in CPU_ONLY_MODULES:
+            item.add_marker(skip)

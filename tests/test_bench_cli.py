@@ -150,3 +150,20 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "plot.png"
     assert cli.main(["bench", *TINY, "--no-memory", "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_probes_run_one_at_a_time_and_sections_replace(tmp_path):
+    from dpo_kernels import bench
+
+    assert bench.probe_workers("cuda") == 1
+    assert bench.probe_workers("cpu") >= 1
+    facts = {"device": "GPU X", "torch": "2.x", "stream_GBps": 1.0, "date": "d", "command": "c"}
+    row = bench.Row("logprobs", "2x8x37", "fp32", "ours", time_ms=1.5, status="ok")
+    path = tmp_path / "B.md"
+    path.write_text("# Benchmarks\n\n## CPU\n\ntext\n")
+    bench.write_section(str(path), bench.markdown_section([row], facts, "CUDA: GPU X"))
+    row.time_ms = 2.5
+    bench.write_section(str(path), bench.markdown_section([row], facts, "CUDA: GPU X"))
+    text = path.read_text()
+    assert text.count("## CUDA: GPU X") == 1 and "| 2.50 |" in text and "| 1.50 |" not in text
+    assert text.startswith("# Benchmarks\n\n## CPU\n\ntext\n")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import GRAD_TOL, assert_no_worse_than_naive, cpu_backends
+from conftest import EPS32, GRAD_TOL, assert_no_worse_than_naive, cpu_backends
 
 import dpo_kernels
 from dpo_kernels.ops import reference
@@ -38,7 +38,7 @@ def naive_sums(logits, labels, mask, ignore_index=-100):
 
 
 def fwd_tol(logits, T):
-    eps = EPS_ACC.get(logits.dtype, 1.2e-7)
+    eps = EPS_ACC.get(logits.dtype, EPS32)
     scale = max(1.0, logits.double().nan_to_num(0, 0, 0).abs().max().item())
     return 8 * eps * T * scale + 1e-12
 

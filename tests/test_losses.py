@@ -89,7 +89,7 @@ def numeric_grad(f, xs, i, h=1e-6):
 
 
 def make_pairs(P=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     pc = -20 - 30 * torch.rand(P, generator=g, dtype=torch.float64)
     pr = -20 - 30 * torch.rand(P, generator=g, dtype=torch.float64)
     rc = pc + 4 * torch.randn(P, generator=g, dtype=torch.float64)

@@ -10,7 +10,7 @@ from dpo_kernels.ops import reference
 
 
 def packed_case(lengths, V=50, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     N = sum(lengths)
     logits = (torch.randn(N, V, generator=g) * 2).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)

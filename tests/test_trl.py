@@ -26,7 +26,7 @@ def tiny_tokenizer():
 
 
 def preference_dataset(n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
 
     def words(lo, hi):
         k = int(torch.randint(lo, hi, (1,), generator=g))

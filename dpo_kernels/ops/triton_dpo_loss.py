@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .reference import ALPHA_CLAMP_MAX, LOSS_TYPES, DPOLossSpec, acc_dtype
-from .triton_logprobs import tl_acc_dtype
+from .triton_logprobs import device_constants, device_guard, tl_acc_dtype
 
 SORTING = ("aot", "aot_unpaired")
 _FDIV = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2, "alpha_divergence": 3}
@@ -210,7 +210,7 @@ def dpo_loss_and_grads(
     P = pc.shape[0]
     dtype = acc_dtype(pc.dtype)
     args = [x.to(dtype).contiguous() for x in (pc, pr, rc, rr, nc, nr)]
-    weights = torch.zeros(len(LOSS_TYPES), dtype=dtype)
+    weights = [0.0] * len(LOSS_TYPES)
     types = 0
     sorting = []
     for kind, w in zip(spec.loss_types, spec.loss_weights, strict=True):
@@ -219,34 +219,33 @@ def dpo_loss_and_grads(
             continue
         i = LOSS_TYPES.index(kind)
         types |= 1 << i
-        weights[i] += w
+        weights[i] += float(w)
     out = [torch.empty(P, dtype=dtype, device=pc.device) for _ in range(3)]
     loss = torch.empty(1, dtype=dtype, device=pc.device)
     a1 = spec.f_alpha_divergence_coef - 1.0
     fdiv = _FDIV[spec.f_divergence_type]
     if fdiv == 3 and abs(a1) < 1e-6:
         fdiv = 0  # alpha -> 1 is reverse KL
-    _dpo_loss_kernel[(1,)](
-        *args,
-        weights.to(pc.device),
-        loss,
-        *out,
-        torch.tensor(
-            [
-                spec.beta,
-                spec.label_smoothing,
-                spec.discopop_tau,
-                a1 if fdiv == 3 else 1.0,
-                ALPHA_CLAMP_MAX,
-            ],
-            dtype=dtype,
-        ).to(pc.device),
-        P,
-        TYPES=types,
-        FDIV=fdiv,
-        ACC=tl_acc_dtype(dtype),
-        BLOCK=min(1024, max(16, triton.next_power_of_2(P))),
+    params = (
+        float(spec.beta),
+        float(spec.label_smoothing),
+        float(spec.discopop_tau),
+        float(a1 if fdiv == 3 else 1.0),
+        float(ALPHA_CLAMP_MAX),
     )
+    with device_guard(pc):
+        _dpo_loss_kernel[(1,)](
+            *args,
+            device_constants(tuple(weights), dtype, pc.device),  # no host-to-device copy
+            loss,
+            *out,
+            device_constants(params, dtype, pc.device),
+            P,
+            TYPES=types,
+            FDIV=fdiv,
+            ACC=tl_acc_dtype(dtype),
+            BLOCK=min(1024, max(16, triton.next_power_of_2(P))),
+        )
     loss = loss[0]
     per, dpc, dpr = out
     if sorting:

@@ -10,6 +10,12 @@ recomputed and `_linear_bwd_kernel` overwrites it with the gradient with respect
 pre-transform logits; cuBLAS then accumulates dh (per token tile) and dW, db (across token tiles) in
 float32, cast once at the end. Why cuBLAS tiles rather than a fused matmul kernel: BENCHMARKS.md.
 
+The buffer's rows are padded to a multiple of 16 elements, so every row starts on a 16-byte
+boundary whatever the vocabulary size; the kernels read (and the backward writes) whole 16-byte
+vectors up to the padded width, and the forward drops the padding columns with a select.
+Everything (cuBLAS and Triton) runs under one device guard for the inputs' device, on that
+device's current stream.
+
 Launchers here take validated tensors; autograd and dispatch live in `dpo_kernels.functional`.
 """
 
@@ -20,12 +26,20 @@ import triton
 import triton.language as tl
 
 from .reference import LogitTransform, acc_dtype, stats_dtypes
-from .triton_logprobs import fold_block, launch_config, tl_acc_dtype
+from .triton_logprobs import (
+    device_constants,
+    device_guard,
+    fold_block,
+    launch_config,
+    tl_acc_dtype,
+    vec_elems,
+)
 
 # One projection tile: 2048 tokens x 4096 vocabulary entries, 32 MiB of float32 for any input;
 # large enough for cuBLAS to run near peak, small next to the [tokens, vocab] logits it replaces.
 TOKEN_TILE = 2048
 VOCAB_BLOCK = 4096
+_ROW_ALIGN = 16  # tile rows start every _ROW_ALIGN elements: 16-byte aligned for every dtype
 
 
 @triton.jit
@@ -65,12 +79,14 @@ def _linear_fwd_kernel(
     target_ptr,  # [n] out, the label's transformed logit, written by the block holding it
     params_ptr,  # [2] (logit_scale / temperature, softcap), ACC
     n_cols,
+    n_pad,  # n_cols rounded up to VEC: the row's allocated width, read in whole vectors
     s_tile,
     vocab_start,
     HAS_SOFTCAP: tl.constexpr,
     STATS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = tile_ptr + row.to(tl.int64) * s_tile
@@ -79,21 +95,21 @@ def _linear_fwd_kernel(
     pz = tl.zeros([], ACC)
     zsum = tl.zeros([], ACC)
     sq = tl.zeros([], ACC)
-    arg = tl.full([], -1, tl.int64)
+    arg = tl.full([], 2**31 - 1, tl.int32)
     if STATS:
         pz = tl.load(pz_ptr + row)
         zsum = tl.load(zsum_ptr + row)
         sq = tl.load(sq_ptr + row)
-        arg = tl.load(arg_ptr + row)
-    for start in range(0, n_cols, BLOCK_V):
+        arg = tl.load(arg_ptr + row).to(tl.int32)
+    n_vec = n_pad // VEC * VEC  # n_pad is a multiple of VEC: say so to the compiler
+    for start in range(0, n_vec, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        valid = offs < n_cols
-        x = tl.load(row_ptr + offs, mask=valid, other=0.0).to(ACC)
+        x = tl.load(row_ptr + offs, mask=offs < n_vec, other=0.0).to(ACC)
+        valid = offs < n_cols  # the padding columns hold whatever the buffer held
         z, _ = _transform(x, params_ptr, HAS_SOFTCAP)
         z = tl.where(valid, z, float("-inf"))
-        m, s, pz, zsum, sq, arg = fold_block(
-            m, s, pz, zsum, sq, arg, z, vocab_start + offs, valid, STATS
-        )
+        index = (vocab_start + offs).to(tl.int32)
+        m, s, pz, zsum, sq, arg = fold_block(m, s, pz, zsum, sq, arg, z, index, valid, STATS)
     tl.store(max_ptr + row, m)
     tl.store(sum_ptr + row, s)
     if STATS:
@@ -114,16 +130,17 @@ def _linear_bwd_kernel(
     grad_ptr,  # [n] upstream gradient of the label log-probs, ACC
     lse_ptr,  # [n] log-sum-exp saved by the forward, ACC
     params_ptr,  # [2] (logit_scale / temperature, softcap), ACC
-    n_cols,
+    n_pad,  # the tile's width rounded up to VEC: padding columns are computed and never read
     s_tile,
     vocab_start,
     HAS_SOFTCAP: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    valid = offs < n_cols
+    valid = offs < n_pad // VEC * VEC
     ptrs = tile_ptr + row.to(tl.int64) * s_tile + offs
     z, slope = _transform(tl.load(ptrs, mask=valid, other=0.0).to(ACC), params_ptr, HAS_SOFTCAP)
     g = tl.load(grad_ptr + row)
@@ -142,48 +159,84 @@ def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torc
         else:
             torch.addmm(b, h, w.T, out=out)
         return
-    if out.is_cuda:  # cuBLAS: bf16/fp16 inputs, float32 accumulation and result
-        torch.mm(h, w.T, out_dtype=out.dtype, out=out)
-    else:  # CPU tensors under TRITON_INTERPRET: ATen's CPU matmul has no bf16 -> float32 form
-        torch.mm(h.to(out.dtype), w.to(out.dtype).T, out=out)
-    if b is not None:
-        out += b.to(out.dtype)
+    # bf16/fp16: start from the bias (or 0) and accumulate the product in float32
+    if b is None:
+        out.zero_()
+    else:
+        out.copy_(b.to(out.dtype).expand_as(out))
+    _addmm_acc(out, h, w.T)
 
 
 def _projected_tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """Yields (token start, rows [n, H], vocab start, weight block [nv, H], tile [n, nv]) with
     tile = rows @ block.T + bias in the accumulation dtype (float32; float64 for float64 inputs),
     token tiles outside, vocabulary blocks inside. One buffer serves every tile: use each before
-    asking for the next."""
+    asking for the next. A tile's rows are `padded(nv)` apart, and the buffer holds every row's
+    padding."""
     M, V = hidden.shape[0], weight.shape[0]
-    buf = hidden.new_empty(min(M, TOKEN_TILE) * min(V, VOCAB_BLOCK), dtype=acc_dtype(hidden.dtype))
+    acc = acc_dtype(hidden.dtype)
+    buf = hidden.new_empty(min(M, TOKEN_TILE) * padded(min(V, VOCAB_BLOCK)), dtype=acc)
     for ts in range(0, M, TOKEN_TILE):
         h = hidden[ts : ts + TOKEN_TILE]
         for vs in range(0, V, VOCAB_BLOCK):
             w = weight[vs : vs + VOCAB_BLOCK]
-            tile = buf[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
+            n, nv = h.shape[0], w.shape[0]
+            tile = buf[: n * padded(nv)].view(n, padded(nv))[:, :nv]  # a BLAS leading dimension
             _project(h, w, None if bias is None else bias[vs : vs + VOCAB_BLOCK], tile)
             yield ts, h, vs, w, tile
 
 
+def padded(n_cols: int) -> int:
+    """Row stride of an n_cols-wide tile: a multiple of _ROW_ALIGN elements."""
+    return -(-n_cols // _ROW_ALIGN) * _ROW_ALIGN
+
+
 def _params(transform: LogitTransform, like: torch.Tensor) -> torch.Tensor:
     # A tensor rather than scalar arguments: Triton passes Python floats as float32.
-    acc = acc_dtype(like.dtype)
-    values = [transform.factor, transform.softcap or 0.0]
-    return torch.tensor(values, dtype=acc, device=like.device)
+    values = (float(transform.factor), float(transform.softcap or 0.0))
+    return device_constants(values, acc_dtype(like.dtype), like.device)
+
+
+def has_out_dtype_mm() -> bool:
+    """Whether this torch has `torch.addmm(..., out_dtype=...)` (a bf16/fp16 product accumulated
+    straight into a float32 tensor; torch >= 2.8). Probed once on meta tensors."""
+    global _OUT_DTYPE_MM
+    if _OUT_DTYPE_MM is None:
+        try:
+            acc = torch.empty(2, 2, device="meta")
+            a = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _OUT_DTYPE_MM = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_MM = False
+    return _OUT_DTYPE_MM
+
+
+_OUT_DTYPE_MM: bool | None = None
 
 
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with a float32 result, without rounding a @ b to the inputs' dtype first.
 
-    One of a, b is a gradient tile (float32) and the other the inputs' rows or weight block."""
+    One of a, b may be a gradient tile (float32) and the other the inputs' rows or weight block.
+    CUDA (and meta) tensors use the out-dtype matmul where this torch has it (one cuBLAS call in
+    the inputs' dtype, the float32 gradient tile rounded once, float32 accumulation); elsewhere,
+    or if this build rejects the combination, the inputs are upcast first (exact, one temporary
+    each): ATen's CPU matmul has no bf16 -> float32 form."""
     if a.dtype == b.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:  # cuBLAS in the inputs' dtype: the float32 gradient tile is rounded once
+        return
+    global _OUT_DTYPE_MM
+    if acc.device.type in ("cuda", "meta") and has_out_dtype_mm():
         low = b.dtype if a.dtype == acc.dtype else a.dtype
-        torch.addmm(acc, a.to(low), b.to(low), out_dtype=acc.dtype, out=acc)
-    else:  # CPU tensors under TRITON_INTERPRET: ATen's CPU matmul has no bf16 -> float32 form
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        try:
+            torch.addmm(acc, a.to(low), b.to(low), out_dtype=acc.dtype, out=acc)
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # a build that rejects float32 out with bf16/fp16 inputs: upcast
+            _OUT_DTYPE_MM = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def linear_logprobs_forward(
@@ -197,6 +250,11 @@ def linear_logprobs_forward(
     """Label log-probs [M], log-sum-exp [M] and, with `stats`, entropy, mean logit,
     label-is-argmax and log sum_v p_v^2 [M] (float32; float64 for float64 inputs):
     ops/reference.py's contract."""
+    with device_guard(hidden):
+        return _forward(hidden, weight, bias, targets, transform, stats)
+
+
+def _forward(hidden, weight, bias, targets, transform, stats):
     M = hidden.shape[0]
     params = _params(transform, hidden)
     acc, dev = params.dtype, hidden.device
@@ -205,10 +263,11 @@ def linear_logprobs_forward(
     target = torch.zeros(M, dtype=acc, device=dev)
     n_stats = M if stats else 1
     pz, zsum, sq = (torch.zeros(n_stats, dtype=acc, device=dev) for _ in range(3))
-    arg = torch.full((n_stats,), -1, dtype=torch.int64, device=dev)
+    arg = torch.full((n_stats,), 2**31 - 1, dtype=torch.int64, device=dev)  # see fold_block
     for ts, _, vs, _, tile in _projected_tiles(hidden, weight, bias):
         n, nv = tile.shape
-        block, warps = launch_config(nv, tile.element_size())
+        vec = vec_elems(tile.element_size())
+        block, warps = launch_config(nv, tile.element_size(), stats)
         _linear_fwd_kernel[(n,)](
             tile,
             targets[ts:],
@@ -221,12 +280,14 @@ def linear_logprobs_forward(
             target[ts:],
             params,
             nv,
+            -(-nv // vec) * vec,
             tile.stride(0),
             vs,
             HAS_SOFTCAP=transform.softcap is not None,
             STATS=stats,
             ACC=tl_acc_dtype(hidden.dtype),
             BLOCK_V=block,
+            VEC=vec,
             num_warps=warps,
         )
     log_s = torch.log(run_sum)
@@ -250,6 +311,11 @@ def linear_logprobs_backward(
     needs: tuple[bool, bool, bool],  # gradients wanted for (hidden, weight, bias)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for hidden [M, H], weight [V, H], bias [V] in their dtypes ([0] if not asked)."""
+    with device_guard(hidden):
+        return _backward(grad, hidden, weight, bias, targets, lse, transform, needs)
+
+
+def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
     (M, H), V = hidden.shape, weight.shape[0]
     hidden_grad, weight_grad, bias_grad = needs
     params = _params(transform, hidden)
@@ -264,6 +330,7 @@ def linear_logprobs_backward(
     lse = lse.to(acc).contiguous()
     for ts, h, vs, w, tile in _projected_tiles(hidden, weight, bias):
         n, nv = tile.shape
+        vec = vec_elems(tile.element_size())
         block, warps = launch_config(nv, tile.element_size())
         _linear_bwd_kernel[(n, triton.cdiv(nv, block))](
             tile,
@@ -271,12 +338,13 @@ def linear_logprobs_backward(
             grad[ts:],
             lse[ts:],
             params,
-            nv,
+            -(-nv // vec) * vec,
             tile.stride(0),
             vs,
             HAS_SOFTCAP=transform.softcap is not None,
             ACC=tl_acc_dtype(hidden.dtype),
             BLOCK_V=block,
+            VEC=vec,
             num_warps=warps,
         )
         if hidden_grad:

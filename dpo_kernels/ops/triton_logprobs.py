@@ -8,10 +8,23 @@ reference model's row (same labels, same mask) is handled in the same program wh
 Backward: one program per row writes `g * (onehot(label) - exp(z - lse))` for counted rows and zeros
 for the rest. No other [rows, vocab] tensor exists.
 
+128-bit accesses for any vocabulary size: a row of V elements starts wherever its strides put it
+(V = 32001 puts odd rows at odd addresses), so each row is split into a head of fewer than VEC
+elements up to the first 16-byte boundary, a main loop over whole 16-byte vectors (`LDG.E.128`,
+and `STG.E.128` for the gradient), and the few elements after the last whole vector; head and end
+go in one small masked access. Pointers are passed as a 16-byte-aligned base plus element offsets
+so that the alignment is visible to the compiler (`_aligned_base`).
+
+Every launch runs under a device guard for its tensors' device (`device_guard`): Triton launches on
+the current device and its current stream, which are then the tensors' device and the stream that
+PyTorch (cuBLAS included) uses there.
+
 Launchers here take validated tensors; autograd and dispatch live in `dpo_kernels.functional`.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -21,18 +34,34 @@ from .reference import acc_dtype
 
 # Largest vocab chunk a program holds at once: 16 KiB of logits (8 KiB for 64-bit types' inputs).
 _MAX_BLOCK_BYTES = 16384
+# Bytes of one row a thread loads per block iteration, at most: enough 128-bit loads in flight to
+# hide latency, few enough registers to stay far from a spill (the next block is prefetched, so
+# two blocks are alive). With statistics a thread also keeps exp(z - m) and int32 positions alive
+# next to z: half as many.
+_BYTES_PER_THREAD = 64
+_BYTES_PER_THREAD_STATS = 32
 
 
-def launch_config(vocab: int, element_size: int) -> tuple[int, int]:
+def vec_elems(element_size: int) -> int:
+    """Elements in one 16-byte (128-bit) access."""
+    return max(1, 16 // element_size)
+
+
+def launch_config(vocab: int, element_size: int, stats: bool = False) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a row of `vocab` elements of `element_size` bytes.
 
     Each thread loads 16 bytes per access (128-bit loads); a block covers up to 16 KiB so a
-    thread holds a handful of vectors and the per-block reductions are amortized.
+    thread holds a handful of vectors and the per-block reductions are amortized. With `stats`
+    (five running reductions, positions for the argmax) a thread holds half as many bytes.
     """
     block = min(triton.next_power_of_2(vocab), _MAX_BLOCK_BYTES // element_size)
-    per_thread = 16 // element_size  # elements in one 128-bit load
+    per_thread = vec_elems(element_size)  # elements in one 128-bit load
     num_warps = max(1, min(8, block // (32 * per_thread * 2)))
-    return block, num_warps
+    limit = (_BYTES_PER_THREAD_STATS if stats else _BYTES_PER_THREAD) // element_size
+    while block > 32 * num_warps * max(limit, per_thread):
+        block //= 2
+    # At least one 16-byte vector per thread, or the compiler splits the block into narrower loads.
+    return max(block, 32 * num_warps * per_thread), num_warps
 
 
 def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -40,13 +69,55 @@ def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes `t`'s CUDA device current for a launch (a no-op for CPU tensors): Triton launches on
+    the current device's current stream, and so does PyTorch for ops on `t`."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def device_constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device):
+    """`torch.tensor(values)` on `device` without a host-to-device copy (which would wait for the
+    device, and cannot be captured in a CUDA graph): each value is a fill kernel's argument. Kept
+    per (values, dtype, device), except while a CUDA graph is being captured."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (values, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = torch.empty(len(values), dtype=dtype, device=device)
+        for i, v in enumerate(values):
+            t[i].fill_(v)
+        if not torch.cuda.is_current_stream_capturing():
+            if len(_CONSTANTS) > 256:
+                _CONSTANTS.clear()
+            _CONSTANTS[key] = t
+    return t
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _aligned_base(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(a view of x's storage starting at the 16-byte boundary at or before x's first element,
+    x's first element's offset from it). Kernels index from that base, so a row's alignment is
+    the alignment of its element offset, which the kernels compute."""
+    lead = (x.data_ptr() // x.element_size()) % vec_elems(x.element_size())
+    lead = min(lead, x.storage_offset())
+    if lead == 0:
+        return x, 0
+    return x.as_strided((1,), (1,), x.storage_offset() - lead), lead
+
+
 @triton.jit
 def fold_block(m, s, pz, zsum, sq, arg, z, index, valid, STATS: tl.constexpr):
-    """Folds a block z of one row's logits (ACC; -inf where not `valid`; `index`: their positions
-    in the row) into the row's running statistics and returns them updated:
+    """Folds a block z of one row's logits (ACC; -inf where not `valid`; `index`: their int32
+    positions in the row) into the row's running statistics and returns them updated:
     m max, s sum of exp(z - m), and with STATS pz sum of exp(z - m) * z, zsum sum of z, sq sum of
     exp(2 (z - m)) (for log sum_v p_v^2 = log sq - 2 log s; one multiply, no extra exp), arg the
-    first argmax."""
+    first argmax (the smallest position holding the max, whatever order the blocks come in; it
+    starts at 2**31 - 1, so a row that is all -inf gets its first position)."""
     blk_max = tl.max(z, 0)
     m_new = tl.maximum(m, blk_max)
     # An infinite max shifts by 0: a row that is -inf so far has nothing to rescale
@@ -59,16 +130,49 @@ def fold_block(m, s, pz, zsum, sq, arg, z, index, valid, STATS: tl.constexpr):
         pz = pz * scale + tl.sum(tl.where(e == 0.0, 0.0, e * z), 0)
         sq = sq * (scale * scale) + tl.sum(e * e, 0)
         zsum += tl.sum(tl.where(valid, z, 0.0), 0)
-        blk_arg = tl.min(tl.where(z == blk_max, index.to(tl.int64), 2**62), 0)
-        # strictly: earlier blocks win ties; a row that is all -inf so far has its first -inf
-        arg = tl.where((blk_max > m) | (arg < 0), blk_arg, arg)
+        blk_arg = tl.min(tl.where(z == blk_max, index, 2**31 - 1), 0)
+        tie = tl.where(blk_max == m, tl.minimum(arg, blk_arg), arg)
+        arg = tl.where(blk_max > m, blk_arg, tie)
     return m_new, s, pz, zsum, sq, arg
 
 
 @triton.jit
+def row_fold(
+    base_ptr, row_off, V, m, s, pz, zsum, sq, arg, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr, STATS: tl.constexpr,
+):  # fmt: skip
+    """Folds the V logits at base_ptr + row_off (base 16-byte aligned, int64 element offset) into
+    the running statistics (see fold_block): whole 16-byte vectors in the loop, then the head and
+    end elements in one masked access."""
+    a0 = (row_off + VEC - 1) // VEC * VEC  # first 16-byte boundary of the row
+    head = a0 - row_off
+    n_vec = tl.maximum(V - head, 0) // VEC * VEC
+    ptr = base_ptr + a0
+    lanes = tl.arange(0, BLOCK_V)
+    # Prefetch: block i + 1's loads are issued before block i is folded, so a row's loop keeps
+    # one block of loads in flight while it computes (what hides latency when a few long rows,
+    # not many programs per SM, are all there is). The last prefetch is fully masked: no traffic.
+    nxt = tl.load(ptr + lanes, mask=lanes < n_vec, other=float("-inf"))
+    for start in range(0, n_vec, BLOCK_V):
+        offs = start + lanes
+        valid = offs < n_vec
+        z = nxt.to(ACC)
+        ahead = offs + BLOCK_V
+        nxt = tl.load(ptr + ahead, mask=ahead < n_vec, other=float("-inf"))
+        index = lanes + (head + start).to(tl.int32)  # int32: fewer registers than int64
+        m, s, pz, zsum, sq, arg = fold_block(m, s, pz, zsum, sq, arg, z, index, valid, STATS)
+    edge = tl.arange(0, 2 * VEC)
+    pos = tl.where(edge < VEC, edge, head + n_vec + edge - VEC)
+    valid = tl.where(edge < VEC, edge < head, True) & (pos < V)
+    z = tl.load(base_ptr + row_off + pos, mask=valid, other=float("-inf")).to(ACC)
+    return fold_block(m, s, pz, zsum, sq, arg, z, pos.to(tl.int32), valid, STATS)
+
+
+@triton.jit
 def _row_lse_and_target(
-    row_ptr, V, label, ACC: tl.constexpr, BLOCK_V: tl.constexpr, STATS: tl.constexpr
-):
+    base_ptr, row_off, V, label, ACC: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    STATS: tl.constexpr,
+):  # fmt: skip
     """Log-sum-exp of one row of V logits and the logit at `label`, both in ACC precision; with
     STATS also the entropy, the mean logit, whether `label` is the first argmax and
     log sum_v p_v^2."""
@@ -77,12 +181,11 @@ def _row_lse_and_target(
     pz = tl.zeros([], ACC)
     zsum = tl.zeros([], ACC)
     sq = tl.zeros([], ACC)
-    arg = tl.full([], -1, tl.int64)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC)
-        m, s, pz, zsum, sq, arg = fold_block(m, s, pz, zsum, sq, arg, z, offs, offs < V, STATS)
-    target = tl.load(row_ptr + label).to(ACC)
+    arg = tl.full([], 2**31 - 1, tl.int32)
+    m, s, pz, zsum, sq, arg = row_fold(
+        base_ptr, row_off, V, m, s, pz, zsum, sq, arg, ACC, BLOCK_V, VEC, STATS
+    )
+    target = tl.load(base_ptr + row_off + label).to(ACC)
     log_s = tl.log(s)
     lse = m + log_s
     top1 = (arg == label) & (lse == lse)  # a row with a NaN has no argmax
@@ -105,10 +208,10 @@ def _row_token(
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr,
+    logits_ptr,  # 16-byte-aligned base; row (b, t) starts at z0 + b * s_zb + t * s_zt
     labels_ptr,
     mask_ptr,
-    ref_ptr,
+    ref_ptr,  # the same for the reference logits, with r0, s_rb, s_rt
     tok_ptr,  # [B*T] out, label log-prob (0 where not counted)
     lse_ptr,  # [B*T] out, log-sum-exp (0 where not counted)
     ref_tok_ptr,  # [B*T] out, reference label log-prob
@@ -119,12 +222,14 @@ def _logprobs_fwd_kernel(
     T,
     V,
     ignore_index,
+    z0,
     s_zb,
     s_zt,
     s_yb,
     s_yt,
     s_mb,
     s_mt,
+    r0,
     s_rb,
     s_rt,
     HAS_MASK: tl.constexpr,
@@ -133,6 +238,9 @@ def _logprobs_fwd_kernel(
     ACC: tl.constexpr,
     REF_ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    REF_BLOCK_V: tl.constexpr,
+    REF_VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
     b, t, label, counted = _row_token(
@@ -146,7 +254,7 @@ def _logprobs_fwd_kernel(
     top1 = label != label
     if counted:
         lse, target, ent, mean, top1, log_sum_sq = _row_lse_and_target(
-            logits_ptr + b * s_zb + t * s_zt, V, label, ACC, BLOCK_V, STATS
+            logits_ptr, z0 + b * s_zb + t * s_zt, V, label, ACC, BLOCK_V, VEC, STATS
         )
         tok = target - lse
     tl.store(tok_ptr + row, tok)
@@ -160,7 +268,7 @@ def _logprobs_fwd_kernel(
         ref_tok = tl.zeros([], REF_ACC)
         if counted:
             ref_lse, ref_target, _, _, _, _ = _row_lse_and_target(
-                ref_ptr + b * s_rb + t * s_rt, V, label, REF_ACC, BLOCK_V, False
+                ref_ptr, r0 + b * s_rb + t * s_rt, V, label, REF_ACC, REF_BLOCK_V, REF_VEC, False
             )
             ref_tok = ref_target - ref_lse
         tl.store(ref_tok_ptr + row, ref_tok)
@@ -169,46 +277,71 @@ def _logprobs_fwd_kernel(
 @triton.jit
 def _logprobs_bwd_kernel(
     grad_ptr,  # [B, T] upstream gradient of the token log-probs (any strides)
-    logits_ptr,
+    logits_ptr,  # 16-byte-aligned base; row (b, t) starts at z0 + b * s_zb + t * s_zt
     labels_ptr,
     mask_ptr,
     lse_ptr,  # [B*T] saved by the forward
-    dlogits_ptr,  # [B*T, V] out, contiguous
+    dlogits_ptr,  # out, 16-byte-aligned base; SAME: rows where the logits' are, else b*s_ob+t*s_ot
     T,
     V,
     ignore_index,
+    z0,
     s_gb,
     s_gt,
     s_zb,
     s_zt,
+    s_ob,
+    s_ot,
     s_yb,
     s_yt,
     s_mb,
     s_mt,
     HAS_MASK: tl.constexpr,
+    SAME: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     row = tl.program_id(0)
     b, t, label, counted = _row_token(
         row, T, labels_ptr, mask_ptr, ignore_index, s_yb, s_yt, s_mb, s_mt, HAS_MASK
     )
-    out_ptr = dlogits_ptr + row.to(tl.int64) * V
+    row_z = z0 + b * s_zb + t * s_zt
+    if SAME:  # the gradient has the logits' layout: one alignment for both
+        row_o = row_z
+    else:
+        row_o = b * s_ob + t * s_ot
+    a0 = (row_o + VEC - 1) // VEC * VEC  # the stores' first 16-byte boundary
+    head = a0 - row_o
+    n_vec = tl.maximum(V - head, 0) // VEC * VEC
+    out_ptr = dlogits_ptr + a0
+    if SAME:
+        z_ptr = logits_ptr + a0
+    else:
+        z_ptr = logits_ptr + (row_z + head)
+    lanes = tl.arange(0, 2 * VEC)  # head and end elements: fewer than VEC each
+    pos = tl.where(lanes < VEC, lanes, head + n_vec + lanes - VEC)
+    edge = tl.where(lanes < VEC, lanes < head, True) & (pos < V)
     if counted:
         g = tl.load(grad_ptr + b * s_gb + t * s_gt).to(ACC)
         lse = tl.load(lse_ptr + row).to(ACC)
-        z_ptr = logits_ptr + b * s_zb + t * s_zt
-        for start in range(0, V, BLOCK_V):
+        for start in range(0, n_vec, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            z = tl.load(z_ptr + offs, mask=offs < V, other=0.0).to(ACC)
-            onehot = tl.where(offs == label, 1.0, 0.0).to(ACC)
+            valid = offs < n_vec
+            z = tl.load(z_ptr + offs, mask=valid, other=0.0).to(ACC)
+            at = (label - head - start).to(tl.int32)  # the label's lane, compared in int32
+            onehot = tl.where(tl.arange(0, BLOCK_V) == at, 1.0, 0.0).to(ACC)
             dz = g * (onehot - tl.exp(z - lse))
-            tl.store(out_ptr + offs, dz.to(dlogits_ptr.dtype.element_ty), mask=offs < V)
+            tl.store(out_ptr + offs, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
+        z = tl.load(logits_ptr + row_z + pos, mask=edge, other=0.0).to(ACC)
+        dz = g * (tl.where(pos == label, 1.0, 0.0).to(ACC) - tl.exp(z - lse))
+        tl.store(dlogits_ptr + row_o + pos, dz.to(dlogits_ptr.dtype.element_ty), mask=edge)
     else:
         zeros = tl.zeros([BLOCK_V], dlogits_ptr.dtype.element_ty)
-        for start in range(0, V, BLOCK_V):
+        for start in range(0, n_vec, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            tl.store(out_ptr + offs, zeros, mask=offs < V)
+            tl.store(out_ptr + offs, zeros, mask=offs < n_vec)
+        tl.store(dlogits_ptr + row_o + pos, tl.zeros([2 * VEC], zeros.dtype), mask=edge)
 
 
 def _vocab_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -220,6 +353,24 @@ def _mask_args(mask: torch.Tensor | None, labels: torch.Tensor):
     if mask is None:
         return labels, 0, 0  # dummy pointer, never read
     return mask, mask.stride(0), mask.stride(1)
+
+
+def grad_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """The strides the logits' gradient gets from logprobs_backward: the logits' own when their
+    rows do not overlap and leave little unused between them (`logits[:, :-1]` of a [B, T + 1, V]
+    tensor: B - 1 unused rows), so that a row of both starts at the same 16-byte phase and loads
+    and stores are both 128-bit; None (contiguous) otherwise."""
+    B, T, V = shape
+    s_b, s_t, s_v = strides
+    if s_v != 1 or B * T == 0:
+        return None
+    if (T > 1 and s_t < V) or (B > 1 and s_b < (T - 1) * s_t + V):
+        return None  # rows overlap (or are out of order)
+    span = (B - 1) * s_b * (B > 1) + (T - 1) * s_t * (T > 1) + V
+    numel = B * T * V
+    if span > numel + numel // 8:
+        return None
+    return (s_b if B > 1 else T * V, s_t if T > 1 else V, 1)
 
 
 def logprobs_forward(
@@ -245,51 +396,61 @@ def logprobs_forward(
     outs = (ent, mean, top1, sq)
     if stats:
         outs = tuple(x.view(B, T) for x in outs)
+    base, z0 = _aligned_base(logits)
+    # The statistics' budget with or without them: one block size, one order of summation, so the
+    # log-probs are the same bits whether stats are asked for or not.
+    block, warps = launch_config(V, logits.element_size(), stats=True)
     if ref_logits is not None:
         ref_logits = _vocab_contiguous(ref_logits)
         ref_acc = acc_dtype(ref_logits.dtype)
         ref_tok = torch.empty((B, T), dtype=ref_acc, device=logits.device)
-        ref_args = (ref_logits, ref_logits.stride(0), ref_logits.stride(1))
+        ref_base, r0 = _aligned_base(ref_logits)
+        ref_args = (ref_base, r0, ref_logits.stride(0), ref_logits.stride(1))
+        ref_block = launch_config(V, ref_logits.element_size())[0]
+        ref_vec = vec_elems(ref_logits.element_size())
     else:
         ref_acc = acc
         ref_tok = torch.empty(0, dtype=acc, device=logits.device)
-        ref_args = (logits, 0, 0)
+        ref_args = (base, 0, 0, 0)
+        ref_block, ref_vec = block, vec_elems(logits.element_size())
     mask_t, s_mb, s_mt = _mask_args(mask, labels)
     if B * T == 0:
         return tok, lse, ref_tok, *outs
-    element_size = max(logits.element_size(), ref_args[0].element_size())
-    block, warps = launch_config(V, element_size)
-    _logprobs_fwd_kernel[(B * T,)](
-        logits,
-        labels,
-        mask_t,
-        ref_args[0],
-        tok,
-        lse,
-        ref_tok if ref_logits is not None else tok,
-        ent if stats else tok,
-        mean if stats else tok,
-        top1 if stats else labels,
-        sq if stats else tok,
-        T,
-        V,
-        ignore_index,
-        logits.stride(0),
-        logits.stride(1),
-        labels.stride(0),
-        labels.stride(1),
-        s_mb,
-        s_mt,
-        ref_args[1],
-        ref_args[2],
-        HAS_MASK=mask is not None,
-        HAS_REF=ref_logits is not None,
-        STATS=stats,
-        ACC=tl_acc_dtype(logits.dtype),
-        REF_ACC=tl_acc_dtype(ref_acc),
-        BLOCK_V=block,
-        num_warps=warps,
-    )
+    with device_guard(logits):
+        _logprobs_fwd_kernel[(B * T,)](
+            base,
+            labels,
+            mask_t,
+            ref_args[0],
+            tok,
+            lse,
+            ref_tok if ref_logits is not None else tok,
+            ent if stats else tok,
+            mean if stats else tok,
+            top1 if stats else labels,
+            sq if stats else tok,
+            T,
+            V,
+            ignore_index,
+            z0,
+            logits.stride(0),
+            logits.stride(1),
+            labels.stride(0),
+            labels.stride(1),
+            s_mb,
+            s_mt,
+            *ref_args[1:],
+            HAS_MASK=mask is not None,
+            HAS_REF=ref_logits is not None,
+            STATS=stats,
+            ACC=tl_acc_dtype(logits.dtype),
+            REF_ACC=tl_acc_dtype(ref_acc),
+            BLOCK_V=block,
+            VEC=vec_elems(logits.element_size()),
+            REF_BLOCK_V=ref_block,
+            REF_VEC=ref_vec,
+            num_warps=warps,
+        )
     return tok, lse, ref_tok, *outs
 
 
@@ -301,35 +462,49 @@ def logprobs_backward(
     lse: torch.Tensor,  # [B, T] contiguous, from logprobs_forward
     ignore_index: int,
 ) -> torch.Tensor:
-    """Gradient of the token log-probs with respect to the logits: [B, T, V], logits' dtype."""
+    """Gradient of the token log-probs with respect to the logits: [B, T, V], logits' dtype, with
+    the strides of `grad_strides` (the logits' own where that keeps 128-bit stores)."""
     B, T, V = logits.shape
     logits = _vocab_contiguous(logits)
-    dlogits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
+    base, z0 = _aligned_base(logits)
+    strides = grad_strides((B, T, V), logits.stride())
+    same = strides is not None
+    lead = z0 if same else 0
+    strides = strides or (T * V, V, 1)
+    span = (B - 1) * strides[0] + (T - 1) * strides[1] + V if B * T else 0
+    out = torch.empty(lead + span, dtype=logits.dtype, device=logits.device)
+    dlogits = out.as_strided((B, T, V), strides, lead)
     if B * T == 0:
         return dlogits
     mask_t, s_mb, s_mt = _mask_args(mask, labels)
     block, warps = launch_config(V, logits.element_size())
-    _logprobs_bwd_kernel[(B * T,)](
-        grad_tok,
-        logits,
-        labels,
-        mask_t,
-        lse,
-        dlogits,
-        T,
-        V,
-        ignore_index,
-        grad_tok.stride(0),
-        grad_tok.stride(1),
-        logits.stride(0),
-        logits.stride(1),
-        labels.stride(0),
-        labels.stride(1),
-        s_mb,
-        s_mt,
-        HAS_MASK=mask is not None,
-        ACC=tl_acc_dtype(logits.dtype),
-        BLOCK_V=block,
-        num_warps=warps,
-    )
+    with device_guard(logits):
+        _logprobs_bwd_kernel[(B * T,)](
+            grad_tok,
+            base,
+            labels,
+            mask_t,
+            lse,
+            out,
+            T,
+            V,
+            ignore_index,
+            z0,
+            grad_tok.stride(0),
+            grad_tok.stride(1),
+            logits.stride(0),
+            logits.stride(1),
+            strides[0],
+            strides[1],
+            labels.stride(0),
+            labels.stride(1),
+            s_mb,
+            s_mt,
+            HAS_MASK=mask is not None,
+            SAME=same,
+            ACC=tl_acc_dtype(logits.dtype),
+            BLOCK_V=block,
+            VEC=vec_elems(logits.element_size()),
+            num_warps=warps,
+        )
     return dlogits

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The one command for a machine with a CUDA GPU. Runs, in order:
+#   1. the whole test suite on CUDA tensors (compiled Triton kernels, no interpreter;
+#      DPO_KERNELS_TEST_DEVICE=cuda, see tests/conftest.py), log in gpu-tests.log;
+#   2. the device-guard test with tensors on cuda:1 while cuda:0 is current, when two GPUs exist;
+#   3. `dpo-kernels bench --device cuda`, whose table goes into BENCHMARKS.md under a heading that
+#      names the GPU (an earlier section for the same GPU is replaced).
+# Exits non-zero if any step failed; every step runs regardless.
+# Usage: scripts/gpu.sh [extra bench args, e.g. --quick]   (PYTHON=... to pick the interpreter)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python
+unset TRITON_INTERPRET
+export DPO_KERNELS_TEST_DEVICE=cuda PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 2
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
+echo "== $GPU x$NGPU"
+status=0
+
+echo "== 1/3 test suite on CUDA tensors"
+"$PY" -m pytest -q -p no:cacheprovider -rs 2>&1 | tee gpu-tests.log
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if [ "$NGPU" -ge 2 ]; then
+  echo "== 2/3 two GPUs: tensors on cuda:1, cuda:0 current"
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ready.py -k second_gpu || status=1
+else
+  echo "== 2/3 skipped: one GPU"
+fi
+
+echo "== 3/3 dpo-kernels bench --device cuda $*"
+json=$(mktemp --suffix=.json)
+unset DPO_KERNELS_TEST_DEVICE
+"$PY" -m dpo_kernels bench --device cuda --json "$json" "$@" || status=1
+if [ -s "$json" ]; then
+  "$PY" - "$json" "$GPU" <<'PYEOF' || status=1
+import json, sys
+from dpo_kernels import bench
+data = json.load(open(sys.argv[1]))
+rows = [bench.Row(**r) for r in data["rows"]]
+bench.write_section("BENCHMARKS.md", bench.markdown_section(rows, data["facts"], f"CUDA: {sys.argv[2]}"))
+print("BENCHMARKS.md: section 'CUDA:", sys.argv[2] + "' written")
+PYEOF
+fi
+rm -f "$json"
+exit $status

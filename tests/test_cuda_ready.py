@@ -1,0 +1,343 @@
+"""What the first GPU would hit, checked without one: device guards, the out-dtype matmul, sync-free
+checks and mode, 16-byte alignment of any row. The tests marked `cuda` / `two_gpus` run only where
+those devices exist (scripts/gpu.sh)."""
+
+import contextlib
+import types
+
+import pytest
+import torch
+from conftest import GRAD_TOL, HAS_TRITON, assert_no_worse_than_naive
+
+import dpo_kernels
+from dpo_kernels import functional
+from dpo_kernels.ops import reference
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+CUDA = torch.cuda.is_available()
+TWO_GPUS = CUDA and torch.cuda.device_count() >= 2
+
+
+def _triton_modules():
+    from dpo_kernels.ops import triton_dpo_loss, triton_linear_logprobs, triton_logprobs
+
+    return triton_logprobs, triton_linear_logprobs, triton_dpo_loss
+
+
+# ------------------------------------------------------------------------------------------
+# 1. Device guard: every launch (and the linear path's matmuls) runs with the tensors' device
+# current, so Triton and cuBLAS use that device and its current stream.
+
+
+def test_device_guard_asks_for_the_tensors_device(monkeypatch):
+    K, _, _ = _triton_modules()
+    asked = []
+
+    class FakeDevice(contextlib.nullcontext):
+        def __init__(self, device):
+            super().__init__()
+            asked.append(device)
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    with K.device_guard(types.SimpleNamespace(device=torch.device("cuda", 1))):
+        pass
+    assert asked == [torch.device("cuda", 1)]
+    with K.device_guard(torch.zeros(1)):  # CPU tensors: no CUDA call at all
+        pass
+    assert asked == [torch.device("cuda", 1)]
+
+
+class _Guard:
+    """Stands in for device_guard; records the device and whether a guard is open."""
+
+    def __init__(self):
+        self.devices, self.depth = [], 0
+
+    def __call__(self, t):
+        self.devices.append(t.device)
+
+        @contextlib.contextmanager
+        def guard():
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+
+        return guard()
+
+
+class _Launch:
+    """Stands in for a JITFunction: asserts that it is launched inside a guard."""
+
+    def __init__(self, guard, name, launched):
+        self.guard, self.name, self.launched = guard, name, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            assert self.guard.depth > 0, f"{self.name} launched outside a device guard"
+            self.launched.append(self.name)
+
+        return launch
+
+
+def test_every_launch_and_matmul_runs_inside_a_device_guard(monkeypatch):
+    from dpo_kernels.gpu_check import cases
+
+    guard, launched = _Guard(), []
+    for module in _triton_modules():
+        monkeypatch.setattr(module, "device_guard", guard)
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, _Launch(guard, name, launched))
+    _, L, _ = _triton_modules()
+    tiles = L._projected_tiles
+
+    def guarded_tiles(*args):  # the cuBLAS tiles: inside the same guard as the kernels
+        for item in tiles(*args):
+            assert guard.depth > 0, "a projection tile computed outside the device guard"
+            yield item
+
+    monkeypatch.setattr(L, "_projected_tiles", guarded_tiles)
+    seen = set()
+    for name, run, _, _ in cases():
+        op = name.split()[0]
+        if op in seen:  # one case of each launcher is enough here
+            continue
+        seen.add(op)
+        run()
+    assert {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_dpo_loss_kernel",
+            "_linear_fwd_kernel", "_linear_bwd_kernel"} <= set(launched)  # fmt: skip
+    assert guard.devices and all(d.type == "cpu" for d in guard.devices)
+
+
+@pytest.mark.skipif(not TWO_GPUS, reason="needs two CUDA devices")
+def test_tensors_on_the_second_gpu_while_the_first_is_current():
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    logits = torch.randn(2, 7, 32001, device=dev, requires_grad=True)
+    labels = torch.randint(0, 32001, (2, 7), device=dev)
+    out = dpo_kernels.sequence_logprobs(logits, labels, stats=True, backend="triton")
+    out.logps.sum().backward()
+    expect = reference.sequence_logprobs(logits.detach().double().cpu(), labels.cpu())[0]
+    torch.testing.assert_close(out.logps.cpu().double(), expect, rtol=1e-5, atol=1e-4)
+    assert logits.grad.device == dev
+    hidden = torch.randn(2, 7, 64, device=dev, requires_grad=True)
+    weight = torch.randn(5000, 64, device=dev, requires_grad=True)
+    lin = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels % 5000, backend="triton")
+    lin.logps.sum().backward()
+    expect = reference.sequence_logprobs((hidden @ weight.T).detach().double().cpu(),
+                                         (labels % 5000).cpu())[0]  # fmt: skip
+    torch.testing.assert_close(lin.logps.cpu().double(), expect, rtol=1e-5, atol=1e-3)
+    assert hidden.grad.device == dev and weight.grad.device == dev
+    assert torch.cuda.current_device() == 0
+
+
+# ------------------------------------------------------------------------------------------
+# 2. The out-dtype matmul (CUDA only) reached on meta tensors.
+
+
+def test_out_dtype_matmul_path_on_meta_tensors(monkeypatch):
+    _, L, _ = _triton_modules()
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    monkeypatch.setattr(L, "_OUT_DTYPE_MM", None)
+    assert L.has_out_dtype_mm() == ((major, minor) >= (2, 8))
+    calls = []
+    real = torch.addmm
+
+    def addmm(*args, **kwargs):
+        calls.append(kwargs.get("out_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    acc = torch.empty(8, 4, device="meta")
+    a = torch.empty(8, 16, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(16, 4, dtype=torch.bfloat16, device="meta")
+    L._addmm_acc(acc, a, b)
+    assert acc.dtype == torch.float32 and acc.shape == (8, 4)
+    if L.has_out_dtype_mm():
+        assert calls == [torch.float32]
+
+
+def test_out_dtype_matmul_falls_back_when_rejected(monkeypatch):
+    _, L, _ = _triton_modules()
+    monkeypatch.setattr(L, "_OUT_DTYPE_MM", True)
+
+    def rejecting(*args, **kwargs):
+        raise RuntimeError("addmm: out_dtype float32 is not supported for BFloat16 inputs")
+
+    monkeypatch.setattr(torch, "addmm", rejecting)
+    acc = torch.empty(8, 4, device="meta")
+    a = torch.empty(8, 16, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(16, 4, dtype=torch.bfloat16, device="meta")
+    L._addmm_acc(acc, a, b)  # upcasts instead
+    assert L._OUT_DTYPE_MM is False
+
+
+# ------------------------------------------------------------------------------------------
+# 4. No host sync: device-side checks, sync-free mode.
+
+
+def test_device_side_checks_raise_with_a_message(monkeypatch):
+    monkeypatch.setattr(functional, "_device_side_checks", lambda device: True)
+    logits = torch.randn(2, 3, 11)
+    labels = torch.randint(0, 11, (2, 3))
+    labels[1, 2] = 11
+    # On CPU tensors torch._assert_async raises at once; on CUDA it stops a later CUDA call.
+    with pytest.raises(RuntimeError, match=r"outside the vocabulary \[0, 11\)"):
+        dpo_kernels.sequence_logprobs(logits, labels, backend="reference")
+    labels[1, 2] = 3
+    with pytest.raises(RuntimeError, match="mask holds a value other than 0 and 1"):
+        dpo_kernels.sequence_logprobs(logits, labels, mask=torch.full((2, 3), 2))
+    with pytest.raises(RuntimeError, match="cu_seqlens must rise"):
+        dpo_kernels.sequence_logprobs(logits[0], labels[0], cu_seqlens=torch.tensor([0, 2, 1]))
+    dpo_kernels.sequence_logprobs(logits, labels, backend="reference")  # good input passes
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sync_free_linear_path_matches_the_default(monkeypatch, backend):
+    B, T, H, V = 2, 5, 8, 37
+    hidden = torch.randn(B, T + 1, H, dtype=torch.float64)[:, :-1]
+    weight = torch.randn(V, H, dtype=torch.float64) / H**0.5
+    bias = torch.randn(V, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :2] = -100
+    mask = torch.rand(B, T) > 0.3
+    hidden[1, 0] = float("nan")  # a token that does not count: must not reach anything
+    mask[1, 0] = False
+    outs = []
+    for mode in (False, True):
+        monkeypatch.setattr(functional, "_SYNC_FREE", mode)
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        b = bias.clone().requires_grad_()
+        out = dpo_kernels.linear_sequence_logprobs(
+            h, w, labels, bias=b, mask=mask, softcap=3.0, stats=True, backend=backend
+        )
+        (out.logps.sum() + out.token_logps.square().sum()).backward()
+        outs.append((out.logps, out.token_logps, *out.stats, h.grad, w.grad, b.grad))
+    for x, y in zip(*outs, strict=True):
+        assert not y.isnan().any()
+        torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
+
+
+def test_sync_free_mode_switch(monkeypatch):
+    monkeypatch.delenv("DPO_KERNELS_SYNC_FREE", raising=False)
+    monkeypatch.setattr(functional, "_SYNC_FREE", None)
+    assert not functional.sync_free(torch.device("cpu"))
+    monkeypatch.setenv("DPO_KERNELS_SYNC_FREE", "1")
+    assert functional.sync_free(torch.device("cpu"))
+    dpo_kernels.set_sync_free(False)
+    assert not functional.sync_free(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_no_host_sync_on_cuda(monkeypatch):
+    """Forward, backward and loss with torch's sync debugging set to raise on any sync."""
+    monkeypatch.setattr(functional, "_SYNC_FREE", True)
+    logits = torch.randn(4, 9, 32001, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 32001, (4, 9), device="cuda")
+    hidden = torch.randn(4, 9, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(5000, 64, device="cuda", requires_grad=True)
+    dpo_kernels.sequence_logprobs(logits, labels)  # compile the kernels before checking
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = dpo_kernels.sequence_logprobs(logits, labels, stats=True)
+        lin = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels % 5000, stats=True)
+        pc, pr = out.logps.chunk(2)
+        lc, lr = lin.logps.chunk(2)
+        loss = dpo_kernels.dpo_loss(pc, pr, lc.detach(), lr.detach(), beta=0.1).loss
+        (loss + lin.logps.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_capture_of_forward_and_backward():
+    logits = torch.randn(2, 9, 32001, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 32001, (2, 9), device="cuda")
+    hidden = torch.randn(2, 9, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(5000, 64, device="cuda", requires_grad=True)
+
+    def step():
+        out = dpo_kernels.sequence_logprobs(logits, labels)
+        lin = dpo_kernels.linear_sequence_logprobs(hidden, weight, labels % 5000)
+        (out.logps.sum() + lin.logps.sum()).backward()
+        return out.logps.detach() + lin.logps.detach()
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up: kernels compiled, constants cached
+            eager = step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # sync-free mode switches itself on while capturing
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager)
+
+
+# ------------------------------------------------------------------------------------------
+# 3. Rows at any 16-byte phase: head, aligned body and end, under the interpreter.
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lead", [0, 3])
+def test_rows_at_every_alignment(dtype, lead):
+    """V = 53 (odd): consecutive rows start at every phase of a 16-byte vector; `lead` more
+    elements put the first row off the allocation's boundary too. Values, stats (a tie for the
+    max inside a row's head) and the gradient against float64."""
+    B, T, V = 2, 6, 53
+    storage = torch.randn(lead + B * (T + 1) * V, dtype=torch.float64).to(dtype)
+    full = storage[lead:].view(B, T + 1, V)
+    logits = full[:, :-1]
+    labels = torch.randint(0, V, (B, T))
+    top = logits.double().amax(-1)
+    logits[0, 1, 1] = logits[0, 1, 4] = top[0, 1] + 1  # first argmax at 1: in the head
+    labels[0, 1] = 4
+    labels[1, 2] = -100
+    z = logits.detach().requires_grad_()
+    out = dpo_kernels.sequence_logprobs(z, labels, stats=True, backend="triton")
+    z64 = logits.detach().double().requires_grad_()
+    ref, _ = reference.sequence_logprobs(z64, labels)
+    naive = reference.sequence_logprobs(logits.detach().float(), labels)[0]
+    assert_no_worse_than_naive(out.logps, naive, ref.detach(), 2e-5, "fwd")
+    counted = labels != -100
+    lse = torch.where(counted, z64.detach().logsumexp(-1), 0)
+    _, _, top1 = reference.token_stats(z64.detach(), lse, labels.clamp(min=0), counted)
+    assert torch.equal(out.stats.is_top1, top1) and not out.stats.is_top1[0, 1]
+    w = torch.randn(B)
+    (out.logps * w.to(out.logps.dtype)).sum().backward()
+    (ref * w.double()).sum().backward()
+    tol = 2 * GRAD_TOL[dtype] * w.abs().max().item()  # one rounding to the logits' dtype
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=0, atol=tol)
+
+
+def test_gradient_keeps_the_logits_layout():
+    """The gradient of logits[:, :-1] has the logits' strides (same 16-byte phase per row), so the
+    backward's loads and stores are both whole vectors; a layout with large gaps is not copied."""
+    K, _, _ = _triton_modules()
+    assert K.grad_strides((2, 8, 53), (9 * 53, 53, 1)) == (9 * 53, 53, 1)
+    assert K.grad_strides((2, 8, 53), (8 * 53, 53, 1)) == (8 * 53, 53, 1)
+    assert K.grad_strides((2, 8, 53), (100 * 53, 53, 1)) is None  # mostly gaps: contiguous
+    assert K.grad_strides((2, 8, 53), (53, 2 * 53, 1)) is None  # batch-major rows interleaved
+    logits = torch.randn(2, 9, 53)[:, :-1].requires_grad_()
+    out = dpo_kernels.sequence_logprobs(logits, torch.randint(0, 53, (2, 8)), backend="triton")
+    grad = torch.autograd.grad(out.logps.sum(), logits)[0]
+    assert grad.stride() == logits.stride()
+
+
+def test_launch_config_keeps_registers_bounded():
+    K, _, _ = _triton_modules()
+    for esize in (2, 4, 8):
+        for V in (37, 4096, 32001, 151665):
+            for stats in (False, True):
+                block, warps = K.launch_config(V, esize, stats)
+                per_thread = block // (32 * warps)  # whole 16-byte vectors, a bounded number
+                vec = K.vec_elems(esize)
+                most = (32 if stats else 64) // esize  # bytes per thread, as registers allow
+                assert per_thread % vec == 0 and vec <= per_thread <= max(vec, most)
