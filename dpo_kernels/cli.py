@@ -96,7 +96,7 @@ def build_command(variant: str | None) -> int:
     for v in variants:
         try:
             print(f"{v}: {_build.build(v, force=True)}")
-        except _build.BuildError as exc:
+        except (_build.BuildError, OSError) as exc:  # OSError: say, a read-only cache folder
             print(f"dpo_kernels: could not build the {v} C++ CPU kernels: {exc}", file=sys.stderr)
             status = 1
     if mine in variants and status == 0:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: a venv in .venv, torch only if missing, the package in
-# editable mode with the test and benchmark extras, then its C++ CPU kernels compiled once into the
-# user's cache (a no-op when this torch, CPU and csrc/ were built before).
+# editable mode with the test and benchmark extras and, meanwhile, its C++ CPU kernels compiled
+# once into the user's cache (a no-op when this torch, CPU and csrc/ were built before).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -15,9 +15,14 @@ $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "$TORCH_SPEC"
 # Whatever torch is there stays: no extra (the benchmark peers depend on torch) may replace it.
 $PY -c "import torch; print(f'torch=={torch.__version__}')" > .venv/torch-constraint.txt
 export PIP_CONSTRAINT="$PWD/.venv/torch-constraint.txt"
-$PY -m pip install -q "setuptools>=77"
+$PY -m pip install -q "setuptools>=77" ninja
+# The C++ CPU kernels compile into the user's cache (one core; a no-op if built before) while pip
+# installs the rest, so that neither the tests nor the first CPU call wait for them.
+$PY -m dpo_kernels build &
+BUILD=$!
 # Nothing is compiled at install time; --no-build-isolation only skips making a build venv.
 $PY -m pip install -q --no-build-isolation -e ".[test,bench]"
-# The kernels now, so that the tests (or the first CPU call) do not wait for them. Without a
-# compiler the package still works (CPU tensors on the plain-PyTorch reference): not fatal here.
-.venv/bin/dpo-kernels build || echo "setup.sh: no C++ CPU kernels; CPU tensors use the reference" >&2
+# A failure while pip replaced files under it is retried once. Without a compiler the package
+# still works (CPU tensors on the plain-PyTorch reference): not fatal here.
+wait $BUILD || .venv/bin/dpo-kernels build \
+  || echo "setup.sh: no C++ CPU kernels; CPU tensors use the plain-PyTorch reference" >&2
