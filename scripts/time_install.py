@@ -1,6 +1,6 @@
 """Times the install path that BENCHMARKS.md reports ("Install and first use").
 
-    python scripts/time_install.py [--skip-setup]
+    python scripts/time_install.py [--skip-setup | --setup-only]
 
 In a temporary folder: builds the wheel (`python -m build --wheel`, isolated, as pip does); makes a
 venv that already has torch and the other dependencies (not timed); times `pip install` of the
@@ -63,7 +63,9 @@ def run(label: str, cmd: list, **kw) -> subprocess.CompletedProcess:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--skip-setup", action="store_true", help="skip setup.sh on a fresh clone")
+    p.add_argument("--setup-only", action="store_true", help="only setup.sh on a fresh clone")
     a = p.parse_args()
+
     import torch
 
     print(
@@ -72,42 +74,51 @@ def main() -> None:
     )
     tmp = Path(tempfile.mkdtemp(prefix="dpo_kernels_install_"))
     try:
-        run("python -m build --wheel (isolated)", [
-            sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp / "dist"), str(ROOT)
-        ])  # fmt: skip
-        (wheel,) = (tmp / "dist").glob("*.whl")
-        venv.create(tmp / "venv", with_pip=True)
-        py = str(tmp / "venv" / "bin" / "python")
-        pip = [py, "-m", "pip", "install", "-q"]
-        deps = [f"torch=={torch.__version__.split('+')[0]}", "ninja"]
-        if platform.system() == "Linux" and platform.machine() == "x86_64":
-            deps.append("triton")
-        run("(not a target) venv with torch, ninja, triton", [*pip, *deps])
-        run("pip install <wheel> (dependencies present)", [*pip, str(wheel)])
-        run("pip uninstall", [py, "-m", "pip", "uninstall", "-y", "-q", "dpo-kernels"])
-        run("pip install <checkout> (isolated build)", [*pip, str(ROOT)])
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
-        env["DPO_KERNELS_CACHE_DIR"] = str(tmp / "cache")
-        run("first CPU call, cold cache (new process)", [py, "-c", FIRST_CALL], env=env, cwd=tmp)
-        run("first CPU call, warm cache (new process)", [py, "-c", FIRST_CALL], env=env, cwd=tmp)
+        if not a.setup_only:
+            wheel_and_first_call(tmp)
         if not a.skip_setup:
-            clone = tmp / "clone"
-            run("git clone", ["git", "clone", "-q", str(ROOT), str(clone)])
-            env["DPO_KERNELS_CACHE_DIR"] = str(tmp / "cache-setup")
-            run(
-                "./scripts/setup.sh on the clone, cold cache",
-                ["./scripts/setup.sh"],
-                cwd=clone,
-                env=env,
-            )
-            run(
-                "first CPU call after setup.sh (new process)",
-                [str(clone / ".venv" / "bin" / "python"), "-c", FIRST_CALL],
-                env=env,
-                cwd=tmp,
-            )
+            setup_on_a_fresh_clone(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _env(cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env["DPO_KERNELS_CACHE_DIR"] = str(cache)
+    return env
+
+
+def wheel_and_first_call(tmp: Path) -> None:
+    """The wheel, pip install of it and of the checkout, then a cold and a warm first call."""
+    import torch
+
+    run("python -m build --wheel (isolated)", [
+        sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp / "dist"), str(ROOT)
+    ])  # fmt: skip
+    (wheel,) = (tmp / "dist").glob("*.whl")
+    venv.create(tmp / "venv", with_pip=True)
+    py = str(tmp / "venv" / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q"]
+    deps = [f"torch=={torch.__version__.split('+')[0]}", "ninja"]
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        deps.append("triton")
+    run("(not a target) venv with torch, ninja, triton", [*pip, *deps])
+    run("pip install <wheel> (dependencies present)", [*pip, str(wheel)])
+    run("pip uninstall", [py, "-m", "pip", "uninstall", "-y", "-q", "dpo-kernels"])
+    run("pip install <checkout> (isolated build)", [*pip, str(ROOT)])
+    env = _env(tmp / "cache")
+    run("first CPU call, cold cache (new process)", [py, "-c", FIRST_CALL], env=env, cwd=tmp)
+    run("first CPU call, warm cache (new process)", [py, "-c", FIRST_CALL], env=env, cwd=tmp)
+
+
+def setup_on_a_fresh_clone(tmp: Path) -> None:
+    """The README's set-up on a fresh clone with a cold kernel cache, then a first CPU call."""
+    clone = tmp / "clone"
+    run("git clone", ["git", "clone", "-q", str(ROOT), str(clone)])
+    env = _env(tmp / "cache-setup")
+    run("./scripts/setup.sh on the clone, cold cache", ["./scripts/setup.sh"], cwd=clone, env=env)
+    python = str(clone / ".venv" / "bin" / "python")
+    run("first CPU call after setup.sh (new process)", [python, "-c", FIRST_CALL], env=env, cwd=tmp)
 
 
 if __name__ == "__main__":
