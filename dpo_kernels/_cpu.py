@@ -1,51 +1,25 @@
-"""Loader for the C++ CPU kernels (csrc/, built by setup.py).
+"""The C++ CPU kernels (csrc/): thin wrappers around torch.ops.dpo_kernels_cpu.
 
-setup.py builds one library per CPU capability; the one matching this machine is loaded. If none is
-built (no compiler at install time), the package still imports, warns once, and CPU tensors use the
+The library is compiled for this torch and CPU, cached and loaded by _build.py, lazily: on the
+first access to VARIANT or AVAILABLE (functional.py asks when an op gets CPU tensors), never at
+import. If it cannot be built (no compiler), the package warns once and CPU tensors use the
 plain-PyTorch reference instead.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import warnings
-
 import torch
 
-_HERE = os.path.dirname(__file__)
+from . import _build
 
 
-def _candidates() -> list[str]:
-    cap = torch.backends.cpu.get_cpu_capability().upper()
-    if cap.startswith("AVX512"):
-        return ["avx512", "avx2", "default"]
-    if cap.startswith("AVX2"):
-        return ["avx2", "default"]
-    return ["default"]
-
-
-def _load() -> str | None:
-    errors = []
-    for variant in _candidates():
-        for path in glob.glob(os.path.join(_HERE, f"_C_{variant}.*so")):
-            try:
-                torch.ops.load_library(path)
-                return variant
-            except OSError as exc:  # pragma: no cover - a broken build
-                errors.append(f"{os.path.basename(path)}: {exc}")
-    warnings.warn(
-        "dpo_kernels: the C++ CPU kernels are not built"
-        + (f" ({'; '.join(errors)})" if errors else "")
-        + "; CPU tensors use the slow plain-PyTorch reference. Rebuild with "
-        "`pip install --no-build-isolation -e .` (needs a C++ compiler).",
-        stacklevel=3,
-    )
-    return None
-
-
-VARIANT = _load()  # "avx512", "avx2", "default" or None
-AVAILABLE = VARIANT is not None
+def __getattr__(name: str):
+    """VARIANT ("avx512", "avx2", "default" or None) and AVAILABLE, loading on first access."""
+    if name == "VARIANT":
+        return _build.load()
+    if name == "AVAILABLE":
+        return _build.load() is not None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def logprobs_forward(logits, labels, mask, ref_logits, ignore_index, stats=False):

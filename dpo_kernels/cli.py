@@ -1,4 +1,4 @@
-"""Command line: `dpo-kernels bench` (also `python -m dpo_kernels bench`)."""
+"""Command line: `dpo-kernels bench` and `dpo-kernels build` (also `python -m dpo_kernels ...`)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,30 @@ def _grid(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     return grid
 
 
+def build_command(variant: str | None) -> int:
+    """Builds (or finds in the cache) the C++ CPU kernels, retrying a failed build, and loads this
+    CPU's variant to check it; prints where they are. Exit status 1 if a build fails."""
+    from . import _build
+
+    mine = _build.variant_for_this_cpu()
+    variants = list(_build.VARIANTS) if variant == "all" else [variant or mine]
+    status = 0
+    for v in variants:
+        try:
+            print(f"{v}: {_build.build(v, force=True)}")
+        except (_build.BuildError, OSError) as exc:  # OSError: say, a read-only cache folder
+            print(f"dpo_kernels: could not build the {v} C++ CPU kernels: {exc}", file=sys.stderr)
+            status = 1
+    if mine in variants and status == 0:
+        if _build.load() != mine:
+            print(
+                f"dpo_kernels: could not load the kernels: {_build.load_error()}", file=sys.stderr
+            )
+            return 1
+        print(f"loaded: torch.ops.dpo_kernels_cpu ({torch.ops.dpo_kernels_cpu.build_info()})")
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import bench
 
@@ -112,7 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--json", help="write rows and machine facts to this file")
     b.add_argument("--plot", help="write a PNG of time and memory against vocabulary or tokens")
+    k = sub.add_parser(
+        "build",
+        help="compile the C++ CPU kernels for this torch and CPU now, into the cache (CI, Docker)",
+    )
+    k.add_argument(
+        "--variant",
+        choices=["avx512", "avx2", "default", "all"],
+        help="the CPU variant(s) to build (default: the one this CPU runs)",
+    )
     a = p.parse_args(argv)
+    if a.command == "build":
+        return build_command(a.variant)
 
     if a.plot and not importlib.util.find_spec("matplotlib"):
         p.error("--plot needs matplotlib: pip install 'dpo-kernels[bench]'")

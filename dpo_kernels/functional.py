@@ -1,7 +1,8 @@
 """Public ops with autograd, and the one place that picks a backend.
 
 Backends: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cpu" (the C++
-kernels in csrc/, built as dpo_kernels._C), "reference" (plain PyTorch, ops/reference.py).
+kernels in csrc/, compiled on first use by _build.py), "reference" (plain PyTorch,
+ops/reference.py).
 "auto" picks triton for CUDA and cpu (else reference) for CPU tensors. The `backend=` argument,
 or else the DPO_KERNELS_BACKEND environment variable, forces one.
 
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _cpu
+from . import _build, _cpu
 from .ops import reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -118,7 +119,8 @@ def _triton_interpreting() -> bool:
 
 
 def cpu_extension_available() -> bool:
-    """True when the C++ CPU kernels (csrc/) are built and loaded."""
+    """True when the C++ CPU kernels (csrc/) are loaded; builds them on first call if needed
+    (only CPU tensors ask, so CUDA users never wait for a compiler)."""
     return _cpu.AVAILABLE
 
 
@@ -141,8 +143,9 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
         if not cpu_extension_available():
             raise RuntimeError(
-                "backend='cpu' needs the C++ CPU kernels, which are not built; "
-                "reinstall with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
+                "backend='cpu' needs the C++ CPU kernels, which could not be built here "
+                f"({_build.load_error()}); fix that, then run `dpo-kernels build`, or use "
+                "backend='reference'"
             )
     return name
 

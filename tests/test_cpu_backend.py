@@ -1,5 +1,6 @@
 """The C++ CPU backend: it is what CPU tensors run, odd shapes, threads, determinism, no-build."""
 
+import os
 import subprocess
 import sys
 
@@ -75,28 +76,44 @@ def test_same_bits_across_runs_and_thread_counts(dtype):
         assert torch.equal(x, z), "1 and 2 threads differ"
 
 
-def test_package_imports_and_works_without_the_extension():
+def test_package_works_without_a_compiler(tmp_path):
+    # An empty cache and no compiler: one warning that names the cause and the fix, the reference
+    # path for CPU tensors, and a clear error for backend='cpu'.
     code = (
-        "import glob, warnings\n"
-        "real = glob.glob\n"
-        "glob.glob = lambda p, *a, **k: [] if '_C_' in p else real(p, *a, **k)\n"
+        "import warnings\n"
+        "import torch, dpo_kernels\n"
+        "z = torch.randn(2, 3, 11)\n"
+        "y = torch.randint(0, 11, (2, 3))\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
-        "    import torch, dpo_kernels\n"
+        "    out = dpo_kernels.sequence_logprobs(z, y)\n"
+        "    dpo_kernels.sequence_logprobs(z, y)\n"
         "    msgs = [str(x.message) for x in w if 'C++ CPU kernels' in str(x.message)]\n"
         "assert len(msgs) == 1, msgs\n"
         "assert not dpo_kernels.cpu_extension_available()\n"
         "assert dpo_kernels.resolve_backend(None, torch.device('cpu')) == 'reference'\n"
-        "z = torch.randn(2, 3, 11)\n"
-        "y = torch.randint(0, 11, (2, 3))\n"
-        "out = dpo_kernels.sequence_logprobs(z, y)\n"
-        "ref = z.log_softmax(-1).gather(-1, y[..., None])[..., 0].sum(-1)\n"
-        "torch.testing.assert_close(out.logps, ref)\n"
+        "ref = z.double().log_softmax(-1).gather(-1, y[..., None])[..., 0].sum(-1)\n"
+        "torch.testing.assert_close(out.logps.double(), ref)\n"
+        "try:\n"
+        "    dpo_kernels.sequence_logprobs(z, y, backend='cpu')\n"
+        "    raise SystemExit('no error')\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
         "print(msgs[0])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-c++"),
+        "DPO_KERNELS_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    env.pop("DPO_KERNELS_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "pip install --no-build-isolation -e ." in proc.stdout
+    error, warning = proc.stdout.strip().splitlines()
+    for msg in (error, warning):
+        assert "no C++ compiler" in msg and "dpo-kernels build" in msg, msg
+    assert "backend='cpu'" in error
+    assert "compiling" not in proc.stderr
 
 
 def test_bf16_sums_within_1e3_relative_on_long_sequences():
