@@ -308,7 +308,7 @@ def test_rows_at_every_alignment(dtype, lead):
     assert_no_worse_than_naive(out.logps, naive, ref.detach(), 2e-5, "fwd")
     counted = labels != -100
     lse = torch.where(counted, z64.detach().logsumexp(-1), 0)
-    _, _, top1 = reference.token_stats(z64.detach(), lse, labels.clamp(min=0), counted)
+    _, _, top1, _ = reference.token_stats(z64.detach(), lse, labels.clamp(min=0), counted)
     assert torch.equal(out.stats.is_top1, top1) and not out.stats.is_top1[0, 1]
     w = torch.randn(B)
     (out.logps * w.to(out.logps.dtype)).sum().backward()
