@@ -36,10 +36,11 @@ from .reference import acc_dtype
 _MAX_BLOCK_BYTES = 16384
 # Bytes of one row a thread loads per block iteration, at most: enough 128-bit loads in flight to
 # hide latency, few enough registers to stay far from a spill (the next block is prefetched, so
-# two blocks are alive). With statistics a thread also keeps exp(z - m) and int32 positions alive
-# next to z: half as many.
+# two blocks are alive). With statistics a thread also keeps exp(z - m), exp(2 (z - m)) and int32
+# positions alive next to z: a quarter as many (at 32 bytes the forward with statistics and
+# reference logits spilled 8 bytes on sm_80 once log sum p^2 joined the statistics).
 _BYTES_PER_THREAD = 64
-_BYTES_PER_THREAD_STATS = 32
+_BYTES_PER_THREAD_STATS = 16
 
 
 def vec_elems(element_size: int) -> int:
