@@ -109,8 +109,8 @@ class _Rows:
         nv = x.shape[1]
         for s, w in self._blocks(weight, vs, nv):
             out = x if w.shape[0] == nv else x[:, s : s + w.shape[0]]
-            if self.reduced and self.cuda:
-                torch.mm(h, w.T, out_dtype=self.acc, out=out)
+            if self.reduced and self.cuda:  # float32 result, the out-dtype matmul version-gated
+                self._tl._project(h, w, None, out)
             elif out is x:
                 torch.mm(h, w.T, out=out)
             else:
