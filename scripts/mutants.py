@@ -8,20 +8,25 @@
 The tree is copied to a scratch folder; each mutant replaces one exact snippet of one file there
 (`old` must occur exactly once in the current source, else the mutant is reported `stale` and
 skipped: update its snippet), runs `pytest -x` on its test selection with the scratch copy first on
-sys.path, and restores the file. Mutants in csrc/ rebuild the C++ library for this CPU's variant
-only, into the scratch copy (ninja keeps the objects between mutants). With --baseline, the union
-of the selections first runs once on the unmutated copy (a selection that fails there makes every
-score meaningless, so the script stops); without it, a selection that fails for another reason
-shows up as a kill whose failing test has nothing to do with the mutant.
+sys.path, and restores the file. The tests run with DPO_KERNELS_CACHE_DIR set to a cache inside
+the scratch folder: dpo_kernels._build keys its compiled C++ library by a hash of csrc/, so the
+unmutated library (built, or copied from this machine's cache, once at the start) serves every
+Python mutant, and a csrc/ mutant gets its own library. That one is compiled first by `python -m
+dpo_kernels build` in the copy; a mutant that does not compile or load is reported `BUILD FAILED`
+and not counted (its tests would otherwise fall back to the plain-PyTorch reference and pass or
+fail for reasons unrelated to the mutant). With --baseline, the union of the selections first
+runs once on the unmutated copy (a selection that fails there makes every score meaningless, so
+the script stops); without it, a selection that fails for another reason shows up as a kill whose
+failing test has nothing to do with the mutant.
 
-Prints one line per mutant (killed / survived / stale, and the first failing test) and a last line
-`killed K of N` (N: mutants that applied). Exit status 0 when every applied mutant was killed.
+Prints one line per mutant (killed / survived / stale / build failed, and the first failing test)
+and a last line `killed K of N` (N: mutants that applied and, for C++, built). Exit status 0 when
+every applied mutant was killed and every C++ mutant built.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import glob
 import os
 import re
@@ -59,7 +64,7 @@ T_LOSS = "tests/test_losses.py"
 VP2 = "tests/test_vocab_parallel.py::test_split_vocabulary_equals_single_process[2]"
 LVP2 = "tests/test_vocab_parallel.py::test_split_lm_head_equals_single_process[2]"
 
-# Grouped by layer. C++ mutants come last: they rebuild the library (see main()).
+# Grouped by layer. C++ mutants come last: each one compiles its own library (see main()).
 # fmt: off
 MUTANTS: list[Mutant] = [
     # -- Triton kernels (run by the tests under TRITON_INTERPRET=1) ------------------------------
@@ -73,16 +78,16 @@ MUTANTS: list[Mutant] = [
       "dz = g * (onehot - tl.exp(z - lse))", "dz = g * (0.0 - tl.exp(z - lse))",
       T_LOG, "-k", "test_matches_reference and triton and V37 and dtype0"),
     M("triton-first-argmax-tie", "dpo_kernels/ops/triton_logprobs.py",
-      "blk_arg = tl.min(tl.where(z == blk_max, index.to(tl.int64), 2**62), 0)",
-      "blk_arg = tl.max(tl.where(z == blk_max, index.to(tl.int64), -1), 0)",
+      "blk_arg = tl.min(tl.where(z == blk_max, index, 2**31 - 1), 0)",
+      "blk_arg = tl.max(tl.where(z == blk_max, index, -1), 0)",
       T_LOG, "-k", "token_stats and triton"),
     M("triton-linear-softcap-slope", "dpo_kernels/ops/triton_linear_logprobs.py",
       "slope = a * (1 - t * t)", "slope = a * (1 - t)",
       T_LIN, "-k", "test_matches_reference and triton and softcap"),
     M("triton-linear-temperature-ignored", "dpo_kernels/ops/triton_linear_logprobs.py",
-      "values = [transform.factor, transform.softcap or 0.0]",
-      "values = [transform.logit_scale, transform.softcap or 0.0]",
-      T_LIN, "-k", "test_matches_reference and triton and softcap"),
+      "values = (float(transform.factor), float(transform.softcap or 0.0))",
+      "values = (float(transform.logit_scale), float(transform.softcap or 0.0))",
+      T_LIN, "-k", "test_matches_reference and triton and temperature"),
     M("triton-loss-robust-grad-sign", "dpo_kernels/ops/triton_dpo_loss.py",
       "du -= w * ((1.0 - eps) * tl.sigmoid(-u) + eps * tl.sigmoid(u))",
       "du -= w * ((1.0 - eps) * tl.sigmoid(-u) - eps * tl.sigmoid(u))",
@@ -92,8 +97,8 @@ MUTANTS: list[Mutant] = [
       T_LOSS, "-k", "sft and triton"),
     # -- Loss formulas: the CPU closed forms and the reference spec ------------------------------
     M("loss-robust-normalizer", "dpo_kernels/ops/torch_dpo_loss.py",
-      "ell = ((1 - eps) * softplus(-u) - eps * softplus(u)) / (1 - 2 * eps)",
-      "ell = ((1 - eps) * softplus(-u) - eps * softplus(u)) / (1 - eps)",
+      "return ell / (1 - 2 * eps), du / (1 - 2 * eps)",
+      "return ell / (1 - eps), du / (1 - eps)",
       T_LOSS, "-k", "robust and cpu"),
     M("loss-js-derivative-sign", "dpo_kernels/ops/torch_dpo_loss.py",
       "return math.log(2) + F.logsigmoid(x), sig(-x)",
@@ -145,8 +150,8 @@ MUTANTS: list[Mutant] = [
       "mask = (b.completion_mask[:, :-1] != 0) & (b.attention_mask[:, 1:] != 0)",
       T_GAPS, "-k", "family_transform and padded and cohere"),
     M("forward-fused-hidden-shifted", "dpo_kernels/forward.py",
-      "hidden = seen[-1][0] if padding_free else seen[-1][:, :-1]",
-      "hidden = seen[-1][0] if padding_free else seen[-1][:, 1:]",
+      "hidden = hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]",
+      "hidden = hidden[0] if call.cu_seqlens is not None else hidden[:, 1:]",
       T_GAPS, "-k", "family_transform and padded and cohere"),
     # -- Packed layout ---------------------------------------------------------------------------
     M("pack-ends-marked-at-starts", "dpo_kernels/forward.py",
@@ -202,7 +207,7 @@ MUTANTS: list[Mutant] = [
       'metrics["logits/chosen"].append(ratio(c_mean[c_mask].sum(), c_mask.sum()))',
       'metrics["logits/chosen"].append(ratio(r_mean[r_mask].sum(), r_mask.sum()))',
       T_PARITY, "-k", "hinge"),
-    # -- C++ kernels (rebuilt) -------------------------------------------------------------------
+    # -- C++ kernels (each compiled into its own cache entry) ---------------------------------
     M("cpp-ignore-index-hardcoded", "csrc/logprobs.cpp",
       "if (y == ignore_index) return -1;", "if (y == -100) return -1;",
       T_GAPS, "-k", "logits_path_honours_ignore_index and cpu"),
@@ -247,11 +252,11 @@ def status(m: Mutant) -> str:
     return "stale: snippet not found" if n == 0 else f"stale: snippet found {n} times"
 
 
-# -- scratch copy and C++ rebuild ----------------------------------------------------------------
+# -- scratch copy and the C++ library cache ------------------------------------------------------
 
 _SKIP = shutil.ignore_patterns(
     ".git", ".venv", "build", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
-    ".benchmarks", ".hypothesis", "out",
+    ".benchmarks", ".hypothesis", "out", "*.so",
 )  # fmt: skip
 
 
@@ -259,64 +264,47 @@ def make_scratch() -> str:
     scratch = tempfile.mkdtemp(prefix="dpo_mutants_")
     tree = os.path.join(scratch, "tree")
     shutil.copytree(ROOT, tree, ignore=_SKIP, symlinks=True)
+    os.makedirs(os.path.join(scratch, "cache"))
     return tree
 
 
 def env_for(tree: str) -> dict[str, str]:
+    """The copy first on sys.path, and its own C++ cache next to it (see the module docstring)."""
     env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["DPO_KERNELS_CACHE_DIR"] = os.path.join(os.path.dirname(tree), "cache")
     return env
 
 
-def cpu_variant() -> str | None:
-    """The C++ variant this machine loads (dpo_kernels._cpu.VARIANT), from a fresh process."""
-    code = "import dpo_kernels._cpu as c; print(c.VARIANT)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env_for(ROOT),
-                         capture_output=True, text=True)  # fmt: skip
-    v = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "None"
-    return None if v == "None" else v
+_ENTRY = "from dpo_kernels import _build; print(_build.entry_dir(_build.variant_for_this_cpu()))"
 
 
-def variant_flags(variant: str) -> list[str]:
-    """Compiler flags of `variant`, read from setup.py's VARIANTS table."""
-    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "VARIANTS" for t in node.targets
-        ):
-            return list(ast.literal_eval(node.value)[variant])
-    raise RuntimeError("setup.py has no VARIANTS table; update variant_flags() in this script")
+def seed_cache(tree: str) -> None:
+    """Copies this machine's built library of the unmutated sources (if there is one, in the
+    usual cache) into the copy's cache: the entry's name is a hash of the sources, not of paths."""
+    env = {k: v for k, v in env_for(ROOT).items() if k != "DPO_KERNELS_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", _ENTRY], cwd=ROOT, env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    entry = out.stdout.strip()
+    if out.returncode != 0 or not glob.glob(os.path.join(entry, "*.so")):
+        return
+    dest = os.path.join(env_for(tree)["DPO_KERNELS_CACHE_DIR"], os.path.basename(entry))
+    shutil.copytree(entry, dest, ignore=shutil.ignore_patterns("lock", "FAILED", "build"))
 
 
-_BUILD = """
-import sys
-from torch.utils.cpp_extension import load
-name, build_dir, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
-load(name=name, sources=sys.stdin.read().split(), extra_cflags=flags, extra_ldflags=["-fopenmp"],
-     build_directory=build_dir, is_python_module=False, verbose=False)
-"""
-
-
-def build_cpp(tree: str, variant: str, build_dir: str) -> tuple[bool, str]:
-    """Builds csrc/ of `tree` as dpo_kernels/_C_<variant> (this variant only) and puts it where
-    the package loads it from. Returns (ok, error text)."""
-    cap = variant.upper()
-    flags = ["-O3", "-fopenmp", *variant_flags(variant), f"-DCPU_CAPABILITY={cap}"]
-    if variant != "default":
-        flags.append(f"-DCPU_CAPABILITY_{cap}")
-    sources = sorted(glob.glob(os.path.join(tree, "csrc", "*.cpp")))
-    name = f"_C_{variant}"
-    proc = subprocess.run([sys.executable, "-c", _BUILD, name, build_dir, *flags],
-                          input=" ".join(sources), capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0:
-        return False, (proc.stdout + proc.stderr)[-2000:]
-    pkg = os.path.join(tree, "dpo_kernels")
-    targets = glob.glob(os.path.join(pkg, f"{name}.*so")) or [os.path.join(pkg, f"{name}.so")]
-    for t in targets:
-        if os.path.exists(t):
-            os.remove(t)
-    shutil.copy2(os.path.join(build_dir, f"{name}.so"), targets[0])
-    return True, ""
+def build_cpp(tree: str, timeout: float) -> tuple[bool, str]:
+    """Compiles (or finds in the copy's cache) and loads csrc/ of `tree` for this CPU, as the
+    package does on first CPU use. Returns (ok, the last line of the error)."""
+    cmd = [sys.executable, "-m", "dpo_kernels", "build"]
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env_for(tree), capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return False, f"build over {timeout:.0f} s"
+    if proc.returncode == 0:
+        return True, ""
+    errors = [ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines() if "error:" in ln]
+    return False, (errors or proc.stderr.strip().splitlines() or ["?"])[0][:300]
 
 
 # -- running tests -------------------------------------------------------------------------------
@@ -380,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:42s} {m.path:42s} {status(m)}")
         print(f"{len(mutants)} mutants")
         return 0
-    mutants.sort(key=is_cpp)  # C++ last: the rebuilt library then never outlives its mutant
     applicable = [m for m in mutants if status(m) == "ok"]
     t0 = time.time()
     tree = make_scratch()
@@ -392,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         if not where.stdout.startswith(tree):
             print(f"dpo_kernels imports from outside the copy: {where.stdout}{where.stderr}")
             return 2
+        seed_cache(tree)
+        ok, err = build_cpp(tree, a.timeout)  # the unmutated library, for every Python mutant
+        if not ok:
+            print(f"the unmutated C++ kernels do not build or load here: {err}")
+            return 2
         if a.baseline and applicable:
             files, exprs = baseline_selection(applicable)
             outcome, detail = run_pytest(tree, [*files, "-k", exprs], a.timeout * 3)
@@ -399,11 +391,9 @@ def main(argv: list[str] | None = None) -> int:
             if outcome != "pass":
                 print("the selections fail without any mutant; fix that first")
                 return 2
-        variant = cpu_variant() if any(is_cpp(m) for m in applicable) else None
-        build_dir = os.path.join(os.path.dirname(tree), "cpp_build")
-        os.makedirs(build_dir, exist_ok=True)
         killed = ran = 0
         survivors: list[str] = []
+        unbuilt: list[str] = []
         for m in mutants:
             st = status(m)
             if st != "ok":
@@ -416,12 +406,11 @@ def main(argv: list[str] | None = None) -> int:
                 with open(target, "w") as f:
                     f.write(pristine.replace(m.old, m.new, 1))
                 if is_cpp(m):
-                    if variant is None:
-                        print(f"SKIPPED   {m.name}: no C++ variant loads on this machine")
-                        continue
-                    ok, err = build_cpp(tree, variant, build_dir)
+                    ok, err = build_cpp(tree, a.timeout)
                     if not ok:
-                        print(f"INVALID   {m.name}: does not compile: {err.splitlines()[-1:]}")
+                        unbuilt.append(m.name)
+                        secs = time.time() - started
+                        print(f"BUILD FAILED {m.name} ({secs:.0f} s): {err}", flush=True)
                         continue
                 outcome, detail = run_pytest(tree, m.tests, a.timeout)
             finally:
@@ -435,11 +424,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 survivors.append(m.name)
                 print(f"SURVIVED  {m.name} ({secs:.0f} s): {outcome} {detail}", flush=True)
-        if a.keep and variant is not None and any(is_cpp(m) for m in applicable):
-            build_cpp(tree, variant, build_dir)  # leave the scratch library unmutated (--keep)
         print(f"time {time.time() - t0:.0f} s; survived: {', '.join(survivors) or 'none'}")
+        if unbuilt:
+            print(f"build failed (not counted): {', '.join(unbuilt)}")
         print(f"killed {killed} of {ran}")
-        return 0 if killed == ran else 1
+        return 0 if killed == ran and not unbuilt else 1
     finally:
         if not a.keep:
             shutil.rmtree(os.path.dirname(tree), ignore_errors=True)
