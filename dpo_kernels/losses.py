@@ -103,20 +103,21 @@ def _number(name: str, value: object) -> float:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
 
 
-def _check_pair_inputs(named: dict[str, torch.Tensor | None]) -> int:
-    """All given inputs are 1-D floating tensors of one length P, on one device; returns P."""
-    first_name, first = next(iter(named.items()))
+def _check_pair_inputs(named: dict[str, torch.Tensor | None], unit: str = "pairs") -> int:
+    """All given inputs (None: absent) are 1-D tensors of one length, on one device; returns the
+    length. `unit` names what an entry is, in the messages."""
+    first_name, first = next((k, v) for k, v in named.items() if v is not None)
     for name, t in named.items():
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D [pairs], got shape {tuple(t.shape)}")
+            raise ValueError(f"{name} must be 1-D [{unit}], got shape {tuple(t.shape)}")
         if t.shape[0] != first.shape[0]:
             raise ValueError(
                 f"{name} has {t.shape[0]} entries but {first_name} has {first.shape[0]}; "
-                "the four log-prob inputs (and counts) must describe the same pairs"
+                f"the inputs must describe the same {unit}"
             )
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .losses import _check_pair_inputs
+
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 # CPO loss types whose log-probs are averaged over the completion tokens (TRL's average_log_prob).
@@ -29,24 +31,6 @@ class PreferenceLossOutput(NamedTuple):
     chosen_rewards: torch.Tensor  # detached
     rejected_rewards: torch.Tensor  # detached
     metrics: dict[str, torch.Tensor]  # TRL's names (detached scalars)
-
-
-def _check_1d(named: dict[str, torch.Tensor | None]) -> int:
-    first_name, first = next((k, v) for k, v in named.items() if v is not None)
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D [batch], got shape {tuple(t.shape)}")
-        if t.shape[0] != first.shape[0]:
-            raise ValueError(
-                f"{name} has {t.shape[0]} entries but {first_name} has {first.shape[0]}"
-            )
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-    return first.shape[0]
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -113,7 +97,7 @@ def cpo_loss(
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    P = _check_1d(
+    P = _check_pair_inputs(
         {
             "chosen_logps": chosen_logps,
             "rejected_logps": rejected_logps,
@@ -239,7 +223,7 @@ def orpo_loss(
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    P = _check_1d(
+    P = _check_pair_inputs(
         {
             "chosen_logps": chosen_logps,
             "rejected_logps": rejected_logps,
@@ -324,14 +308,15 @@ def kto_loss(
         )
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    N = _check_1d(
+    N = _check_pair_inputs(
         {
             "logps": logps,
             "ref_logps": ref_logps,
             "labels": labels,
             "kl_logps": kl_logps,
             "ref_kl_logps": ref_kl_logps,
-        }
+        },
+        unit="completions",
     )
     if N == 0:
         raise ValueError("logps is empty: no completions to compute a loss over")
