@@ -5,17 +5,11 @@ or ``dpo_kernels.linear_sequence_logprobs`` (from hidden states and the LM head,
 ``dpo_kernels.linear_dpo_loss`` fuses the LM head with the DPO loss.
 """
 
-from .functional import (
-    PairLogprobs,
-    SequenceLogprobs,
-    TokenStats,
-    cpu_extension_available,
-    linear_sequence_logprobs,
-    resolve_backend,
-    sequence_logprobs,
-    set_sync_free,
-)
+from .backend import cpu_extension_available, resolve_backend, set_sync_free
+from .common import PairLogprobs, SequenceLogprobs, TokenStats
 from .linear_dpo import linear_dpo_loss
+from .linear_logprobs import linear_sequence_logprobs
+from .logprobs import sequence_logprobs
 from .losses import DPOLoss, DPOLossOutput, dpo_loss, make_spec
 from .preference_losses import (
     PreferenceLossOutput,

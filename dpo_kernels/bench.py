@@ -186,7 +186,7 @@ def _naive(case, device) -> Step:
 
 
 def _ours(case, device) -> Step:
-    from .functional import sequence_logprobs
+    from .logprobs import sequence_logprobs
 
     return _logits_step(
         case, device, lambda z, labels, mask: sequence_logprobs(z, labels, mask=mask).logps
@@ -213,7 +213,7 @@ def _linear_naive(case, device) -> Step:
 
 
 def _linear_ours(case, device) -> Step:
-    from .functional import linear_sequence_logprobs
+    from .linear_logprobs import linear_sequence_logprobs
 
     return _linear_step(
         case,
@@ -297,7 +297,7 @@ def linear_dpo_inputs(case: Case, device: str):
     """`linear_inputs` of a [chosen (P); rejected (P)] batch (B = 2P rows), a reference head
     (the policy head plus noise of 1/10 its scale) and the reference sums it gives, precomputed
     as a trainer would (not timed)."""
-    from .functional import linear_sequence_logprobs
+    from .linear_logprobs import linear_sequence_logprobs
 
     hidden, weight, labels, mask = linear_inputs(case, device)
     g = torch.Generator().manual_seed(1)
@@ -356,7 +356,7 @@ def _ldpo_liger(case, device) -> Step:
 
 
 def _ldpo_unfused(case, device) -> Step:
-    from .functional import linear_sequence_logprobs
+    from .linear_logprobs import linear_sequence_logprobs
     from .losses import dpo_loss
 
     def loss_of(h, w, y, mask, rc, rr):

@@ -19,12 +19,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .functional import (
-    PairLogprobs,
-    SequenceLogprobs,
-    linear_sequence_logprobs,
-    sequence_logprobs,
-)
+from .common import PairLogprobs, SequenceLogprobs
+from .linear_logprobs import linear_sequence_logprobs
+from .logprobs import sequence_logprobs
 
 
 class PreferenceBatch(NamedTuple):

@@ -158,8 +158,8 @@ def _logprobs_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]
 
 
 def _dpo_loss_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
+    from .common import LOSS_TYPES, DPOLossSpec
     from .ops import triton_dpo_loss as K
-    from .ops.reference import LOSS_TYPES, DPOLossSpec
 
     def run(types, fdiv):
         def go():
@@ -169,7 +169,7 @@ def _dpo_loss_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]
 
         return go
 
-    every = tuple(t for t in LOSS_TYPES if t not in K.SORTING and t != "exo_pair")
+    every = tuple(t for t in LOSS_TYPES if t in K.KERNEL_TYPES and t != "exo_pair")
     return [
         ("dpo_loss sigmoid", run(("sigmoid",), "reverse_kl"), K, ["_dpo_loss_kernel"]),
         ("dpo_loss all types", run(every, "reverse_kl"), K, ["_dpo_loss_kernel"]),
@@ -178,8 +178,8 @@ def _dpo_loss_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]
 
 
 def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
+    from .common import LogitTransform
     from .ops import triton_linear_logprobs as K
-    from .ops.reference import LogitTransform
 
     def fwd_bwd(dtype, V, softcap, stats=False):
         def run():

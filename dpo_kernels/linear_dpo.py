@@ -27,15 +27,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .functional import (
-    _check_linear_inputs,
-    _check_values,
-    _dpo_loss_kernel,
-    resolve_backend,
-)
+from .backend import dpo_loss_kernel as _dpo_loss_kernel
+from .backend import resolve_backend
+from .common import DPOLossSpec, LogitTransform
 from .losses import DPOLossOutput, dpo_loss, make_spec
 from .ops import reference
-from .ops.reference import DPOLossSpec, LogitTransform
+from .validation import check_linear_inputs as _check_linear_inputs
+from .validation import check_values as _check_values
 
 # Bytes of float32 logits alive at once (the chunk buffer), by device type. CPU: 64 MiB holds one
 # pair of 2 x 192 counted tokens at V = 32000 (the extra peak then stays under half of CCE's).

@@ -8,7 +8,6 @@ gradient accumulation over micro-batches must average, as it does for any per-pa
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -16,18 +15,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .functional import PairLogprobs, SequenceLogprobs, dpo_pair_loss
-from .ops.reference import (
-    F_DIVERGENCE_LOSS_TYPES,
+from .common import (
     F_DIVERGENCES,
     LOSS_TYPES,
     DPOLossSpec,
+    PairLogprobs,
+    SequenceLogprobs,
+    loss_types_where,
 )
-
-# Loss types that divide by the completion lengths and so need the token counts.
-NEEDS_COUNTS = frozenset(("ipo", "sigmoid_norm", "sft"))
-# Loss types that sort the pairs: a per-pair weight would not stay with its pair.
-SORTING = frozenset(("aot", "aot_unpaired"))
+from .dpo_loss_op import dpo_pair_loss
+from .validation import check_pair_inputs, number
 
 
 class DPOLossOutput(NamedTuple):
@@ -61,9 +58,9 @@ def make_spec(
         )
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"loss_weights must be finite numbers, got {list(weights)}")
-    beta, label_smoothing = _number("beta", beta), _number("label_smoothing", label_smoothing)
-    f_alpha_divergence_coef = _number("f_alpha_divergence_coef", f_alpha_divergence_coef)
-    discopop_tau = _number("discopop_tau", discopop_tau)
+    beta, label_smoothing = number("beta", beta), number("label_smoothing", label_smoothing)
+    f_alpha_divergence_coef = number("f_alpha_divergence_coef", f_alpha_divergence_coef)
+    discopop_tau = number("discopop_tau", discopop_tau)
     if not beta > 0 or not math.isfinite(beta):
         raise ValueError(f"beta must be > 0 and finite, got {beta}")
     if not math.isfinite(f_alpha_divergence_coef):
@@ -75,10 +72,11 @@ def make_spec(
     if f_divergence_type not in F_DIVERGENCES:
         choices = ", ".join(F_DIVERGENCES)
         raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; choose from {choices}")
-    if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
+    f_types = loss_types_where("f_divergence")
+    if f_divergence_type != "reverse_kl" and not set(types) <= f_types:
         raise ValueError(
             f"f_divergence_type={f_divergence_type!r} works only with loss types "
-            f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, got {list(types)}"
+            f"{sorted(f_types)}, got {list(types)}"
         )
     if not discopop_tau > 0 or not math.isfinite(discopop_tau):
         raise ValueError(f"discopop_tau must be > 0 and finite, got {discopop_tau}")
@@ -91,37 +89,6 @@ def make_spec(
         float(f_alpha_divergence_coef),
         float(discopop_tau),
     )
-
-
-def _number(name: str, value: object) -> float:
-    """`value` as a float, or a TypeError naming the argument."""
-    try:
-        if isinstance(value, (bool, str)):
-            raise TypeError
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-
-
-def _check_pair_inputs(named: dict[str, torch.Tensor | None], unit: str = "pairs") -> int:
-    """All given inputs (None: absent) are 1-D tensors of one length, on one device; returns the
-    length. `unit` names what an entry is, in the messages."""
-    first_name, first = next((k, v) for k, v in named.items() if v is not None)
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D [{unit}], got shape {tuple(t.shape)}")
-        if t.shape[0] != first.shape[0]:
-            raise ValueError(
-                f"{name} has {t.shape[0]} entries but {first_name} has {first.shape[0]}; "
-                f"the inputs must describe the same {unit}"
-            )
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-    return first.shape[0]
 
 
 def dpo_loss(
@@ -165,10 +132,10 @@ def dpo_loss(
         "rejected_counts": rejected_counts,
         "weights": weights,
     }
-    P = _check_pair_inputs(named)
+    P = check_pair_inputs(named)
     if P == 0:
         raise ValueError("chosen_logps is empty: no pairs to compute a loss over")
-    need = NEEDS_COUNTS.intersection(spec.loss_types)
+    need = loss_types_where("needs_counts").intersection(spec.loss_types)
     if need and (chosen_counts is None or rejected_counts is None):
         raise ValueError(
             f"loss_type {sorted(need)} divides by completion lengths: pass chosen_counts and "
@@ -226,12 +193,13 @@ class _ReplaceValue(torch.autograd.Function):
 def _weighted_loss(pc, pr, rc, rr, nc, nr, spec: DPOLossSpec, backend, weights: torch.Tensor):
     """(sum over types of mean(weights * per-pair loss), weighted per-pair losses).
 
-    Every pair loss but sft depends on its own pair only, so d mean(w * l) / d pc_p is w_p times
-    the unweighted gradient: the fused op runs unchanged and the weights scale its gradient. sft is
-    one value for every pair: its weighted mean is mean(w) times that value."""
+    Every pair loss but the count-coupled one (sft) depends on its own pair only, so
+    d mean(w * l) / d pc_p is w_p times the unweighted gradient: the fused op runs unchanged and
+    the weights scale its gradient. sft is one value for every pair: its weighted mean is mean(w)
+    times that value."""
     if not weights.is_floating_point() or weights.requires_grad:
         raise ValueError("weights must be a floating-point tensor without gradient (detach it)")
-    sorting = SORTING.intersection(spec.loss_types)
+    sorting = loss_types_where("sorting").intersection(spec.loss_types)
     if sorting:
         raise ValueError(
             f"weights do not combine with loss_type {sorted(sorting)}: those losses sort the "
@@ -239,23 +207,18 @@ def _weighted_loss(pc, pr, rc, rr, nc, nr, spec: DPOLossSpec, backend, weights: 
         )
     acc = torch.float64 if pc.dtype == torch.float64 else torch.float32
     w = weights.detach().to(acc)
-    types = [(t, x) for t, x in zip(spec.loss_types, spec.loss_weights, strict=True) if t != "sft"]
-    sft_weight = sum(x for t, x in zip(spec.loss_types, spec.loss_weights, strict=True)
-                     if t == "sft")  # fmt: skip
+    per_pair_spec, coupled = spec.split(loss_types_where("count_coupled"))
     loss = pc.new_zeros((), dtype=acc)
     per = loss.new_zeros(pc.shape)
-    if types:
-        sub = dataclasses.replace(
-            spec, loss_types=tuple(t for t, _ in types), loss_weights=tuple(x for _, x in types)
-        )
+    if per_pair_spec is not None:
         scaled = (_ScaleGrad.apply(pc, w), _ScaleGrad.apply(pr, w))
-        unweighted, per_pair = dpo_pair_loss(*scaled, rc, rr, nc, nr, sub, backend)
+        unweighted, per_pair = dpo_pair_loss(*scaled, rc, rr, nc, nr, per_pair_spec, backend)
         per = w.to(per_pair.dtype) * per_pair
         loss = _ReplaceValue.apply(unweighted, per.mean())
-    if sft_weight:
-        sft = -pc.to(loss.dtype).sum() / nc.sum().clamp(min=1)
-        loss = loss + sft_weight * w.mean() * sft
-        per = per + sft_weight * w * sft.detach()
+    if coupled is not None:
+        value, _ = dpo_pair_loss(pc, pr, rc, rr, nc, nr, coupled, backend)
+        loss = loss + w.mean() * value
+        per = per + w * value.detach()
     return loss, per
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .losses import _check_pair_inputs
+from .validation import check_pair_inputs as _check_pair_inputs
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")

@@ -10,7 +10,7 @@ from conftest import record_calls
 from test_logprobs import check_case, make_inputs
 
 import dpo_kernels
-from dpo_kernels import _cpu
+from dpo_kernels.ops import cpu as cpu_ops
 from dpo_kernels.ops import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -22,11 +22,11 @@ def test_extension_is_built_and_is_what_cpu_tensors_run(monkeypatch):
     expect = (
         "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") else "default"
     )
-    assert _cpu.VARIANT == expect
+    assert cpu_ops.VARIANT == expect
     assert torch.ops.dpo_kernels_cpu.build_info() == expect.upper()
     monkeypatch.delenv("DPO_KERNELS_BACKEND", raising=False)
     assert dpo_kernels.resolve_backend(None, torch.device("cpu")) == "cpu"
-    calls = record_calls(monkeypatch, _cpu, "logprobs_forward", "logprobs_backward")
+    calls = record_calls(monkeypatch, cpu_ops, "logprobs_forward", "logprobs_backward")
     logits, labels, mask = make_inputs(2, 3, 40, torch.float32)
     z = logits.clone().requires_grad_()
     dpo_kernels.sequence_logprobs(z, labels, mask=mask).logps.sum().backward()

@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import GRAD_TOL, cpu_backends
 
-from dpo_kernels import dpo_loss, linear_sequence_logprobs, sequence_logprobs
-from dpo_kernels.ops import reference
+from dpo_kernels import common, dpo_loss, linear_sequence_logprobs, sequence_logprobs
 
 BACKENDS = cpu_backends()
 LOSS_BACKENDS = BACKENDS  # the reference runs the autograd formulas, the others the closed forms
@@ -125,7 +124,7 @@ def mp_loss_and_grads(kind, pc, pr, rc, rr, nc, nr, beta, eps):
 SMOOTHED = {"exo_pair": 0.1, "robust": 0.2, "aot": 0.1, "aot_unpaired": 0.1}
 
 
-@pytest.mark.parametrize("kind", reference.LOSS_TYPES)
+@pytest.mark.parametrize("kind", common.LOSS_TYPES)
 def test_every_loss_type_right_at_extreme_margins(kind):
     pc, pr, rc, rr, nc, nr = extreme_pairs()
     eps = SMOOTHED.get(kind, 0.0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import cpu_backends
 
 from dpo_kernels import dpo_loss, linear_dpo_loss
-from dpo_kernels.ops.reference import LOSS_TYPES
+from dpo_kernels.common import LOSS_TYPES
 
 P, T, H, V = 3, 9, 16, 61  # odd lengths everywhere
 

@@ -12,7 +12,8 @@ from conftest import (
 from test_logprobs import fwd_tol
 
 import dpo_kernels
-from dpo_kernels import _cpu
+from dpo_kernels import common
+from dpo_kernels.ops import cpu as cpu_ops
 from dpo_kernels.ops import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -24,7 +25,7 @@ TRANSFORMS = {
 
 def _tile_settings():
     """(module, token tile attribute, vocab block attribute) of every tiled backend."""
-    settings = [(_cpu, "LINEAR_TOKEN_TILE", "LINEAR_VOCAB_BLOCK")]
+    settings = [(cpu_ops, "LINEAR_TOKEN_TILE", "LINEAR_VOCAB_BLOCK")]
     if HAS_TRITON:
         from dpo_kernels.ops import triton_linear_logprobs
 
@@ -86,9 +87,9 @@ def run_materialized(hidden, weight, bias, labels, mask, w_seq, w_tok, upcast, *
     h, w, b = leaves(*(t.double() if upcast and t is not None else t for t in inputs))
     z = logits_of(h, w, b, **kw)
     if upcast:
-        tok = reference.token_logprobs(z, labels, mask, None, -100)[0]
+        tok = reference.logprobs_forward(z, labels, mask, None, -100)[0]
     else:
-        counted = reference.counted_tokens(labels, mask, -100)
+        counted = common.counted_tokens(labels, mask, -100)
         lp = z.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         tok = torch.where(counted, lp, 0)
     logps = tok.sum(-1)
@@ -106,9 +107,9 @@ def check_case(backend, hidden, weight, bias, labels, mask, **kw):
     naive_lp, naive_tok, _, naive = run_materialized(
         hidden, weight, bias, labels, mask, w_seq, w_tok, upcast=False, **kw
     )
-    assert out.logps.dtype == reference.acc_dtype(hidden.dtype)
+    assert out.logps.dtype == common.acc_dtype(hidden.dtype)
     assert out.ref_logps is None and out.ref_token_logps is None
-    assert torch.equal(out.counts, reference.counted_tokens(labels, mask, -100).sum(-1))
+    assert torch.equal(out.counts, common.counted_tokens(labels, mask, -100).sum(-1))
     tol = fwd_tol(z64.to(hidden.dtype), T)
     assert_no_worse_than_naive(out.logps.detach(), naive_lp, ref_lp, tol, "logps")
     assert_no_worse_than_naive(out.token_logps.detach(), naive_tok, ref_tok, tol, "token_logps")
@@ -266,7 +267,7 @@ def test_cpu_tensors_run_the_cpp_kernels(monkeypatch):
         pytest.skip("the C++ extension is not built")
     monkeypatch.delenv("DPO_KERNELS_BACKEND", raising=False)
     names = ("linear_logprobs_forward", "linear_logprobs_backward")
-    calls = record_calls(monkeypatch, _cpu, *names)
+    calls = record_calls(monkeypatch, cpu_ops, *names)
     hidden, weight, _, labels, mask = make_inputs(2, 3, 8, 20, torch.float32)
     h, w = leaves(hidden, weight)
     dpo_kernels.linear_sequence_logprobs(h, w, labels, mask=mask).logps.sum().backward()

@@ -5,6 +5,7 @@ import torch
 from conftest import EPS32, GRAD_TOL, assert_no_worse_than_naive, cpu_backends
 
 import dpo_kernels
+from dpo_kernels import common
 from dpo_kernels.ops import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -32,7 +33,7 @@ def make_inputs(B, T, V, dtype, kind="normal", masked_frac=0.25):
 
 def naive_sums(logits, labels, mask, ignore_index=-100):
     """The naive computation in the logits' own dtype (no upcast)."""
-    counted = reference.counted_tokens(labels, mask, ignore_index)
+    counted = common.counted_tokens(labels, mask, ignore_index)
     lp = logits.log_softmax(-1).gather(-1, torch.where(counted, labels, 0).unsqueeze(-1))
     return torch.where(counted, lp.squeeze(-1), 0).sum(-1)
 
@@ -51,7 +52,7 @@ def check_case(backend, logits, labels, mask):
     B, T, _ = logits.shape
     z = logits.detach().clone().requires_grad_()
     out = dpo_kernels.sequence_logprobs(z, labels, mask=mask, backend=backend)
-    assert out.logps.dtype == reference.acc_dtype(logits.dtype)
+    assert out.logps.dtype == common.acc_dtype(logits.dtype)
     z64 = logits.detach().double().requires_grad_()
     ref_logps, ref_counts = reference.sequence_logprobs(z64, labels, mask)
     zn = logits.detach().clone().requires_grad_()
@@ -63,14 +64,14 @@ def check_case(backend, logits, labels, mask):
     w_seq, w_tok = torch.randn(B, dtype=torch.float64), torch.randn(B, T, dtype=torch.float64)
     loss_of(out, w_seq.to(out.logps.dtype), w_tok.to(out.logps.dtype)).backward()
     ref_tok = torch.where(
-        reference.counted_tokens(labels, mask, -100),
+        common.counted_tokens(labels, mask, -100),
         z64.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1),
         0,
     )
     ((ref_logps * w_seq).sum() + (ref_tok * w_tok).sum()).backward()
     (naive * w_seq.to(naive.dtype)).sum().backward()  # naive grad through the sequence sums only
     zt = logits.detach().clone().requires_grad_()
-    counted = reference.counted_tokens(labels, mask, -100)
+    counted = common.counted_tokens(labels, mask, -100)
     lp = zt.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     (torch.where(counted, lp, 0) * w_tok.to(zt.dtype)).sum().backward()
     naive_grad = zn.grad.double() + zt.grad.double()
@@ -242,7 +243,7 @@ def test_token_stats_match_the_reference(backend, dtype, V):
     labels[1, 1], mask[1, 1] = 5, True
     out = dpo_kernels.sequence_logprobs(logits, labels, mask=mask, stats=True, backend=backend)
     z = logits.double()
-    counted = reference.counted_tokens(labels, mask, -100)
+    counted = common.counted_tokens(labels, mask, -100)
     lse = torch.where(counted, z.logsumexp(-1), 0)
     ent, mean, top1, _ = reference.token_stats(z, lse, torch.where(counted, labels, 0), counted)
     tol = 1e-10 if dtype == torch.float64 else 1e-4

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import dpo_kernels
+from dpo_kernels import common
 from dpo_kernels.ops import reference
 
 DTYPES = {
@@ -87,7 +88,7 @@ def check(backend, logits, labels, mask):
     assert z.grad.dtype == logits.dtype
     err = (z.grad.double() - z64.grad).abs()
     assert err.nan_to_num(0).max().item() <= g_tol and not torch.isnan(err).any()
-    counted = reference.counted_tokens(labels, mask, -100)
+    counted = common.counted_tokens(labels, mask, -100)
     assert torch.all(z.grad[~counted] == 0)  # tokens that do not count get exactly zero
 
 
@@ -118,9 +119,7 @@ def test_logprobs_properties(backend):
 @st.composite
 def loss_cases(draw):
     P = draw(st.integers(1, 12))
-    kinds = draw(
-        st.lists(st.sampled_from(reference.LOSS_TYPES), min_size=1, max_size=3, unique=True)
-    )
+    kinds = draw(st.lists(st.sampled_from(common.LOSS_TYPES), min_size=1, max_size=3, unique=True))
     weights = [draw(st.floats(0.1, 2.0)) for _ in kinds]
     beta = draw(st.sampled_from([0.01, 0.1, 0.5, 2.0]))
     eps = draw(st.sampled_from([0.0, 0.1, 0.3])) if "exo_pair" not in kinds else 0.1
@@ -233,7 +232,7 @@ def test_logprobs_backends_agree_on_extreme_values(other):
         out, grad = _logprob_results(other, logits, labels, w)
         finite = logits.double()[torch.isfinite(logits.double())]
         scale = max(1.0, finite.abs().max().item() if finite.numel() else 1.0)
-        eps = torch.finfo(reference.acc_dtype(logits.dtype)).eps
+        eps = torch.finfo(common.acc_dtype(logits.dtype)).eps
         tol = 16 * eps * scale * V * T
         assert torch.equal(out.counts, ref.counts)
         assert_agree(out.token_logps, ref.token_logps, 1e-5, tol, f"token_logps {case}")
@@ -253,17 +252,15 @@ def test_logprobs_backends_agree_on_extreme_values(other):
 @st.composite
 def extreme_loss_cases(draw):
     P = draw(st.integers(1, 6))
-    kinds = draw(
-        st.lists(st.sampled_from(reference.LOSS_TYPES), min_size=1, max_size=3, unique=True)
-    )
+    kinds = draw(st.lists(st.sampled_from(common.LOSS_TYPES), min_size=1, max_size=3, unique=True))
     weights = [draw(st.sampled_from([0.5, 1.0, 3.0])) for _ in kinds]
     beta = draw(st.sampled_from([1e-9, 1e-3, 0.1, 2.0, 1e6]))
     eps = draw(st.sampled_from([0.0, 1e-3, 0.1, 0.49]))
     if "exo_pair" in kinds and eps == 0.0:
         eps = 1e-3
     fdiv = "reverse_kl"
-    if set(kinds) <= reference.F_DIVERGENCE_LOSS_TYPES:
-        fdiv = draw(st.sampled_from(reference.F_DIVERGENCES))
+    if set(kinds) <= common.loss_types_where("f_divergence"):
+        fdiv = draw(st.sampled_from(common.F_DIVERGENCES))
     alpha = draw(st.sampled_from([-1.0, 0.5, 0.999, 2.0]))
     tau = draw(st.sampled_from([1e-3, 0.05, 1.0, 20.0]))
     values = draw(st.sampled_from(["moderate", "large", "specials"]))
@@ -373,7 +370,7 @@ def test_linear_backends_agree_on_extreme_transforms(other):
             res.append((out, [None if t is None else t.grad for t in leaves]))
         (ref, ref_grads), (out, grads) = res
         # Bound on the logits' error: the projection in another order, times logit_scale / T.
-        eps = torch.finfo(reference.acc_dtype(dt)).eps
+        eps = torch.finfo(common.acc_dtype(dt)).eps
         x = h.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
         factor = logit_scale / temperature
         zmax = x.max().item() * factor if softcap is None else softcap * factor

@@ -20,7 +20,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from ..forward import _full, head_transform, unwrap_model
-from ..functional import linear_sequence_logprobs, sequence_logprobs
+from ..linear_logprobs import linear_sequence_logprobs
+from ..logprobs import sequence_logprobs
 from ..preference_losses import cpo_loss, kto_loss, orpo_loss
 from .trl import check_trl_version
 

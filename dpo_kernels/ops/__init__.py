@@ -1,1 +1,3 @@
-"""Kernels and their launchers, one fused op per file; no autograd here (see functional.py)."""
+"""The backends: reference.py (plain PyTorch, the spec), cpu.py (csrc/ and the torch closed forms
+of the DPO loss), triton.py (the Triton kernels, one fused op per triton_*.py file). Each offers the
+same functions; no autograd here (see the public op modules and dpo_kernels/backend.py)."""

@@ -1,37 +1,27 @@
-"""Plain-PyTorch definitions of every fused op: the spec each backend is tested against.
+"""The "reference" backend: plain-PyTorch definitions of every fused op, the spec each backend is
+tested against.
 
-They are also the fallback where no faster backend applies. They materialize float32 (float64 for
-float64 inputs) [rows, vocab] temporaries, which is exactly what the kernels avoid.
+It offers the backends' functions (see dpo_kernels/backend.py) and is the fallback where no faster
+backend applies. It materializes float32 (float64 for float64 inputs) [rows, vocab] temporaries,
+which is exactly what the kernels avoid. `sequence_logprobs` and `dpo_losses` are the naive
+computations with autograd that the tests compare everything with.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def stats_dtypes(acc: torch.dtype) -> tuple[torch.dtype, ...]:
-    """dtypes of the token statistics (entropy, mean logit, is_top1, log_sum_sq), in order."""
-    return (acc, acc, torch.bool, acc)
-
-
-def counted_tokens(
-    labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int
-) -> torch.Tensor:
-    """[B, T] bool: tokens that enter the sums (label != ignore_index and mask != 0).
-
-    Compared in int64: a narrow label dtype would wrap ignore_index (uint8 156 == -100)."""
-    counted = labels.long() != ignore_index
-    return counted if mask is None else counted & (mask != 0)
+from ..common import (
+    ALPHA_CLAMP_MAX,
+    DPOLossSpec,
+    LogitTransform,
+    acc_dtype,
+    counted_tokens,
+    stats_dtypes,
+)
 
 
 def token_stats(
@@ -56,7 +46,7 @@ def token_stats(
     return entropy, mean_logit, top1, log_sum_sq
 
 
-def token_logprobs(
+def logprobs_forward(
     logits: torch.Tensor,  # [B, T, V]
     labels: torch.Tensor,  # [B, T]
     mask: torch.Tensor | None,
@@ -87,7 +77,7 @@ def token_logprobs(
     return tok, lse, ref_tok, *token_stats(z, lse, labels, counted)
 
 
-def token_logprobs_backward(
+def logprobs_backward(
     grad_tok: torch.Tensor,  # [B, T]
     logits: torch.Tensor,  # [B, T, V]
     labels: torch.Tensor,
@@ -105,6 +95,11 @@ def token_logprobs_backward(
     # Rows that are not counted are exactly zero, even where their logits are NaN or inf.
     dz = torch.where(counted.unsqueeze(-1), g * (onehot - probs), 0.0)
     return dz.to(logits.dtype)
+
+
+def grad_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
+    """The logits' gradient comes back contiguous."""
+    return None
 
 
 def sequence_logprobs(
@@ -127,31 +122,6 @@ def sequence_logprobs(
 
 # --------------------------------------------------------------------------------------------
 # The DPO loss family, as TRL's DPOTrainer defines it (same formulas, same defaults).
-
-LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)  # fmt: skip
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# Loss types that the f-divergence generalization applies to (the others use raw log-ratios).
-F_DIVERGENCE_LOSS_TYPES = frozenset(
-    ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-)
-# The alpha-divergence score exp((alpha - 1) * logratio) is clamped at this exponent (float32).
-ALPHA_CLAMP_MAX = 80.0
-
-
-@dataclass(frozen=True)
-class DPOLossSpec:
-    """Which losses, with which weights and hyper-parameters (TRL DPOConfig names, defaults)."""
-
-    loss_types: tuple[str, ...] = ("sigmoid",)
-    loss_weights: tuple[float, ...] = (1.0,)
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
-    discopop_tau: float = 0.05
 
 
 def _f_score(x: torch.Tensor, spec: DPOLossSpec) -> torch.Tensor:
@@ -242,18 +212,22 @@ def dpo_losses(
     return total
 
 
-class LogitTransform(NamedTuple):
-    """The fused linear op's logits: z = logit_scale * softcap(x) / temperature, x = h @ W.T + b,
-    softcap(x) = softcap * tanh(x / softcap) (the identity when softcap is None)."""
-
-    logit_scale: float = 1.0
-    softcap: float | None = None
-    temperature: float = 1.0
-
-    @property
-    def factor(self) -> float:
-        """logit_scale / temperature: z = softcap(x) * factor, in this order in every backend."""
-        return self.logit_scale / self.temperature
+def dpo_loss_and_grads(
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    nc: torch.Tensor,
+    nr: torch.Tensor,
+    spec: DPOLossSpec,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-pair loss [P], dloss/dpc [P], dloss/dpr [P]): `dpo_losses` and the gradient of
+    its mean by autograd."""
+    # torch.func, not torch.autograd: backends run below the autograd dispatch key (inside the
+    # custom op), where no autograd graph is recorded.
+    per, vjp = torch.func.vjp(lambda a, b: dpo_losses(a, b, rc, rr, nc, nr, spec), pc, pr)
+    da, db = vjp(torch.full_like(per, 1 / per.shape[0]))
+    return per.mean(), per, da, db
 
 
 def _projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -276,7 +250,7 @@ def linear_logits(
     return x * transform.factor
 
 
-def linear_token_logprobs(
+def linear_logprobs_forward(
     hidden: torch.Tensor,  # [M, H] rows of the counted tokens
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,  # [V]
@@ -297,7 +271,7 @@ def linear_token_logprobs(
     return target - lse, lse, *token_stats(z, lse, targets, torch.ones_like(here))
 
 
-def linear_token_logprobs_backward(
+def linear_logprobs_backward(
     grad: torch.Tensor,  # [M] upstream gradient of the label log-probs
     hidden: torch.Tensor,  # [M, H]
     weight: torch.Tensor,  # [V, H]

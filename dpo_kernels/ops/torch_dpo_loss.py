@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import ALPHA_CLAMP_MAX, DPOLossSpec
+from ..common import ALPHA_CLAMP_MAX, LOSSES, DPOLossSpec
 
 sig = torch.sigmoid
 
@@ -61,38 +61,44 @@ def dpo_loss_and_grads(
     gc = torch.zeros_like(c)  # d(sum of per-pair losses)/dc
     gr = torch.zeros_like(c)
     for kind, w in zip(spec.loss_types, spec.loss_weights, strict=True):
-        if kind in ("ipo", "sigmoid_norm"):
-            d = sc / nc - sr / nr
-            if kind == "ipo":
-                q = d - 1 / (2 * beta)
-                ell, dd = q * q, 2 * q
-            else:
-                ell, dd = softplus(-beta * d), -beta * sig(-beta * d)
+        argument = LOSSES[kind].argument
+        if argument == "normalized":
+            ell, dd = _normalized_loss(kind, sc / nc - sr / nr, beta)
             loss += w * ell
             gc += w * dd * dsc / nc
             gr -= w * dd * dsr / nr
             continue
-        if kind in ("sigmoid", "hinge", "exo_pair", "robust", "discopop"):
-            u = beta * (sc - sr)
-            ell, du = _delta_loss(kind, u, spec)
+        if argument == "margin":
+            ell, du = _margin_loss(kind, beta * (sc - sr), spec)
             loss += w * ell
             gc += w * beta * du * dsc
             gr -= w * beta * du * dsr
             continue
-        if kind in ("aot", "aot_unpaired"):
+        if argument == "sorted":
             ell, dc_, dr_ = _sorted_loss(kind, pc, pr, rc, rr, c, r, beta, eps)
-            loss += w * ell
-            gc += w * dc_
-            gr += w * dr_
-            continue
-        ell, dc_, dr_ = _logratio_loss(kind, c, r, beta, pc, chosen_tokens)
+        elif argument == "log_ratios":
+            ell, dc_, dr_ = _logratio_loss(kind, c, r, beta)
+        else:  # chosen_nll (sft): minus the mean log-prob of the batch's chosen tokens
+            ell = (-pc.sum() / chosen_tokens).expand_as(c)
+            # d(sum over pairs)/dpc_b = -P / tokens; c = pc - rc, so that is d/dc too.
+            dc_, dr_ = torch.full_like(c, -P) / chosen_tokens, torch.zeros_like(c)
         loss += w * ell
         gc += w * dc_
         gr += w * dr_
     return loss.mean(), loss, gc / P, gr / P
 
 
-def _delta_loss(kind: str, u: torch.Tensor, spec: DPOLossSpec):
+def _normalized_loss(kind: str, d: torch.Tensor, beta: float):
+    """Loss of d = score_c / n_c - score_r / n_r and its derivative in d."""
+    if kind == "ipo":
+        q = d - 1 / (2 * beta)
+        return q * q, 2 * q
+    if kind == "sigmoid_norm":
+        return softplus(-beta * d), -beta * sig(-beta * d)
+    raise ValueError(f"no closed form for loss type {kind!r}")
+
+
+def _margin_loss(kind: str, u: torch.Tensor, spec: DPOLossSpec):
     """Loss of u = beta * (score_c - score_r) and its derivative in u."""
     eps = spec.label_smoothing
     if kind == "sigmoid":
@@ -118,9 +124,8 @@ def _delta_loss(kind: str, u: torch.Tensor, spec: DPOLossSpec):
     return a * m1 + em, -sig(-u) * m1 - amm / tau + em * (m1 / tau - 1)
 
 
-def _logratio_loss(kind, c, r, beta, pc, chosen_tokens):
+def _logratio_loss(kind, c, r, beta):
     """Losses of the raw log-ratios (no f-divergence): loss, d/dc, d/dr."""
-    zero = torch.zeros_like(c)
     if kind == "nca_pair":
         ell = softplus(-beta * c) + 0.5 * softplus(beta * c) + 0.5 * softplus(beta * r)
         return ell, beta * (0.5 * sig(beta * c) - sig(-beta * c)), 0.5 * beta * sig(beta * r)
@@ -140,10 +145,7 @@ def _logratio_loss(kind, c, r, beta, pc, chosen_tokens):
         sc, sd = sig(beta * c), sig(beta * (c - r))
         dd = beta * sd * (1 - sd)
         return sc + 1 - sd, beta * sc * (1 - sc) - dd, dd
-    # sft: minus the mean log-prob of the chosen tokens, the same value for every pair
-    ell = (-pc.sum() / chosen_tokens).expand_as(c)
-    # d(sum over pairs)/dpc_b = -P / tokens; c = pc - rc, so that is d/dc too.
-    return ell, torch.full_like(c, -c.shape[0]) / chosen_tokens, zero
+    raise ValueError(f"no closed form for loss type {kind!r}")
 
 
 def _sorted_loss(kind, pc, pr, rc, rr, c, r, beta, eps):

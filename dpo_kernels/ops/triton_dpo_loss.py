@@ -4,7 +4,8 @@ One program walks the P pairs in blocks (P is a per-device batch, small): per pa
 weighted sum of the selected losses and its derivative with respect to the policy's chosen and
 rejected log-probs, and accumulates the mean loss in a fixed order (deterministic, no atomics).
 The formulas are those of ops/torch_dpo_loss.py (closed forms of ops/reference.py::dpo_losses).
-The sorting losses (aot, aot_unpaired) are added by the torch closed form; everything else is here.
+The kernel computes the loss types registered below with `_in_kernel` (one branch each); the torch
+closed forms add the others (the sorting losses aot and aot_unpaired, which need the whole batch).
 """
 
 from __future__ import annotations
@@ -13,26 +14,37 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import ALPHA_CLAMP_MAX, LOSS_TYPES, DPOLossSpec, acc_dtype
+from ..common import ALPHA_CLAMP_MAX, LOSS_TYPES, LOSSES, DPOLossSpec, acc_dtype
 from .triton_logprobs import device_constants, device_guard, tl_acc_dtype
 
-SORTING = ("aot", "aot_unpaired")
 _FDIV = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2, "alpha_divergence": 3}
-# Bit i of TYPES selects LOSS_TYPES[i] (tested as `(ONE << i) & TYPES`: constexpr first).
+# The loss types this kernel computes, in registration order (see `_in_kernel`).
+KERNEL_TYPES: list[str] = []
+
+
+def _in_kernel(kind: str) -> tl.constexpr:
+    """Registers `kind` as computed by the kernel and returns its index in LOSS_TYPES: bit i of
+    TYPES selects LOSS_TYPES[i] (tested as `(ONE << i) & TYPES`: constexpr first), and w_ptr[i]
+    is its weight. The kernel walks the pairs one by one: no sorting loss here."""
+    assert not LOSSES[kind].sorting, kind
+    KERNEL_TYPES.append(kind)
+    return tl.constexpr(LOSS_TYPES.index(kind))
+
+
 ONE = tl.constexpr(1)
-SIGMOID = tl.constexpr(LOSS_TYPES.index("sigmoid"))
-HINGE = tl.constexpr(LOSS_TYPES.index("hinge"))
-IPO = tl.constexpr(LOSS_TYPES.index("ipo"))
-EXO = tl.constexpr(LOSS_TYPES.index("exo_pair"))
-NCA = tl.constexpr(LOSS_TYPES.index("nca_pair"))
-ROBUST = tl.constexpr(LOSS_TYPES.index("robust"))
-BCO = tl.constexpr(LOSS_TYPES.index("bco_pair"))
-SPPO = tl.constexpr(LOSS_TYPES.index("sppo_hard"))
-APO_ZERO = tl.constexpr(LOSS_TYPES.index("apo_zero"))
-APO_DOWN = tl.constexpr(LOSS_TYPES.index("apo_down"))
-DISCOPOP = tl.constexpr(LOSS_TYPES.index("discopop"))
-SFT = tl.constexpr(LOSS_TYPES.index("sft"))
-SIGMOID_NORM = tl.constexpr(LOSS_TYPES.index("sigmoid_norm"))
+SIGMOID = _in_kernel("sigmoid")
+HINGE = _in_kernel("hinge")
+IPO = _in_kernel("ipo")
+EXO = _in_kernel("exo_pair")
+NCA = _in_kernel("nca_pair")
+ROBUST = _in_kernel("robust")
+BCO = _in_kernel("bco_pair")
+SPPO = _in_kernel("sppo_hard")
+APO_ZERO = _in_kernel("apo_zero")
+APO_DOWN = _in_kernel("apo_down")
+DISCOPOP = _in_kernel("discopop")
+SFT = _in_kernel("sft")
+SIGMOID_NORM = _in_kernel("sigmoid_norm")
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -210,16 +222,9 @@ def dpo_loss_and_grads(
     P = pc.shape[0]
     dtype = acc_dtype(pc.dtype)
     args = [x.to(dtype).contiguous() for x in (pc, pr, rc, rr, nc, nr)]
-    weights = [0.0] * len(LOSS_TYPES)
-    types = 0
-    sorting = []
-    for kind, w in zip(spec.loss_types, spec.loss_weights, strict=True):
-        if kind in SORTING:
-            sorting.append((kind, w))
-            continue
-        i = LOSS_TYPES.index(kind)
-        types |= 1 << i
-        weights[i] += float(w)
+    rest, here = spec.split(KERNEL_TYPES)  # the torch closed forms add `rest`
+    weights = [0.0] * len(LOSS_TYPES) if here is None else here.type_weights()
+    types = 0 if here is None else sum(1 << LOSS_TYPES.index(t) for t in set(here.loss_types))
     out = [torch.empty(P, dtype=dtype, device=pc.device) for _ in range(3)]
     loss = torch.empty(1, dtype=dtype, device=pc.device)
     a1 = spec.f_alpha_divergence_coef - 1.0
@@ -248,15 +253,9 @@ def dpo_loss_and_grads(
         )
     loss = loss[0]
     per, dpc, dpr = out
-    if sorting:
+    if rest is not None:
         from . import torch_dpo_loss
 
-        part = DPOLossSpec(
-            tuple(k for k, _ in sorting),
-            tuple(w for _, w in sorting),
-            spec.beta,
-            spec.label_smoothing,
-        )
-        s_loss, s_per, s_dpc, s_dpr = torch_dpo_loss.dpo_loss_and_grads(*args, part)
+        s_loss, s_per, s_dpc, s_dpr = torch_dpo_loss.dpo_loss_and_grads(*args, rest)
         loss, per, dpc, dpr = loss + s_loss, per + s_per, dpc + s_dpc, dpr + s_dpr
     return loss, per, dpc, dpr

@@ -16,7 +16,8 @@ vectors up to the padded width, and the forward drops the padding columns with a
 Everything (cuBLAS and Triton) runs under one device guard for the inputs' device, on that
 device's current stream.
 
-Launchers here take validated tensors; autograd and dispatch live in `dpo_kernels.functional`.
+Launchers here take validated tensors; autograd lives in the public op modules (logprobs.py,
+linear_logprobs.py), dispatch in backend.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import LogitTransform, acc_dtype, stats_dtypes
+from ..common import LogitTransform, acc_dtype, stats_dtypes
 from .triton_logprobs import (
     device_constants,
     device_guard,

@@ -19,7 +19,8 @@ Every launch runs under a device guard for its tensors' device (`device_guard`):
 the current device and its current stream, which are then the tensors' device and the stream that
 PyTorch (cuBLAS included) uses there.
 
-Launchers here take validated tensors; autograd and dispatch live in `dpo_kernels.functional`.
+Launchers here take validated tensors; autograd lives in the public op modules (logprobs.py,
+linear_logprobs.py), dispatch in backend.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import acc_dtype
+from ..common import acc_dtype
 
 # Largest vocab chunk a program holds at once: 16 KiB of logits (8 KiB for 64-bit types' inputs).
 _MAX_BLOCK_BYTES = 16384
@@ -66,7 +67,7 @@ def launch_config(vocab: int, element_size: int, stats: bool = False) -> tuple[i
 
 
 def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
-    """reference.acc_dtype as a Triton dtype."""
+    """common.acc_dtype as a Triton dtype."""
     return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
@@ -383,7 +384,7 @@ def logprobs_forward(
     stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Token log-probs, log-sum-exp, reference token log-probs and, with `stats`, entropy, mean
-    logit, label-is-argmax and log sum_v p_v^2: the contract of ops/reference.py::token_logprobs."""
+    logit, label-is-argmax and log sum_v p_v^2: the contract of reference.logprobs_forward."""
     B, T, V = logits.shape
     logits = _vocab_contiguous(logits)
     acc = acc_dtype(logits.dtype)

@@ -1,7 +1,8 @@
-"""The C++ CPU kernels (csrc/): thin wrappers around torch.ops.dpo_kernels_cpu.
+"""The "cpu" backend: the C++ CPU kernels (csrc/), thin wrappers around torch.ops.dpo_kernels_cpu,
+and the DPO loss in closed form (vectorized torch, torch_dpo_loss.py).
 
 The library is compiled for this torch and CPU, cached and loaded by _build.py, lazily: on the
-first access to VARIANT or AVAILABLE (functional.py asks when an op gets CPU tensors), never at
+first access to VARIANT or AVAILABLE (backend.py asks when an op gets CPU tensors), never at
 import. If it cannot be built (no compiler), the package warns once and CPU tensors use the
 plain-PyTorch reference instead.
 """
@@ -10,7 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from . import _build
+from .. import _build
+from ..common import LogitTransform
+from .torch_dpo_loss import dpo_loss_and_grads
+
+__all__ = [
+    "dpo_loss_and_grads",
+    "grad_strides",
+    "linear_logprobs_backward",
+    "linear_logprobs_forward",
+    "logprobs_backward",
+    "logprobs_forward",
+]
 
 
 def __getattr__(name: str):
@@ -24,7 +36,7 @@ def __getattr__(name: str):
 
 def logprobs_forward(logits, labels, mask, ref_logits, ignore_index, stats=False):
     """Token log-probs, log-sum-exp, reference token log-probs and optional statistics; the
-    contract of ops/reference.py::token_logprobs."""
+    contract of ops/reference.py::logprobs_forward."""
     op = torch.ops.dpo_kernels_cpu.logprobs_forward
     return op(logits, labels, mask, ref_logits, ignore_index, stats)
 
@@ -35,15 +47,22 @@ def logprobs_backward(grad_tok, logits, labels, mask, lse, ignore_index):
     return op(grad_tok, logits, labels, mask, lse, ignore_index)
 
 
+def grad_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
+    """The logits' gradient comes back contiguous."""
+    return None
+
+
 # Counted tokens x vocabulary of one projection tile of the fused linear op (float32 or float64):
 # 512 x 2048 floats is 4 MiB, as fast per flop as larger tiles here (BENCHMARKS.md).
 LINEAR_TOKEN_TILE = 512
 LINEAR_VOCAB_BLOCK = 2048
 
 
-def linear_logprobs_forward(hidden, weight, bias, targets, transform, stats=False):
+def linear_logprobs_forward(
+    hidden, weight, bias, targets, transform: LogitTransform, stats: bool = False
+):
     """Label log-probs, log-sum-exp and optional statistics of the counted rows; the contract of
-    ops/reference.py::linear_token_logprobs."""
+    ops/reference.py::linear_logprobs_forward."""
     op = torch.ops.dpo_kernels_cpu.linear_logprobs_forward
     tiles = (LINEAR_TOKEN_TILE, LINEAR_VOCAB_BLOCK)
     return op(hidden, weight, bias, targets, *transform, stats, *tiles)

@@ -1,0 +1,259 @@
+"""Input checks of every public op: shapes, dtypes and devices (in Python, before any op), label
+and mask values and cu_seqlens (data checks: on CPU a ValueError naming the first bad position, on
+CUDA a device-side assert, see backend.py). Every message names the argument and the fix."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from . import backend
+from .common import LogitTransform, counted_tokens
+
+
+def check_same_device(name: str, t: torch.Tensor, other: torch.Tensor, other_name: str) -> None:
+    if t.device != other.device:
+        raise ValueError(
+            f"{name} is on {t.device} but {other_name} is on {other.device}; move {name} with "
+            f"{name}.to({other_name}.device)"
+        )
+
+
+def check_float(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(
+            f"{name} must be a floating-point tensor (bf16, fp16, fp32 or fp64), got {got}"
+        )
+
+
+def check_labels_and_mask(
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    ignore_index: int,
+    source: torch.Tensor,
+    source_name: str,
+    token_dims: int,
+) -> None:
+    """labels (and mask) shaped like the first `token_dims` dims of `source`, on its device."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of token ids, got {got}")
+    if labels.dtype == torch.bool:
+        raise TypeError("labels must be an integer tensor of token ids, got torch.bool")
+    shape = tuple(source.shape[:token_dims])
+    if tuple(labels.shape) != shape:
+        hint = f"; for causal LMs pass {source_name}[:, :-1] with labels[:, 1:]"
+        raise ValueError(
+            f"labels must have shape {shape} ({source_name}.shape[:{token_dims}]), got "
+            f"{tuple(labels.shape)}" + (hint if token_dims == 2 else "")
+        )
+    check_same_device("labels", labels, source, source_name)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.is_complex():
+            raise TypeError("mask must be a bool or 0/1 tensor shaped like labels")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"mask must have the shape of labels {shape}, got {tuple(mask.shape)}")
+        check_same_device("mask", mask, source, source_name)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(
+            f"ignore_index must lie in the int64 range [-2**63, 2**63 - 1], got {ignore_index}; "
+            "use a value no label takes, such as -100"
+        )
+
+
+def check_logprob_inputs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    ref_logits: torch.Tensor | None,
+    ignore_index: int,
+) -> None:
+    check_float("logits", logits)
+    if logits.dim() != 3:
+        raise ValueError(
+            f"logits must be [batch, tokens, vocab], got shape {tuple(logits.shape)}; "
+            "add a batch dimension with logits.unsqueeze(0)"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError("logits has an empty vocabulary (last dimension is 0)")
+    check_labels_and_mask(labels, mask, ignore_index, logits, "logits", 2)
+    if ref_logits is not None:
+        if not isinstance(ref_logits, torch.Tensor) or not ref_logits.is_floating_point():
+            raise TypeError("ref_logits must be a floating-point tensor like logits")
+        if ref_logits.shape != logits.shape:
+            raise ValueError(
+                f"ref_logits must have the shape of logits {tuple(logits.shape)}, got "
+                f"{tuple(ref_logits.shape)}"
+            )
+        check_same_device("ref_logits", ref_logits, logits, "logits")
+
+
+def check_linear_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    ignore_index: int,
+    transform: LogitTransform,
+) -> None:
+    """The fused LM head's inputs: hidden [B, T, H] or [N, H], weight [V, H], bias [V], labels and
+    mask shaped hidden.shape[:-1], and the logit transform."""
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(
+            "weight must be the LM head's [vocab, hidden] matrix (lm_head.weight), got shape "
+            f"{tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (first dimension is 0)")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(
+            f"hidden must be [batch, tokens, hidden] or [tokens, hidden], got shape "
+            f"{tuple(hidden.shape)}"
+        )
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden has {hidden.shape[-1]} features but weight has shape {tuple(weight.shape)} "
+            f"([vocab, hidden]); they must agree (pass lm_head.weight, not its transpose)"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"hidden is {hidden.dtype} but weight is {weight.dtype}; they must match, e.g. "
+            "hidden.to(weight.dtype)"
+        )
+    check_same_device("weight", weight, hidden, "hidden")
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},) (weight.shape[:1]), got "
+                f"{tuple(bias.shape)}"
+            )
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}; they must match")
+        check_same_device("bias", bias, hidden, "hidden")
+    check_labels_and_mask(labels, mask, ignore_index, hidden, "hidden", hidden.dim() - 1)
+    check_transform(transform)
+
+
+def check_transform(transform: LogitTransform) -> None:
+    """logit_scale and temperature finite (temperature > 0), softcap None or positive."""
+    logit_scale, softcap, temperature = transform
+    for name, value in (("logit_scale", logit_scale), ("temperature", temperature)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if softcap is not None and (
+        not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0
+    ):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+
+
+def check_values(
+    labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int
+) -> None:
+    """Data checks: counted labels in [0, vocab), mask values 0 or 1. On CPU one look at the
+    values and a ValueError naming the first bad position; on CUDA a device-side assert."""
+    counted = counted_tokens(labels, mask, ignore_index)
+    bad_label = counted & ((labels < 0) | (labels >= vocab))
+    bad_mask = None
+    if mask is not None and mask.dtype != torch.bool:
+        bad_mask = (mask != 0) & (mask != 1)
+    if backend.device_side_checks(labels.device):
+        bad = bad_label.any() if bad_mask is None else bad_label.any() | bad_mask.any()
+        torch._assert_async(
+            ~bad,
+            f"dpo_kernels: a counted label is outside the vocabulary [0, {vocab}) or the mask "
+            f"holds a value other than 0 and 1; use ignore_index={ignore_index} (or mask=0) for "
+            "tokens that should not count (run on CPU tensors to see the position)",
+        )
+        return
+    flags = torch.stack(
+        [bad_label.any(), bad_mask.any() if bad_mask is not None else bad_label.new_zeros(())]
+    ).tolist()
+    if flags[0]:
+        b, t = bad_label.nonzero()[0].tolist()
+        raise ValueError(
+            f"labels[{b}, {t}] = {labels[b, t].item()} is outside the vocabulary [0, {vocab}); "
+            f"use ignore_index={ignore_index} (or mask=0) for tokens that should not count"
+        )
+    if flags[1]:
+        b, t = bad_mask.nonzero()[0].tolist()
+        raise ValueError(
+            f"mask[{b}, {t}] = {mask[b, t].item()}; mask must hold only 0 and 1 (or be bool)"
+        )
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
+    """cu_seqlens: [S + 1] integer offsets from 0 to n_tokens, non-decreasing (flash-attn's varlen
+    convention). Raises ValueError naming what is wrong."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point():
+        raise TypeError("cu_seqlens must be an integer tensor of sequence offsets, [S + 1]")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D [S + 1] with S >= 1, got {tuple(cu_seqlens.shape)}"
+        )
+    if backend.device_side_checks(cu_seqlens.device):
+        cu = cu_seqlens.long()
+        ok = (cu[0] == 0) & (cu[-1] == n_tokens) & (cu[1:] >= cu[:-1]).all()
+        torch._assert_async(
+            ok,
+            f"cu_seqlens must rise from 0 to the number of tokens ({n_tokens}) without going down",
+        )
+        return
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != n_tokens or any(b < a for a, b in itertools.pairwise(cu)):
+        raise ValueError(
+            f"cu_seqlens must rise from 0 to the number of tokens ({n_tokens}) without going "
+            f"down, got {cu[:4]}{'...' if len(cu) > 4 else ''}{cu[-1:]}"
+        )
+
+
+def check_packed(cu_seqlens: torch.Tensor | None, x: torch.Tensor, name: str) -> None:
+    if cu_seqlens is None:
+        return
+    if x.shape[0] != 1:
+        raise ValueError(
+            f"with cu_seqlens, {name} must be packed [N, ...] (or [1, N, ...]), got "
+            f"{tuple(x.shape)}"
+        )
+    check_cu_seqlens(cu_seqlens, x.shape[1])
+
+
+def number(name: str, value: object) -> float:
+    """`value` as a float, or a TypeError naming the argument."""
+    try:
+        if isinstance(value, (bool, str)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+
+
+def check_pair_inputs(named: dict[str, torch.Tensor | None], unit: str = "pairs") -> int:
+    """All given inputs (None: absent) are 1-D tensors of one length, on one device; returns the
+    length. `unit` names what an entry is, in the messages."""
+    first_name, first = next((k, v) for k, v in named.items() if v is not None)
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [{unit}], got shape {tuple(t.shape)}")
+        if t.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"{name} has {t.shape[0]} entries but {first_name} has {first.shape[0]}; "
+                f"the inputs must describe the same {unit}"
+            )
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+    return first.shape[0]
