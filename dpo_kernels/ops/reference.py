@@ -5,6 +5,11 @@ It offers the backends' functions (see dpo_kernels/backend.py) and is the fallba
 backend applies. It materializes float32 (float64 for float64 inputs) [rows, vocab] temporaries,
 which is exactly what the kernels avoid. `sequence_logprobs` and `dpo_losses` are the naive
 computations with autograd that the tests compare everything with.
+
+The DPO loss's `dpo_loss_and_grads` is the closed forms of torch_dpo_loss.py (plain PyTorch too):
+backends run inside a custom op, below the autograd dispatch key, where `dpo_losses` cannot be
+differentiated (torch.func neither works there under torch.compile). `dpo_losses` still gives the
+double backward (dpo_loss_op.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ..common import (
     counted_tokens,
     stats_dtypes,
 )
+from .torch_dpo_loss import dpo_loss_and_grads as dpo_loss_and_grads  # re-exported: the backend's
 
 
 def token_stats(
@@ -210,24 +216,6 @@ def dpo_losses(
             raise ValueError(f"unknown loss type {kind!r}")
         total = total + weight * per
     return total
-
-
-def dpo_loss_and_grads(
-    pc: torch.Tensor,
-    pr: torch.Tensor,
-    rc: torch.Tensor,
-    rr: torch.Tensor,
-    nc: torch.Tensor,
-    nr: torch.Tensor,
-    spec: DPOLossSpec,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, per-pair loss [P], dloss/dpc [P], dloss/dpr [P]): `dpo_losses` and the gradient of
-    its mean by autograd."""
-    # torch.func, not torch.autograd: backends run below the autograd dispatch key (inside the
-    # custom op), where no autograd graph is recorded.
-    per, vjp = torch.func.vjp(lambda a, b: dpo_losses(a, b, rc, rr, nc, nr, spec), pc, pr)
-    da, db = vjp(torch.full_like(per, 1 / per.shape[0]))
-    return per.mean(), per, da, db
 
 
 def _projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

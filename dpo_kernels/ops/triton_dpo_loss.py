@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..common import ALPHA_CLAMP_MAX, LOSS_TYPES, LOSSES, DPOLossSpec, acc_dtype
-from .triton_logprobs import device_constants, device_guard, tl_acc_dtype
+from .triton_common import device_constants, device_guard, tl_acc_dtype
 
 _FDIV = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2, "alpha_divergence": 3}
 # The loss types this kernel computes, in registration order (see `_in_kernel`).

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..common import LogitTransform, acc_dtype, stats_dtypes
-from .triton_logprobs import (
+from .triton_common import (
     device_constants,
     device_guard,
     fold_block,
