@@ -5,9 +5,8 @@ kernels in csrc/, compiled on first use by _build.py), "reference" (plain PyTorc
 ops/reference.py). "auto" picks triton for CUDA and cpu (else reference) for CPU tensors. The
 `backend=` argument, or else the DPO_KERNELS_BACKEND environment variable, forces one.
 
-Every backend module offers the same functions (`logprobs_forward`, `logprobs_backward`,
-`grad_strides`, `linear_logprobs_forward`, `linear_logprobs_backward`, `dpo_loss_and_grads`), so
-dispatch is `kernels(name).<function>`. Triton is imported on the first call that needs it only.
+Every backend module offers the same functions (FUNCTIONS), so dispatch is
+`kernels(name).<function>`. Triton is imported by the first call that needs it only.
 """
 
 from __future__ import annotations
@@ -22,6 +21,15 @@ from . import _build
 from .ops import cpu
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
+# What every backend module offers; the contracts are written in ops/reference.py.
+FUNCTIONS = (
+    "logprobs_forward",  # token log-probs, lse, reference token log-probs, statistics
+    "logprobs_backward",  # d(token log-probs)/d(logits)
+    "grad_strides",  # the strides logprobs_backward gives the gradient (None: contiguous)
+    "linear_logprobs_forward",  # the same for rows of hidden states through the LM head
+    "linear_logprobs_backward",  # their gradients for hidden, weight and bias
+    "dpo_loss_and_grads",  # the DPO loss, per-pair losses and d/d(policy log-probs)
+)
 _MODULES = {"reference": ".ops.reference", "cpu": ".ops.cpu", "triton": ".ops.triton"}
 
 

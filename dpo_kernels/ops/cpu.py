@@ -13,16 +13,7 @@ import torch
 
 from .. import _build
 from ..common import LogitTransform
-from .torch_dpo_loss import dpo_loss_and_grads
-
-__all__ = [
-    "dpo_loss_and_grads",
-    "grad_strides",
-    "linear_logprobs_backward",
-    "linear_logprobs_forward",
-    "logprobs_backward",
-    "logprobs_forward",
-]
+from .torch_dpo_loss import dpo_loss_and_grads as dpo_loss_and_grads  # the loss, closed forms
 
 
 def __getattr__(name: str):

@@ -1,15 +1,9 @@
-"""The "triton" backend: the functions every backend offers (see dpo_kernels/backend.py), from the
-kernel files, which keep their own names (gpu_check.py and the tests patch kernels there)."""
+"""The "triton" backend: the functions every backend offers (backend.FUNCTIONS), from the kernel
+files, which keep their own names (gpu_check.py and the tests patch kernels there)."""
 
-from .triton_dpo_loss import dpo_loss_and_grads
-from .triton_linear_logprobs import linear_logprobs_backward, linear_logprobs_forward
-from .triton_logprobs import grad_strides, logprobs_backward, logprobs_forward
-
-__all__ = [
-    "dpo_loss_and_grads",
-    "grad_strides",
-    "linear_logprobs_backward",
-    "linear_logprobs_forward",
-    "logprobs_backward",
-    "logprobs_forward",
-]
+from .triton_dpo_loss import dpo_loss_and_grads as dpo_loss_and_grads
+from .triton_linear_logprobs import linear_logprobs_backward as linear_logprobs_backward
+from .triton_linear_logprobs import linear_logprobs_forward as linear_logprobs_forward
+from .triton_logprobs import grad_strides as grad_strides
+from .triton_logprobs import logprobs_backward as logprobs_backward
+from .triton_logprobs import logprobs_forward as logprobs_forward
