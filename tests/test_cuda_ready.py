@@ -10,7 +10,7 @@ import torch
 from conftest import GRAD_TOL, HAS_TRITON, assert_no_worse_than_naive
 
 import dpo_kernels
-from dpo_kernels import backend
+from dpo_kernels import backend as dispatch
 from dpo_kernels.ops import reference
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -180,7 +180,7 @@ def test_out_dtype_matmul_falls_back_when_rejected(monkeypatch):
 
 
 def test_device_side_checks_raise_with_a_message(monkeypatch):
-    monkeypatch.setattr(backend, "device_side_checks", lambda device: True)
+    monkeypatch.setattr(dispatch, "device_side_checks", lambda device: True)
     logits = torch.randn(2, 3, 11)
     labels = torch.randint(0, 11, (2, 3))
     labels[1, 2] = 11
@@ -208,7 +208,7 @@ def test_sync_free_linear_path_matches_the_default(monkeypatch, backend):
     mask[1, 0] = False
     outs = []
     for mode in (False, True):
-        monkeypatch.setattr(backend, "_SYNC_FREE", mode)
+        monkeypatch.setattr(dispatch, "_SYNC_FREE", mode)
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_()
         b = bias.clone().requires_grad_()
@@ -224,18 +224,18 @@ def test_sync_free_linear_path_matches_the_default(monkeypatch, backend):
 
 def test_sync_free_mode_switch(monkeypatch):
     monkeypatch.delenv("DPO_KERNELS_SYNC_FREE", raising=False)
-    monkeypatch.setattr(backend, "_SYNC_FREE", None)
-    assert not backend.sync_free(torch.device("cpu"))
+    monkeypatch.setattr(dispatch, "_SYNC_FREE", None)
+    assert not dispatch.sync_free(torch.device("cpu"))
     monkeypatch.setenv("DPO_KERNELS_SYNC_FREE", "1")
-    assert backend.sync_free(torch.device("cpu"))
+    assert dispatch.sync_free(torch.device("cpu"))
     dpo_kernels.set_sync_free(False)
-    assert not backend.sync_free(torch.device("cpu"))
+    assert not dispatch.sync_free(torch.device("cpu"))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_no_host_sync_on_cuda(monkeypatch):
     """Forward, backward and loss with torch's sync debugging set to raise on any sync."""
-    monkeypatch.setattr(backend, "_SYNC_FREE", True)
+    monkeypatch.setattr(dispatch, "_SYNC_FREE", True)
     logits = torch.randn(4, 9, 32001, device="cuda", requires_grad=True)
     labels = torch.randint(0, 32001, (4, 9), device="cuda")
     hidden = torch.randn(4, 9, 64, device="cuda", requires_grad=True)
