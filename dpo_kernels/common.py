@@ -5,6 +5,7 @@ layer (public ops, backends, losses) can use it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -181,11 +182,8 @@ class DPOLossSpec:
         return parts[0], parts[1]
 
     def _with(self, types_weights: list[tuple[str, float]]) -> DPOLossSpec:
-        return DPOLossSpec(
-            tuple(t for t, _ in types_weights),
-            tuple(w for _, w in types_weights),
-            *(getattr(self, name) for name in _SPEC_PARAMS),
-        )
+        types, weights = (tuple(x) for x in zip(*types_weights, strict=True))
+        return dataclasses.replace(self, loss_types=types, loss_weights=weights)
 
     def pack(self) -> tuple[list[float], list[float], str]:
         """(type weights, numeric hyper-parameters, f_divergence_type): the spec as op-schema
@@ -195,6 +193,7 @@ class DPOLossSpec:
 
     @classmethod
     def unpack(cls, type_weights: list[float], numbers: list[float], fdiv: str) -> DPOLossSpec:
+        """The spec that `pack` gave these values."""
         it = iter(numbers)
         params = {name: fdiv if name == _FDIV else next(it) for name in _SPEC_PARAMS}
         used = [(t, w) for t, w in zip(LOSS_TYPES, type_weights, strict=True) if w != 0]

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ._autograd import input_grads
 from .common import (
     F_DIVERGENCES,
     LOSS_TYPES,
@@ -175,7 +176,7 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (w,) = ctx.saved_tensors
-        return g * w.to(g.dtype), None
+        return input_grads(ctx, g * w.to(g.dtype))
 
 
 class _ReplaceValue(torch.autograd.Function):
@@ -187,7 +188,7 @@ class _ReplaceValue(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        return g, None
+        return input_grads(ctx, g)
 
 
 def _weighted_loss(pc, pr, rc, rr, nc, nr, spec: DPOLossSpec, backend, weights: torch.Tensor):

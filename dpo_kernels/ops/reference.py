@@ -7,9 +7,9 @@ which is exactly what the kernels avoid. `sequence_logprobs` and `dpo_losses` ar
 computations with autograd that the tests compare everything with.
 
 The DPO loss's `dpo_loss_and_grads` is the closed forms of torch_dpo_loss.py (plain PyTorch too):
-backends run inside a custom op, below the autograd dispatch key, where `dpo_losses` cannot be
-differentiated (torch.func neither works there under torch.compile). `dpo_losses` still gives the
-double backward (dpo_loss_op.py).
+backends run inside a custom op, below the autograd dispatch key, where autograd cannot
+differentiate `dpo_losses` (and function transforms break under torch.compile). `dpo_losses`
+still gives the double backward (dpo_loss_op.py).
 """
 
 from __future__ import annotations
