@@ -1,6 +1,7 @@
 """The fused DPO loss family against independent scalar formulas (TRL's definitions)."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from conftest import cpu_backends
 
 import dpo_kernels
 from dpo_kernels import DPOLoss, dpo_loss
+from dpo_kernels.ops import reference
 
 
 def softplus(x):
@@ -124,7 +126,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+def spec_loss(pc, pr, rc, rr, nc, nr, **config):
+    """The spec, reference.dpo_losses, with autograd: what the "spec" rows below check (every
+    backend, the reference one included, runs closed forms inside the fused op)."""
+    per = reference.dpo_losses(pc, pr, rc, rr, nc, nr, dpo_kernels.make_spec(**config))
+    return types.SimpleNamespace(loss=per.mean(), losses=per)
+
+
+@pytest.mark.parametrize("backend", [*cpu_backends(), "spec"])
 @pytest.mark.parametrize("kind,eps,fdiv", CASES, ids=[f"{k}-{f}" for k, _, f in CASES])
 def test_each_loss_matches_the_scalar_formula(backend, kind, eps, fdiv):
     beta = 0.1 if kind not in ("sppo_hard",) else 0.5
@@ -132,10 +141,13 @@ def test_each_loss_matches_the_scalar_formula(backend, kind, eps, fdiv):
     if kind == "hinge":  # keep away from the kink at 1 - u = 0
         beta = 0.3
     pc_, pr_ = pc.clone().requires_grad_(), pr.clone().requires_grad_()
-    out = dpo_loss(
-        pc_, pr_, rc, rr, chosen_counts=nc, rejected_counts=nr, beta=beta, loss_type=kind,
-        label_smoothing=eps, f_divergence_type=fdiv, backend=backend,
-    )  # fmt: skip
+    config = dict(beta=beta, loss_type=kind, label_smoothing=eps, f_divergence_type=fdiv)
+    if backend == "spec":
+        out = spec_loss(pc_, pr_, rc, rr, nc, nr, **config)
+    else:
+        out = dpo_loss(
+            pc_, pr_, rc, rr, chosen_counts=nc, rejected_counts=nr, backend=backend, **config
+        )
     lists = [t.tolist() for t in (pc, pr, rc, rr, nc, nr)]
 
     def f_pc(x):
