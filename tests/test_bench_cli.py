@@ -4,12 +4,26 @@ assertions: the numbers themselves live in BENCHMARKS.md)."""
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
 from dpo_kernels import bench, cli
 
 TINY = ["--ops", "logprobs", "--shapes", "1x8x50,1x8x90", "--dtype", "fp32", "--reps", "1"]
+
+
+def test_import_dpo_kernels_leaves_out_the_benchmark_and_the_gpu_check():
+    """The benchmark (peers, trainers, plots) and the GPU compile check are tools, not the
+    library: `import dpo_kernels` must not load them. (torch itself loads
+    torch.utils.throughput_benchmark: only our modules are looked at.)"""
+    code = (
+        "import sys, dpo_kernels; print([m for m in sys.modules if m.startswith('dpo_kernels') "
+        "and ('bench' in m or 'gpu_check' in m)])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +105,7 @@ def _with_method(monkeypatch, op: str, method: bench.Method) -> None:
 
 
 def _off_by_one_percent(case, device):
-    step = bench._naive(case, device)
+    step = bench.peers.naive(case, device)
     return lambda: (lambda values, grads: (values * 1.01, grads))(*step())
 
 
