@@ -181,3 +181,21 @@ def test_gpu_probes_run_one_at_a_time_and_sections_replace(tmp_path):
     text = path.read_text()
     assert text.count("## CUDA: GPU X") == 1 and "| 2.50 |" in text and "| 1.50 |" not in text
     assert text.startswith("# Benchmarks\n\n## CPU\n\ntext\n")
+
+
+def test_sibling_trainer_steps_match_their_float64_loss(tmp_path):
+    """cpo_step, orpo_step, kto_step: the stock trainer and ours (fused head, logits) all within
+    tolerance of the float64 loss and gradient (CPO/ORPO: the stock trainer in float64; KTO: its
+    loss written in the bench), on one tiny pair."""
+    pytest.importorskip("trl")
+    path = tmp_path / "rows.json"
+    ops = "cpo_step,orpo_step,kto_step"
+    assert cli.main(["bench", "--ops", ops, "--shapes", "1x12x40", "--reps", "1", "--no-memory",
+                     "--json", str(path)]) == 0  # fmt: skip
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["op"], r["method"]) for r in rows] == [
+        (op, m.name) for op in ops.split(",") for m in bench.OPS[op].methods
+    ]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["value_err"] < 1e-5 and r["grad_err"] < 1e-4, r

@@ -36,7 +36,7 @@ def linear(case: Case, device: str) -> Result:
     return GradStep([h, w], lambda: logps64(h @ w.T, labels, mask))()
 
 
-def _alone_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def alone_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[rows] completion log-prob sums, each sequence run through the model alone (no padding,
     no packing): what both the padded and the packed paths must reproduce."""
     sums = []
@@ -54,17 +54,17 @@ def dpo_step(case: Case, device: str) -> Result:
     batch, V = preference_inputs(case, device), case.shape[-1]
     policy, ref = tiny_llama(V, 0, device).double(), tiny_llama(V, 1, device).double()
     with torch.no_grad():
-        rc, rr = _alone_logps(ref, batch).chunk(2)
+        rc, rr = alone_logps(ref, batch).chunk(2)
 
     return GradStep(
-        list(policy.parameters()), lambda: sigmoid_loss(_alone_logps(policy, batch), rc, rr)
+        list(policy.parameters()), lambda: sigmoid_loss(alone_logps(policy, batch), rc, rr)
     )()
 
 
 def packed(case: Case, device: str) -> Result:
     model = tiny_llama(case.shape[-1], 0, device).double()
     batch = preference_inputs(case, device)
-    return GradStep(list(model.parameters()), lambda: _alone_logps(model, batch))()
+    return GradStep(list(model.parameters()), lambda: alone_logps(model, batch))()
 
 
 def linear_dpo(case: Case, device: str) -> Result:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import expected as ref
-from . import peers, trainers
+from . import peers, siblings, trainers
 from .cases import DTYPES, Case, Result, Step, batch_tokens, bt_tokens
 
 
@@ -35,6 +35,23 @@ class Op:
 
 def _need_trl(device: str) -> str | None:
     return peers.has("trl")
+
+
+def _sibling(op: str, stock: str) -> Op:
+    """A sibling trainer's loss step: the stock TRL trainer, ours with the fused LM head (its
+    default) and ours with fused_lm_head=False (the model builds its logits, our op reads them)."""
+    return Op(
+        dims="PxTxV",
+        methods=[
+            Method(stock, siblings.sibling_step(op, None), _need_trl),
+            Method("dpo_kernels", siblings.sibling_step(op, True), _need_trl, ours=True),
+            Method("dpo_kernels (logits)", siblings.sibling_step(op, False), _need_trl, ours=True),
+        ],
+        expected=siblings.sibling_expected,
+        tokens=siblings.sibling_tokens,
+        x_axis="tokens",
+        dtypes=("fp32",),
+    )
 
 
 OPS: dict[str, Op] = {
@@ -127,11 +144,16 @@ OPS: dict[str, Op] = {
         x_axis="tokens",
         dtypes=("fp32",),
     ),
+    # Not in DEFAULT_OPS (--ops cpo_step,orpo_step,kto_step): a trainer each, ~1 min together.
+    "cpo_step": _sibling("cpo_step", "trl.CPOTrainer"),
+    "orpo_step": _sibling("orpo_step", "trl.ORPOTrainer"),
+    "kto_step": _sibling("kto_step", "trl.KTOTrainer"),
 }
 
 # The grid `dpo-kernels bench` runs: under 3 minutes on a 2-core CPU. Each op varies the
 # vocabulary or the tokens, for the plot. The issue-target shapes are `--shapes` commands in
 # BENCHMARKS.md.
+SIBLING_OPS = ("cpo_step", "orpo_step", "kto_step")
 DEFAULT_GRID = {
     "logprobs": [  # the vocabularies of Llama 2 and Llama 3
         Case("logprobs", (2, 256, V), dtype) for dtype in ("fp32", "bf16") for V in (32000, 128256)
@@ -144,6 +166,8 @@ DEFAULT_GRID = {
     "linear_dpo": [Case("linear_dpo", (B, 256, 512, 32000), "fp32") for B in (4, 8)],
     # Completions of 64..1024 tokens: ~100 s alone here, so not in DEFAULT_OPS (--ops packed).
     "packed": [Case("packed", (P, 1024, 8000), "fp32") for P in (1, 2, 4)],
+    # The sibling trainers: as dpo_step (KTO: the 2P completions unpaired)
+    **{op: [Case(op, (P, 256, 32000), "fp32") for P in (1, 2)] for op in SIBLING_OPS},
 }
 DEFAULT_OPS = ("logprobs", "linear", "dpo_step")
 QUICK_GRID = {  # one small case per op, large enough that the fused ops show what they buy
@@ -152,6 +176,7 @@ QUICK_GRID = {  # one small case per op, large enough that the fused ops show wh
     "dpo_step": [Case("dpo_step", (1, 128, 32000), "fp32")],
     "packed": [Case("packed", (2, 512, 8000), "fp32")],
     "linear_dpo": [Case("linear_dpo", (2, 256, 512, 32000), "fp32")],
+    **{op: [Case(op, (1, 128, 32000), "fp32")] for op in SIBLING_OPS},
 }
 
 
