@@ -8,6 +8,11 @@ has done the imports): MALLOC_MMAP_THRESHOLD_ is set so freed tensors go back to
 after one fwd+bwd minus VmRSS before it. On CUDA: triton.testing.do_bench and
 torch.cuda.max_memory_allocated. Every output is checked against a float64 reference; a fast
 wrong answer is marked WRONG.
+
+Modules: `cases` (Case, Row, seeded inputs, GradStep, check), `peers` and `trainers` /
+`siblings` (each method's step builder), `expected` (float64 references), `registry` (OPS and the
+grids), `measure` (time, memory probe, bandwidth), `report` (table, markdown, plot); this module
+runs them. `import dpo_kernels` loads none of it (`dpo-kernels bench` does).
 """
 
 from __future__ import annotations
