@@ -199,3 +199,7 @@ def test_sibling_trainer_steps_match_their_float64_loss(tmp_path):
     for r in rows:
         assert r["status"] == "ok", r
         assert r["value_err"] < 1e-5 and r["grad_err"] < 1e-4, r
+    # every sequence is T tokens of known words (prompt, completion, EOS): none merged or unknown
+    _, batch = bench.siblings.sibling_trainer("kto_step", None, bench.Case("kto_step", (1, 12, 40),
+                                              "fp32"), "cpu")  # fmt: skip
+    assert batch["input_ids"].shape == (2, 12) and bool((batch["input_ids"] > 1).sum() == 2 * 11)

@@ -61,9 +61,10 @@ def _rows(op: str, case: Case) -> list[dict]:
     def words(n: int) -> str:
         return " ".join(f"w{int(i)}" for i in torch.randint(2, V, (max(n, 1),), generator=g))
 
+    # Completions start with a space: the trainers tokenize prompt + completion as one text.
     pairs = [
-        {"prompt": words(T // 4), "chosen": words(T - T // 4 - 1),
-         "rejected": words(T - T // 4 - 1)}
+        {"prompt": words(T // 4), "chosen": " " + words(T - T // 4 - 1),
+         "rejected": " " + words(T - T // 4 - 1)}
         for _ in range(P)
     ]  # fmt: skip
     if op != "kto_step":
@@ -98,6 +99,7 @@ def sibling_trainer(op: str, fused: bool | None, case: Case, device: str, dtype=
         report_to=[], use_cpu=device == "cpu", bf16=False, gradient_checkpointing=False,
         per_device_train_batch_size=len(rows), per_device_eval_batch_size=len(rows),
         dataloader_num_workers=0,
+        **({} if op == "kto_step" else {"remove_unused_columns": False}),  # as their collator asks
     )  # fmt: skip
     kwargs = {}
     if op == "kto_step":
