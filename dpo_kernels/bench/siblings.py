@@ -90,7 +90,6 @@ def sibling_trainer(op: str, fused: bool | None, case: Case, device: str, dtype=
     datasets.disable_progress_bars()
     datasets.disable_caching()
     warnings.filterwarnings("ignore", "`(is_)?gradient_checkpointing` is deprecated", FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="trl")  # experimental, etc.
     stock, config, ours = TRAINERS[op]
     rows = _rows(op, case)
     V = case.shape[-1]
