@@ -4,12 +4,26 @@ assertions: the numbers themselves live in BENCHMARKS.md)."""
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
 from dpo_kernels import bench, cli
 
 TINY = ["--ops", "logprobs", "--shapes", "1x8x50,1x8x90", "--dtype", "fp32", "--reps", "1"]
+
+
+def test_import_dpo_kernels_leaves_out_the_benchmark_and_the_gpu_check():
+    """The benchmark (peers, trainers, plots) and the GPU compile check are tools, not the
+    library: `import dpo_kernels` must not load them. (torch itself loads
+    torch.utils.throughput_benchmark: only our modules are looked at.)"""
+    code = (
+        "import sys, dpo_kernels; print([m for m in sys.modules if m.startswith('dpo_kernels') "
+        "and ('bench' in m or 'gpu_check' in m)])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +105,7 @@ def _with_method(monkeypatch, op: str, method: bench.Method) -> None:
 
 
 def _off_by_one_percent(case, device):
-    step = bench._naive(case, device)
+    step = bench.peers.naive(case, device)
     return lambda: (lambda values, grads: (values * 1.01, grads))(*step())
 
 
@@ -167,3 +181,25 @@ def test_gpu_probes_run_one_at_a_time_and_sections_replace(tmp_path):
     text = path.read_text()
     assert text.count("## CUDA: GPU X") == 1 and "| 2.50 |" in text and "| 1.50 |" not in text
     assert text.startswith("# Benchmarks\n\n## CPU\n\ntext\n")
+
+
+def test_sibling_trainer_steps_match_their_float64_loss(tmp_path):
+    """cpo_step, orpo_step, kto_step: the stock trainer and ours (fused head, logits) all within
+    tolerance of the float64 loss and gradient (CPO/ORPO: the stock trainer in float64; KTO: its
+    loss written in the bench), on one tiny pair."""
+    pytest.importorskip("trl")
+    path = tmp_path / "rows.json"
+    ops = "cpo_step,orpo_step,kto_step"
+    assert cli.main(["bench", "--ops", ops, "--shapes", "1x12x40", "--reps", "1", "--no-memory",
+                     "--json", str(path)]) == 0  # fmt: skip
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["op"], r["method"]) for r in rows] == [
+        (op, m.name) for op in ops.split(",") for m in bench.OPS[op].methods
+    ]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["value_err"] < 1e-5 and r["grad_err"] < 1e-4, r
+    # every sequence is T tokens of known words (prompt, completion, EOS): none merged or unknown
+    _, batch = bench.siblings.sibling_trainer("kto_step", None, bench.Case("kto_step", (1, 12, 40),
+                                              "fp32"), "cpu")  # fmt: skip
+    assert batch["input_ids"].shape == (2, 12) and bool((batch["input_ids"] > 1).sum() == 2 * 11)

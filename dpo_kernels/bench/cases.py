@@ -1,0 +1,207 @@
+"""Cases and their inputs: the shape grid's unit (Case), a result row (Row), seeded random inputs
+that every process (and the float64 reference) rebuilds identically, the fwd+bwd step wrapper
+(GradStep) and the check of a result against the float64 reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import make_spec
+
+DPO_BETA = make_spec().beta  # TRL's default, given to every method and the reference
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return "x".join(map(str, self.shape))
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """Shape text to ints: 4x512x32000 -> (4, 512, 32000)."""
+    return tuple(int(x) for x in text.lower().split("x"))
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    method: str
+    time_ms: float | None = None
+    speedup: float | None = None
+    tokens: int = 0  # tokens one step processes (padding excluded)
+    tokens_per_s: float | None = None
+    extra_mib: float | None = None
+    mem_ratio: float | None = None
+    value_err: float | None = None  # of the checked values, relative to their scale
+    grad_err: float | None = None  # of the gradients, relative to their largest entry
+    roofline: float | None = None  # fraction of the bandwidth bound reached
+    status: str = "ok"  # ok | WRONG | skipped
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------
+# Inputs. Random, seeded: every process (and the float64 reference) builds the same ones.
+
+
+def _prompt_mask(B: int, T: int, device: str) -> torch.Tensor:
+    """[B, T] bool: the first quarter of each sequence is the prompt and does not count."""
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    mask[:, : T // 4] = False
+    return mask
+
+
+def logits_inputs(case: Case, device: str):
+    """Logits [B, T, V], labels [B, T], mask [B, T]: the first quarter of tokens is the prompt."""
+    B, T, V = case.shape
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(DTYPES[case.dtype]).to(device)
+    labels = torch.randint(0, V, (B, T), generator=g).to(device)
+    return logits, labels, _prompt_mask(B, T, device)
+
+
+def linear_inputs(case: Case, device: str):
+    """hidden [B, T, H] (randn), LM head weight [V, H] (randn * 0.02: logits of std ~0.45 at
+    H = 512), labels [B, T], mask [B, T]: the first quarter of tokens is the prompt."""
+    B, T, H, V = case.shape
+    g = torch.Generator().manual_seed(0)
+    dtype = DTYPES[case.dtype]
+    hidden = torch.randn(B, T, H, generator=g).to(dtype).to(device)
+    weight = (torch.randn(V, H, generator=g) * 0.02).to(dtype).to(device)
+    labels = torch.randint(0, V, (B, T), generator=g).to(device)
+    return hidden, weight, labels, _prompt_mask(B, T, device)
+
+
+def preference_inputs(case: Case, device: str) -> dict[str, torch.Tensor]:
+    """A collated [chosen; rejected] batch of P pairs of random token ids (shape P x T x V).
+
+    dpo_step: every row is T tokens, the first quarter prompt. packed: prompts of T/32..T/16
+    tokens and completions of T/16..T tokens, uniform (64..1024 at T = 1024), right-padded.
+    """
+    from .internal import collate_preferences
+
+    P, T, V = case.shape
+    g = torch.Generator().manual_seed(0)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        n = int(torch.randint(max(lo, 1), max(hi, 1) + 1, (1,), generator=g))
+        return torch.randint(2, V, (n,), generator=g).tolist()
+
+    prompt, completion = (T // 4, T // 4), (T - T // 4, T - T // 4)
+    if case.op == "packed":
+        prompt, completion = (T // 32, T // 16), (T // 16, T)
+    examples = [
+        {
+            "prompt_ids": ids(*prompt),
+            "chosen_ids": ids(*completion),
+            "rejected_ids": ids(*completion),
+        }
+        for _ in range(P)
+    ]
+    return {k: v.to(device) for k, v in collate_preferences(examples).items()}
+
+
+def tiny_llama(vocab: int, seed: int, device: str) -> torch.nn.Module:
+    """A random 2-layer Llama (hidden 256, 4 heads), float32, built from its config: nothing is
+    downloaded. The same seed gives the same weights in every process."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).to(device).train()
+
+
+def linear_dpo_inputs(case: Case, device: str):
+    """`linear_inputs` of a [chosen (P); rejected (P)] batch (B = 2P rows), a reference head
+    (the policy head plus noise of 1/10 its scale) and the reference sums it gives, precomputed
+    as a trainer would (not timed)."""
+    from .. import linear_sequence_logprobs
+
+    hidden, weight, labels, mask = linear_inputs(case, device)
+    g = torch.Generator().manual_seed(1)
+    noise = (torch.randn(weight.shape, generator=g) * 0.002).to(weight.dtype).to(device)
+    ref_weight = weight + noise
+    with torch.no_grad():
+        ref = linear_sequence_logprobs(hidden, ref_weight, labels, mask=mask).logps
+    P = case.shape[0] // 2
+    return hidden, weight, labels, mask, ref_weight, ref[:P], ref[P:]
+
+
+def batch_tokens(case: Case) -> int:
+    """Real (not padding) tokens of the case's preference batch."""
+    return int(preference_inputs(case, "cpu")["attention_mask"].sum())
+
+
+def bt_tokens(case: Case) -> int:
+    """B x T: every token of the case's [B, T] inputs."""
+    return case.shape[0] * case.shape[1]
+
+
+# ------------------------------------------------------------------------------------------
+# Methods. A method builds a step: one fwd+bwd returning (values, gradients) to check against the
+# float64 reference, or None for a timing reference.
+
+Result = tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]
+Step = Callable[[], Result | None]
+
+
+class GradStep:
+    """fwd+bwd into the gradients of `leaves`. `forward()` returns the checked values; their sum
+    is backpropagated and the leaves' gradients are returned with them. With `own_objective`,
+    `forward()` returns (values, objective) and the gradients (of another objective) are not
+    returned: only the values are checked."""
+
+    def __init__(
+        self, leaves: list[torch.Tensor], forward: Callable, own_objective: bool = False
+    ) -> None:
+        self.leaves, self.forward, self.own_objective = leaves, forward, own_objective
+
+    def __call__(self) -> Result:
+        self.release()
+        out = self.forward()
+        values, objective = out if self.own_objective else (out, out.sum())
+        objective.backward()
+        grads = None if self.own_objective else tuple(t.grad for t in self.leaves)
+        return values.detach(), grads
+
+    def release(self) -> None:
+        """Free the gradients, so that the next step allocates them afresh (and is measured so)."""
+        for t in self.leaves:
+            t.grad = None
+
+
+def check(got: Result, ref: Result) -> tuple[float, float | None, bool]:
+    """Largest error of the values (relative to their scale, at least 1) and of the gradients
+    (relative to each one's largest reference entry), and whether both are within tolerance. A
+    method whose gradient is of another objective (None) is checked on its values only."""
+    values, grads = got
+    rvalues, rgrads = ref
+    v_err = ((values.double() - rvalues).abs() / rvalues.abs().clamp(min=1)).max().item()
+    if grads is None:
+        return v_err, None, v_err <= 1e-3
+    tiny = torch.finfo(torch.float64).tiny
+    g_err = max(  # g - r promotes to float64: one temporary, not two
+        ((g - r).abs_().max() / r.abs().max().clamp(min=tiny)).item()
+        for g, r in zip(grads, rgrads, strict=True)
+    )
+    # bf16 gradients carry one bf16 rounding (~4e-3 of the largest entry)
+    return v_err, g_err, v_err <= 1e-3 and g_err <= 2e-2
+
+
+def sigmoid_loss(sums: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+    """The sigmoid DPO loss (beta = DPO_BETA) of [chosen; rejected] sums, as [1]."""
+    pc, pr = sums.chunk(2)
+    return -torch.nn.functional.logsigmoid(DPO_BETA * ((pc - rc) - (pr - rr))).mean()[None]
