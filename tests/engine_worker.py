@@ -1,4 +1,5 @@
-"""One rank of a two-process run for tests/test_engines.py: stock `trl.DPOTrainer` and
+"""One rank of a two-process run for tests/test_engines.py (and test_trl_siblings.py, with a
+configuration's "trainer": "orpo"): stock `trl.DPOTrainer` and
 `FusedDPOTrainer` trained from the same seed and data under one distributed engine, for several
 configurations in one launch; each rank writes its comparison to OUT_DIR/rank{RANK}.json.
 
@@ -53,6 +54,18 @@ import trl  # noqa: E402
 from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
+
+
+def trainers(cfg) -> tuple[type, type, type]:
+    """(stock, fused, config class) for cfg["trainer"]: "dpo" (default) or a sibling, "orpo"."""
+    if cfg.get("trainer", "dpo") == "dpo":
+        return trl.DPOTrainer, FusedDPOTrainer, trl.DPOConfig
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from dpo_kernels.integrations.trl_siblings import FusedORPOTrainer
+
+    return ORPOTrainer, FusedORPOTrainer, ORPOConfig
+
 
 STEPS, BATCH = 4, 2
 # Logged keys that are not training numbers.
@@ -155,9 +168,10 @@ def train(cls, cfg):
     datasets.disable_caching()
     peft = cfg.get("peft", False)
     model = tiny_llama(cfg.get("tied", False), seed=0)
-    ref = None if peft else tiny_llama(cfg.get("tied", False), seed=1)
+    dpo = cfg.get("trainer", "dpo") == "dpo"
+    ref = None if peft or not dpo else tiny_llama(cfg.get("tied", False), seed=1)
     gc = cfg.get("gc")
-    args = trl.DPOConfig(
+    args = trainers(cfg)[2](
         output_dir=os.path.join(OUT_DIR, f"run{RANK}"),
         per_device_train_batch_size=BATCH,
         max_steps=STEPS,
@@ -181,7 +195,7 @@ def train(cls, cfg):
     data = preference_dataset(BATCH * STEPS * WORLD, seed=0)
     if ENGINE.startswith("fsdp"):  # no distributed sampler: each rank takes its own half
         data = data.shard(WORLD, RANK, contiguous=True)
-    kwargs = {}
+    kwargs = {"ref_model": ref} if dpo else {}
     if peft:
         from peft import LoraConfig
 
@@ -189,7 +203,7 @@ def train(cls, cfg):
             r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
         )
     trainer = cls(
-        model=model, ref_model=ref, args=args, train_dataset=data,
+        model=model, args=args, train_dataset=data,
         processing_class=tiny_tokenizer(), **kwargs,
     )  # fmt: skip
     if ENGINE.startswith("fsdp"):
@@ -251,13 +265,13 @@ for cfg in CONFIGS:
             }
         )
         runs = {}
-        for cls in (trl.DPOTrainer, FusedDPOTrainer):
+        for cls in trainers(cfg)[:2]:
             try:
                 runs[cls.__name__] = train(cls, cfg)
             except Exception:
                 results[name] = {"error": f"{cls.__name__}: {traceback.format_exc()[-3000:]}"}
                 raise
-        results[name] = compare(runs["DPOTrainer"], runs["FusedDPOTrainer"])
+        results[name] = compare(*runs.values())
     except Exception:
         results.setdefault(name, {"error": traceback.format_exc()[-3000:]})
     print(f"[rank {RANK}] {name}: {json.dumps(results[name])[:300]}", flush=True)

@@ -198,3 +198,19 @@ def test_bad_loss_option_raises_at_construction(tmp_path):
             train_dataset=preference_dataset(4),
             processing_class=tiny_tokenizer(),
         )
+
+
+def test_orpo_fused_head_under_ddp(tmp_path):
+    """2 gloo processes (accelerate DDP, find_unused_parameters): the fused head, the chosen NLL
+    and the mean logits run inside the model's forward, so DDP reduces the head's gradient."""
+    from test_engines import launch
+
+    cfg = {"name": "orpo_ddp", "trainer": "orpo", "find_unused": True, "tied": False}
+    for rank, results in enumerate(launch("ddp", [cfg], tmp_path)):
+        r = results["orpo_ddp"]
+        assert "error" not in r, (rank, r.get("error"))
+        assert r["facts"]["wrapper"] == "DistributedDataParallel", r["facts"]
+        assert r["facts"]["find_unused"] is True, r["facts"]
+        assert r["loss_moved"] > 1e-3 and r["param_moved"] > 1e-3, r
+        assert {"loss", "nll_loss", "log_odds_ratio", "logits/chosen"} <= set(r["keys"]), r
+        assert r["max_metric_dev"] <= 1e-5 and r["max_param_dev"] <= 1e-5, r
