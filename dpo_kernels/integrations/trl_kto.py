@@ -140,6 +140,7 @@ class FusedKTOTrainer(KTOTrainer):
             loss_type=self.loss_type,
             desirable_weight=self.desirable_weight,
             undesirable_weight=self.undesirable_weight,
+            backend=self._backend,
         )
         self._log_kto(mode, batch, labels, seq, out, gather)
         if return_outputs:

@@ -63,7 +63,7 @@ class FusedCPOTrainer(PairedMixin, CPOTrainer):
         _cb, P, mean, logps, counts, _ = self._paired_forward(model, batch)
         out = cpo_loss(
             logps[:P], logps[P:], chosen_counts=counts[:P], rejected_counts=counts[P:],
-            **self._loss_options(),
+            **self._loss_options(), backend=self._backend,
         )  # fmt: skip
         lp = (logps / counts if self.loss_type in ("ipo", "simpo") else logps).detach()
         # TRL's logits/*: the mean of every logit of the rows, all positions.
@@ -96,7 +96,7 @@ class FusedORPOTrainer(PairedMixin, ORPOTrainer):
         nll = -whole[0].sum() / whole[1].sum()
         out = orpo_loss(
             logps[:P], logps[P:], chosen_counts=counts[:P], rejected_counts=counts[P:],
-            beta=self.beta, nll_loss=nll,
+            beta=self.beta, nll_loss=nll, backend=self._backend,
         )  # fmt: skip
         avg = (logps / counts).detach()
         metrics = self._log_paired(
