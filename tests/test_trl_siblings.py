@@ -214,3 +214,60 @@ def test_orpo_fused_head_under_ddp(tmp_path):
         assert r["loss_moved"] > 1e-3 and r["param_moved"] > 1e-3, r
         assert {"loss", "nll_loss", "log_odds_ratio", "logits/chosen"} <= set(r["keys"]), r
         assert r["max_metric_dev"] <= 1e-5 and r["max_param_dev"] <= 1e-5, r
+
+
+def _cohere(vocab=28):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.CohereConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25,
+    )  # fmt: skip
+    return transformers.CohereForCausalLM(cfg)
+
+
+def _biased_llama(vocab=28):
+    model = tiny_causal_lm("llama", vocab=vocab, seed=0)
+    model.lm_head = torch.nn.Linear(32, vocab, bias=True)
+    torch.nn.init.normal_(model.lm_head.bias)
+    return model
+
+
+@pytest.mark.parametrize("make_model", [_cohere, _biased_llama], ids=["logit_scale", "bias"])
+@pytest.mark.parametrize("kind", ["cpo", "orpo"])
+def test_fused_head_metrics_match_stock_with_scale_and_bias(kind, make_model, tmp_path):
+    """One batch through stock and fused (the head inside the forward) on a model whose logits are
+    scaled (Cohere) or biased: loss, gradient and every metric, logits/* included. The fused head
+    never calls the LM head's own forward (it raises here)."""
+    stock_cls, cls, cfg_cls = {
+        "cpo": (CPOTrainer, FusedCPOTrainer, CPOConfig),
+        "orpo": (ORPOTrainer, FusedORPOTrainer, ORPOConfig),
+    }[kind]
+    results = []
+    for trainer_cls in (stock_cls, cls):
+        model = make_model()
+        args = cfg_cls(output_dir=str(tmp_path), **COMMON)
+        trainer = trainer_cls(
+            model=model, args=args, train_dataset=preference_dataset(4),
+            processing_class=tiny_tokenizer(),
+        )  # fmt: skip
+        if trainer_cls is cls:
+
+            def forbidden(*_):
+                raise AssertionError("the fused head built the logits")
+
+            model.get_output_embeddings().forward = forbidden
+        batch = next(iter(trainer.get_train_dataloader()))
+        loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), metrics, grads))
+    (ls, ms, gs), (lo, mo, go) = results
+    assert lo == pytest.approx(ls, rel=1e-5, abs=1e-6)
+    assert set(ms) == set(mo) and "logits/chosen" in ms
+    for k in ms:
+        assert mo[k] == pytest.approx(float(ms[k]), rel=1e-5, abs=1e-6), (k, ms[k], mo[k])
+    assert set(gs) == set(go)
+    for n in gs:
+        torch.testing.assert_close(go[n], gs[n], rtol=1e-5, atol=1e-6)
