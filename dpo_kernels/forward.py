@@ -222,7 +222,7 @@ class HeadCall:
     backend: str | None = None
     router_aux: bool = False  # MoE: also return the router load-balancing loss
     # Called inside the head's forward as extra(hidden, weight, bias, transform) with the whole
-    # backbone output and the (gathered) head; its result comes back as HeadOutput.extra.
+    # backbone output and the (gathered) head; the forward then returns (HeadOutput, its result).
     extra: Any = None
 
 
@@ -231,7 +231,6 @@ class HeadOutput(NamedTuple):
 
     logprobs: SequenceLogprobs
     aux_loss: torch.Tensor | None = None
-    extra: Any = None  # what HeadCall.extra returned
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -303,7 +302,7 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
     res = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
     logprobs, extra = (res, None) if call.extra is None else res
     aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
-    return HeadOutput(logprobs, aux, extra)
+    return HeadOutput(logprobs, aux) if call.extra is None else (HeadOutput(logprobs, aux), extra)
 
 
 def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:

@@ -271,3 +271,12 @@ def test_fused_head_metrics_match_stock_with_scale_and_bias(kind, make_model, tm
     assert set(gs) == set(go)
     for n in gs:
         torch.testing.assert_close(go[n], gs[n], rtol=1e-5, atol=1e-6)
+
+
+def test_kto_fused_head_refuses_prompt_learning(tmp_path):
+    peft = pytest.importorskip("peft")
+    prompt = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    args = trl.KTOConfig(output_dir=str(tmp_path), **COMMON)
+    kw = dict(args=args, train_dataset=unpaired_dataset(4), processing_class=tiny_tokenizer())
+    with pytest.raises(ValueError, match="prompt-learning"):
+        FusedKTOTrainer(model=tiny_causal_lm("llama", vocab=28), peft_config=prompt, **kw)

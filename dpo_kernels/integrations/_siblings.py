@@ -25,6 +25,15 @@ def refuse(trainer, unsupported: dict[str, bool]) -> None:
         )
 
 
+def prompt_learning(trainer) -> bool:
+    """A prompt-learning PEFT model (virtual tokens prepended): the fused head's hidden states
+    would not line up with the labels."""
+    from accelerate.utils import is_peft_model
+
+    model = trainer.model
+    return is_peft_model(model) and getattr(model.active_peft_config, "is_prompt_learning", False)
+
+
 def check_softcap(trainer) -> None:
     """The paired trainers log the mean of every logit, which the fused head gets as
     hidden @ mean(weight): exact for a linear head, not under a final logit softcap."""
@@ -72,11 +81,13 @@ def score(
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if fused_lm_head:
         install_fused_head(model)
-        call = HeadCall(labels, mask, stats=stats, backend=backend)
-        if with_mean:
-            call = HeadCall(labels, mask, stats=stats, backend=backend, extra=mean_logits)
-        out = model(**kwargs, **{HEAD_KWARG: call})
-        return Scored(out.logprobs, out.extra, None)
+        extra = mean_logits if with_mean else None
+        out = model(
+            **kwargs,
+            **{HEAD_KWARG: HeadCall(labels, mask, stats=stats, backend=backend, extra=extra)},
+        )
+        out, mean = out if with_mean else (out, None)
+        return Scored(out.logprobs, mean, None)
     logits = model(**kwargs).logits[:, -input_ids.shape[1] :]  # prompt-learning PEFT prepends
     seq = sequence_logprobs(logits[:, :-1], labels, mask=mask, stats=stats, backend=backend)
     return Scored(seq, logits if with_mean else None, logits)
@@ -98,6 +109,9 @@ class PairedMixin:
             self,
             {
                 "encoder-decoder models": self.is_encoder_decoder,
+                "prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
+                    self._fused_lm_head and prompt_learning(self)
+                ),
                 "a Mixture-of-Experts router aux loss (output_router_logits)": (
                     self.aux_loss_enabled
                 ),

@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from ..preference_losses import kto_loss
-from ._siblings import _ONE, refuse, score
+from ._siblings import _ONE, prompt_learning, refuse, score
 from .trl import check_trl_version
 
 check_trl_version()
@@ -53,15 +53,12 @@ class FusedKTOTrainer(KTOTrainer):
             desirable_weight=self.desirable_weight,
             undesirable_weight=self.undesirable_weight,
         )
-        prompt_learning = is_peft_model(self.model) and getattr(
-            self.model.active_peft_config, "is_prompt_learning", False
-        )
         refuse(
             self,
             {
                 "vision datasets": self._is_vision_dataset,
                 "prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
-                    prompt_learning and fused_lm_head
+                    fused_lm_head and prompt_learning(self)
                 ),
                 "a Mixture-of-Experts router aux loss (router_aux_loss_coef)": (
                     self.aux_loss_enabled
