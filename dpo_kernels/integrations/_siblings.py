@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..forward import HEAD_KWARG, HeadCall, head_transform, install_fused_head
+from ..forward import HEAD_KWARG, HeadCall, head_transform, install_fused_head, unwrap_model
 from ..functional import SequenceLogprobs, sequence_logprobs
 
 _ONE = torch.ones(1)  # a dummy pair: each loss runs once at construction to check the options
@@ -37,7 +37,10 @@ def prompt_learning(trainer) -> bool:
 def check_softcap(trainer) -> None:
     """The paired trainers log the mean of every logit, which the fused head gets as
     hidden @ mean(weight): exact for a linear head, not under a final logit softcap."""
-    if trainer._fused_lm_head and head_transform(trainer.model)["softcap"] is not None:
+    if (
+        trainer._fused_lm_head
+        and head_transform(unwrap_model(trainer.model))["softcap"] is not None
+    ):
         raise ValueError(
             f"{type(trainer).__name__}(fused_lm_head=True) does not support a final logit "
             "softcap (final_logit_softcapping); pass fused_lm_head=False"
