@@ -1,5 +1,5 @@
 """One rank of a two-process run for tests/test_engines.py (and test_trl_siblings.py, with a
-configuration's "trainer": "orpo"): stock `trl.DPOTrainer` and
+configuration's "trainer": "orpo" or "kto", the sibling trainers instead): stock `trl.DPOTrainer` and
 `FusedDPOTrainer` trained from the same seed and data under one distributed engine, for several
 configurations in one launch; each rank writes its comparison to OUT_DIR/rank{RANK}.json.
 
@@ -57,14 +57,28 @@ from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
 
 
 def trainers(cfg) -> tuple[type, type, type]:
-    """(stock, fused, config class) for cfg["trainer"]: "dpo" (default) or a sibling, "orpo"."""
-    if cfg.get("trainer", "dpo") == "dpo":
+    """(stock, fused, config class) for cfg["trainer"]: "dpo" (default) or a sibling, "orpo" or
+    "kto"."""
+    kind = cfg.get("trainer", "dpo")
+    if kind == "dpo":
         return trl.DPOTrainer, FusedDPOTrainer, trl.DPOConfig
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    from dpo_kernels.integrations.trl_siblings import FusedORPOTrainer
+    from dpo_kernels.integrations.trl_siblings import FusedKTOTrainer, FusedORPOTrainer
 
+    if kind == "kto":
+        return trl.KTOTrainer, FusedKTOTrainer, trl.KTOConfig
     return ORPOTrainer, FusedORPOTrainer, ORPOConfig
+
+
+def unpaired(data):
+    """KTO's rows from a preference dataset: every chosen desirable, every rejected not."""
+    rows = [
+        {"prompt": r["prompt"], "completion": r[half], "label": half == "chosen"}
+        for r in data.to_list()
+        for half in ("chosen", "rejected")
+    ]
+    return datasets.Dataset.from_list(rows)
 
 
 STEPS, BATCH = 4, 2
@@ -169,7 +183,8 @@ def train(cls, cfg):
     peft = cfg.get("peft", False)
     model = tiny_llama(cfg.get("tied", False), seed=0)
     dpo = cfg.get("trainer", "dpo") == "dpo"
-    ref = None if peft or not dpo else tiny_llama(cfg.get("tied", False), seed=1)
+    kto = cfg.get("trainer") == "kto"
+    ref = None if peft or not (dpo or kto) else tiny_llama(cfg.get("tied", False), seed=1)
     gc = cfg.get("gc")
     args = trainers(cfg)[2](
         output_dir=os.path.join(OUT_DIR, f"run{RANK}"),
@@ -193,9 +208,11 @@ def train(cls, cfg):
         max_grad_norm=0.0 if ENGINE.startswith("fsdp") else 1.0,
     )
     data = preference_dataset(BATCH * STEPS * WORLD, seed=0)
+    if kto:
+        data = unpaired(data)
     if ENGINE.startswith("fsdp"):  # no distributed sampler: each rank takes its own half
         data = data.shard(WORLD, RANK, contiguous=True)
-    kwargs = {"ref_model": ref} if dpo else {}
+    kwargs = {"ref_model": ref} if dpo or kto else {}
     if peft:
         from peft import LoraConfig
 

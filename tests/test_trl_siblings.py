@@ -200,20 +200,26 @@ def test_bad_loss_option_raises_at_construction(tmp_path):
         )
 
 
-def test_orpo_fused_head_under_ddp(tmp_path):
-    """2 gloo processes (accelerate DDP, find_unused_parameters): the fused head, the chosen NLL
-    and the mean logits run inside the model's forward, so DDP reduces the head's gradient."""
+def test_siblings_fused_head_under_ddp(tmp_path):
+    """2 gloo processes (accelerate DDP, find_unused_parameters), one launch: ORPO (the fused head,
+    the chosen NLL and the mean logits inside the model's forward) and KTO (KL, policy and
+    reference passes; the KL gathered over processes), stock vs fused, to 1e-5."""
     from test_engines import launch
 
-    cfg = {"name": "orpo_ddp", "trainer": "orpo", "find_unused": True, "tied": False}
-    for rank, results in enumerate(launch("ddp", [cfg], tmp_path)):
-        r = results["orpo_ddp"]
-        assert "error" not in r, (rank, r.get("error"))
-        assert r["facts"]["wrapper"] == "DistributedDataParallel", r["facts"]
-        assert r["facts"]["find_unused"] is True, r["facts"]
-        assert r["loss_moved"] > 1e-3 and r["param_moved"] > 1e-3, r
-        assert {"loss", "nll_loss", "log_odds_ratio", "logits/chosen"} <= set(r["keys"]), r
-        assert r["max_metric_dev"] <= 1e-5 and r["max_param_dev"] <= 1e-5, r
+    cfgs = [
+        {"name": kind, "trainer": kind, "find_unused": True, "tied": False}
+        for kind in ("orpo", "kto")
+    ]
+    keys = {"orpo": {"nll_loss", "log_odds_ratio"}, "kto": {"kl", "entropy"}}
+    for rank, results in enumerate(launch("ddp", cfgs, tmp_path)):
+        for kind in ("orpo", "kto"):
+            r = results[kind]
+            assert "error" not in r, (rank, kind, r.get("error"))
+            assert r["facts"]["wrapper"] == "DistributedDataParallel", r["facts"]
+            assert r["facts"]["find_unused"] is True, r["facts"]
+            assert r["loss_moved"] > 1e-3 and r["param_moved"] > 1e-3, r
+            assert {"loss", "logits/chosen", *keys[kind]} <= set(r["keys"]), r
+            assert r["max_metric_dev"] <= 1e-5 and r["max_param_dev"] <= 1e-5, (kind, r)
 
 
 def _cohere(vocab=28):
