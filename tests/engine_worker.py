@@ -1,7 +1,8 @@
 """One rank of a two-process run for tests/test_engines.py: stock `trl.DPOTrainer` and
 `FusedDPOTrainer` (or, with a configuration's "trainer": "orpo" / "kto", the sibling trainers, for
-tests/test_trl_siblings.py) trained from the same seed and data under one distributed engine, for several
-configurations in one launch; each rank writes its comparison to OUT_DIR/rank{RANK}.json.
+tests/test_trl_siblings.py) trained from the same seed and data under one distributed engine,
+for several configurations in one launch; each rank writes its comparison to
+OUT_DIR/rank{RANK}.json.
 
     RANK=r WORLD_SIZE=2 MASTER_ADDR=.. MASTER_PORT=.. \
         python tests/engine_worker.py ENGINE OUT_DIR CONFIGS_JSON
