@@ -294,3 +294,19 @@ def test_backends_match_spec(backend, dtype):
         ref, m = kto_spec(a64, pr.double(), labels, kl_lp.double(), ref_kl.double(), 0.4,
                           loss_type, 1.3, 0.6)  # fmt: skip
         _check(out, ref, m, (a,), (a64,), tol)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="triton is not installed")
+def test_triton_sibling_kernel_walks_several_blocks():
+    # N > 1024: the kernel loops over blocks (and the NLL pass sums over all of them)
+    pc, pr, nc, nr = _inputs(1500, seed=4, dtype=torch.float32)
+    o = dict(chosen_counts=nc, rejected_counts=nr, loss_type="ipo", cpo_alpha=0.5)
+    for backend in ("triton", "reference"):
+        a = pc.clone().requires_grad_()
+        out = cpo_loss(a, pr, backend=backend, **o)
+        (g,) = torch.autograd.grad(out.loss, a)
+        if backend == "triton":
+            got = (out.loss, out.losses, g)
+    torch.testing.assert_close(got[0], out.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], out.losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2], g, rtol=1e-5, atol=1e-9)
