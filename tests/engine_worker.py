@@ -112,10 +112,11 @@ def deepspeed_config(cfg) -> dict:
 def shard(trainer, cfg) -> None:
     """FSDP1 / FSDP2 through torch, on the policy and the reference (each decoder layer a unit)."""
     layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    ref = getattr(trainer, "ref_model", None)  # ORPO has none
     if ENGINE == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for m in [trainer.model] + ([trainer.ref_model] if trainer.ref_model is not None else []):
+        for m in [trainer.model] + ([ref] if ref is not None else []):
             for mod in list(m.modules()):
                 if isinstance(mod, layer):
                     fully_shard(mod)
@@ -132,8 +133,8 @@ def shard(trainer, cfg) -> None:
         )  # fmt: skip
 
     trainer.model = trainer.model_wrapped = wrap(trainer.model)
-    if trainer.ref_model is not None:
-        trainer.ref_model = wrap(trainer.ref_model)
+    if ref is not None:
+        trainer.ref_model = wrap(ref)
 
 
 def full_params(trainer) -> dict[str, torch.Tensor]:

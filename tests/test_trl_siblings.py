@@ -200,23 +200,51 @@ def test_bad_loss_option_raises_at_construction(tmp_path):
         )
 
 
-def test_siblings_fused_head_under_ddp(tmp_path):
-    """2 gloo processes (accelerate DDP, find_unused_parameters), one launch: ORPO (the fused head,
-    the chosen NLL and the mean logits inside the model's forward) and KTO (KL, policy and
-    reference passes; the KL gathered over processes), stock vs fused, to 1e-5."""
+ENGINE_EXTRA = {
+    "ddp": {"find_unused": True},
+    "fsdp1": {"strategy": "FULL_SHARD", "orig": True},
+    "fsdp2": {},
+    "deepspeed": {"zero": 3},
+}
+
+
+WRAPPER = {
+    "ddp": "DistributedDataParallel",
+    "fsdp1": "FullyShardedDataParallel",
+    "fsdp2": "FSDPLlamaForCausalLM",
+    "deepspeed": "DeepSpeedEngine",
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINE_EXTRA))
+def test_siblings_fused_head_under_engine(engine, tmp_path):
+    """2 gloo processes, one launch: ORPO (the fused head, the chosen NLL and the mean logits
+    inside the model's forward) and KTO (KL, policy and reference passes; the KL gathered over
+    processes), stock vs fused, to 1e-5. CI runs DDP (find_unused_parameters); FSDP1, FSDP2 and
+    ZeRO-3 run with DPO_KERNELS_ALL_ENGINES=1 (about 30 s each)."""
+    import importlib.util
+    import os
+
     from test_engines import launch
 
+    if engine != "ddp" and not os.environ.get("DPO_KERNELS_ALL_ENGINES"):
+        pytest.skip("set DPO_KERNELS_ALL_ENGINES=1 to run the siblings under FSDP and ZeRO-3")
+    if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
     cfgs = [
-        {"name": kind, "trainer": kind, "find_unused": True, "tied": False}
+        {"name": kind, "trainer": kind, "tied": False, **ENGINE_EXTRA[engine]}
         for kind in ("orpo", "kto")
     ]
     keys = {"orpo": {"nll_loss", "log_odds_ratio"}, "kto": {"kl", "entropy"}}
-    for rank, results in enumerate(launch("ddp", cfgs, tmp_path)):
+    for rank, results in enumerate(launch(engine, cfgs, tmp_path)):
         for kind in ("orpo", "kto"):
             r = results[kind]
             assert "error" not in r, (rank, kind, r.get("error"))
-            assert r["facts"]["wrapper"] == "DistributedDataParallel", r["facts"]
-            assert r["facts"]["find_unused"] is True, r["facts"]
+            assert r["facts"]["wrapper"] == WRAPPER[engine], r["facts"]
+            if engine == "ddp":
+                assert r["facts"]["find_unused"] is True, r["facts"]
+            if engine == "deepspeed":
+                assert r["facts"]["zero"] == 3, r["facts"]
             assert r["loss_moved"] > 1e-3 and r["param_moved"] > 1e-3, r
             assert {"loss", "logits/chosen", *keys[kind]} <= set(r["keys"]), r
             assert r["max_metric_dev"] <= 1e-5 and r["max_param_dev"] <= 1e-5, (kind, r)
