@@ -1,7 +1,9 @@
 """FusedCPOTrainer / FusedORPOTrainer / FusedKTOTrainer against the stock TRL trainers.
 
-Stock and fused train from the same seed on a tiny model for 3 steps; every logged value must
-agree to 1e-5 (fp32) and the final parameters must match.
+Stock and fused train from the same seed on a tiny model for 2 steps; every logged value must
+agree to 1e-5 (fp32) and the final parameters must match. Also: the fused head under DDP (and,
+opt-in, FSDP1 / FSDP2 / ZeRO-3) in 2 gloo processes, on a scaled and a biased LM head, and the
+options that raise at construction.
 """
 
 import pytest
