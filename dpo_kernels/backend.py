@@ -29,6 +29,7 @@ FUNCTIONS = (
     "linear_logprobs_forward",  # the same for rows of hidden states through the LM head
     "linear_logprobs_backward",  # their gradients for hidden, weight and bias
     "dpo_loss_and_grads",  # the DPO loss, per-pair losses and d/d(policy log-probs)
+    "sibling_loss_and_grads",  # CPO / ORPO / KTO: loss, per-example losses, d/d(both sums)
 )
 _MODULES = {"reference": ".ops.reference", "cpu": ".ops.cpu", "triton": ".ops.triton"}
 

@@ -234,3 +234,41 @@ class LogitTransform(NamedTuple):
         optional = {name for name, d in cls._field_defaults.items() if d is None}
         return cls(*(None if name in optional and v == 0.0 else v
                      for name, v in zip(cls._fields, values, strict=True)))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# The sibling losses of DPO (CPO / SimPO / AlphaPO, ORPO, KTO): one table, one spec type.
+
+
+class Family(NamedTuple):
+    """What a sibling loss needs and does (drives validation and the kernels)."""
+
+    kernel: int  # the Triton kernel's KIND
+    paired: bool  # chosen / rejected pairs (else unpaired labelled completions)
+    loss_types: tuple[str, ...]
+    averaged: frozenset[str]  # loss types that average the log-probs over the completion tokens
+    reference: bool  # needs the reference model's log-probs
+    nll: bool  # may add an NLL term on the chosen completions
+
+
+FAMILIES: dict[str, Family] = {
+    "cpo": Family(
+        0, True, ("sigmoid", "hinge", "ipo", "simpo"), frozenset(("ipo", "simpo")), False, True
+    ),
+    "orpo": Family(1, True, ("orpo",), frozenset(("orpo",)), False, True),
+    "kto": Family(2, False, ("kto", "apo_zero_unpaired"), frozenset(), True, False),
+}
+
+
+class SiblingSpec(NamedTuple):
+    """One sibling loss with its options (TRL's config names; unused fields keep defaults)."""
+
+    family: str
+    loss_type: str
+    beta: float
+    label_smoothing: float = 0.0  # cpo sigmoid / simpo
+    simpo_gamma: float = 0.5  # cpo simpo
+    alpha: float = 0.0  # cpo: AlphaPO reward shape (1 - p^-alpha) / alpha
+    cpo_alpha: float = 0.0  # cpo: weight of the NLL on the chosen completions
+    desirable_weight: float = 1.0  # kto
+    undesirable_weight: float = 1.0  # kto

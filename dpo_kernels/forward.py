@@ -218,6 +218,9 @@ class HeadCall:
     stats: bool = False
     backend: str | None = None
     router_aux: bool = False  # MoE: also return the router load-balancing loss
+    # Called inside the head's forward as extra(hidden, weight, bias, transform) with the whole
+    # backbone output and the (gathered) head; the forward then returns (HeadOutput, its result).
+    extra: Any = None
 
 
 class HeadOutput(NamedTuple):
@@ -252,7 +255,7 @@ def _router_aux_loss(model, out, attention_mask) -> torch.Tensor:
     return func(out.router_logits, experts, top_k, attention_mask)
 
 
-def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform):
+def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform, full=None):
     """Calls the LM head module (through its engine wrappers and hooks) with its forward
     replaced, for this call, by the fused log-probs of `call.labels`."""
     inner = head
@@ -261,11 +264,14 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
 
     def fused(h: torch.Tensor) -> SequenceLogprobs:
         weight, bias = _full(inner.weight), _full(getattr(inner, "bias", None))
-        return linear_sequence_logprobs(
+        res = linear_sequence_logprobs(
             h.to(weight.device), weight, call.labels.to(weight.device), bias=bias,
             mask=call.mask.to(weight.device), stats=call.stats, cu_seqlens=call.cu_seqlens,
             backend=call.backend, **transform,
         )  # fmt: skip
+        if call.extra is None:
+            return res
+        return res, call.extra(full.to(weight.device), weight, bias, transform)
 
     saved = inner.__dict__.get("forward")  # e.g. accelerate's device hooks
     inner.forward = fused
@@ -289,10 +295,11 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
         kwargs["output_router_logits"] = True
     out = self.base_model(*args, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    hidden = hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
-    logprobs = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self))
+    full, hidden = hidden, hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
+    res = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
+    logprobs, extra = (res, None) if call.extra is None else res
     aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
-    return HeadOutput(logprobs, aux)
+    return HeadOutput(logprobs, aux) if call.extra is None else (HeadOutput(logprobs, aux), extra)
 
 
 def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:

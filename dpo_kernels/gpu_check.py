@@ -177,6 +177,27 @@ def _dpo_loss_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]
     ]
 
 
+def _sibling_loss_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
+    from .common import SiblingSpec
+    from .ops import triton_sibling_losses as K
+
+    def run(spec):
+        def go():
+            a, b = torch.randn(64) - 30, torch.randn(64) - 30
+            n = torch.full((64,), 20.0) if spec.family != "kto" else (torch.rand(64) < 0.5) * 1.0
+            K.sibling_loss_and_grads(spec, a, b, n, n, torch.zeros(()))
+
+        return go
+
+    specs = {
+        "cpo sigmoid alpha nll": SiblingSpec("cpo", "sigmoid", 0.1, 0.1, alpha=0.2, cpo_alpha=1.0),
+        "cpo ipo": SiblingSpec("cpo", "ipo", 0.1),
+        "orpo": SiblingSpec("orpo", "orpo", 0.1),
+        "kto": SiblingSpec("kto", "kto", 0.1),
+    }
+    return [(f"sibling_loss {k}", run(v), K, ["_sibling_loss_kernel"]) for k, v in specs.items()]
+
+
 def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     from .common import LogitTransform
     from .ops import triton_linear_logprobs as K
@@ -210,7 +231,7 @@ def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
 
 def cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     """(case name, launcher call, module holding the kernels, kernel names) for every op."""
-    return _logprobs_cases() + _dpo_loss_cases() + _linear_cases()
+    return _logprobs_cases() + _dpo_loss_cases() + _sibling_loss_cases() + _linear_cases()
 
 
 def _launch_key(fn, args: tuple, kwargs: dict) -> tuple:

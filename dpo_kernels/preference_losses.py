@@ -2,27 +2,30 @@
 
 Each family has one public function that takes per-sequence log-prob sums (and token counts, for
 the losses that average over the completion) and returns the loss, the per-example losses, the
-rewards and TRL's metrics. The loss and its gradient with respect to the sums are computed in one
-pass with the derivative written out (torch backend, vectorized over the batch); autograd only
-scales that gradient. The formulas follow TRL 1.16 (``trl.experimental.cpo.CPOTrainer.cpo_loss``,
-``trl.experimental.orpo.ORPOTrainer.odds_ratio_loss``, ``trl.KTOTrainer._compute_loss``); the
-float64 specifications live in tests/test_preference_losses.py.
+rewards and TRL's metrics. One table (`common.FAMILIES`) says what each family
+needs; the loss and its gradient with respect to the sums come from one backend call, the
+gradient written out (autograd only scales it): "triton" (one kernel launch), "cpu" (the closed
+forms in vectorized torch) or "reference" (the spec's autograd formulas), chosen by `backend=` as
+for `dpo_loss`. The formulas
+follow TRL 1.16 (``trl.experimental.cpo.CPOTrainer.cpo_loss``,
+``trl.experimental.orpo.ORPOTrainer.odds_ratio_loss``, ``trl.KTOTrainer.kto_loss``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from .backend import kernels, resolve_backend
+from .common import FAMILIES, SiblingSpec
+from .ops.reference_siblings import log1mexp
 from .validation import check_pair_inputs as _check_pair_inputs
 
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+CPO_LOSS_TYPES = (*FAMILIES["cpo"].loss_types, "alphapo")
+KTO_LOSS_TYPES = FAMILIES["kto"].loss_types
 # CPO loss types whose log-probs are averaged over the completion tokens (TRL's average_log_prob).
-CPO_AVERAGED = frozenset(("ipo", "simpo"))
+CPO_AVERAGED = FAMILIES["cpo"].averaged
 
 
 class PreferenceLossOutput(NamedTuple):
@@ -43,9 +46,8 @@ class _ClosedForm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss: torch.Tensor, *pairs: torch.Tensor) -> torch.Tensor:
         # pairs = (input_1, grad_1, input_2, grad_2, ...)
-        grads = pairs[1::2]
         ctx.dtypes = [x.dtype for x in pairs[0::2]]
-        ctx.save_for_backward(*grads)
+        ctx.save_for_backward(*pairs[1::2])
         return loss.detach().clone()
 
     @staticmethod
@@ -56,12 +58,50 @@ class _ClosedForm(torch.autograd.Function):
         return tuple(out)
 
 
-def _attach(loss: torch.Tensor, *inputs_and_grads: torch.Tensor) -> torch.Tensor:
-    return _ClosedForm.apply(loss, *inputs_and_grads)
+def _validate(spec: SiblingSpec, named: dict, counts_given: bool) -> int:
+    """Checks a spec and its inputs against the family table; returns the batch size."""
+    fam = FAMILIES[spec.family]
+    if spec.loss_type not in fam.loss_types:
+        choices = CPO_LOSS_TYPES if spec.family == "cpo" else fam.loss_types
+        raise ValueError(f"unknown loss_type {spec.loss_type!r}; choose from {', '.join(choices)}")
+    if not spec.beta > 0:
+        raise ValueError(f"beta must be > 0, got {spec.beta}")
+    if not 0.0 <= spec.label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {spec.label_smoothing}")
+    unit = "pairs" if fam.paired else "completions"
+    N = _check_pair_inputs(named, unit=unit)
+    if N == 0:
+        raise ValueError(f"{next(iter(named))} is empty: no {unit} to compute a loss over")
+    nll = fam.nll and spec.cpo_alpha != 0
+    if fam.paired and (spec.loss_type in fam.averaged or nll) and not counts_given:
+        need = f"cpo_alpha={spec.cpo_alpha}" if nll and spec.family == "cpo" else None
+        need = need or f"loss_type={spec.loss_type!r}"
+        raise ValueError(
+            f"{need} needs the completion lengths: pass chosen_counts and rejected_counts "
+            "(SequenceLogprobs.counts gives them)"
+        )
+    return N
 
 
-# --------------------------------------------------------------------------------------------
-# CPO (and SimPO, AlphaPO)
+def _run(spec, backend, a, b, na, nb, kl=None, grad_b: bool = True):
+    """(loss attached to a (and b), per-example losses) from the backend's one call."""
+    acc = _acc(a)
+    ad, bd = a.detach().to(acc), b.detach().to(acc)
+    run = kernels(resolve_backend(backend, a.device)).sibling_loss_and_grads
+    loss, per, ga, gb = run(spec, ad, bd, na.to(acc), nb.to(acc), kl)
+    parts = (a, ga, b, gb) if grad_b else (a, ga)
+    return _ClosedForm.apply(loss, *parts), per
+
+
+def _paired_metrics(xc, xr, chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(xc.dtype).mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/rejected": xr.mean(),
+        "logps/chosen": xc.mean(),
+    }
 
 
 def cpo_loss(
@@ -76,6 +116,7 @@ def cpo_loss(
     cpo_alpha: float = 1.0,
     simpo_gamma: float = 0.5,
     alpha: float = 0.0,
+    backend: str | None = None,
 ) -> PreferenceLossOutput:
     """CPO loss of P pairs (TRL CPOConfig names and defaults), with its NLL term on the chosen.
 
@@ -86,82 +127,31 @@ def cpo_loss(
     loss_type "alphapo" is TRL's shorthand for loss_type="simpo" with cpo_alpha=0 (use alpha != 0
     for AlphaPO's reward shape r = (1 - p^-alpha) / alpha, with any loss type). SimPO is
     loss_type="simpo", cpo_alpha=0. label_smoothing applies to sigmoid and simpo only.
+    backend: None (automatic), "triton", "cpu" or "reference", as for `dpo_loss`.
     """
-    if loss_type not in CPO_LOSS_TYPES:
-        raise ValueError(
-            f"unknown loss_type {loss_type!r}; choose from {', '.join(CPO_LOSS_TYPES)}"
-        )
     if loss_type == "alphapo":
         loss_type, cpo_alpha = "simpo", 0.0
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    P = _check_pair_inputs(
-        {
-            "chosen_logps": chosen_logps,
-            "rejected_logps": rejected_logps,
-            "chosen_counts": chosen_counts,
-            "rejected_counts": rejected_counts,
-        }
-    )
-    if P == 0:
-        raise ValueError("chosen_logps is empty: no pairs to compute a loss over")
-    averaged = loss_type in CPO_AVERAGED
-    if (averaged or cpo_alpha != 0) and (chosen_counts is None or rejected_counts is None):
-        need = f"loss_type={loss_type!r}" if averaged else f"cpo_alpha={cpo_alpha}"
-        raise ValueError(
-            f"{need} needs the completion lengths: pass chosen_counts and rejected_counts "
-            "(SequenceLogprobs.counts gives them)"
-        )
+    spec = SiblingSpec("cpo", loss_type, beta, label_smoothing, simpo_gamma, alpha, cpo_alpha)
+    named = {
+        "chosen_logps": chosen_logps,
+        "rejected_logps": rejected_logps,
+        "chosen_counts": chosen_counts,
+        "rejected_counts": rejected_counts,
+    }
+    counts_given = chosen_counts is not None and rejected_counts is not None
+    _validate(spec, named, counts_given)
     acc = _acc(chosen_logps)
     pc, pr = chosen_logps.detach().to(acc), rejected_logps.detach().to(acc)
-    if chosen_counts is not None and rejected_counts is not None:
-        nc, nr = chosen_counts.to(acc), rejected_counts.to(acc)
-    else:
-        nc = nr = torch.ones_like(pc)
-    # x: the log-prob the loss sees (average for ipo / simpo); dx: dx / d(sum)
-    xc, dxc = (pc / nc, 1 / nc) if averaged else (pc, torch.ones_like(pc))
-    xr, dxr = (pr / nr, 1 / nr) if averaged else (pr, torch.ones_like(pr))
+    nc, nr = (chosen_counts, rejected_counts) if counts_given else (torch.ones_like(pc),) * 2
+    nc, nr = nc.to(acc), nr.to(acc)
+    loss, losses = _run(spec, backend, chosen_logps, rejected_logps, nc, nr)
+    xc, xr = (pc / nc, pr / nr) if loss_type in CPO_AVERAGED else (pc, pr)
+    rc, rr = xc, xr
     if alpha != 0.0:
-        ec, er = torch.exp(-alpha * xc), torch.exp(-alpha * xr)  # p^-alpha
-        rc, rr = (1 - ec) / alpha, (1 - er) / alpha
-        dxc, dxr = dxc * ec, dxr * er
-    else:
-        rc, rr = xc, xr
-    z = rc - rr
-    if loss_type == "simpo":
-        z = z - simpo_gamma / beta
-    eps = label_smoothing
-    if loss_type in ("sigmoid", "simpo"):
-        u = beta * z
-        losses = (1 - eps) * F.softplus(-u) + eps * F.softplus(u)
-        dz = beta * (-(1 - eps) * torch.sigmoid(-u) + eps * torch.sigmoid(u))
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * z)
-        dz = -beta * (1 - beta * z > 0).to(acc)
-    else:  # ipo
-        q = z - 1 / (2 * beta)
-        losses, dz = q * q, 2 * q
-    gc, gr = dz * dxc / P, -dz * dxr / P
-    loss = losses.mean()
-    nll = pc.new_zeros(())
-    if cpo_alpha != 0:
-        tokens = nc.sum()
-        nll = -pc.sum() / tokens
-        loss = loss + cpo_alpha * nll
-        gc = gc - cpo_alpha / tokens
-    loss = _attach(loss, chosen_logps, gc, rejected_logps, gr)
+        rc, rr = (1 - torch.exp(-alpha * xc)) / alpha, (1 - torch.exp(-alpha * xr)) / alpha
     chosen_rewards, rejected_rewards = beta * rc, beta * rr
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(acc).mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/rejected": xr.mean(),
-        "logps/chosen": xc.mean(),
-        "nll_loss": nll,
-    }
+    metrics = _paired_metrics(xc, xr, chosen_rewards, rejected_rewards)
+    metrics["nll_loss"] = -pc.sum() / nc.sum() if cpo_alpha != 0 else pc.new_zeros(())
     return PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards, metrics)
 
 
@@ -175,32 +165,15 @@ def simpo_loss(
     simpo_gamma: float = 0.5,
     label_smoothing: float = 0.0,
     alpha: float = 0.0,
+    backend: str | None = None,
 ) -> PreferenceLossOutput:
     """SimPO: length-normalized sigmoid loss with target margin simpo_gamma, no reference, no NLL
     (TRL's CPOTrainer with loss_type="simpo", cpo_alpha=0)."""
     return cpo_loss(
-        chosen_logps,
-        rejected_logps,
-        chosen_counts=chosen_counts,
-        rejected_counts=rejected_counts,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        loss_type="simpo",
-        cpo_alpha=0.0,
-        simpo_gamma=simpo_gamma,
-        alpha=alpha,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# ORPO
-
-_LOG_HALF = -math.log(2.0)
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, branching at -ln 2 for accuracy."""
-    return torch.where(x < _LOG_HALF, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+        chosen_logps, rejected_logps, chosen_counts=chosen_counts,
+        rejected_counts=rejected_counts, beta=beta, label_smoothing=label_smoothing,
+        loss_type="simpo", cpo_alpha=0.0, simpo_gamma=simpo_gamma, alpha=alpha, backend=backend,
+    )  # fmt: skip
 
 
 def orpo_loss(
@@ -211,6 +184,7 @@ def orpo_loss(
     rejected_counts: torch.Tensor,
     beta: float = 0.1,
     nll_loss: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> PreferenceLossOutput:
     """ORPO: nll_loss - beta * mean(log sigmoid(log odds ratio)) (TRL ORPOConfig's beta is λ).
 
@@ -220,54 +194,36 @@ def orpo_loss(
         sequence (prompt and completion, every attended token), which the completion sums do not
         cover, so the caller computes it (e.g. -sum / count of `sequence_logprobs` over the chosen
         input ids); None for the odds-ratio term alone.
+    losses: the per-pair -beta * log sigmoid(log odds ratio) (TRL's `losses` negated).
     """
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    P = _check_pair_inputs(
-        {
-            "chosen_logps": chosen_logps,
-            "rejected_logps": rejected_logps,
-            "chosen_counts": chosen_counts,
-            "rejected_counts": rejected_counts,
-        }
-    )
-    if P == 0:
-        raise ValueError("chosen_logps is empty: no pairs to compute a loss over")
+    spec = SiblingSpec("orpo", "orpo", beta)
+    named = {
+        "chosen_logps": chosen_logps,
+        "rejected_logps": rejected_logps,
+        "chosen_counts": chosen_counts,
+        "rejected_counts": rejected_counts,
+    }
+    _validate(spec, named, chosen_counts is not None and rejected_counts is not None)
+    if nll_loss is not None and (not isinstance(nll_loss, torch.Tensor) or nll_loss.dim() != 0):
+        raise ValueError("nll_loss must be a scalar tensor (the mean NLL of the chosen tokens)")
     acc = _acc(chosen_logps)
     nc, nr = chosen_counts.to(acc), rejected_counts.to(acc)
+    loss, losses = _run(spec, backend, chosen_logps, rejected_logps, nc, nr)
     ac = chosen_logps.detach().to(acc) / nc
     ar = rejected_logps.detach().to(acc) / nr
-    log_odds = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
-    ratio = F.logsigmoid(log_odds)
-    losses = beta * ratio
-    # d log_odds / d ac = 1 / (1 - e^ac) = -1 / expm1(ac); d / d ar = 1 / expm1(ar)
-    dlo = -beta * torch.sigmoid(-log_odds) / P  # d(-mean(beta * ratio)) / d log_odds
-    gc = dlo * (-1 / torch.expm1(ac)) / nc
-    gr = dlo * (1 / torch.expm1(ar)) / nr
-    loss = _attach(-losses.mean(), chosen_logps, gc, rejected_logps, gr)
+    log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))
     nll = loss.new_zeros(())
     if nll_loss is not None:
-        if not isinstance(nll_loss, torch.Tensor) or nll_loss.dim() != 0:
-            raise ValueError("nll_loss must be a scalar tensor (the mean NLL of the chosen tokens)")
         nll = nll_loss
         loss = nll_loss.to(loss.dtype) + loss
     chosen_rewards, rejected_rewards = beta * ac, beta * ar
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(acc).mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/rejected": ar.mean(),
-        "logps/chosen": ac.mean(),
+    metrics = _paired_metrics(ac, ar, chosen_rewards, rejected_rewards)
+    metrics |= {
         "nll_loss": nll.detach(),
-        "log_odds_ratio": ratio.mean(),
+        "log_odds_ratio": -losses.mean() / beta,
         "log_odds_chosen": log_odds.mean(),
     }
     return PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards, metrics)
-
-
-# --------------------------------------------------------------------------------------------
-# KTO
 
 
 def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
@@ -288,6 +244,7 @@ def kto_loss(
     loss_type: str = "kto",
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    backend: str | None = None,
 ) -> PreferenceLossOutput:
     """KTO loss of N unpaired completions (TRL KTOConfig names and defaults).
 
@@ -302,24 +259,18 @@ def kto_loss(
     Metrics: kl, rewards/chosen|rejected, logps/chosen|rejected (means over each group, present
     only when the group is not empty), rewards/margins (when both are present).
     """
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(
-            f"unknown loss_type {loss_type!r}; choose from {', '.join(KTO_LOSS_TYPES)}"
-        )
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    N = _check_pair_inputs(
-        {
-            "logps": logps,
-            "ref_logps": ref_logps,
-            "labels": labels,
-            "kl_logps": kl_logps,
-            "ref_kl_logps": ref_kl_logps,
-        },
-        unit="completions",
-    )
-    if N == 0:
-        raise ValueError("logps is empty: no completions to compute a loss over")
+    spec = SiblingSpec(
+        "kto", loss_type, beta, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+    )  # fmt: skip
+    named = {
+        "logps": logps,
+        "ref_logps": ref_logps,
+        "labels": labels,
+        "kl_logps": kl_logps,
+        "ref_kl_logps": ref_kl_logps,
+    }
+    _validate(spec, named, True)
     if labels.dtype != torch.bool:
         raise ValueError(f"labels must be a bool tensor (True = desirable), got {labels.dtype}")
     acc = _acc(logps)
@@ -334,22 +285,10 @@ def kto_loss(
         kl = torch.as_tensor(kl, device=logps.device).detach().to(acc).reshape(())
     else:
         kl = logps.new_zeros((), dtype=acc)
-    x = logps.detach().to(acc) - ref_logps.detach().to(acc)
     d = labels
-    one = torch.ones_like(x)
-    if loss_type == "kto":
-        s = torch.where(d, torch.sigmoid(beta * (x - kl)), torch.sigmoid(beta * (kl - x)))
-        per = 1 - s
-        # d/dx: desirable -beta s(1-s); undesirable +beta s(1-s)
-        g = torch.where(d, -beta * one, beta * one) * s * (1 - s)
-    else:
-        s = torch.sigmoid(beta * x)
-        per = torch.where(d, 1 - s, s)
-        g = torch.where(d, -beta * one, beta * one) * s * (1 - s)
-    w = torch.where(d, desirable_weight * one, undesirable_weight * one)
-    losses = w * per
-    loss = _attach(losses.mean(), logps, w * g / N)
-    rewards = beta * x
+    lab = d.to(acc)
+    loss, losses = _run(spec, backend, logps, ref_logps, lab, lab, kl, grad_b=False)
+    rewards = beta * (logps.detach().to(acc) - ref_logps.detach().to(acc))
     chosen_rewards, rejected_rewards = rewards[d], rewards[~d]
     metrics: dict[str, torch.Tensor] = {"kl": kl}
     lp = logps.detach().to(acc)

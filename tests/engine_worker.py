@@ -1,6 +1,8 @@
 """One rank of a two-process run for tests/test_engines.py: stock `trl.DPOTrainer` and
-`FusedDPOTrainer` trained from the same seed and data under one distributed engine, for several
-configurations in one launch; each rank writes its comparison to OUT_DIR/rank{RANK}.json.
+`FusedDPOTrainer` (or, with a configuration's "trainer": "orpo" / "kto", the sibling trainers, for
+tests/test_trl_siblings.py) trained from the same seed and data under one distributed engine,
+for several configurations in one launch; each rank writes its comparison to
+OUT_DIR/rank{RANK}.json.
 
     RANK=r WORLD_SIZE=2 MASTER_ADDR=.. MASTER_PORT=.. \
         python tests/engine_worker.py ENGINE OUT_DIR CONFIGS_JSON
@@ -54,6 +56,32 @@ from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
 
+
+def trainers(cfg) -> tuple[type, type, type]:
+    """(stock, fused, config class) for cfg["trainer"]: "dpo" (default) or a sibling, "orpo" or
+    "kto"."""
+    kind = cfg.get("trainer", "dpo")
+    if kind == "dpo":
+        return trl.DPOTrainer, FusedDPOTrainer, trl.DPOConfig
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from dpo_kernels.integrations.trl_siblings import FusedKTOTrainer, FusedORPOTrainer
+
+    if kind == "kto":
+        return trl.KTOTrainer, FusedKTOTrainer, trl.KTOConfig
+    return ORPOTrainer, FusedORPOTrainer, ORPOConfig
+
+
+def unpaired(data):
+    """KTO's rows from a preference dataset: every chosen desirable, every rejected not."""
+    rows = [
+        {"prompt": r["prompt"], "completion": r[half], "label": half == "chosen"}
+        for r in data.to_list()
+        for half in ("chosen", "rejected")
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
 STEPS, BATCH = 4, 2
 # Logged keys that are not training numbers.
 SKIP = {"epoch", "learning_rate", "step"}
@@ -84,10 +112,11 @@ def deepspeed_config(cfg) -> dict:
 def shard(trainer, cfg) -> None:
     """FSDP1 / FSDP2 through torch, on the policy and the reference (each decoder layer a unit)."""
     layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    ref = getattr(trainer, "ref_model", None)  # ORPO has none
     if ENGINE == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for m in [trainer.model] + ([trainer.ref_model] if trainer.ref_model is not None else []):
+        for m in [trainer.model] + ([ref] if ref is not None else []):
             for mod in list(m.modules()):
                 if isinstance(mod, layer):
                     fully_shard(mod)
@@ -104,8 +133,8 @@ def shard(trainer, cfg) -> None:
         )  # fmt: skip
 
     trainer.model = trainer.model_wrapped = wrap(trainer.model)
-    if trainer.ref_model is not None:
-        trainer.ref_model = wrap(trainer.ref_model)
+    if ref is not None:
+        trainer.ref_model = wrap(ref)
 
 
 def full_params(trainer) -> dict[str, torch.Tensor]:
@@ -155,9 +184,11 @@ def train(cls, cfg):
     datasets.disable_caching()
     peft = cfg.get("peft", False)
     model = tiny_llama(cfg.get("tied", False), seed=0)
-    ref = None if peft else tiny_llama(cfg.get("tied", False), seed=1)
+    dpo = cfg.get("trainer", "dpo") == "dpo"
+    kto = cfg.get("trainer") == "kto"
+    ref = None if peft or not (dpo or kto) else tiny_llama(cfg.get("tied", False), seed=1)
     gc = cfg.get("gc")
-    args = trl.DPOConfig(
+    args = trainers(cfg)[2](
         output_dir=os.path.join(OUT_DIR, f"run{RANK}"),
         per_device_train_batch_size=BATCH,
         max_steps=STEPS,
@@ -179,9 +210,11 @@ def train(cls, cfg):
         max_grad_norm=0.0 if ENGINE.startswith("fsdp") else 1.0,
     )
     data = preference_dataset(BATCH * STEPS * WORLD, seed=0)
+    if kto:
+        data = unpaired(data)
     if ENGINE.startswith("fsdp"):  # no distributed sampler: each rank takes its own half
         data = data.shard(WORLD, RANK, contiguous=True)
-    kwargs = {}
+    kwargs = {"ref_model": ref} if dpo or kto else {}
     if peft:
         from peft import LoraConfig
 
@@ -189,7 +222,7 @@ def train(cls, cfg):
             r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
         )
     trainer = cls(
-        model=model, ref_model=ref, args=args, train_dataset=data,
+        model=model, args=args, train_dataset=data,
         processing_class=tiny_tokenizer(), **kwargs,
     )  # fmt: skip
     if ENGINE.startswith("fsdp"):
@@ -251,13 +284,13 @@ for cfg in CONFIGS:
             }
         )
         runs = {}
-        for cls in (trl.DPOTrainer, FusedDPOTrainer):
+        for cls in trainers(cfg)[:2]:
             try:
                 runs[cls.__name__] = train(cls, cfg)
             except Exception:
                 results[name] = {"error": f"{cls.__name__}: {traceback.format_exc()[-3000:]}"}
                 raise
-        results[name] = compare(runs["DPOTrainer"], runs["FusedDPOTrainer"])
+        results[name] = compare(*runs.values())
     except Exception:
         results.setdefault(name, {"error": traceback.format_exc()[-3000:]})
     print(f"[rank {RANK}] {name}: {json.dumps(results[name])[:300]}", flush=True)

@@ -84,9 +84,10 @@ class _Launch:
 
 def test_every_launch_and_matmul_runs_inside_a_device_guard(monkeypatch):
     from dpo_kernels.gpu_check import cases
+    from dpo_kernels.ops import triton_sibling_losses
 
     guard, launched = _Guard(), []
-    for module in _triton_modules():
+    for module in (*_triton_modules(), triton_sibling_losses):
         monkeypatch.setattr(module, "device_guard", guard)
         for name in dir(module):
             if name.startswith("_") and name.endswith("_kernel"):
@@ -108,7 +109,8 @@ def test_every_launch_and_matmul_runs_inside_a_device_guard(monkeypatch):
         seen.add(op)
         run()
     assert {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_dpo_loss_kernel",
-            "_linear_fwd_kernel", "_linear_bwd_kernel"} <= set(launched)  # fmt: skip
+            "_sibling_loss_kernel", "_linear_fwd_kernel",
+            "_linear_bwd_kernel"} <= set(launched)  # fmt: skip
     assert guard.devices and all(d.type == "cpu" for d in guard.devices)
 
 

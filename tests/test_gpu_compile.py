@@ -36,6 +36,7 @@ def test_every_kernel_compiles_for_both_archs(reports):
     compiled = {(r["kernel"], r["arch"]) for r in reports}
     kernels = {r["kernel"] for r in reports}
     assert kernels, "no kernel was compiled"
+    assert "_sibling_loss_kernel" in kernels  # CPO / ORPO / KTO losses
     assert compiled == {(k, a) for k in kernels for a in (80, 90)}
 
 

@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cpu_backends
 
 from dpo_kernels import cpo_loss, kto_loss, orpo_loss, simpo_loss
+from dpo_kernels.common import FAMILIES
 
 
 def _inputs(P, seed, dtype=torch.float64):
@@ -249,3 +251,62 @@ def test_alpha_reward_shape():
     a = cpo_loss(pc, pr, chosen_counts=nc, rejected_counts=nr, cpo_alpha=0.0, alpha=1e-7)
     b = cpo_loss(pc, pr, chosen_counts=nc, rejected_counts=nr, cpo_alpha=0.0, alpha=0.0)
     assert math.isclose(a.loss.item(), b.loss.item(), rel_tol=1e-5)
+
+
+# --- every backend (reference = the package's autograd spec, cpu = torch closed forms, triton =
+# the one-launch kernel, interpreted on CPU) against the specs above, every loss type and option.
+CPO_CASES = [
+    (t, dict(beta=b, label_smoothing=e, cpo_alpha=ca, simpo_gamma=g, alpha=a))
+    for t in (*FAMILIES["cpo"].loss_types, "alphapo")
+    for b, e, ca, g, a in ((0.5, 0.1, 0.7, 0.3, 0.25), (2.0, 0.0, 0.0, 1.1, 0.0))
+]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backends_match_spec(backend, dtype):
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    pc, pr, nc, nr = _inputs(5, seed=7, dtype=dtype)
+    for loss_type, o in CPO_CASES:
+        a, b = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+        out = cpo_loss(a, b, chosen_counts=nc, rejected_counts=nr, loss_type=loss_type,
+                       backend=backend, **o)  # fmt: skip
+        a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+        ref, m = cpo_spec(a64, b64, nc.double(), nr.double(), o["beta"], o["label_smoothing"],
+                          loss_type, o["cpo_alpha"], o["simpo_gamma"], o["alpha"])  # fmt: skip
+        _check(out, ref, m, (a, b), (a64, b64), tol)
+    for beta in (0.1, 1.5):
+        a, b = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+        out = orpo_loss(a, b, chosen_counts=nc, rejected_counts=nr, beta=beta, backend=backend)
+        a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+        ref, m = orpo_spec(
+            a64, b64, nc.double(), nr.double(), beta, torch.zeros((), dtype=a64.dtype)
+        )
+        _check(out, ref, m, (a, b), (a64, b64), tol)
+    labels = torch.tensor([True, False, False, True, False])
+    kl_lp, ref_kl = pr.detach() * 2, pr.detach() * 2 - 0.7
+    for loss_type in FAMILIES["kto"].loss_types:
+        a = pc.clone().requires_grad_()
+        out = kto_loss(a, pr, labels, kl_logps=kl_lp, ref_kl_logps=ref_kl, beta=0.4,
+                       loss_type=loss_type, desirable_weight=1.3, undesirable_weight=0.6,
+                       backend=backend)  # fmt: skip
+        a64 = a.detach().double().requires_grad_()
+        ref, m = kto_spec(a64, pr.double(), labels, kl_lp.double(), ref_kl.double(), 0.4,
+                          loss_type, 1.3, 0.6)  # fmt: skip
+        _check(out, ref, m, (a,), (a64,), tol)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="triton is not installed")
+def test_triton_sibling_kernel_walks_several_blocks():
+    # N > 1024: the kernel loops over blocks (and the NLL pass sums over all of them)
+    pc, pr, nc, nr = _inputs(1500, seed=4, dtype=torch.float32)
+    o = dict(chosen_counts=nc, rejected_counts=nr, loss_type="ipo", cpo_alpha=0.5)
+    for backend in ("triton", "reference"):
+        a = pc.clone().requires_grad_()
+        out = cpo_loss(a, pr, backend=backend, **o)
+        (g,) = torch.autograd.grad(out.loss, a)
+        if backend == "triton":
+            got = (out.loss, out.losses, g)
+    torch.testing.assert_close(got[0], out.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], out.losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2], g, rtol=1e-5, atol=1e-9)

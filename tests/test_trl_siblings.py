@@ -1,7 +1,9 @@
 """FusedCPOTrainer / FusedORPOTrainer / FusedKTOTrainer against the stock TRL trainers.
 
-Stock and fused train from the same seed on a tiny model for 3 steps; every logged value must
-agree to 1e-5 (fp32) and the final parameters must match.
+Stock and fused train from the same seed on a tiny model for 2 steps; every logged value must
+agree to 1e-5 (fp32) and the final parameters must match. Also: the fused head under DDP (and,
+opt-in, FSDP1 / FSDP2 / ZeRO-3) in 2 gloo processes, on a scaled and a biased LM head, and the
+options that raise at construction.
 """
 
 import pytest
@@ -198,3 +200,119 @@ def test_bad_loss_option_raises_at_construction(tmp_path):
             train_dataset=preference_dataset(4),
             processing_class=tiny_tokenizer(),
         )
+
+
+ENGINE_EXTRA = {
+    "ddp": {"find_unused": True},
+    "fsdp1": {"strategy": "FULL_SHARD", "orig": True},
+    "fsdp2": {},
+    "deepspeed": {"zero": 3},
+}
+
+
+WRAPPER = {
+    "ddp": "DistributedDataParallel",
+    "fsdp1": "FullyShardedDataParallel",
+    "fsdp2": "FSDPLlamaForCausalLM",
+    "deepspeed": "DeepSpeedEngine",
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINE_EXTRA))
+def test_siblings_fused_head_under_engine(engine, tmp_path):
+    """2 gloo processes, one launch: ORPO (the fused head, the chosen NLL and the mean logits
+    inside the model's forward) and KTO (KL, policy and reference passes; the KL gathered over
+    processes), stock vs fused, to 1e-5. CI runs DDP (find_unused_parameters); FSDP1, FSDP2 and
+    ZeRO-3 run with DPO_KERNELS_ALL_ENGINES=1 (about 30 s each)."""
+    import importlib.util
+    import os
+
+    from test_engines import launch
+
+    if engine != "ddp" and not os.environ.get("DPO_KERNELS_ALL_ENGINES"):
+        pytest.skip("set DPO_KERNELS_ALL_ENGINES=1 to run the siblings under FSDP and ZeRO-3")
+    if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    cfgs = [
+        {"name": kind, "trainer": kind, "tied": False, **ENGINE_EXTRA[engine]}
+        for kind in ("orpo", "kto")
+    ]
+    keys = {"orpo": {"nll_loss", "log_odds_ratio"}, "kto": {"kl", "entropy"}}
+    for rank, results in enumerate(launch(engine, cfgs, tmp_path)):
+        for kind in ("orpo", "kto"):
+            r = results[kind]
+            assert "error" not in r, (rank, kind, r.get("error"))
+            assert r["facts"]["wrapper"] == WRAPPER[engine], r["facts"]
+            if engine == "ddp":
+                assert r["facts"]["find_unused"] is True, r["facts"]
+            if engine == "deepspeed":
+                assert r["facts"]["zero"] == 3, r["facts"]
+            assert r["loss_moved"] > 1e-3 and r["param_moved"] > 1e-3, r
+            assert {"loss", "logits/chosen", *keys[kind]} <= set(r["keys"]), r
+            assert r["max_metric_dev"] <= 1e-5 and r["max_param_dev"] <= 1e-5, (kind, r)
+
+
+def _cohere(vocab=28):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.CohereConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25,
+    )  # fmt: skip
+    return transformers.CohereForCausalLM(cfg)
+
+
+def _biased_llama(vocab=28):
+    model = tiny_causal_lm("llama", vocab=vocab, seed=0)
+    model.lm_head = torch.nn.Linear(32, vocab, bias=True)
+    torch.nn.init.normal_(model.lm_head.bias)
+    return model
+
+
+@pytest.mark.parametrize("make_model", [_cohere, _biased_llama], ids=["logit_scale", "bias"])
+@pytest.mark.parametrize("kind", ["cpo", "orpo"])
+def test_fused_head_metrics_match_stock_with_scale_and_bias(kind, make_model, tmp_path):
+    """One batch through stock and fused (the head inside the forward) on a model whose logits are
+    scaled (Cohere) or biased: loss, gradient and every metric, logits/* included. The fused head
+    never calls the LM head's own forward (it raises here)."""
+    stock_cls, cls, cfg_cls = {
+        "cpo": (CPOTrainer, FusedCPOTrainer, CPOConfig),
+        "orpo": (ORPOTrainer, FusedORPOTrainer, ORPOConfig),
+    }[kind]
+    results = []
+    for trainer_cls in (stock_cls, cls):
+        model = make_model()
+        args = cfg_cls(output_dir=str(tmp_path), **COMMON)
+        trainer = trainer_cls(
+            model=model, args=args, train_dataset=preference_dataset(4),
+            processing_class=tiny_tokenizer(),
+        )  # fmt: skip
+        if trainer_cls is cls:
+
+            def forbidden(*_):
+                raise AssertionError("the fused head built the logits")
+
+            model.get_output_embeddings().forward = forbidden
+        batch = next(iter(trainer.get_train_dataloader()))
+        loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), metrics, grads))
+    (ls, ms, gs), (lo, mo, go) = results
+    assert lo == pytest.approx(ls, rel=1e-5, abs=1e-6)
+    assert set(ms) == set(mo) and "logits/chosen" in ms
+    for k in ms:
+        assert mo[k] == pytest.approx(float(ms[k]), rel=1e-5, abs=1e-6), (k, ms[k], mo[k])
+    assert set(gs) == set(go)
+    for n in gs:
+        torch.testing.assert_close(go[n], gs[n], rtol=1e-5, atol=1e-6)
+
+
+def test_kto_fused_head_refuses_prompt_learning(tmp_path):
+    peft = pytest.importorskip("peft")
+    prompt = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    args = trl.KTOConfig(output_dir=str(tmp_path), **COMMON)
+    kw = dict(args=args, train_dataset=unpaired_dataset(4), processing_class=tiny_tokenizer())
+    with pytest.raises(ValueError, match="prompt-learning"):
+        FusedKTOTrainer(model=tiny_causal_lm("llama", vocab=28), peft_config=prompt, **kw)

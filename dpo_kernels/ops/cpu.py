@@ -14,6 +14,7 @@ import torch
 from .. import _build
 from ..common import LogitTransform
 from .torch_dpo_loss import dpo_loss_and_grads as dpo_loss_and_grads  # the loss, closed forms
+from .torch_sibling_losses import sibling_loss_and_grads as sibling_loss_and_grads
 
 
 def __getattr__(name: str):

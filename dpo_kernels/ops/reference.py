@@ -27,6 +27,7 @@ from ..common import (
     counted_tokens,
     stats_dtypes,
 )
+from .reference_siblings import sibling_loss_and_grads as sibling_loss_and_grads  # autograd
 from .torch_dpo_loss import dpo_loss_and_grads as dpo_loss_and_grads  # re-exported: the backend's
 
 

@@ -7,3 +7,4 @@ from .triton_linear_logprobs import linear_logprobs_forward as linear_logprobs_f
 from .triton_logprobs import grad_strides as grad_strides
 from .triton_logprobs import logprobs_backward as logprobs_backward
 from .triton_logprobs import logprobs_forward as logprobs_forward
+from .triton_sibling_losses import sibling_loss_and_grads as sibling_loss_and_grads

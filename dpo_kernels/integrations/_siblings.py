@@ -1,0 +1,175 @@
+"""What the sibling trainers (CPO / SimPO / AlphaPO, ORPO, KTO) share: one forward of the model
+that returns completion log-prob sums, through the fused LM head inside the model's forward (as
+`FusedDPOTrainer` does, so DDP / FSDP / DeepSpeed hooks on the head work) or through the logits."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from ..common import SequenceLogprobs
+from ..forward import HEAD_KWARG, HeadCall, head_transform, install_fused_head, unwrap_model
+from ..logprobs import sequence_logprobs
+
+_ONE = torch.ones(1)  # a dummy pair: each loss runs once at construction to check the options
+IGNORE = -100  # TRL's CPO / ORPO label padding (hard-coded there)
+
+
+def refuse(trainer, unsupported: dict[str, bool]) -> None:
+    """Raises at construction for the options a fused trainer does not cover, naming them."""
+    bad = [name for name, on in unsupported.items() if on]
+    if bad:
+        raise ValueError(
+            f"{type(trainer).__name__} does not support {', '.join(bad)}; use the stock TRL "
+            "trainer for that"
+        )
+
+
+def prompt_learning(trainer) -> bool:
+    """A prompt-learning PEFT model (virtual tokens prepended): the fused head's hidden states
+    would not line up with the labels."""
+    from accelerate.utils import is_peft_model
+
+    model = trainer.model
+    return is_peft_model(model) and getattr(model.active_peft_config, "is_prompt_learning", False)
+
+
+def check_softcap(trainer) -> None:
+    """The paired trainers log the mean of every logit, which the fused head gets as
+    hidden @ mean(weight): exact for a linear head, not under a final logit softcap."""
+    if (
+        trainer._fused_lm_head
+        and head_transform(unwrap_model(trainer.model))["softcap"] is not None
+    ):
+        raise ValueError(
+            f"{type(trainer).__name__}(fused_lm_head=True) does not support a final logit "
+            "softcap (final_logit_softcapping); pass fused_lm_head=False"
+        )
+
+
+def mean_logits(hidden, weight, bias, transform) -> torch.Tensor:
+    """[B, L] mean over the vocabulary of each position's logits, without building them (called
+    inside the LM head's forward by the fused head: `HeadCall.extra`). No gradient."""
+    with torch.no_grad():
+        m = hidden @ weight.mean(0).to(hidden.dtype)
+        if bias is not None:
+            m = m + bias.mean().to(m.dtype)
+        return (transform["logit_scale"] * m).float()
+
+
+class Scored(NamedTuple):
+    """Log-probs of one forward, and the per-position mean logit ([B, L]) when asked for."""
+
+    seq: SequenceLogprobs
+    mean_logits: torch.Tensor | None
+    logits: torch.Tensor | None  # the model's logits (logits path only)
+
+
+def score(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    fused_lm_head: bool,
+    backend: str | None,
+    stats: bool = False,
+    with_mean: bool = False,
+) -> Scored:
+    """One forward of `model`; log-probs of the next tokens input_ids[:, 1:] where `mask`
+    ([B, L-1]) is set. With the fused head the logits are never built: the LM head module is
+    called inside the model's forward (`dpo_kernels.forward.install_fused_head`)."""
+    labels = input_ids[:, 1:]
+    mask = mask != 0
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if fused_lm_head:
+        install_fused_head(model)
+        extra = mean_logits if with_mean else None
+        out = model(
+            **kwargs,
+            **{HEAD_KWARG: HeadCall(labels, mask, stats=stats, backend=backend, extra=extra)},
+        )
+        out, mean = out if with_mean else (out, None)
+        return Scored(out.logprobs, mean, None)
+    logits = model(**kwargs).logits[:, -input_ids.shape[1] :]  # prompt-learning PEFT prepends
+    seq = sequence_logprobs(logits[:, :-1], labels, mask=mask, stats=stats, backend=backend)
+    return Scored(seq, logits if with_mean else None, logits)
+
+
+class PairedMixin:
+    """Shared by CPO and ORPO: one concatenated forward, completion sums from the fused op."""
+
+    _backend: str | None
+    _fused_lm_head: bool
+
+    def _init_kernels(self, backend: str | None, fused_lm_head: bool) -> None:
+        self._backend = backend
+        self._fused_lm_head = fused_lm_head
+
+    def _check_paired(self) -> None:
+        check_softcap(self)
+        refuse(
+            self,
+            {
+                "encoder-decoder models": self.is_encoder_decoder,
+                "prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
+                    self._fused_lm_head and prompt_learning(self)
+                ),
+                "a Mixture-of-Experts router aux loss (output_router_logits)": (
+                    self.aux_loss_enabled
+                ),
+            },
+        )
+
+    def _pad_value(self) -> int:
+        raise NotImplementedError
+
+    def _paired_forward(self, model, batch, whole_chosen: bool = False):
+        """(concatenated batch, P, per-position mean logits [2P, L], completion log-probs
+        [2P] with counts, and with `whole_chosen` the chosen rows' log-prob sums and counts over
+        every attended token, prompt included: ORPO's NLL)."""
+        cb = self.concatenated_inputs(
+            batch,
+            is_encoder_decoder=False,
+            padding_value=self._pad_value(),
+            device=self.accelerator.device,
+        )
+        P = batch["chosen_labels"].shape[0]
+        ids, attn = cb["concatenated_input_ids"], cb["concatenated_attention_mask"]
+        completion = cb["concatenated_labels"][:, 1:] != IGNORE  # where labels == input ids
+        mask = completion.clone()
+        if whole_chosen:
+            mask[:P] |= attn[:P, 1:] != 0
+        sc = score(
+            model, ids, attn, mask, fused_lm_head=self._fused_lm_head, backend=self._backend,
+            with_mean=True,
+        )  # fmt: skip
+        seq = sc.seq
+        if not whole_chosen:
+            return cb, P, sc.mean_logits, seq.logps, seq.counts, None
+        chosen = (seq.token_logps[:P] * completion[:P]).sum(1)
+        logps = torch.cat([chosen, seq.logps[P:]])
+        counts = completion.sum(1)
+        return cb, P, sc.mean_logits, logps, counts, (seq.logps[:P], seq.counts[:P])
+
+    def _log_paired(self, out, logps, logits_c, logits_r, train_eval, extra_keys=()):
+        """TRL's metrics; logps: the (chosen, rejected) log-probs the loss saw, detached."""
+        gather = self.accelerator.gather_for_metrics
+        prefix = "eval_" if train_eval == "eval" else ""
+        ch, rj = out.chosen_rewards, out.rejected_rewards
+        m = out.metrics
+        metrics: dict[str, Any] = {
+            "rewards/chosen": gather(ch).mean(),
+            "rewards/rejected": gather(rj).mean(),
+            "rewards/accuracies": gather((ch > rj).float()).mean(),
+            "rewards/margins": gather(ch - rj).mean(),
+            "logps/rejected": gather(logps[1]).mean(),
+            "logps/chosen": gather(logps[0]).mean(),
+            "logits/rejected": gather(logits_r.detach().mean()).mean(),
+            "logits/chosen": gather(logits_c.detach().mean()).mean(),
+            "nll_loss": gather(m["nll_loss"].detach()).mean(),
+        }
+        for k in extra_keys:
+            metrics[k] = gather(m[k].detach()).mean()
+        return {prefix + k: v.item() for k, v in metrics.items()}

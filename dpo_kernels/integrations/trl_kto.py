@@ -1,0 +1,177 @@
+"""`FusedKTOTrainer`: TRL's KTOTrainer (kto, apo_zero_unpaired) on dpo_kernels' fused log-probs,
+statistics and closed-form loss (see `trl_siblings` for the shared design)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..preference_losses import kto_loss
+from ._siblings import _ONE, prompt_learning, refuse, score
+from .trl import check_trl_version
+
+check_trl_version()
+
+from accelerate.utils import is_peft_model  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutput  # noqa: E402
+from trl import KTOTrainer  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer.utils import use_adapter  # noqa: E402
+
+_KTO_NON_MODEL_KEYS = {
+    "completion_mask",
+    "KL_input_ids",
+    "KL_attention_mask",
+    "KL_completion_mask",
+    "KL_token_type_ids",
+    "KL_mm_token_type_ids",
+    "label",
+    "ref_logps",
+    "ref_KL_logps",
+}
+
+
+class FusedKTOTrainer(KTOTrainer):
+    """`trl.KTOTrainer` (kto, apo_zero_unpaired) with dpo_kernels' log-probs, statistics and fused
+    loss. Extra keywords: backend (None = automatic), fused_lm_head. Precomputed reference log-probs
+    (precompute_ref_log_probs=True) are TRL's own, read from the dataset as stock does."""
+
+    def __init__(
+        self, *args, backend: str | None = None, fused_lm_head: bool = True, **kwargs
+    ) -> None:
+        self._backend = backend
+        self._fused_lm_head = fused_lm_head
+        super().__init__(*args, **kwargs)
+        kto_loss(
+            -_ONE,
+            -_ONE,
+            _ONE > 0,
+            kl=0.0,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+        )
+        refuse(
+            self,
+            {
+                "vision datasets": self._is_vision_dataset,
+                "prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
+                    fused_lm_head and prompt_learning(self)
+                ),
+                "a Mixture-of-Experts router aux loss (router_aux_loss_coef)": (
+                    self.aux_loss_enabled
+                ),
+            },
+        )
+
+    def _sums(self, model, input_ids, attention_mask, completion_mask, stats=False):
+        """Completion log-prob sums of `model` on one padded batch (and the logits, stats)."""
+        sc = score(
+            model, input_ids, attention_mask, completion_mask[:, 1:],
+            fused_lm_head=self._fused_lm_head, backend=self._backend, stats=stats,
+        )  # fmt: skip
+        return sc.seq, sc.logits
+
+    def _kl_sums(self, model, batch) -> torch.Tensor | None:
+        if not self.calculate_KL:
+            return None
+        with torch.no_grad():
+            seq, _ = self._sums(
+                model,
+                batch["KL_input_ids"],
+                batch["KL_attention_mask"],
+                batch["KL_completion_mask"],
+            )
+        return seq.logps
+
+    def _ref_context(self) -> contextlib.AbstractContextManager:
+        if is_peft_model(self.model) and self.ref_model is None:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            name = "ref" if "ref" in unwrapped.peft_config else None
+            return use_adapter(unwrapped, adapter_name=name)
+        return contextlib.nullcontext()
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        """KTO loss and TRL's metrics for a batch (TRL's _compute_loss, fused)."""
+        mode = "train" if self.model.training else "eval"
+        dev = self.accelerator.device
+        gather = self.accelerator.gather_for_metrics
+        batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        extra = set(batch) - _KTO_NON_MODEL_KEYS - {"input_ids", "attention_mask"}
+        if extra:
+            raise ValueError(
+                f"{type(self).__name__} passes only input_ids and attention_mask to the model; the "
+                f"batch also has {sorted(extra)} (use the stock KTOTrainer for such inputs)"
+            )
+        labels = torch.as_tensor(batch["label"], dtype=torch.bool, device=dev)
+        KL_logps = self._kl_sums(model, batch)
+        seq, logits = self._sums(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], True
+        )
+        if self.precompute_ref_logps:
+            ref_logps = batch["ref_logps"]
+            ref_KL_logps = batch["ref_KL_logps"] if self.calculate_KL else None
+        else:
+            ref = self.ref_model if self.ref_model is not None else self.model
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+                self._ref_context(),
+            ):
+                ref_KL_logps = self._kl_sums(ref, batch)
+                ref_seq, _ = self._sums(
+                    ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+                )
+            ref_logps = ref_seq.logps
+        kl = None
+        if self.calculate_KL:
+            kl = gather((KL_logps - ref_KL_logps).mean().detach()).mean().clamp(min=0)
+        out = kto_loss(
+            seq.logps,
+            ref_logps,
+            labels,
+            kl=kl,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+            backend=self._backend,
+        )
+        self._log_kto(mode, batch, labels, seq, out, gather)
+        if return_outputs:
+            if logits is None:  # the fused head built none: one more forward, as stock does
+                with torch.no_grad():
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+            return out.loss, CausalLMOutput(logits=logits)
+        return out.loss
+
+    def _log_kto(self, mode, batch, labels, seq, out, gather) -> None:
+        m = self._metrics[mode]
+        m["kl"].append(out.metrics["kl"].item())
+        counted = batch["completion_mask"][:, 1:].bool()
+        stats = seq.stats
+        tokens = gather(counted.sum()).sum()
+        ent = gather(stats.entropy.sum()).sum()
+        m["entropy"].append((ent / tokens).item() if tokens > 0 else 0.0)
+        if mode == "train":
+            n_tok = gather(batch["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += n_tok // self._tp_size
+        m["num_tokens"] = [self._total_train_tokens]
+        for name, rows in (("chosen", labels), ("rejected", ~labels)):
+            total = gather(stats.mean_logits[rows].sum()).sum().item()
+            n = gather(counted[rows].sum()).sum().item()
+            if n > 0:
+                m[f"logits/{name}"].append(total / n)
+        lp = seq.logps.detach()
+        rewards = {"chosen": out.chosen_rewards, "rejected": out.rejected_rewards}
+        for name, rows in (("chosen", labels), ("rejected", ~labels)):
+            count = gather(rows.sum()).sum().item()
+            if count > 0:
+                m[f"rewards/{name}"].append(gather(rewards[name].nansum()).nansum().item() / count)
+                m[f"logps/{name}"].append(gather(lp[rows].nansum()).nansum().item() / count)
+        if gather(labels.sum()).sum().item() > 0 and gather((~labels).sum()).sum().item() > 0:
+            m["rewards/margins"].append(m["rewards/chosen"][-1] - m["rewards/rejected"][-1])
