@@ -116,3 +116,19 @@ def fold_block(m, s, pz, zsum, sq, arg, z, index, valid, STATS: tl.constexpr):
         tie = tl.where(blk_max == m, tl.minimum(arg, blk_arg), arg)
         arg = tl.where(blk_max > m, blk_arg, tie)
     return m_new, s, pz, zsum, sq, arg
+
+
+# Math shared by the loss kernels.
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def log1p(y):
+    """log(1 + y) without cancellation for small y (Goldberg's correction)."""
+    u = 1.0 + y
+    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+
+
+@triton.jit
+def softplus(x):
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))

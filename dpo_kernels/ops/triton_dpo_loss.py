@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..common import ALPHA_CLAMP_MAX, LOSS_TYPES, LOSSES, DPOLossSpec, acc_dtype
-from .triton_common import device_constants, device_guard, tl_acc_dtype
+from .triton_common import LN2, device_constants, device_guard, log1p, softplus, tl_acc_dtype
 
 _FDIV = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2, "alpha_divergence": 3}
 # The loss types this kernel computes, in registration order (see `_in_kernel`).
@@ -45,19 +45,6 @@ APO_DOWN = _in_kernel("apo_down")
 DISCOPOP = _in_kernel("discopop")
 SFT = _in_kernel("sft")
 SIGMOID_NORM = _in_kernel("sigmoid_norm")
-LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _log1p(y):
-    """log(1 + y) without cancellation for small y (Goldberg's correction)."""
-    u = 1.0 + y
-    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
-
-
-@triton.jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -67,7 +54,7 @@ def _score(x, FDIV: tl.constexpr, a1, hi):
         e = tl.exp(-x)
         return 1.0 - e, e
     elif FDIV == 2:
-        return LN2 - _softplus(-x), tl.sigmoid(-x)
+        return LN2 - softplus(-x), tl.sigmoid(-x)
     elif FDIV == 3:
         t = a1 * x
         e = tl.exp(tl.minimum(t, hi))
@@ -119,7 +106,7 @@ def _dpo_loss_kernel(
         gr = tl.zeros([BLOCK], ACC)
         if (ONE << SIGMOID) & TYPES:
             w = tl.load(w_ptr + SIGMOID)
-            loss += w * _softplus(-u)
+            loss += w * softplus(-u)
             du -= w * tl.sigmoid(-u)
         if (ONE << HINGE) & TYPES:
             w = tl.load(w_ptr + HINGE)
@@ -128,13 +115,13 @@ def _dpo_loss_kernel(
         if (ONE << ROBUST) & TYPES:
             w = tl.load(w_ptr + ROBUST) / (1.0 - 2.0 * eps)
             # eps = 0 adds nothing, not 0 * inf = NaN at an infinite margin
-            loss += w * ((1.0 - eps) * _softplus(-u) - tl.where(eps == 0, 0.0, eps * _softplus(u)))
+            loss += w * ((1.0 - eps) * softplus(-u) - tl.where(eps == 0, 0.0, eps * softplus(u)))
             du -= w * ((1.0 - eps) * tl.sigmoid(-u) + eps * tl.sigmoid(u))
         if (ONE << EXO) & TYPES:
             w = tl.load(w_ptr + EXO)
             qw = tl.sigmoid(u)
-            kl_w = -_softplus(-u) - _log1p(-eps)
-            kl_l = -_softplus(u) - tl.log(eps)
+            kl_w = -softplus(-u) - log1p(-eps)
+            kl_l = -softplus(u) - tl.log(eps)
             loss += w * (qw * kl_w + (1.0 - qw) * kl_l)
             du += w * qw * (1.0 - qw) * (kl_w - kl_l)
         if (ONE << DISCOPOP) & TYPES:
@@ -143,8 +130,8 @@ def _dpo_loss_kernel(
             # exp(-u) * m = exp(-u - softplus(-u / tau))
             mix = tl.sigmoid(u / tau)
             mix1 = tl.sigmoid(-u / tau)
-            a = _softplus(-u)
-            em = tl.exp(-u - _softplus(-u / tau))
+            a = softplus(-u)
+            em = tl.exp(-u - softplus(-u / tau))
             loss += w * (a * mix1 + em)
             amm = tl.where(mix * mix1 == 0.0, 0.0, a * mix * mix1)  # 0, not inf * 0, at u = -inf
             du += w * (-tl.sigmoid(-u) * mix1 - amm / tau + em * (mix1 / tau - 1.0))
@@ -160,20 +147,18 @@ def _dpo_loss_kernel(
                 dd += w * 2.0 * q
             if (ONE << SIGMOID_NORM) & TYPES:
                 w = tl.load(w_ptr + SIGMOID_NORM)
-                loss += w * _softplus(-beta * d)
+                loss += w * softplus(-beta * d)
                 dd -= w * beta * tl.sigmoid(-beta * d)
             gc += dd * dsc / nc
             gr -= dd * dsr / nr
         if (ONE << NCA) & TYPES:
             w = tl.load(w_ptr + NCA)
-            loss += w * (
-                _softplus(-beta * c) + 0.5 * _softplus(beta * c) + 0.5 * _softplus(beta * r)
-            )
+            loss += w * (softplus(-beta * c) + 0.5 * softplus(beta * c) + 0.5 * softplus(beta * r))
             gc += w * beta * (0.5 * tl.sigmoid(beta * c) - tl.sigmoid(-beta * c))
             gr += w * 0.5 * beta * tl.sigmoid(beta * r)
         if (ONE << BCO) & TYPES:
             w = tl.load(w_ptr + BCO)
-            loss += w * (_softplus(-beta * c) + _softplus(beta * r))
+            loss += w * (softplus(-beta * c) + softplus(beta * r))
             gc -= w * beta * tl.sigmoid(-beta * c)
             gr += w * beta * tl.sigmoid(beta * r)
         if (ONE << SPPO) & TYPES:

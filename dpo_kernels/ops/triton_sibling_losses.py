@@ -13,19 +13,11 @@ import triton
 import triton.language as tl
 
 from ..common import FAMILIES, SiblingSpec
-from .triton_common import device_constants, device_guard, tl_acc_dtype
+from .triton_common import LN2, device_constants, device_guard, log1p, softplus, tl_acc_dtype
 
 CPO, ORPO, KTO = (tl.constexpr(FAMILIES[k].kernel) for k in ("cpo", "orpo", "kto"))
 # LTYPE: the index of the loss type in its family's FAMILIES[...].loss_types
 SIGMOID, HINGE, IPO, SIMPO = (tl.constexpr(i) for i in range(4))
-LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _log1p(y):
-    """log(1 + y) without cancellation for small y (Goldberg's correction)."""
-    u = 1.0 + y
-    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
 
 
 @triton.jit
@@ -37,14 +29,9 @@ def _expm1(x):
 
 
 @triton.jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
 def _log1mexp(x):
     """log(1 - exp(x)) for x < 0."""
-    return tl.where(x < -LN2, _log1p(-tl.exp(x)), tl.log(-_expm1(x)))
+    return tl.where(x < -LN2, log1p(-tl.exp(x)), tl.log(-_expm1(x)))
 
 
 @triton.jit
@@ -111,7 +98,7 @@ def _sibling_loss_kernel(
             else:  # sigmoid, simpo
                 u = beta * z
                 # eps = 0 adds nothing (not 0 * inf at an infinite margin)
-                per = (1.0 - eps) * _softplus(-u) + tl.where(eps == 0, 0.0, eps * _softplus(u))
+                per = (1.0 - eps) * softplus(-u) + tl.where(eps == 0, 0.0, eps * softplus(u))
                 dz = beta * (eps * tl.sigmoid(u) - (1.0 - eps) * tl.sigmoid(-u))
             ga = dz * dxc / N
             gb = -dz * dxr / N
@@ -121,7 +108,7 @@ def _sibling_loss_kernel(
             ac = a / na
             ar = b / nb
             lo = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
-            per = beta * _softplus(-lo)
+            per = beta * softplus(-lo)
             dlo = -beta * tl.sigmoid(-lo) / N
             ga = dlo * (-1.0 / _expm1(ac)) / na
             gb = dlo / _expm1(ar) / nb
