@@ -154,7 +154,8 @@ class _LinearDPOFunction(torch.autograd.Function):
                     "gradient cannot be scaled; call linear_dpo_loss again"
                 )
             out = [g * (grad_loss / ctx.scale).to(g.dtype) for g in grads]
-        return *(g if want else None for g, want in zip(out, ctx.wanted, strict=True)), *(None,) * 12
+        out = [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
+        return *out, *(None,) * 12
 
 
 def linear_dpo_loss(
