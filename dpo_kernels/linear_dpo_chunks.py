@@ -140,11 +140,25 @@ class Rows:
         if bias is not None:
             x.add_(bias[vs : vs + nv])
 
-    def backprop(self, x, h, weight, vs, dh, dw, db, dw_fresh=False) -> None:
+    def backprop(self, x, h, weight, vs, dh, dw, db, dw_fresh=False, g=None) -> None:
         """dh (+)= x @ W_blk, dw[blk] (+)= x.T @ h, db[blk] += sum of x (those not None). dh is
         written, not added to, at vs == 0 and dw with dw_fresh: no zero fill (CPU; on CUDA the
-        buffers start at zero and are always added to)."""
+        buffers start at zero and are always added to). g [n]: the rows of x are to be scaled
+        by g (x = the whole vocabulary): applied to h for dw and db, and to dh afterwards, not
+        to the [n, V] tile."""
         nv = x.shape[1]
+        if g is not None and self.reduced and self.cuda:  # dz is rounded to bf16: scale it first
+            x.mul_(g[:, None])
+            g = None
+        if g is not None:
+            assert vs == 0 and nv == weight.shape[0]
+            hg = h * g[:, None].to(h.dtype)
+            self.backprop(x, hg, weight, 0, dh, dw, None, dw_fresh)
+            if dh is not None:
+                dh.mul_(g[:, None])
+            if db is not None:
+                db.addmv_(x.T, g)
+            return
         if self.reduced and self.cuda:
             xd = x.to(self.dtype)
             w = weight[vs : vs + nv]
@@ -214,6 +228,18 @@ class Rows:
             tie = torch.where(m_blk == f.m, torch.minimum(f.arg, arg_blk), f.arg)
             f.arg.copy_(torch.where(m_blk > f.m, arg_blk, tie))
         f.m.copy_(m_new)
+
+    def fold_softmax(self, x: torch.Tensor, y: torch.Tensor, f: Fold) -> None:
+        """Folds whole rows x into a fresh f, then x <- (onehot(y) - softmax(z(x))) * dz/dx: the
+        logits' gradient before each row's loss factor (C++: one read of x, one exp each)."""
+        if self.backend == "cpu" and x.shape[0]:
+            tf = self.tf
+            torch.ops.dpo_kernels_cpu.linear_dpo_rows_fold_softmax(
+                x, y, f.m, f.s, f.target, f.st, f.arg, tf.logit_scale, tf.softcap, tf.temperature
+            )
+            return
+        self.fold(x, y, f, 0)
+        self.grad(x, y, torch.ones_like(f.m), f.lse())
 
     def grad(self, x, local, g, lse) -> None:
         """x <- g * (onehot(local) - softmax(z(x))) * dz/dx in place, per row."""
@@ -373,14 +399,15 @@ class _Runner:
         x = rows.tile(self.buf, n, V)
         rows.project(x, h, self.weight, self.bias, 0)
         f = Fold(n, x.dtype, x.device, self.stats is not None, rows.backend)
-        rows.fold(x, y, f, 0)
+        # With gradient, x becomes q = onehot - softmax in the same read: dz = g * q, and g (the
+        # loss's factor of each row, known once the sums are) scales the matmuls' operands.
+        (rows.fold_softmax if grad_on else lambda *a: rows.fold(*a, 0))(x, y, f)
         sums = _row_sums(self._outputs(idx, y, f), seg, 2 * (k1 - k0))
         if not grad_on:
             return sums
         g = self.loss.grad(k0, k1, sums)[seg]
-        rows.grad(x, y, g, f.lse())
         dh = self._dh(n, h)
-        rows.backprop(x, h, self.weight, 0, dh, grads.dw, grads.db, grads.dw_fresh)
+        rows.backprop(x, h, self.weight, 0, dh, grads.dw, grads.db, grads.dw_fresh, g=g)
         grads.done_pass()
         if dh is not None:
             grads.dh.index_copy_(0, idx, dh.to(grads.dh.dtype))

@@ -266,7 +266,8 @@ def test_pair_without_counted_tokens(backend):
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("budget", [2 * ONE_PAIR, 300])  # chunks of pairs; tiles with recompute
-def test_logprobs_and_stats_of_the_same_pass(backend, budget):
+@pytest.mark.parametrize("transform", [False, True], ids=["identity", "softcap"])
+def test_logprobs_and_stats_of_the_same_pass(backend, budget, transform):
     """`linear_dpo(stats=True)`: per-token log-probs, entropy, mean logit, top-1 flags and
     log sum_v p_v^2 against float64 formulas on the logits, with softcap and scale; a tie for the
     maximum (two equal weight rows) resolves to the first index."""
@@ -277,12 +278,13 @@ def test_logprobs_and_stats_of_the_same_pass(backend, budget):
     weight[7] = weight[3]
     bias[7] = bias[3] = 6.0  # the argmax of most tokens
     labels[0, 5], labels[P, 6] = 7, 3  # whichever is the argmax, one of them ties
-    opts = dict(logit_scale=1.5, softcap=4.0, temperature=0.8)
+    opts = dict(logit_scale=1.5, softcap=4.0, temperature=0.8) if transform else {}
+    hidden.requires_grad_(), weight.requires_grad_()  # the gradient route folds the stats
     out = linear_dpo(hidden, weight, labels, spec=make_spec(beta=0.2), bias=bias, mask=mask,
                      ref_chosen_logps=rc, ref_rejected_logps=rr, stats=True, memory_budget=budget,
                      backend=backend, **opts)  # fmt: skip
-    x = hidden.double() @ weight.double().T + bias.double()
-    z = 1.5 * 4.0 * torch.tanh(x / 4.0) / 0.8
+    x = hidden.detach().double() @ weight.detach().double().T + bias.double()
+    z = 1.5 * 4.0 * torch.tanh(x / 4.0) / 0.8 if transform else x
     logp = z.log_softmax(-1)
     counted = (labels != -100) & mask
     tok = torch.where(counted, logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0], 0.0)
@@ -303,5 +305,8 @@ def test_logprobs_and_stats_of_the_same_pass(backend, budget):
     top1 = (z.argmax(-1) == labels) & counted
     assert bool(top1[0, 5] != top1[P, 6])  # label 7 loses the tie, label 3 wins it
     assert torch.equal(lp.stats.is_top1, top1)
-    ref = reference64(hidden, weight, bias, labels, mask, rc, rr, beta=0.2, **opts)[0]
+    ref, dh64, dw64, _ = reference64(hidden, weight, bias, labels, mask, rc, rr, beta=0.2, **opts)
     torch.testing.assert_close(out.loss.loss.double(), ref.loss, atol=1e-5, rtol=1e-5)
+    out.loss.loss.backward()
+    for got, want in ((hidden.grad, dh64), (weight.grad, dw64)):
+        assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
