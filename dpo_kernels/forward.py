@@ -503,10 +503,10 @@ def concatenated_dpo_loss(
     if ref_logps is None and b.ref_chosen_logps is not None:
         ref_logps = (b.ref_chosen_logps, b.ref_rejected_logps)
     if ref_logps is None and ref_model is not None:
-        with torch.no_grad():
-            ref = batch_logprobs(ref_model, b, fused_lm_head=True, backend=backend,
-                                 model_kwargs=model_kwargs)  # fmt: skip
-        ref_logps = ref.logps.chunk(2)
+        with torch.no_grad():  # linear_dpo's pass: the policy's summation (exact ties)
+            ref = model_logprobs(ref_model, b, fused_lm_head=True, backend=backend,
+                                 model_kwargs=model_kwargs, dpo=DPOHead(spec))  # fmt: skip
+        ref_logps = ref.logprobs.logps.chunk(2)
     rc, rr = (None, None) if ref_logps is None else ref_logps
     head = model_logprobs(model, b, stats=stats, fused_lm_head=True, backend=backend,
                           model_kwargs=model_kwargs, dpo=DPOHead(spec, rc, rr))  # fmt: skip

@@ -45,7 +45,7 @@ def test_default_route_is_linear_dpo_and_matches_stock(config, linear_dpo_calls,
     stock, stock_params = train(trl.DPOTrainer, tmp_path, **config)
     assert linear_dpo_calls == {"grad": 0, "no_grad": 0}
     ours, our_params = train(FusedDPOTrainer, tmp_path, **config)
-    assert linear_dpo_calls["grad"] == STEPS
+    assert linear_dpo_calls == {"grad": STEPS, "no_grad": STEPS}  # policy; reference
     for step, (s, o) in enumerate(zip(stock, ours, strict=True)):
         for k, v in s.items():
             assert o[k] == pytest.approx(v, rel=1e-5, abs=1e-5), (step, k, v, o[k])
@@ -94,7 +94,7 @@ def test_dpo_loss_trainer_default_route(loss_type, linear_dpo_calls, tmp_path):
     assert trainer.fused_lm_head
     batch = collate_preferences(ex)
     got = trainer.compute_loss(model, batch)
-    assert linear_dpo_calls == {"grad": 1, "no_grad": 0}
+    assert linear_dpo_calls == {"grad": 1, "no_grad": 1}  # the policy; the reference
     got.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()

@@ -111,7 +111,7 @@ class FusedDPOTrainer(DPOTrainer):
         )  # fmt: skip
         self.linear_dpo_fallback = self._linear_dpo_fallback()
 
-    def _linear_dpo_fallback(self) -> str | None:
+    def _linear_dpo_fallback(self) -> str | None:  # TRL's __init__ may call it (precompute)
         """None when the loss goes fused into the LM head call (`linear_dpo`: 3 matmuls, the
         default); else why it takes log-probs (`linear_sequence_logprobs`) + `dpo_loss`."""
         if not self._kernel_options["fused_lm_head"]:
@@ -140,6 +140,16 @@ class FusedDPOTrainer(DPOTrainer):
         name = "ref" if "ref" in unwrapped.peft_config else None
         return use_adapter(unwrapped, adapter_name=name)
 
+    def _no_grad_logprobs(self, model, b: PreferenceBatch, model_kwargs: dict[str, Any]):
+        """The reference's log-probs. On the linear DPO route they come from `linear_dpo`'s own
+        pass (no gradient): the same summation as the policy's sums, so a policy equal to its
+        reference gets rewards exactly 0 (and ties, as in stock TRL), not rounding noise."""
+        if self._linear_dpo_fallback() is None:
+            head = DPOHead(make_spec())  # only the sums are used
+            return model_logprobs(model, b, model_kwargs=model_kwargs, dpo=head,
+                                  **self._kernel_options).logprobs  # fmt: skip
+        return batch_logprobs(model, b, model_kwargs=model_kwargs, **self._kernel_options)
+
     def _reference_sums(self, b: PreferenceBatch, model_kwargs: dict[str, Any]) -> torch.Tensor:
         ref = self.model if self.ref_model is None else self.ref_model
         gc_kwargs = self.args.gradient_checkpointing_kwargs
@@ -148,7 +158,7 @@ class FusedDPOTrainer(DPOTrainer):
             disable_gradient_checkpointing(self.model, gc_kwargs),
             self._reference_context(),
         ):
-            out = batch_logprobs(ref, b, model_kwargs=model_kwargs, **self._kernel_options)
+            out = self._no_grad_logprobs(ref, b, model_kwargs)
         return self._sums(out, b)
 
     def compute_ref_log_probs(self, model, inputs):
@@ -162,7 +172,7 @@ class FusedDPOTrainer(DPOTrainer):
             self._reference_context(),
             self.accelerator.autocast(),
         ):
-            out = batch_logprobs(model, b, model_kwargs=kwargs, **self._kernel_options)
+            out = self._no_grad_logprobs(model, b, kwargs)
         return self._sums(out, b).chunk(2)
 
     @staticmethod
@@ -176,7 +186,7 @@ class FusedDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         b = preference_batch(inputs)
         kwargs = self._model_kwargs(inputs)
-        if self.linear_dpo_fallback is None:
+        if self._linear_dpo_fallback() is None:
             return self._fused_loss(model, inputs, b, kwargs, mode, return_outputs)
         # MoE: the router load-balancing loss of the same forward, weighted as stock TRL does.
         out, aux_loss = model_logprobs(
