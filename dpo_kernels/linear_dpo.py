@@ -102,62 +102,6 @@ class _DPOPairLoss:
         return self.kernel(pc, pr, self.rc, self.rr, self.nc, self.nr, self.spec)[0]
 
 
-class _LinearDPOFunction(torch.autograd.Function):
-    """Forward: the loss, with the gradients of hidden, weight and bias computed alongside and
-    kept; backward: those gradients times the incoming one (in place the first time)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, counted, rc, rr, nc, nr, spec, tf, budget,
-                backend, grad_on, stats):  # fmt: skip
-        wants = tuple(grad_on and w for w in ctx.needs_input_grad[:3])
-        acc = reference.acc_dtype(hidden.dtype)
-        P = hidden.shape[0] // 2
-        zero = torch.zeros(P, dtype=acc, device=hidden.device)
-        rc, rr = (zero if r is None else r.detach().to(acc) for r in (rc, rr))
-        loss_fn = _DPOPairLoss(spec, _dpo_loss_kernel(backend), rc, rr, nc.to(acc), nr.to(acc))
-        out = chunks.run(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend,
-                         wants, stats)  # fmt: skip
-        loss = loss_fn.loss(out.sums[:P], out.sums[P:])
-        dh, dw, db = out.grads.dh, out.grads.dw, out.grads.db
-        empty = hidden.new_empty(0)
-        grads = (
-            empty if dh is None else dh.view(hidden.shape),
-            empty if dw is None else (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)),
-            empty if db is None else db.to(bias.dtype),
-        )
-        # Saved (not kept as attributes) so that autograd frees them right after the backward
-        # call: the gradient handed to AccumulateGrad is then its only reference, and becomes
-        # .grad without a copy.
-        ctx.save_for_backward(*grads)
-        ctx.wanted = tuple(g is not empty for g in grads)
-        ctx.scale = None
-        extra = [out.tok.view(labels.shape)]
-        if stats:
-            extra += [t.view(labels.shape) for t in out.stats]
-        ctx.mark_non_differentiable(out.sums, *extra)
-        return loss, out.sums, *extra
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        grads = ctx.saved_tensors
-        if ctx.scale is None:  # first backward: scale in place (nothing else holds them yet)
-            ctx.scale = grad_loss.detach().clone()
-            if not bool((grad_loss == 1).all()):
-                for g, want in zip(grads, ctx.wanted, strict=True):
-                    if want:  # .data: no version bump, a retained graph can unpack them again
-                        g.data.mul_(grad_loss.to(g.dtype))
-            out = grads
-        else:  # retain_graph: a later backward, relative to the scale applied the first time
-            if not bool((ctx.scale != 0).all()):
-                raise RuntimeError(
-                    "linear_dpo_loss: a second backward after a first one with a zero incoming "
-                    "gradient cannot be scaled; call linear_dpo_loss again"
-                )
-            out = [g * (grad_loss / ctx.scale).to(g.dtype) for g in grads]
-        out = [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
-        return *out, *(None,) * 12
-
-
 def linear_dpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -215,6 +159,70 @@ def linear_dpo_loss(
     ).loss  # fmt: skip
 
 
+class _Call(NamedTuple):
+    """A validated call: the transform, budget, backend, counted tokens and the lengths."""
+
+    tf: LogitTransform
+    budget: int
+    backend: str
+    counted: torch.Tensor
+    counts: torch.Tensor
+    nc: torch.Tensor
+    nr: torch.Tensor
+
+
+def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, rejected_counts,
+             logit_scale, softcap, temperature, memory_budget, backend, pairs):  # fmt: skip
+    """Validates the inputs of a fused linear pair loss (pairs: further [P] tensors by name)."""
+    tf = LogitTransform(logit_scale, softcap, temperature)
+    _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, tf)
+    if hidden.dim() != 3 or hidden.shape[0] % 2:
+        raise ValueError(
+            "hidden must be [2P, T, H]: P chosen rows then the P rejected rows of the same pairs; "
+            f"got shape {tuple(hidden.shape)}"
+        )
+    if hidden.shape[0] == 0:
+        raise ValueError("hidden has no rows: no pairs to compute a loss over")
+    if memory_budget is None:
+        memory_budget = chunks.DEFAULT_MEMORY_BUDGET.get(
+            hidden.device.type, chunks.DEFAULT_MEMORY_BUDGET["cpu"]
+        )
+    if not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    if (pairs.get("ref_chosen_logps") is None) != (pairs.get("ref_rejected_logps") is None):
+        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
+    if (chosen_counts is None) != (rejected_counts is None):
+        raise ValueError("give both chosen_counts and rejected_counts, or neither")
+    P = hidden.shape[0] // 2
+    pairs = dict(pairs, chosen_counts=chosen_counts, rejected_counts=rejected_counts)
+    for name, t in pairs.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (P,)):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a [{P}] tensor (one per pair), got {got}")
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    name = resolve_backend(backend, hidden.device)
+    _check_values(labels, mask, ignore_index, weight.shape[0])
+    counted = reference.counted_tokens(labels, mask, ignore_index)
+    counts = counted.sum(-1)
+    nc = counts[:P] if chosen_counts is None else chosen_counts
+    nr = counts[P:] if rejected_counts is None else rejected_counts
+    transform = LogitTransform(
+        float(logit_scale), None if softcap is None else float(softcap), float(temperature)
+    )
+    return _Call(transform, memory_budget, name, counted, counts, nc, nr)
+
+
+def _apply(call: _Call, hidden, weight, bias, labels, make_loss, stats: bool):
+    """(loss, SequenceLogprobs of the same pass) through the chunk runner's autograd function."""
+    loss, sums, tok, *token_stats = chunks.LinearLossFunction.apply(
+        hidden, weight, bias, labels, call.counted, make_loss, call.tf, call.budget, call.backend,
+        torch.is_grad_enabled(), stats,
+    )  # fmt: skip
+    stats_out = TokenStats(*token_stats) if stats else None
+    return loss, SequenceLogprobs(sums, call.counts, tok, stats=stats_out)
+
+
 class LinearDPOOutput(NamedTuple):
     """`linear_dpo`'s result: the loss (as `dpo_loss` returns it) and the policy's log-probs of
     the same pass (no gradient: it flows through ``loss.loss``)."""
@@ -247,58 +255,88 @@ def linear_dpo(
     too: what trainers log. chosen_counts, rejected_counts: [P] lengths the length-normalized
     losses (ipo, sigmoid_norm, sft) divide by, when they are not the counted tokens (TRL counts
     the unshifted completion); stats: the `TokenStats` of the policy logits, from the same pass."""
-    tf = LogitTransform(logit_scale, softcap, temperature)
-    _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, tf)
-    if hidden.dim() != 3 or hidden.shape[0] % 2:
-        raise ValueError(
-            "hidden must be [2P, T, H]: P chosen rows then the P rejected rows of the same pairs; "
-            f"got shape {tuple(hidden.shape)}"
-        )
-    if hidden.shape[0] == 0:
-        raise ValueError("hidden has no rows: no pairs to compute a loss over")
-    if memory_budget is None:
-        memory_budget = chunks.DEFAULT_MEMORY_BUDGET.get(
-            hidden.device.type, chunks.DEFAULT_MEMORY_BUDGET["cpu"]
-        )
-    if not isinstance(memory_budget, int) or memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
-    if (chosen_counts is None) != (rejected_counts is None):
-        raise ValueError("give both chosen_counts and rejected_counts, or neither")
     P = hidden.shape[0] // 2
-    for name, t in (
-        ("ref_chosen_logps", ref_chosen_logps),
-        ("ref_rejected_logps", ref_rejected_logps),
-        ("chosen_counts", chosen_counts),
-        ("rejected_counts", rejected_counts),
-    ):
-        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (P,)):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a [{P}] tensor (one per pair), got {got}")
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    name = resolve_backend(backend, hidden.device)
-    _check_values(labels, mask, ignore_index, weight.shape[0])
-    counted = reference.counted_tokens(labels, mask, ignore_index)
-    counts = counted.sum(-1)
-    nc = counts[:P] if chosen_counts is None else chosen_counts
-    nr = counts[P:] if rejected_counts is None else rejected_counts
-    transform = LogitTransform(
-        float(logit_scale), None if softcap is None else float(softcap), float(temperature)
-    )
-    loss, sums, tok, *token_stats = _LinearDPOFunction.apply(
-        hidden, weight, bias, labels, counted, ref_chosen_logps, ref_rejected_logps, nc, nr, spec,
-        transform, memory_budget, name, torch.is_grad_enabled(), stats,
-    )  # fmt: skip
+    pairs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    call = _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts,
+                    rejected_counts, logit_scale, softcap, temperature, memory_budget, backend,
+                    pairs)  # fmt: skip
+    name, nc, nr = call.backend, call.nc, call.nr
+
+    def make_loss(acc: torch.dtype) -> _DPOPairLoss:
+        zero = torch.zeros(P, dtype=acc, device=hidden.device)
+        rc, rr = (zero if r is None else r.detach().to(acc)
+                  for r in (ref_chosen_logps, ref_rejected_logps))  # fmt: skip
+        return _DPOPairLoss(spec, _dpo_loss_kernel(name), rc, rr, nc.to(acc), nr.to(acc))
+
+    loss, logprobs = _apply(call, hidden, weight, bias, labels, make_loss, stats)
+    sums = logprobs.logps
     out = dpo_loss(
         sums[:P], sums[P:], ref_chosen_logps, ref_rejected_logps, chosen_counts=nc,
         rejected_counts=nr, spec=spec, backend=name,
     )  # fmt: skip
-    logprobs = SequenceLogprobs(
-        sums, counts, tok, stats=TokenStats(*token_stats) if stats else None
-    )
     return LinearDPOOutput(out._replace(loss=loss), logprobs)
+
+
+class _SeparableLoss:
+    """A `chunks.PairLoss` from a per-pair loss function (mean over the pairs, gradient by
+    autograd on each chunk's sums) plus an NLL term on the chosen tokens (-w * sum(pc) /
+    (chosen tokens of the batch): a constant gradient, known from the counts)."""
+
+    coupled = False
+
+    def __init__(self, per_pair, nc, nr, nll_weight: float):
+        self.per_pair, self.nc, self.nr, self.w = per_pair, nc, nr, float(nll_weight)
+        self.P, self.tokens = nc.shape[0], nc.sum().clamp(min=1)
+
+    def grad(self, k0: int, k1: int, sums: torch.Tensor) -> torch.Tensor:
+        c = k1 - k0
+        pc, pr = (t.detach().requires_grad_() for t in (sums[:c], sums[c:]))
+        with torch.enable_grad():
+            total = self.per_pair(pc, pr, self.nc[k0:k1], self.nr[k0:k1]).sum() / self.P
+        gc, gr = torch.autograd.grad(total, (pc, pr), allow_unused=True)
+        gc = torch.zeros_like(pc) if gc is None else gc
+        gr = torch.zeros_like(pr) if gr is None else gr
+        return torch.cat([gc - self.w / self.tokens, gr])
+
+    def loss(self, pc: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
+        out = self.per_pair(pc, pr, self.nc, self.nr).mean()
+        return out - self.w * pc.sum() / self.tokens if self.w else out
+
+
+def linear_pair_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    per_pair,
+    *,
+    nll_weight: float = 0.0,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chosen_counts: torch.Tensor | None = None,
+    rejected_counts: torch.Tensor | None = None,
+    stats: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    memory_budget: int | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, SequenceLogprobs]:
+    """Any pair-separable preference loss fused with the LM head, on `linear_dpo_loss`'s chunks
+    (3 matmuls): mean over the P pairs of ``per_pair(pc, pr, nc, nr)`` ([c] losses of c pairs'
+    chosen and rejected sums and lengths, differentiable in pc and pr: CPO, SimPO, ORPO's odds
+    ratio, ...) plus ``nll_weight`` times the NLL of the chosen tokens (-sum(pc) / sum(nc), as
+    CPO's cpo_alpha and ORPO's NLL term). The lengths nc, nr are the counted tokens unless
+    chosen_counts / rejected_counts are given; other arguments as in `linear_dpo_loss`. Returns
+    (loss, the policy's `SequenceLogprobs` of the same pass, without gradient)."""
+    call = _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts,
+                    rejected_counts, logit_scale, softcap, temperature, memory_budget, backend,
+                    {})  # fmt: skip
+
+    def make_loss(acc: torch.dtype) -> _SeparableLoss:
+        return _SeparableLoss(per_pair, call.nc.to(acc), call.nr.to(acc), nll_weight)
+
+    return _apply(call, hidden, weight, bias, labels, make_loss, stats)
 
 
 def logits_bytes(tokens: int, vocab: int, dtype: torch.dtype = torch.float32) -> int:

@@ -45,6 +45,9 @@ class PairLoss(Protocol):
         """[2c] gradient of the batch loss with respect to the sums of pairs [k0, k1) (c of them),
         given those sums as [chosen (c); rejected (c)]; coupled losses get (0, P) only."""
 
+    def loss(self, pc: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
+        """The batch loss (a scalar) of all P pairs' sums."""
+
 
 # --------------------------------------------------------------------------------------------
 # Row work on a float32 (float64) tile of projected logits x [n, nv]: one backend each.
@@ -521,3 +524,58 @@ def run(
     del runner.buf, buf
     grads.finish()
     return Output(sums, grads, runner.tok, None if runner.stats is None else tuple(runner.stats))
+
+
+class LinearLossFunction(torch.autograd.Function):
+    """Forward: the loss of `make_loss(accumulation dtype)` (a `PairLoss`), with the gradients of
+    hidden, weight and bias computed alongside and kept; backward: those gradients times the
+    incoming one (in place the first time). Returns (loss, sums [2P], token log-probs [2P, T],
+    and with stats the four token statistics [2P, T])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, counted, make_loss, tf, budget, backend,
+                grad_on, stats):  # fmt: skip
+        wants = tuple(grad_on and w for w in ctx.needs_input_grad[:3])
+        loss_fn = make_loss(reference.acc_dtype(hidden.dtype))
+        out = run(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants,
+                  stats)  # fmt: skip
+        P = hidden.shape[0] // 2
+        loss = loss_fn.loss(out.sums[:P], out.sums[P:])
+        dh, dw, db = out.grads.dh, out.grads.dw, out.grads.db
+        empty = hidden.new_empty(0)
+        grads = (
+            empty if dh is None else dh.view(hidden.shape),
+            empty if dw is None else (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)),
+            empty if db is None else db.to(bias.dtype),
+        )
+        # Saved (not kept as attributes) so that autograd frees them right after the backward
+        # call: the gradient handed to AccumulateGrad is then its only reference, and becomes
+        # .grad without a copy.
+        ctx.save_for_backward(*grads)
+        ctx.wanted = tuple(g is not empty for g in grads)
+        ctx.scale = None
+        extra = [out.tok.view(labels.shape)]
+        if stats:
+            extra += [t.view(labels.shape) for t in out.stats]
+        ctx.mark_non_differentiable(out.sums, *extra)
+        return loss, out.sums, *extra
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grads = ctx.saved_tensors
+        if ctx.scale is None:  # first backward: scale in place (nothing else holds them yet)
+            ctx.scale = grad_loss.detach().clone()
+            if not bool((grad_loss == 1).all()):
+                for g, want in zip(grads, ctx.wanted, strict=True):
+                    if want:  # .data: no version bump, a retained graph can unpack them again
+                        g.data.mul_(grad_loss.to(g.dtype))
+            out = grads
+        else:  # retain_graph: a later backward, relative to the scale applied the first time
+            if not bool((ctx.scale != 0).all()):
+                raise RuntimeError(
+                    "linear_dpo_loss / linear_pair_loss: a second backward after a first one with "
+                    "a zero incoming gradient cannot be scaled; call the loss again"
+                )
+            out = [g * (grad_loss / ctx.scale).to(g.dtype) for g in grads]
+        out = [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
+        return *out, *(None,) * 8

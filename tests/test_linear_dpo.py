@@ -310,3 +310,54 @@ def test_logprobs_and_stats_of_the_same_pass(backend, budget, transform):
     out.loss.loss.backward()
     for got, want in ((hidden.grad, dh64), (weight.grad, dw64)):
         assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+@pytest.mark.parametrize(
+    ("kind", "budget"), [("cpo", 2 * ONE_PAIR), ("simpo", 2 * ONE_PAIR), ("cpo", 300)]
+)
+def test_linear_pair_loss_cpo_and_simpo(backend, kind, budget):
+    """`linear_pair_loss` with CPO's (sigmoid, cpo_alpha NLL) and SimPO's per-pair losses: loss
+    and gradients against the float64 naive logits through `cpo_loss` / `simpo_loss`."""
+    from dpo_kernels.linear_dpo import linear_pair_loss
+    from dpo_kernels.preference_losses import cpo_loss, simpo_loss
+
+    hidden, weight, bias, labels, mask, _, _ = make_batch()
+    beta, gamma = 0.3, 0.5
+    if kind == "cpo":
+
+        def per_pair(pc, pr, nc, nr):
+            return -F.logsigmoid(beta * (pc - pr))
+
+        nll, fn = (
+            1.0,
+            lambda pc, pr, nc, nr: cpo_loss(
+                pc, pr, chosen_counts=nc, rejected_counts=nr, beta=beta, cpo_alpha=1.0
+            ),
+        )
+    else:
+
+        def per_pair(pc, pr, nc, nr):
+            return -F.logsigmoid(beta * (pc / nc - pr / nr) - gamma)
+
+        nll, fn = (
+            0.0,
+            lambda pc, pr, nc, nr: simpo_loss(
+                pc, pr, chosen_counts=nc, rejected_counts=nr, beta=beta, simpo_gamma=gamma
+            ),
+        )
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, lp = linear_pair_loss(h, w, labels, per_pair, nll_weight=nll, bias=bias, mask=mask,
+                                memory_budget=budget, backend=backend)  # fmt: skip
+    loss.backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    z = h64 @ w64.T + bias.double()
+    counted = (labels != -100) & mask
+    logp = F.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    sums, n = torch.where(counted, logp, 0.0).sum(-1), counted.sum(-1).double()
+    ref = fn(sums[:P], sums[P:], n[:P], n[P:]).loss
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    torch.testing.assert_close(lp.logps.double(), sums.detach(), atol=1e-4, rtol=1e-5)
+    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
