@@ -5,10 +5,13 @@
 [tokens, vocab] logits never exist at once: the counted tokens are processed in chunks of whole
 pairs whose float32 logits fit `memory_budget`. Once a chunk's logits are projected (matmul 1),
 each pair's log-prob sums are known, so the loss gradient g of each pair is too (the loss family's
-closed forms, called on the chunk's sums); dz = g * (onehot - softmax) overwrites the logits in
-place and gives dh = dz @ W (matmul 2) and dW += dz.T @ h (matmul 3). That is 3 matmuls over the
-counted tokens, against 4 for `linear_sequence_logprobs` + `dpo_loss` (whose backward recomputes
-the logits). The backward only scales the stored gradients by the incoming one.
+closed forms, called on the chunk's sums); with q = onehot - softmax (made in place, in the
+same read of the logits that folds their log-sum-exps), dz = g * q gives dh = g * (q @ W)
+(matmul 2) and dW += q.T @ (g * h) (matmul 3). That is 3 matmuls over the counted tokens, against
+4 for `linear_sequence_logprobs` + `dpo_loss` (whose backward recomputes the logits). The
+backward only scales the stored gradients by the incoming one. The chunk machinery lives in
+`linear_dpo_chunks.py`; `linear_dpo` also returns the policy's log-probs and token statistics of
+the same pass (what trainers log), and `linear_pair_loss` fuses other pair-separable losses.
 
 Two routes recompute the logits (4 matmuls, still bounded by the budget):
 - a pair whose counted tokens alone do not fit the budget is done in token x vocabulary tiles: a

@@ -5,10 +5,11 @@
 sums, the per-token log-probs (and, when asked, the token statistics trainers log) and the
 gradients of hidden, weight and bias, keeping at most `budget` bytes of logits alive:
 
-- pairs go in chunks whose float32 logits fit: matmul 1 projects the chunk, one read of the
-  logits folds each row's log-sum-exp (and statistics), the chunk's sums give the loss gradient g
-  of each row, the logits become dz = g * (onehot - softmax) in place, and matmuls 2 and 3 give
-  dh and dW: 3 matmuls over the counted tokens;
+- pairs go in chunks whose float32 logits fit: matmul 1 projects the chunk; one read of the
+  logits folds each row's log-sum-exp (and statistics) and turns the row into q = onehot -
+  softmax in place; the chunk's sums give the loss gradient g of each row (dz = g * q), and
+  matmuls 2 and 3 give dh = g * (q @ W) and dW += q.T @ (g * h): 3 matmuls over the counted
+  tokens, g applied to their small operands rather than to the logits;
 - a pair that does not fit alone goes in token x vocabulary tiles, with the logits recomputed for
   the gradient (4 matmuls);
 - a loss whose per-pair gradient needs every pair's sums (`PairLoss.coupled`) takes that tiled
@@ -325,7 +326,7 @@ class Grads:
             dw = (torch.zeros if zero_fill else torch.empty)(
                 weight.shape, dtype=acc, device=weight.device
             )
-        self.dw, self.dw_fresh, self.zero_fill = dw, not zero_fill, zero_fill
+        self.dw, self.dw_fresh = dw, not zero_fill
         use_b = wants[2] and bias is not None
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if use_b else None
 
