@@ -2,12 +2,17 @@
 matmuls, one step of each in turn per round, so that a shared machine's load hits all of them
 alike; prints each method's median over the rounds and its ratio to CCE's, with the load average.
 
-    python benchmarks/linear_dpo_interleaved.py [--shape 8x256x512x32000] [--rounds 7]
+    PYTHONPATH=. python benchmarks/linear_dpo_interleaved.py [--shape 8x256x512x32000] [--rounds 7]
+        [--methods fused,unfused,cce,matmuls,matmuls_4chunks] [--threads N]
+
+`matmuls_4chunks`: the same 3 matmuls in one chunk per pair (P chunks), as the fused op runs
+them at the default budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -15,6 +20,27 @@ import time
 import torch
 
 from dpo_kernels import bench
+
+
+def chunked_matmuls(case: bench.Case, chunks: int):
+    """The 3 plain matmuls of the fused op over the counted tokens, in `chunks` row chunks (as
+    the fused op runs them, one pair per chunk at the default budget): what chunking costs."""
+    hidden, weight, _, mask = bench.linear_inputs(case, "cpu")
+    h = hidden[mask]
+    dz = torch.randn(h.shape[0], weight.shape[0])
+    z, dh, dw = torch.empty_like(dz), torch.empty_like(h), torch.empty_like(weight)
+    bounds = [h.shape[0] * i // chunks for i in range(chunks + 1)]
+
+    def step():
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            torch.mm(h[a:b], weight.T, out=z[a:b])
+            torch.mm(dz[a:b], weight, out=dh[a:b])
+            if i == 0:
+                torch.mm(dz[a:b].T, h[a:b], out=dw)
+            else:
+                dw.addmm_(dz[a:b].T, h[a:b])
+
+    return step
 
 
 def main(argv=None) -> dict[str, float]:
@@ -32,6 +58,7 @@ def main(argv=None) -> dict[str, float]:
         "unfused": bench._ldpo_unfused,
         "cce": bench._ldpo_cce,
         "matmuls": bench._ldpo_matmuls,
+        "matmuls_4chunks": lambda case, _: chunked_matmuls(case, case.shape[0] // 2),
     }
     names = args.methods.split(",")
     steps = {n: builders[n](case, "cpu") for n in names}
@@ -53,7 +80,7 @@ def main(argv=None) -> dict[str, float]:
     )
     for n in names:
         ratio = f"  {med[n] / med['cce']:.3f}x cce" if "cce" in med else ""
-        print(f"{n:8s} {med[n]:8.1f} ms (min {min(times[n]):.1f}){ratio}")
+        print(f"{n:16s} {med[n]:8.1f} ms (min {min(times[n]):.1f}){ratio}")
     return med
 
 
