@@ -2,8 +2,13 @@
 //
 // The Python driver projects one chunk of pairs' counted tokens into a single float32 (float64)
 // buffer x [n, V] with ATen matmuls; these two kernels do the per-row work in between:
-//   linear_dpo_rows_lse:  one read of x: per-row log-sum-exp of z(x) and the label's z (0 for a
-//                         label outside [0, V)), x left intact.
+//   linear_dpo_rows_fold: one read of x: folds each row into a running log-sum-exp (and, when
+//                         asked, the entropy / mean / argmax / sum p^2 statistics trainers log)
+//                         and picks the label's z, x left intact; running state, so a row may
+//                         come in vocabulary blocks.
+//   linear_dpo_rows_fold_softmax: the fold of whole rows, then (row still in cache) x <- q =
+//                         (onehot - softmax(z(x))) * dz/dx: the gradient before the loss's
+//                         per-row factor, so the 3-matmul route reads its logits once.
 //   linear_dpo_rows_grad: x <- g * (onehot - softmax(z(x))) * dz/dx, in place (one read, one
 //                         write), once each pair's loss gradient g is known.
 // z(x) is the logit transform of ops/reference.py::LogitTransform. Rows are split over threads,
@@ -34,47 +39,158 @@ void check_rows(const at::Tensor& x, const at::Tensor& targets) {
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == x.size(0), "targets must be [n]");
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_dpo_rows_lse(const at::Tensor& x,
-                                                       const at::Tensor& targets,
-                                                       double logit_scale,
-                                                       std::optional<double> softcap,
-                                                       double temperature) {
-  check_rows(x, targets);
+// Folds x's rows (vocabulary [vocab_start, vocab_start + nv) of each token) into running
+// per-row statistics, updated in place: m (max), s (sum of exp(z - m)), and with stats ([3, n]
+// pz, zsum, sq as in vec_rows.h's RowFold; arg [n] int64 first argmax, -1 before any block) the
+// statistics trainers log. target[r] <- the label's z where targets[r] (a global id) is in x.
+template <typename A, bool STATS>
+void fold_rows(const at::Tensor& x, const int64_t* yp, A* mp, A* sp, A* tp, A* st, int64_t* ap,
+               int64_t vocab_start, const LogitTransform<A>& tf) {
   const int64_t n = x.size(0), V = x.size(1);
-  at::Tensor lse = at::empty({n}, x.options());
-  at::Tensor target = at::empty({n}, x.options());
-  const at::Tensor y = targets.to(at::kLong).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_dpo_rows_lse", [&] {
-    using A = scalar_t;
-    const LogitTransform<A> tf = transform_of<A>(logit_scale, softcap, temperature);
-    const A* xp = x.const_data_ptr<A>();
-    const int64_t* yp = y.const_data_ptr<int64_t>();
-    A* lp = lse.data_ptr<A>();
-    A* tp = target.data_ptr<A>();
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> scratch(tf.identity() ? 0 : std::min<int64_t>(kChunk, V));
-      for (int64_t r = begin; r < end; ++r) {
-        const A* row = xp + r * V;
-        RowFold<A> f;
-        if (tf.identity()) {
-          fold_row<A, false>(row, V, f);
-        } else {  // transform an L1-sized piece at a time into scratch: x stays as it is
-          for (int64_t s = 0; s < V; s += kChunk) {
-            const int64_t len = std::min(kChunk, V - s);
-            std::copy(row + s, row + s + len, scratch.data());
-            row_transform(scratch.data(), len, tf);
-            fold_row<A, false>(scratch.data(), len, f, s);
-          }
+  const A* xp = x.const_data_ptr<A>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(tf.identity() ? 0 : std::min<int64_t>(kChunk, V));
+    for (int64_t r = begin; r < end; ++r) {
+      const A* row = xp + r * V;
+      RowFold<A> f;
+      f.m = mp[r];
+      f.s = sp[r];
+      if constexpr (STATS) {
+        f.pz = st[r];
+        f.zsum = st[n + r];
+        f.sq = st[2 * n + r];
+        f.arg = ap[r];
+      }
+      if (tf.identity()) {
+        fold_row<A, STATS>(row, V, f, vocab_start);
+      } else {  // transform an L1-sized piece at a time into scratch: x stays as it is
+        for (int64_t s = 0; s < V; s += kChunk) {
+          const int64_t len = std::min(kChunk, V - s);
+          std::copy(row + s, row + s + len, scratch.data());
+          row_transform(scratch.data(), len, tf);
+          fold_row<A, STATS>(scratch.data(), len, f, vocab_start + s);
         }
-        lp[r] = f.m + std::log(f.s);
-        const int64_t y = yp[r];  // -1 (or any index outside the row): the label is elsewhere
-        A z = (y >= 0 && y < V) ? row[y] : A(0);
-        if (y >= 0 && y < V && !tf.identity()) row_transform(&z, 1, tf);
+      }
+      mp[r] = f.m;
+      sp[r] = f.s;
+      if constexpr (STATS) {
+        st[r] = f.pz;
+        st[n + r] = f.zsum;
+        st[2 * n + r] = f.sq;
+        ap[r] = f.arg;
+      }
+      const int64_t y = yp[r] - vocab_start;
+      if (y >= 0 && y < V) {
+        A z = row[y];
+        if (!tf.identity()) row_transform(&z, 1, tf);
         tp[r] = z;
       }
-    });
+    }
   });
-  return {lse, target};
+}
+
+// fold_rows over whole rows (vocab_start 0, fresh state) that then become, in place,
+// q = (onehot(label) - softmax(z(x))) * dz/dx: the logits' gradient of log p[label], before the
+// loss's per-row factor g (which the caller applies to the matmuls' operands). Identity
+// transform: one exp per element and one pass over memory (row_fold_softmax).
+template <typename A, bool STATS>
+void fold_softmax_rows(at::Tensor& x, const int64_t* yp, A* mp, A* sp, A* tp, A* st, int64_t* ap,
+                       const LogitTransform<A>& tf) {
+  const int64_t n = x.size(0), V = x.size(1);
+  A* xp = x.data_ptr<A>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> shifts((V + kChunk - 1) / kChunk);
+    std::vector<A> scratch(tf.identity() ? 0 : std::min<int64_t>(kChunk, V));
+    for (int64_t r = begin; r < end; ++r) {
+      A* row = xp + r * V;
+      const int64_t y = (yp[r] >= 0 && yp[r] < V) ? yp[r] : -1;
+      RowFold<A> f;
+      if (y >= 0) {
+        A z = row[y];
+        if (!tf.identity()) row_transform(&z, 1, tf);
+        tp[r] = z;
+      }
+      if (tf.identity()) {
+        row_fold_softmax<A, STATS>(row, V, f, y, shifts.data());
+      } else {  // fold a transformed copy of each piece, then the gradient (row still cached)
+        for (int64_t s = 0; s < V; s += kChunk) {
+          const int64_t len = std::min(kChunk, V - s);
+          std::copy(row + s, row + s + len, scratch.data());
+          row_transform(scratch.data(), len, tf);
+          fold_row<A, STATS>(scratch.data(), len, f, s);
+        }
+        row_linear_logprob_grad(row, V, f.m + std::log(f.s), A(1), y, tf);
+      }
+      mp[r] = f.m;
+      sp[r] = f.s;
+      if constexpr (STATS) {
+        st[r] = f.pz;
+        st[n + r] = f.zsum;
+        st[2 * n + r] = f.sq;
+        ap[r] = f.arg;
+      }
+    }
+  });
+}
+
+void linear_dpo_rows_fold_softmax(at::Tensor& x, const at::Tensor& targets, at::Tensor& m,
+                                  at::Tensor& s, at::Tensor& target, at::Tensor& stats,
+                                  at::Tensor& arg, double logit_scale,
+                                  std::optional<double> softcap, double temperature) {
+  check_rows(x, targets);
+  const int64_t n = x.size(0);
+  const bool with_stats = stats.numel() > 0;
+  for (const at::Tensor* t : {&m, &s, &target}) {
+    TORCH_CHECK(t->is_contiguous() && t->numel() == n && t->scalar_type() == x.scalar_type(),
+                "m, s and target must be contiguous [n] in x's dtype");
+  }
+  TORCH_CHECK(!with_stats || (stats.is_contiguous() && stats.numel() == 3 * n &&
+                              stats.scalar_type() == x.scalar_type() && arg.numel() == n &&
+                              arg.is_contiguous() && arg.scalar_type() == at::kLong),
+              "stats must be contiguous [3, n] in x's dtype and arg [n] int64 (or both empty)");
+  const at::Tensor y = targets.to(at::kLong).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_dpo_rows_fold_softmax", [&] {
+    using A = scalar_t;
+    const LogitTransform<A> tf = transform_of<A>(logit_scale, softcap, temperature);
+    const int64_t* yp = y.const_data_ptr<int64_t>();
+    if (with_stats) {
+      fold_softmax_rows<A, true>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(),
+                                 stats.data_ptr<A>(), arg.data_ptr<int64_t>(), tf);
+    } else {
+      fold_softmax_rows<A, false>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(),
+                                  target.data_ptr<A>(), nullptr, nullptr, tf);
+    }
+  });
+}
+
+void linear_dpo_rows_fold(const at::Tensor& x, const at::Tensor& targets, at::Tensor& m,
+                          at::Tensor& s, at::Tensor& target, at::Tensor& stats, at::Tensor& arg,
+                          int64_t vocab_start, double logit_scale, std::optional<double> softcap,
+                          double temperature) {
+  check_rows(x, targets);
+  const int64_t n = x.size(0);
+  const bool with_stats = stats.numel() > 0;
+  for (const at::Tensor* t : {&m, &s, &target}) {
+    TORCH_CHECK(t->is_contiguous() && t->numel() == n && t->scalar_type() == x.scalar_type(),
+                "m, s and target must be contiguous [n] in x's dtype");
+  }
+  TORCH_CHECK(!with_stats || (stats.is_contiguous() && stats.numel() == 3 * n &&
+                              stats.scalar_type() == x.scalar_type() && arg.numel() == n &&
+                              arg.is_contiguous() && arg.scalar_type() == at::kLong),
+              "stats must be contiguous [3, n] in x's dtype and arg [n] int64 (or both empty)");
+  const at::Tensor y = targets.to(at::kLong).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_dpo_rows_fold", [&] {
+    using A = scalar_t;
+    const LogitTransform<A> tf = transform_of<A>(logit_scale, softcap, temperature);
+    const int64_t* yp = y.const_data_ptr<int64_t>();
+    if (with_stats) {
+      fold_rows<A, true>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(),
+                         stats.data_ptr<A>(), arg.data_ptr<int64_t>(), vocab_start, tf);
+    } else {
+      fold_rows<A, false>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(),
+                          nullptr, nullptr, vocab_start, tf);
+    }
+  });
 }
 
 void linear_dpo_rows_grad(at::Tensor& x, const at::Tensor& targets, const at::Tensor& grad,
@@ -105,15 +221,21 @@ void linear_dpo_rows_grad(at::Tensor& x, const at::Tensor& targets, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(dpo_kernels_cpu, m) {
   m.def(
-      "linear_dpo_rows_lse(Tensor x, Tensor targets, float logit_scale, float? softcap, "
-      "float temperature) -> (Tensor, Tensor)");
+      "linear_dpo_rows_fold_softmax(Tensor(a!) x, Tensor targets, Tensor(b!) m, Tensor(c!) s, "
+      "Tensor(d!) target, Tensor(e!) stats, Tensor(f!) arg, float logit_scale, float? softcap, "
+      "float temperature) -> ()");
+  m.def(
+      "linear_dpo_rows_fold(Tensor x, Tensor targets, Tensor(a!) m, Tensor(b!) s, "
+      "Tensor(c!) target, Tensor(d!) stats, Tensor(e!) arg, int vocab_start, float logit_scale, "
+      "float? softcap, float temperature) -> ()");
   m.def(
       "linear_dpo_rows_grad(Tensor(a!) x, Tensor targets, Tensor grad, Tensor lse, "
       "float logit_scale, float? softcap, float temperature) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dpo_kernels_cpu, CPU, m) {
-  m.impl("linear_dpo_rows_lse", &linear_dpo_rows_lse);
+  m.impl("linear_dpo_rows_fold", &linear_dpo_rows_fold);
+  m.impl("linear_dpo_rows_fold_softmax", &linear_dpo_rows_fold_softmax);
   m.impl("linear_dpo_rows_grad", &linear_dpo_rows_grad);
 }
 

@@ -75,11 +75,6 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return name
 
 
-def dpo_loss_kernel(name: str):
-    """`kernels(name).dpo_loss_and_grads`. Transitional: linear_dpo.py calls it by this name."""
-    return kernels(name).dpo_loss_and_grads
-
-
 # --------------------------------------------------------------------------------------------
 # Host synchronization. On CUDA no op reads a device value back to the host to validate it: label,
 # mask and cu_seqlens checks are device-side asserts (`torch._assert_async`: a bad value stops the

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .common import PairLogprobs, SequenceLogprobs
+from .common import DPOLossSpec, PairLogprobs, SequenceLogprobs
 from .linear_logprobs import linear_sequence_logprobs
 from .logprobs import sequence_logprobs
 
@@ -221,6 +221,23 @@ class HeadCall:
     # Called inside the head's forward as extra(hidden, weight, bias, transform) with the whole
     # backbone output and the (gathered) head; the forward then returns (HeadOutput, its result).
     extra: Any = None
+    # Padded [chosen; rejected] rows: the DPO loss fused in the head (not with `extra`).
+    dpo: DPOHead | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DPOHead:
+    """The DPO loss the head call computes with `linear_dpo` (3 matmuls, gradients of the head
+    and the hidden states made during the forward): the loss spec, the reference sums [P]
+    (precomputed, no gradient; None: reference-free) and the lengths [P] the length-normalized
+    losses divide by (None: the counted tokens)."""
+
+    spec: DPOLossSpec
+    ref_chosen_logps: torch.Tensor | None = None
+    ref_rejected_logps: torch.Tensor | None = None
+    chosen_counts: torch.Tensor | None = None
+    rejected_counts: torch.Tensor | None = None
+    memory_budget: int | None = None
 
 
 class HeadOutput(NamedTuple):
@@ -228,6 +245,15 @@ class HeadOutput(NamedTuple):
 
     logprobs: SequenceLogprobs
     aux_loss: torch.Tensor | None = None
+
+
+class DPOHeadOutput(NamedTuple):
+    """A head call with `HeadCall.dpo`: the fused DPO loss (`DPOLossOutput`) too; the log-probs
+    then carry no gradient (it flows through the loss)."""
+
+    logprobs: SequenceLogprobs
+    aux_loss: torch.Tensor | None
+    loss: Any
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -264,6 +290,17 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
 
     def fused(h: torch.Tensor) -> SequenceLogprobs:
         weight, bias = _full(inner.weight), _full(getattr(inner, "bias", None))
+        if call.dpo is not None:
+            from .linear_dpo import linear_dpo
+
+            d, dev = call.dpo, weight.device
+            return linear_dpo(
+                h.to(dev), weight, call.labels.to(dev), spec=d.spec, bias=bias,
+                mask=call.mask.to(dev), ref_chosen_logps=d.ref_chosen_logps,
+                ref_rejected_logps=d.ref_rejected_logps, chosen_counts=d.chosen_counts,
+                rejected_counts=d.rejected_counts, stats=call.stats, backend=call.backend,
+                memory_budget=d.memory_budget, **transform,
+            )  # fmt: skip
         res = linear_sequence_logprobs(
             h.to(weight.device), weight, call.labels.to(weight.device), bias=bias,
             mask=call.mask.to(weight.device), stats=call.stats, cu_seqlens=call.cu_seqlens,
@@ -299,6 +336,8 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
     res = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
     logprobs, extra = (res, None) if call.extra is None else res
     aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
+    if call.dpo is not None:  # a LinearDPOOutput
+        return DPOHeadOutput(logprobs.logprobs, aux, logprobs.loss)
     return HeadOutput(logprobs, aux) if call.extra is None else (HeadOutput(logprobs, aux), extra)
 
 
@@ -335,9 +374,13 @@ def model_logprobs(
     backend: str | None = None,
     router_aux: bool = False,
     model_kwargs: Mapping[str, Any] | None = None,
-) -> HeadOutput:
+    dpo: DPOHead | None = None,
+) -> HeadOutput | DPOHeadOutput:
     """`batch_logprobs`, and with `router_aux` the MoE router load-balancing loss of the same
-    forward (`output_router_logits=True`), as `HeadOutput`."""
+    forward (`output_router_logits=True`), as `HeadOutput`. `dpo` (fused_lm_head, padded rows
+    only): the DPO loss fused into the head call (a `DPOHeadOutput`)."""
+    if dpo is not None and (padding_free or not fused_lm_head):
+        raise ValueError("dpo= needs fused_lm_head=True and padded rows (padding_free=False)")
     kwargs = dict(model_kwargs or {}, use_cache=False)
     if padding_free:
         p = pack(b)
@@ -350,7 +393,7 @@ def model_logprobs(
         cu = None
     if fused_lm_head:
         install_fused_head(model)
-        call = HeadCall(labels, mask, cu, stats, backend, router_aux)
+        call = HeadCall(labels, mask, cu, stats, backend, router_aux, dpo)
         return model(**kwargs, **{HEAD_KWARG: call})
     if router_aux:
         kwargs["output_router_logits"] = True
@@ -427,3 +470,49 @@ def concatenated_forward(
     policy = batch_logprobs(model, b, stats=stats, **options)
     rc, rr = (None, None) if ref_logps is None else ref_logps
     return ConcatenatedOutput(policy, rc, rr, b)
+
+
+def concatenated_dpo_loss(
+    model: torch.nn.Module,
+    batch: Mapping[str, Any],
+    spec: Any,
+    *,
+    ref_model: torch.nn.Module | None = None,
+    ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
+    stats: bool = False,
+    padding_free: bool = False,
+    fused_lm_head: bool = False,
+    pad_token_id: int = 0,
+    ignore_index: int = -100,
+    backend: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Any, ConcatenatedOutput]:
+    """`concatenated_forward` and the DPO loss of `spec` (`make_spec`; a `DPOLoss`'s `.spec`):
+    (`DPOLossOutput`, `ConcatenatedOutput`). With fused_lm_head and padded rows the loss is fused
+    into the LM head call (`linear_dpo`: 3 matmuls over the completion tokens, the reference sums
+    computed first), and the output's policy sums carry no gradient; otherwise (logits, packed
+    rows) the log-probs op and `dpo_loss`, as `concatenated_forward` + `DPOLoss` would."""
+    from .losses import dpo_loss
+
+    options = dict(stats=stats, padding_free=padding_free, fused_lm_head=fused_lm_head,
+                   pad_token_id=pad_token_id, ignore_index=ignore_index, backend=backend,
+                   model_kwargs=model_kwargs)  # fmt: skip
+    if not fused_lm_head or padding_free:
+        out = concatenated_forward(model, batch, ref_model=ref_model, ref_logps=ref_logps,
+                                   **options)  # fmt: skip
+        p = out.pairs()
+        loss = dpo_loss(*p[:4], chosen_counts=p.chosen_counts, rejected_counts=p.rejected_counts,
+                        spec=spec, backend=backend)  # fmt: skip
+        return loss, out
+    b = preference_batch(batch, pad_token_id, ignore_index)
+    if ref_logps is None and b.ref_chosen_logps is not None:
+        ref_logps = (b.ref_chosen_logps, b.ref_rejected_logps)
+    if ref_logps is None and ref_model is not None:
+        with torch.no_grad():  # linear_dpo's pass: the policy's summation (exact ties)
+            ref = model_logprobs(ref_model, b, fused_lm_head=True, backend=backend,
+                                 model_kwargs=model_kwargs, dpo=DPOHead(spec))  # fmt: skip
+        ref_logps = ref.logprobs.logps.chunk(2)
+    rc, rr = (None, None) if ref_logps is None else ref_logps
+    head = model_logprobs(model, b, stats=stats, fused_lm_head=True, backend=backend,
+                          model_kwargs=model_kwargs, dpo=DPOHead(spec, rc, rr))  # fmt: skip
+    return head.loss, ConcatenatedOutput(head.logprobs, rc, rr, b)

@@ -222,16 +222,16 @@ def test_bad_input(change, error, match):
 def test_logits_projected_once_within_budget(monkeypatch, kind, budget, passes):
     """The 3-matmul route projects every counted token's logits once; the recompute routes (a
     pair over the budget, the sorting losses) twice. No projection exceeds the budget."""
-    from dpo_kernels import linear_dpo
+    from dpo_kernels import linear_dpo_chunks
 
     seen = []
-    project = linear_dpo._Rows.project
+    project = linear_dpo_chunks.Rows.project
 
     def spy(self, x, *args):
         seen.append(x.shape)
         return project(self, x, *args)
 
-    monkeypatch.setattr(linear_dpo._Rows, "project", spy)
+    monkeypatch.setattr(linear_dpo_chunks.Rows, "project", spy)
     batch = make_batch()
     check(batch, **loss_options(kind), memory_budget=budget)
     labels, mask = batch[3], batch[4]
@@ -262,3 +262,102 @@ def test_pair_without_counted_tokens(backend):
     mask[2] = False
     batch = (*batch[:4], mask, *batch[5:])
     check(batch, loss_type=["sigmoid", "ipo"], memory_budget=6 * 37 * 4, backend=backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("budget", [2 * ONE_PAIR, 300])  # chunks of pairs; tiles with recompute
+@pytest.mark.parametrize("transform", [False, True], ids=["identity", "softcap"])
+def test_logprobs_and_stats_of_the_same_pass(backend, budget, transform):
+    """`linear_dpo(stats=True)`: per-token log-probs, entropy, mean logit, top-1 flags and
+    log sum_v p_v^2 against float64 formulas on the logits, with softcap and scale; a tie for the
+    maximum (two equal weight rows) resolves to the first index."""
+    from dpo_kernels import make_spec
+    from dpo_kernels.linear_dpo import linear_dpo
+
+    hidden, weight, bias, labels, mask, rc, rr = make_batch()
+    weight[7] = weight[3]
+    bias[7] = bias[3] = 6.0  # the argmax of most tokens
+    labels[0, 5], labels[P, 6] = 7, 3  # whichever is the argmax, one of them ties
+    opts = dict(logit_scale=1.5, softcap=4.0, temperature=0.8) if transform else {}
+    hidden.requires_grad_(), weight.requires_grad_()  # the gradient route folds the stats
+    out = linear_dpo(hidden, weight, labels, spec=make_spec(beta=0.2), bias=bias, mask=mask,
+                     ref_chosen_logps=rc, ref_rejected_logps=rr, stats=True, memory_budget=budget,
+                     backend=backend, **opts)  # fmt: skip
+    x = hidden.detach().double() @ weight.detach().double().T + bias.double()
+    z = 1.5 * 4.0 * torch.tanh(x / 4.0) / 0.8 if transform else x
+    logp = z.log_softmax(-1)
+    counted = (labels != -100) & mask
+    tok = torch.where(counted, logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0], 0.0)
+    p = logp.exp()
+    want = {
+        "entropy": -(p * logp).sum(-1),
+        "mean_logits": z.mean(-1),
+        "log_sum_sq": (p * p).sum(-1).log(),
+    }
+    lp = out.logprobs
+    torch.testing.assert_close(lp.token_logps.double(), tok, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp.logps.double(), tok.sum(-1), atol=1e-4, rtol=1e-5)
+    assert torch.equal(lp.counts, counted.sum(-1))
+    for name, ref in want.items():
+        got = getattr(lp.stats, name).double()
+        torch.testing.assert_close(got[counted], ref[counted], atol=1e-5, rtol=1e-5)
+        assert bool((got[~counted] == 0).all())
+    top1 = (z.argmax(-1) == labels) & counted
+    assert bool(top1[0, 5] != top1[P, 6])  # label 7 loses the tie, label 3 wins it
+    assert torch.equal(lp.stats.is_top1, top1)
+    ref, dh64, dw64, _ = reference64(hidden, weight, bias, labels, mask, rc, rr, beta=0.2, **opts)
+    torch.testing.assert_close(out.loss.loss.double(), ref.loss, atol=1e-5, rtol=1e-5)
+    out.loss.loss.backward()
+    for got, want in ((hidden.grad, dh64), (weight.grad, dw64)):
+        assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+@pytest.mark.parametrize(
+    ("kind", "budget"), [("cpo", 2 * ONE_PAIR), ("simpo", 2 * ONE_PAIR), ("cpo", 300)]
+)
+def test_linear_pair_loss_cpo_and_simpo(backend, kind, budget):
+    """`linear_pair_loss` with CPO's (sigmoid, cpo_alpha NLL) and SimPO's per-pair losses: loss
+    and gradients against the float64 naive logits through `cpo_loss` / `simpo_loss`."""
+    from dpo_kernels.linear_dpo import linear_pair_loss
+    from dpo_kernels.preference_losses import cpo_loss, simpo_loss
+
+    hidden, weight, bias, labels, mask, _, _ = make_batch()
+    beta, gamma = 0.3, 0.5
+    if kind == "cpo":
+
+        def per_pair(pc, pr, nc, nr):
+            return -F.logsigmoid(beta * (pc - pr))
+
+        nll, fn = (
+            1.0,
+            lambda pc, pr, nc, nr: cpo_loss(
+                pc, pr, chosen_counts=nc, rejected_counts=nr, beta=beta, cpo_alpha=1.0
+            ),
+        )
+    else:
+
+        def per_pair(pc, pr, nc, nr):
+            return -F.logsigmoid(beta * (pc / nc - pr / nr) - gamma)
+
+        nll, fn = (
+            0.0,
+            lambda pc, pr, nc, nr: simpo_loss(
+                pc, pr, chosen_counts=nc, rejected_counts=nr, beta=beta, simpo_gamma=gamma
+            ),
+        )
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, lp = linear_pair_loss(h, w, labels, per_pair, nll_weight=nll, bias=bias, mask=mask,
+                                memory_budget=budget, backend=backend)  # fmt: skip
+    loss.backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    z = h64 @ w64.T + bias.double()
+    counted = (labels != -100) & mask
+    logp = F.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    sums, n = torch.where(counted, logp, 0.0).sum(-1), counted.sum(-1).double()
+    ref = fn(sums[:P], sums[P:], n[:P], n[P:]).loss
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    torch.testing.assert_close(lp.logps.double(), sums.detach(), atol=1e-4, rtol=1e-5)
+    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()

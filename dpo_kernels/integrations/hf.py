@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from ..forward import concatenated_forward
+from ..forward import concatenated_dpo_loss
 from ..losses import DPOLoss
 
 
@@ -27,13 +27,21 @@ class DPOLossTrainer(Trainer):
         *args,
         ref_model: torch.nn.Module | None = None,
         loss: DPOLoss | None = None,
-        fused_lm_head: bool = False,
+        fused_lm_head: bool | None = None,
         **kwargs,
     ) -> None:
-        """fused_lm_head: score the completions from the backbone's hidden states and the LM head
-        inside the model's forward, without building the logits (works under DDP, FSDP and
-        DeepSpeed: see `dpo_kernels.forward.install_fused_head`)."""
+        """fused_lm_head: compute the loss from the backbone's hidden states and the LM head
+        inside the model's forward, without building the logits: the DPO loss fused into the head
+        call (`linear_dpo`, 3 matmuls; works under DDP, FSDP and DeepSpeed: see
+        `dpo_kernels.forward.install_fused_head`). None (default): on when the model has an LM
+        head (`get_output_embeddings()`); False: the model's logits and the logits-path op."""
         super().__init__(*args, **kwargs)
+        if fused_lm_head is None:
+            from ..forward import unwrap_model
+
+            inner = unwrap_model(self.model)
+            head = getattr(inner, "get_output_embeddings", lambda: None)()
+            fused_lm_head = isinstance(getattr(head, "weight", None), torch.Tensor)
         self.fused_lm_head = fused_lm_head
         self.ref_model = ref_model
         if ref_model is not None:
@@ -42,10 +50,10 @@ class DPOLossTrainer(Trainer):
         self._dpo_metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = concatenated_forward(
-            model, inputs, ref_model=self.ref_model, fused_lm_head=self.fused_lm_head
-        )
-        res = self.dpo(out.pairs())
+        res, _ = concatenated_dpo_loss(
+            model, inputs, self.dpo.spec, ref_model=self.ref_model,
+            fused_lm_head=self.fused_lm_head, backend=self.dpo.backend,
+        )  # fmt: skip
         if model.training:
             for k, v in res.metrics.items():
                 self._dpo_metrics[k].append(v.item())

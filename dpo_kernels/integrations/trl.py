@@ -5,10 +5,12 @@
 `FusedDPOTrainer` subclasses `trl.DPOTrainer` and replaces only the loss computation: one
 concatenated forward, log-probs (and the logged entropy / logits / token-accuracy statistics) from
 the fused op, the reference pass through the same op without gradient, and the fused DPO loss. By
-default the logits are never built (`fused_lm_head=True`: backbone hidden states and the LM head
-go to `linear_sequence_logprobs`, as stock TRL's own fused head does); `fused_lm_head=False` uses
-the model's logits and the logits-path op. The TRL options it does not cover raise at
-construction instead of training differently.
+default the logits are never built (`fused_lm_head=True`) and the loss is fused into the LM head
+call inside the model's forward (`linear_dpo`: the reference sums first, then 3 matmuls over the
+completion tokens); the options that need the token log-probs before the loss
+(`FusedDPOTrainer.linear_dpo_fallback` says which) take `linear_sequence_logprobs` + `dpo_loss`,
+and `fused_lm_head=False` the model's logits and the logits-path op. The TRL options it does not
+cover raise at construction instead of training differently.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..forward import PreferenceBatch, batch_logprobs, model_logprobs, preference_batch
+from ..forward import DPOHead, PreferenceBatch, batch_logprobs, model_logprobs, preference_batch
 from ..losses import dpo_loss, make_spec
 
 SUPPORTED_TRL = (
@@ -101,6 +103,26 @@ class FusedDPOTrainer(DPOTrainer):
                 discopop_tau=self.args.discopop_tau,
             )
         self._sft_spec = make_spec(beta=self.beta, loss_type="sft")
+        self._full_spec = make_spec(
+            beta=self.beta, loss_type=list(self.loss_types), loss_weights=list(self.loss_weights),
+            label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.args.discopop_tau,
+        )  # fmt: skip
+        self.linear_dpo_fallback = self._linear_dpo_fallback()
+
+    def _linear_dpo_fallback(self) -> str | None:  # TRL's __init__ may call it (precompute)
+        """None when the loss goes fused into the LM head call (`linear_dpo`: 3 matmuls, the
+        default); else why it takes log-probs (`linear_sequence_logprobs`) + `dpo_loss`."""
+        if not self._kernel_options["fused_lm_head"]:
+            return "fused_lm_head=False: the model's logits and the logits-path op"
+        if self.use_weighting:
+            return "use_weighting: WPO's pair weights need the policy's token log-probs first"
+        if self.ld_alpha is not None:
+            return "ld_alpha: LD-DPO weights tokens inside the sums"
+        if "sft" in self.loss_types and {"ipo", "sigmoid_norm"} & set(self.loss_types):
+            return "sft with ipo/sigmoid_norm: TRL divides them by two different token counts"
+        return None
 
     # -- log-probs ---------------------------------------------------------------------------
 
@@ -118,6 +140,16 @@ class FusedDPOTrainer(DPOTrainer):
         name = "ref" if "ref" in unwrapped.peft_config else None
         return use_adapter(unwrapped, adapter_name=name)
 
+    def _no_grad_logprobs(self, model, b: PreferenceBatch, model_kwargs: dict[str, Any]):
+        """The reference's log-probs. On the linear DPO route they come from `linear_dpo`'s own
+        pass (no gradient): the same summation as the policy's sums, so a policy equal to its
+        reference gets rewards exactly 0 (and ties, as in stock TRL), not rounding noise."""
+        if self._linear_dpo_fallback() is None:
+            head = DPOHead(make_spec())  # only the sums are used
+            return model_logprobs(model, b, model_kwargs=model_kwargs, dpo=head,
+                                  **self._kernel_options).logprobs  # fmt: skip
+        return batch_logprobs(model, b, model_kwargs=model_kwargs, **self._kernel_options)
+
     def _reference_sums(self, b: PreferenceBatch, model_kwargs: dict[str, Any]) -> torch.Tensor:
         ref = self.model if self.ref_model is None else self.ref_model
         gc_kwargs = self.args.gradient_checkpointing_kwargs
@@ -126,7 +158,7 @@ class FusedDPOTrainer(DPOTrainer):
             disable_gradient_checkpointing(self.model, gc_kwargs),
             self._reference_context(),
         ):
-            out = batch_logprobs(ref, b, model_kwargs=model_kwargs, **self._kernel_options)
+            out = self._no_grad_logprobs(ref, b, model_kwargs)
         return self._sums(out, b)
 
     def compute_ref_log_probs(self, model, inputs):
@@ -140,7 +172,7 @@ class FusedDPOTrainer(DPOTrainer):
             self._reference_context(),
             self.accelerator.autocast(),
         ):
-            out = batch_logprobs(model, b, model_kwargs=kwargs, **self._kernel_options)
+            out = self._no_grad_logprobs(model, b, kwargs)
         return self._sums(out, b).chunk(2)
 
     @staticmethod
@@ -154,6 +186,8 @@ class FusedDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         b = preference_batch(inputs)
         kwargs = self._model_kwargs(inputs)
+        if self._linear_dpo_fallback() is None:
+            return self._fused_loss(model, inputs, b, kwargs, mode, return_outputs)
         # MoE: the router load-balancing loss of the same forward, weighted as stock TRL does.
         out, aux_loss = model_logprobs(
             model, b, stats=True, router_aux=self.aux_loss_enabled, model_kwargs=kwargs,
@@ -184,6 +218,33 @@ class FusedDPOTrainer(DPOTrainer):
                 weights=weights,
             ).loss  # fmt: skip
             loss = loss + self._sft_weight * sft
+        return self._finish(model, mode, b, out, loss, aux_loss, chosen, rejected, ref_chosen,
+                            ref_rejected, return_outputs)  # fmt: skip
+
+    def _fused_loss(self, model, inputs, b, kwargs, mode, return_outputs):
+        """The default route: the reference sums first (no gradient), then ONE policy forward
+        whose LM head call computes the whole loss with `linear_dpo` (3 matmuls; the head's and
+        the hidden states' gradients made during the forward) and the logged token statistics."""
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self._reference_sums(b, kwargs).chunk(2)
+        # ipo / sigmoid_norm divide by the unshifted completion lengths (TRL); sft by the scored
+        # tokens, the op's own counts (both together take the other route).
+        counts = (None, None)
+        if "sft" not in self.loss_types:
+            counts = b.completion_mask.sum(1).chunk(2)
+        head = DPOHead(self._full_spec, ref_chosen, ref_rejected, *counts)
+        out, aux_loss, res = model_logprobs(
+            model, b, stats=True, router_aux=self.aux_loss_enabled, model_kwargs=kwargs,
+            dpo=head, **self._kernel_options,
+        )  # fmt: skip
+        chosen, rejected = out.logps.chunk(2)
+        return self._finish(model, mode, b, out, res.loss, aux_loss, chosen, rejected, ref_chosen,
+                            ref_rejected, return_outputs)  # fmt: skip
+
+    def _finish(self, model, mode, b, out, loss, aux_loss, chosen, rejected, ref_chosen,
+                ref_rejected, return_outputs):  # fmt: skip
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(

@@ -1,0 +1,88 @@
+"""Interleaved timing of the linear_dpo case: ours fused, ours unfused, CCE and the 3 plain
+matmuls, one step of each in turn per round, so that a shared machine's load hits all of them
+alike; prints each method's median over the rounds and its ratio to CCE's, with the load average.
+
+    PYTHONPATH=. python benchmarks/linear_dpo_interleaved.py [--shape 8x256x512x32000] [--rounds 7]
+        [--methods fused,unfused,cce,matmuls,matmuls_4chunks] [--threads N]
+
+`matmuls_4chunks`: the same 3 matmuls in one chunk per pair (P chunks), as the fused op runs
+them at the default budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import time
+
+import torch
+
+from dpo_kernels import bench
+
+
+def chunked_matmuls(case: bench.Case, chunks: int):
+    """The 3 plain matmuls of the fused op over the counted tokens, in `chunks` row chunks (as
+    the fused op runs them, one pair per chunk at the default budget): what chunking costs."""
+    hidden, weight, _, mask = bench.linear_inputs(case, "cpu")
+    h = hidden[mask]
+    dz = torch.randn(h.shape[0], weight.shape[0])
+    z, dh, dw = torch.empty_like(dz), torch.empty_like(h), torch.empty_like(weight)
+    bounds = [h.shape[0] * i // chunks for i in range(chunks + 1)]
+
+    def step():
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            torch.mm(h[a:b], weight.T, out=z[a:b])
+            torch.mm(dz[a:b], weight, out=dh[a:b])
+            if i == 0:
+                torch.mm(dz[a:b].T, h[a:b], out=dw)
+            else:
+                dw.addmm_(dz[a:b].T, h[a:b])
+
+    return step
+
+
+def main(argv=None) -> dict[str, float]:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="8x256x512x32000")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--methods", default="fused,unfused,cce,matmuls")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    case = bench.Case("linear_dpo", bench.parse_shape(args.shape), "fp32")
+    builders = {
+        "fused": bench._ldpo_fused,
+        "unfused": bench._ldpo_unfused,
+        "cce": bench._ldpo_cce,
+        "matmuls": bench._ldpo_matmuls,
+        "matmuls_4chunks": lambda case, _: chunked_matmuls(case, case.shape[0] // 2),
+    }
+    names = args.methods.split(",")
+    steps = {n: builders[n](case, "cpu") for n in names}
+    for step in steps.values():  # warm-up (compiles CCE's kernels)
+        step()
+        step()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for n, step in steps.items():
+            if hasattr(step, "release"):
+                step.release()
+            t0 = time.perf_counter()
+            step()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    print(
+        f"shape {args.shape} fp32, {torch.get_num_threads()} threads, rounds {args.rounds}, "
+        f"load average {os.getloadavg()}"
+    )
+    for n in names:
+        ratio = f"  {med[n] / med['cce']:.3f}x cce" if "cce" in med else ""
+        print(f"{n:16s} {med[n]:8.1f} ms (min {min(times[n]):.1f}){ratio}")
+    return med
+
+
+if __name__ == "__main__":
+    main()

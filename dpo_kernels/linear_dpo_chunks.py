@@ -1,0 +1,581 @@
+"""The chunk runner of the fused linear losses (`linear_dpo.py`): any loss of per-sequence sums.
+
+`run(...)` takes the last hidden states of a [chosen (P); rejected (P)] batch, the LM head and a
+`PairLoss` (the loss's gradient with respect to the per-sequence log-prob sums), and computes the
+sums, the per-token log-probs (and, when asked, the token statistics trainers log) and the
+gradients of hidden, weight and bias, keeping at most `budget` bytes of logits alive:
+
+- pairs go in chunks whose float32 logits fit: matmul 1 projects the chunk; one read of the
+  logits folds each row's log-sum-exp (and statistics) and turns the row into q = onehot -
+  softmax in place; the chunk's sums give the loss gradient g of each row (dz = g * q), and
+  matmuls 2 and 3 give dh = g * (q @ W) and dW += q.T @ (g * h): 3 matmuls over the counted
+  tokens, g applied to their small operands rather than to the logits;
+- a pair that does not fit alone goes in token x vocabulary tiles, with the logits recomputed for
+  the gradient (4 matmuls);
+- a loss whose per-pair gradient needs every pair's sums (`PairLoss.coupled`) takes that tiled
+  route for the whole batch: all sums first, then the gradient.
+Backends: "cpu" (C++ row kernels, csrc/linear_dpo_loss.cpp), "triton" (the fused head's Triton
+row kernels), "reference" (plain PyTorch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+
+from .common import LogitTransform, acc_dtype, stats_dtypes
+
+# Bytes of float32 logits alive at once (the chunk buffer), by device type. CPU: 64 MiB holds one
+# pair of 2 x 192 counted tokens at V = 32000 (the extra peak then stays under half of CCE's).
+# CUDA: 2 GiB holds ~2800 tokens at V = 128256 (float32 logits and their bf16 gradient), so that
+# pairs of typical lengths stay on the 3-matmul route.
+DEFAULT_MEMORY_BUDGET = {"cpu": 64 * 2**20, "cuda": 2 * 2**30}
+# Vocabulary block of the recompute route's tiles, and of upcast weight blocks (bf16 on CPU).
+VOCAB_BLOCK = 4096
+
+
+class PairLoss(Protocol):
+    """A loss of the per-sequence sums, as the runner needs it."""
+
+    coupled: bool  # True: a pair's gradient needs every pair's sums (the two-pass route)
+
+    def grad(self, k0: int, k1: int, sums: torch.Tensor) -> torch.Tensor:
+        """[2c] gradient of the batch loss with respect to the sums of pairs [k0, k1) (c of them),
+        given those sums as [chosen (c); rejected (c)]; coupled losses get (0, P) only."""
+
+    def loss(self, pc: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
+        """The batch loss (a scalar) of all P pairs' sums."""
+
+
+# --------------------------------------------------------------------------------------------
+# Row work on a float32 (float64) tile of projected logits x [n, nv]: one backend each.
+
+
+class Fold:
+    """Running per-row statistics of rows that come in vocabulary blocks: max, sum of exp, the
+    label's logit and, with stats, what the token statistics need (see vec_rows.h's RowFold)."""
+
+    def __init__(self, n: int, acc: torch.dtype, device, stats: bool, backend: str):
+        self.m = torch.full((n,), float("-inf"), dtype=acc, device=device)
+        self.s = torch.zeros(n, dtype=acc, device=device)
+        self.target = torch.zeros(n, dtype=acc, device=device)
+        k = n if stats else 0
+        self.st = torch.zeros(3, k, dtype=acc, device=device)  # pz, zsum, sq
+        # First argmax: -1 before any block (C++), 2**31 - 1 (Triton, see fold_block).
+        first = -1 if backend == "cpu" else 2**31 - 1
+        self.arg = torch.full((k,), first, dtype=torch.int64, device=device)
+        self.stats = stats
+
+    def lse(self) -> torch.Tensor:
+        return self.m + torch.log(self.s)
+
+    def token_stats(self, vocab: int, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(entropy, mean logit, label is the first argmax, log sum_v p_v^2), one per row."""
+        lse, log_s = self.lse(), torch.log(self.s)
+        pz, zsum, sq = self.st.unbind(0)
+        top1 = (self.arg == labels) & ~lse.isnan()  # a row with a NaN has no argmax
+        return lse - pz / self.s, zsum / vocab, top1, torch.log(sq) - 2 * log_s
+
+
+class Rows:
+    """The row kernels and the three matmuls of one backend, for one dtype and transform."""
+
+    def __init__(self, backend: str, dtype: torch.dtype, device: torch.device, tf: LogitTransform):
+        self.backend, self.dtype, self.tf = backend, dtype, tf
+        self.acc = acc_dtype(dtype)
+        self.reduced = self.acc != dtype
+        self.cuda = device.type == "cuda"
+        if backend == "triton":
+            from .ops import triton_linear_logprobs as tl_ops
+
+            self._tl = tl_ops
+            self._params = tl_ops._params(tf, torch.empty(0, dtype=dtype, device=device))
+
+    def tile(self, buf: torch.Tensor, n: int, nv: int) -> torch.Tensor:
+        """An [n, nv] tile in `buf`; for the Triton kernels its rows are padded to whole 16-byte
+        vectors, which they read and write (`slack` elements of `buf` cover the padding)."""
+        if self.backend != "triton":
+            return buf[: n * nv].view(n, nv)
+        width = self._tl.padded(nv)
+        return buf[: n * width].view(n, width)[:, :nv]
+
+    def slack(self, n_rows: int) -> int:
+        """Extra elements of the tile buffer that padded rows of `n_rows` tokens need."""
+        return n_rows * self._tl._ROW_ALIGN if self.backend == "triton" else 0
+
+    def bytes_per_logit(self) -> int:
+        """Bytes of working memory per projected logit (the float32 tile, and what rides on it)."""
+        size = torch.empty(0, dtype=self.acc).element_size()
+        if self.backend == "reference":
+            size *= 3  # plain PyTorch: the transformed logits and the softmax are temporaries
+        if self.reduced and self.cuda:
+            size += torch.empty(0, dtype=self.dtype).element_size()  # dz in the inputs' dtype
+        return size
+
+    # -- matmuls ----------------------------------------------------------------------------
+
+    def rows_in(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden rows in the dtype the matmuls take (bf16 on CPU: float32, no bf16 BLAS form)."""
+        return h.to(self.acc) if self.reduced and not self.cuda else h
+
+    def _blocks(self, weight: torch.Tensor, vs: int, nv: int):
+        """(offset in the tile, weight rows) of vocabulary [vs, vs + nv), upcast per block on CPU
+        for reduced dtypes (never the whole head at once)."""
+        if not (self.reduced and not self.cuda):
+            yield 0, weight[vs : vs + nv]
+            return
+        for s in range(0, nv, VOCAB_BLOCK):
+            yield s, weight[vs + s : vs + min(nv, s + VOCAB_BLOCK)].to(self.acc)
+
+    def project(self, x, h, weight, bias, vs) -> None:
+        """x [n, nv] <- h @ weight[vs:vs + nv].T + bias, in the accumulation dtype."""
+        nv = x.shape[1]
+        for s, w in self._blocks(weight, vs, nv):
+            out = x if w.shape[0] == nv else x[:, s : s + w.shape[0]]
+            if self.reduced and self.cuda:  # float32 result, the out-dtype matmul version-gated
+                self._tl._project(h, w, None, out)
+            elif out is x:
+                torch.mm(h, w.T, out=out)
+            else:
+                out.copy_(h @ w.T)
+        if bias is not None:
+            x.add_(bias[vs : vs + nv])
+
+    def backprop(self, x, h, weight, vs, dh, dw, db, dw_fresh=False, g=None) -> None:
+        """dh (+)= x @ W_blk, dw[blk] (+)= x.T @ h, db[blk] += sum of x (those not None). dh is
+        written, not added to, at vs == 0 and dw with dw_fresh: no zero fill (CPU; on CUDA the
+        buffers start at zero and are always added to). g [n]: the rows of x are to be scaled
+        by g (x = the whole vocabulary): applied to h for dw and db, and to dh afterwards, not
+        to the [n, V] tile."""
+        nv = x.shape[1]
+        if g is not None and self.reduced and self.cuda:  # dz is rounded to bf16: scale it first
+            x.mul_(g[:, None])
+            g = None
+        if g is not None:
+            assert vs == 0 and nv == weight.shape[0]
+            hg = h * g[:, None].to(h.dtype)
+            self.backprop(x, hg, weight, 0, dh, dw, None, dw_fresh)
+            if dh is not None:
+                dh.mul_(g[:, None])
+            if db is not None:
+                db.addmv_(x.T, g)
+            return
+        if self.reduced and self.cuda:
+            xd = x.to(self.dtype)
+            w = weight[vs : vs + nv]
+            if dh is not None:
+                self._tl._addmm_acc(dh, xd, w)
+            if dw is not None:
+                self._tl._addmm_acc(dw[vs : vs + nv], xd.T, h)
+        else:
+            for s, w in self._blocks(weight, vs, nv):
+                xs = x if w.shape[0] == nv else x[:, s : s + w.shape[0]]
+                if dh is not None:
+                    if vs == 0 and s == 0:
+                        torch.mm(xs, w, out=dh)
+                    else:
+                        dh.addmm_(xs, w)
+                if dw is not None:
+                    rows = dw[vs + s : vs + s + w.shape[0]]
+                    if dw_fresh:
+                        torch.mm(xs.T, h, out=rows)
+                    else:
+                        rows.addmm_(xs.T, h)
+        if db is not None:
+            db[vs : vs + nv] += x.sum(0)
+
+    # -- row kernels ------------------------------------------------------------------------
+
+    def fold(self, x: torch.Tensor, y: torch.Tensor, f: Fold, vs: int) -> None:
+        """Folds x = logits of vocabulary [vs, vs + nv) into f; y: the rows' labels (global)."""
+        tf = self.tf
+        n, nv = x.shape
+        if n == 0:
+            return
+        if self.backend == "cpu":
+            torch.ops.dpo_kernels_cpu.linear_dpo_rows_fold(
+                x, y, f.m, f.s, f.target, f.st, f.arg, vs, tf.logit_scale, tf.softcap,
+                tf.temperature,
+            )  # fmt: skip
+            return
+        if self.backend == "triton":
+            block, warps = self._tl.launch_config(nv, x.element_size(), f.stats)
+            vec = self._tl.vec_elems(x.element_size())
+            pz, zsum, sq = f.st.unbind(0) if f.stats else (f.s,) * 3
+            with self._tl.device_guard(x):
+                self._tl._linear_fwd_kernel[(n,)](
+                    x, y, f.m, f.s, pz, zsum, sq,
+                    f.arg if f.stats else y, f.target, self._params, nv, -(-nv // vec) * vec,
+                    x.stride(0), vs, HAS_SOFTCAP=tf.softcap is not None, STATS=f.stats,
+                    ACC=self._tl.tl_acc_dtype(x.dtype), BLOCK_V=block, VEC=vec, num_warps=warps,
+                )  # fmt: skip
+            return
+        z = _transform(x, tf)
+        local = y - vs
+        here = (local >= 0) & (local < nv)
+        f.target += torch.where(here, z.gather(1, local.clamp(0, nv - 1)[:, None])[:, 0], 0.0)
+        m_blk = z.max(1).values
+        m_new = torch.maximum(f.m, m_blk)
+        shift = torch.where(m_new.isinf(), 0.0, m_new)
+        scale = torch.exp(f.m - shift)
+        e = torch.exp(z - shift[:, None])
+        f.s.mul_(scale).add_(e.sum(1))
+        if f.stats:
+            pz, zsum, sq = f.st.unbind(0)
+            pz.mul_(scale).add_(torch.where(e == 0, 0.0, e * z).sum(1))
+            sq.mul_(scale * scale).add_((e * e).sum(1))
+            zsum.add_(z.sum(1))
+            arg_blk = vs + (z == m_blk[:, None]).to(torch.int8).argmax(1)
+            tie = torch.where(m_blk == f.m, torch.minimum(f.arg, arg_blk), f.arg)
+            f.arg.copy_(torch.where(m_blk > f.m, arg_blk, tie))
+        f.m.copy_(m_new)
+
+    def fold_softmax(self, x: torch.Tensor, y: torch.Tensor, f: Fold) -> None:
+        """Folds whole rows x into a fresh f, then x <- (onehot(y) - softmax(z(x))) * dz/dx: the
+        logits' gradient before each row's loss factor (C++: one read of x, one exp each)."""
+        if self.backend == "cpu" and x.shape[0]:
+            tf = self.tf
+            torch.ops.dpo_kernels_cpu.linear_dpo_rows_fold_softmax(
+                x, y, f.m, f.s, f.target, f.st, f.arg, tf.logit_scale, tf.softcap, tf.temperature
+            )
+            return
+        self.fold(x, y, f, 0)
+        self.grad(x, y, torch.ones_like(f.m), f.lse())
+
+    def grad(self, x, local, g, lse) -> None:
+        """x <- g * (onehot(local) - softmax(z(x))) * dz/dx in place, per row."""
+        tf = self.tf
+        if self.backend == "cpu":
+            op = torch.ops.dpo_kernels_cpu.linear_dpo_rows_grad
+            op(x, local, g, lse, tf.logit_scale, tf.softcap, tf.temperature)
+            return
+        if self.backend == "triton":
+            n, nv = x.shape
+            if n == 0:
+                return
+            block, warps = self._tl.launch_config(nv, x.element_size())
+            vec = self._tl.vec_elems(x.element_size())
+            with self._tl.device_guard(x):
+                self._tl._linear_bwd_kernel[(n, -(-nv // block))](
+                    x, local, g.contiguous(), lse.contiguous(), self._params, -(-nv // vec) * vec,
+                    x.stride(0), 0, HAS_SOFTCAP=tf.softcap is not None,
+                    ACC=self._tl.tl_acc_dtype(x.dtype), BLOCK_V=block, VEC=vec, num_warps=warps,
+                )  # fmt: skip
+            return
+        slope = tf.factor
+        if tf.softcap is not None:
+            slope = tf.factor * (1 - torch.tanh(x / tf.softcap) ** 2)
+        z = _transform(x, tf)
+        cols = torch.arange(x.shape[1], device=x.device)
+        onehot = (cols == local[:, None]).to(x.dtype)
+        x.copy_(g[:, None] * (onehot - torch.exp(z - lse[:, None])) * slope)
+
+
+def _transform(x: torch.Tensor, tf: LogitTransform) -> torch.Tensor:
+    if tf.softcap is not None:
+        x = tf.softcap * torch.tanh(x / tf.softcap)
+    return x * tf.factor
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Counted tokens of a [2P, T] batch, grouped by row (row-major)."""
+
+    hidden: torch.Tensor  # [2P, T, H], any strides (hidden[:, :-1] is not copied)
+    labels: torch.Tensor  # [2P * T] int64
+    flat: torch.Tensor  # [M] flat indices of the counted tokens
+    offsets: list[int]  # [2P + 1] start of each row's tokens in `flat`
+    P: int
+
+    def rows_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """[n, H] hidden rows of flat token indices (only those rows are copied)."""
+        T = self.hidden.shape[1]
+        return self.hidden[idx // T, idx % T]
+
+    def tokens(self, k0: int, k1: int) -> torch.Tensor:
+        """Flat indices of pairs [k0, k1)'s tokens: chosen rows, then rejected rows."""
+        o, P = self.offsets, self.P
+        return torch.cat([self.flat[o[k0] : o[k1]], self.flat[o[P + k0] : o[P + k1]]])
+
+    def row_ids(self, k0: int, k1: int, device) -> torch.Tensor:
+        """[tokens] row of each token within the chunk: 0..c-1 chosen, c..2c-1 rejected."""
+        o, P = self.offsets, self.P
+        n = [o[i + 1] - o[i] for i in (*range(k0, k1), *range(P + k0, P + k1))]
+        return torch.repeat_interleave(
+            torch.arange(len(n), device=device), torch.tensor(n, device=device)
+        )
+
+
+class Grads:
+    """Gradient buffers: dh [2P * T, H] (inputs' dtype, contiguous), dw [V, H] and db [V]
+    (accumulation dtype, cast once at the end); None where not wanted."""
+
+    def __init__(self, hidden, weight, bias, acc, wants, zero_fill):
+        self.dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device).view(
+            -1, hidden.shape[-1]
+        ) if wants[0] else None  # fmt: skip
+        dw = None
+        if wants[1]:  # zero_fill False: the first full pass over the vocabulary writes it
+            dw = (torch.zeros if zero_fill else torch.empty)(
+                weight.shape, dtype=acc, device=weight.device
+            )
+        self.dw, self.dw_fresh = dw, not zero_fill
+        use_b = wants[2] and bias is not None
+        self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if use_b else None
+
+    def done_pass(self) -> None:
+        """One pass over the whole vocabulary has written dw: add to it from now on."""
+        self.dw_fresh = False
+
+    def finish(self) -> None:
+        if self.dw is not None and self.dw_fresh:  # no token counted anywhere
+            self.dw.zero_()
+
+
+@dataclasses.dataclass
+class Output:
+    """What `run` computes. tok and stats are flat over the [2P * T] tokens (0 where not
+    counted); stats: (entropy, mean logit, is_top1, log_sum_sq) or None."""
+
+    sums: torch.Tensor  # [2P] per-sequence log-prob sums, [chosen; rejected]
+    grads: Grads
+    tok: torch.Tensor
+    stats: tuple[torch.Tensor, ...] | None
+
+
+def _tile_shape(n_tokens: int, vocab: int, budget_logits: int) -> tuple[int, int]:
+    """(token tile, vocabulary block) of the recompute route within budget_logits logits."""
+    block = min(vocab, VOCAB_BLOCK, max(1, budget_logits))
+    return max(1, min(n_tokens, budget_logits // block)), block
+
+
+def _row_sums(tok: torch.Tensor, seg: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-row sums of the token log-probs, added up in float64 and rounded once: a running
+    float32 sum of hundreds of terms near -10 is off by ~1e-4, which beta * (pc - pr) carries
+    into the loss."""
+    out = torch.zeros(rows, dtype=torch.float64, device=tok.device)
+    return out.index_add_(0, seg, tok.double()).to(tok.dtype)
+
+
+class _Runner:
+    """One call's state: the batch, the row kernels, the gradient and token output buffers."""
+
+    def __init__(self, rows, batch, grads, weight, bias, buf, budget_logits, loss, stats):
+        self.rows, self.batch, self.grads = rows, batch, grads
+        self.weight, self.bias, self.buf = weight, bias, buf
+        self.budget_logits, self.loss = budget_logits, loss
+        n, acc, dev = batch.labels.numel(), buf.dtype, buf.device
+        self.tok = torch.zeros(n, dtype=acc, device=dev)
+        self.stats = None
+        if stats:
+            self.stats = [torch.zeros(n, dtype=d, device=dev) for d in stats_dtypes(acc)]
+
+    def _outputs(self, idx, y, f: Fold) -> torch.Tensor:
+        """Writes the chunk's token outputs; returns its token log-probs."""
+        tok = f.target - f.lse()
+        self.tok.index_copy_(0, idx, tok)
+        if self.stats is not None:
+            for out, v in zip(self.stats, f.token_stats(self.weight.shape[0], y), strict=True):
+                out.index_copy_(0, idx, v)
+        return tok
+
+    def _dh(self, n, h):
+        if self.grads.dh is None:
+            return None
+        new = torch.zeros if self.rows.reduced and self.rows.cuda else torch.empty
+        return new(n, h.shape[1], dtype=self.buf.dtype, device=self.buf.device)
+
+    def single_pass(self, k0: int, k1: int, grad_on: bool) -> torch.Tensor:
+        """Pairs [k0, k1) whose logits fit the buffer: 3 matmuls. Returns the [2c] row sums."""
+        rows, batch, grads = self.rows, self.batch, self.grads
+        idx = batch.tokens(k0, k1)
+        seg = batch.row_ids(k0, k1, idx.device)
+        y = batch.labels.index_select(0, idx)
+        h = rows.rows_in(batch.rows_of(idx))
+        n, V = idx.numel(), self.weight.shape[0]
+        x = rows.tile(self.buf, n, V)
+        rows.project(x, h, self.weight, self.bias, 0)
+        f = Fold(n, x.dtype, x.device, self.stats is not None, rows.backend)
+        # With gradient, x becomes q = onehot - softmax in the same read: dz = g * q, and g (the
+        # loss's factor of each row, known once the sums are) scales the matmuls' operands.
+        (rows.fold_softmax if grad_on else lambda *a: rows.fold(*a, 0))(x, y, f)
+        sums = _row_sums(self._outputs(idx, y, f), seg, 2 * (k1 - k0))
+        if not grad_on:
+            return sums
+        g = self.loss.grad(k0, k1, sums)[seg]
+        dh = self._dh(n, h)
+        rows.backprop(x, h, self.weight, 0, dh, grads.dw, grads.db, grads.dw_fresh, g=g)
+        grads.done_pass()
+        if dh is not None:
+            grads.dh.index_copy_(0, idx, dh.to(grads.dh.dtype))
+        return sums
+
+    def recompute(self, k0: int, k1: int, grad_on: bool) -> torch.Tensor:
+        """Pairs [k0, k1) in token x vocabulary tiles: log-sum-exps first, then each tile again
+        for its gradient (4 matmuls). Returns the [2c] row sums."""
+        rows, batch, grads, weight = self.rows, self.batch, self.grads, self.weight
+        idx = batch.tokens(k0, k1)
+        seg = batch.row_ids(k0, k1, idx.device)
+        y = batch.labels.index_select(0, idx)
+        hid = batch.rows_of(idx)
+        n, V = idx.numel(), weight.shape[0]
+        tile, block = _tile_shape(n, V, self.budget_logits)
+        tiles = [(ts, min(n, ts + tile)) for ts in range(0, n, tile)]
+        blocks = [(vs, min(V, vs + block)) for vs in range(0, V, block)]
+        f = Fold(n, self.buf.dtype, self.buf.device, self.stats is not None, rows.backend)
+        for ts, te in tiles:
+            h = rows.rows_in(hid[ts:te])
+            part = Fold(te - ts, f.m.dtype, f.m.device, f.stats, rows.backend)
+            for vs, ve in blocks:
+                x = rows.tile(self.buf, te - ts, ve - vs)
+                rows.project(x, h, weight, self.bias, vs)
+                rows.fold(x, y[ts:te], part, vs)
+            for a, b in ((f.m, part.m), (f.s, part.s), (f.target, part.target)):
+                a[ts:te] = b
+            if f.stats:
+                f.st[:, ts:te], f.arg[ts:te] = part.st, part.arg
+        sums = _row_sums(self._outputs(idx, y, f), seg, 2 * (k1 - k0))
+        if not grad_on:
+            return sums
+        g = self.loss.grad(k0, k1, sums)[seg]
+        lse = f.lse()
+        for ts, te in tiles:
+            h = rows.rows_in(hid[ts:te])
+            dh = self._dh(te - ts, h)
+            for vs, ve in blocks:
+                x = rows.tile(self.buf, te - ts, ve - vs)
+                rows.project(x, h, weight, self.bias, vs)
+                local = torch.where((y[ts:te] >= vs) & (y[ts:te] < ve), y[ts:te] - vs, -1)
+                rows.grad(x, local, g[ts:te], lse[ts:te])
+                rows.backprop(x, h, weight, vs, dh, grads.dw, grads.db, grads.dw_fresh)
+            grads.done_pass()
+            if dh is not None:
+                grads.dh.index_copy_(0, idx[ts:te], dh.to(grads.dh.dtype))
+        return sums
+
+
+def _chunks(pair_tokens: list[int], max_tokens: int) -> list[tuple[int, int, bool]]:
+    """Consecutive pairs grouped while their tokens fit max_tokens: (k0, k1, fits)."""
+    out, k0, total = [], 0, 0
+    for k, n in enumerate(pair_tokens):
+        if n > max_tokens:  # too long for the budget on its own: the recompute route
+            if k > k0:
+                out.append((k0, k, True))
+            out.append((k, k + 1, False))
+            k0, total = k + 1, 0
+        elif total + n > max_tokens:
+            out.append((k0, k, True))
+            k0, total = k, n
+        else:
+            total += n
+    if k0 < len(pair_tokens):
+        out.append((k0, len(pair_tokens), True))
+    return out
+
+
+def run(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    counted: torch.Tensor,
+    loss: PairLoss,
+    tf: LogitTransform,
+    budget: int,
+    backend: str,
+    wants: tuple[bool, bool, bool],
+    stats: bool = False,
+) -> Output:
+    """Sums, token outputs and the gradients (those in `wants`: hidden, weight, bias) of `loss`
+    for a validated [2P, T, H] batch; see the module docstring for the routes."""
+    B, T, _ = hidden.shape
+    P, V = B // 2, weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    counts = counted.sum(-1)
+    offsets = [0, *torch.cumsum(counts, 0).tolist()]
+    flat = counted.reshape(-1).nonzero().squeeze(1)
+    batch = _Batch(hidden.detach(), labels.reshape(B * T).long(), flat, offsets, P)
+    rows = Rows(backend, hidden.dtype, hidden.device, tf)
+    grads = Grads(batch.hidden, weight, bias, acc, wants, zero_fill=rows.reduced and rows.cuda)
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach().to(acc)
+    budget_logits = max(1, budget // rows.bytes_per_logit())
+    grad_on = any(wants)
+    pair_tokens = [offsets[k + 1] - offsets[k] + offsets[P + k + 1] - offsets[P + k]
+                   for k in range(P)]  # fmt: skip
+    plan = _chunks(pair_tokens, budget_logits // V)
+    if grad_on and loss.coupled:  # every pair's sums first (tiles), then the batch's gradient
+        plan = [(0, P, False)]
+    # One buffer for every chunk: the largest chunk's logits, or one tile of the recompute route.
+    need = [sum(pair_tokens[k0:k1]) * V if fits else min(budget_logits, sum(pair_tokens[k0:k1]) * V)
+            for k0, k1, fits in plan]  # fmt: skip
+    buf = torch.empty(max(1, *need) + rows.slack(sum(pair_tokens)), dtype=acc, device=hidden.device)
+    runner = _Runner(rows, batch, grads, weight, bias, buf, budget_logits, loss, stats)
+    sums = torch.empty(B, dtype=acc, device=hidden.device)
+    for k0, k1, fits in plan:
+        s = (runner.single_pass if fits else runner.recompute)(k0, k1, grad_on)
+        sums[k0:k1], sums[P + k0 : P + k1] = s[: k1 - k0], s[k1 - k0 :]
+    del runner.buf, buf
+    grads.finish()
+    return Output(sums, grads, runner.tok, None if runner.stats is None else tuple(runner.stats))
+
+
+class LinearLossFunction(torch.autograd.Function):
+    """Forward: the loss of `make_loss(accumulation dtype)` (a `PairLoss`), with the gradients of
+    hidden, weight and bias computed alongside and kept; backward: those gradients times the
+    incoming one (in place the first time). Returns (loss, sums [2P], token log-probs [2P, T],
+    and with stats the four token statistics [2P, T])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, counted, make_loss, tf, budget, backend,
+                grad_on, stats):  # fmt: skip
+        wants = tuple(grad_on and w for w in ctx.needs_input_grad[:3])
+        loss_fn = make_loss(acc_dtype(hidden.dtype))
+        out = run(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants,
+                  stats)  # fmt: skip
+        P = hidden.shape[0] // 2
+        loss = loss_fn.loss(out.sums[:P], out.sums[P:])
+        dh, dw, db = out.grads.dh, out.grads.dw, out.grads.db
+        empty = hidden.new_empty(0)
+        grads = (
+            empty if dh is None else dh.view(hidden.shape),
+            empty if dw is None else (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)),
+            empty if db is None else db.to(bias.dtype),
+        )
+        # Saved (not kept as attributes) so that autograd frees them right after the backward
+        # call: the gradient handed to AccumulateGrad is then its only reference, and becomes
+        # .grad without a copy.
+        ctx.save_for_backward(*grads)
+        ctx.wanted = tuple(g is not empty for g in grads)
+        ctx.scale = None
+        extra = [out.tok.view(labels.shape)]
+        if stats:
+            extra += [t.view(labels.shape) for t in out.stats]
+        ctx.mark_non_differentiable(out.sums, *extra)
+        return loss, out.sums, *extra
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grads = ctx.saved_tensors
+        if ctx.scale is None:  # first backward: scale in place (nothing else holds them yet)
+            ctx.scale = grad_loss.detach().clone()
+            if not bool((grad_loss == 1).all()):
+                for g, want in zip(grads, ctx.wanted, strict=True):
+                    if want:  # .data: no version bump, a retained graph can unpack them again
+                        g.data.mul_(grad_loss.to(g.dtype))
+            out = grads
+        else:  # retain_graph: a later backward, relative to the scale applied the first time
+            if not bool((ctx.scale != 0).all()):
+                raise RuntimeError(
+                    "linear_dpo_loss / linear_pair_loss: a second backward after a first one with "
+                    "a zero incoming gradient cannot be scaled; call the loss again"
+                )
+            out = [g * (grad_loss / ctx.scale).to(g.dtype) for g in grads]
+        out = [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
+        return *out, *(None,) * 8

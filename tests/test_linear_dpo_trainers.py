@@ -1,0 +1,106 @@
+"""The trainers take the fused linear DPO route (`linear_dpo` inside the LM head call) by default,
+and train like stock TRL on it (SGD and AdamW): every logged value and the final parameters."""
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from conftest import preference_examples, tiny_causal_lm  # noqa: E402
+from test_trl_parity import STEPS, train  # noqa: E402
+
+import dpo_kernels.linear_dpo as linear_dpo_module  # noqa: E402
+from dpo_kernels import DPOLoss  # noqa: E402
+from dpo_kernels.forward import collate_preferences, concatenated_forward  # noqa: E402
+from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
+
+
+@pytest.fixture
+def linear_dpo_calls(monkeypatch):
+    """Counts `linear_dpo` calls, by whether they ran with gradient (a training step)."""
+    calls = {"grad": 0, "no_grad": 0}
+    real = linear_dpo_module.linear_dpo
+
+    def spy(*args, **kwargs):
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear_dpo_module, "linear_dpo", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(loss_type=["sigmoid"]),
+        dict(loss_type=["ipo"]),  # divides by the unshifted completion lengths (TRL's)
+        dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),  # sft: the scored tokens
+        dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.7, 0.3], optim="adamw_torch"),
+        dict(loss_type=["aot"], label_smoothing=0.1, optim="adamw_torch"),  # the two-pass route
+    ],
+    ids=["sigmoid-sgd", "ipo-sgd", "sigmoid+sft-sgd", "mix-adamw", "aot-adamw"],
+)
+def test_default_route_is_linear_dpo_and_matches_stock(config, linear_dpo_calls, tmp_path):
+    stock, stock_params = train(trl.DPOTrainer, tmp_path, **config)
+    assert linear_dpo_calls == {"grad": 0, "no_grad": 0}
+    ours, our_params = train(FusedDPOTrainer, tmp_path, **config)
+    assert linear_dpo_calls == {"grad": STEPS, "no_grad": STEPS}  # policy; reference
+    for step, (s, o) in enumerate(zip(stock, ours, strict=True)):
+        for k, v in s.items():
+            assert o[k] == pytest.approx(v, rel=1e-5, abs=1e-5), (step, k, v, o[k])
+    for name, p in stock_params.items():
+        torch.testing.assert_close(our_params[name], p, rtol=1e-5, atol=1e-5, msg=name)
+    start = tiny_causal_lm("llama", vocab=28, seed=0).state_dict()
+    assert any((start[n] - p).abs().max() > 1e-4 for n, p in stock_params.items())
+
+
+def test_fallback_reasons(tmp_path):
+    """Options whose loss needs the token log-probs first say so and take the other route."""
+    from test_trl import preference_dataset, tiny_tokenizer
+
+    def trainer(fused_lm_head=True, **config):
+        args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **config)
+        return FusedDPOTrainer(
+            model=tiny_causal_lm("llama", vocab=28), ref_model=tiny_causal_lm("llama", vocab=28),
+            args=args, train_dataset=preference_dataset(4), processing_class=tiny_tokenizer(),
+            fused_lm_head=fused_lm_head,
+        )  # fmt: skip
+
+    assert trainer().linear_dpo_fallback is None
+    assert "use_weighting" in trainer(use_weighting=True).linear_dpo_fallback
+    assert "ld_alpha" in trainer(ld_alpha=0.5).linear_dpo_fallback
+    assert "sft" in trainer(loss_type=["sigmoid_norm", "sft"]).linear_dpo_fallback
+    assert "fused_lm_head" in trainer(fused_lm_head=False).linear_dpo_fallback
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_loss_trainer_default_route(loss_type, linear_dpo_calls, tmp_path):
+    """DPOLossTrainer's default (a model with an LM head): the fused linear route, same loss and
+    same parameter gradients as the logits path."""
+    import transformers
+
+    from dpo_kernels.integrations.hf import DPOLossTrainer
+
+    model, ref = tiny_causal_lm(), tiny_causal_lm(seed=1)
+    ex = preference_examples(4)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False
+    )
+    trainer = DPOLossTrainer(
+        model=model, ref_model=ref, loss=DPOLoss(beta=0.2, loss_type=loss_type), args=args,
+        train_dataset=datasets.Dataset.from_list(ex), data_collator=collate_preferences,
+    )  # fmt: skip
+    assert trainer.fused_lm_head
+    batch = collate_preferences(ex)
+    got = trainer.compute_loss(model, batch)
+    assert linear_dpo_calls == {"grad": 1, "no_grad": 1}  # the policy; the reference
+    got.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = concatenated_forward(model, batch, ref_model=ref)
+    expect = DPOLoss(beta=0.2, loss_type=loss_type)(out.pairs()).loss
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+    expect.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
