@@ -9,6 +9,12 @@ from .backend import cpu_extension_available, resolve_backend, set_sync_free
 from .common import PairLogprobs, SequenceLogprobs, TokenStats
 from .linear_dpo import linear_dpo_loss
 from .linear_logprobs import linear_sequence_logprobs
+from .linear_preference_losses import (
+    linear_cpo_loss,
+    linear_kto_loss,
+    linear_orpo_loss,
+    linear_simpo_loss,
+)
 from .logprobs import sequence_logprobs
 from .losses import DPOLoss, DPOLossOutput, dpo_loss, make_spec
 from .preference_losses import (
@@ -32,8 +38,12 @@ __all__ = [
     "cpu_extension_available",
     "dpo_loss",
     "kto_loss",
+    "linear_cpo_loss",
     "linear_dpo_loss",
+    "linear_kto_loss",
+    "linear_orpo_loss",
     "linear_sequence_logprobs",
+    "linear_simpo_loss",
     "make_spec",
     "orpo_loss",
     "resolve_backend",

@@ -268,22 +268,27 @@ class _SeparableLoss:
 
     coupled = False
 
-    def __init__(self, per_pair, nc, nr, nll_weight: float):
+    def __init__(self, per_pair, nc, nr, nll_weight: float, pair_index: bool = False):
         self.per_pair, self.nc, self.nr, self.w = per_pair, nc, nr, float(nll_weight)
         self.P, self.tokens = nc.shape[0], nc.sum().clamp(min=1)
+        self.index = pair_index  # per_pair also gets the pairs' range (k0, k1)
+
+    def _per_pair(self, pc, pr, k0: int, k1: int) -> torch.Tensor:
+        args = (pc, pr, self.nc[k0:k1], self.nr[k0:k1]) + ((k0, k1) if self.index else ())
+        return self.per_pair(*args)
 
     def grad(self, k0: int, k1: int, sums: torch.Tensor) -> torch.Tensor:
         c = k1 - k0
         pc, pr = (t.detach().requires_grad_() for t in (sums[:c], sums[c:]))
         with torch.enable_grad():
-            total = self.per_pair(pc, pr, self.nc[k0:k1], self.nr[k0:k1]).sum() / self.P
+            total = self._per_pair(pc, pr, k0, k1).sum() / self.P
         gc, gr = torch.autograd.grad(total, (pc, pr), allow_unused=True)
         gc = torch.zeros_like(pc) if gc is None else gc
         gr = torch.zeros_like(pr) if gr is None else gr
         return torch.cat([gc - self.w / self.tokens, gr])
 
     def loss(self, pc: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
-        out = self.per_pair(pc, pr, self.nc, self.nr).mean()
+        out = self._per_pair(pc, pr, 0, self.P).mean()
         return out - self.w * pc.sum() / self.tokens if self.w else out
 
 
@@ -294,6 +299,7 @@ def linear_pair_loss(
     per_pair,
     *,
     nll_weight: float = 0.0,
+    pair_index: bool = False,
     bias: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -311,14 +317,16 @@ def linear_pair_loss(
     chosen and rejected sums and lengths, differentiable in pc and pr: CPO, SimPO, ORPO's odds
     ratio, ...) plus ``nll_weight`` times the NLL of the chosen tokens (-sum(pc) / sum(nc), as
     CPO's cpo_alpha and ORPO's NLL term). The lengths nc, nr are the counted tokens unless
-    chosen_counts / rejected_counts are given; other arguments as in `linear_dpo_loss`. Returns
+    chosen_counts / rejected_counts are given; pair_index=True calls ``per_pair(pc, pr, nc, nr, k0,
+    k1)`` with the chunk's pairs k0..k1-1 (to slice per-pair data such as reference sums); other
+    arguments as in `linear_dpo_loss`. Returns
     (loss, the policy's `SequenceLogprobs` of the same pass, without gradient)."""
     call = _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts,
                     rejected_counts, logit_scale, softcap, temperature, memory_budget, backend,
                     {})  # fmt: skip
 
     def make_loss(acc: torch.dtype) -> _SeparableLoss:
-        return _SeparableLoss(per_pair, call.nc.to(acc), call.nr.to(acc), nll_weight)
+        return _SeparableLoss(per_pair, call.nc.to(acc), call.nr.to(acc), nll_weight, pair_index)
 
     return _apply(call, hidden, weight, bias, labels, make_loss, stats)
 
