@@ -17,6 +17,7 @@ from dpo_kernels.linear_dpo import logits_bytes
 
 P, T, H, V = 3, 7, 8, 37
 TINY = logits_bytes(2, V)  # smaller than one pair's counted tokens: the tile route
+ONE = logits_bytes(12, V)  # about one pair a chunk: the 3-matmul route over several chunks
 
 
 def make_batch(rows=2 * P, seed=0):
@@ -153,7 +154,7 @@ def test_linear_simpo(budget):
     )
 
 
-@pytest.mark.parametrize("budget", [None, TINY])
+@pytest.mark.parametrize("budget", [None, ONE, TINY])
 def test_linear_orpo(budget):
     beta = 0.3
     out, s, n = check(
@@ -180,7 +181,7 @@ def test_linear_orpo_without_nll():
 KTO_CASES = [("kto", 1.0, 1.0), ("kto", 1.3, 0.7), ("apo_zero_unpaired", 0.8, 1.5)]
 
 
-@pytest.mark.parametrize("budget", [None, TINY])
+@pytest.mark.parametrize("budget", [None, ONE, TINY])
 @pytest.mark.parametrize(("loss_type", "dw", "uw"), KTO_CASES)
 def test_linear_kto(loss_type, dw, uw, budget):
     N, beta = 6, 0.5
