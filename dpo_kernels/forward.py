@@ -64,7 +64,7 @@ def model_logprobs(
         cu = None
     if fused_lm_head:
         install_fused_head(model)
-        call = HeadCall(labels, mask, cu, stats, backend, router_aux, dpo)
+        call = HeadCall(labels, mask, cu, stats, backend, router_aux, dpo=dpo)
         return model(**kwargs, **{HEAD_KWARG: call})
     if router_aux:
         kwargs["output_router_logits"] = True
