@@ -129,7 +129,7 @@ def sequence_logprobs(
         log(sum_v p_v^2) (`TokenStats`, no gradient), computed in the same pass over the logits.
     cu_seqlens: packed layout: logits [N, V], labels [N] (mask [N]) hold S sequences back to back,
         sequence i being tokens cu_seqlens[i]:cu_seqlens[i + 1]; sums and counts are [S], token
-        outputs [N]. Labels must not cross sequences (see `dpo_kernels.forward.packed_labels`).
+        outputs [N]. Labels must not cross sequences (see `dpo_kernels.batches.pack`).
     vocab_group, vocab_start: vocabulary-parallel: this rank's logits are the vocabulary columns
         [vocab_start, vocab_start + V) of a vocabulary split over the torch.distributed group
         `vocab_group`; labels are global ids. Every rank gets the full sums; gradients stay local.

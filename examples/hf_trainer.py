@@ -17,7 +17,7 @@ import transformers
 from plain_loop import preference_data, tiny_llama
 
 from dpo_kernels import DPOLoss
-from dpo_kernels.forward import collate_preferences
+from dpo_kernels.batches import collate_preferences
 from dpo_kernels.integrations.hf import DPOLossTrainer
 
 

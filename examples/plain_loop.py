@@ -17,7 +17,8 @@ import torch
 import transformers
 
 from dpo_kernels import DPOLoss
-from dpo_kernels.forward import collate_preferences, concatenated_forward
+from dpo_kernels.batches import collate_preferences
+from dpo_kernels.forward import concatenated_forward
 
 VOCAB = 30  # 0 = pad, letters a..z are 1..26
 

@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import preference_examples, tiny_causal_lm
 
 from dpo_kernels import DPOLoss
-from dpo_kernels.forward import collate_preferences, concatenated_forward
+from dpo_kernels.batches import collate_preferences
+from dpo_kernels.forward import concatenated_forward
 
 PAIRS = 8
 

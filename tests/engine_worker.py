@@ -164,7 +164,7 @@ def full_params(trainer) -> dict[str, torch.Tensor]:
 
 def facts(trainer) -> dict:
     """What the run really used, read back from the trained objects (checked by the test)."""
-    from dpo_kernels.forward import unwrap_model
+    from dpo_kernels.fused_head import unwrap_model
 
     wrapped = trainer.model_wrapped
     inner = unwrap_model(trainer.model)

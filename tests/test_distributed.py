@@ -59,7 +59,8 @@ def test_cpu_training_step_is_bitwise_deterministic():
 
 
 def test_compiled_training_step_matches_eager():
-    from dpo_kernels.forward import collate_preferences, concatenated_forward
+    from dpo_kernels.batches import collate_preferences
+    from dpo_kernels.forward import concatenated_forward
 
     batch = collate_preferences(preference_examples(4, seed=7))
     assert (batch["completion_mask"] == 0).any()  # masked (prompt and pad) tokens are present

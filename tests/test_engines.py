@@ -134,12 +134,9 @@ def test_install_fused_head_leaves_the_plain_forward_alone():
 
     from conftest import preference_examples, tiny_causal_lm
 
-    from dpo_kernels.forward import (
-        batch_logprobs,
-        collate_preferences,
-        install_fused_head,
-        preference_batch,
-    )
+    from dpo_kernels.batches import collate_preferences, preference_batch
+    from dpo_kernels.forward import batch_logprobs
+    from dpo_kernels.fused_head import install_fused_head
 
     model = tiny_causal_lm()
     ids = torch.randint(0, 97, (2, 7))

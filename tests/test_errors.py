@@ -8,7 +8,7 @@ import torch
 
 import dpo_kernels
 from dpo_kernels import dpo_loss, sequence_logprobs
-from dpo_kernels.forward import collate_preferences, preference_batch
+from dpo_kernels.batches import collate_preferences, preference_batch
 
 B, T, V = 2, 3, 11
 

@@ -10,7 +10,8 @@ import torch
 from conftest import preference_examples, tiny_causal_lm
 
 from dpo_kernels import DPOLoss
-from dpo_kernels.forward import collate_preferences, concatenated_forward
+from dpo_kernels.batches import collate_preferences
+from dpo_kernels.forward import concatenated_forward
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))

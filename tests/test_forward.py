@@ -5,7 +5,8 @@ import torch
 from conftest import preference_examples, tiny_causal_lm
 
 from dpo_kernels import dpo_loss
-from dpo_kernels.forward import collate_preferences, concatenated_forward, preference_batch
+from dpo_kernels.batches import collate_preferences, preference_batch
+from dpo_kernels.forward import concatenated_forward
 
 
 def trl_collate(examples, pad=0):

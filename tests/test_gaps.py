@@ -10,7 +10,8 @@ from conftest import cpu_backends, preference_examples, tiny_causal_lm
 from test_linear_logprobs import small_tiles  # noqa: F401 (a fixture, used by name)
 
 import dpo_kernels
-from dpo_kernels.forward import collate_preferences, concatenated_forward, pack, preference_batch
+from dpo_kernels.batches import collate_preferences, pack, preference_batch
+from dpo_kernels.forward import concatenated_forward
 
 # Non-default ignore_index values: a valid token id (so a kernel that compares with -100 counts
 # those tokens and reads a real logit) and a negative one other than -100.
@@ -189,7 +190,7 @@ def test_unmapped_head_post_processing_raises():
     class Model:
         config = Config()
 
-    from dpo_kernels.forward import head_transform
+    from dpo_kernels.fused_head import head_transform
 
     with pytest.raises(NotImplementedError, match=r"output_multiplier.*fused_lm_head=False"):
         head_transform(Model())

@@ -222,16 +222,16 @@ def test_bad_input(change, error, match):
 def test_logits_projected_once_within_budget(monkeypatch, kind, budget, passes):
     """The 3-matmul route projects every counted token's logits once; the recompute routes (a
     pair over the budget, the sorting losses) twice. No projection exceeds the budget."""
-    from dpo_kernels import linear_dpo_chunks
+    from dpo_kernels import linear_dpo_rows
 
     seen = []
-    project = linear_dpo_chunks.Rows.project
+    project = linear_dpo_rows.Rows.project
 
     def spy(self, x, *args):
         seen.append(x.shape)
         return project(self, x, *args)
 
-    monkeypatch.setattr(linear_dpo_chunks.Rows, "project", spy)
+    monkeypatch.setattr(linear_dpo_rows.Rows, "project", spy)
     batch = make_batch()
     check(batch, **loss_options(kind), memory_budget=budget)
     labels, mask = batch[3], batch[4]

@@ -12,7 +12,8 @@ from test_trl_parity import STEPS, train  # noqa: E402
 
 import dpo_kernels.linear_dpo as linear_dpo_module  # noqa: E402
 from dpo_kernels import DPOLoss  # noqa: E402
-from dpo_kernels.forward import collate_preferences, concatenated_forward  # noqa: E402
+from dpo_kernels.batches import collate_preferences  # noqa: E402
+from dpo_kernels.forward import concatenated_forward  # noqa: E402
 from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
 
 

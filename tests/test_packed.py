@@ -5,7 +5,8 @@ import torch
 from conftest import cpu_backends, preference_examples, tiny_causal_lm
 
 import dpo_kernels
-from dpo_kernels.forward import collate_preferences, concatenated_forward, pack, preference_batch
+from dpo_kernels.batches import collate_preferences, pack, preference_batch
+from dpo_kernels.forward import concatenated_forward
 from dpo_kernels.ops import reference
 
 

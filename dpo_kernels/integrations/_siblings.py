@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..common import SequenceLogprobs
-from ..forward import HEAD_KWARG, HeadCall, head_transform, install_fused_head, unwrap_model
+from ..fused_head import HEAD_KWARG, HeadCall, head_transform, install_fused_head, unwrap_model
 from ..logprobs import sequence_logprobs
 
 _ONE = torch.ones(1)  # a dummy pair: each loss runs once at construction to check the options
@@ -79,7 +79,7 @@ def score(
 ) -> Scored:
     """One forward of `model`; log-probs of the next tokens input_ids[:, 1:] where `mask`
     ([B, L-1]) is set. With the fused head the logits are never built: the LM head module is
-    called inside the model's forward (`dpo_kernels.forward.install_fused_head`)."""
+    called inside the model's forward (`dpo_kernels.fused_head.install_fused_head`)."""
     labels = input_ids[:, 1:]
     mask = mask != 0
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}

@@ -33,11 +33,11 @@ class DPOLossTrainer(Trainer):
         """fused_lm_head: compute the loss from the backbone's hidden states and the LM head
         inside the model's forward, without building the logits: the DPO loss fused into the head
         call (`linear_dpo`, 3 matmuls; works under DDP, FSDP and DeepSpeed: see
-        `dpo_kernels.forward.install_fused_head`). None (default): on when the model has an LM
+        `dpo_kernels.fused_head.install_fused_head`). None (default): on when the model has an LM
         head (`get_output_embeddings()`); False: the model's logits and the logits-path op."""
         super().__init__(*args, **kwargs)
         if fused_lm_head is None:
-            from ..forward import unwrap_model
+            from ..fused_head import unwrap_model
 
             inner = unwrap_model(self.model)
             head = getattr(inner, "get_output_embeddings", lambda: None)()

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from ..forward import DPOHead, PreferenceBatch, batch_logprobs, model_logprobs, preference_batch
+from ..batches import PreferenceBatch, preference_batch
+from ..forward import batch_logprobs, model_logprobs
+from ..fused_head import DPOHead
 from ..losses import dpo_loss, make_spec
 
 SUPPORTED_TRL = (

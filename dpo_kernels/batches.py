@@ -1,0 +1,134 @@
+"""The preference-batch layout: TRL's concatenated [chosen; rejected] rows or separate halves
+normalized to one right-padded `PreferenceBatch`, token-id examples collated into it, and its
+padding-free packing (`PackedBatch`) for the packed forward."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class PreferenceBatch(NamedTuple):
+    """A concatenated preference batch: rows [chosen (P); rejected (P)], right-padded to L."""
+
+    input_ids: torch.Tensor  # [2P, L]
+    attention_mask: torch.Tensor  # [2P, L]
+    completion_mask: torch.Tensor  # [2P, L] 1 on completion tokens (the ones scored)
+    ref_chosen_logps: torch.Tensor | None  # [P] precomputed, if the batch carries them
+    ref_rejected_logps: torch.Tensor | None
+
+
+def _pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return F.pad(x, (0, length - x.shape[1]), value=value)
+
+
+def _completion(batch: Mapping[str, Any], prefix: str, ignore_index: int) -> torch.Tensor:
+    if f"{prefix}completion_mask" in batch:
+        return batch[f"{prefix}completion_mask"]
+    if f"{prefix}labels" in batch:
+        return batch[f"{prefix}labels"] != ignore_index
+    raise KeyError(
+        f"the batch has no {prefix}completion_mask or {prefix}labels to say which tokens to score"
+    )
+
+
+def preference_batch(
+    batch: Mapping[str, Any], pad_token_id: int = 0, ignore_index: int = -100
+) -> PreferenceBatch:
+    """Normalize a preference batch (TRL collator output or separate halves) to one layout."""
+    if "input_ids" in batch:
+        ids = batch["input_ids"]
+        if ids.dim() != 2 or ids.shape[0] % 2:
+            raise ValueError(
+                f"input_ids must be [2 * pairs, length] with rows [chosen; rejected], got "
+                f"shape {tuple(ids.shape)}"
+            )
+        am = batch.get("attention_mask", torch.ones_like(ids))
+        cm = _completion(batch, "", ignore_index)
+    elif "chosen_input_ids" in batch and "rejected_input_ids" in batch:
+        c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
+        if c_ids.shape[0] != r_ids.shape[0]:
+            raise ValueError(
+                f"chosen_input_ids has {c_ids.shape[0]} rows but rejected_input_ids has "
+                f"{r_ids.shape[0]}; every prompt needs one chosen and one rejected completion"
+            )
+        L = max(c_ids.shape[1], r_ids.shape[1])
+        halves = []
+        for prefix, x in (("chosen_", c_ids), ("rejected_", r_ids)):
+            am = batch.get(f"{prefix}attention_mask", torch.ones_like(x))
+            cm = _completion(batch, prefix, ignore_index)
+            halves.append(
+                (_pad_right(x, L, pad_token_id), _pad_right(am, L, 0), _pad_right(cm, L, 0))
+            )
+        ids, am, cm = (torch.cat(parts) for parts in zip(*halves, strict=True))
+    else:
+        raise KeyError(
+            "a preference batch needs input_ids (+ completion_mask), as TRL's "
+            "DataCollatorForPreference makes, or chosen_input_ids and rejected_input_ids"
+        )
+    if am.shape != ids.shape or cm.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(am.shape)} and completion_mask {tuple(cm.shape)} must match "
+            f"input_ids {tuple(ids.shape)}"
+        )
+    return PreferenceBatch(
+        ids, am, cm, batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
+    )
+
+
+def collate_preferences(
+    examples: list[Mapping[str, list[int]]], pad_token_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Token-id examples {prompt_ids, chosen_ids, rejected_ids} -> a concatenated batch.
+
+    The layout TRL's DataCollatorForPreference makes (rows [chosen; rejected], right-padded), for
+    loops and trainers that do not use TRL.
+    """
+    if not examples:
+        raise ValueError(
+            "collate_preferences got an empty batch: pass at least one example "
+            "{prompt_ids, chosen_ids, rejected_ids}"
+        )
+    rows, completion = [], []
+    for half in ("chosen_ids", "rejected_ids"):
+        for e in examples:
+            rows.append(list(e["prompt_ids"]) + list(e[half]))
+            completion.append([0] * len(e["prompt_ids"]) + [1] * len(e[half]))
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), pad_token_id, dtype=torch.long)
+    am = torch.zeros((len(rows), L), dtype=torch.long)
+    cm = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, (r, c) in enumerate(zip(rows, completion, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        am[i, : len(r)] = 1
+        cm[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
+
+
+class PackedBatch(NamedTuple):
+    """The rows of a PreferenceBatch back to back without padding (padding-free layout)."""
+
+    input_ids: torch.Tensor  # [1, N]
+    position_ids: torch.Tensor  # [1, N], restarting at 0 for every sequence
+    cu_seqlens: torch.Tensor  # [2P + 1] int32 offsets, flash-attention's varlen convention
+    labels: torch.Tensor  # [N] next token within the same sequence; ignore_index at each end
+    mask: torch.Tensor  # [N] bool: the label is a completion token
+
+
+def pack(b: PreferenceBatch, ignore_index: int = -100) -> PackedBatch:
+    """Drop the padding of a right-padded batch: its real tokens back to back, rows in order."""
+    lengths = b.attention_mask.sum(1)
+    keep = b.attention_mask != 0
+    ids = b.input_ids[keep]
+    completion = (b.completion_mask != 0)[keep]
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    starts = torch.repeat_interleave(cu[:-1].long(), lengths)
+    position = torch.arange(ids.numel(), device=ids.device) - starts
+    last = torch.zeros_like(completion)
+    last[cu[1:].long() - 1] = True  # a sequence's last token has no next token in the sequence
+    labels = torch.roll(ids, -1).masked_fill(last, ignore_index)
+    mask = torch.roll(completion, -1) & ~last
+    return PackedBatch(ids[None], position[None], cu, labels, mask)

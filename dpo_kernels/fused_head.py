@@ -1,0 +1,218 @@
+"""The fused LM head as a mode of the model's own forward: `install_fused_head` patches a causal
+LM so that `model(..., dpo_kernels_head=HeadCall(...))` runs the backbone and then calls the LM
+head module with its forward swapped for `linear_sequence_logprobs` (or `linear_dpo`), and
+`head_transform` reads the logit post-processing the head must apply from the model's config."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from typing import Any, NamedTuple
+
+import torch
+
+from .common import DPOLossSpec, SequenceLogprobs
+from .linear_logprobs import linear_sequence_logprobs
+
+# Model types whose `logits_scaling` multiplies the logits (muP); Granite's divides them.
+_MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
+
+
+def head_transform(model) -> dict[str, float | None]:
+    """The logit post-processing a causal LM applies after its LM head, read from its config:
+    Gemma-2-style `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`
+    (a divisor; HyperCLOVAX's multiplies). Arguments for `linear_sequence_logprobs`. A config
+    with a post-processing this does not map raises instead of giving wrong log-probs."""
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    if getattr(cfg, "output_multiplier", None) not in (None, 1, 1.0):
+        raise NotImplementedError(
+            f"{type(cfg).__name__} scales its logits by output_multiplier before the softcap; "
+            "fused_lm_head=True does not cover it: use fused_lm_head=False"
+        )
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None and getattr(cfg, "logits_scaling", None):
+        multiplies = getattr(cfg, "model_type", "") in _MULTIPLYING_LOGITS_SCALING
+        scale = cfg.logits_scaling if multiplies else 1.0 / cfg.logits_scaling
+    return {
+        "logit_scale": float(scale or 1.0),
+        "softcap": getattr(cfg, "final_logit_softcapping", None),
+    }
+
+
+def _full(p: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter as a plain tensor: FSDP2 shards (DTensor) are gathered differentiably."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+# -- the fused LM head inside the model's forward -----------------------------------------------
+#
+# DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-3 expect every parameter to be used inside the forward of
+# the module that owns it: DDP marks gradients ready per forward, FSDP1 / ZeRO-3 gather a sharded
+# parameter only for its module's forward (and again, through hooks on that forward's outputs,
+# for its backward) and reduce its gradient through hooks that forward armed. So the fused head
+# is a mode of the model's own forward: `install_fused_head` patches the innermost causal LM so
+# that `wrapped_model(..., dpo_kernels_head=HeadCall(...))` runs the backbone, then CALLS the LM
+# head module (its forward temporarily replaced by `linear_sequence_logprobs`), so the engines'
+# hooks on `lm_head` gather the weight for the forward and again for the backward's recompute.
+
+HEAD_KWARG = "dpo_kernels_head"
+_WRAPPER_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeadCall:
+    """What the fused head scores: passed as `dpo_kernels_head=` to the (wrapped) model."""
+
+    labels: torch.Tensor  # [B, T-1] next tokens (padded rows) or [N] (packed)
+    mask: torch.Tensor  # same shape, bool: the token is counted
+    cu_seqlens: torch.Tensor | None = None  # packed rows (padding_free)
+    stats: bool = False
+    backend: str | None = None
+    router_aux: bool = False  # MoE: also return the router load-balancing loss
+    # Called inside the head's forward as extra(hidden, weight, bias, transform) with the whole
+    # backbone output and the (gathered) head; the forward then returns (HeadOutput, its result).
+    extra: Any = None
+    # Padded [chosen; rejected] rows: the DPO loss fused in the head (not with `extra`).
+    dpo: DPOHead | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DPOHead:
+    """The DPO loss the head call computes with `linear_dpo` (3 matmuls, gradients of the head
+    and the hidden states made during the forward): the loss spec, the reference sums [P]
+    (precomputed, no gradient; None: reference-free) and the lengths [P] the length-normalized
+    losses divide by (None: the counted tokens)."""
+
+    spec: DPOLossSpec
+    ref_chosen_logps: torch.Tensor | None = None
+    ref_rejected_logps: torch.Tensor | None = None
+    chosen_counts: torch.Tensor | None = None
+    rejected_counts: torch.Tensor | None = None
+    memory_budget: int | None = None
+
+
+class HeadOutput(NamedTuple):
+    """`logprobs` from the fused head; `aux_loss`: the MoE load-balancing loss (or None)."""
+
+    logprobs: SequenceLogprobs
+    aux_loss: torch.Tensor | None = None
+
+
+class DPOHeadOutput(NamedTuple):
+    """A head call with `HeadCall.dpo`: the fused DPO loss (`DPOLossOutput`) too; the log-probs
+    then carry no gradient (it flows through the loss)."""
+
+    logprobs: SequenceLogprobs
+    aux_loss: torch.Tensor | None
+    loss: Any
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside DDP / FSDP1 / DeepSpeed engines (`.module`) and PEFT wrappers."""
+    m = model
+    while isinstance(getattr(m, "module", None), torch.nn.Module):
+        m = m.module
+    if hasattr(m, "get_base_model"):  # PEFT: the transformers model under the adapters
+        m = m.get_base_model()
+    return m
+
+
+def _router_aux_loss(model, out, attention_mask) -> torch.Tensor:
+    """The MoE load-balancing loss as the model's own forward computes it (Mixtral's formula,
+    which every transformers MoE family uses), from the backbone's router logits."""
+    import sys
+
+    cfg = model.config.get_text_config()
+    func = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    if func is None:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as func
+    experts = getattr(model, "num_experts", None) or getattr(cfg, "num_experts", None)
+    experts = experts or cfg.num_local_experts
+    top_k = getattr(model, "num_experts_per_tok", None) or cfg.num_experts_per_tok
+    return func(out.router_logits, experts, top_k, attention_mask)
+
+
+def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform, full=None):
+    """Calls the LM head module (through its engine wrappers and hooks) with its forward
+    replaced, for this call, by the fused log-probs of `call.labels`."""
+    inner = head
+    while any(isinstance(getattr(inner, a, None), torch.nn.Module) for a in _WRAPPER_ATTRS):
+        inner = next(getattr(inner, a) for a in _WRAPPER_ATTRS if hasattr(inner, a))
+
+    def fused(h: torch.Tensor) -> SequenceLogprobs:
+        weight, bias = _full(inner.weight), _full(getattr(inner, "bias", None))
+        if call.dpo is not None:
+            from .linear_dpo import linear_dpo
+
+            d, dev = call.dpo, weight.device
+            return linear_dpo(
+                h.to(dev), weight, call.labels.to(dev), spec=d.spec, bias=bias,
+                mask=call.mask.to(dev), ref_chosen_logps=d.ref_chosen_logps,
+                ref_rejected_logps=d.ref_rejected_logps, chosen_counts=d.chosen_counts,
+                rejected_counts=d.rejected_counts, stats=call.stats, backend=call.backend,
+                memory_budget=d.memory_budget, **transform,
+            )  # fmt: skip
+        res = linear_sequence_logprobs(
+            h.to(weight.device), weight, call.labels.to(weight.device), bias=bias,
+            mask=call.mask.to(weight.device), stats=call.stats, cu_seqlens=call.cu_seqlens,
+            backend=call.backend, **transform,
+        )  # fmt: skip
+        if call.extra is None:
+            return res
+        return res, call.extra(full.to(weight.device), weight, bias, transform)
+
+    saved = inner.__dict__.get("forward")  # e.g. accelerate's device hooks
+    inner.forward = fused
+    try:
+        return head(hidden)
+    finally:
+        if saved is None:
+            del inner.forward
+        else:
+            inner.forward = saved
+
+
+def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
+    if dpo_kernels_head is None:
+        return self._dpo_kernels_forward(*args, **kwargs)
+    call = dpo_kernels_head
+    for k in ("labels", "output_attentions", "output_hidden_states", "return_dict"):
+        kwargs.pop(k, None)  # PEFT passes these (as None); the backbone returns what we need
+    kwargs["use_cache"] = False
+    if call.router_aux:
+        kwargs["output_router_logits"] = True
+    out = self.base_model(*args, **kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    full, hidden = hidden, hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
+    res = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
+    logprobs, extra = (res, None) if call.extra is None else res
+    aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
+    if call.dpo is not None:  # a LinearDPOOutput
+        return DPOHeadOutput(logprobs.logprobs, aux, logprobs.loss)
+    return HeadOutput(logprobs, aux) if call.extra is None else (HeadOutput(logprobs, aux), extra)
+
+
+def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Patches the causal LM inside `model` (DDP / FSDP / DeepSpeed / PEFT wrappers) so that its
+    forward takes `dpo_kernels_head=HeadCall(...)` and then returns a `HeadOutput` computed inside
+    that forward; without the keyword the forward is unchanged. Idempotent; returns the patched
+    module. Works after the model was wrapped: the wrappers call the patched forward."""
+    inner = unwrap_model(model)
+    if "_dpo_kernels_forward" in inner.__dict__:
+        return inner
+    if not hasattr(inner, "get_output_embeddings") or inner.get_output_embeddings() is None:
+        raise ValueError(
+            f"fused_lm_head needs a causal LM with an LM head (get_output_embeddings()); "
+            f"{type(inner).__name__} has none: pass fused_lm_head=False"
+        )
+    inner._dpo_kernels_forward = inner.forward
+
+    @functools.wraps(type(inner).forward)  # generate() validates its kwargs against the signature
+    def forward(self, *args, **kwargs):
+        return _fused_head_forward(self, *args, **kwargs)
+
+    inner.forward = types.MethodType(forward, inner)
+    return inner
