@@ -189,8 +189,9 @@ MUTANTS: list[Mutant] = [
     M("trl-f-divergence-dropped", "dpo_kernels/integrations/trl.py",
       "            f_divergence_type=self.f_divergence_type,\n", "",
       T_PARITY, "-k", "forward_kl"),
-    M("trl-discopop-tau-dropped", "dpo_kernels/integrations/trl.py",
-      "            discopop_tau=self.args.discopop_tau,\n", "",
+    M("trl-discopop-tau-dropped", "dpo_kernels/integrations/trl.py",  # the linear_dpo route's
+      "            discopop_tau=self.args.discopop_tau,\n        )  # fmt: skip",
+      "        )  # fmt: skip",
       T_PARITY, "-k", "tau"),
     M("trl-label-smoothing-dropped", "dpo_kernels/integrations/trl.py",
       "            label_smoothing=self.label_smoothing,\n", "",
@@ -201,8 +202,8 @@ MUTANTS: list[Mutant] = [
     # (Counting the shifted completion mask instead is equivalent unless a completion starts at
     # token 0, which TRL's tokenized prompts never do: not a useful mutant.)
     M("trl-counts-include-prompt", "dpo_kernels/integrations/trl.py",
-      "counts = b.completion_mask.sum(1).chunk(2)",
-      "counts = b.attention_mask.sum(1).chunk(2)",
+      'if "sft" not in self.loss_types:\n            counts = b.completion_mask.sum(1).chunk(2)',
+      'if "sft" not in self.loss_types:\n            counts = b.attention_mask.sum(1).chunk(2)',
       T_PARITY, "-k", "ipo or sigmoid_norm"),
     M("trl-logits-metric-from-rejected", "dpo_kernels/integrations/trl.py",
       'metrics["logits/chosen"].append(ratio(c_mean[c_mask].sum(), c_mask.sum()))',
@@ -213,7 +214,8 @@ MUTANTS: list[Mutant] = [
       "if (y == ignore_index) return -1;", "if (y == -100) return -1;",
       T_GAPS, "-k", "logits_path_honours_ignore_index and cpu"),
     M("cpp-online-rescale-inverted", "csrc/vec_rows.h",
-      "const A scale = std::exp(f.m - shift);", "const A scale = std::exp(shift - f.m);",
+      "const A scale = std::exp(f.m - shift);\n    const VA vshift(shift);",
+      "const A scale = std::exp(shift - f.m);\n    const VA vshift(shift);",
       T_LOG, "-k", "test_matches_reference and cpu and multiblock"),
     M("cpp-grad-tail-without-lse", "csrc/vec_rows.h",
       "for (; i < V; ++i) out[i] = static_cast<S>(-g * std::exp(static_cast<A>(z[i]) - lse));",
