@@ -189,9 +189,8 @@ MUTANTS: list[Mutant] = [
     M("trl-f-divergence-dropped", "dpo_kernels/integrations/trl.py",
       "            f_divergence_type=self.f_divergence_type,\n", "",
       T_PARITY, "-k", "forward_kl"),
-    M("trl-discopop-tau-dropped", "dpo_kernels/integrations/trl.py",  # the linear_dpo route's
-      "            discopop_tau=self.args.discopop_tau,\n        )  # fmt: skip",
-      "        )  # fmt: skip",
+    M("trl-discopop-tau-dropped", "dpo_kernels/integrations/trl.py",
+      "            discopop_tau=self.args.discopop_tau,\n", "",
       T_PARITY, "-k", "tau"),
     M("trl-label-smoothing-dropped", "dpo_kernels/integrations/trl.py",
       "            label_smoothing=self.label_smoothing,\n", "",

@@ -90,27 +90,20 @@ class FusedDPOTrainer(DPOTrainer):
         # The sft term is kept apart from the pair losses: it averages the unweighted (not LD)
         # token log-probs over the scored (shifted) chosen tokens, while ipo and sigmoid_norm
         # divide by the unshifted completion lengths, as in TRL.
-        typed = list(zip(self.loss_types, self.loss_weights, strict=True))
-        pair = [(t, w) for t, w in typed if t != "sft"]
-        self._sft_weight = sum(w for t, w in typed if t == "sft")
-        self._loss_spec = None
-        if pair:
-            self._loss_spec = make_spec(
-                beta=self.beta,
-                loss_type=[t for t, _ in pair],
-                loss_weights=[w for _, w in pair],
-                label_smoothing=self.label_smoothing,
-                f_divergence_type=self.f_divergence_type,
-                f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-                discopop_tau=self.args.discopop_tau,
-            )
-        self._sft_spec = make_spec(beta=self.beta, loss_type="sft")
         self._full_spec = make_spec(
-            beta=self.beta, loss_type=list(self.loss_types), loss_weights=list(self.loss_weights),
-            label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
+            beta=self.beta,
+            loss_type=list(self.loss_types),
+            loss_weights=list(self.loss_weights),
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
             f_alpha_divergence_coef=self.f_alpha_divergence_coef,
             discopop_tau=self.args.discopop_tau,
-        )  # fmt: skip
+        )
+        self._loss_spec = self._full_spec.split({"sft"})[0]  # None: sft alone
+        self._sft_weight = sum(
+            w for t, w in zip(self.loss_types, self.loss_weights, strict=True) if t == "sft"
+        )
+        self._sft_spec = make_spec(beta=self.beta, loss_type="sft")
         self.linear_dpo_fallback = self._linear_dpo_fallback()
 
     def _linear_dpo_fallback(self) -> str | None:  # TRL's __init__ may call it (precompute)
