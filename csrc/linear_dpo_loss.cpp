@@ -133,10 +133,11 @@ void fold_softmax_rows(at::Tensor& x, const int64_t* yp, A* mp, A* sp, A* tp, A*
   });
 }
 
-void linear_dpo_rows_fold_softmax(at::Tensor& x, const at::Tensor& targets, at::Tensor& m,
-                                  at::Tensor& s, at::Tensor& target, at::Tensor& stats,
-                                  at::Tensor& arg, double logit_scale,
-                                  std::optional<double> softcap, double temperature) {
+// The fold kernels' outputs: m, s, target [n] and, with statistics, stats [3, n] and arg [n].
+// Returns whether statistics are asked for (stats not empty).
+bool check_fold_outputs(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& m,
+                        const at::Tensor& s, const at::Tensor& target, const at::Tensor& stats,
+                        const at::Tensor& arg) {
   check_rows(x, targets);
   const int64_t n = x.size(0);
   const bool with_stats = stats.numel() > 0;
@@ -148,6 +149,14 @@ void linear_dpo_rows_fold_softmax(at::Tensor& x, const at::Tensor& targets, at::
                               stats.scalar_type() == x.scalar_type() && arg.numel() == n &&
                               arg.is_contiguous() && arg.scalar_type() == at::kLong),
               "stats must be contiguous [3, n] in x's dtype and arg [n] int64 (or both empty)");
+  return with_stats;
+}
+
+void linear_dpo_rows_fold_softmax(at::Tensor& x, const at::Tensor& targets, at::Tensor& m,
+                                  at::Tensor& s, at::Tensor& target, at::Tensor& stats,
+                                  at::Tensor& arg, double logit_scale,
+                                  std::optional<double> softcap, double temperature) {
+  const bool with_stats = check_fold_outputs(x, targets, m, s, target, stats, arg);
   const at::Tensor y = targets.to(at::kLong).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_dpo_rows_fold_softmax", [&] {
     using A = scalar_t;
@@ -167,17 +176,7 @@ void linear_dpo_rows_fold(const at::Tensor& x, const at::Tensor& targets, at::Te
                           at::Tensor& s, at::Tensor& target, at::Tensor& stats, at::Tensor& arg,
                           int64_t vocab_start, double logit_scale, std::optional<double> softcap,
                           double temperature) {
-  check_rows(x, targets);
-  const int64_t n = x.size(0);
-  const bool with_stats = stats.numel() > 0;
-  for (const at::Tensor* t : {&m, &s, &target}) {
-    TORCH_CHECK(t->is_contiguous() && t->numel() == n && t->scalar_type() == x.scalar_type(),
-                "m, s and target must be contiguous [n] in x's dtype");
-  }
-  TORCH_CHECK(!with_stats || (stats.is_contiguous() && stats.numel() == 3 * n &&
-                              stats.scalar_type() == x.scalar_type() && arg.numel() == n &&
-                              arg.is_contiguous() && arg.scalar_type() == at::kLong),
-              "stats must be contiguous [3, n] in x's dtype and arg [n] int64 (or both empty)");
+  const bool with_stats = check_fold_outputs(x, targets, m, s, target, stats, arg);
   const at::Tensor y = targets.to(at::kLong).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_dpo_rows_fold", [&] {
     using A = scalar_t;
