@@ -77,6 +77,10 @@ class HeadCall:
     extra: Any = None
     # Padded [chosen; rejected] rows: the DPO loss fused in the head (not with `extra`).
     dpo: DPOHead | None = None
+    # A loss fused in the head, run instead of linear_sequence_logprobs as
+    # loss(hidden, weight, bias, labels, mask, transform) with the aligned hidden states and the
+    # (gathered) head; the forward returns a `LossHeadOutput` with its result.
+    loss: Any = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -99,6 +103,15 @@ class HeadOutput(NamedTuple):
 
     logprobs: SequenceLogprobs
     aux_loss: torch.Tensor | None = None
+
+
+class LossHeadOutput(NamedTuple):
+    """A head call with `HeadCall.loss`: that callable's result, the MoE aux loss (or None) and
+    `HeadCall.extra`'s result (or None)."""
+
+    result: Any
+    aux_loss: torch.Tensor | None
+    extra: Any = None
 
 
 class DPOHeadOutput(NamedTuple):
@@ -155,11 +168,15 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
                 rejected_counts=d.rejected_counts, stats=call.stats, backend=call.backend,
                 memory_budget=d.memory_budget, **transform,
             )  # fmt: skip
-        res = linear_sequence_logprobs(
-            h.to(weight.device), weight, call.labels.to(weight.device), bias=bias,
-            mask=call.mask.to(weight.device), stats=call.stats, cu_seqlens=call.cu_seqlens,
-            backend=call.backend, **transform,
-        )  # fmt: skip
+        dev = weight.device
+        if call.loss is not None:
+            res = call.loss(h.to(dev), weight, bias, call.labels.to(dev), call.mask.to(dev),
+                            transform)  # fmt: skip
+        else:
+            res = linear_sequence_logprobs(
+                h.to(dev), weight, call.labels.to(dev), bias=bias, mask=call.mask.to(dev),
+                stats=call.stats, cu_seqlens=call.cu_seqlens, backend=call.backend, **transform,
+            )  # fmt: skip
         if call.extra is None:
             return res
         return res, call.extra(full.to(weight.device), weight, bias, transform)
@@ -190,6 +207,8 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
     res = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
     logprobs, extra = (res, None) if call.extra is None else res
     aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
+    if call.loss is not None:
+        return LossHeadOutput(logprobs, aux, extra)
     if call.dpo is not None:  # a LinearDPOOutput
         return DPOHeadOutput(logprobs.logprobs, aux, logprobs.loss)
     return HeadOutput(logprobs, aux) if call.extra is None else (HeadOutput(logprobs, aux), extra)

@@ -116,13 +116,38 @@ PAIRED_KEYS = [
         ({"loss_type": "hinge", "alpha": 0.3, "beta": 1.0}, "sgd", False),
         ({"loss_type": "ipo", "cpo_alpha": 0.5}, "adamw", True),
         ({"loss_type": "alphapo", "alpha": 0.2, "simpo_gamma": 0.7, "beta": 2.0}, "sgd", False),
+        ({"loss_type": "alphapo", "alpha": 0.2, "simpo_gamma": 0.7, "beta": 2.0}, "sgd", True),
+        ({"loss_type": "simpo", "label_smoothing": 0.1, "beta": 2.0}, "adamw", True),
     ],
-    ids=["sigmoid-smoothing-head", "hinge-alpha-logits", "ipo-adamw-head", "alphapo-logits"],
-)
-def test_cpo_matches_stock(cfg, optim, fused, tmp_path):
+    ids=[
+        "sigmoid-smoothing-head", "hinge-alpha-logits", "ipo-adamw-head", "alphapo-logits",
+        "alphapo-head", "cpo-simpo-adamw-head",
+    ],
+)  # fmt: skip
+def test_cpo_matches_stock(cfg, optim, fused, tmp_path, monkeypatch):
+    """Also counts the routes: with the fused head every loss (train and eval) is the 3-matmul
+    op inside the head call, and the log-probs op is never called."""
+    import dpo_kernels.fused_head as fh
+    import dpo_kernels.linear_preference_losses as lpl
+
+    calls = {"pair": 0, "logprobs": 0}
+
+    def counting(name, f):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(lpl, "linear_pair_loss", counting("pair", lpl.linear_pair_loss))
+    seq = fh.linear_sequence_logprobs
+    monkeypatch.setattr(fh, "linear_sequence_logprobs", counting("logprobs", seq))
     stock = run(CPOTrainer, CPOConfig, tmp_path, optim=optim, **cfg)
+    assert calls == {"pair": 0, "logprobs": 0}
     ours = run(FusedCPOTrainer, CPOConfig, tmp_path, optim=optim, fused=fused, **cfg)
     assert_same(stock, ours, PAIRED_KEYS)
+    # STEPS training batches and one evaluation batch of 4 pairs
+    assert calls == ({"pair": STEPS + 1, "logprobs": 0} if fused else {"pair": 0, "logprobs": 0})
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["head", "logits"])
