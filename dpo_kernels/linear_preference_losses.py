@@ -250,6 +250,35 @@ def linear_kto_loss(
     runner together (any order of desirable and undesirable rows is fine); an odd N raises (a
     padding row would count in the mean): split the batch or drop a completion.
     """
+    return _linear_kto(**locals())[0]
+
+
+def _linear_kto(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    kl_logps: torch.Tensor | None = None,
+    ref_kl_logps: torch.Tensor | None = None,
+    kl: torch.Tensor | float | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    beta: float = 0.1,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    memory_budget: int | None = None,
+    backend: str | None = None,
+    stats: bool = False,
+) -> tuple[PreferenceLossOutput, SequenceLogprobs]:
+    """`linear_kto_loss` and the policy's `SequenceLogprobs` of the same pass (no gradient;
+    with `stats`, its token statistics), which trainers log."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] % 2:
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(
@@ -275,6 +304,7 @@ def linear_kto_loss(
 
     head = _head(bias, mask, ignore_index, None, None, logit_scale, softcap, temperature,
                  memory_budget, backend)  # fmt: skip
-    loss, lp = linear_pair_loss(hidden, weight, labels, per_pair, pair_index=True, **head)
+    loss, lp = linear_pair_loss(hidden, weight, labels, per_pair, pair_index=True, stats=stats,
+                               **head)  # fmt: skip
     out = kto_loss(lp.logps, ref_logps, desirable, kl=kl_c, **opts)
-    return out._replace(loss=loss)
+    return out._replace(loss=loss), lp
