@@ -1,6 +1,7 @@
 """The fused LM head as a mode of the model's own forward: `install_fused_head` patches a causal
 LM so that `model(..., dpo_kernels_head=HeadCall(...))` runs the backbone and then calls the LM
-head module with its forward swapped for `linear_sequence_logprobs` (or `linear_dpo`), and
+head module with its forward swapped for `linear_sequence_logprobs` (or `linear_dpo`, or a
+fused loss of the caller's: `HeadCall.loss`), and
 `head_transform` reads the logit post-processing the head must apply from the model's config."""
 
 from __future__ import annotations
