@@ -1,6 +1,7 @@
 """The fused LM head as a mode of the model's own forward: `install_fused_head` patches a causal
 LM so that `model(..., dpo_kernels_head=HeadCall(...))` runs the backbone and then calls the LM
-head module with its forward swapped for `linear_sequence_logprobs` (or `linear_dpo`), and
+head module with its forward swapped for `linear_sequence_logprobs` (or `linear_dpo`, or a
+fused loss of the caller's: `HeadCall.loss`), and
 `head_transform` reads the logit post-processing the head must apply from the model's config."""
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class HeadCall:
     extra: Any = None
     # Padded [chosen; rejected] rows: the DPO loss fused in the head (not with `extra`).
     dpo: DPOHead | None = None
+    # A loss fused in the head, run instead of linear_sequence_logprobs as
+    # loss(hidden, weight, bias, labels, mask, transform) with the aligned hidden states and the
+    # (gathered) head; the forward returns a `LossHeadOutput` with its result.
+    loss: Any = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -99,6 +104,15 @@ class HeadOutput(NamedTuple):
 
     logprobs: SequenceLogprobs
     aux_loss: torch.Tensor | None = None
+
+
+class LossHeadOutput(NamedTuple):
+    """A head call with `HeadCall.loss`: that callable's result, the MoE aux loss (or None) and
+    `HeadCall.extra`'s result (or None)."""
+
+    result: Any
+    aux_loss: torch.Tensor | None
+    extra: Any = None
 
 
 class DPOHeadOutput(NamedTuple):
@@ -155,11 +169,15 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
                 rejected_counts=d.rejected_counts, stats=call.stats, backend=call.backend,
                 memory_budget=d.memory_budget, **transform,
             )  # fmt: skip
-        res = linear_sequence_logprobs(
-            h.to(weight.device), weight, call.labels.to(weight.device), bias=bias,
-            mask=call.mask.to(weight.device), stats=call.stats, cu_seqlens=call.cu_seqlens,
-            backend=call.backend, **transform,
-        )  # fmt: skip
+        dev = weight.device
+        if call.loss is not None:
+            res = call.loss(h.to(dev), weight, bias, call.labels.to(dev), call.mask.to(dev),
+                            transform)  # fmt: skip
+        else:
+            res = linear_sequence_logprobs(
+                h.to(dev), weight, call.labels.to(dev), bias=bias, mask=call.mask.to(dev),
+                stats=call.stats, cu_seqlens=call.cu_seqlens, backend=call.backend, **transform,
+            )  # fmt: skip
         if call.extra is None:
             return res
         return res, call.extra(full.to(weight.device), weight, bias, transform)
@@ -190,6 +208,8 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
     res = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
     logprobs, extra = (res, None) if call.extra is None else res
     aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
+    if call.loss is not None:
+        return LossHeadOutput(logprobs, aux, extra)
     if call.dpo is not None:  # a LinearDPOOutput
         return DPOHeadOutput(logprobs.logprobs, aux, logprobs.loss)
     return HeadOutput(logprobs, aux) if call.extra is None else (HeadOutput(logprobs, aux), extra)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .common import SequenceLogprobs
 from .linear_dpo import linear_pair_loss
 from .preference_losses import (
     PreferenceLossOutput,
@@ -90,6 +91,33 @@ def linear_cpo_loss(
     `cpo_loss` (same defaults). The cpo_alpha NLL is -cpo_alpha * sum(chosen sums) / sum(chosen
     lengths), over the same tokens as the preference term.
     """
+    return _linear_cpo(**locals())[0]
+
+
+def _linear_cpo(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chosen_counts: torch.Tensor | None = None,
+    rejected_counts: torch.Tensor | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    cpo_alpha: float = 1.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    memory_budget: int | None = None,
+    backend: str | None = None,
+) -> tuple[PreferenceLossOutput, SequenceLogprobs]:
+    """`linear_cpo_loss` and the policy's `SequenceLogprobs` of the same pass (no gradient),
+    which trainers log."""
     P = _pairs(hidden)
     if loss_type == "alphapo":
         loss_type, cpo_alpha = "simpo", 0.0
@@ -110,7 +138,7 @@ def linear_cpo_loss(
     nr = lp.counts[P:] if rejected_counts is None else rejected_counts
     out = cpo_loss(lp.logps[:P], lp.logps[P:], chosen_counts=nc, rejected_counts=nr,
                    cpo_alpha=cpo_alpha, **opts)  # fmt: skip
-    return out._replace(loss=loss)
+    return out._replace(loss=loss), lp
 
 
 def linear_simpo_loss(
@@ -222,6 +250,35 @@ def linear_kto_loss(
     runner together (any order of desirable and undesirable rows is fine); an odd N raises (a
     padding row would count in the mean): split the batch or drop a completion.
     """
+    return _linear_kto(**locals())[0]
+
+
+def _linear_kto(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    kl_logps: torch.Tensor | None = None,
+    ref_kl_logps: torch.Tensor | None = None,
+    kl: torch.Tensor | float | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    beta: float = 0.1,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    memory_budget: int | None = None,
+    backend: str | None = None,
+    stats: bool = False,
+) -> tuple[PreferenceLossOutput, SequenceLogprobs]:
+    """`linear_kto_loss` and the policy's `SequenceLogprobs` of the same pass (no gradient;
+    with `stats`, its token statistics), which trainers log."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] % 2:
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(
@@ -247,6 +304,7 @@ def linear_kto_loss(
 
     head = _head(bias, mask, ignore_index, None, None, logit_scale, softcap, temperature,
                  memory_budget, backend)  # fmt: skip
-    loss, lp = linear_pair_loss(hidden, weight, labels, per_pair, pair_index=True, **head)
+    loss, lp = linear_pair_loss(hidden, weight, labels, per_pair, pair_index=True, stats=stats,
+                               **head)  # fmt: skip
     out = kto_loss(lp.logps, ref_logps, desirable, kl=kl_c, **opts)
-    return out._replace(loss=loss)
+    return out._replace(loss=loss), lp

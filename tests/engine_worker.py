@@ -1,8 +1,8 @@
 """One rank of a two-process run for tests/test_engines.py: stock `trl.DPOTrainer` and
-`FusedDPOTrainer` (or, with a configuration's "trainer": "orpo" / "kto", the sibling trainers, for
-tests/test_trl_siblings.py) trained from the same seed and data under one distributed engine,
-for several configurations in one launch; each rank writes its comparison to
-OUT_DIR/rank{RANK}.json.
+`FusedDPOTrainer` (or, with a configuration's "trainer": "cpo" / "orpo" / "kto", the sibling
+trainers, for tests/test_trl_siblings.py) trained from the same seed and data under one
+distributed engine, for several configurations in one launch; each rank writes its comparison
+to OUT_DIR/rank{RANK}.json.
 
     RANK=r WORLD_SIZE=2 MASTER_ADDR=.. MASTER_PORT=.. \
         python tests/engine_worker.py ENGINE OUT_DIR CONFIGS_JSON
@@ -58,17 +58,24 @@ from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
 
 
 def trainers(cfg) -> tuple[type, type, type]:
-    """(stock, fused, config class) for cfg["trainer"]: "dpo" (default) or a sibling, "orpo" or
-    "kto"."""
+    """(stock, fused, config class) for cfg["trainer"]: "dpo" (default) or a sibling, "cpo",
+    "orpo" or "kto"."""
     kind = cfg.get("trainer", "dpo")
     if kind == "dpo":
         return trl.DPOTrainer, FusedDPOTrainer, trl.DPOConfig
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    from dpo_kernels.integrations.trl_siblings import FusedKTOTrainer, FusedORPOTrainer
+    from dpo_kernels.integrations.trl_siblings import (
+        FusedCPOTrainer,
+        FusedKTOTrainer,
+        FusedORPOTrainer,
+    )
 
     if kind == "kto":
         return trl.KTOTrainer, FusedKTOTrainer, trl.KTOConfig
+    if kind == "cpo":
+        return CPOTrainer, FusedCPOTrainer, CPOConfig
     return ORPOTrainer, FusedORPOTrainer, ORPOConfig
 
 

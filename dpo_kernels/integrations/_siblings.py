@@ -64,6 +64,7 @@ class Scored(NamedTuple):
     seq: SequenceLogprobs
     mean_logits: torch.Tensor | None
     logits: torch.Tensor | None  # the model's logits (logits path only)
+    result: Any = None  # the head call's loss output (with `loss`)
 
 
 def score(
@@ -76,20 +77,24 @@ def score(
     backend: str | None,
     stats: bool = False,
     with_mean: bool = False,
+    loss=None,
 ) -> Scored:
     """One forward of `model`; log-probs of the next tokens input_ids[:, 1:] where `mask`
     ([B, L-1]) is set. With the fused head the logits are never built: the LM head module is
-    called inside the model's forward (`dpo_kernels.fused_head.install_fused_head`)."""
+    called inside the model's forward (`dpo_kernels.fused_head.install_fused_head`). `loss`
+    (fused head only): a `HeadCall.loss` returning (its output, the pass's SequenceLogprobs),
+    run in the head call instead of the log-probs op; its output is `Scored.result`."""
     labels = input_ids[:, 1:]
     mask = mask != 0
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if fused_lm_head:
         install_fused_head(model)
         extra = mean_logits if with_mean else None
-        out = model(
-            **kwargs,
-            **{HEAD_KWARG: HeadCall(labels, mask, stats=stats, backend=backend, extra=extra)},
-        )
+        call = HeadCall(labels, mask, stats=stats, backend=backend, extra=extra, loss=loss)
+        out = model(**kwargs, **{HEAD_KWARG: call})
+        if loss is not None:
+            result, seq = out.result
+            return Scored(seq, out.extra, None, result)
         out, mean = out if with_mean else (out, None)
         return Scored(out.logprobs, mean, None)
     logits = model(**kwargs).logits[:, -input_ids.shape[1] :]  # prompt-learning PEFT prepends
@@ -125,10 +130,11 @@ class PairedMixin:
     def _pad_value(self) -> int:
         raise NotImplementedError
 
-    def _paired_forward(self, model, batch, whole_chosen: bool = False):
+    def _paired_forward(self, model, batch, whole_chosen: bool = False, loss=None):
         """(concatenated batch, P, per-position mean logits [2P, L], completion log-probs
         [2P] with counts, and with `whole_chosen` the chosen rows' log-prob sums and counts over
-        every attended token, prompt included: ORPO's NLL)."""
+        every attended token, prompt included: ORPO's NLL; else `loss`'s output when the head
+        call computed the loss (`score`), or None)."""
         cb = self.concatenated_inputs(
             batch,
             is_encoder_decoder=False,
@@ -143,11 +149,11 @@ class PairedMixin:
             mask[:P] |= attn[:P, 1:] != 0
         sc = score(
             model, ids, attn, mask, fused_lm_head=self._fused_lm_head, backend=self._backend,
-            with_mean=True,
+            with_mean=True, loss=loss,
         )  # fmt: skip
         seq = sc.seq
         if not whole_chosen:
-            return cb, P, sc.mean_logits, seq.logps, seq.counts, None
+            return cb, P, sc.mean_logits, seq.logps, seq.counts, sc.result
         chosen = (seq.token_logps[:P] * completion[:P]).sum(1)
         logps = torch.cat([chosen, seq.logps[P:]])
         counts = completion.sum(1)

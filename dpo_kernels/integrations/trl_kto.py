@@ -1,5 +1,8 @@
 """`FusedKTOTrainer`: TRL's KTOTrainer (kto, apo_zero_unpaired) on dpo_kernels' fused log-probs,
-statistics and closed-form loss (see `trl_siblings` for the shared design)."""
+statistics and closed-form loss (see `trl_siblings` for the shared design). With the fused head
+(the default) the loss runs inside the LM head call (`linear_kto_loss`: 3 matmuls) once the KL
+estimate (no gradient) and the reference sums are known; a batch with an odd number of
+completions, which that op cannot pair, takes `linear_sequence_logprobs` + `kto_loss`."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import contextlib
 
 import torch
 
+from ..linear_preference_losses import _linear_kto
 from ..preference_losses import kto_loss
 from ._siblings import _ONE, prompt_learning, refuse, score
 from .trl import check_trl_version
@@ -42,6 +46,11 @@ class FusedKTOTrainer(KTOTrainer):
     ) -> None:
         self._backend = backend
         self._fused_lm_head = fused_lm_head
+        # None: the loss is fused into the LM head call (`linear_kto_loss`, 3 matmuls; a batch
+        # with an odd number of completions still takes log-probs + kto_loss); else why not.
+        self.linear_loss_fallback = (
+            None if fused_lm_head else "fused_lm_head=False: the model's logits and kto_loss"
+        )
         super().__init__(*args, **kwargs)
         kto_loss(
             -_ONE,
@@ -66,13 +75,37 @@ class FusedKTOTrainer(KTOTrainer):
             },
         )
 
-    def _sums(self, model, input_ids, attention_mask, completion_mask, stats=False):
-        """Completion log-prob sums of `model` on one padded batch (and the logits, stats)."""
+    def _sums(self, model, input_ids, attention_mask, completion_mask, stats=False, loss=None):
+        """Completion log-prob sums of `model` on one padded batch (and the logits, stats); with
+        `loss` (a `HeadCall.loss`), also its output, computed in the head call."""
         sc = score(
             model, input_ids, attention_mask, completion_mask[:, 1:],
-            fused_lm_head=self._fused_lm_head, backend=self._backend, stats=stats,
+            fused_lm_head=self._fused_lm_head, backend=self._backend, stats=stats, loss=loss,
         )  # fmt: skip
+        if loss is not None:
+            return sc.seq, sc.logits, sc.result
         return sc.seq, sc.logits
+
+    def _loss_options(self) -> dict:
+        return {
+            "beta": self.beta,
+            "loss_type": self.loss_type,
+            "desirable_weight": self.desirable_weight,
+            "undesirable_weight": self.undesirable_weight,
+            "backend": self._backend,
+        }
+
+    def _head_loss(self, ref_logps, labels, kl):
+        """The KTO loss inside the LM head call (`HeadCall.loss`), with the KL estimate and the
+        reference sums known: (its output, the log-probs with their token statistics)."""
+
+        def loss(hidden, weight, bias, ids, mask, transform):
+            return _linear_kto(
+                hidden, weight, ids, ref_logps, labels, kl=kl, bias=bias, mask=mask,
+                **transform, **self._loss_options(), stats=True,
+            )  # fmt: skip
+
+        return loss
 
     def _kl_sums(self, model, batch) -> torch.Tensor | None:
         if not self.calculate_KL:
@@ -85,6 +118,22 @@ class FusedKTOTrainer(KTOTrainer):
                 batch["KL_completion_mask"],
             )
         return seq.logps
+
+    def _ref_sums(self, batch):
+        """(reference sums, reference KL sums or None): precomputed, or without gradient."""
+        if self.precompute_ref_logps:
+            return batch["ref_logps"], (batch["ref_KL_logps"] if self.calculate_KL else None)
+        ref = self.ref_model if self.ref_model is not None else self.model
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._ref_context(),
+        ):
+            ref_KL_logps = self._kl_sums(ref, batch)
+            ref_seq, _ = self._sums(
+                ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            )
+        return ref_seq.logps, ref_KL_logps
 
     def _ref_context(self) -> contextlib.AbstractContextManager:
         if is_peft_model(self.model) and self.ref_model is None:
@@ -107,38 +156,20 @@ class FusedKTOTrainer(KTOTrainer):
             )
         labels = torch.as_tensor(batch["label"], dtype=torch.bool, device=dev)
         KL_logps = self._kl_sums(model, batch)
-        seq, logits = self._sums(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], True
-        )
-        if self.precompute_ref_logps:
-            ref_logps = batch["ref_logps"]
-            ref_KL_logps = batch["ref_KL_logps"] if self.calculate_KL else None
-        else:
-            ref = self.ref_model if self.ref_model is not None else self.model
-            with (
-                torch.no_grad(),
-                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-                self._ref_context(),
-            ):
-                ref_KL_logps = self._kl_sums(ref, batch)
-                ref_seq, _ = self._sums(
-                    ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-                )
-            ref_logps = ref_seq.logps
+        ids, attn, cmask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        # The reference sums and the KL estimate (no gradient) first, then the policy's forward
+        # (the same order on every route, so processes that take different routes for an odd
+        # batch still call their collectives in the same order).
+        ref_logps, ref_KL_logps = self._ref_sums(batch)
         kl = None
         if self.calculate_KL:
             kl = gather((KL_logps - ref_KL_logps).mean().detach()).mean().clamp(min=0)
-        out = kto_loss(
-            seq.logps,
-            ref_logps,
-            labels,
-            kl=kl,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            desirable_weight=self.desirable_weight,
-            undesirable_weight=self.undesirable_weight,
-            backend=self._backend,
-        )
+        if self.linear_loss_fallback is None and ids.shape[0] % 2 == 0:  # the loss in the head
+            loss = self._head_loss(ref_logps, labels, kl)
+            seq, logits, out = self._sums(model, ids, attn, cmask, True, loss=loss)
+        else:
+            seq, logits = self._sums(model, ids, attn, cmask, True)
+            out = kto_loss(seq.logps, ref_logps, labels, kl=kl, **self._loss_options())
         self._log_kto(mode, batch, labels, seq, out, gather)
         if return_outputs:
             if logits is None:  # the fused head built none: one more forward, as stock does

@@ -7,15 +7,19 @@ Each class subclasses its TRL 1.16 trainer and replaces only the loss computatio
 (as `FusedDPOTrainer` does, so DDP, FSDP and DeepSpeed work) and the logits are never built;
 `fused_lm_head=False` sends the model's logits to `sequence_logprobs`. Either op is the fused
 log-softmax + gather + masked sum (for KTO, with the entropy / mean-logit statistics in the same
-pass); the loss is the closed-form one from `dpo_kernels.preference_losses`. Arguments, numbers
-and logged metrics are TRL's. Options these subclasses do not cover raise at construction,
-naming the option. `FusedKTOTrainer` lives in `trl_kto` and is re-exported here.
+pass); the loss is the closed-form one from `dpo_kernels.preference_losses`. `FusedCPOTrainer`
+with the fused head computes its loss inside the head call instead (`linear_cpo_loss`: 3 matmuls,
+the head's and hidden states' gradients made in the forward); `linear_loss_fallback` names the
+configurations that keep the log-probs route (ORPO always: its NLL covers the prompt tokens).
+Arguments, numbers and logged metrics are TRL's. Options these subclasses do not cover raise at
+construction, naming the option. `FusedKTOTrainer` lives in `trl_kto` and is re-exported here.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+from ..linear_preference_losses import _linear_cpo
 from ..preference_losses import cpo_loss, orpo_loss
 from ._siblings import _ONE, PairedMixin
 from .trl import check_trl_version
@@ -41,6 +45,11 @@ class FusedCPOTrainer(PairedMixin, CPOTrainer):
         super().__init__(*args, **kwargs)
         self._check_paired()
         cpo_loss(-_ONE, -_ONE, chosen_counts=_ONE, rejected_counts=_ONE, **self._loss_options())
+        # None: the loss is fused into the LM head call (`linear_cpo_loss`, 3 matmuls); else why
+        # it takes `linear_sequence_logprobs` / the logits + `cpo_loss`.
+        self.linear_loss_fallback = (
+            None if fused_lm_head else "fused_lm_head=False: the model's logits and cpo_loss"
+        )
 
     def _pad_value(self) -> int:
         return self.pad_token_id
@@ -56,15 +65,25 @@ class FusedCPOTrainer(PairedMixin, CPOTrainer):
             "alpha": self.alpha,
         }
 
+    def _head_loss(self, hidden, weight, bias, labels, mask, transform):
+        """The CPO loss inside the LM head call (`HeadCall.loss`): (its output, the log-probs)."""
+        return _linear_cpo(
+            hidden, weight, labels, bias=bias, mask=mask, **transform, **self._loss_options(),
+            backend=self._backend,
+        )  # fmt: skip
+
     def get_batch_loss_metrics(
         self, model, batch: dict[str, Any], train_eval: Literal["train", "eval"] = "train"
     ):
         """CPO loss and TRL's metrics for a batch (TRL's get_batch_loss_metrics, fused)."""
-        _cb, P, mean, logps, counts, _ = self._paired_forward(model, batch)
-        out = cpo_loss(
-            logps[:P], logps[P:], chosen_counts=counts[:P], rejected_counts=counts[P:],
-            **self._loss_options(), backend=self._backend,
-        )  # fmt: skip
+        fused = self.linear_loss_fallback is None
+        loss = self._head_loss if fused else None
+        _cb, P, mean, logps, counts, out = self._paired_forward(model, batch, loss=loss)
+        if not fused:
+            out = cpo_loss(
+                logps[:P], logps[P:], chosen_counts=counts[:P], rejected_counts=counts[P:],
+                **self._loss_options(), backend=self._backend,
+            )  # fmt: skip
         lp = (logps / counts if self.loss_type in ("ipo", "simpo") else logps).detach()
         # TRL's logits/*: the mean of every logit of the rows, all positions.
         metrics = self._log_paired(out, (lp[:P], lp[P:]), mean[:P], mean[P:], train_eval)
@@ -81,6 +100,13 @@ class FusedORPOTrainer(PairedMixin, ORPOTrainer):
         self._init_kernels(backend, fused_lm_head)
         super().__init__(*args, **kwargs)
         self._check_paired()
+        # TRL's NLL covers the chosen prompt tokens, which linear_orpo_loss's counted tokens
+        # (the completions of both rows) do not: always log-probs + orpo_loss.
+        self.linear_loss_fallback = (
+            "ORPO's NLL covers the chosen prompt tokens: linear_sequence_logprobs + orpo_loss"
+            if fused_lm_head
+            else "fused_lm_head=False: the model's logits and orpo_loss"
+        )
         orpo_loss(-_ONE, -_ONE, chosen_counts=_ONE, rejected_counts=_ONE, beta=self.beta)
 
     def _pad_value(self) -> int:
