@@ -64,6 +64,21 @@ inline void for_each_vec(const S* p, int64_t n, FV&& f, FS&& g) {
 }
 
 // Running statistics of the part of a row folded so far.
+// The largest of p[0:n] in the accumulation type, vectorized; NaN if one is NaN (max_nan).
+template <typename S>
+inline acc_t<S> max_of(const S* p, int64_t n) {
+  using A = acc_t<S>;
+  using VA = Vectorized<A>;
+  VA vmax(-std::numeric_limits<A>::infinity());
+  A tail_max = -std::numeric_limits<A>::infinity();
+  for_each_vec(
+      p, n, [&](const VA& x) { vmax = at::vec::maximum(vmax, x); },
+      [&](A x) { tail_max = max_nan(tail_max, x); });
+  const A m =
+      at::vec::vec_reduce_all<A>([](VA& a, VA& b) { return at::vec::maximum(a, b); }, vmax);
+  return max_nan(m, tail_max);
+}
+
 template <typename A>
 struct RowFold {
   A m = -std::numeric_limits<A>::infinity();  // max so far
@@ -83,19 +98,11 @@ template <typename S, bool STATS = false>
 inline void fold_row(const S* p, int64_t n, RowFold<acc_t<S>>& f, int64_t offset = 0) {
   using A = acc_t<S>;
   using VA = Vectorized<A>;
-  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   auto add = [](VA& a, VA& b) { return a + b; };
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t len = std::min(kChunk, n - start);
     const S* c = p + start;
-    VA vmax(kNegInf);
-    A tail_max = kNegInf;
-    for_each_vec(
-        c, len, [&](const VA& x) { vmax = at::vec::maximum(vmax, x); },
-        [&](A x) { tail_max = max_nan(tail_max, x); });
-    A chunk_max = at::vec::vec_reduce_all<A>(
-        [](VA& a, VA& b) { return at::vec::maximum(a, b); }, vmax);
-    chunk_max = max_nan(chunk_max, tail_max);
+    const A chunk_max = max_of(c, len);
     const A m_new = max_nan(f.m, chunk_max);
     // An infinite max shifts by 0: nothing finite seen yet gives exp(-inf) = 0, and a +inf logit
     // makes the sum +inf (so the log-sum-exp is +inf and log p = -inf) rather than NaN.
@@ -279,20 +286,12 @@ inline void row_linear_logprob_grad(A* x, int64_t n, A lse, A g, int64_t label,
 template <typename A, bool STATS>
 inline void row_fold_softmax(A* x, int64_t V, RowFold<A>& f, int64_t label, A* shifts) {
   using VA = Vectorized<A>;
-  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   auto add = [](VA& a, VA& b) { return a + b; };
   int64_t k = 0;
   for (int64_t start = 0; start < V; start += kChunk, ++k) {
     const int64_t len = std::min(kChunk, V - start);
     A* c = x + start;
-    VA vmax(kNegInf);
-    A tail_max = kNegInf;
-    for_each_vec(
-        c, len, [&](const VA& v) { vmax = at::vec::maximum(vmax, v); },
-        [&](A v) { tail_max = max_nan(tail_max, v); });
-    A chunk_max = at::vec::vec_reduce_all<A>(
-        [](VA& a, VA& b) { return at::vec::maximum(a, b); }, vmax);
-    chunk_max = max_nan(chunk_max, tail_max);
+    const A chunk_max = max_of(c, len);
     const A m_new = max_nan(f.m, chunk_max);
     const A shift = std::isinf(m_new) ? A(0) : m_new;
     const A scale = std::exp(f.m - shift);
