@@ -20,12 +20,13 @@ import time
 import torch
 
 from dpo_kernels import bench
+from dpo_kernels.bench import peers
 
 
 def chunked_matmuls(case: bench.Case, chunks: int):
     """The 3 plain matmuls of the fused op over the counted tokens, in `chunks` row chunks (as
     the fused op runs them, one pair per chunk at the default budget): what chunking costs."""
-    hidden, weight, _, mask = bench.linear_inputs(case, "cpu")
+    hidden, weight, _, mask = peers.linear_inputs(case, "cpu")
     h = hidden[mask]
     dz = torch.randn(h.shape[0], weight.shape[0])
     z, dh, dw = torch.empty_like(dz), torch.empty_like(h), torch.empty_like(weight)
@@ -54,10 +55,10 @@ def main(argv=None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     case = bench.Case("linear_dpo", bench.parse_shape(args.shape), "fp32")
     builders = {
-        "fused": bench._ldpo_fused,
-        "unfused": bench._ldpo_unfused,
-        "cce": bench._ldpo_cce,
-        "matmuls": bench._ldpo_matmuls,
+        "fused": peers.ldpo_fused,
+        "unfused": peers.ldpo_unfused,
+        "cce": peers.ldpo_cce,
+        "matmuls": peers.ldpo_matmuls,
         "matmuls_4chunks": lambda case, _: chunked_matmuls(case, case.shape[0] // 2),
     }
     names = args.methods.split(",")
