@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 from . import linear_dpo_chunks as chunks
+from ._autograd import input_grads
 from .backend import kernels, resolve_backend
 from .common import (
     DPOLossSpec,
@@ -40,6 +41,7 @@ from .common import (
     acc_dtype,
     counted_tokens,
     loss_types_where,
+    stats_dtypes,
 )
 from .losses import DPOLossOutput, dpo_loss, make_spec
 from .validation import check_linear_inputs as _check_linear_inputs
@@ -157,7 +159,8 @@ class _Call(NamedTuple):
 
 def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, rejected_counts,
              logit_scale, softcap, temperature, memory_budget, backend, pairs):  # fmt: skip
-    """Validates the inputs of a fused linear pair loss (pairs: further [P] tensors by name)."""
+    """Validates the inputs of a fused linear pair loss (pairs: further [P] tensors by name), all
+    but the values of labels and mask (`check_values`: a host sync, done where the loss runs)."""
     tf = LogitTransform(logit_scale, softcap, temperature)
     _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, tf)
     if hidden.dim() != 3 or hidden.shape[0] % 2:
@@ -186,7 +189,6 @@ def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, re
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
     name = resolve_backend(backend, hidden.device)
-    _check_values(labels, mask, ignore_index, weight.shape[0])
     counted = counted_tokens(labels, mask, ignore_index)
     counts = counted.sum(-1)
     nc = counts[:P] if chosen_counts is None else chosen_counts
@@ -197,14 +199,76 @@ def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, re
     return _Call(transform, memory_budget, name, counted, counts, nc, nr)
 
 
-def _apply(call: _Call, hidden, weight, bias, labels, make_loss, stats: bool):
-    """(loss, SequenceLogprobs of the same pass) through the chunk runner's autograd function."""
-    loss, sums, tok, *token_stats = chunks.LinearLossFunction.apply(
-        hidden, weight, bias, labels, call.counted, make_loss, call.tf, call.budget, call.backend,
-        torch.is_grad_enabled(), stats,
+def _token_outputs(call: _Call, sums, tok, token_stats, stats: bool) -> SequenceLogprobs:
+    return SequenceLogprobs(
+        sums, call.counts, tok, stats=TokenStats(*token_stats) if stats else None
+    )
+
+
+@torch.library.custom_op("dpo_kernels::linear_dpo", mutates_args=())
+def _linear_dpo_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    ignore_index: int,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    nc: torch.Tensor,
+    nr: torch.Tensor,
+    type_weights: list[float],
+    params: list[float],
+    f_divergence_type: str,
+    transform: list[float],
+    budget: int,
+    backend: str,
+    wants: list[bool],
+    stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`chunks.loss_outputs` of the DPO loss that `DPOLossSpec.pack` gave (type_weights, params,
+    f_divergence_type): (loss, sums, token log-probs, 4 token statistics, dh, dw, db), with the
+    gradients of the inputs in `wants` (hidden, weight, bias) made in the forward."""
+    _check_values(labels, mask, ignore_index, weight.shape[0])
+    acc, P = acc_dtype(hidden.dtype), hidden.shape[0] // 2
+    zero = torch.zeros(P, dtype=acc, device=hidden.device)
+    rc, rr = (zero if r is None else r.detach().to(acc) for r in (ref_chosen, ref_rejected))
+    spec = DPOLossSpec.unpack(type_weights, params, f_divergence_type)
+    loss_fn = _DPOPairLoss(
+        spec, kernels(backend).dpo_loss_and_grads, rc, rr, nc.to(acc), nr.to(acc)
+    )
+    return chunks.loss_outputs(
+        hidden, weight, bias, labels, counted_tokens(labels, mask, ignore_index), loss_fn,
+        LogitTransform.unpack(transform), budget, backend, tuple(wants), stats,
     )  # fmt: skip
-    stats_out = TokenStats(*token_stats) if stats else None
-    return loss, SequenceLogprobs(sums, call.counts, tok, stats=stats_out)
+
+
+@_linear_dpo_op.register_fake
+def _(hidden, weight, bias, labels, mask, ignore_index, rc, rr, nc, nr, type_weights, params,
+      f_divergence_type, transform, budget, backend, wants, stats):  # fmt: skip
+    acc = acc_dtype(hidden.dtype)
+    token_stats = [hidden.new_empty(0) for _ in range(4)]
+    if stats:
+        token_stats = [hidden.new_empty(labels.shape, dtype=d) for d in stats_dtypes(acc)]
+    grads = [
+        hidden.new_empty(t.shape, dtype=t.dtype) if want and t is not None else hidden.new_empty(0)
+        for t, want in zip((hidden, weight, bias), wants, strict=True)
+    ]
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc),
+            hidden.new_empty(labels.shape, dtype=acc), *token_stats, *grads)  # fmt: skip
+
+
+def _linear_dpo_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    chunks.save_grads(ctx, output[-3:], tuple(inputs[16]))
+
+
+def _linear_dpo_backward(ctx, grad_loss, *_):
+    return input_grads(ctx, *chunks.scaled_grads(ctx, grad_loss))
+
+
+_linear_dpo_op.register_autograd(_linear_dpo_backward, setup_context=_linear_dpo_setup)
 
 
 class LinearDPOOutput(NamedTuple):
@@ -245,15 +309,13 @@ def linear_dpo(
                     rejected_counts, logit_scale, softcap, temperature, memory_budget, backend,
                     pairs)  # fmt: skip
     name, nc, nr = call.backend, call.nc, call.nr
-
-    def make_loss(acc: torch.dtype) -> _DPOPairLoss:
-        zero = torch.zeros(P, dtype=acc, device=hidden.device)
-        rc, rr = (zero if r is None else r.detach().to(acc)
-                  for r in (ref_chosen_logps, ref_rejected_logps))  # fmt: skip
-        return _DPOPairLoss(spec, kernels(name).dpo_loss_and_grads, rc, rr, nc.to(acc), nr.to(acc))
-
-    loss, logprobs = _apply(call, hidden, weight, bias, labels, make_loss, stats)
-    sums = logprobs.logps
+    wants = [torch.is_grad_enabled() and t is not None and t.requires_grad
+             for t in (hidden, weight, bias)]  # fmt: skip
+    loss, sums, tok, *rest = _linear_dpo_op(
+        hidden, weight, bias, labels, mask, ignore_index, ref_chosen_logps, ref_rejected_logps,
+        nc, nr, *spec.pack(), call.tf.pack(), call.budget, name, wants, stats,
+    )  # fmt: skip
+    logprobs = _token_outputs(call, sums, tok, rest[:4], stats)
     out = dpo_loss(
         sums[:P], sums[P:], ref_chosen_logps, ref_rejected_logps, chosen_counts=nc,
         rejected_counts=nr, spec=spec, backend=name,
@@ -328,7 +390,12 @@ def linear_pair_loss(
     def make_loss(acc: torch.dtype) -> _SeparableLoss:
         return _SeparableLoss(per_pair, call.nc.to(acc), call.nr.to(acc), nll_weight, pair_index)
 
-    return _apply(call, hidden, weight, bias, labels, make_loss, stats)
+    _check_values(labels, mask, ignore_index, weight.shape[0])
+    loss, sums, tok, *token_stats = chunks.LinearLossFunction.apply(
+        hidden, weight, bias, labels, call.counted, make_loss, call.tf, call.budget, call.backend,
+        torch.is_grad_enabled(), stats,
+    )  # fmt: skip
+    return loss, _token_outputs(call, sums, tok, token_stats, stats)
 
 
 def logits_bytes(tokens: int, vocab: int, dtype: torch.dtype = torch.float32) -> int:

@@ -294,56 +294,80 @@ def run(
     return Output(sums, grads, runner.tok, None if runner.stats is None else tuple(runner.stats))
 
 
+def loss_outputs(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants,
+                 stats) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """`run` packed as op outputs: (loss, sums [2P], token log-probs [2P, T], the four token
+    statistics [2P, T] ([0] each without stats), dh, dw, db (each [0] where not in `wants`)).
+    Every output is its own tensor (op outputs may not alias each other)."""
+    out = run(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants, stats)
+    P = hidden.shape[0] // 2
+    loss = loss_fn.loss(out.sums[:P], out.sums[P:])
+    token_stats = [hidden.new_empty(0) for _ in range(4)]
+    if stats:
+        token_stats = [t.view(labels.shape) for t in out.stats]
+    dh, dw, db = out.grads.dh, out.grads.dw, out.grads.db
+    grads = (
+        hidden.new_empty(0) if dh is None else dh.view(hidden.shape),
+        hidden.new_empty(0)
+        if dw is None
+        else (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)),
+        hidden.new_empty(0) if db is None else db.to(bias.dtype),
+    )
+    return loss, out.sums, out.tok.view(labels.shape), *token_stats, *grads
+
+
+def save_grads(ctx, grads: tuple[torch.Tensor, ...], wants: tuple[bool, ...]) -> None:
+    """Keeps the gradients made in the forward for `scaled_grads`. Saved (not kept as
+    attributes) so that autograd frees them right after the backward call: the gradient handed
+    to AccumulateGrad is then its only reference, and becomes .grad without a copy."""
+    ctx.save_for_backward(*grads)
+    ctx.wanted = tuple(wants)
+    ctx.scale = None
+
+
+def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
+    """The saved (hidden, weight, bias) gradients times the incoming one: in place the first time
+    in eager mode (nothing else holds them yet); out of place when traced (torch.compile, AOT
+    autograd: the incoming gradient is then a fake or functional tensor, whose value no branch
+    may look at)."""
+    grads = ctx.saved_tensors
+    if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
+        out = [g * grad_loss.to(g.dtype) for g in grads]
+    elif ctx.scale is None:
+        ctx.scale = grad_loss.detach().clone()
+        if not bool((grad_loss == 1).all()):
+            for g, want in zip(grads, ctx.wanted, strict=True):
+                if want:  # .data: no version bump, a retained graph can unpack them again
+                    g.data.mul_(grad_loss.to(g.dtype))
+        out = grads
+    else:  # retain_graph: a later backward, relative to the scale applied the first time
+        if not bool((ctx.scale != 0).all()):
+            raise RuntimeError(
+                "linear_dpo_loss / linear_pair_loss: a second backward after a first one with "
+                "a zero incoming gradient cannot be scaled; call the loss again"
+            )
+        out = [g * (grad_loss / ctx.scale).to(g.dtype) for g in grads]
+    return [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
+
+
 class LinearLossFunction(torch.autograd.Function):
-    """Forward: the loss of `make_loss(accumulation dtype)` (a `PairLoss`), with the gradients of
-    hidden, weight and bias computed alongside and kept; backward: those gradients times the
-    incoming one (in place the first time). Returns (loss, sums [2P], token log-probs [2P, T],
-    and with stats the four token statistics [2P, T])."""
+    """`loss_outputs` as an autograd function, for losses given as Python objects
+    (`linear_pair_loss`; `linear_dpo` is the `dpo_kernels::linear_dpo` custom op). Forward: the
+    loss of `make_loss(accumulation dtype)` (a `PairLoss`) with the gradients of hidden, weight
+    and bias computed alongside and kept; backward: those gradients times the incoming one.
+    Returns `loss_outputs` without the gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, counted, make_loss, tf, budget, backend,
                 grad_on, stats):  # fmt: skip
         wants = tuple(grad_on and w for w in ctx.needs_input_grad[:3])
         loss_fn = make_loss(acc_dtype(hidden.dtype))
-        out = run(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants,
-                  stats)  # fmt: skip
-        P = hidden.shape[0] // 2
-        loss = loss_fn.loss(out.sums[:P], out.sums[P:])
-        dh, dw, db = out.grads.dh, out.grads.dw, out.grads.db
-        empty = hidden.new_empty(0)
-        grads = (
-            empty if dh is None else dh.view(hidden.shape),
-            empty if dw is None else (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)),
-            empty if db is None else db.to(bias.dtype),
-        )
-        # Saved (not kept as attributes) so that autograd frees them right after the backward
-        # call: the gradient handed to AccumulateGrad is then its only reference, and becomes
-        # .grad without a copy.
-        ctx.save_for_backward(*grads)
-        ctx.wanted = tuple(g is not empty for g in grads)
-        ctx.scale = None
-        extra = [out.tok.view(labels.shape)]
-        if stats:
-            extra += [t.view(labels.shape) for t in out.stats]
-        ctx.mark_non_differentiable(out.sums, *extra)
-        return loss, out.sums, *extra
+        *outs, dh, dw, db = loss_outputs(hidden, weight, bias, labels, counted, loss_fn, tf,
+                                         budget, backend, wants, stats)  # fmt: skip
+        save_grads(ctx, (dh, dw, db), wants)
+        ctx.mark_non_differentiable(*outs[1:])
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        grads = ctx.saved_tensors
-        if ctx.scale is None:  # first backward: scale in place (nothing else holds them yet)
-            ctx.scale = grad_loss.detach().clone()
-            if not bool((grad_loss == 1).all()):
-                for g, want in zip(grads, ctx.wanted, strict=True):
-                    if want:  # .data: no version bump, a retained graph can unpack them again
-                        g.data.mul_(grad_loss.to(g.dtype))
-            out = grads
-        else:  # retain_graph: a later backward, relative to the scale applied the first time
-            if not bool((ctx.scale != 0).all()):
-                raise RuntimeError(
-                    "linear_dpo_loss / linear_pair_loss: a second backward after a first one with "
-                    "a zero incoming gradient cannot be scaled; call the loss again"
-                )
-            out = [g * (grad_loss / ctx.scale).to(g.dtype) for g in grads]
-        out = [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
-        return *out, *(None,) * 8
+        return *scaled_grads(ctx, grad_loss), *(None,) * 8

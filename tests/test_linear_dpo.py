@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import cpu_backends
 
-from dpo_kernels import dpo_loss, linear_dpo_loss
+from dpo_kernels import dpo_loss, linear_dpo_loss, make_spec
 from dpo_kernels.common import LOSS_TYPES
 
 P, T, H, V = 3, 9, 16, 61  # odd lengths everywhere
@@ -170,6 +170,47 @@ def test_gradcheck_float64():
                                memory_budget=4 * 11 * 8).loss  # fmt: skip
 
     assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """linear_dpo_loss is the `dpo_kernels::linear_dpo` custom op: a whole DPO step from hidden
+    states compiles without a graph break, and matches eager and the float64 reference."""
+    batch = make_batch()
+    hidden, weight, bias, labels, mask, rc, rr = batch
+
+    def step(h, w, b):
+        out = linear_dpo_loss(h, w, labels, bias=b, mask=mask, ref_chosen_logps=rc,
+                              ref_rejected_logps=rr, loss_type="sigmoid", beta=0.3,
+                              softcap=3.0, memory_budget=ONE_PAIR, backend=backend)  # fmt: skip
+        return 2.0 * out.loss + out.chosen_rewards.sum()  # an incoming gradient other than 1
+
+    def leaves():
+        return [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    eager_in, comp_in = leaves(), leaves()
+    eager, comp = step(*eager_in), compiled(*comp_in)
+    eager.backward()
+    comp.backward()
+    torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
+    ref, dh64, dw64, db64 = reference64(*batch, loss_type="sigmoid", beta=0.3, softcap=3.0)
+    for got, want, name in zip([t.grad for t in comp_in], (dh64, dw64, db64), "hwb", strict=True):
+        assert_close(got, 2.0 * want, 1e-4, f"compiled grad of {name}")
+
+
+def test_custom_op_schema_fake_and_autograd():
+    """torch.library.opcheck: the op's schema, its fake implementation (shapes and dtypes of all
+    ten outputs, with and without stats and gradients) and its autograd registration."""
+    hidden, weight, bias, labels, mask, rc, rr = make_batch(P=2, T=5, H=6, V=13)
+    counts = ((labels != -100) & mask).sum(-1).float()
+    spec = make_spec(0.2, "sigmoid", None, 0.0, "reverse_kl", 0.5, 0.05).pack()
+    for stats, wants in ((False, [True, True, True]), (True, [True, False, False])):
+        args = (hidden.requires_grad_(wants[0]), weight.requires_grad_(wants[1]),
+                bias.requires_grad_(wants[2]), labels, mask, -100, rc, rr, counts[:2], counts[2:],
+                *spec, [1.0, 0.0, 1.0], 2 * 5 * 13 * 4, "cpu", wants, stats)  # fmt: skip
+        torch.library.opcheck(torch.ops.dpo_kernels.linear_dpo.default, args)
 
 
 def test_incoming_gradient_scales_and_frozen_weight():
