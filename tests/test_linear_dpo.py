@@ -196,6 +196,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     comp.backward()
     torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
     ref, dh64, dw64, db64 = reference64(*batch, loss_type="sigmoid", beta=0.3, softcap=3.0)
+    assert_close(comp, 2.0 * ref.loss + ref.chosen_rewards.sum(), 1e-5, "compiled value")
     for got, want, name in zip([t.grad for t in comp_in], (dh64, dw64, db64), "hwb", strict=True):
         assert_close(got, 2.0 * want, 1e-4, f"compiled grad of {name}")
 
