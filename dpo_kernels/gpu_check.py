@@ -226,7 +226,33 @@ def _linear_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
             cases.append((tag + " softcap", fwd_bwd(dtype, V, 30.0)))
             cases.append((tag + " stats", fwd_bwd(dtype, V, None, True)))
     names = ["_linear_fwd_kernel", "_linear_bwd_kernel"]
-    return [(name, run, K, names) for name, run in cases]
+    return [(name, run, K, names) for name, run in cases] + _dz_cases()
+
+
+def _dz_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
+    """The fused linear losses' single pass on CUDA with bf16/fp16 inputs: the gradient kernel
+    reads the float32 logits (padded rows) and writes dz in the inputs' dtype (linear_dpo_rows)."""
+    from .common import LogitTransform
+    from .linear_dpo_rows import Rows
+    from .ops import triton_linear_logprobs as K
+
+    def dz(dtype, V, softcap):
+        def run():
+            n = 16
+            rows = Rows("triton", dtype, torch.device("cpu"), LogitTransform(softcap=softcap))
+            x = torch.empty(n, K.padded(V))[:, :V]  # as Rows.tile lays out the chunk's logits
+            out = torch.empty(n, K.padded(V), dtype=dtype)[:, :V]
+            g, lse = torch.randn(n), torch.randn(n)
+            rows.grad(x, torch.randint(0, V, (n,)), g, lse, out=out)
+
+        return run
+
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for V in VOCABS:
+            tag = f"linear_dz {_tag(dtype)} V={V}"
+            cases += [(tag, dz(dtype, V, None)), (tag + " softcap", dz(dtype, V, 30.0))]
+    return [(name, run, K, ["_linear_bwd_kernel"]) for name, run in cases]
 
 
 def cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:

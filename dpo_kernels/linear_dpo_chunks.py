@@ -171,7 +171,8 @@ class _Runner:
         rows.project(x, h, self.weight, self.bias, 0)
         f = Fold(n, x.dtype, x.device, self.stats is not None, rows.backend)
         # With gradient, x becomes q = onehot - softmax in the same read: dz = g * q, and g (the
-        # loss's factor of each row, known once the sums are) scales the matmuls' operands.
+        # loss's factor of each row, known once the sums are) scales the matmuls' operands. (CUDA,
+        # bf16/fp16: x stays the logits, and backprop writes g * q in the inputs' dtype.)
         (rows.fold_softmax if grad_on else lambda *a: rows.fold(*a, 0))(x, y, f)
         sums = _row_sums(self._outputs(idx, y, f), seg, 2 * (k1 - k0))
         if not grad_on:

@@ -50,11 +50,15 @@ class Rows:
         self.acc = acc_dtype(dtype)
         self.reduced = self.acc != dtype
         self.cuda = device.type == "cuda"
+        # CUDA, bf16/fp16, Triton: the whole-vocabulary gradient goes from the float32 logits to
+        # dz in the inputs' dtype in one kernel (fold_softmax, backprop).
+        self.dz_kernel = backend == "triton" and self.reduced and self.cuda
         if backend == "triton":
             from .ops import triton_linear_logprobs as tl_ops
 
             self._tl = tl_ops
             self._params = tl_ops._params(tf, torch.empty(0, dtype=dtype, device=device))
+        self._deferred = None  # (x, labels, Fold): a tile whose gradient waits for g (CUDA)
 
     def tile(self, buf: torch.Tensor, n: int, nv: int) -> torch.Tensor:
         """An [n, nv] tile in `buf`; for the Triton kernels its rows are padded to whole 16-byte
@@ -111,8 +115,22 @@ class Rows:
         written, not added to, at vs == 0 and dw with dw_fresh: no zero fill (CPU; on CUDA the
         buffers start at zero and are always added to). g [n]: the rows of x are to be scaled
         by g (x = the whole vocabulary): applied to h for dw and db, and to dh afterwards, not
-        to the [n, V] tile."""
+        to the [n, V] tile; on CUDA with bf16/fp16, x is the tile of logits fold_softmax left,
+        turned into g * q by the gradient kernel on its way to the inputs' dtype."""
         nv = x.shape[1]
+        if g is not None and self.dz_kernel:
+            # x still holds the logits (see fold_softmax): one kernel reads them and writes
+            # dz = g * q in the inputs' dtype, rounded once, as the dh and dw matmuls take it.
+            # g goes into dz rather than onto h: g * h rounded to bf16 would be a second rounding.
+            y, lse = self._take_deferred(x)
+            if db is None:
+                dz = torch.empty(x.shape[0], self._tl.padded(nv), dtype=self.dtype,
+                                 device=x.device)[:, :nv]  # fmt: skip
+                self.grad(x, y, g, lse, out=dz)
+                x = dz  # below, x.to(self.dtype) is then x itself: no copy
+            else:  # db sums the float32 dz: written in place, rounded to a copy below
+                self.grad(x, y, g, lse)
+            g = None
         if g is not None and self.reduced and self.cuda:  # dz is rounded to bf16: scale it first
             x.mul_(g[:, None])
             g = None
@@ -148,6 +166,13 @@ class Rows:
                         rows.addmm_(xs.T, h)
         if db is not None:
             db[vs : vs + nv] += x.sum(0)
+
+    def _take_deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, lse) of the rows that fold_softmax folded into x and left for backprop."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None or deferred[0] is not x:
+            raise RuntimeError("Rows.backprop: x is not the tile fold_softmax folded last")
+        return deferred[1], deferred[2].lse()
 
     # -- row kernels ------------------------------------------------------------------------
 
@@ -205,10 +230,16 @@ class Rows:
             )
             return
         self.fold(x, y, f, 0)
+        if self.dz_kernel:
+            # CUDA, bf16/fp16: x stays the logits, and backprop (given g) turns them into
+            # g * q in the inputs' dtype in one kernel, no float32 q written in between.
+            self._deferred = (x, y, f)
+            return
         self.grad(x, y, torch.ones_like(f.m), f.lse())
 
-    def grad(self, x, local, g, lse) -> None:
-        """x <- g * (onehot(local) - softmax(z(x))) * dz/dx in place, per row."""
+    def grad(self, x, local, g, lse, out=None) -> None:
+        """x <- g * (onehot(local) - softmax(z(x))) * dz/dx in place, per row; with `out`
+        (Triton: a buffer of x's shape, in x's dtype or the inputs'), written there instead."""
         tf = self.tf
         if self.backend == "cpu":
             op = torch.ops.dpo_kernels_cpu.linear_dpo_rows_grad
@@ -218,12 +249,14 @@ class Rows:
             n, nv = x.shape
             if n == 0:
                 return
+            out = x if out is None else out
             block, warps = self._tl.launch_config(nv, x.element_size())
-            vec = self._tl.vec_elems(x.element_size())
+            vec = self._tl.vec_elems(out.element_size())  # whole 16-byte vectors of both
             with self._tl.device_guard(x):
                 self._tl._linear_bwd_kernel[(n, -(-nv // block))](
-                    x, local, g.contiguous(), lse.contiguous(), self._params, -(-nv // vec) * vec,
-                    x.stride(0), 0, HAS_SOFTCAP=tf.softcap is not None,
+                    x, out, local, g.contiguous(), lse.contiguous(), self._params,
+                    -(-nv // vec) * vec, x.stride(0), out.stride(0), 0,
+                    HAS_SOFTCAP=tf.softcap is not None,
                     ACC=self._tl.tl_acc_dtype(x.dtype), BLOCK_V=block, VEC=vec, num_warps=warps,
                 )  # fmt: skip
             return

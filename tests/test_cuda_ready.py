@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from conftest import GRAD_TOL, HAS_TRITON, assert_no_worse_than_naive
+from conftest import GRAD_TOL, HAS_TRITON, TEST_DEVICE, assert_no_worse_than_naive
 
 import dpo_kernels
 from dpo_kernels import backend as dispatch
@@ -343,3 +343,117 @@ def test_launch_config_keeps_registers_bounded():
                 vec = K.vec_elems(esize)
                 most = (32 if stats else 64) // esize  # bytes per thread, as registers allow
                 assert per_thread % vec == 0 and vec <= per_thread <= max(vec, most)
+
+
+# ------------------------------------------------------------------------------------------
+# 5. The fused linear losses' single pass on CUDA with bf16/fp16 inputs: the gradient kernel reads
+# the float32 logits once and writes dz = g * q in the inputs' dtype (linear_dpo_rows.Rows).
+
+_TRANSFORMS = [{}, {"logit_scale": 1.7, "temperature": 0.6},
+               {"softcap": 2.5, "logit_scale": 1.3, "temperature": 0.8}]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transform", _TRANSFORMS)
+@pytest.mark.parametrize("nv", [53, 40])
+def test_gradient_kernel_writes_dz_in_the_inputs_dtype(dtype, transform, nv):
+    """Rows.grad with `out`: float32 tile rows padded as Rows.tile lays them out (odd widths:
+    the last vector runs into the padding), labels inside and outside the tile; dz against
+    float64 within one rounding to dtype, the tile only read, nothing written past the vectors
+    that hold a row."""
+    from dpo_kernels.common import LogitTransform
+    from dpo_kernels.linear_dpo_rows import Rows
+
+    n = 7
+    tf = LogitTransform(transform.get("logit_scale", 1.0), transform.get("softcap"),
+                        transform.get("temperature", 1.0))  # fmt: skip
+    rows = Rows("triton", dtype, torch.device("cpu"), tf)
+    buf = torch.randn(n * 64 + rows.slack(n)) * 3
+    x = rows.tile(buf, n, nv)
+    labels = torch.randint(0, nv, (n,))
+    labels[1], labels[4] = -1, nv + 3  # not in this tile: no onehot term
+    labels[2] = nv - 1  # the last column, in the row's last (partial) vector
+    g = torch.randn(n, dtype=torch.float64) * 4
+    x64 = x.double()
+    z = x64 if tf.softcap is None else tf.softcap * torch.tanh(x64 / tf.softcap)
+    slope = tf.factor * (1 - torch.tanh(x64 / tf.softcap) ** 2) if tf.softcap else tf.factor
+    z = z * tf.factor
+    lse = z.logsumexp(-1)
+    onehot = (torch.arange(nv) == labels[:, None]).double()
+    expect = g[:, None] * (onehot - torch.exp(z - lse[:, None])) * slope
+    width = rows._tl.padded(nv)
+    store = torch.full((n * width,), float("nan"), dtype=dtype)
+    dz = store.view(n, width)[:, :nv]
+    before = buf.clone()
+    rows.grad(x, labels, g.float(), lse.float(), out=dz)
+    assert torch.equal(buf, before)  # the float32 logits are only read
+    # One rounding to dtype: to nearest on a GPU (cvt.rn), GRAD_TOL is twice its unit roundoff;
+    # the interpreter's float32 -> bf16 cast truncates (numpy has no bf16): up to one ulp there.
+    rtol = GRAD_TOL[dtype] * (2 if dtype == torch.bfloat16 and TEST_DEVICE == "cpu" else 1)
+    atol = 1e-6 * g.abs().max().item() * tf.factor + 2**-24  # float32 math; fp16 subnormals
+    err = (dz.double() - expect).abs()
+    bad = err > rtol * expect.abs() + atol
+    assert not bad.any(), (bad.nonzero(), dz[bad], expect[bad], labels)
+    written = -(-nv // 8) * 8  # whole 16-byte vectors of the output
+    assert store.view(n, width)[:, written:].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("budget", [None, "one pair"])
+def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias, budget):
+    """linear_dpo_loss through Rows' CUDA branch for bf16/fp16 (Rows told it is on CUDA; the
+    out-dtype matmuls fall back to upcasting on CPU): without bias the gradient kernel writes dz
+    in dtype and the dh and dw matmuls read that very buffer (no float32 q, no cast of the
+    tile); with bias it writes the float32 tile (db sums it). Loss and gradients against float64
+    with the tolerances of test_linear_dpo.py::test_bfloat16_within_naive_error; with the one-pair
+    budget some pairs take the recompute route, unchanged."""
+    from test_linear_dpo import ONE_PAIR, assert_close, make_batch, reference64, run
+
+    from dpo_kernels import linear_dpo_rows
+    from dpo_kernels.ops import triton_linear_logprobs as L
+
+    init = linear_dpo_rows.Rows.__init__
+
+    def on_cuda(self, backend, *args):
+        init(self, backend, *args)
+        self.cuda = True
+        self.dz_kernel = backend == "triton" and self.reduced
+
+    monkeypatch.setattr(linear_dpo_rows.Rows, "__init__", on_cuda)
+    launches, mm = [], []
+    kernel, addmm_acc = L._linear_bwd_kernel, L._addmm_acc
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(tile, out, *args, **kwargs):
+                launches.append((tile.data_ptr(), out))  # kept: its memory is not reused
+                return kernel[grid](tile, out, *args, **kwargs)
+
+            return launch
+
+    def spy_mm(acc, a, b):
+        mm.append((a.data_ptr(), a.dtype, b.dtype))
+        return addmm_acc(acc, a, b)
+
+    monkeypatch.setattr(L, "_linear_bwd_kernel", Spy())
+    monkeypatch.setattr(L, "_addmm_acc", spy_mm)
+    batch = make_batch(dtype=dtype, bias=bias)
+    kw = {"softcap": 2.5, "logit_scale": 1.3, "temperature": 0.7}
+    ref, dh64, dw64, db64 = reference64(*batch, **kw)
+    memory_budget = ONE_PAIR if budget else None
+    out, dh, dw, db = run(*batch, backend="triton", memory_budget=memory_budget, **kw)
+    assert dh.dtype == dtype and dw.dtype == dtype
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+    assert_close(dh, dh64, 2**-7, "hidden grad")
+    assert_close(dw, dw64, 2**-7, "weight grad")
+    if bias:
+        assert_close(db, db64, 2**-7, "bias grad")
+    to_dz = [out.data_ptr() for tile, out in launches if out.dtype == dtype]
+    assert all(tile != out.data_ptr() for tile, out in launches if out.dtype == dtype)
+    if bias:
+        assert not to_dz and all(tile == out.data_ptr() for tile, out in launches)
+    else:
+        assert to_dz  # the single pass's chunks
+        for ptr in to_dz:  # dh and dw read dz itself, in dtype
+            assert [(a, b) for p, a, b in mm if p == ptr] == [(dtype, dtype)] * 2

@@ -126,18 +126,21 @@ def _linear_fwd_kernel(
 
 @triton.jit
 def _linear_bwd_kernel(
-    tile_ptr,  # [n, n_cols] recomputed projection tile (row stride s_tile), overwritten with dx
+    tile_ptr,  # [n, n_cols] recomputed projection tile (row stride s_tile), float32 (float64)
+    out_ptr,  # [n, n_cols] dx (row stride s_out): the tile itself (in place), or a buffer in
+    # the inputs' dtype (bf16/fp16: the tile is only read, dx rounded once on the way out)
     targets_ptr,  # [n] labels of the tile's rows
     grad_ptr,  # [n] upstream gradient of the label log-probs, ACC
     lse_ptr,  # [n] log-sum-exp saved by the forward, ACC
     params_ptr,  # [2] (logit_scale / temperature, softcap), ACC
     n_pad,  # the tile's width rounded up to VEC: padding columns are computed and never read
     s_tile,
+    s_out,
     vocab_start,
     HAS_SOFTCAP: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr,  # elements in 16 bytes of the narrower of the tile and out
 ):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -148,7 +151,8 @@ def _linear_bwd_kernel(
     lse = tl.load(lse_ptr + row)
     onehot = tl.where(offs == tl.load(targets_ptr + row) - vocab_start, 1.0, 0.0).to(ACC)
     dx = g * (onehot - tl.exp(z - lse)) * slope
-    tl.store(ptrs, dx.to(tile_ptr.dtype.element_ty), mask=valid)
+    out = out_ptr + row.to(tl.int64) * s_out + offs
+    tl.store(out, dx.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -335,11 +339,13 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
         block, warps = launch_config(nv, tile.element_size())
         _linear_bwd_kernel[(n, triton.cdiv(nv, block))](
             tile,
+            tile,
             targets[ts:],
             grad[ts:],
             lse[ts:],
             params,
             -(-nv // vec) * vec,
+            tile.stride(0),
             tile.stride(0),
             vs,
             HAS_SOFTCAP=transform.softcap is not None,
