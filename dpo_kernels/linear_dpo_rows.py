@@ -49,10 +49,13 @@ class Rows:
         self.backend, self.dtype, self.tf = backend, dtype, tf
         self.acc = acc_dtype(dtype)
         self.reduced = self.acc != dtype
-        self.cuda = device.type == "cuda"
-        # CUDA, bf16/fp16, Triton: the whole-vocabulary gradient goes from the float32 logits to
+        # The CUDA route (Triton backend on a CUDA device): bf16/fp16 matmuls with float32
+        # results (cuBLAS out_dtype, the Triton module's helpers). The reference backend on CUDA
+        # upcasts like the CPU route: it has no Triton module to ask.
+        self.cuda = device.type == "cuda" and backend == "triton"
+        # CUDA route, bf16/fp16: the whole-vocabulary gradient goes from the float32 logits to
         # dz in the inputs' dtype in one kernel (fold_softmax, backprop).
-        self.dz_kernel = backend == "triton" and self.reduced and self.cuda
+        self.dz_kernel = self.reduced and self.cuda
         if backend == "triton":
             from .ops import triton_linear_logprobs as tl_ops
 

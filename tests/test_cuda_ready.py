@@ -457,3 +457,28 @@ def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias,
         assert to_dz  # the single pass's chunks
         for ptr in to_dz:  # dh and dw read dz itself, in dtype
             assert [(a, b) for p, a, b in mm if p == ptr] == [(dtype, dtype)] * 2
+
+
+def test_reference_backend_on_cuda_with_reduced_inputs(monkeypatch):
+    """backend="reference" on a CUDA device with bf16 inputs upcasts like the CPU route (it has
+    no Triton module for the out-dtype matmuls): Rows built for a CUDA device, run on CPU
+    tensors, against float64."""
+    from test_linear_dpo import assert_close, make_batch, reference64, run
+
+    from dpo_kernels import linear_dpo_rows
+
+    init = linear_dpo_rows.Rows.__init__
+    built = []
+
+    def on_cuda(self, backend, dtype, device, tf):
+        init(self, backend, dtype, torch.device("cuda"), tf)
+        built.append(self.cuda)
+
+    monkeypatch.setattr(linear_dpo_rows.Rows, "__init__", on_cuda)
+    batch = make_batch(dtype=torch.bfloat16)
+    ref, dh64, dw64, db64 = reference64(*batch, softcap=2.5)
+    out, dh, dw, db = run(*batch, backend="reference", softcap=2.5)
+    assert built == [False]
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+    for got, want, name in ((dh, dh64, "hidden"), (dw, dw64, "weight"), (db, db64, "bias")):
+        assert_close(got, want, 2**-7, f"{name} grad")
