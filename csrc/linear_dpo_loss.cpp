@@ -1,18 +1,21 @@
-// Row kernels of the fused linear DPO loss on CPU (dpo_kernels/linear_dpo.py).
+// Column kernels of the fused linear losses on CPU (dpo_kernels/linear_dpo_chunks.py).
 //
-// The Python driver projects one chunk of pairs' counted tokens into a single float32 (float64)
-// buffer x [n, V] with ATen matmuls; these two kernels do the per-row work in between:
-//   linear_dpo_rows_fold: one read of x: folds each row into a running log-sum-exp (and, when
-//                         asked, the entropy / mean / argmax / sum p^2 statistics trainers log)
-//                         and picks the label's z, x left intact; running state, so a row may
-//                         come in vocabulary blocks.
-//   linear_dpo_rows_fold_softmax: the fold of whole rows, then (row still in cache) x <- q =
+// The Python driver projects one chunk of counted tokens into a single float32 (float64) tile
+// x [n, V] with ATen matmuls, stored vocabulary-major (storage [V, n], x.t().is_contiguous(): the
+// layout that matmul writes fastest); these three kernels do the per-token work in between:
+//   linear_dpo_rows_fold: one read of x: folds each token's logits into a running log-sum-exp
+//                         (and, when asked, the entropy / mean / argmax / sum p^2 statistics
+//                         trainers log) and picks the label's z, x left intact; running state, so
+//                         a token's vocabulary may come in blocks.
+//   linear_dpo_rows_fold_softmax: the fold of whole vocabularies, then (still in cache) x <- q =
 //                         (onehot - softmax(z(x))) * dz/dx: the gradient before the loss's
-//                         per-row factor, so the 3-matmul route reads its logits once.
+//                         per-token factor, so the 3-matmul route reads its logits once.
 //   linear_dpo_rows_grad: x <- g * (onehot - softmax(z(x))) * dz/dx, in place (one read, one
 //                         write), once each pair's loss gradient g is known.
-// z(x) is the logit transform of ops/reference.py::LogitTransform. Rows are split over threads,
-// one thread per row, so results do not depend on the thread count.
+// z(x) is the logit transform of ops/reference.py::LogitTransform. One vector holds W consecutive
+// tokens of one vocabulary entry (vec_cols.h); blocks of W tokens are split over threads and each
+// lane computes the same numbers wherever its token falls, so results do not depend on the thread
+// count. (The op names keep "rows": they are the row work of the chunk runner.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,7 +24,7 @@
 #include <vector>
 
 #include "common.h"
-#include "vec_rows.h"
+#include "vec_cols.h"
 
 namespace dpo_kernels {
 namespace {
@@ -32,105 +35,150 @@ LogitTransform<A> transform_of(double logit_scale, std::optional<double> softcap
   return {static_cast<A>(logit_scale / temperature), static_cast<A>(softcap.value_or(0.0))};
 }
 
-void check_rows(const at::Tensor& x, const at::Tensor& targets) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [n, V] buffer");
+void check_cols(const at::Tensor& x, const at::Tensor& targets) {
+  TORCH_CHECK(x.dim() == 2 && x.t().is_contiguous(),
+              "x must be a vocabulary-major [n, V] tile (storage [V, n]: x.t().is_contiguous()), "
+              "as linear_dpo_rows.Rows.tile makes it for the cpu backend; got strides ",
+              x.strides());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "x must be float32 or float64");
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == x.size(0), "targets must be [n]");
 }
 
-// Folds x's rows (vocabulary [vocab_start, vocab_start + nv) of each token) into running
-// per-row statistics, updated in place: m (max), s (sum of exp(z - m)), and with stats ([3, n]
-// pz, zsum, sq as in vec_rows.h's RowFold; arg [n] int64 first argmax, -1 before any block) the
-// statistics trainers log. target[r] <- the label's z where targets[r] (a global id) is in x.
-template <typename A, bool STATS>
-void fold_rows(const at::Tensor& x, const int64_t* yp, A* mp, A* sp, A* tp, A* st, int64_t* ap,
-               int64_t vocab_start, const LogitTransform<A>& tf) {
-  const int64_t n = x.size(0), V = x.size(1);
-  const A* xp = x.const_data_ptr<A>();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch(tf.identity() ? 0 : std::min<int64_t>(kChunk, V));
-    for (int64_t r = begin; r < end; ++r) {
-      const A* row = xp + r * V;
-      RowFold<A> f;
-      f.m = mp[r];
-      f.s = sp[r];
-      if constexpr (STATS) {
-        f.pz = st[r];
-        f.zsum = st[n + r];
-        f.sq = st[2 * n + r];
-        f.arg = ap[r];
-      }
-      if (tf.identity()) {
-        fold_row<A, STATS>(row, V, f, vocab_start);
-      } else {  // transform an L1-sized piece at a time into scratch: x stays as it is
-        for (int64_t s = 0; s < V; s += kChunk) {
-          const int64_t len = std::min(kChunk, V - s);
-          std::copy(row + s, row + s + len, scratch.data());
-          row_transform(scratch.data(), len, tf);
-          fold_row<A, STATS>(scratch.data(), len, f, vocab_start + s);
-        }
-      }
-      mp[r] = f.m;
-      sp[r] = f.s;
-      if constexpr (STATS) {
-        st[r] = f.pz;
-        st[n + r] = f.zsum;
-        st[2 * n + r] = f.sq;
-        ap[r] = f.arg;
-      }
-      const int64_t y = yp[r] - vocab_start;
-      if (y >= 0 && y < V) {
-        A z = row[y];
-        if (!tf.identity()) row_transform(&z, 1, tf);
-        tp[r] = z;
-      }
+// Runs f(block, first token) over blocks of W tokens of the vocabulary-major x [n, V] (the last
+// one may be partial), blocks split over threads; make() gives each thread its scratch state.
+template <typename A, typename Make, typename F>
+void for_each_block(A* xp, int64_t n, Make&& make, F&& f) {
+  constexpr int64_t W = Vectorized<A>::size();
+  at::parallel_for(0, (n + W - 1) / W, 1, [&](int64_t begin, int64_t end) {
+    auto state = make();
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t0 = i * W;
+      f(ColBlock<A>{xp + t0, n, std::min(W, n - t0)}, t0, state);
     }
   });
 }
 
-// fold_rows over whole rows (vocab_start 0, fresh state) that then become, in place,
-// q = (onehot(label) - softmax(z(x))) * dz/dx: the logits' gradient of log p[label], before the
-// loss's per-row factor g (which the caller applies to the matmuls' operands). Identity
-// transform: one exp per element and one pass over memory (row_fold_softmax).
+// z(x) of one vector (row_transform's formula).
+template <typename A>
+inline Vectorized<A> transform_vec(const Vectorized<A>& x, const LogitTransform<A>& tf) {
+  using VA = Vectorized<A>;
+  return tf.c > 0 ? VA(tf.c) * (x / VA(tf.c)).tanh() * VA(tf.a) : x * VA(tf.a);
+}
+
+// Folds entries [0, V) of b (vocabulary index offset + v) into f through z(x): a transformed copy
+// of one chunk at a time in scratch [kColChunk * W], so x stays as it is.
 template <typename A, bool STATS>
-void fold_softmax_rows(at::Tensor& x, const int64_t* yp, A* mp, A* sp, A* tp, A* st, int64_t* ap,
-                       const LogitTransform<A>& tf) {
-  const int64_t n = x.size(0), V = x.size(1);
-  A* xp = x.data_ptr<A>();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> shifts((V + kChunk - 1) / kChunk);
-    std::vector<A> scratch(tf.identity() ? 0 : std::min<int64_t>(kChunk, V));
-    for (int64_t r = begin; r < end; ++r) {
-      A* row = xp + r * V;
-      const int64_t y = (yp[r] >= 0 && yp[r] < V) ? yp[r] : -1;
-      RowFold<A> f;
-      if (y >= 0) {
-        A z = row[y];
-        if (!tf.identity()) row_transform(&z, 1, tf);
-        tp[r] = z;
-      }
-      if (tf.identity()) {
-        row_fold_softmax<A, STATS>(row, V, f, y, shifts.data());
-      } else {  // fold a transformed copy of each piece, then the gradient (row still cached)
-        for (int64_t s = 0; s < V; s += kChunk) {
-          const int64_t len = std::min(kChunk, V - s);
-          std::copy(row + s, row + s + len, scratch.data());
-          row_transform(scratch.data(), len, tf);
-          fold_row<A, STATS>(scratch.data(), len, f, s);
-        }
-        row_linear_logprob_grad(row, V, f.m + std::log(f.s), A(1), y, tf);
-      }
-      mp[r] = f.m;
-      sp[r] = f.s;
-      if constexpr (STATS) {
-        st[r] = f.pz;
-        st[n + r] = f.zsum;
-        st[2 * n + r] = f.sq;
-        ap[r] = f.arg;
-      }
+void fold_transformed(const ColBlock<A>& b, int64_t V, ColFold<A>& f, int64_t offset,
+                      const LogitTransform<A>& tf, A* scratch) {
+  constexpr int64_t W = Vectorized<A>::size();
+  for (int64_t s = 0; s < V; s += kColChunk) {
+    const int64_t len = std::min(kColChunk, V - s);
+    for (int64_t v = 0; v < len; ++v) transform_vec(b.load(s + v), tf).store(scratch + v * W);
+    col_fold<A, STATS>(ColBlock<A>{scratch, W, b.count}, len, f, offset + s);
+  }
+}
+
+// Per-token state [n] (and stats [3, n], arg [n]) of the tokens of the block at t0, in and out.
+template <typename A, bool STATS>
+struct FoldIO {
+  A *mp, *sp, *st;
+  int64_t* ap;
+  int64_t n;
+  ColFold<A> load(int64_t t0, int64_t count) const {
+    using VA = Vectorized<A>;
+    ColFold<A> f;
+    f.m = VA::loadu(mp + t0, count);
+    f.s = VA::loadu(sp + t0, count);
+    if constexpr (STATS) {
+      f.pz = VA::loadu(st + t0, count);
+      f.zsum = VA::loadu(st + n + t0, count);
+      f.sq = VA::loadu(st + 2 * n + t0, count);
+      std::copy(ap + t0, ap + t0 + count, f.arg);
     }
-  });
+    return f;
+  }
+  void store(const ColFold<A>& f, int64_t t0, int64_t count) const {
+    f.m.store(mp + t0, count);
+    f.s.store(sp + t0, count);
+    if constexpr (STATS) {
+      f.pz.store(st + t0, count);
+      f.zsum.store(st + n + t0, count);
+      f.sq.store(st + 2 * n + t0, count);
+      std::copy(f.arg, f.arg + count, ap + t0);
+    }
+  }
+};
+
+// The label's z of each lane of b whose label (global id yp[t0 + l]) is in vocabulary
+// [vocab_start, vocab_start + V) goes to tp[t0 + l]; returns the local labels, -1 where not.
+template <typename A>
+void pick_targets(const ColBlock<A>& b, int64_t t0, int64_t V, const int64_t* yp,
+                  int64_t vocab_start, const LogitTransform<A>& tf, A* tp, int64_t* local) {
+  for (int64_t l = 0; l < b.count; ++l) {
+    const int64_t y = yp[t0 + l] - vocab_start;
+    local[l] = (y >= 0 && y < V) ? y : -1;
+    if (local[l] < 0) continue;
+    A z = b.p[y * b.ld + l];
+    if (!tf.identity()) row_transform(&z, 1, tf);
+    tp[t0 + l] = z;
+  }
+}
+
+// Folds x's tokens (vocabulary [vocab_start, vocab_start + V) of each) into running per-token
+// statistics, updated in place: m (max), s (sum of exp(z - m)), and with stats ([3, n] pz, zsum,
+// sq as in vec_rows.h's RowFold; arg [n] int64 first argmax, -1 before any block) the statistics
+// trainers log. target[t] <- the label's z where targets[t] (a global id) is in x.
+template <typename A, bool STATS>
+void fold_cols(const at::Tensor& x, const int64_t* yp, const FoldIO<A, STATS>& io, A* tp,
+               int64_t vocab_start, const LogitTransform<A>& tf) {
+  using VA = Vectorized<A>;
+  constexpr int64_t W = VA::size();
+  const int64_t n = x.size(0), V = x.size(1);
+  A* xp = const_cast<A*>(x.const_data_ptr<A>());  // only read
+  for_each_block(
+      xp, n, [&] { return std::vector<A>(tf.identity() ? 0 : kColChunk * W); },
+      [&](const ColBlock<A>& b, int64_t t0, std::vector<A>& scratch) {
+        ColFold<A> f = io.load(t0, b.count);
+        if (tf.identity()) {
+          col_fold<A, STATS>(b, V, f, vocab_start);
+        } else {
+          fold_transformed<A, STATS>(b, V, f, vocab_start, tf, scratch.data());
+        }
+        io.store(f, t0, b.count);
+        int64_t local[W];
+        pick_targets(b, t0, V, yp, vocab_start, tf, tp, local);
+      });
+}
+
+// fold_cols over whole vocabularies (vocab_start 0, fresh state) that then become, in place,
+// q = (onehot(label) - softmax(z(x))) * dz/dx: the logits' gradient of log p[label], before the
+// loss's per-token factor g (which the caller applies to the matmuls' operands). Identity
+// transform: e = exp(x - shift) stored by the fold (one exp per element), then one pass
+// x <- -e * exp(shift - lse) (+1 at the label) over the block.
+template <typename A, bool STATS>
+void fold_softmax_cols(at::Tensor& x, const int64_t* yp, const FoldIO<A, STATS>& io, A* tp,
+                       const LogitTransform<A>& tf) {
+  using VA = Vectorized<A>;
+  constexpr int64_t W = VA::size();
+  const int64_t n = x.size(0), V = x.size(1);
+  const int64_t chunks = (V + kColChunk - 1) / kColChunk;
+  for_each_block(
+      x.data_ptr<A>(), n,
+      [&] { return std::vector<A>(tf.identity() ? chunks * W : kColChunk * W); },
+      [&](const ColBlock<A>& b, int64_t t0, std::vector<A>& scratch) {
+        int64_t local[W];
+        pick_targets(b, t0, V, yp, 0, tf, tp, local);
+        ColFold<A> f;
+        if (tf.identity()) {
+          col_fold<A, STATS, true>(b, V, f, 0, scratch.data());
+          col_softmax_finish(b, V, f, scratch.data(), local);
+        } else {  // fold transformed copies, then the gradient from the raw x
+          fold_transformed<A, STATS>(b, V, f, 0, tf, scratch.data());
+          col_linear_logprob_grad(b, V, f.m + f.s.log(), VA(A(1)), local, tf);
+        }
+        io.store(f, t0, b.count);
+      });
 }
 
 // The fold kernels' outputs: m, s, target [n] and, with statistics, stats [3, n] and arg [n].
@@ -138,7 +186,7 @@ void fold_softmax_rows(at::Tensor& x, const int64_t* yp, A* mp, A* sp, A* tp, A*
 bool check_fold_outputs(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& m,
                         const at::Tensor& s, const at::Tensor& target, const at::Tensor& stats,
                         const at::Tensor& arg) {
-  check_rows(x, targets);
+  check_cols(x, targets);
   const int64_t n = x.size(0);
   const bool with_stats = stats.numel() > 0;
   for (const at::Tensor* t : {&m, &s, &target}) {
@@ -162,12 +210,13 @@ void linear_dpo_rows_fold_softmax(at::Tensor& x, const at::Tensor& targets, at::
     using A = scalar_t;
     const LogitTransform<A> tf = transform_of<A>(logit_scale, softcap, temperature);
     const int64_t* yp = y.const_data_ptr<int64_t>();
+    const int64_t n = x.size(0);
+    A *mp = m.data_ptr<A>(), *sp = s.data_ptr<A>(), *tp = target.data_ptr<A>();
     if (with_stats) {
-      fold_softmax_rows<A, true>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(),
-                                 stats.data_ptr<A>(), arg.data_ptr<int64_t>(), tf);
+      const FoldIO<A, true> io{mp, sp, stats.data_ptr<A>(), arg.data_ptr<int64_t>(), n};
+      fold_softmax_cols<A, true>(x, yp, io, tp, tf);
     } else {
-      fold_softmax_rows<A, false>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(),
-                                  target.data_ptr<A>(), nullptr, nullptr, tf);
+      fold_softmax_cols<A, false>(x, yp, FoldIO<A, false>{mp, sp, nullptr, nullptr, n}, tp, tf);
     }
   });
 }
@@ -182,12 +231,14 @@ void linear_dpo_rows_fold(const at::Tensor& x, const at::Tensor& targets, at::Te
     using A = scalar_t;
     const LogitTransform<A> tf = transform_of<A>(logit_scale, softcap, temperature);
     const int64_t* yp = y.const_data_ptr<int64_t>();
+    const int64_t n = x.size(0);
+    A *mp = m.data_ptr<A>(), *sp = s.data_ptr<A>(), *tp = target.data_ptr<A>();
     if (with_stats) {
-      fold_rows<A, true>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(),
-                         stats.data_ptr<A>(), arg.data_ptr<int64_t>(), vocab_start, tf);
+      const FoldIO<A, true> io{mp, sp, stats.data_ptr<A>(), arg.data_ptr<int64_t>(), n};
+      fold_cols<A, true>(x, yp, io, tp, vocab_start, tf);
     } else {
-      fold_rows<A, false>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(),
-                          nullptr, nullptr, vocab_start, tf);
+      fold_cols<A, false>(x, yp, FoldIO<A, false>{mp, sp, nullptr, nullptr, n}, tp, vocab_start,
+                          tf);
     }
   });
 }
@@ -195,24 +246,30 @@ void linear_dpo_rows_fold(const at::Tensor& x, const at::Tensor& targets, at::Te
 void linear_dpo_rows_grad(at::Tensor& x, const at::Tensor& targets, const at::Tensor& grad,
                           const at::Tensor& lse, double logit_scale, std::optional<double> softcap,
                           double temperature) {
-  check_rows(x, targets);
+  check_cols(x, targets);
   const int64_t n = x.size(0), V = x.size(1);
+  TORCH_CHECK(grad.numel() == n && lse.numel() == n, "grad and lse must be [n]");
   const at::Tensor y = targets.to(at::kLong).contiguous();
   const at::Tensor g = grad.to(x.scalar_type()).contiguous();
   const at::Tensor l = lse.to(x.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_dpo_rows_grad", [&] {
     using A = scalar_t;
+    using VA = Vectorized<A>;
+    constexpr int64_t W = VA::size();
     const LogitTransform<A> tf = transform_of<A>(logit_scale, softcap, temperature);
-    A* xp = x.data_ptr<A>();
     const int64_t* yp = y.const_data_ptr<int64_t>();
     const A* gp = g.const_data_ptr<A>();
     const A* lp = l.const_data_ptr<A>();
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t y = (yp[r] >= 0 && yp[r] < V) ? yp[r] : -1;
-        row_linear_logprob_grad(xp + r * V, V, lp[r], gp[r], y, tf);
-      }
-    });
+    for_each_block(
+        x.data_ptr<A>(), n, [] { return 0; },
+        [&](const ColBlock<A>& b, int64_t t0, int) {
+          int64_t local[W];
+          for (int64_t i = 0; i < b.count; ++i) {
+            local[i] = (yp[t0 + i] >= 0 && yp[t0 + i] < V) ? yp[t0 + i] : -1;
+          }
+          col_linear_logprob_grad(b, V, VA::loadu(lp + t0, b.count), VA::loadu(gp + t0, b.count),
+                                  local, tf);
+        });
   });
 }
 

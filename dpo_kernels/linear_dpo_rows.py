@@ -57,8 +57,13 @@ class Rows:
             self._params = tl_ops._params(tf, torch.empty(0, dtype=dtype, device=device))
 
     def tile(self, buf: torch.Tensor, n: int, nv: int) -> torch.Tensor:
-        """An [n, nv] tile in `buf`; for the Triton kernels its rows are padded to whole 16-byte
-        vectors, which they read and write (`slack` elements of `buf` cover the padding)."""
+        """An [n, nv] tile in `buf`. CPU: vocabulary-major (storage [nv, n], strides (1, n)), the
+        layout the projection's matmul writes fastest and the C++ kernels vectorize across
+        tokens; the backward matmuls take it as it is (a transposed operand, no copy). Triton:
+        rows padded to whole 16-byte vectors, which its kernels read and write (`slack` elements
+        of `buf` cover the padding). Reference: row-major."""
+        if self.backend == "cpu":
+            return buf[: n * nv].view(nv, n).T
         if self.backend != "triton":
             return buf[: n * nv].view(n, nv)
         width = self._tl.padded(nv)
@@ -99,7 +104,7 @@ class Rows:
             out = x if w.shape[0] == nv else x[:, s : s + w.shape[0]]
             if self.reduced and self.cuda:  # float32 result, the out-dtype matmul version-gated
                 self._tl._project(h, w, None, out)
-            elif out is x:
+            elif out is x or self.backend == "cpu":  # a vocabulary-major block is one too
                 torch.mm(h, w.T, out=out)
             else:
                 out.copy_(h @ w.T)
