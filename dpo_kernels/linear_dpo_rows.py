@@ -1,9 +1,10 @@
-"""The row work of the fused linear losses' chunk runner (`linear_dpo_chunks.py`), one backend
-each, on a float32 (float64) tile of projected logits: `Fold` (running per-row log-sum-exp, label
-logit and token statistics over vocabulary blocks) and `Rows` (the projection, the backward
-matmuls and the row kernels that fold a tile and turn it into the logits' gradient).
-Backends: "cpu" (C++ row kernels, csrc/linear_dpo_loss.cpp), "triton" (the fused head's Triton
-row kernels), "reference" (plain PyTorch).
+"""The per-token work of the fused linear losses' chunk runner (`linear_dpo_chunks.py`), one
+backend each, on a float32 (float64) [tokens, vocabulary] tile of projected logits: `Fold`
+(running per-token log-sum-exp, label logit and token statistics over vocabulary blocks) and
+`Rows` (the tile's layout, the projection, the backward matmuls and the kernels that fold a tile
+and turn it into the logits' gradient). Backends: "cpu" (vocabulary-major tiles, C++ kernels
+vectorized across tokens, csrc/linear_dpo_loss.cpp), "triton" (row-major tiles, the fused head's
+Triton row kernels), "reference" (row-major tiles, plain PyTorch).
 """
 
 from __future__ import annotations
