@@ -45,16 +45,16 @@ void check_cols(const at::Tensor& x, const at::Tensor& targets) {
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == x.size(0), "targets must be [n]");
 }
 
-// Runs f(block, first token) over blocks of W tokens of the vocabulary-major x [n, V] (the last
-// one may be partial), blocks split over threads; make() gives each thread its scratch state.
+// Runs f(block, first token, state) over the column blocks (kColVecs * W tokens, the last one
+// possibly partial) of the vocabulary-major x [n, V], blocks split over threads; make() gives
+// each thread its scratch state.
 template <typename A, typename Make, typename F>
 void for_each_block(A* xp, int64_t n, Make&& make, F&& f) {
-  constexpr int64_t W = Vectorized<A>::size();
-  at::parallel_for(0, (n + W - 1) / W, 1, [&](int64_t begin, int64_t end) {
+  constexpr int64_t B = kColVecs * Vectorized<A>::size();
+  at::parallel_for(0, (n + B - 1) / B, 1, [&](int64_t begin, int64_t end) {
     auto state = make();
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t t0 = i * W;
-      f(ColBlock<A>{xp + t0, n, std::min(W, n - t0)}, t0, state);
+      f(ColBlock<A>{xp + i * B, n, std::min(B, n - i * B)}, i * B, state);
     }
   });
 }
@@ -66,17 +66,22 @@ inline Vectorized<A> transform_vec(const Vectorized<A>& x, const LogitTransform<
   return tf.c > 0 ? VA(tf.c) * (x / VA(tf.c)).tanh() * VA(tf.a) : x * VA(tf.a);
 }
 
-// Folds entries [0, V) of b (vocabulary index offset + v) into f through z(x): a transformed copy
-// of one chunk at a time in scratch [kColChunk * W], so x stays as it is.
-template <typename A, bool STATS>
-void fold_transformed(const ColBlock<A>& b, int64_t V, ColFold<A>& f, int64_t offset,
-                      const LogitTransform<A>& tf, A* scratch) {
-  constexpr int64_t W = Vectorized<A>::size();
-  for (int64_t s = 0; s < V; s += kColChunk) {
-    const int64_t len = std::min(kColChunk, V - s);
-    for (int64_t v = 0; v < len; ++v) transform_vec(b.load(s + v), tf).store(scratch + v * W);
-    col_fold<A, STATS>(ColBlock<A>{scratch, W, b.count}, len, f, offset + s);
+// Folds the chunk [start, end) of b into f: identity transform in place (E: e stored, the shifts
+// to shift_out), else through a copy of z(x) in scratch [kColChunk * kColVecs * W], x left as it
+// is.
+template <typename A, bool STATS, bool E = false>
+void fold_chunk(const ColBlock<A>& b, int64_t start, int64_t end, ColFold<A>& f, int64_t offset,
+                const LogitTransform<A>& tf, A* scratch, A* shift_out = nullptr) {
+  constexpr int64_t B = kColVecs * Vectorized<A>::size();
+  if (tf.identity()) {
+    col_fold_chunk<A, STATS, E>(b, start, end, f, offset, shift_out);
+    return;
   }
+  const ColBlock<A> z{scratch, B, b.count};
+  for (int64_t v = start; v < end; ++v) {
+    for (int j = 0; j < kColVecs; ++j) z.store(transform_vec(b.load(v, j), tf), v - start, j);
+  }
+  col_fold_chunk<A, STATS>(z, 0, end - start, f, offset + start);
 }
 
 // Per-token state [n] (and stats [3, n], arg [n]) of the tokens of the block at t0, in and out.
@@ -85,33 +90,43 @@ struct FoldIO {
   A *mp, *sp, *st;
   int64_t* ap;
   int64_t n;
-  ColFold<A> load(int64_t t0, int64_t count) const {
+  ColFold<A> load(int64_t t0, const ColBlock<A>& b) const {
     using VA = Vectorized<A>;
+    constexpr int64_t W = VA::size();
     ColFold<A> f;
-    f.m = VA::loadu(mp + t0, count);
-    f.s = VA::loadu(sp + t0, count);
-    if constexpr (STATS) {
-      f.pz = VA::loadu(st + t0, count);
-      f.zsum = VA::loadu(st + n + t0, count);
-      f.sq = VA::loadu(st + 2 * n + t0, count);
-      std::copy(ap + t0, ap + t0 + count, f.arg);
+    for (int j = 0; j < kColVecs; ++j) {
+      const int64_t c = b.lanes(j), t = t0 + j * W;
+      if (c == 0) break;
+      f.m[j] = VA::loadu(mp + t, c);
+      f.s[j] = VA::loadu(sp + t, c);
+      if constexpr (STATS) {
+        f.pz[j] = VA::loadu(st + t, c);
+        f.zsum[j] = VA::loadu(st + n + t, c);
+        f.sq[j] = VA::loadu(st + 2 * n + t, c);
+      }
     }
+    if constexpr (STATS) std::copy(ap + t0, ap + t0 + b.count, f.arg);
     return f;
   }
-  void store(const ColFold<A>& f, int64_t t0, int64_t count) const {
-    f.m.store(mp + t0, count);
-    f.s.store(sp + t0, count);
-    if constexpr (STATS) {
-      f.pz.store(st + t0, count);
-      f.zsum.store(st + n + t0, count);
-      f.sq.store(st + 2 * n + t0, count);
-      std::copy(f.arg, f.arg + count, ap + t0);
+  void store(const ColFold<A>& f, int64_t t0, const ColBlock<A>& b) const {
+    constexpr int64_t W = Vectorized<A>::size();
+    for (int j = 0; j < kColVecs; ++j) {
+      const int64_t c = b.lanes(j), t = t0 + j * W;
+      if (c == 0) break;
+      f.m[j].store(mp + t, c);
+      f.s[j].store(sp + t, c);
+      if constexpr (STATS) {
+        f.pz[j].store(st + t, c);
+        f.zsum[j].store(st + n + t, c);
+        f.sq[j].store(st + 2 * n + t, c);
+      }
     }
+    if constexpr (STATS) std::copy(f.arg, f.arg + b.count, ap + t0);
   }
 };
 
 // The label's z of each lane of b whose label (global id yp[t0 + l]) is in vocabulary
-// [vocab_start, vocab_start + V) goes to tp[t0 + l]; returns the local labels, -1 where not.
+// [vocab_start, vocab_start + V) goes to tp[t0 + l]; local[l] <- the local label, -1 where not.
 template <typename A>
 void pick_targets(const ColBlock<A>& b, int64_t t0, int64_t V, const int64_t* yp,
                   int64_t vocab_start, const LogitTransform<A>& tf, A* tp, int64_t* local) {
@@ -119,7 +134,7 @@ void pick_targets(const ColBlock<A>& b, int64_t t0, int64_t V, const int64_t* yp
     const int64_t y = yp[t0 + l] - vocab_start;
     local[l] = (y >= 0 && y < V) ? y : -1;
     if (local[l] < 0) continue;
-    A z = b.p[y * b.ld + l];
+    A z = b.at(y, l);
     if (!tf.identity()) row_transform(&z, 1, tf);
     tp[t0 + l] = z;
   }
@@ -132,21 +147,19 @@ void pick_targets(const ColBlock<A>& b, int64_t t0, int64_t V, const int64_t* yp
 template <typename A, bool STATS>
 void fold_cols(const at::Tensor& x, const int64_t* yp, const FoldIO<A, STATS>& io, A* tp,
                int64_t vocab_start, const LogitTransform<A>& tf) {
-  using VA = Vectorized<A>;
-  constexpr int64_t W = VA::size();
+  constexpr int64_t B = kColVecs * Vectorized<A>::size();
   const int64_t n = x.size(0), V = x.size(1);
   A* xp = const_cast<A*>(x.const_data_ptr<A>());  // only read
   for_each_block(
-      xp, n, [&] { return std::vector<A>(tf.identity() ? 0 : kColChunk * W); },
+      xp, n, [&] { return std::vector<A>(tf.identity() ? 0 : kColChunk * B); },
       [&](const ColBlock<A>& b, int64_t t0, std::vector<A>& scratch) {
-        ColFold<A> f = io.load(t0, b.count);
-        if (tf.identity()) {
-          col_fold<A, STATS>(b, V, f, vocab_start);
-        } else {
-          fold_transformed<A, STATS>(b, V, f, vocab_start, tf, scratch.data());
+        ColFold<A> f = io.load(t0, b);
+        for (int64_t start = 0; start < V; start += kColChunk) {
+          const int64_t end = std::min(V, start + kColChunk);
+          fold_chunk<A, STATS>(b, start, end, f, vocab_start, tf, scratch.data());
         }
-        io.store(f, t0, b.count);
-        int64_t local[W];
+        io.store(f, t0, b);
+        int64_t local[B];
         pick_targets(b, t0, V, yp, vocab_start, tf, tp, local);
       });
 }
@@ -155,29 +168,43 @@ void fold_cols(const at::Tensor& x, const int64_t* yp, const FoldIO<A, STATS>& i
 // q = (onehot(label) - softmax(z(x))) * dz/dx: the logits' gradient of log p[label], before the
 // loss's per-token factor g (which the caller applies to the matmuls' operands). Identity
 // transform: e = exp(x - shift) stored by the fold (one exp per element), then one pass
-// x <- -e * exp(shift - lse) (+1 at the label) over the block.
+// x <- -e * exp(shift - lse) (+1 at the label). Else the gradient from the raw x (tanh again).
 template <typename A, bool STATS>
 void fold_softmax_cols(at::Tensor& x, const int64_t* yp, const FoldIO<A, STATS>& io, A* tp,
                        const LogitTransform<A>& tf) {
   using VA = Vectorized<A>;
-  constexpr int64_t W = VA::size();
+  constexpr int64_t B = kColVecs * VA::size();
   const int64_t n = x.size(0), V = x.size(1);
   const int64_t chunks = (V + kColChunk - 1) / kColChunk;
   for_each_block(
       x.data_ptr<A>(), n,
-      [&] { return std::vector<A>(tf.identity() ? chunks * W : kColChunk * W); },
+      [&] { return std::vector<A>(tf.identity() ? chunks * B : kColChunk * B); },
       [&](const ColBlock<A>& b, int64_t t0, std::vector<A>& scratch) {
-        int64_t local[W];
+        int64_t local[B];
         pick_targets(b, t0, V, yp, 0, tf, tp, local);
         ColFold<A> f;
-        if (tf.identity()) {
-          col_fold<A, STATS, true>(b, V, f, 0, scratch.data());
-          col_softmax_finish(b, V, f, scratch.data(), local);
-        } else {  // fold transformed copies, then the gradient from the raw x
-          fold_transformed<A, STATS>(b, V, f, 0, tf, scratch.data());
-          col_linear_logprob_grad(b, V, f.m + f.s.log(), VA(A(1)), local, tf);
+        A* shifts = scratch.data();  // identity: [chunks, B]; else the transformed chunk
+        int64_t k = 0;
+        for (int64_t start = 0; start < V; start += kColChunk, ++k) {
+          const int64_t end = std::min(V, start + kColChunk);
+          fold_chunk<A, STATS, true>(b, start, end, f, 0, tf, shifts, shifts + k * B);
         }
-        io.store(f, t0, b.count);
+        VA lse[kColVecs], one[kColVecs];
+        for (int j = 0; j < kColVecs; ++j) {
+          lse[j] = f.lse(j);
+          one[j] = VA(A(1));
+        }
+        k = 0;
+        for (int64_t start = 0; start < V; start += kColChunk, ++k) {
+          const int64_t end = std::min(V, start + kColChunk);
+          if (tf.identity()) {
+            col_softmax_chunk(b, start, end, shifts + k * B, f);
+          } else {
+            col_linear_logprob_grad(b, start, end, lse, one, local, tf);
+          }
+        }
+        if (tf.identity()) col_add_onehot(b, local);
+        io.store(f, t0, b);
       });
 }
 
@@ -260,16 +287,21 @@ void linear_dpo_rows_grad(at::Tensor& x, const at::Tensor& targets, const at::Te
     const int64_t* yp = y.const_data_ptr<int64_t>();
     const A* gp = g.const_data_ptr<A>();
     const A* lp = l.const_data_ptr<A>();
-    for_each_block(
-        x.data_ptr<A>(), n, [] { return 0; },
-        [&](const ColBlock<A>& b, int64_t t0, int) {
-          int64_t local[W];
-          for (int64_t i = 0; i < b.count; ++i) {
-            local[i] = (yp[t0 + i] >= 0 && yp[t0 + i] < V) ? yp[t0 + i] : -1;
-          }
-          col_linear_logprob_grad(b, V, VA::loadu(lp + t0, b.count), VA::loadu(gp + t0, b.count),
-                                  local, tf);
-        });
+    for_each_block(x.data_ptr<A>(), n, [] { return 0; }, [&](const ColBlock<A>& b, int64_t t0, int) {
+      int64_t local[kColVecs * W];
+      for (int64_t i = 0; i < b.count; ++i) {
+        local[i] = (yp[t0 + i] >= 0 && yp[t0 + i] < V) ? yp[t0 + i] : -1;
+      }
+      VA lse[kColVecs], gv[kColVecs];
+      for (int j = 0; j < kColVecs; ++j) {
+        const int64_t c = b.lanes(j), t = t0 + j * W;
+        lse[j] = c > 0 ? VA::loadu(lp + t, c) : VA(A(0));
+        gv[j] = c > 0 ? VA::loadu(gp + t, c) : VA(A(0));
+      }
+      for (int64_t start = 0; start < V; start += kColChunk) {
+        col_linear_logprob_grad(b, start, std::min(V, start + kColChunk), lse, gv, local, tf);
+      }
+    });
   });
 }
 

@@ -3,10 +3,13 @@
 // writes them fastest on CPU. One Vectorized<A> holds W consecutive tokens of one vocabulary
 // entry, so a fold over the vocabulary is W independent lanes and needs no horizontal reduction.
 //
-// A column block (W tokens) is processed in L1-sized chunks of kColChunk vocabulary entries: a max
-// pass and an exp pass over the same chunk, one exp per element, as vec_rows.h's fold_row does per
-// row; each lane computes exactly what fold_row computes for its token (same NaN / infinity rules),
-// whatever block it is in. A last block of fewer than W tokens loads and stores `count` lanes.
+// A column block is kColVecs vectors side by side (kColVecs * W consecutive tokens, 256 bytes of
+// each vocabulary entry with fp32 AVX-512), processed in chunks of kColChunk vocabulary entries:
+// a max pass and an exp pass over the same chunk, one exp per element, as vec_rows.h's fold_row
+// does per row; each lane computes exactly what fold_row computes for its token (same NaN /
+// infinity rules), whatever block it is in. The hardware prefetchers do not follow a block's
+// stride (n elements) across pages, so each pass prefetches ahead in software (the exp pass: the
+// whole next chunk). A last block of fewer tokens loads and stores only its `count` lanes.
 #pragma once
 
 #include <algorithm>
@@ -19,160 +22,216 @@
 namespace dpo_kernels {
 inline namespace CPU_CAPABILITY {
 
-// Vocabulary entries per chunk of a column block (256 x 64 bytes with AVX-512 fp32: 16 KiB).
+// Vocabulary entries per chunk of a column block (256 x 256 bytes with fp32 AVX-512: 64 KiB, in
+// L2 between the max and the exp pass).
 constexpr int64_t kColChunk = 256;
+// Vectors per column block.
+constexpr int kColVecs = 4;
+// Vocabulary entries ahead that the softmax pass prefetches (its block comes back from L3).
+constexpr int64_t kPfFinish = 64;
 
-// W tokens (lanes) of one column block: pointer to vocabulary entry 0 of its first token, the
-// distance between vocabulary entries (n) and how many lanes are real tokens (1..W).
+// kColVecs * W tokens (lanes) of one column block: pointer to vocabulary entry 0 of its first
+// token, the distance between vocabulary entries (n) and how many lanes are real tokens.
 template <typename A>
 struct ColBlock {
+  using VA = Vectorized<A>;
+  static constexpr int64_t W = VA::size();
+  static constexpr int G = kColVecs;
   A* p;
   int64_t ld;
-  int64_t count;
-  static constexpr int64_t W = Vectorized<A>::size();
-  Vectorized<A> load(int64_t v) const {
-    return count == W ? Vectorized<A>::loadu(p + v * ld) : Vectorized<A>::loadu(p + v * ld, count);
+  int64_t count;  // 1 .. G * W
+  bool full() const { return count == G * W; }
+  // Real lanes of vector j (0 .. W).
+  int64_t lanes(int j) const { return std::clamp<int64_t>(count - j * W, 0, W); }
+  VA load(int64_t v, int j) const {
+    const A* q = p + v * ld + j * W;
+    if (full()) return VA::loadu(q);
+    return lanes(j) > 0 ? VA::loadu(q, lanes(j)) : VA(A(0));
   }
-  void store(const Vectorized<A>& x, int64_t v) const {
-    if (count == W) {
-      x.store(p + v * ld);
-    } else {
-      x.store(p + v * ld, count);
+  void store(const VA& x, int64_t v, int j) const {
+    A* q = p + v * ld + j * W;
+    if (full()) {
+      x.store(q);
+    } else if (lanes(j) > 0) {
+      x.store(q, lanes(j));
     }
   }
+  // Asks for entry v's G * W lanes to be brought into cache (no fault past the end of x): the
+  // prefetchers do not follow strides across pages, so each pass over a chunk fetches the next.
+  template <bool WRITE = true>
+  void prefetch(int64_t v) const {
+    const A* q = p + v * ld;
+    for (int64_t i = 0; i < G * W; i += 64 / int64_t(sizeof(A))) {
+      __builtin_prefetch(q + i, WRITE ? 1 : 0, 2);
+    }
+  }
+  // Element of lane l (0 .. count) at vocabulary entry v.
+  A& at(int64_t v, int64_t l) const { return p[v * ld + l]; }
 };
 
-// Running statistics of W tokens' folded vocabulary, one lane each (vec_rows.h's RowFold).
+// Running statistics of a column block's tokens, one lane each (vec_rows.h's RowFold).
 template <typename A>
 struct ColFold {
   using VA = Vectorized<A>;
   static constexpr int64_t W = VA::size();
-  VA m = VA(-std::numeric_limits<A>::infinity());
-  VA s = VA(A(0));
-  VA pz = VA(A(0));    // with stats: sum of exp(z - m) * z
-  VA zsum = VA(A(0));  // with stats: sum of z
-  VA sq = VA(A(0));    // with stats: sum of exp(2 (z - m))
-  int64_t arg[W];      // with stats: index of each lane's first maximum, -1 before any
-  ColFold() { std::fill(arg, arg + W, int64_t(-1)); }
+  static constexpr int G = kColVecs;
+  VA m[G], s[G];
+  VA pz[G], zsum[G], sq[G];  // with stats: sums of exp(z - m) * z, of z, of exp(2 (z - m))
+  int64_t arg[G * W];        // with stats: index of each lane's first maximum, -1 before any
+  ColFold() {
+    for (int j = 0; j < G; ++j) {
+      m[j] = VA(-std::numeric_limits<A>::infinity());
+      s[j] = pz[j] = zsum[j] = sq[j] = VA(A(0));
+    }
+    std::fill(arg, arg + G * W, int64_t(-1));
+  }
+  VA lse(int j) const { return m[j] + s[j].log(); }
 };
 
-// Folds vocabulary entries [0, len) of block b (entry 0 has index `offset` in the vocabulary)
-// into f, as fold_row does for one row: per chunk the lanes' max, then one exp per element. With
-// E, b's chunk is overwritten with e = exp(z - shift) and each chunk's shift vector is stored at
-// shifts[k * W] (k: chunk index), for col_softmax_finish.
+// Folds vocabulary entries [start, end) of block b (one chunk; entry v has index offset + v in
+// the vocabulary) into f, as fold_row does for a chunk of one row: the lanes' max, then one exp
+// per element. With E, the chunk is overwritten with e = exp(z - shift) and its shift vectors are
+// stored at shift_out[0, G * W), for col_softmax_chunk.
 template <typename A, bool STATS, bool E = false>
-inline void col_fold(const ColBlock<A>& b, int64_t len, ColFold<A>& f, int64_t offset,
-                     A* shifts = nullptr) {
+inline void col_fold_chunk(const ColBlock<A>& b, int64_t start, int64_t end, ColFold<A>& f,
+                           int64_t offset, A* shift_out = nullptr) {
   using VA = Vectorized<A>;
   constexpr int64_t W = VA::size();
+  constexpr int G = kColVecs;
   const VA zero(A(0)), inf(std::numeric_limits<A>::infinity());
-  int64_t k = 0;
-  for (int64_t start = 0; start < len; start += kColChunk, ++k) {
-    const int64_t end = std::min(len, start + kColChunk);
-    VA cmax(-std::numeric_limits<A>::infinity());
-    for (int64_t v = start; v < end; ++v) cmax = at::vec::maximum(cmax, b.load(v));
-    if constexpr (STATS) {
-      // Strictly: an earlier chunk keeps a tie; a lane that is all -inf so far takes its first
-      // -inf (a chunk max of NaN matches nothing). A third, L1-resident pass, rarely taken.
-      A cm[W], m_old[W];
-      cmax.store(cm);
-      f.m.store(m_old);
-      for (int64_t l = 0; l < b.count; ++l) {
-        if (!(cm[l] > m_old[l] || f.arg[l] < 0)) continue;
-        for (int64_t v = start; v < end; ++v) {
-          if (b.p[v * b.ld + l] == cm[l]) {
-            f.arg[l] = offset + v;
-            break;
-          }
+  VA cmax[G];
+  for (int j = 0; j < G; ++j) cmax[j] = VA(-inf);
+  for (int64_t v = start; v < end; ++v) {
+    for (int j = 0; j < G; ++j) cmax[j] = at::vec::maximum(cmax[j], b.load(v, j));
+  }
+  if constexpr (STATS) {
+    // Strictly: an earlier chunk keeps a tie; a lane that is all -inf so far takes its first
+    // -inf (a chunk max of NaN matches nothing). A third, cache-resident pass, rarely taken.
+    A cm[G * W], m_old[G * W];
+    for (int j = 0; j < G; ++j) {
+      cmax[j].store(cm + j * W);
+      f.m[j].store(m_old + j * W);
+    }
+    for (int64_t l = 0; l < b.count; ++l) {
+      if (!(cm[l] > m_old[l] || f.arg[l] < 0)) continue;
+      for (int64_t u = start; u < end; ++u) {
+        if (b.at(u, l) == cm[l]) {
+          f.arg[l] = offset + u;
+          break;
         }
       }
     }
-    const VA m_new = at::vec::maximum(f.m, cmax);
-    // An infinite max shifts by 0: nothing finite seen yet gives exp(-inf) = 0, and a +inf logit
-    // makes the sum +inf (so the log-sum-exp is +inf and log p = -inf) rather than NaN.
-    const VA shift = VA::blendv(m_new, zero, m_new.abs() == inf);
-    const VA scale = (f.m - shift).exp();
-    VA sum0(A(0)), sum1(A(0)), vpz(A(0)), vz(A(0)), vsq(A(0));
-    auto body = [&](int64_t v, VA& sum) {
-      const VA x = b.load(v);
-      const VA e = (x - shift).exp();
-      sum = sum + e;
+  }
+  VA shift[G], sum[G], vpz[G], vz[G], vsq[G];
+  for (int j = 0; j < G; ++j) {
+    const VA m_new = at::vec::maximum(f.m[j], cmax[j]);
+    // An infinite max shifts by 0: nothing finite seen yet gives exp(-inf) = 0, and a +inf
+    // logit makes the sum +inf (so the log-sum-exp is +inf and log p = -inf) rather than NaN.
+    shift[j] = VA::blendv(m_new, zero, m_new.abs() == inf);
+    sum[j] = vpz[j] = vz[j] = vsq[j] = zero;
+  }
+  for (int64_t v = start; v < end; ++v) {
+    b.template prefetch<E>(v + kColChunk);  // the next chunk, from memory while this one's exps run
+    for (int j = 0; j < G; ++j) {
+      const VA x = b.load(v, j);
+      const VA e = (x - shift[j]).exp();
+      sum[j] = sum[j] + e;
       if constexpr (STATS) {
-        vpz = vpz + VA::blendv(e * x, zero, e == zero);  // 0 * -inf counts as 0
-        vz = vz + x;
-        vsq = vsq + e * e;
+        vpz[j] = vpz[j] + VA::blendv(e * x, zero, e == zero);  // 0 * -inf counts as 0
+        vz[j] = vz[j] + x;
+        vsq[j] = vsq[j] + e * e;
       }
-      if constexpr (E) b.store(e, v);
-    };
-    int64_t v = start;
-    for (; v + 2 <= end; v += 2) {  // two sums in flight
-      body(v, sum0);
-      body(v + 1, sum1);
+      if constexpr (E) b.store(e, v, j);
     }
-    if (v < end) body(v, sum0);
+  }
+  for (int j = 0; j < G; ++j) {
+    const VA scale = (f.m[j] - shift[j]).exp();
     if constexpr (STATS) {
-      f.pz = f.pz * scale + vpz;
-      f.sq = f.sq * (scale * scale) + vsq;
-      f.zsum = f.zsum + vz;
+      f.pz[j] = f.pz[j] * scale + vpz[j];
+      f.sq[j] = f.sq[j] * (scale * scale) + vsq[j];
+      f.zsum[j] = f.zsum[j] + vz[j];
     }
-    f.s = f.s * scale + (sum0 + sum1);
-    f.m = m_new;
-    if constexpr (E) shift.store(shifts + k * W);
+    f.s[j] = f.s[j] * scale + sum[j];
+    f.m[j] = at::vec::maximum(f.m[j], cmax[j]);
+    if constexpr (E) shift[j].store(shift_out + j * W);
   }
 }
 
-// After col_fold<A, STATS, true> over a whole column block of V entries: x <- onehot(label) -
-// softmax(x), from e = exp(x - shift_k) in place: x <- -e * exp(shift_k - lse) (+1 at the label).
-// labels[l] < 0: lane l's label is not in the block.
+// With e = exp(x - shift) stored by col_fold_chunk<A, STATS, true> (its shifts at shifts[0,
+// G * W)) and the lanes' log-sum-exp known: entries [start, end) of b <- -e * exp(shift - lse) =
+// -softmax(x); the caller then adds 1 at each label (col_add_onehot).
 template <typename A>
-inline void col_softmax_finish(const ColBlock<A>& b, int64_t V, const ColFold<A>& f,
-                               const A* shifts, const int64_t* labels) {
+inline void col_softmax_chunk(const ColBlock<A>& b, int64_t start, int64_t end, const A* shifts,
+                              const ColFold<A>& f) {
   using VA = Vectorized<A>;
   constexpr int64_t W = VA::size();
-  const VA lse = f.m + f.s.log();
-  int64_t k = 0;
-  for (int64_t start = 0; start < V; start += kColChunk, ++k) {
-    const int64_t end = std::min(V, start + kColChunk);
-    const VA factor = (VA::loadu(shifts + k * W) - lse).exp().neg();
-    for (int64_t v = start; v < end; ++v) b.store(b.load(v) * factor, v);
+  constexpr int G = kColVecs;
+  VA factor[G];
+  for (int j = 0; j < G; ++j) factor[j] = (VA::loadu(shifts + j * W) - f.lse(j)).exp().neg();
+  for (int64_t v = start; v < end; ++v) {
+    b.prefetch(v + kPfFinish);
+    for (int j = 0; j < G; ++j) b.store(b.load(v, j) * factor[j], v, j);
   }
+}
+
+// x[label, lane] += 1 for the lanes of b whose (local) label is >= 0.
+template <typename A>
+inline void col_add_onehot(const ColBlock<A>& b, const int64_t* labels) {
   for (int64_t l = 0; l < b.count; ++l) {
-    if (labels[l] >= 0) b.p[labels[l] * b.ld + l] += A(1);
+    if (labels[l] >= 0) b.at(labels[l], l) += A(1);
   }
 }
 
-// Block b's entries [0, len) <- g * (onehot(label) - exp(z(x) - lse)) * dz/dx, in place, per lane
-// (vec_rows.h's row_linear_logprob_grad, one lane per token): g, lse per lane; labels[l] < 0: lane
-// l's label is not in these entries.
+// Block b's entries [start, end) <- g * (onehot(label) - exp(z(x) - lse)) * dz/dx, in place, per
+// lane (vec_rows.h's row_linear_logprob_grad, one lane per token): g[j], lse[j] for vector j;
+// labels[l]: lane l's label in the block's local numbering, < 0 (or outside [start, end)): not
+// here.
 template <typename A>
-inline void col_linear_logprob_grad(const ColBlock<A>& b, int64_t len, const Vectorized<A>& lse,
-                                    const Vectorized<A>& g, const int64_t* labels,
-                                    const LogitTransform<A>& tf) {
+inline void col_linear_logprob_grad(const ColBlock<A>& b, int64_t start, int64_t end,
+                                    const Vectorized<A>* lse, const Vectorized<A>* g,
+                                    const int64_t* labels, const LogitTransform<A>& tf) {
   using VA = Vectorized<A>;
   constexpr int64_t W = VA::size();
-  const VA va(tf.a), vc(tf.c), neg_g = g.neg(), one(A(1));
-  A x_label[W];
-  for (int64_t l = 0; l < b.count; ++l) x_label[l] = labels[l] >= 0 ? b.p[labels[l] * b.ld + l] : 0;
+  constexpr int G = kColVecs;
+  const VA va(tf.a), vc(tf.c), one(A(1));
+  VA neg_g[G];
+  for (int j = 0; j < G; ++j) neg_g[j] = g[j].neg();
+  A x_label[G * W];
+  bool here[G * W];
+  for (int64_t l = 0; l < b.count; ++l) {
+    here[l] = labels[l] >= start && labels[l] < end;
+    x_label[l] = here[l] ? b.at(labels[l], l) : A(0);
+  }
   if (tf.c > 0) {
-    for (int64_t v = 0; v < len; ++v) {
-      const VA t = (b.load(v) / vc).tanh();
-      b.store(neg_g * (vc * t * va - lse).exp() * (va * (one - t * t)), v);
+    for (int64_t v = start; v < end; ++v) {
+      b.prefetch(v + 16);
+      for (int j = 0; j < G; ++j) {
+        const VA t = (b.load(v, j) / vc).tanh();
+        b.store(neg_g[j] * (vc * t * va - lse[j]).exp() * (va * (one - t * t)), v, j);
+      }
     }
   } else {
-    for (int64_t v = 0; v < len; ++v) b.store(neg_g * (b.load(v) * va - lse).exp() * va, v);
+    for (int64_t v = start; v < end; ++v) {
+      b.prefetch(v + 16);
+      for (int j = 0; j < G; ++j) {
+        b.store(neg_g[j] * (b.load(v, j) * va - lse[j]).exp() * va, v, j);
+      }
+    }
   }
-  A gl[W], ll[W];
-  g.store(gl);
-  lse.store(ll);
+  A gl[G * W], ll[G * W];
+  for (int j = 0; j < G; ++j) {
+    g[j].store(gl + j * W);
+    lse[j].store(ll + j * W);
+  }
   for (int64_t l = 0; l < b.count; ++l) {
-    if (labels[l] < 0) continue;
+    if (!here[l]) continue;
     A z = x_label[l] * tf.a, dzdx = tf.a;
     if (tf.c > 0) {
       const A t = std::tanh(x_label[l] / tf.c);
       z = tf.c * t * tf.a;
       dzdx = tf.a * (A(1) - t * t);
     }
-    b.p[labels[l] * b.ld + l] = gl[l] * (A(1) - std::exp(z - ll[l])) * dzdx;
+    b.at(labels[l], l) = gl[l] * (A(1) - std::exp(z - ll[l])) * dzdx;
   }
 }
 

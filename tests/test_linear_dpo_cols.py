@@ -59,7 +59,7 @@ def _tile(rows, x):
     return t
 
 
-@pytest.mark.parametrize("n", [5, 37])  # below one block of 8 / 16 tokens; a partial last block
+@pytest.mark.parametrize("n", [5, 77])  # below one vector of 8 / 16 tokens; a partial last block
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tf", TRANSFORMS, ids=["identity", "softcap"])
 def test_fold_softmax_on_vocabulary_major_tiles(n, dtype, tf):
