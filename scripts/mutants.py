@@ -61,6 +61,7 @@ T_PARITY = "tests/test_trl_parity.py"
 T_LOG = "tests/test_logprobs.py"
 T_LIN = "tests/test_linear_logprobs.py"
 T_LOSS = "tests/test_losses.py"
+T_COLS = "tests/test_linear_dpo_cols.py"
 VP2 = "tests/test_vocab_parallel.py::test_split_vocabulary_equals_single_process[2]"
 LVP2 = "tests/test_vocab_parallel.py::test_split_lm_head_equals_single_process[2]"
 
@@ -229,6 +230,16 @@ MUTANTS: list[Mutant] = [
     M("cpp-label-slope-without-tanh", "csrc/vec_rows.h",
       "dzdx = tf.a * (A(1) - t * t);", "dzdx = tf.a;",
       T_LIN, "-k", "test_matches_reference and cpu and softcap"),
+    M("cpp-cols-argmax-offset-dropped", "csrc/vec_cols.h",
+      "f.arg[l] = offset + u;", "f.arg[l] = u;",
+      T_COLS, "-k", "vocabulary_blocks"),
+    M("cpp-cols-online-rescale-inverted", "csrc/vec_cols.h",
+      "const VA scale = (f.m[j] - shift[j]).exp();", "const VA scale = (shift[j] - f.m[j]).exp();",
+      T_COLS, "-k", "fold_softmax and identity"),
+    M("cpp-cols-onehot-first-vector-only", "csrc/vec_cols.h",
+      "    if (labels[l] >= 0) b.at(labels[l], l) += A(1);",
+      "    if (labels[l] >= 0 && l < b.W) b.at(labels[l], l) += A(1);",
+      T_COLS, "-k", "fold_softmax and identity"),
     M("cpp-temperature-multiplies", "csrc/linear_logprobs.cpp",
       "static_cast<A>(logit_scale / temperature)", "static_cast<A>(logit_scale * temperature)",
       T_LIN, "-k", "test_matches_reference and cpu and softcap"),
