@@ -170,15 +170,20 @@ void fold_cols(const at::Tensor& x, const int64_t* yp, const FoldIO<A, STATS>& i
 }
 
 // fold_cols over whole vocabularies (vocab_start 0, fresh state) that then become, in place,
-// q = (onehot(label) - softmax(z(x))) * dz/dx: the logits' gradient of log p[label], before the
-// loss's per-token factor g (which the caller applies to the matmuls' operands). Identity
-// transform: e = exp(x - shift) stored by the fold (one exp per element), then one pass
-// x <- -e * exp(shift - lse) (+1 at the label). Else the gradient from the raw x (tanh again).
+// q = (onehot(label) - softmax(z(x))) * dz/dx (the logits' gradient of log p[label], before the
+// loss's per-token factor g, which the caller applies to the matmuls' operands) up to a factor
+// per token: x <- q / factor[t]. Identity transform: e = exp(x - shift) stored by the fold (one
+// exp per element); where a block's tokens kept one shift over the whole vocabulary and have a
+// finite log-sum-exp (the rule with real logits), factor = -exp(shift - lse) and x' = e with
+// 1 / factor added at the label, so no second pass over the block; else one pass x <- -e *
+// exp(shift_k - lse) (+1 at the label), factor 1. Other transforms: the gradient from the raw x
+// (tanh again), factor 1.
 template <typename A, bool STATS>
 void fold_softmax_cols(at::Tensor& x, const int64_t* yp, const FoldIO<A, STATS>& io, A* tp,
-                       const LogitTransform<A>& tf) {
+                       A* fp, const LogitTransform<A>& tf) {
   using VA = Vectorized<A>;
-  constexpr int64_t B = kColVecs * VA::size();
+  constexpr int64_t W = VA::size();
+  constexpr int64_t B = kColVecs * W;
   const int64_t n = x.size(0), V = x.size(1);
   const int64_t chunks = (V + kColChunk - 1) / kColChunk;
   for_each_block(
@@ -194,21 +199,39 @@ void fold_softmax_cols(at::Tensor& x, const int64_t* yp, const FoldIO<A, STATS>&
           const int64_t end = std::min(V, start + kColChunk);
           fold_chunk<A, STATS, true>(b, start, end, f, 0, tf, shifts, shifts + k * B);
         }
-        VA lse[kColVecs], one[kColVecs];
+        if (tf.identity()) {
+          for (int j = 0; j < kColVecs; ++j) f.m[j] = f.ref[j];  // s, pz, sq are relative to it
+        }
+        VA lse[kColVecs], factor[kColVecs];
+        A lse_l[B], ref_l[B];
+        bool one_shift = tf.identity() && !f.moved;
         for (int j = 0; j < kColVecs; ++j) {
           lse[j] = f.lse(j);
-          one[j] = VA(A(1));
+          factor[j] = one_shift ? (f.m[j] - lse[j]).exp().neg() : VA(A(1));
+          lse[j].store(lse_l + j * W);
+          f.m[j].store(ref_l + j * W);
         }
-        k = 0;
-        for (int64_t start = 0; start < V; start += kColChunk, ++k) {
-          const int64_t end = std::min(V, start + kColChunk);
-          if (tf.identity()) {
-            col_softmax_chunk(b, start, end, shifts + k * B, f);
-          } else {
-            col_linear_logprob_grad(b, start, end, lse, one, local, tf);
+        for (int64_t l = 0; l < b.count; ++l) one_shift = one_shift && std::isfinite(lse_l[l]);
+        if (one_shift) {
+          for (int64_t l = 0; l < b.count; ++l) {  // x' = e + onehot / factor
+            if (local[l] >= 0) b.at(local[l], l) -= std::exp(lse_l[l] - ref_l[l]);
           }
+        } else {
+          for (int j = 0; j < kColVecs; ++j) factor[j] = VA(A(1));
+          k = 0;
+          for (int64_t start = 0; start < V; start += kColChunk, ++k) {
+            const int64_t end = std::min(V, start + kColChunk);
+            if (tf.identity()) {
+              col_softmax_chunk(b, start, end, shifts + k * B, lse);
+            } else {
+              col_linear_logprob_grad(b, start, end, lse, factor, local, tf);
+            }
+          }
+          if (tf.identity()) col_add_onehot(b, local);
         }
-        if (tf.identity()) col_add_onehot(b, local);
+        for (int j = 0; j < kColVecs; ++j) {
+          if (b.lanes(j) > 0) factor[j].store(fp + t0 + j * W, b.lanes(j));
+        }
         io.store(f, t0, b);
       });
 }
@@ -234,9 +257,12 @@ bool check_fold_outputs(const at::Tensor& x, const at::Tensor& targets, const at
 
 void linear_dpo_rows_fold_softmax(at::Tensor& x, const at::Tensor& targets, at::Tensor& m,
                                   at::Tensor& s, at::Tensor& target, at::Tensor& stats,
-                                  at::Tensor& arg, double logit_scale,
+                                  at::Tensor& arg, at::Tensor& factor, double logit_scale,
                                   std::optional<double> softcap, double temperature) {
   const bool with_stats = check_fold_outputs(x, targets, m, s, target, stats, arg);
+  TORCH_CHECK(factor.is_contiguous() && factor.numel() == x.size(0) &&
+                  factor.scalar_type() == x.scalar_type(),
+              "factor must be contiguous [n] in x's dtype");
   const at::Tensor y = targets.to(at::kLong).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_dpo_rows_fold_softmax", [&] {
     using A = scalar_t;
@@ -246,9 +272,10 @@ void linear_dpo_rows_fold_softmax(at::Tensor& x, const at::Tensor& targets, at::
     A *mp = m.data_ptr<A>(), *sp = s.data_ptr<A>(), *tp = target.data_ptr<A>();
     if (with_stats) {
       const FoldIO<A, true> io{mp, sp, stats.data_ptr<A>(), arg.data_ptr<int64_t>(), n};
-      fold_softmax_cols<A, true>(x, yp, io, tp, tf);
+      fold_softmax_cols<A, true>(x, yp, io, tp, factor.data_ptr<A>(), tf);
     } else {
-      fold_softmax_cols<A, false>(x, yp, FoldIO<A, false>{mp, sp, nullptr, nullptr, n}, tp, tf);
+      const FoldIO<A, false> io{mp, sp, nullptr, nullptr, n};
+      fold_softmax_cols<A, false>(x, yp, io, tp, factor.data_ptr<A>(), tf);
     }
   });
 }
@@ -330,8 +357,8 @@ void advise_huge_pages(const at::Tensor& t) {
 TORCH_LIBRARY_FRAGMENT(dpo_kernels_cpu, m) {
   m.def(
       "linear_dpo_rows_fold_softmax(Tensor(a!) x, Tensor targets, Tensor(b!) m, Tensor(c!) s, "
-      "Tensor(d!) target, Tensor(e!) stats, Tensor(f!) arg, float logit_scale, float? softcap, "
-      "float temperature) -> ()");
+      "Tensor(d!) target, Tensor(e!) stats, Tensor(f!) arg, Tensor(g!) factor, float logit_scale, "
+      "float? softcap, float temperature) -> ()");
   m.def(
       "linear_dpo_rows_fold(Tensor x, Tensor targets, Tensor(a!) m, Tensor(b!) s, "
       "Tensor(c!) target, Tensor(d!) stats, Tensor(e!) arg, int vocab_start, float logit_scale, "

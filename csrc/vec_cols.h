@@ -78,9 +78,13 @@ struct ColFold {
   VA m[G], s[G];
   VA pz[G], zsum[G], sq[G];  // with stats: sums of exp(z - m) * z, of z, of exp(2 (z - m))
   int64_t arg[G * W];        // with stats: index of each lane's first maximum, -1 before any
+  // col_fold_chunk<..., E = true> only: the shift that s, pz, sq (and the stored e) are relative
+  // to, and whether it changed after the first chunk in some lane of the block.
+  VA ref[G];
+  bool moved = false;
   ColFold() {
     for (int j = 0; j < G; ++j) {
-      m[j] = VA(-std::numeric_limits<A>::infinity());
+      m[j] = ref[j] = VA(-std::numeric_limits<A>::infinity());
       s[j] = pz[j] = zsum[j] = sq[j] = VA(A(0));
     }
     std::fill(arg, arg + G * W, int64_t(-1));
@@ -88,10 +92,17 @@ struct ColFold {
   VA lse(int j) const { return m[j] + s[j].log(); }
 };
 
+// How far (in logits) a later chunk's max may rise above the shift of col_fold_chunk<..., E =
+// true> before the shift moves: e = exp(x - shift) stays below e^20, its sums far from overflow.
+constexpr double kColSlack = 20.0;
+
 // Folds vocabulary entries [start, end) of block b (one chunk; entry v has index offset + v in
 // the vocabulary) into f, as fold_row does for a chunk of one row: the lanes' max, then one exp
 // per element. With E, the chunk is overwritten with e = exp(z - shift) and its shift vectors are
-// stored at shift_out[0, G * W), for col_softmax_chunk.
+// stored at shift_out[0, G * W), for col_softmax_chunk; the shift is then the lane's reference
+// f.ref, which stays as the first chunk set it while later chunks' maxima stay within kColSlack
+// above it (so that, when it never moves, all of a lane's e share one shift); s, pz and sq are
+// relative to f.ref, the log-sum-exp is f.ref + log(s). f.m stays the running max.
 template <typename A, bool STATS, bool E = false>
 inline void col_fold_chunk(const ColBlock<A>& b, int64_t start, int64_t end, ColFold<A>& f,
                            int64_t offset, A* shift_out = nullptr) {
@@ -128,6 +139,14 @@ inline void col_fold_chunk(const ColBlock<A>& b, int64_t start, int64_t end, Col
     // An infinite max shifts by 0: nothing finite seen yet gives exp(-inf) = 0, and a +inf
     // logit makes the sum +inf (so the log-sum-exp is +inf and log p = -inf) rather than NaN.
     shift[j] = VA::blendv(m_new, zero, m_new.abs() == inf);
+    if constexpr (E) {
+      if (start > 0) {
+        const VA keep = cmax[j] <= f.ref[j] + VA(A(kColSlack));  // false where either is NaN
+        shift[j] = VA::blendv(shift[j], f.ref[j], keep);
+        const int real = int((int64_t(1) << b.lanes(j)) - 1);  // this vector's real lanes
+        if (keep.zero_mask() & real) f.moved = true;
+      }
+    }
     sum[j] = vpz[j] = vz[j] = vsq[j] = zero;
   }
   for (int64_t v = start; v < end; ++v) {
@@ -145,7 +164,7 @@ inline void col_fold_chunk(const ColBlock<A>& b, int64_t start, int64_t end, Col
     }
   }
   for (int j = 0; j < G; ++j) {
-    const VA scale = (f.m[j] - shift[j]).exp();
+    const VA scale = ((E ? f.ref[j] : f.m[j]) - shift[j]).exp();
     if constexpr (STATS) {
       f.pz[j] = f.pz[j] * scale + vpz[j];
       f.sq[j] = f.sq[j] * (scale * scale) + vsq[j];
@@ -153,21 +172,24 @@ inline void col_fold_chunk(const ColBlock<A>& b, int64_t start, int64_t end, Col
     }
     f.s[j] = f.s[j] * scale + sum[j];
     f.m[j] = at::vec::maximum(f.m[j], cmax[j]);
-    if constexpr (E) shift[j].store(shift_out + j * W);
+    if constexpr (E) {
+      f.ref[j] = shift[j];
+      shift[j].store(shift_out + j * W);
+    }
   }
 }
 
 // With e = exp(x - shift) stored by col_fold_chunk<A, STATS, true> (its shifts at shifts[0,
-// G * W)) and the lanes' log-sum-exp known: entries [start, end) of b <- -e * exp(shift - lse) =
-// -softmax(x); the caller then adds 1 at each label (col_add_onehot).
+// G * W)) and the lanes' log-sum-exp lse[j] known: entries [start, end) of b <- -e * exp(shift -
+// lse) = -softmax(x); the caller then adds 1 at each label (col_add_onehot).
 template <typename A>
 inline void col_softmax_chunk(const ColBlock<A>& b, int64_t start, int64_t end, const A* shifts,
-                              const ColFold<A>& f) {
+                              const Vectorized<A>* lse) {
   using VA = Vectorized<A>;
   constexpr int64_t W = VA::size();
   constexpr int G = kColVecs;
   VA factor[G];
-  for (int j = 0; j < G; ++j) factor[j] = (VA::loadu(shifts + j * W) - f.lse(j)).exp().neg();
+  for (int j = 0; j < G; ++j) factor[j] = (VA::loadu(shifts + j * W) - lse[j]).exp().neg();
   for (int64_t v = start; v < end; ++v) {
     b.prefetch(v + kPfFinish);
     for (int j = 0; j < G; ++j) b.store(b.load(v, j) * factor[j], v, j);

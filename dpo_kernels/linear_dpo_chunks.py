@@ -179,6 +179,8 @@ class _Runner:
         if not grad_on:
             return sums
         g = self.loss.grad(k0, k1, sums)[seg]
+        if f.factor is not None:  # x holds q / factor
+            g = g * f.factor
         dh = self._dh(n, h)
         rows.backprop(x, h, self.weight, 0, dh, grads.dw, grads.db, grads.dw_fresh, g=g)
         grads.done_pass()

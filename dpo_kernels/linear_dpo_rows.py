@@ -31,6 +31,9 @@ class Fold:
         first = -1 if backend == "cpu" else 2**31 - 1
         self.arg = torch.full((k,), first, dtype=torch.int64, device=device)
         self.stats = stats
+        # After Rows.fold_softmax: None, or [n] per-token factors the tile is to be scaled by
+        # (the tile holds q / factor; the cpu backend's kernel leaves it so, see there).
+        self.factor: torch.Tensor | None = None
 
     def lse(self) -> torch.Tensor:
         return self.m + torch.log(self.s)
@@ -211,13 +214,17 @@ class Rows:
         f.m.copy_(m_new)
 
     def fold_softmax(self, x: torch.Tensor, y: torch.Tensor, f: Fold) -> None:
-        """Folds whole rows x into a fresh f, then x <- (onehot(y) - softmax(z(x))) * dz/dx: the
-        logits' gradient before each row's loss factor (C++: one read of x, one exp each)."""
+        """Folds whole rows x into a fresh f, then x <- q = (onehot(y) - softmax(z(x))) * dz/dx:
+        the logits' gradient before each token's loss factor. cpu: one read of x, one exp each,
+        and x may hold q / f.factor instead (per token; the scale the kernel would otherwise apply
+        in a second pass over x), to be applied to the matmuls' small operands."""
         if self.backend == "cpu" and x.shape[0]:
             tf = self.tf
+            f.factor = torch.empty_like(f.m)
             torch.ops.dpo_kernels_cpu.linear_dpo_rows_fold_softmax(
-                x, y, f.m, f.s, f.target, f.st, f.arg, tf.logit_scale, tf.softcap, tf.temperature
-            )
+                x, y, f.m, f.s, f.target, f.st, f.arg, f.factor, tf.logit_scale, tf.softcap,
+                tf.temperature,
+            )  # fmt: skip
             return
         self.fold(x, y, f, 0)
         self.grad(x, y, torch.ones_like(f.m), f.lse())

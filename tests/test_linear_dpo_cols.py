@@ -59,12 +59,19 @@ def _tile(rows, x):
     return t
 
 
-@pytest.mark.parametrize("n", [5, 77])  # below one vector of 8 / 16 tokens; a partial last block
+# n: below one vector of 8 / 16 tokens; a partial last block. spike: a logit far above the
+# first 256 of its row (the kernel's shift moves).
+CASES = [(5, 0, False), (77, 0, False), (77, 0, True), (5, 1, False), (77, 1, False)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("tf", TRANSFORMS, ids=["identity", "softcap"])
-def test_fold_softmax_on_vocabulary_major_tiles(n, dtype, tf):
+@pytest.mark.parametrize(("n", "t", "spike"), CASES, ids=[f"n{n}-tf{t}-{s}" for n, t, s in CASES])
+def test_fold_softmax_on_vocabulary_major_tiles(n, t, spike, dtype):
+    tf = TRANSFORMS[t]
     x, y, regular = _logits(max(n, 8), dtype, seed=n)
     x, y, regular = x[:n], y[:n], [r for r in regular if r < n]
+    if spike:
+        x[2, 400] = x[2].max() + 40
     if n < 8:  # keep one special row of each kind the short case can hold
         x[n - 1, 7], x[n - 2, 100] = math.inf, math.nan
         regular = [r for r in regular if r < n - 2]
@@ -74,6 +81,13 @@ def test_fold_softmax_on_vocabulary_major_tiles(n, dtype, tf):
     fc, fr = (Fold(n, dtype, "cpu", True, b) for b in ("cpu", "reference"))
     cpu.fold_softmax(tc, y, fc)
     ref.fold_softmax(tr, y, fr)
+    # The cpu tile may hold q / factor (per token): one-shift blocks of finite rows.
+    assert fr.factor is None and fc.factor is not None
+    if n > 64 and tf.softcap is None:  # rows 0-31: a block of finite rows, spiked or not
+        assert bool((fc.factor[:32] == 1).all()) == spike
+    else:  # a block with an infinity or NaN, or softcap: one more pass, factor 1
+        assert bool((fc.factor == 1).all())
+    tc = tc * fc.factor[:, None]
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
     # entropy = lse - sum p z cancels: |lse| ~ 20 here, so float32 is good to ~1e-4 absolute
     stol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else tol
