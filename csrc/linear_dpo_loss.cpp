@@ -7,13 +7,15 @@
 //                         (and, when asked, the entropy / mean / argmax / sum p^2 statistics
 //                         trainers log) and picks the label's z, x left intact; running state, so
 //                         a token's vocabulary may come in blocks.
-//   linear_dpo_rows_fold_softmax: the fold of whole vocabularies, then (still in cache) x <- q =
+//   linear_dpo_rows_fold_softmax: the fold of whole vocabularies, with x <- q / factor, q =
 //                         (onehot - softmax(z(x))) * dz/dx: the gradient before the loss's
-//                         per-token factor, so the 3-matmul route reads its logits once.
+//                         per-token factor, so the 3-matmul route reads its logits once; factor
+//                         [n] per token (usually -1 / sum exp(z - shift)), which the caller
+//                         folds into g, spares a second pass over x (see fold_softmax_cols).
 //   linear_dpo_rows_grad: x <- g * (onehot - softmax(z(x))) * dz/dx, in place (one read, one
 //                         write), once each pair's loss gradient g is known.
 // z(x) is the logit transform of ops/reference.py::LogitTransform. One vector holds W consecutive
-// tokens of one vocabulary entry (vec_cols.h); blocks of W tokens are split over threads and each
+// tokens of one vocabulary entry (vec_cols.h); blocks of 4 W tokens are split over threads and each
 // lane computes the same numbers wherever its token falls, so results do not depend on the thread
 // count. (The op names keep "rows": they are the row work of the chunk runner.)
 #include <ATen/ATen.h>

@@ -8,9 +8,10 @@ gradients of hidden, weight and bias, keeping at most `budget` bytes of logits a
 - pairs go in chunks whose float32 logits fit: matmul 1 projects the chunk (on CPU into a
   vocabulary-major tile, the layout that matmul writes fastest); one read of the logits folds
   each token's log-sum-exp (and statistics) and turns its logits into q = onehot - softmax in
-  place; the chunk's sums give the loss gradient g of each token (dz = g * q), and matmuls 2 and
-  3 give dh = g * (q @ W) and dW += q.T @ (g * h): 3 matmuls over the counted tokens, g applied
-  to their small operands rather than to the logits;
+  place (CPU: q / factor, a per-token factor that joins g); the chunk's sums give the loss
+  gradient g of each token (dz = g * q), and matmuls 2 and 3 give dh = g * (q @ W) and
+  dW += q.T @ (g * h): 3 matmuls over the counted tokens, g applied to their small operands
+  rather than to the logits;
 - a pair that does not fit alone goes in token x vocabulary tiles, with the logits recomputed for
   the gradient (4 matmuls);
 - a loss whose per-pair gradient needs every pair's sums (`PairLoss.coupled`) takes that tiled
