@@ -260,11 +260,16 @@ def _(hidden, weight, bias, labels, mask, ignore_index, rc, rr, nc, nr, type_wei
 
 
 def _linear_dpo_setup(ctx, inputs, output):
+    # Only the loss is differentiable; no zeros for the other outputs' gradients (one would be
+    # the size of the head).
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
     chunks.save_grads(ctx, output[-3:], tuple(inputs[16]))
 
 
 def _linear_dpo_backward(ctx, grad_loss, *_):
+    if grad_loss is None:  # not materialized: nothing flowed into the loss
+        return input_grads(ctx)
     return input_grads(ctx, *chunks.scaled_grads(ctx, grad_loss))
 
 

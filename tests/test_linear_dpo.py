@@ -214,6 +214,24 @@ def test_custom_op_schema_fake_and_autograd():
         torch.library.opcheck(torch.ops.dpo_kernels.linear_dpo.default, args)
 
 
+def test_backward_allocates_nothing_head_sized():
+    """The op's other outputs carry no gradient: the backward must not make zeros for them (the
+    weight gradient's output alone is the size of the head), only scale what the forward made."""
+    batch = make_batch(V=4001)
+    hidden, weight, bias, labels, mask, rc, rr = batch
+    w = weight.clone().requires_grad_()
+    out = linear_dpo_loss(hidden.requires_grad_(), w, labels, bias=bias, mask=mask,
+                          ref_chosen_logps=rc, ref_rejected_logps=rr)  # fmt: skip
+    with torch.profiler.profile(profile_memory=True) as prof:
+        (3.0 * out.loss).backward()
+    allocated = sum(
+        max(e.cpu_memory_usage, 0) for e in prof.events() if e.name.startswith("aten::")
+    )
+    assert allocated < weight.numel() * weight.element_size() / 4, allocated
+    _, _, dw64, _ = reference64(*batch)
+    assert_close(w.grad, 3.0 * dw64, 1e-4, "weight grad")
+
+
 def test_incoming_gradient_scales_and_frozen_weight():
     hidden, weight, bias, labels, mask, rc, rr = make_batch()
     h = hidden.clone().requires_grad_()
