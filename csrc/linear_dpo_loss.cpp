@@ -26,6 +26,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "common.h"
 #include "vec_cols.h"
 
@@ -335,6 +339,21 @@ void linear_dpo_rows_grad(at::Tensor& x, const at::Tensor& targets, const at::Te
   });
 }
 
+// Asks Linux to back t's storage with transparent huge pages where whole 2 MiB pages fit
+// (madvise MADV_HUGEPAGE; best effort, a no-op elsewhere), before its first write: a fresh
+// buffer of tens of MiB then takes a few dozen page faults instead of one per 4 KiB (~10 ms for
+// the 49 MiB tile of a 384-token chunk at V = 32000), and the kernels' strided passes fewer TLB
+// misses.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto a = reinterpret_cast<uintptr_t>(t.storage().data());
+  const uintptr_t start = (a + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (a + t.storage().nbytes()) & ~(kHuge - 1);
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dpo_kernels_cpu, m) {
@@ -349,12 +368,14 @@ TORCH_LIBRARY_FRAGMENT(dpo_kernels_cpu, m) {
   m.def(
       "linear_dpo_rows_grad(Tensor(a!) x, Tensor targets, Tensor grad, Tensor lse, "
       "float logit_scale, float? softcap, float temperature) -> ()");
+  m.def("advise_huge_pages(Tensor t) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dpo_kernels_cpu, CPU, m) {
   m.impl("linear_dpo_rows_fold", &linear_dpo_rows_fold);
   m.impl("linear_dpo_rows_fold_softmax", &linear_dpo_rows_fold_softmax);
   m.impl("linear_dpo_rows_grad", &linear_dpo_rows_grad);
+  m.impl("advise_huge_pages", &advise_huge_pages);
 }
 
 }  // namespace dpo_kernels

@@ -86,16 +86,16 @@ class Grads:
     """Gradient buffers: dh [2P * T, H] (inputs' dtype, contiguous), dw [V, H] and db [V]
     (accumulation dtype, cast once at the end); None where not wanted."""
 
-    def __init__(self, hidden, weight, bias, acc, wants, zero_fill):
+    def __init__(self, hidden, weight, bias, acc, wants, zero_fill, empty=torch.empty):
         self.dh = None
         if wants[0]:
-            dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            dh = empty(hidden.shape, dtype=hidden.dtype, device=hidden.device).zero_()
             self.dh = dh.view(-1, hidden.shape[-1])
         dw = None
         if wants[1]:  # zero_fill False: the first full pass over the vocabulary writes it
-            dw = (torch.zeros if zero_fill else torch.empty)(
-                weight.shape, dtype=acc, device=weight.device
-            )
+            dw = empty(weight.shape, dtype=acc, device=weight.device)
+            if zero_fill:
+                dw.zero_()
         self.dw, self.dw_fresh = dw, not zero_fill
         use_b = wants[2] and bias is not None
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if use_b else None
@@ -276,7 +276,7 @@ def run(
     flat = counted.reshape(-1).nonzero().squeeze(1)
     batch = _Batch(hidden.detach(), labels.reshape(B * T).long(), flat, offsets, P)
     rows = Rows(backend, hidden.dtype, hidden.device, tf)
-    grads = Grads(batch.hidden, weight, bias, acc, wants, zero_fill=rows.reduced and rows.cuda)
+    grads = Grads(batch.hidden, weight, bias, acc, wants, rows.reduced and rows.cuda, rows.empty)
     weight = weight.detach()
     bias = None if bias is None else bias.detach().to(acc)
     budget_logits = max(1, budget // rows.bytes_per_logit())
@@ -289,7 +289,7 @@ def run(
     # One buffer for every chunk: the largest chunk's logits, or one tile of the recompute route.
     need = [sum(pair_tokens[k0:k1]) * V if fits else min(budget_logits, sum(pair_tokens[k0:k1]) * V)
             for k0, k1, fits in plan]  # fmt: skip
-    buf = torch.empty(max(1, *need) + rows.slack(sum(pair_tokens)), dtype=acc, device=hidden.device)
+    buf = rows.empty(max(1, *need) + rows.slack(sum(pair_tokens)), acc, hidden.device)
     runner = _Runner(rows, batch, grads, weight, bias, buf, budget_logits, loss, stats)
     sums = torch.empty(B, dtype=acc, device=hidden.device)
     for k0, k1, fits in plan:
