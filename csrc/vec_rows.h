@@ -278,6 +278,78 @@ inline void row_linear_logprob_grad(A* x, int64_t n, A lse, A g, int64_t label,
   x[label] = g * (A(1) - std::exp(z - lse)) * dzdx;
 }
 
+// One row's fold and its softmax in one read of memory: folds x[0, V) (logits, identity
+// transform) into f as fold_row does, writing exp(x - shift) in place chunk by chunk (one exp per
+// element; each L1-sized chunk's shift kept in `shifts`), then, with the row's log-sum-exp known
+// and the row still in cache, x <- onehot(label) - softmax(x): the gradient of log p[label] with
+// respect to the logits. label < 0: not in this row.
+template <typename A, bool STATS>
+inline void row_fold_softmax(A* x, int64_t V, RowFold<A>& f, int64_t label, A* shifts) {
+  using VA = Vectorized<A>;
+  auto add = [](VA& a, VA& b) { return a + b; };
+  int64_t k = 0;
+  for (int64_t start = 0; start < V; start += kChunk, ++k) {
+    const int64_t len = std::min(kChunk, V - start);
+    A* c = x + start;
+    const A chunk_max = max_of(c, len);
+    const A m_new = max_nan(f.m, chunk_max);
+    const A shift = std::isinf(m_new) ? A(0) : m_new;
+    const A scale = std::exp(f.m - shift);
+    if constexpr (STATS) {
+      if (chunk_max > f.m || f.arg < 0) {
+        for (int64_t i = 0; i < len; ++i) {
+          if (c[i] == chunk_max) {
+            f.arg = start + i;
+            break;
+          }
+        }
+      }
+    }
+    const VA vshift(shift), zero(A(0));
+    VA vsum(A(0)), vpz(A(0)), vz(A(0)), vsq(A(0));
+    int64_t i = 0;
+    for (; i + VA::size() <= len; i += VA::size()) {
+      const VA v = VA::loadu(c + i);
+      const VA e = (v - vshift).exp();
+      vsum = vsum + e;
+      if constexpr (STATS) {
+        vpz = vpz + VA::blendv(e * v, zero, e == zero);  // 0 * -inf counts as 0
+        vz = vz + v;
+        vsq = vsq + e * e;
+      }
+      e.store(c + i);
+    }
+    A tail_sum = 0, tail_pz = 0, tail_z = 0, tail_sq = 0;
+    for (; i < len; ++i) {
+      const A v = c[i];
+      const A e = std::exp(v - shift);
+      tail_sum += e;
+      if constexpr (STATS) {
+        tail_pz += e == 0 ? A(0) : e * v;
+        tail_z += v;
+        tail_sq += e * e;
+      }
+      c[i] = e;
+    }
+    if constexpr (STATS) {
+      f.pz = f.pz * scale + at::vec::vec_reduce_all<A>(add, vpz) + tail_pz;
+      f.sq = f.sq * (scale * scale) + at::vec::vec_reduce_all<A>(add, vsq) + tail_sq;
+      f.zsum += at::vec::vec_reduce_all<A>(add, vz) + tail_z;
+    }
+    f.s = f.s * scale + (at::vec::vec_reduce_all<A>(add, vsum) + tail_sum);
+    f.m = m_new;
+    shifts[k] = shift;
+  }
+  const A lse = f.m + std::log(f.s);
+  k = 0;
+  for (int64_t start = 0; start < V; start += kChunk, ++k) {
+    const int64_t len = std::min(kChunk, V - start);
+    const VA factor(-std::exp(shifts[k] - lse));
+    at::vec::map([&](VA e) { return e * factor; }, x + start, x + start, len);
+  }
+  if (label >= 0) x[label] += A(1);
+}
+
 // Fills p[0, n) with zeros.
 template <typename S>
 inline void row_zero(S* p, int64_t n) {

@@ -5,18 +5,16 @@
 sums, the per-token log-probs (and, when asked, the token statistics trainers log) and the
 gradients of hidden, weight and bias, keeping at most `budget` bytes of logits alive:
 
-- pairs go in chunks whose float32 logits fit: matmul 1 projects the chunk (on CPU into a
-  vocabulary-major tile, the layout that matmul writes fastest); one read of the logits folds
-  each token's log-sum-exp (and statistics) and turns its logits into q = onehot - softmax in
-  place (CPU: q / factor, a per-token factor that joins g); the chunk's sums give the loss
-  gradient g of each token (dz = g * q), and matmuls 2 and 3 give dh = g * (q @ W) and
-  dW += q.T @ (g * h): 3 matmuls over the counted tokens, g applied to their small operands
-  rather than to the logits;
+- pairs go in chunks whose float32 logits fit: matmul 1 projects the chunk; one read of the
+  logits folds each row's log-sum-exp (and statistics) and turns the row into q = onehot -
+  softmax in place; the chunk's sums give the loss gradient g of each row (dz = g * q), and
+  matmuls 2 and 3 give dh = g * (q @ W) and dW += q.T @ (g * h): 3 matmuls over the counted
+  tokens, g applied to their small operands rather than to the logits;
 - a pair that does not fit alone goes in token x vocabulary tiles, with the logits recomputed for
   the gradient (4 matmuls);
 - a loss whose per-pair gradient needs every pair's sums (`PairLoss.coupled`) takes that tiled
   route for the whole batch: all sums first, then the gradient.
-Tiles and their kernels per backend: `linear_dpo_rows.py`.
+Row kernels per backend: `linear_dpo_rows.py`.
 """
 
 from __future__ import annotations
@@ -86,16 +84,15 @@ class Grads:
     """Gradient buffers: dh [2P * T, H] (inputs' dtype, contiguous), dw [V, H] and db [V]
     (accumulation dtype, cast once at the end); None where not wanted."""
 
-    def __init__(self, hidden, weight, bias, acc, wants, zero_fill, empty=torch.empty):
-        self.dh = None
-        if wants[0]:
-            dh = empty(hidden.shape, dtype=hidden.dtype, device=hidden.device).zero_()
-            self.dh = dh.view(-1, hidden.shape[-1])
+    def __init__(self, hidden, weight, bias, acc, wants, zero_fill):
+        self.dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device).view(
+            -1, hidden.shape[-1]
+        ) if wants[0] else None  # fmt: skip
         dw = None
         if wants[1]:  # zero_fill False: the first full pass over the vocabulary writes it
-            dw = empty(weight.shape, dtype=acc, device=weight.device)
-            if zero_fill:
-                dw.zero_()
+            dw = (torch.zeros if zero_fill else torch.empty)(
+                weight.shape, dtype=acc, device=weight.device
+            )
         self.dw, self.dw_fresh = dw, not zero_fill
         use_b = wants[2] and bias is not None
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if use_b else None
@@ -181,8 +178,6 @@ class _Runner:
         if not grad_on:
             return sums
         g = self.loss.grad(k0, k1, sums)[seg]
-        if f.factor is not None:  # x holds q / factor
-            g = g * f.factor
         dh = self._dh(n, h)
         rows.backprop(x, h, self.weight, 0, dh, grads.dw, grads.db, grads.dw_fresh, g=g)
         grads.done_pass()
@@ -276,7 +271,7 @@ def run(
     flat = counted.reshape(-1).nonzero().squeeze(1)
     batch = _Batch(hidden.detach(), labels.reshape(B * T).long(), flat, offsets, P)
     rows = Rows(backend, hidden.dtype, hidden.device, tf)
-    grads = Grads(batch.hidden, weight, bias, acc, wants, rows.reduced and rows.cuda, rows.empty)
+    grads = Grads(batch.hidden, weight, bias, acc, wants, zero_fill=rows.reduced and rows.cuda)
     weight = weight.detach()
     bias = None if bias is None else bias.detach().to(acc)
     budget_logits = max(1, budget // rows.bytes_per_logit())
@@ -289,7 +284,7 @@ def run(
     # One buffer for every chunk: the largest chunk's logits, or one tile of the recompute route.
     need = [sum(pair_tokens[k0:k1]) * V if fits else min(budget_logits, sum(pair_tokens[k0:k1]) * V)
             for k0, k1, fits in plan]  # fmt: skip
-    buf = rows.empty(max(1, *need) + rows.slack(sum(pair_tokens)), acc, hidden.device)
+    buf = torch.empty(max(1, *need) + rows.slack(sum(pair_tokens)), dtype=acc, device=hidden.device)
     runner = _Runner(rows, batch, grads, weight, bias, buf, budget_logits, loss, stats)
     sums = torch.empty(B, dtype=acc, device=hidden.device)
     for k0, k1, fits in plan:

@@ -1,10 +1,9 @@
-"""The per-token work of the fused linear losses' chunk runner (`linear_dpo_chunks.py`), one
-backend each, on a float32 (float64) [tokens, vocabulary] tile of projected logits: `Fold`
-(running per-token log-sum-exp, label logit and token statistics over vocabulary blocks) and
-`Rows` (the tile's layout, the projection, the backward matmuls and the kernels that fold a tile
-and turn it into the logits' gradient). Backends: "cpu" (vocabulary-major tiles, C++ kernels
-vectorized across tokens, csrc/linear_dpo_loss.cpp), "triton" (row-major tiles, the fused head's
-Triton row kernels), "reference" (row-major tiles, plain PyTorch).
+"""The row work of the fused linear losses' chunk runner (`linear_dpo_chunks.py`), one backend
+each, on a float32 (float64) tile of projected logits: `Fold` (running per-row log-sum-exp, label
+logit and token statistics over vocabulary blocks) and `Rows` (the projection, the backward
+matmuls and the row kernels that fold a tile and turn it into the logits' gradient).
+Backends: "cpu" (C++ row kernels, csrc/linear_dpo_loss.cpp), "triton" (the fused head's Triton
+row kernels), "reference" (plain PyTorch).
 """
 
 from __future__ import annotations
@@ -31,9 +30,6 @@ class Fold:
         first = -1 if backend == "cpu" else 2**31 - 1
         self.arg = torch.full((k,), first, dtype=torch.int64, device=device)
         self.stats = stats
-        # After Rows.fold_softmax: None, or [n] per-token factors the tile is to be scaled by
-        # (the tile holds q / factor; the cpu backend's kernel leaves it so, see there).
-        self.factor: torch.Tensor | None = None
 
     def lse(self) -> torch.Tensor:
         return self.m + torch.log(self.s)
@@ -68,26 +64,12 @@ class Rows:
         self._deferred = None  # (x, labels, Fold): a tile whose gradient waits for g (CUDA)
 
     def tile(self, buf: torch.Tensor, n: int, nv: int) -> torch.Tensor:
-        """An [n, nv] tile in `buf`. CPU: vocabulary-major (storage [nv, n], strides (1, n)), the
-        layout the projection's matmul writes fastest and the C++ kernels vectorize across
-        tokens; the backward matmuls take it as it is (a transposed operand, no copy). Triton:
-        rows padded to whole 16-byte vectors, which its kernels read and write (`slack` elements
-        of `buf` cover the padding). Reference: row-major."""
-        if self.backend == "cpu":
-            return buf[: n * nv].view(nv, n).T
+        """An [n, nv] tile in `buf`; for the Triton kernels its rows are padded to whole 16-byte
+        vectors, which they read and write (`slack` elements of `buf` cover the padding)."""
         if self.backend != "triton":
             return buf[: n * nv].view(n, nv)
         width = self._tl.padded(nv)
         return buf[: n * width].view(n, width)[:, :nv]
-
-    def empty(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
-        """torch.empty; on the cpu backend a buffer of 4 MiB or more is advised onto huge pages
-        before its first write (csrc/linear_dpo_loss.cpp's advise_huge_pages): a fresh tile or
-        dW would otherwise take one page fault per 4 KiB, ~10 ms per 49 MiB tile."""
-        t = torch.empty(shape, dtype=dtype, device=device)
-        if self.backend == "cpu" and t.numel() * t.element_size() >= 4 << 20:
-            torch.ops.dpo_kernels_cpu.advise_huge_pages(t)
-        return t
 
     def slack(self, n_rows: int) -> int:
         """Extra elements of the tile buffer that padded rows of `n_rows` tokens need."""
@@ -124,7 +106,7 @@ class Rows:
             out = x if w.shape[0] == nv else x[:, s : s + w.shape[0]]
             if self.reduced and self.cuda:  # float32 result, the out-dtype matmul version-gated
                 self._tl._project(h, w, None, out)
-            elif out is x or self.backend == "cpu":  # a vocabulary-major block is one too
+            elif out is x:
                 torch.mm(h, w.T, out=out)
             else:
                 out.copy_(h @ w.T)
@@ -242,17 +224,13 @@ class Rows:
         f.m.copy_(m_new)
 
     def fold_softmax(self, x: torch.Tensor, y: torch.Tensor, f: Fold) -> None:
-        """Folds whole rows x into a fresh f, then x <- q = (onehot(y) - softmax(z(x))) * dz/dx:
-        the logits' gradient before each token's loss factor. cpu: one read of x, one exp each,
-        and x may hold q / f.factor instead (per token; the scale the kernel would otherwise apply
-        in a second pass over x), to be applied to the matmuls' small operands."""
+        """Folds whole rows x into a fresh f, then x <- (onehot(y) - softmax(z(x))) * dz/dx: the
+        logits' gradient before each row's loss factor (C++: one read of x, one exp each)."""
         if self.backend == "cpu" and x.shape[0]:
             tf = self.tf
-            f.factor = torch.empty_like(f.m)
             torch.ops.dpo_kernels_cpu.linear_dpo_rows_fold_softmax(
-                x, y, f.m, f.s, f.target, f.st, f.arg, f.factor, tf.logit_scale, tf.softcap,
-                tf.temperature,
-            )  # fmt: skip
+                x, y, f.m, f.s, f.target, f.st, f.arg, tf.logit_scale, tf.softcap, tf.temperature
+            )
             return
         self.fold(x, y, f, 0)
         if self.dz_kernel:

@@ -61,7 +61,6 @@ T_PARITY = "tests/test_trl_parity.py"
 T_LOG = "tests/test_logprobs.py"
 T_LIN = "tests/test_linear_logprobs.py"
 T_LOSS = "tests/test_losses.py"
-T_COLS = "tests/test_linear_dpo_cols.py"
 VP2 = "tests/test_vocab_parallel.py::test_split_vocabulary_equals_single_process[2]"
 LVP2 = "tests/test_vocab_parallel.py::test_split_lm_head_equals_single_process[2]"
 
@@ -209,9 +208,6 @@ MUTANTS: list[Mutant] = [
       'metrics["logits/chosen"].append(ratio(c_mean[c_mask].sum(), c_mask.sum()))',
       'metrics["logits/chosen"].append(ratio(r_mean[r_mask].sum(), r_mask.sum()))',
       T_PARITY, "-k", "hinge"),
-    M("linear-dpo-factor-not-applied", "dpo_kernels/linear_dpo_chunks.py",
-      "            g = g * f.factor", "            g = g",
-      "tests/test_linear_dpo.py", "-k", "cpu"),
     # -- C++ kernels (each compiled into its own cache entry) ---------------------------------
     M("cpp-ignore-index-hardcoded", "csrc/logprobs.cpp",
       "if (y == ignore_index) return -1;", "if (y == -100) return -1;",
@@ -233,20 +229,6 @@ MUTANTS: list[Mutant] = [
     M("cpp-label-slope-without-tanh", "csrc/vec_rows.h",
       "dzdx = tf.a * (A(1) - t * t);", "dzdx = tf.a;",
       T_LIN, "-k", "test_matches_reference and cpu and softcap"),
-    M("cpp-cols-argmax-offset-dropped", "csrc/vec_cols.h",
-      "f.arg[l] = offset + u;", "f.arg[l] = u;",
-      T_COLS, "-k", "vocabulary_blocks"),
-    M("cpp-cols-online-rescale-inverted", "csrc/vec_cols.h",
-      "const VA scale = ((E ? f.ref[j] : f.m[j]) - shift[j]).exp();",
-      "const VA scale = (shift[j] - (E ? f.ref[j] : f.m[j])).exp();",
-      T_COLS, "-k", "n77-tf0"),
-    M("cpp-cols-onehot-first-vector-only", "csrc/vec_cols.h",
-      "    if (labels[l] >= 0) b.at(labels[l], l) += A(1);",
-      "    if (labels[l] >= 0 && l < b.W) b.at(labels[l], l) += A(1);",
-      T_COLS, "-k", "n77-tf0-True"),
-    M("cpp-cols-one-shift-label-unscaled", "csrc/linear_dpo_loss.cpp",
-      "b.at(local[l], l) -= std::exp(lse_l[l] - ref_l[l]);", "b.at(local[l], l) -= A(1);",
-      T_COLS, "-k", "n77-tf0-False"),
     M("cpp-temperature-multiplies", "csrc/linear_logprobs.cpp",
       "static_cast<A>(logit_scale / temperature)", "static_cast<A>(logit_scale * temperature)",
       T_LIN, "-k", "test_matches_reference and cpu and softcap"),
