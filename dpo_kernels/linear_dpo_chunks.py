@@ -179,7 +179,8 @@ class _Runner:
             return sums
         g = self.loss.grad(k0, k1, sums)[seg]
         dh = self._dh(n, h)
-        rows.backprop(x, h, self.weight, 0, dh, grads.dw, grads.db, grads.dw_fresh, g=g)
+        rows.backprop(x, h, self.weight, 0, dh, grads.dw, grads.db, grads.dw_fresh, g=g,
+                      fold=(y, f))  # fmt: skip
         grads.done_pass()
         if dh is not None:
             grads.dh.index_copy_(0, idx, dh.to(grads.dh.dtype))

@@ -61,7 +61,6 @@ class Rows:
 
             self._tl = tl_ops
             self._params = tl_ops._params(tf, torch.empty(0, dtype=dtype, device=device))
-        self._deferred = None  # (x, labels, Fold): a tile whose gradient waits for g (CUDA)
 
     def tile(self, buf: torch.Tensor, n: int, nv: int) -> torch.Tensor:
         """An [n, nv] tile in `buf`; for the Triton kernels its rows are padded to whole 16-byte
@@ -113,19 +112,20 @@ class Rows:
         if bias is not None:
             x.add_(bias[vs : vs + nv])
 
-    def backprop(self, x, h, weight, vs, dh, dw, db, dw_fresh=False, g=None) -> None:
+    def backprop(self, x, h, weight, vs, dh, dw, db, dw_fresh=False, g=None, fold=None) -> None:
         """dh (+)= x @ W_blk, dw[blk] (+)= x.T @ h, db[blk] += sum of x (those not None). dh is
         written, not added to, at vs == 0 and dw with dw_fresh: no zero fill (CPU; on CUDA the
         buffers start at zero and are always added to). g [n]: the rows of x are to be scaled
         by g (x = the whole vocabulary): applied to h for dw and db, and to dh afterwards, not
         to the [n, V] tile; on CUDA with bf16/fp16, x is the tile of logits fold_softmax left,
-        turned into g * q by the gradient kernel on its way to the inputs' dtype."""
+        turned into g * q by the gradient kernel on its way to the inputs' dtype, which needs
+        fold = (the rows' labels, their `Fold`)."""
         nv = x.shape[1]
         if g is not None and self.dz_kernel:
             # x still holds the logits (see fold_softmax): one kernel reads them and writes
             # dz = g * q in the inputs' dtype, rounded once, as the dh and dw matmuls take it.
             # g goes into dz rather than onto h: g * h rounded to bf16 would be a second rounding.
-            y, lse = self._take_deferred(x)
+            y, lse = fold[0], fold[1].lse()
             if db is None:
                 dz = torch.empty(x.shape[0], self._tl.padded(nv), dtype=self.dtype,
                                  device=x.device)[:, :nv]  # fmt: skip
@@ -133,9 +133,6 @@ class Rows:
                 x = dz  # below, x.to(self.dtype) is then x itself: no copy
             else:  # db sums the float32 dz: written in place, rounded to a copy below
                 self.grad(x, y, g, lse)
-            g = None
-        if g is not None and self.reduced and self.cuda:  # dz is rounded to bf16: scale it first
-            x.mul_(g[:, None])
             g = None
         if g is not None:
             assert vs == 0 and nv == weight.shape[0]
@@ -169,13 +166,6 @@ class Rows:
                         rows.addmm_(xs.T, h)
         if db is not None:
             db[vs : vs + nv] += x.sum(0)
-
-    def _take_deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(labels, lse) of the rows that fold_softmax folded into x and left for backprop."""
-        deferred, self._deferred = self._deferred, None
-        if deferred is None or deferred[0] is not x:
-            raise RuntimeError("Rows.backprop: x is not the tile fold_softmax folded last")
-        return deferred[1], deferred[2].lse()
 
     # -- row kernels ------------------------------------------------------------------------
 
@@ -236,7 +226,6 @@ class Rows:
         if self.dz_kernel:
             # CUDA, bf16/fp16: x stays the logits, and backprop (given g) turns them into
             # g * q in the inputs' dtype in one kernel, no float32 q written in between.
-            self._deferred = (x, y, f)
             return
         self.grad(x, y, torch.ones_like(f.m), f.lse())
 
