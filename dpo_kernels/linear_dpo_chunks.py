@@ -71,13 +71,12 @@ class _Batch:
         o, P = self.offsets, self.P
         return torch.cat([self.flat[o[k0] : o[k1]], self.flat[o[P + k0] : o[P + k1]]])
 
-    def row_ids(self, k0: int, k1: int, device) -> torch.Tensor:
-        """[tokens] row of each token within the chunk: 0..c-1 chosen, c..2c-1 rejected."""
-        o, P = self.offsets, self.P
-        n = [o[i + 1] - o[i] for i in (*range(k0, k1), *range(P + k0, P + k1))]
-        return torch.repeat_interleave(
-            torch.arange(len(n), device=device), torch.tensor(n, device=device)
-        )
+    def row_ids(self, idx: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+        """[tokens] row within pairs [k0, k1) of each of `tokens(k0, k1)`'s tokens: 0..c-1
+        chosen, c..2c-1 rejected. From the indices themselves: no host sync (on CUDA, a sync per
+        chunk leaves the GPU idle while the next chunk is launched)."""
+        row = idx // self.hidden.shape[1]
+        return torch.where(row < self.P, row - k0, row - (self.P + k0) + (k1 - k0))
 
 
 class Grads:
@@ -163,7 +162,7 @@ class _Runner:
         """Pairs [k0, k1) whose logits fit the buffer: 3 matmuls. Returns the [2c] row sums."""
         rows, batch, grads = self.rows, self.batch, self.grads
         idx = batch.tokens(k0, k1)
-        seg = batch.row_ids(k0, k1, idx.device)
+        seg = batch.row_ids(idx, k0, k1)
         y = batch.labels.index_select(0, idx)
         h = rows.rows_in(batch.rows_of(idx))
         n, V = idx.numel(), self.weight.shape[0]
@@ -191,7 +190,7 @@ class _Runner:
         for its gradient (4 matmuls). Returns the [2c] row sums."""
         rows, batch, grads, weight = self.rows, self.batch, self.grads, self.weight
         idx = batch.tokens(k0, k1)
-        seg = batch.row_ids(k0, k1, idx.device)
+        seg = batch.row_ids(idx, k0, k1)
         y = batch.labels.index_select(0, idx)
         hid = batch.rows_of(idx)
         n, V = idx.numel(), weight.shape[0]

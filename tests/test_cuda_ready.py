@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from conftest import GRAD_TOL, HAS_TRITON, TEST_DEVICE, assert_no_worse_than_naive
+from conftest import GRAD_TOL, HAS_TRITON, TEST_DEVICE, assert_no_worse_than_naive, data_check
 
 import dpo_kernels
 from dpo_kernels import backend as dispatch
@@ -43,7 +43,7 @@ def test_device_guard_asks_for_the_tensors_device(monkeypatch):
     with K.device_guard(types.SimpleNamespace(device=torch.device("cuda", 1))):
         pass
     assert asked == [torch.device("cuda", 1)]
-    with K.device_guard(torch.zeros(1)):  # CPU tensors: no CUDA call at all
+    with K.device_guard(torch.zeros(1, device="cpu")):  # CPU tensors: no CUDA call at all
         pass
     assert asked == [torch.device("cuda", 1)]
 
@@ -111,7 +111,7 @@ def test_every_launch_and_matmul_runs_inside_a_device_guard(monkeypatch):
     assert {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_dpo_loss_kernel",
             "_sibling_loss_kernel", "_linear_fwd_kernel",
             "_linear_bwd_kernel"} <= set(launched)  # fmt: skip
-    assert guard.devices and all(d.type == "cpu" for d in guard.devices)
+    assert guard.devices and all(d.type == TEST_DEVICE for d in guard.devices)
 
 
 @pytest.mark.skipif(not TWO_GPUS, reason="needs two CUDA devices")
@@ -140,47 +140,98 @@ def test_tensors_on_the_second_gpu_while_the_first_is_current():
 # 2. The out-dtype matmul (CUDA only) reached on meta tensors.
 
 
+def _meta_operands():
+    acc = torch.empty(8, 4, device="meta")
+    a = torch.empty(8, 16, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(16, 4, dtype=torch.bfloat16, device="meta")
+    return acc, a, b
+
+
+def _spy(monkeypatch, calls, *names):
+    for name in names:
+        real = getattr(torch, name)
+
+        def matmul(*args, real=real, name=name, **kwargs):
+            calls.append((name, kwargs.get("out_dtype")))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, matmul)
+
+
 def test_out_dtype_matmul_path_on_meta_tensors(monkeypatch):
     _, L, _ = _triton_modules()
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     monkeypatch.setattr(L, "_OUT_DTYPE_MM", None)
+    monkeypatch.setattr(L, "_ACC_BY_ADD", False)
     assert L.has_out_dtype_mm() == ((major, minor) >= (2, 8))
     calls = []
-    real = torch.addmm
-
-    def addmm(*args, **kwargs):
-        calls.append(kwargs.get("out_dtype"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "addmm", addmm)
-    acc = torch.empty(8, 4, device="meta")
-    a = torch.empty(8, 16, dtype=torch.bfloat16, device="meta")
-    b = torch.empty(16, 4, dtype=torch.bfloat16, device="meta")
-    L._addmm_acc(acc, a, b)
+    _spy(monkeypatch, calls, "addmm", "mm", "baddbmm")
+    acc, a, b = _meta_operands()
+    L._addmm_acc(acc, a, b, fresh=True)  # written over: the plain out-dtype product
     assert acc.dtype == torch.float32 and acc.shape == (8, 4)
     if L.has_out_dtype_mm():
-        assert calls == [torch.float32]
+        assert calls == [("mm", torch.float32)]
+        calls.clear()
+        # Added to: the batched form, which adds into its float32 out (CUDA's addmm wants its
+        # `self` in the inputs' dtype); meta's may reject it: then the product and an add.
+        L._addmm_acc(acc, a, b)
+        assert calls[0] == ("baddbmm", torch.float32)
+        assert ("addmm", torch.float32) not in calls
 
 
 def test_out_dtype_matmul_falls_back_when_rejected(monkeypatch):
     _, L, _ = _triton_modules()
     monkeypatch.setattr(L, "_OUT_DTYPE_MM", True)
+    monkeypatch.setattr(L, "_ACC_BY_ADD", False)
 
-    def rejecting(*args, **kwargs):
-        raise RuntimeError("addmm: out_dtype float32 is not supported for BFloat16 inputs")
+    def rejecting(name):
+        real = getattr(torch, name)
 
-    monkeypatch.setattr(torch, "addmm", rejecting)
-    acc = torch.empty(8, 4, device="meta")
-    a = torch.empty(8, 16, dtype=torch.bfloat16, device="meta")
-    b = torch.empty(16, 4, dtype=torch.bfloat16, device="meta")
-    L._addmm_acc(acc, a, b)  # upcasts instead
+        def matmul(*args, **kwargs):
+            if "out_dtype" in kwargs:
+                raise RuntimeError("out_dtype float32 is not supported for BFloat16 inputs")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, matmul)
+
+    calls = []
+    _spy(monkeypatch, calls, "mm")
+    rejecting("baddbmm")
+    acc, a, b = _meta_operands()
+    L._addmm_acc(acc, a, b)  # the product in float32, then an add
+    assert L._ACC_BY_ADD and L._OUT_DTYPE_MM and calls == [("mm", torch.float32)]
+    rejecting("mm")
+    L._addmm_acc(acc, a, b)  # upcasts instead (no warning off CUDA)
     assert L._OUT_DTYPE_MM is False
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="the out-dtype matmuls run on CUDA")
+@pytest.mark.parametrize("form", ["batched", "add", "upcast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_out_dtype_matmul_forms_agree_on_cuda(monkeypatch, form, dtype):
+    """Each form of acc += a @ b (a a float32 gradient tile, as in dW) against float64, with
+    acc strided like a padded tile: within float32 accumulation of the rounded operands."""
+    _, L, _ = _triton_modules()
+    monkeypatch.setattr(L, "_OUT_DTYPE_MM", form != "upcast")
+    monkeypatch.setattr(L, "_ACC_BY_ADD", form == "add")
+    a = torch.randn(300, 77) * 3
+    b = torch.randn(300, 40).to(dtype)
+    acc = torch.randn(77, 48)[:, :40]
+    expect = acc.double() + a.to(dtype).double().T @ b.double()
+    L._addmm_acc(acc, a.T, b)
+    if form == "upcast":  # the float32 tile is not rounded to dtype first
+        expect += (a.double() - a.to(dtype).double()).T @ b.double()
+    assert (acc.double() - expect).abs().max() <= 300 * 2**-22 * expect.abs().max()
+    L._addmm_acc(acc, a.T, b, fresh=True)
+    expect = (a if form == "upcast" else a.to(dtype)).double().T @ b.double()
+    assert (acc.double() - expect).abs().max() <= 300 * 2**-22 * expect.abs().max()
 
 
 # ------------------------------------------------------------------------------------------
 # 4. No host sync: device-side checks, sync-free mode.
 
 
+@data_check
 def test_device_side_checks_raise_with_a_message(monkeypatch):
     monkeypatch.setattr(dispatch, "device_side_checks", lambda device: True)
     logits = torch.randn(2, 3, 11)
@@ -195,6 +246,58 @@ def test_device_side_checks_raise_with_a_message(monkeypatch):
     with pytest.raises(RuntimeError, match="cu_seqlens must rise"):
         dpo_kernels.sequence_logprobs(logits[0], labels[0], cu_seqlens=torch.tensor([0, 2, 1]))
     dpo_kernels.sequence_logprobs(logits, labels, backend="reference")  # good input passes
+
+
+_BAD_DATA = """
+import sys, torch, dpo_kernels
+torch.set_default_device("cuda")
+logits, labels, case = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3)), sys.argv[1]
+if case.startswith("label"):
+    labels[1, 2] = 11
+    dpo_kernels.sequence_logprobs(logits, labels, backend=case.split()[1])
+elif case == "linear label":
+    labels[1, 2] = 11
+    dpo_kernels.linear_sequence_logprobs(torch.randn(2, 3, 4), torch.randn(11, 4), labels)
+elif case == "mask":
+    dpo_kernels.sequence_logprobs(logits, labels, mask=torch.full((2, 3), 2))
+elif case == "cu_seqlens":
+    dpo_kernels.sequence_logprobs(logits[0], labels[0], cu_seqlens=torch.tensor([0, 2, 1]))
+torch.cuda.synchronize()
+print("no assert")
+"""
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="device-side asserts are CUDA's")
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("label triton", r"outside the vocabulary \[0, 11\)"),
+        ("label reference", r"outside the vocabulary \[0, 11\)"),
+        ("linear label", r"outside the vocabulary \[0, 11\)"),
+        ("mask", "mask holds a value other than 0 and 1"),
+        ("cu_seqlens", r"cu_seqlens must rise from 0 to the number of tokens \(3\)"),
+        ("good", None),
+    ],
+)
+def test_device_side_asserts_in_child_processes(case, message):
+    """On CUDA a data check is a device-side assert, which ends the process's CUDA context: each
+    bad input runs in a fresh interpreter, which must stop with the check's message on stderr
+    (the `data_check` cases elsewhere are skipped on CUDA for this reason)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _BAD_DATA, case], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    if message is None:
+        assert proc.returncode == 0 and "no assert" in out, out[-2000:]
+    else:
+        assert proc.returncode != 0 and "no assert" not in out, out[-2000:]
+        assert re.search(r"Assertion `[^`]*" + message, out), out[-2000:]
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -367,7 +470,7 @@ def test_gradient_kernel_writes_dz_in_the_inputs_dtype(dtype, transform, nv):
     n = 7
     tf = LogitTransform(transform.get("logit_scale", 1.0), transform.get("softcap"),
                         transform.get("temperature", 1.0))  # fmt: skip
-    rows = Rows("triton", dtype, torch.device("cpu"), tf)
+    rows = Rows("triton", dtype, torch.get_default_device(), tf)
     buf = torch.randn(n * 64 + rows.slack(n)) * 3
     x = rows.tile(buf, n, nv)
     labels = torch.randint(0, nv, (n,))
@@ -432,9 +535,9 @@ def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias,
 
             return launch
 
-    def spy_mm(acc, a, b):
+    def spy_mm(acc, a, b, fresh=False):
         mm.append((a.data_ptr(), a.dtype, b.dtype))
-        return addmm_acc(acc, a, b)
+        return addmm_acc(acc, a, b, fresh)
 
     monkeypatch.setattr(L, "_linear_bwd_kernel", Spy())
     monkeypatch.setattr(L, "_addmm_acc", spy_mm)

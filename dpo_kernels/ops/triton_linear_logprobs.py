@@ -22,6 +22,8 @@ linear_logprobs.py), dispatch in backend.py.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -164,12 +166,11 @@ def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torc
         else:
             torch.addmm(b, h, w.T, out=out)
         return
-    # bf16/fp16: start from the bias (or 0) and accumulate the product in float32
-    if b is None:
-        out.zero_()
-    else:
+    # bf16/fp16: the product accumulated in float32, written over `out` (no zero fill to read
+    # back), or added to the bias copied there
+    if b is not None:
         out.copy_(b.to(out.dtype).expand_as(out))
-    _addmm_acc(out, h, w.T)
+    _addmm_acc(out, h, w.T, fresh=b is None)
 
 
 def _projected_tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -203,45 +204,64 @@ def _params(transform: LogitTransform, like: torch.Tensor) -> torch.Tensor:
 
 
 def has_out_dtype_mm() -> bool:
-    """Whether this torch has `torch.addmm(..., out_dtype=...)` (a bf16/fp16 product accumulated
-    straight into a float32 tensor; torch >= 2.8). Probed once on meta tensors."""
+    """Whether this torch has the out-dtype matmuls, `torch.mm(..., out_dtype=)` and
+    `torch.baddbmm(..., out_dtype=)`: bf16/fp16 products with a float32 result (torch >= 2.8)."""
     global _OUT_DTYPE_MM
     if _OUT_DTYPE_MM is None:
-        try:
-            acc = torch.empty(2, 2, device="meta")
-            a = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
-            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            _OUT_DTYPE_MM = True
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_MM = False
+        _OUT_DTYPE_MM = all(hasattr(getattr(torch.ops.aten, op), "dtype_out")
+                            for op in ("mm", "baddbmm"))  # fmt: skip
     return _OUT_DTYPE_MM
 
 
 _OUT_DTYPE_MM: bool | None = None
+_ACC_BY_ADD = False  # this build's batched out-dtype form was rejected: product, then add
 
 
-def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with a float32 result, without rounding a @ b to the inputs' dtype first.
+def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fresh: bool = False) -> None:
+    """acc += a @ b (with `fresh`: acc = a @ b, acc not read) with a float32 result, without
+    rounding a @ b to the inputs' dtype first.
 
     One of a, b may be a gradient tile (float32) and the other the inputs' rows or weight block.
-    CUDA (and meta) tensors use the out-dtype matmul where this torch has it (one cuBLAS call in
-    the inputs' dtype, the float32 gradient tile rounded once, float32 accumulation); elsewhere,
-    or if this build rejects the combination, the inputs are upcast first (exact, one temporary
-    each): ATen's CPU matmul has no bf16 -> float32 form."""
+    CUDA (and meta) tensors use the out-dtype matmuls (one cuBLAS call in the inputs' dtype, the
+    float32 gradient tile rounded once, float32 accumulation): `mm` when fresh, else `baddbmm`
+    on a batch of one, which adds into its float32 `out` (addmm's out-dtype form on CUDA wants
+    its `self` in the inputs' dtype). If this build rejects the batched form, the product is
+    made in float32 and added (one temporary); without out-dtype matmuls, or on CPU (ATen's CPU
+    matmul has no bf16 -> float32 form), the inputs are upcast first (exact, one temporary each,
+    and on CUDA several times slower: warned once)."""
     if a.dtype == b.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        torch.mm(a, b, out=acc) if fresh else acc.addmm_(a, b)
         return
-    global _OUT_DTYPE_MM
+    global _OUT_DTYPE_MM, _ACC_BY_ADD
     if acc.device.type in ("cuda", "meta") and has_out_dtype_mm():
         low = b.dtype if a.dtype == acc.dtype else a.dtype
+        a, b = a.to(low), b.to(low)
         try:
-            torch.addmm(acc, a.to(low), b.to(low), out_dtype=acc.dtype, out=acc)
+            if fresh:
+                torch.mm(a, b, out_dtype=acc.dtype, out=acc)
+            elif _ACC_BY_ADD:
+                acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+            else:
+                torch.baddbmm(acc[None], a[None], b[None], out_dtype=acc.dtype, out=acc[None])
             return
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError:  # a build that rejects float32 out with bf16/fp16 inputs: upcast
+        except (RuntimeError, TypeError) as exc:
+            if not (fresh or _ACC_BY_ADD):
+                _ACC_BY_ADD = True
+                return _addmm_acc(acc, a, b)
             _OUT_DTYPE_MM = False
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+            if acc.device.type == "cuda":
+                warnings.warn(
+                    f"dpo_kernels: this torch rejects bf16/fp16 matmuls with a float32 result "
+                    f"({exc}); the linear path upcasts its inputs instead (same numbers, several "
+                    "times slower). torch >= 2.8 has them.",
+                    stacklevel=2,
+                )
+    if fresh:
+        torch.mm(a.to(acc.dtype), b.to(acc.dtype), out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def linear_logprobs_forward(
