@@ -137,6 +137,11 @@ def preference_examples(n: int, vocab: int = 97, seed: int = 0):
     ]
 
 
+# Data checks (label and mask values, cu_seqlens contents) are device-side asserts on CUDA, and one
+# ends the process's CUDA context: cases marked `data_check` are skipped there, and
+# test_cuda_ready.py::test_device_side_asserts_in_child_processes makes them in fresh processes.
+data_check = pytest.mark.data_check
+
 # Tests about CPU-only machinery (the C++ backend on CPU tensors, gloo process groups, the CPU
 # benchmark): skipped when the suite runs on CUDA tensors.
 CPU_ONLY_MODULES = ("test_cpu_backend.py", "test_distributed.py", "test_bench_cli.py")
@@ -146,6 +151,9 @@ def pytest_collection_modifyitems(config, items):
     if TEST_DEVICE != "cuda":
         return
     skip = pytest.mark.skip(reason="CPU-only test (DPO_KERNELS_TEST_DEVICE=cuda)")
+    assert_skip = pytest.mark.skip(reason="a device-side assert on CUDA: made in a child process")
     for item in items:
         if item.path.name in CPU_ONLY_MODULES:
             item.add_marker(skip)
+        elif item.get_closest_marker("data_check"):
+            item.add_marker(assert_skip)

@@ -116,7 +116,7 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -
 
 def vocab_parallel_case(V=37, seed=11):
     """Logits [3, 5, V], labels hitting every rank's slice boundaries, ignore_index, a mask."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     logits = torch.randn(3, 5, V, generator=g) * 3
     labels = torch.randint(0, V, (3, 5), generator=g)
     labels[0, 0] = -100
@@ -157,7 +157,7 @@ def vocab_parallel_worker(rank: int, world: int, init_file: str, out_dir: str, b
 
 def linear_vocab_parallel_case(V=37, H=8, seed=12):
     """hidden [2, 5, H], an LM head [V, H] with bias, labels on every slice boundary, a mask."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     hidden = torch.randn(2, 5, H, generator=g, dtype=torch.float64)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64)
     bias = torch.randn(V, generator=g, dtype=torch.float64)

@@ -183,7 +183,7 @@ def test_discopop_issue_example():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_linear_low_precision_logits_stay_float32(backend, dtype):
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     M, H, V = 24, 32, 80
     hidden = torch.randn(1, M, H, generator=g, dtype=torch.float64).to(dtype)
     # Logits of about +-60: one fp16 rounding of them moves a log-prob by ~0.03.
@@ -217,7 +217,7 @@ def test_sequence_sums_independent_of_thread_count(backend):
     threads = torch.get_num_threads()
     try:
         for seed, shape in enumerate([(1, 70000, 8), (2, 40000, 3), (1, 9000, 5)]):
-            g = torch.Generator().manual_seed(seed)
+            g = torch.Generator(torch.get_default_device()).manual_seed(seed)
             x = torch.randn(*shape, generator=g) * 4
             y = torch.randint(0, shape[-1], shape[:2], generator=g)
             results = []
@@ -242,7 +242,7 @@ def test_sequence_sums_independent_of_thread_count(backend):
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_dpo_loss_double_backward(backend):
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     P, beta = 5, 0.7
     pc, pr, rc, rr = (-30 * torch.rand(4, P, generator=g, dtype=torch.float64)).unbind()
     a, b = pc.clone().requires_grad_(), pr.clone().requires_grad_()
@@ -263,7 +263,7 @@ def test_dpo_loss_double_backward(backend):
 
 @pytest.mark.parametrize("kind", ["discopop", "ipo", "aot", "sigmoid_norm", "exo_pair"])
 def test_dpo_loss_double_backward_matches_reference(kind):
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     P = 4
     pc, pr, rc, rr = (-30 * torch.rand(4, P, generator=g, dtype=torch.float64)).unbind()
     n = torch.tensor([3.0, 5.0, 2.0, 7.0], dtype=torch.float64)
@@ -301,7 +301,7 @@ def test_logprobs_double_backward_raises(backend):
 @pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8, torch.int32])
 def test_narrow_label_dtypes(backend, dtype):
     V = 200 if dtype != torch.int8 else 120
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     x = torch.randn(2, 4, V, generator=g)
     y = torch.randint(0, V, (2, 4), generator=g)
     y[0, 0] = 156 if dtype == torch.uint8 else 7  # uint8 156 is -100 modulo 256: it counts
@@ -322,7 +322,7 @@ def test_narrow_label_dtypes(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_plus_inf_logit_gives_minus_inf(backend, dtype):
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
     y = torch.tensor([[1, 2, 3], [4, 5, 6]])
     x[0, 0, 3] = math.inf  # not the label

@@ -38,7 +38,7 @@ def labels_with(ignore_index, B, T, V, g):
 @pytest.mark.parametrize("ignore_index", IGNORE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_path_honours_ignore_index(backend, ignore_index, dtype):
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     B, T, V = 2, 5, 37
     logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
     ref_logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
@@ -66,7 +66,7 @@ def test_logits_path_honours_ignore_index(backend, ignore_index, dtype):
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("ignore_index", IGNORE)
 def test_packed_logits_path_honours_ignore_index(backend, ignore_index):
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(torch.get_default_device()).manual_seed(2)
     lengths, V = [4, 1, 6], 23
     N = sum(lengths)
     logits = torch.randn(N, V, generator=g) * 2
@@ -85,7 +85,7 @@ def test_packed_logits_path_honours_ignore_index(backend, ignore_index):
 @pytest.mark.parametrize("ignore_index", IGNORE)
 @pytest.mark.parametrize("transform", [{}, dict(logit_scale=0.7, softcap=4.0, temperature=1.3)])
 def test_linear_path_honours_ignore_index(backend, ignore_index, transform):
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     B, T, H, V = 2, 5, 8, 37
     hidden = torch.randn(B, T, H, generator=g)
     weight = torch.randn(V, H, generator=g) * 0.8
@@ -118,7 +118,7 @@ def test_vocab_parallel_single_rank_honours_ignore_index(tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
-        g = torch.Generator().manual_seed(4)
+        g = torch.Generator(torch.get_default_device()).manual_seed(4)
         B, T, H, V = 2, 4, 6, 19
         logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
         labels, mask = labels_with(3, B, T, V, g)
@@ -266,7 +266,7 @@ def test_padding_free_forward_with_completions_at_every_boundary():
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_packed_op_counts_first_and_last_tokens_of_each_sequence(backend):
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator(torch.get_default_device()).manual_seed(7)
     lengths, V = [3, 1, 5, 2], 17
     N = sum(lengths)
     logits = torch.randn(N, V, generator=g) * 2
@@ -317,7 +317,7 @@ def test_logprob_check_rejects_a_wrong_forward(monkeypatch, dtype, kind, error):
 @pytest.mark.usefixtures("small_tiles")
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_linear_stats_with_labels_at_the_argmax_of_later_blocks(backend):
-    g = torch.Generator().manual_seed(8)
+    g = torch.Generator(torch.get_default_device()).manual_seed(8)
     B, T, H, V = 2, 6, 8, 40  # vocabulary blocks of 16 (small_tiles): the argmax is in any block
     hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64)
@@ -336,7 +336,7 @@ def test_linear_stats_with_labels_at_the_argmax_of_later_blocks(backend):
 def test_logits_with_a_vocabulary_stride_reach_the_kernel_as_they_are(backend):
     # tests/test_cpu_backend.py's strided case is cloned by its helper, and clone() of a
     # non-dense view is contiguous: this one passes the stride-2 view itself.
-    g = torch.Generator().manual_seed(9)
+    g = torch.Generator(torch.get_default_device()).manual_seed(9)
     B, T, V = 2, 3, 37
     wide = (torch.randn(B, T, 2 * V, generator=g) * 2).requires_grad_()
     labels = torch.randint(0, V, (B, T), generator=g)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_backends
+from conftest import TEST_DEVICE, cpu_backends
 
+import dpo_kernels
 from dpo_kernels import dpo_loss, linear_dpo_loss, make_spec
 from dpo_kernels.common import LOSS_TYPES
 
@@ -20,7 +21,7 @@ P, T, H, V = 3, 9, 16, 61  # odd lengths everywhere
 
 
 def make_batch(P=P, T=T, H=H, V=V, dtype=torch.float32, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     hidden = torch.randn(2 * P, T, H, generator=g, dtype=torch.float64).to(dtype)
     weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype)
     b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
@@ -207,10 +208,11 @@ def test_custom_op_schema_fake_and_autograd():
     hidden, weight, bias, labels, mask, rc, rr = make_batch(P=2, T=5, H=6, V=13)
     counts = ((labels != -100) & mask).sum(-1).float()
     spec = make_spec(0.2, "sigmoid", None, 0.0, "reverse_kl", 0.5, 0.05).pack()
+    backend = "cpu" if TEST_DEVICE == "cpu" and dpo_kernels.cpu_extension_available() else "triton"
     for stats, wants in ((False, [True, True, True]), (True, [True, False, False])):
         args = (hidden.requires_grad_(wants[0]), weight.requires_grad_(wants[1]),
                 bias.requires_grad_(wants[2]), labels, mask, -100, rc, rr, counts[:2], counts[2:],
-                *spec, [1.0, 0.0, 1.0], 2 * 5 * 13 * 4, "cpu", wants, stats)  # fmt: skip
+                *spec, [1.0, 0.0, 1.0], 2 * 5 * 13 * 4, backend, wants, stats)  # fmt: skip
         torch.library.opcheck(torch.ops.dpo_kernels.linear_dpo.default, args)
 
 

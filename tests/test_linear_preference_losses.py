@@ -21,7 +21,7 @@ ONE = logits_bytes(12, V)  # about one pair a chunk: the 3-matmul route over sev
 
 
 def make_batch(rows=2 * P, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     hidden = torch.randn(rows, T, H, generator=g, dtype=torch.float64).float()
     weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).float()
     bias = (torch.randn(V, generator=g, dtype=torch.float64) * 0.5).float()
@@ -185,7 +185,7 @@ KTO_CASES = [("kto", 1.0, 1.0), ("kto", 1.3, 0.7), ("apo_zero_unpaired", 0.8, 1.
 @pytest.mark.parametrize(("loss_type", "dw", "uw"), KTO_CASES)
 def test_linear_kto(loss_type, dw, uw, budget):
     N, beta = 6, 0.5
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     ref = torch.randn(N, generator=g, dtype=torch.float64).float() * 2 - 20
     des = torch.tensor([True, False, False, True, True, False])
     kl_logps = torch.randn(N, generator=g, dtype=torch.float64).float() - 18

@@ -19,7 +19,7 @@ def log_sum_sq64(z: torch.Tensor) -> torch.Tensor:
 
 def extreme_logits(V: int, dtype: torch.dtype) -> torch.Tensor:
     """[4, 3, V] rows: ordinary, huge magnitudes, one dominant entry, all equal, partly -inf."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     z = torch.randn(4, 3, V, generator=g, dtype=torch.float64) * 3
     z[1] *= 3e3  # |z| ~ 1e4: exp overflows without the running max
     z[2, 0] = 0.0
@@ -54,7 +54,7 @@ def test_logits_path_log_sum_sq(backend, dtype, V):
 @pytest.mark.parametrize("softcap", [None, 20.0])
 def test_fused_lm_head_log_sum_sq(small_tiles, backend, dtype, softcap):  # noqa: F811
     # Tiles of 3 tokens x 16 vocabulary entries: the statistic is folded across blocks and tiles.
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     B, T, H, V = 2, 5, 8, 40
     hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64)

@@ -337,7 +337,8 @@ def weighted_scalar_loss(types, weights_of_types, pair_w, lists, beta):
 )
 def test_pair_weights_scale_each_pair_loss(backend, types):
     pc, pr, rc, rr, nc, nr = make_pairs()
-    w = torch.rand(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
+    w = torch.rand(6, generator=g, dtype=torch.float64) * 2
     type_w = [1.0, 0.5, 0.25][: len(types)]
     pc_, pr_ = pc.clone().requires_grad_(), pr.clone().requires_grad_()
     out = dpo_loss(

@@ -16,7 +16,7 @@ from dpo_kernels.common import FAMILIES
 
 
 def _inputs(P, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     nc = torch.randint(1, 9, (P,), generator=g)
     nr = torch.randint(1, 9, (P,), generator=g)
     # average log-probs in (-3, -0.05): sums = average * count
@@ -190,7 +190,7 @@ def kto_spec(lp, ref, labels, kl_lp, ref_kl, beta, loss_type, wd, wu):
      (0.3, 1.0, 1.5, "all_undesirable")],
 )  # fmt: skip
 def test_kto_matches_trl_formula(dtype, loss_type, beta, wd, wu, label_mix):
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator(torch.get_default_device()).manual_seed(5)
     N = 10
     lp = (-torch.rand(N, generator=g, dtype=torch.float64) * 20).to(dtype).requires_grad_()
     ref = -torch.rand(N, generator=g, dtype=torch.float64).to(dtype) * 20

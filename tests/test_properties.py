@@ -198,7 +198,7 @@ def extreme_logit_cases(draw, max_v=40):
 
 
 def build_extreme(B, T, V, dtype, scale, specials, frac, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     x = torch.randn(B, T, V, generator=g, dtype=torch.float64) * scale
     pick = torch.randint(0, len(specials), x.shape, generator=g)
     where = torch.rand(x.shape, generator=g) < frac
@@ -270,7 +270,7 @@ def extreme_loss_cases(draw):
 
 
 def build_loss_inputs(P, values, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     x = -50 * torch.rand(4, P, generator=g, dtype=torch.float64)
     if values == "large":
         x = x * 200 + 1e4 * torch.randn(4, P, generator=g, dtype=torch.float64)
@@ -351,7 +351,7 @@ def test_linear_backends_agree_on_extreme_transforms(other):
     @given(extreme_linear_cases())
     def run(case):
         B, T, H, V, dtype, scale, softcap, temperature, logit_scale, has_bias, seed = case
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(torch.get_default_device()).manual_seed(seed)
         dt = DTYPES[dtype]
         h = (torch.randn(B, T, H, generator=g, dtype=torch.float64) * scale).to(dt)
         w = torch.randn(V, H, generator=g, dtype=torch.float64).to(dt)
