@@ -62,11 +62,12 @@ def _prompt_mask(B: int, T: int, device: str) -> torch.Tensor:
 
 
 def logits_inputs(case: Case, device: str):
-    """Logits [B, T, V], labels [B, T], mask [B, T]: the first quarter of tokens is the prompt."""
+    """Logits [B, T, V], labels [B, T], mask [B, T]: the first quarter of tokens is the prompt.
+    Drawn on the device (CUDA draws other numbers than the CPU, the same in every process)."""
     B, T, V = case.shape
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(B, T, V, generator=g) * 2).to(DTYPES[case.dtype]).to(device)
-    labels = torch.randint(0, V, (B, T), generator=g).to(device)
+    g = torch.Generator(device).manual_seed(0)
+    logits = (torch.randn(B, T, V, generator=g, device=device) * 2).to(DTYPES[case.dtype])
+    labels = torch.randint(0, V, (B, T), generator=g, device=device)
     return logits, labels, _prompt_mask(B, T, device)
 
 
@@ -74,11 +75,11 @@ def linear_inputs(case: Case, device: str):
     """hidden [B, T, H] (randn), LM head weight [V, H] (randn * 0.02: logits of std ~0.45 at
     H = 512), labels [B, T], mask [B, T]: the first quarter of tokens is the prompt."""
     B, T, H, V = case.shape
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     dtype = DTYPES[case.dtype]
-    hidden = torch.randn(B, T, H, generator=g).to(dtype).to(device)
-    weight = (torch.randn(V, H, generator=g) * 0.02).to(dtype).to(device)
-    labels = torch.randint(0, V, (B, T), generator=g).to(device)
+    hidden = torch.randn(B, T, H, generator=g, device=device).to(dtype)
+    weight = (torch.randn(V, H, generator=g, device=device) * 0.02).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g, device=device)
     return hidden, weight, labels, _prompt_mask(B, T, device)
 
 
@@ -131,8 +132,8 @@ def linear_dpo_inputs(case: Case, device: str):
     from .. import linear_sequence_logprobs
 
     hidden, weight, labels, mask = linear_inputs(case, device)
-    g = torch.Generator().manual_seed(1)
-    noise = (torch.randn(weight.shape, generator=g) * 0.002).to(weight.dtype).to(device)
+    g = torch.Generator(device).manual_seed(1)
+    noise = (torch.randn(weight.shape, generator=g, device=device) * 0.002).to(weight.dtype)
     ref_weight = weight + noise
     with torch.no_grad():
         ref = linear_sequence_logprobs(hidden, ref_weight, labels, mask=mask).logps

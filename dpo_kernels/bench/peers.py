@@ -32,6 +32,10 @@ def cuda_only(device: str) -> str | None:
     return None if device == "cuda" else "its Triton kernels need CUDA"
 
 
+def cpu_only(device: str) -> str | None:
+    return None if device == "cpu" else "on CUDA, its Triton kernels (the cce row) are CCE's path"
+
+
 def anywhere(device: str) -> None:
     return None
 
@@ -171,14 +175,27 @@ def ldpo_naive(case, device) -> Step:
     return _linear_dpo_step(case, device, loss_of)
 
 
+def _ldpo_cce(lce) -> Callable[[Case, str], Step]:
+    def build(case, device) -> Step:
+        def loss_of(h, w, y, mask, rc, rr):
+            sums = -lce(h, w, y.masked_fill(~mask, -100), reduction="none").sum(-1)
+            return sigmoid_loss(sums, rc, rr)
+
+        return _linear_dpo_step(case, device, loss_of)
+
+    return build
+
+
 def ldpo_cce(case, device) -> Step:
-    from cut_cross_entropy.torch_compile import torch_compile_linear_cross_entropy as lce
+    from cut_cross_entropy.torch_compile import torch_compile_linear_cross_entropy
 
-    def loss_of(h, w, y, mask, rc, rr):
-        sums = -lce(h, w, y.masked_fill(~mask, -100), reduction="none").sum(-1)
-        return sigmoid_loss(sums, rc, rr)
+    return _ldpo_cce(torch_compile_linear_cross_entropy)(case, device)
 
-    return _linear_dpo_step(case, device, loss_of)
+
+def ldpo_cce_triton(case, device) -> Step:
+    from cut_cross_entropy import linear_cross_entropy
+
+    return _ldpo_cce(linear_cross_entropy)(case, device)
 
 
 def ldpo_liger(case, device) -> Step:

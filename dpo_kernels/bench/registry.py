@@ -102,7 +102,16 @@ OPS: dict[str, Op] = {
                 peers.ldpo_liger,
                 lambda d: peers.has("liger_kernel"),
             ),
-            Method("cce.torch_compile", peers.ldpo_cce, lambda d: peers.has("cut_cross_entropy")),
+            Method(
+                "cce.torch_compile",
+                peers.ldpo_cce,
+                lambda d: peers.has("cut_cross_entropy") or peers.cpu_only(d),
+            ),
+            Method(
+                "cce",
+                peers.ldpo_cce_triton,
+                lambda d: peers.has("cut_cross_entropy") or peers.cuda_only(d),
+            ),
             Method("dpo_kernels (unfused)", peers.ldpo_unfused, ours=True),
             Method("dpo_kernels.linear_dpo_loss", peers.ldpo_fused, ours=True),
             Method("matmuls", peers.ldpo_matmuls),

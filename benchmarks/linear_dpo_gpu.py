@@ -1,0 +1,193 @@
+"""The fused linear DPO loss on a CUDA GPU against its 3 cuBLAS GEMMs (issue 16's GPU target).
+
+At one shape (default: the issue's, 32 rows of 682 tokens, the first quarter prompt: 16368
+counted tokens, H = 4096, V = 128256, bf16) it times, with `triton.testing.do_bench` (median):
+- the 3 plain GEMMs over the counted tokens in the inputs' dtype (logits, dh, dW: the target's
+  baseline), together and each alone, and the forms our CUDA route calls (float32 results, dW
+  accumulated by the batched out-dtype matmul or, its fallback, a product and an add);
+- one fwd+bwd of `linear_dpo_loss` at several memory budgets, with its extra peak memory and its
+  loss and gradients against the default budget's;
+then profiles one step at the default budget (CUDA time per kernel). Prints a table; `--json`
+writes every number. Usage:
+    python benchmarks/linear_dpo_gpu.py [--shape BxTxHxV] [--dtype bf16] [--budgets 1,2,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import triton.testing
+
+from dpo_kernels import linear_dpo_loss
+from dpo_kernels.bench.cases import DPO_BETA, Case, GradStep, linear_dpo_inputs, parse_shape
+from dpo_kernels.linear_dpo import DEFAULT_MEMORY_BUDGET
+from dpo_kernels.ops import triton_linear_logprobs as L
+
+
+def bench(fn) -> float:
+    """Median ms of fn() (CUDA: do_bench over about a second; CPU, for a smoke run: 3 calls)."""
+    fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=100, rep=1000, return_mode="median")
+
+
+def extra_peak(step: GradStep) -> int:
+    """Bytes one step allocates beyond what is live before it (its gradients included); 0 on
+    CPU (see `dpo-kernels bench` for CPU memory)."""
+    step.release()
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def host_syncs(step) -> list[str]:
+    """Where one step makes the host wait for the GPU (torch's sync debug mode): file:line of
+    each synchronizing call, with its count."""
+    import collections
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(
+        f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message)
+    )
+    return [f"{n} x {k}" for k, n in where.most_common()]
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in float32."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def gemm_times(h: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
+    """h: [M, H] counted rows, w: [V, H]. The 3 GEMMs in the inputs' dtype, and the float32-result
+    forms the CUDA route uses (projection written fresh, dW accumulated)."""
+    M, V = h.shape[0], w.shape[0]
+    dz = (torch.randn(M, V, device=h.device) * 1e-3).to(w.dtype)
+    z, dh, dw = torch.empty_like(dz), torch.empty_like(h), torch.empty_like(w)
+    t = {
+        "logits h@W.T": bench(lambda: torch.mm(h, w.T, out=z)),
+        "dh dz@W": bench(lambda: torch.mm(dz, w, out=dh)),
+        "dW dz.T@h": bench(lambda: torch.mm(dz.T, h, out=dw)),
+    }
+
+    def three():
+        torch.mm(h, w.T, out=dz)
+        torch.mm(dz, w, out=dh)
+        torch.mm(dz.T, h, out=dw)
+
+    t["3 GEMMs"] = bench(three)
+    z32 = torch.empty(M, V, device=h.device)
+    t["logits, float32 out"] = bench(lambda: L._addmm_acc(z32, h, w.T, fresh=True))
+    dw32 = torch.zeros(V, h.shape[1], device=h.device)
+    t["dW, float32 accumulate"] = bench(lambda: L._addmm_acc(dw32, dz.T, h))
+    by_add = L._ACC_BY_ADD
+    L._ACC_BY_ADD = True  # the fallback form: float32 product, then an add
+    t["dW, float32 product + add"] = bench(lambda: L._addmm_acc(dw32, dz.T, h))
+    L._ACC_BY_ADD = by_add
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="32x682x4096x128256")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--budgets", default="1,2,4,8", help="GiB, comma-separated")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    case = Case("linear_dpo", parse_shape(args.shape), args.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run)"
+    hidden, weight, labels, mask, _, rc, rr = linear_dpo_inputs(case, device)
+    M = int(mask.sum())
+    print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"shape {args.shape} {args.dtype}: {M} counted tokens")  # fmt: skip
+    out: dict = {"device": name, "shape": args.shape,
+                 "dtype": args.dtype, "counted_tokens": M}  # fmt: skip
+
+    out["gemms_ms"] = gemm_times(hidden[mask], weight)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+
+    def fused(budget):
+        def loss():
+            return linear_dpo_loss(h, w, labels, mask=mask, ref_chosen_logps=rc,
+                                   ref_rejected_logps=rr, beta=DPO_BETA,
+                                   memory_budget=budget).loss[None]  # fmt: skip
+
+        return GradStep([h, w], loss)
+
+    default = DEFAULT_MEMORY_BUDGET[device]
+    ref_loss, (ref_dh, ref_dw) = fused(default)()
+    rows = []
+    budgets = sorted({int(float(b) * 2**30) for b in args.budgets.split(",")} | {default})
+    for budget in budgets:
+        step = fused(budget)
+        loss, (dh, dw) = step()
+        rows.append({
+            "budget_gib": budget / 2**30,
+            "default": budget == default,
+            "ms": bench(step),
+            "extra_mib": extra_peak(step) / 2**20,
+            "loss_diff": (loss - ref_loss).abs().item(),
+            "dh_diff": rel_diff(dh, ref_dh),
+            "dw_diff": rel_diff(dw, ref_dw),
+        })  # fmt: skip
+    out["fused"] = rows
+
+    step = fused(default)
+    step()
+    out["host_syncs"] = host_syncs(step) if device == "cuda" else []
+    activity = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else None
+    with torch.profiler.profile(activities=[activity or torch.profiler.ProfilerActivity.CPU]) as p:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    total = "device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = sorted(p.key_averages(), key=lambda e: -getattr(e, total))
+    out["profile_us"] = [(e.key[:70], e.count, getattr(e, total)) for e in events[:15]]
+
+    base = out["gemms_ms"]["3 GEMMs"]
+    print("\nGEMMs alone (ms):")
+    for k, v in out["gemms_ms"].items():
+        print(f"  {k:28s} {v:8.2f}")
+    print("\nlinear_dpo_loss fwd+bwd    ms   x 3 GEMMs   extra MiB   |loss-d|  dh rel  dW rel")
+    for r in rows:
+        mark = " (default)" if r["default"] else ""
+        print(f"  budget {r['budget_gib']:5.2f} GiB {r['ms']:8.2f} {r['ms'] / base:8.3f}x "
+              f"{r['extra_mib']:10.0f} {r['loss_diff']:9.2e} {r['dh_diff']:7.1e} "
+              f"{r['dw_diff']:7.1e}{mark}")  # fmt: skip
+    print(f"\nhost syncs in one step at the default budget: {out['host_syncs'] or 'none'}")
+    print(f"\none step at the default budget, {device} time per kernel (us):")
+    for key, count, us in out["profile_us"]:
+        print(f"  {us:10.0f}  x{count:<4d} {key}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
