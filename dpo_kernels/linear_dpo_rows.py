@@ -191,6 +191,7 @@ class Rows:
                     f.arg if f.stats else y, f.target, self._params, nv, -(-nv // vec) * vec,
                     x.stride(0), vs, HAS_SOFTCAP=tf.softcap is not None, STATS=f.stats,
                     ACC=self._tl.tl_acc_dtype(x.dtype), BLOCK_V=block, VEC=vec, num_warps=warps,
+                    **self._tl.NO_FMA,
                 )  # fmt: skip
             return
         z = _transform(x, tf)
@@ -250,6 +251,7 @@ class Rows:
                     -(-nv // vec) * vec, x.stride(0), out.stride(0), 0,
                     HAS_SOFTCAP=tf.softcap is not None,
                     ACC=self._tl.tl_acc_dtype(x.dtype), BLOCK_V=block, VEC=vec, num_warps=warps,
+                    **self._tl.NO_FMA,
                 )  # fmt: skip
             return
         slope = tf.factor

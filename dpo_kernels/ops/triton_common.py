@@ -24,6 +24,13 @@ _BYTES_PER_THREAD = 64
 _BYTES_PER_THREAD_STATS = 16
 
 
+# The row kernels are compiled without FMA contraction: z = x * factor (softcap included) is then
+# rounded to float32 once, the same way in the fold and in the gradient kernel. Contracted, each
+# rounds `x * factor - lse` its own way, and at |z| ~ 1e6 (ulp 0.06) the softmax was off by
+# percents (seen on an H200). The kernels are memory-bound: the extra instruction is free.
+NO_FMA = {"enable_fp_fusion": False}
+
+
 def vec_elems(element_size: int) -> int:
     """Elements in one 16-byte (128-bit) access."""
     return max(1, 16 // element_size)

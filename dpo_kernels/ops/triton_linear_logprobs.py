@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ..common import LogitTransform, acc_dtype, stats_dtypes
 from .triton_common import (
+    NO_FMA,
     device_constants,
     device_guard,
     fold_block,
@@ -314,6 +315,7 @@ def _forward(hidden, weight, bias, targets, transform, stats):
             BLOCK_V=block,
             VEC=vec,
             num_warps=warps,
+            **NO_FMA,
         )
     log_s = torch.log(run_sum)
     lse = run_max + log_s
@@ -373,6 +375,7 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
             BLOCK_V=block,
             VEC=vec,
             num_warps=warps,
+            **NO_FMA,
         )
         if hidden_grad:
             if vs == 0:

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ..common import acc_dtype
 from .triton_common import (
+    NO_FMA,
     aligned_base,
     device_guard,
     fold_block,
@@ -354,6 +355,7 @@ def logprobs_forward(
             REF_BLOCK_V=ref_block,
             REF_VEC=ref_vec,
             num_warps=warps,
+            **NO_FMA,
         )
     return tok, lse, ref_tok, *outs
 
@@ -410,5 +412,6 @@ def logprobs_backward(
             BLOCK_V=block,
             VEC=vec_elems(logits.element_size()),
             num_warps=warps,
+            **NO_FMA,
         )
     return dlogits
