@@ -104,11 +104,18 @@ def linear_trl(case, device) -> Step:
     return _linear_step(case, device, logps_of)
 
 
+def _dense_grad(x: torch.Tensor) -> torch.Tensor:
+    """x, with a dense incoming gradient: CCE's Triton backward (reduction="none") views its
+    incoming gradient flat, and `.sum(-1)`'s is an expanded one ("view size is not compatible"
+    on the H200). The product's backward writes a dense tensor."""
+    return x * torch.ones((), dtype=x.dtype, device=x.device)
+
+
 def _cce(linear_cross_entropy) -> Callable[[Case, str], Step]:
     def build(case, device) -> Step:
         def logps_of(h, w, labels, mask):
             targets = labels.masked_fill(~mask, -100)
-            return -linear_cross_entropy(h, w, targets, reduction="none").sum(-1)
+            return -_dense_grad(linear_cross_entropy(h, w, targets, reduction="none")).sum(-1)
 
         return _linear_step(case, device, logps_of)
 
@@ -178,7 +185,7 @@ def ldpo_naive(case, device) -> Step:
 def _ldpo_cce(lce) -> Callable[[Case, str], Step]:
     def build(case, device) -> Step:
         def loss_of(h, w, y, mask, rc, rr):
-            sums = -lce(h, w, y.masked_fill(~mask, -100), reduction="none").sum(-1)
+            sums = -_dense_grad(lce(h, w, y.masked_fill(~mask, -100), reduction="none")).sum(-1)
             return sigmoid_loss(sums, rc, rr)
 
         return _linear_dpo_step(case, device, loss_of)
