@@ -182,16 +182,11 @@ class Rows:
             )  # fmt: skip
             return
         if self.backend == "triton":
-            block, warps = self._tl.launch_config(nv, x.element_size(), f.stats)
-            vec = self._tl.vec_elems(x.element_size())
             pz, zsum, sq = f.st.unbind(0) if f.stats else (f.s,) * 3
             with self._tl.device_guard(x):
-                self._tl._linear_fwd_kernel[(n,)](
-                    x, y, f.m, f.s, pz, zsum, sq,
-                    f.arg if f.stats else y, f.target, self._params, nv, -(-nv // vec) * vec,
-                    x.stride(0), vs, HAS_SOFTCAP=tf.softcap is not None, STATS=f.stats,
-                    ACC=self._tl.tl_acc_dtype(x.dtype), BLOCK_V=block, VEC=vec, num_warps=warps,
-                    **self._tl.NO_FMA,
+                self._tl.fold_tile(
+                    x, y, f.m, f.s, pz, zsum, sq, f.arg if f.stats else y, f.target,
+                    self._params, vs, tf.softcap is not None, f.stats,
                 )  # fmt: skip
             return
         z = _transform(x, tf)
@@ -239,19 +234,12 @@ class Rows:
             op(x, local, g, lse, tf.logit_scale, tf.softcap, tf.temperature)
             return
         if self.backend == "triton":
-            n, nv = x.shape
-            if n == 0:
+            if x.shape[0] == 0:
                 return
-            out = x if out is None else out
-            block, warps = self._tl.launch_config(nv, x.element_size())
-            vec = self._tl.vec_elems(out.element_size())  # whole 16-byte vectors of both
             with self._tl.device_guard(x):
-                self._tl._linear_bwd_kernel[(n, -(-nv // block))](
-                    x, out, local, g.contiguous(), lse.contiguous(), self._params,
-                    -(-nv // vec) * vec, x.stride(0), out.stride(0), 0,
-                    HAS_SOFTCAP=tf.softcap is not None,
-                    ACC=self._tl.tl_acc_dtype(x.dtype), BLOCK_V=block, VEC=vec, num_warps=warps,
-                    **self._tl.NO_FMA,
+                self._tl.grad_tile(
+                    x, x if out is None else out, local, g.contiguous(), lse.contiguous(),
+                    self._params, 0, tf.softcap is not None,
                 )  # fmt: skip
             return
         slope = tf.factor

@@ -265,6 +265,35 @@ def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fresh: bool 
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+def fold_tile(tile, targets, run_max, run_sum, pz, zsum, sq, arg, target, params, vocab_start,
+              has_softcap: bool, stats: bool) -> None:  # fmt: skip
+    """Folds a tile of logits ([n, nv], rows padded to whole 16-byte vectors) of vocabulary
+    [vocab_start, vocab_start + nv) into the rows' running max, sum of exp, label logit and, with
+    stats, the statistics' sums (pz, zsum, sq, first argmax); all [n] from their first row."""
+    n, nv = tile.shape
+    vec = vec_elems(tile.element_size())
+    block, warps = launch_config(nv, tile.element_size(), stats)
+    _linear_fwd_kernel[(n,)](
+        tile, targets, run_max, run_sum, pz, zsum, sq, arg, target, params, nv,
+        -(-nv // vec) * vec, tile.stride(0), vocab_start, HAS_SOFTCAP=has_softcap, STATS=stats,
+        ACC=tl_acc_dtype(tile.dtype), BLOCK_V=block, VEC=vec, num_warps=warps, **NO_FMA,
+    )  # fmt: skip
+
+
+def grad_tile(tile, out, targets, grad, lse, params, vocab_start, has_softcap: bool) -> None:
+    """out <- grad * (onehot(target) - softmax) * dz/dx of a tile of logits ([n, nv], vocabulary
+    [vocab_start, vocab_start + nv)); `out` is the tile itself (in place) or a buffer of its
+    shape in the inputs' dtype (the tile only read, dx rounded once)."""
+    n, nv = tile.shape
+    block, warps = launch_config(nv, tile.element_size())
+    vec = vec_elems(out.element_size())  # whole 16-byte vectors of both
+    _linear_bwd_kernel[(n, triton.cdiv(nv, block))](
+        tile, out, targets, grad, lse, params, -(-nv // vec) * vec, tile.stride(0),
+        out.stride(0), vocab_start, HAS_SOFTCAP=has_softcap, ACC=tl_acc_dtype(tile.dtype),
+        BLOCK_V=block, VEC=vec, num_warps=warps, **NO_FMA,
+    )  # fmt: skip
+
+
 def linear_logprobs_forward(
     hidden: torch.Tensor,  # [M, H] counted rows, contiguous
     weight: torch.Tensor,  # [V, H]
@@ -291,32 +320,9 @@ def _forward(hidden, weight, bias, targets, transform, stats):
     pz, zsum, sq = (torch.zeros(n_stats, dtype=acc, device=dev) for _ in range(3))
     arg = torch.full((n_stats,), 2**31 - 1, dtype=torch.int64, device=dev)  # see fold_block
     for ts, _, vs, _, tile in _projected_tiles(hidden, weight, bias):
-        n, nv = tile.shape
-        vec = vec_elems(tile.element_size())
-        block, warps = launch_config(nv, tile.element_size(), stats)
-        _linear_fwd_kernel[(n,)](
-            tile,
-            targets[ts:],
-            run_max[ts:],
-            run_sum[ts:],
-            pz[ts:] if stats else pz,
-            zsum[ts:] if stats else zsum,
-            sq[ts:] if stats else sq,
-            arg[ts:] if stats else arg,
-            target[ts:],
-            params,
-            nv,
-            -(-nv // vec) * vec,
-            tile.stride(0),
-            vs,
-            HAS_SOFTCAP=transform.softcap is not None,
-            STATS=stats,
-            ACC=tl_acc_dtype(hidden.dtype),
-            BLOCK_V=block,
-            VEC=vec,
-            num_warps=warps,
-            **NO_FMA,
-        )
+        st = [t[ts:] if stats else t for t in (pz, zsum, sq, arg)]
+        fold_tile(tile, targets[ts:], run_max[ts:], run_sum[ts:], *st, target[ts:], params, vs,
+                  transform.softcap is not None, stats)  # fmt: skip
     log_s = torch.log(run_sum)
     lse = run_max + log_s
     if not stats:
@@ -357,26 +363,8 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
     lse = lse.to(acc).contiguous()
     for ts, h, vs, w, tile in _projected_tiles(hidden, weight, bias):
         n, nv = tile.shape
-        vec = vec_elems(tile.element_size())
-        block, warps = launch_config(nv, tile.element_size())
-        _linear_bwd_kernel[(n, triton.cdiv(nv, block))](
-            tile,
-            tile,
-            targets[ts:],
-            grad[ts:],
-            lse[ts:],
-            params,
-            -(-nv // vec) * vec,
-            tile.stride(0),
-            tile.stride(0),
-            vs,
-            HAS_SOFTCAP=transform.softcap is not None,
-            ACC=tl_acc_dtype(hidden.dtype),
-            BLOCK_V=block,
-            VEC=vec,
-            num_warps=warps,
-            **NO_FMA,
-        )
+        grad_tile(tile, tile, targets[ts:], grad[ts:], lse[ts:], params, vs,
+                  transform.softcap is not None)  # fmt: skip
         if hidden_grad:
             if vs == 0:
                 dh_tile[:n].zero_()
