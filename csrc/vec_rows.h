@@ -63,7 +63,6 @@ inline void for_each_vec(const S* p, int64_t n, FV&& f, FS&& g) {
   for (; i < n; ++i) g(static_cast<A>(p[i]));
 }
 
-// Running statistics of the part of a row folded so far.
 // The largest of p[0:n] in the accumulation type, vectorized; NaN if one is NaN (max_nan).
 template <typename S>
 inline acc_t<S> max_of(const S* p, int64_t n) {
@@ -79,6 +78,7 @@ inline acc_t<S> max_of(const S* p, int64_t n) {
   return max_nan(m, tail_max);
 }
 
+// Running statistics of the part of a row folded so far.
 template <typename A>
 struct RowFold {
   A m = -std::numeric_limits<A>::infinity();  // max so far
