@@ -24,6 +24,7 @@ import triton.testing
 
 from dpo_kernels import linear_dpo_loss
 from dpo_kernels.bench.cases import DPO_BETA, Case, GradStep, linear_dpo_inputs, parse_shape
+from dpo_kernels.bench.measure import cuda_extra_peak
 from dpo_kernels.linear_dpo import DEFAULT_MEMORY_BUDGET
 from dpo_kernels.ops import triton_linear_logprobs as L
 
@@ -46,14 +47,7 @@ def extra_peak(step: GradStep) -> int:
     """Bytes one step allocates beyond what is live before it (its gradients included); 0 on
     CPU (see `dpo-kernels bench` for CPU memory)."""
     step.release()
-    if not torch.cuda.is_available():
-        return 0
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return cuda_extra_peak(step) if torch.cuda.is_available() else 0
 
 
 def host_syncs(step) -> list[str]:
@@ -95,8 +89,8 @@ def gemm_times(h: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
         "dW dz.T@h": bench(lambda: torch.mm(dz.T, h, out=dw)),
     }
 
-    def three():
-        torch.mm(h, w.T, out=dz)
+    def three():  # as the bench's `matmuls` row (peers.ldpo_matmuls)
+        torch.mm(h, w.T, out=z)
         torch.mm(dz, w, out=dh)
         torch.mm(dz.T, h, out=dw)
 

@@ -37,6 +37,16 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def cuda_extra_peak(step: Step) -> int:
+    """Bytes one call of step() allocates on the current GPU beyond what is live before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def probe_memory(case: Case, method: str, device: str) -> int:
     """Extra peak bytes of one fwd+bwd (run in a fresh process; see the module docstring)."""
     import gc
@@ -50,12 +60,7 @@ def probe_memory(case: Case, method: str, device: str) -> int:
         step.release()
     gc.collect()
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return cuda_extra_peak(step)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
