@@ -3,10 +3,12 @@ matmuls, one step of each in turn per round, so that a shared machine's load hit
 alike; prints each method's median over the rounds and its ratio to CCE's, with the load average.
 
     PYTHONPATH=. python benchmarks/linear_dpo_interleaved.py [--shape 8x256x512x32000] [--rounds 7]
-        [--methods fused,unfused,cce,matmuls,matmuls_4chunks] [--threads N]
+        [--methods fused,unfused,cce,matmuls,matmuls_4chunks,matmuls_4chunks_vocab] [--threads N]
 
 `matmuls_4chunks`: the same 3 matmuls in one chunk per pair (P chunks), as the fused op runs
-them at the default budget.
+them at the default budget, each projection one `torch.mm`; `matmuls_4chunks_vocab`: the same with
+the projection split by vocabulary over the threads, as the fused op projects on CPU
+(csrc/vocab_blocked_mm.cpp). The two differ only in how each chunk is projected.
 """
 
 from __future__ import annotations
@@ -19,13 +21,22 @@ import time
 
 import torch
 
-from dpo_kernels import bench
+from dpo_kernels import _build, bench
 from dpo_kernels.bench import peers
 
 
-def chunked_matmuls(case: bench.Case, chunks: int):
+def chunked_matmuls(case: bench.Case, chunks: int, by_vocab: bool = False):
     """The 3 plain matmuls of the fused op over the counted tokens, in `chunks` row chunks (as
-    the fused op runs them, one pair per chunk at the default budget): what chunking costs."""
+    the fused op runs them, one pair per chunk at the default budget): what chunking costs.
+    by_vocab: each chunk projected by the C++ op that splits the vocabulary over the threads."""
+    if by_vocab:
+        _build.load()
+        project = torch.ops.dpo_kernels_cpu.vocab_blocked_mm
+    else:
+
+        def project(out, h, w):
+            torch.mm(h, w.T, out=out)
+
     hidden, weight, _, mask = peers.linear_inputs(case, "cpu")
     h = hidden[mask]
     dz = torch.randn(h.shape[0], weight.shape[0])
@@ -34,7 +45,7 @@ def chunked_matmuls(case: bench.Case, chunks: int):
 
     def step():
         for i, (a, b) in enumerate(itertools.pairwise(bounds)):
-            torch.mm(h[a:b], weight.T, out=z[a:b])
+            project(z[a:b], h[a:b], weight)
             torch.mm(dz[a:b], weight, out=dh[a:b])
             if i == 0:
                 torch.mm(dz[a:b].T, h[a:b], out=dw)
@@ -60,6 +71,7 @@ def main(argv=None) -> dict[str, float]:
         "cce": peers.ldpo_cce,
         "matmuls": peers.ldpo_matmuls,
         "matmuls_4chunks": lambda case, _: chunked_matmuls(case, case.shape[0] // 2),
+        "matmuls_4chunks_vocab": lambda case, _: chunked_matmuls(case, case.shape[0] // 2, True),
     }
     names = args.methods.split(",")
     steps = {n: builders[n](case, "cpu") for n in names}

@@ -105,6 +105,8 @@ class Rows:
             out = x if w.shape[0] == nv else x[:, s : s + w.shape[0]]
             if self.reduced and self.cuda:  # float32 result, the out-dtype matmul version-gated
                 self._tl._project(h, w, None, out)
+            elif self.backend == "cpu":  # split by vocabulary over the threads (csrc/)
+                torch.ops.dpo_kernels_cpu.vocab_blocked_mm(out, h, w)
             elif out is x:
                 torch.mm(h, w.T, out=out)
             else:

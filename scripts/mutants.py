@@ -61,6 +61,7 @@ T_PARITY = "tests/test_trl_parity.py"
 T_LOG = "tests/test_logprobs.py"
 T_LIN = "tests/test_linear_logprobs.py"
 T_LOSS = "tests/test_losses.py"
+T_LDPO = "tests/test_linear_dpo.py"
 VP2 = "tests/test_vocab_parallel.py::test_split_vocabulary_equals_single_process[2]"
 LVP2 = "tests/test_vocab_parallel.py::test_split_lm_head_equals_single_process[2]"
 
@@ -232,6 +233,10 @@ MUTANTS: list[Mutant] = [
     M("cpp-temperature-multiplies", "csrc/linear_logprobs.cpp",
       "static_cast<A>(logit_scale / temperature)", "static_cast<A>(logit_scale * temperature)",
       T_LIN, "-k", "test_matches_reference and cpu and softcap"),
+    M("cpp-projection-block-weights-of-first-block", "csrc/vocab_blocked_mm.cpp",
+      "at::mm_out(o, h, w.narrow(0, start, nv).t());",
+      "at::mm_out(o, h, w.narrow(0, b0 * block, nv).t());",
+      T_LDPO, "-k", "projection_in_vocabulary_blocks"),
     M("cpp-strides-assumed-contiguous", "csrc/common.h",
       "return x.stride(-1) == 1 ? x : x.contiguous();", "return x;",
       T_GAPS, "-k", "vocabulary_stride and cpu"),

@@ -123,3 +123,54 @@ def test_bf16_sums_within_1e3_relative_on_long_sequences():
     out = dpo_kernels.sequence_logprobs(logits, labels, backend="cpu")
     ref, _ = reference.sequence_logprobs(logits.double(), labels)
     assert ((out.logps.double() - ref).abs() / ref.abs()).max() < 1e-3
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "n, H, V",
+    # Blocks of 1 MiB of w: one block; 4 blocks of 32 rows, the last one short; a single row;
+    # V = 1; no tokens.
+    [(5, 64, 3000), (3, 8192, 100), (7, 4096, 17), (4, 256, 1), (0, 64, 40)],
+)
+def test_vocab_blocked_mm(dtype, n, H, V, threads):
+    # The linear losses' projection (csrc/vocab_blocked_mm.cpp) against float64 and torch.mm,
+    # into a column slice of a wider buffer (the bf16 route's per-block upcast writes there).
+    g = torch.Generator().manual_seed(n * V + H)
+    h = torch.randn(n, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5
+    wide = torch.full((n, V + 9), 7.0, dtype=dtype)
+    out = wide[:, 4 : 4 + V]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        torch.ops.dpo_kernels_cpu.vocab_blocked_mm(out, h.to(dtype), w.to(dtype))
+    finally:
+        torch.set_num_threads(before)
+    # The worst-case rounding of a length-H dot product, whatever the summation order.
+    bound = H * torch.finfo(dtype).eps * (h.abs() @ w.abs().T)
+    assert ((out.double() - h @ w.T).abs() <= bound).all()
+    torch.testing.assert_close(out, h.to(dtype) @ w.to(dtype).T)
+    assert (wide[:, :4] == 7).all() and (wide[:, 4 + V :] == 7).all(), "wrote outside out"
+
+
+@pytest.mark.parametrize(
+    "out, h, w, match",
+    [
+        ((3, 5), (3, 8), (5, 7), "shapes do not match"),
+        ((3, 4), (3, 8), (5, 8), "shapes do not match"),
+        ((3, 5), (3, 8), (5, 8, 1), "must be matrices"),
+        ((3, 5, torch.float64), (3, 8), (5, 8), "one dtype"),
+        ((3, 5, torch.float16), (3, 8, torch.float16), (5, 8, torch.float16), "float32 or float64"),
+        ((5, 3, "transposed"), (3, 8), (5, 8), "unit stride"),
+    ],
+)
+def test_vocab_blocked_mm_bad_input(out, h, w, match):
+    def make(spec):
+        dtype = spec[2] if len(spec) > 2 and isinstance(spec[2], torch.dtype) else torch.float32
+        if spec[-1] == "transposed":
+            return torch.zeros(spec[:2]).T
+        return torch.zeros([s for s in spec if isinstance(s, int)], dtype=dtype)
+
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.dpo_kernels_cpu.vocab_blocked_mm(make(out), make(h), make(w))

@@ -124,6 +124,12 @@ def test_any_budget_same_result(budget):
     check(batch, memory_budget=budget)
 
 
+def test_projection_in_vocabulary_blocks():
+    # H = 4096: the C++ projection (csrc/vocab_blocked_mm.cpp) cuts V = 300 into blocks of 64
+    # rows of the head, the last one short, spread over the threads.
+    check(make_batch(H=4096, V=300))
+
+
 def test_mix_of_losses_reference_free_without_bias():
     batch = make_batch(bias=False)
     batch = (*batch[:5], None, None)
