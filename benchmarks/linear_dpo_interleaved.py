@@ -9,6 +9,10 @@ alike; prints each method's median over the rounds and its ratio to CCE's, with 
 them at the default budget, each projection one `torch.mm`; `matmuls_4chunks_vocab`: the same with
 the projection split by vocabulary over the threads, as the fused op projects on CPU
 (csrc/vocab_blocked_mm.cpp). The two differ only in how each chunk is projected.
+`project_4chunks` / `project_4chunks_vocab`: only the projections of those two.
+`buffers_fresh` / `buffers_reused`: one pair's float32 tile and the float32 weight gradient
+written once, freshly allocated (as the fused op's are each step) or reused: the difference is
+what first touching fresh memory (page faults) costs a step.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from dpo_kernels import _build, bench
 from dpo_kernels.bench import peers
 
 
-def chunked_matmuls(case: bench.Case, chunks: int, by_vocab: bool = False):
+def chunked_matmuls(case: bench.Case, chunks: int, by_vocab: bool = False, only_project=False):
     """The 3 plain matmuls of the fused op over the counted tokens, in `chunks` row chunks (as
     the fused op runs them, one pair per chunk at the default budget): what chunking costs.
-    by_vocab: each chunk projected by the C++ op that splits the vocabulary over the threads."""
+    by_vocab: each chunk projected by the C++ op that splits the vocabulary over the threads;
+    only_project: the projections alone."""
     if by_vocab:
         _build.load()
         project = torch.ops.dpo_kernels_cpu.vocab_blocked_mm
@@ -46,11 +51,27 @@ def chunked_matmuls(case: bench.Case, chunks: int, by_vocab: bool = False):
     def step():
         for i, (a, b) in enumerate(itertools.pairwise(bounds)):
             project(z[a:b], h[a:b], weight)
+            if only_project:
+                continue
             torch.mm(dz[a:b], weight, out=dh[a:b])
             if i == 0:
                 torch.mm(dz[a:b].T, h[a:b], out=dw)
             else:
                 dw.addmm_(dz[a:b].T, h[a:b])
+
+    return step
+
+
+def buffers(case: bench.Case, fresh: bool):
+    """One pair's float32 tile and the float32 weight gradient, filled once: freshly allocated
+    (first touch, as in the fused op) or reused."""
+    _, weight, _, mask = peers.linear_inputs(case, "cpu")
+    tile = (int(mask.sum()) // (case.shape[0] // 2), weight.shape[0])
+    kept = torch.empty(tile), torch.empty_like(weight)
+
+    def step():
+        for t in (torch.empty(tile), torch.empty_like(weight)) if fresh else kept:
+            t.fill_(1.0)
 
     return step
 
@@ -72,6 +93,12 @@ def main(argv=None) -> dict[str, float]:
         "matmuls": peers.ldpo_matmuls,
         "matmuls_4chunks": lambda case, _: chunked_matmuls(case, case.shape[0] // 2),
         "matmuls_4chunks_vocab": lambda case, _: chunked_matmuls(case, case.shape[0] // 2, True),
+        "project_4chunks": lambda case, _: chunked_matmuls(case, case.shape[0] // 2, False, True),
+        "project_4chunks_vocab": lambda case, _: chunked_matmuls(
+            case, case.shape[0] // 2, True, True
+        ),
+        "buffers_fresh": lambda case, _: buffers(case, True),
+        "buffers_reused": lambda case, _: buffers(case, False),
     }
     names = args.methods.split(",")
     steps = {n: builders[n](case, "cpu") for n in names}
