@@ -129,8 +129,9 @@ def test_bf16_sums_within_1e3_relative_on_long_sequences():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "n, H, V",
-    # Blocks of 1 MiB of w: one block; 4 blocks of 32 rows, the last one short; a single row;
-    # V = 1; no tokens.
+    # Blocks of 1 MiB of w, so 4096 / 32 / 64 / 1024 rows of w (fp32) at these H: the whole
+    # vocabulary in one block; 4 blocks, the last one short; one block shorter than a block; V =
+    # 1; no tokens.
     [(5, 64, 3000), (3, 8192, 100), (7, 4096, 17), (4, 256, 1), (0, 64, 40)],
 )
 def test_vocab_blocked_mm(dtype, n, H, V, threads):
@@ -154,23 +155,22 @@ def test_vocab_blocked_mm(dtype, n, H, V, threads):
     assert (wide[:, :4] == 7).all() and (wide[:, 4 + V :] == 7).all(), "wrote outside out"
 
 
-@pytest.mark.parametrize(
-    "out, h, w, match",
-    [
-        ((3, 5), (3, 8), (5, 7), "shapes do not match"),
-        ((3, 4), (3, 8), (5, 8), "shapes do not match"),
-        ((3, 5), (3, 8), (5, 8, 1), "must be matrices"),
-        ((3, 5, torch.float64), (3, 8), (5, 8), "one dtype"),
-        ((3, 5, torch.float16), (3, 8, torch.float16), (5, 8, torch.float16), "float32 or float64"),
-        ((5, 3, "transposed"), (3, 8), (5, 8), "unit stride"),
-    ],
-)
-def test_vocab_blocked_mm_bad_input(out, h, w, match):
-    def make(spec):
-        dtype = spec[2] if len(spec) > 2 and isinstance(spec[2], torch.dtype) else torch.float32
-        if spec[-1] == "transposed":
-            return torch.zeros(spec[:2]).T
-        return torch.zeros([s for s in spec if isinstance(s, int)], dtype=dtype)
+def _zeros(*shape, dtype=torch.float32):
+    return torch.zeros(shape, dtype=dtype)
 
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((_zeros(3, 5), _zeros(3, 8), _zeros(5, 7)), "shapes do not match"),
+        ((_zeros(3, 4), _zeros(3, 8), _zeros(5, 8)), "shapes do not match"),
+        ((_zeros(3, 5), _zeros(3, 8), _zeros(5, 8, 1)), "must be matrices"),
+        ((_zeros(3, 5, dtype=torch.float64), _zeros(3, 8), _zeros(5, 8)), "one dtype"),
+        (tuple(_zeros(*s, dtype=torch.float16) for s in ((3, 5), (3, 8), (5, 8))), "float32 or"),
+        ((_zeros(5, 3).T, _zeros(3, 8), _zeros(5, 8)), "unit stride"),
+    ],
+    ids=["H", "V", "rank", "dtype mix", "fp16", "out strides"],
+)
+def test_vocab_blocked_mm_bad_input(args, match):
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.dpo_kernels_cpu.vocab_blocked_mm(make(out), make(h), make(w))
+        torch.ops.dpo_kernels_cpu.vocab_blocked_mm(*args)
