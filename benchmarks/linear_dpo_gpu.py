@@ -7,7 +7,9 @@ counted tokens, H = 4096, V = 128256, bf16) it times, with `triton.testing.do_be
   accumulated by the batched out-dtype matmul or, its fallback, a product and an add);
 - one fwd+bwd of `linear_dpo_loss` at several memory budgets, with its extra peak memory and its
   loss and gradients against the default budget's;
-then profiles one step at the default budget (CUDA time per kernel). Prints a table; `--json`
+then profiles one step at the default budget: CUDA time per kernel, and how long the GPU sat idle
+between kernels within the step, with the largest gaps and the kernels on either side of each
+(what to look at when the step is slower than its kernels add up to). Prints a table; `--json`
 writes every number. Usage:
     python benchmarks/linear_dpo_gpu.py [--shape BxTxHxV] [--dtype bf16] [--budgets 1,2,4,8]
 """
@@ -70,6 +72,21 @@ def host_syncs(step) -> list[str]:
         if "synchroniz" in str(w.message)
     )
     return [f"{n} x {k}" for k, n in where.most_common()]
+
+
+def idle_gaps(intervals: list[tuple[str, float, float]], top: int = 8):
+    """(span, idle, largest gaps) of (name, start, end) intervals in us: idle is the span minus
+    the union of the intervals; each gap is (us, the interval before it, the one after it)."""
+    if not intervals:
+        return 0.0, 0.0, []
+    intervals = sorted(intervals, key=lambda t: t[1])
+    gaps, reach, before = [], intervals[0][2], intervals[0][0]
+    for name, start, end in intervals[1:]:
+        if start > reach:
+            gaps.append((start - reach, before, name))
+        if end > reach:
+            reach, before = end, name
+    return reach - intervals[0][1], sum(g[0] for g in gaps), sorted(gaps, reverse=True)[:top]
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -163,6 +180,12 @@ def main() -> None:
     total = "device_time_total" if device == "cuda" else "self_cpu_time_total"
     events = sorted(p.key_averages(), key=lambda e: -getattr(e, total))
     out["profile_us"] = [(e.key[:70], e.count, getattr(e, total)) for e in events[:15]]
+    # What ran on the device (CUDA: kernels, copies, fills; CPU smoke run: the top-level ops).
+    cuda = torch.autograd.DeviceType.CUDA
+    ran = [(e.name[:60], e.time_range.start, e.time_range.end) for e in p.events()
+           if (e.device_type == cuda if device == "cuda" else e.cpu_parent is None)]  # fmt: skip
+    span, idle, gaps = idle_gaps(ran)
+    out["idle_us"] = {"span": span, "idle": idle, "largest": gaps}
 
     base = out["gemms_ms"]["3 GEMMs"]
     print("\nGEMMs alone (ms):")
@@ -178,6 +201,10 @@ def main() -> None:
     print(f"\none step at the default budget, {device} time per kernel (us):")
     for key, count, us in out["profile_us"]:
         print(f"  {us:10.0f}  x{count:<4d} {key}")
+    print(f"\nthe same step: {span:.0f} us from its first {device} op to its last, {idle:.0f} us "
+          f"idle between them ({len(ran)} ops); largest gaps (us, before -> after):")  # fmt: skip
+    for us, before, after in gaps:
+        print(f"  {us:10.0f}  {before} -> {after}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

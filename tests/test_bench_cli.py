@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,18 @@ def test_sibling_trainer_steps_match_their_float64_loss(tmp_path):
     _, batch = bench.siblings.sibling_trainer("kto_step", None, bench.Case("kto_step", (1, 12, 40),
                                               "fp32"), "cpu")  # fmt: skip
     assert batch["input_ids"].shape == (2, 12) and bool((batch["input_ids"] > 1).sum() == 2 * 11)
+
+
+def test_linear_dpo_gpu_idle_gaps():
+    # benchmarks/linear_dpo_gpu.py's idle accounting, on intervals that nest and overlap: the
+    # GPU is busy over their union, idle in the holes, and each hole names the op that ran last
+    # before it (the one reaching furthest, not the last to start) and the one after it.
+    path = Path(__file__).parent.parent / "benchmarks" / "linear_dpo_gpu.py"
+    spec = importlib.util.spec_from_file_location("linear_dpo_gpu", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ops = [("e", 30, 31), ("a", 0, 10), ("b", 5, 8), ("c", 12, 20), ("d", 19, 25), ("f", 22, 24)]
+    span, idle, gaps = script.idle_gaps(ops)
+    assert (span, idle) == (31, 7)
+    assert gaps == [(5, "d", "e"), (2, "a", "c")]
+    assert script.idle_gaps([]) == (0.0, 0.0, [])
