@@ -1,7 +1,7 @@
-// Row kernels of the fused linear DPO loss on CPU (dpo_kernels/linear_dpo.py).
+// Row kernels of the fused linear losses on CPU (dpo_kernels/linear_dpo_chunks.py).
 //
 // The Python driver projects one chunk of pairs' counted tokens into a single float32 (float64)
-// buffer x [n, V] with ATen matmuls; these two kernels do the per-row work in between:
+// buffer x [n, V] with ATen matmuls; these three kernels do the per-row work in between:
 //   linear_dpo_rows_fold: one read of x: folds each row into a running log-sum-exp (and, when
 //                         asked, the entropy / mean / argmax / sum p^2 statistics trainers log)
 //                         and picks the label's z, x left intact; running state, so a row may
@@ -39,52 +39,80 @@ void check_rows(const at::Tensor& x, const at::Tensor& targets) {
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == x.size(0), "targets must be [n]");
 }
 
-// Folds x's rows (vocabulary [vocab_start, vocab_start + nv) of each token) into running
-// per-row statistics, updated in place: m (max), s (sum of exp(z - m)), and with stats ([3, n]
-// pz, zsum, sq as in vec_rows.h's RowFold; arg [n] int64 first argmax, -1 before any block) the
-// statistics trainers log. target[r] <- the label's z where targets[r] (a global id) is in x.
+// The fold kernels' per-row state, read and written in place: m (max), s (sum of exp(z - m)),
+// target [n] (the label's z) and, with STATS, stats [3, n] (pz, zsum, sq as in vec_rows.h's
+// RowFold) and arg [n] (int64 first argmax, -1 before any block): the statistics trainers log.
 template <typename A, bool STATS>
-void fold_rows(const at::Tensor& x, const int64_t* yp, A* mp, A* sp, A* tp, A* st, int64_t* ap,
+struct RowState {
+  A *m, *s, *target, *st;
+  int64_t* arg;
+  int64_t n;
+
+  RowFold<A> load(int64_t r) const {
+    RowFold<A> f;
+    f.m = m[r];
+    f.s = s[r];
+    if constexpr (STATS) {
+      f.pz = st[r];
+      f.zsum = st[n + r];
+      f.sq = st[2 * n + r];
+      f.arg = arg[r];
+    }
+    return f;
+  }
+
+  void store(int64_t r, const RowFold<A>& f) const {
+    m[r] = f.m;
+    s[r] = f.s;
+    if constexpr (STATS) {
+      st[r] = f.pz;
+      st[n + r] = f.zsum;
+      st[2 * n + r] = f.sq;
+      arg[r] = f.arg;
+    }
+  }
+};
+
+// z of the logit x.
+template <typename A>
+A transformed(A x, const LogitTransform<A>& tf) {
+  if (!tf.identity()) row_transform(&x, 1, tf);
+  return x;
+}
+
+// Folds z(row) of a row of V logits (the first at index vocab_start) into f, a non-identity
+// transform an L1-sized piece at a time through scratch [min(kChunk, V)]: the row stays as it is.
+template <typename A, bool STATS>
+void fold_any(const A* row, int64_t V, RowFold<A>& f, int64_t vocab_start,
+              const LogitTransform<A>& tf, A* scratch) {
+  if (tf.identity()) {
+    fold_row<A, STATS>(row, V, f, vocab_start);
+    return;
+  }
+  for (int64_t s = 0; s < V; s += kChunk) {
+    const int64_t len = std::min(kChunk, V - s);
+    std::copy(row + s, row + s + len, scratch);
+    row_transform(scratch, len, tf);
+    fold_row<A, STATS>(scratch, len, f, vocab_start + s);
+  }
+}
+
+// Folds x's rows (vocabulary [vocab_start, vocab_start + nv) of each token) into the running
+// state; target[r] <- the label's z where targets[r] (a global id) is in x.
+template <typename A, bool STATS>
+void fold_rows(const at::Tensor& x, const int64_t* yp, const RowState<A, STATS>& state,
                int64_t vocab_start, const LogitTransform<A>& tf) {
-  const int64_t n = x.size(0), V = x.size(1);
+  const int64_t V = x.size(1);
   const A* xp = x.const_data_ptr<A>();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> scratch(tf.identity() ? 0 : std::min<int64_t>(kChunk, V));
     for (int64_t r = begin; r < end; ++r) {
       const A* row = xp + r * V;
-      RowFold<A> f;
-      f.m = mp[r];
-      f.s = sp[r];
-      if constexpr (STATS) {
-        f.pz = st[r];
-        f.zsum = st[n + r];
-        f.sq = st[2 * n + r];
-        f.arg = ap[r];
-      }
-      if (tf.identity()) {
-        fold_row<A, STATS>(row, V, f, vocab_start);
-      } else {  // transform an L1-sized piece at a time into scratch: x stays as it is
-        for (int64_t s = 0; s < V; s += kChunk) {
-          const int64_t len = std::min(kChunk, V - s);
-          std::copy(row + s, row + s + len, scratch.data());
-          row_transform(scratch.data(), len, tf);
-          fold_row<A, STATS>(scratch.data(), len, f, vocab_start + s);
-        }
-      }
-      mp[r] = f.m;
-      sp[r] = f.s;
-      if constexpr (STATS) {
-        st[r] = f.pz;
-        st[n + r] = f.zsum;
-        st[2 * n + r] = f.sq;
-        ap[r] = f.arg;
-      }
+      RowFold<A> f = state.load(r);
+      fold_any<A, STATS>(row, V, f, vocab_start, tf, scratch.data());
+      state.store(r, f);
       const int64_t y = yp[r] - vocab_start;
-      if (y >= 0 && y < V) {
-        A z = row[y];
-        if (!tf.identity()) row_transform(&z, 1, tf);
-        tp[r] = z;
-      }
+      if (y >= 0 && y < V) state.target[r] = transformed(row[y], tf);
     }
   });
 }
@@ -94,41 +122,25 @@ void fold_rows(const at::Tensor& x, const int64_t* yp, A* mp, A* sp, A* tp, A* s
 // loss's per-row factor g (which the caller applies to the matmuls' operands). Identity
 // transform: one exp per element and one pass over memory (row_fold_softmax).
 template <typename A, bool STATS>
-void fold_softmax_rows(at::Tensor& x, const int64_t* yp, A* mp, A* sp, A* tp, A* st, int64_t* ap,
+void fold_softmax_rows(at::Tensor& x, const int64_t* yp, const RowState<A, STATS>& state,
                        const LogitTransform<A>& tf) {
-  const int64_t n = x.size(0), V = x.size(1);
+  const int64_t V = x.size(1);
   A* xp = x.data_ptr<A>();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> shifts((V + kChunk - 1) / kChunk);
     std::vector<A> scratch(tf.identity() ? 0 : std::min<int64_t>(kChunk, V));
     for (int64_t r = begin; r < end; ++r) {
       A* row = xp + r * V;
       const int64_t y = (yp[r] >= 0 && yp[r] < V) ? yp[r] : -1;
       RowFold<A> f;
-      if (y >= 0) {
-        A z = row[y];
-        if (!tf.identity()) row_transform(&z, 1, tf);
-        tp[r] = z;
-      }
+      if (y >= 0) state.target[r] = transformed(row[y], tf);
       if (tf.identity()) {
         row_fold_softmax<A, STATS>(row, V, f, y, shifts.data());
       } else {  // fold a transformed copy of each piece, then the gradient (row still cached)
-        for (int64_t s = 0; s < V; s += kChunk) {
-          const int64_t len = std::min(kChunk, V - s);
-          std::copy(row + s, row + s + len, scratch.data());
-          row_transform(scratch.data(), len, tf);
-          fold_row<A, STATS>(scratch.data(), len, f, s);
-        }
+        fold_any<A, STATS>(row, V, f, 0, tf, scratch.data());
         row_linear_logprob_grad(row, V, f.m + std::log(f.s), A(1), y, tf);
       }
-      mp[r] = f.m;
-      sp[r] = f.s;
-      if constexpr (STATS) {
-        st[r] = f.pz;
-        st[n + r] = f.zsum;
-        st[2 * n + r] = f.sq;
-        ap[r] = f.arg;
-      }
+      state.store(r, f);
     }
   });
 }
@@ -152,6 +164,21 @@ bool check_fold_outputs(const at::Tensor& x, const at::Tensor& targets, const at
   return with_stats;
 }
 
+// Calls body(state) with the fold kernels' checked outputs as a RowState, its STATS fixed by
+// whether stats are asked for, and A the dtype of x.
+template <typename A, typename Body>
+void with_row_state(at::Tensor& m, at::Tensor& s, at::Tensor& target, at::Tensor& stats,
+                    at::Tensor& arg, bool with_stats, Body&& body) {
+  const int64_t n = m.numel();
+  if (with_stats) {
+    body(RowState<A, true>{m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(),
+                           stats.data_ptr<A>(), arg.data_ptr<int64_t>(), n});
+  } else {
+    body(RowState<A, false>{m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(), nullptr,
+                            nullptr, n});
+  }
+}
+
 void linear_dpo_rows_fold_softmax(at::Tensor& x, const at::Tensor& targets, at::Tensor& m,
                                   at::Tensor& s, at::Tensor& target, at::Tensor& stats,
                                   at::Tensor& arg, double logit_scale,
@@ -161,14 +188,9 @@ void linear_dpo_rows_fold_softmax(at::Tensor& x, const at::Tensor& targets, at::
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_dpo_rows_fold_softmax", [&] {
     using A = scalar_t;
     const LogitTransform<A> tf = transform_of<A>(logit_scale, softcap, temperature);
-    const int64_t* yp = y.const_data_ptr<int64_t>();
-    if (with_stats) {
-      fold_softmax_rows<A, true>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(),
-                                 stats.data_ptr<A>(), arg.data_ptr<int64_t>(), tf);
-    } else {
-      fold_softmax_rows<A, false>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(),
-                                  target.data_ptr<A>(), nullptr, nullptr, tf);
-    }
+    with_row_state<A>(m, s, target, stats, arg, with_stats, [&](const auto& state) {
+      fold_softmax_rows(x, y.const_data_ptr<int64_t>(), state, tf);
+    });
   });
 }
 
@@ -181,14 +203,9 @@ void linear_dpo_rows_fold(const at::Tensor& x, const at::Tensor& targets, at::Te
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_dpo_rows_fold", [&] {
     using A = scalar_t;
     const LogitTransform<A> tf = transform_of<A>(logit_scale, softcap, temperature);
-    const int64_t* yp = y.const_data_ptr<int64_t>();
-    if (with_stats) {
-      fold_rows<A, true>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(),
-                         stats.data_ptr<A>(), arg.data_ptr<int64_t>(), vocab_start, tf);
-    } else {
-      fold_rows<A, false>(x, yp, m.data_ptr<A>(), s.data_ptr<A>(), target.data_ptr<A>(),
-                          nullptr, nullptr, vocab_start, tf);
-    }
+    with_row_state<A>(m, s, target, stats, arg, with_stats, [&](const auto& state) {
+      fold_rows(x, y.const_data_ptr<int64_t>(), state, vocab_start, tf);
+    });
   });
 }
 
