@@ -83,16 +83,13 @@ class Grads:
     """Gradient buffers: dh [2P * T, H] (inputs' dtype, contiguous), dw [V, H] and db [V]
     (accumulation dtype, cast once at the end); None where not wanted."""
 
-    def __init__(self, hidden, weight, bias, acc, wants, zero_fill):
+    def __init__(self, hidden, weight, bias, acc, wants):
         self.dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device).view(
             -1, hidden.shape[-1]
         ) if wants[0] else None  # fmt: skip
-        dw = None
-        if wants[1]:  # zero_fill False: the first full pass over the vocabulary writes it
-            dw = (torch.zeros if zero_fill else torch.empty)(
-                weight.shape, dtype=acc, device=weight.device
-            )
-        self.dw, self.dw_fresh = dw, not zero_fill
+        # No zero fill (2 GiB at V = 128256, H = 4096): the first pass over the vocabulary writes dw
+        dw = torch.empty(weight.shape, dtype=acc, device=weight.device) if wants[1] else None
+        self.dw, self.dw_fresh = dw, True
         use_b = wants[2] and bias is not None
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if use_b else None
 
@@ -153,10 +150,10 @@ class _Runner:
         return tok
 
     def _dh(self, n, h):
+        """A chunk's (tile's) dh, written by the first vocabulary block's matmul."""
         if self.grads.dh is None:
             return None
-        new = torch.zeros if self.rows.reduced and self.rows.cuda else torch.empty
-        return new(n, h.shape[1], dtype=self.buf.dtype, device=self.buf.device)
+        return torch.empty(n, h.shape[1], dtype=self.buf.dtype, device=self.buf.device)
 
     def single_pass(self, k0: int, k1: int, grad_on: bool) -> torch.Tensor:
         """Pairs [k0, k1) whose logits fit the buffer: 3 matmuls. Returns the [2c] row sums."""
@@ -271,7 +268,7 @@ def run(
     flat = counted.reshape(-1).nonzero().squeeze(1)
     batch = _Batch(hidden.detach(), labels.reshape(B * T).long(), flat, offsets, P)
     rows = Rows(backend, hidden.dtype, hidden.device, tf)
-    grads = Grads(batch.hidden, weight, bias, acc, wants, zero_fill=rows.reduced and rows.cuda)
+    grads = Grads(batch.hidden, weight, bias, acc, wants)
     weight = weight.detach()
     bias = None if bias is None else bias.detach().to(acc)
     budget_logits = max(1, budget // rows.bytes_per_logit())

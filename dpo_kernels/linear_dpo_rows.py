@@ -116,12 +116,11 @@ class Rows:
 
     def backprop(self, x, h, weight, vs, dh, dw, db, dw_fresh=False, g=None, fold=None) -> None:
         """dh (+)= x @ W_blk, dw[blk] (+)= x.T @ h, db[blk] += sum of x (those not None). dh is
-        written, not added to, at vs == 0 and dw with dw_fresh: no zero fill (CPU; on CUDA the
-        buffers start at zero and are always added to). g [n]: the rows of x are to be scaled
-        by g (x = the whole vocabulary): applied to h for dw and db, and to dh afterwards, not
-        to the [n, V] tile; on CUDA with bf16/fp16, x is the tile of logits fold_softmax left,
-        turned into g * q by the gradient kernel on its way to the inputs' dtype, which needs
-        fold = (the rows' labels, their `Fold`)."""
+        written, not added to, at vs == 0 and dw with dw_fresh: no zero fill. g [n]: the rows of
+        x are to be scaled by g (x = the whole vocabulary): applied to h for dw and db, and to
+        dh afterwards, not to the [n, V] tile; on CUDA with bf16/fp16, x is the tile of logits
+        fold_softmax left, turned into g * q by the gradient kernel on its way to the inputs'
+        dtype, which needs fold = (the rows' labels, their `Fold`)."""
         nv = x.shape[1]
         if g is not None and self.dz_kernel:
             # x still holds the logits (see fold_softmax): one kernel reads them and writes
@@ -149,9 +148,9 @@ class Rows:
             xd = x.to(self.dtype)
             w = weight[vs : vs + nv]
             if dh is not None:
-                self._tl._addmm_acc(dh, xd, w)
+                self._tl._addmm_acc(dh, xd, w, fresh=vs == 0)
             if dw is not None:
-                self._tl._addmm_acc(dw[vs : vs + nv], xd.T, h)
+                self._tl._addmm_acc(dw[vs : vs + nv], xd.T, h, fresh=dw_fresh)
         else:
             for s, w in self._blocks(weight, vs, nv):
                 xs = x if w.shape[0] == nv else x[:, s : s + w.shape[0]]

@@ -96,6 +96,19 @@ def record_calls(monkeypatch, module, *names: str) -> list[str]:
     return calls
 
 
+def poison_empty(monkeypatch) -> None:
+    """Makes every floating `torch.empty` called from Python come back filled with NaN: a buffer
+    read before it is written (a zero fill assumed, an accumulation into fresh memory) then shows
+    in the results instead of passing on memory that happened to be zero."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
