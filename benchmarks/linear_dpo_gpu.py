@@ -8,8 +8,10 @@ counted tokens, H = 4096, V = 128256, bf16) it times, with `triton.testing.do_be
 - one fwd+bwd of `linear_dpo_loss` at several memory budgets, with its extra peak memory and its
   loss and gradients against the default budget's;
 then profiles one step at the default budget: CUDA time per kernel, and how long the GPU sat idle
-between kernels within the step, with the largest gaps and the kernels on either side of each
-(what to look at when the step is slower than its kernels add up to). Prints a table; `--json`
+between kernels within the step, with the largest gaps, the kernels on either side of each and
+how late the host launched the kernel after it (the part of the idle time the host is to blame
+for: Python, a sync), from which host ops (what to look at when the step is slower than its
+kernels add up to). Prints a table; `--json`
 writes every number. Usage:
     python benchmarks/linear_dpo_gpu.py [--shape BxTxHxV] [--dtype bf16] [--budgets 1,2,4,8]
 """
@@ -20,6 +22,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 import triton.testing
@@ -74,19 +77,59 @@ def host_syncs(step) -> list[str]:
     return [f"{n} x {k}" for k, n in where.most_common()]
 
 
-def idle_gaps(intervals: list[tuple[str, float, float]], top: int = 8):
-    """(span, idle, largest gaps) of (name, start, end) intervals in us: idle is the span minus
-    the union of the intervals; each gap is (us, the interval before it, the one after it)."""
+class Gap(NamedTuple):
+    """A hole in the device's timeline: its length and start (us), the op that ran last before it,
+    the op after it and that op's key (its CUPTI correlation id, which its launch shares)."""
+
+    us: float
+    start: float
+    before: str
+    after: str
+    key: object = None
+
+
+def idle_gaps(intervals: list[tuple], top: int = 8) -> tuple[float, float, list[Gap]]:
+    """(span, idle, largest gaps) of (name, start, end[, key]) intervals in us: idle is the span
+    minus the union of the intervals; the gaps are the holes in that union, largest first."""
     if not intervals:
         return 0.0, 0.0, []
     intervals = sorted(intervals, key=lambda t: t[1])
     gaps, reach, before = [], intervals[0][2], intervals[0][0]
-    for name, start, end in intervals[1:]:
+    for name, start, end, *key in intervals[1:]:
         if start > reach:
-            gaps.append((start - reach, before, name))
+            gaps.append(Gap(start - reach, reach, before, name, key[0] if key else None))
         if end > reach:
             reach, before = end, name
-    return reach - intervals[0][1], sum(g[0] for g in gaps), sorted(gaps, reverse=True)[:top]
+    gaps.sort(key=lambda g: -g.us)
+    return reach - intervals[0][1], sum(g.us for g in gaps), gaps[:top]
+
+
+def late_launches(gaps: list[Gap], launches: dict) -> list[tuple[Gap, float | None, str]]:
+    """Each gap with how late the host launched the op after it and where from: launches maps a
+    key to (host time of the launch call, where). Lateness = launch time - gap start, in us: > 0,
+    the device ran dry before the host got there (the host is the bottleneck: Python, a sync);
+    <= 0, the op was queued in time and the device waited on something else. None: no launch
+    record for that op."""
+    out = []
+    for g in gaps:
+        t, where = launches.get(g.key, (None, ""))
+        out.append((g, None if t is None else t - g.start, where))
+    return out
+
+
+def host_launches(events) -> dict:
+    """Profiler events -> {correlation id: (host start of the CUDA runtime/driver call that
+    launched it, the host ops it was called from, innermost first)}."""
+    out = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU or not e.name.startswith("cu"):
+            continue
+        chain, parent = [], e.cpu_parent
+        while parent is not None and len(chain) < 4:
+            chain.append(parent.name[:50])
+            parent = parent.cpu_parent
+        out[e.id] = (e.time_range.start, " < ".join(chain) or "(no host op: a Triton launch)")
+    return out
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -182,10 +225,13 @@ def main() -> None:
     out["profile_us"] = [(e.key[:70], e.count, getattr(e, total)) for e in events[:15]]
     # What ran on the device (CUDA: kernels, copies, fills; CPU smoke run: the top-level ops).
     cuda = torch.autograd.DeviceType.CUDA
-    ran = [(e.name[:60], e.time_range.start, e.time_range.end) for e in p.events()
+    ran = [(e.name[:60], e.time_range.start, e.time_range.end, e.id) for e in p.events()
            if (e.device_type == cuda if device == "cuda" else e.cpu_parent is None)]  # fmt: skip
-    span, idle, gaps = idle_gaps(ran)
-    out["idle_us"] = {"span": span, "idle": idle, "largest": gaps}
+    span, idle, _ = idle_gaps(ran)
+    gaps = late_launches(idle_gaps(ran, top=len(ran))[2], host_launches(p.events()))
+    host_bound = sum(min(g.us, late) for g, late, _ in gaps if late is not None and late > 0)
+    out["idle_us"] = {"span": span, "idle": idle, "host_late": host_bound,
+                      "largest": [(*g, late, where) for g, late, where in gaps[:8]]}  # fmt: skip
 
     base = out["gemms_ms"]["3 GEMMs"]
     print("\nGEMMs alone (ms):")
@@ -202,9 +248,12 @@ def main() -> None:
     for key, count, us in out["profile_us"]:
         print(f"  {us:10.0f}  x{count:<4d} {key}")
     print(f"\nthe same step: {span:.0f} us from its first {device} op to its last, {idle:.0f} us "
-          f"idle between them ({len(ran)} ops); largest gaps (us, before -> after):")  # fmt: skip
-    for us, before, after in gaps:
-        print(f"  {us:10.0f}  {before} -> {after}")
+          f"idle between them ({len(ran)} ops), {host_bound:.0f} us of it waiting for the host "
+          "to launch the next op; largest gaps (us, before -> after; host launch time - gap "
+          "start, us; the host ops that launched it):")  # fmt: skip
+    for g, late, where in gaps[:8]:
+        late = "?" if late is None else f"{late:+.0f}"
+        print(f"  {g.us:10.0f}  {g.before} -> {g.after}\n{'':14s}launch {late} us: {where}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

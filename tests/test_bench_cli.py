@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dpo_kernels import bench, cli
 
@@ -206,16 +207,57 @@ def test_sibling_trainer_steps_match_their_float64_loss(tmp_path):
     assert batch["input_ids"].shape == (2, 12) and bool((batch["input_ids"] > 1).sum() == 2 * 11)
 
 
-def test_linear_dpo_gpu_idle_gaps():
-    # benchmarks/linear_dpo_gpu.py's idle accounting, on intervals that nest and overlap: the
-    # GPU is busy over their union, idle in the holes, and each hole names the op that ran last
-    # before it (the one reaching furthest, not the last to start) and the one after it.
+def _gpu_script():
     path = Path(__file__).parent.parent / "benchmarks" / "linear_dpo_gpu.py"
     spec = importlib.util.spec_from_file_location("linear_dpo_gpu", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    ops = [("e", 30, 31), ("a", 0, 10), ("b", 5, 8), ("c", 12, 20), ("d", 19, 25), ("f", 22, 24)]
+    return script
+
+
+def test_linear_dpo_gpu_idle_gaps():
+    # benchmarks/linear_dpo_gpu.py's idle accounting, on intervals that nest and overlap: the
+    # GPU is busy over their union, idle in the holes, and each hole names the op that ran last
+    # before it (the one reaching furthest, not the last to start) and the one after it (with
+    # its key, when the intervals carry one).
+    script = _gpu_script()
+    ops = [("e", 30, 31, 7), ("a", 0, 10, 1), ("b", 5, 8, 2), ("c", 12, 20, 3), ("d", 19, 25, 4),
+           ("f", 22, 24, 5)]  # fmt: skip
     span, idle, gaps = script.idle_gaps(ops)
     assert (span, idle) == (31, 7)
-    assert gaps == [(5, "d", "e"), (2, "a", "c")]
+    assert gaps == [(5, 25, "d", "e", 7), (2, 10, "a", "c", 3)]
+    assert script.idle_gaps([(n, s, e) for n, s, e, _ in ops])[2][1] == (2, 10, "a", "c", None)
+    assert script.idle_gaps(ops, top=1)[2] == gaps[:1]
     assert script.idle_gaps([]) == (0.0, 0.0, [])
+
+
+def test_linear_dpo_gpu_late_launches():
+    # Each gap is matched to the launch of the op after it (by correlation id): launched after
+    # the gap began, the host was late by the difference; before it, the lateness is negative;
+    # no launch record, None. The launch's host ops are named innermost first, up to 4.
+    import types
+
+    script = _gpu_script()
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, start, eid, device=cpu, parent=None):
+        return types.SimpleNamespace(name=name, id=eid, device_type=device, cpu_parent=parent,
+                                     time_range=types.SimpleNamespace(start=start))  # fmt: skip
+
+    mm = event("aten::mm", 90, 100, parent=event("aten::matmul", 80, 99))
+    events = [
+        event("cudaLaunchKernel", 95, 7, parent=mm),
+        event("cuLaunchKernel", 8, 3),  # a Triton launch: no aten op around it
+        event("aten::add", 50, 7),  # an op, not a launch: its id is not a correlation id
+        event("gemm_kernel", 96, 7, device=cuda),
+    ]
+    launches = script.host_launches(events)
+    assert launches == {7: (95, "aten::mm < aten::matmul"),
+                        3: (8, "(no host op: a Triton launch)")}  # fmt: skip
+    gaps = [script.Gap(5, 25, "d", "e", 7), script.Gap(2, 10, "a", "c", 3),
+            script.Gap(1, 40, "x", "y", 11)]  # fmt: skip
+    got = script.late_launches(gaps, launches)
+    assert [(late, where) for _, late, where in got] == [
+        (70, "aten::mm < aten::matmul"), (-2, "(no host op: a Triton launch)"), (None, "")
+    ]  # fmt: skip
+    assert [g for g, _, _ in got] == gaps
