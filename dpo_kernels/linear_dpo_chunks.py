@@ -9,7 +9,8 @@ gradients of hidden, weight and bias, keeping at most `budget` bytes of logits a
   logits folds each row's log-sum-exp (and statistics) and turns the row into q = onehot -
   softmax in place; the chunk's sums give the loss gradient g of each row (dz = g * q), and
   matmuls 2 and 3 give dh = g * (q @ W) and dW += q.T @ (g * h): 3 matmuls over the counted
-  tokens, g applied to their small operands rather than to the logits;
+  tokens, g applied to their small operands rather than to the logits (CUDA, bf16/fp16: dz kept
+  for consecutive chunks and dW made once for them, `DeferredDW`);
 - a pair that does not fit alone goes in token x vocabulary tiles, with the logits recomputed for
   the gradient (4 matmuls);
 - a loss whose per-pair gradient needs every pair's sums (`PairLoss.coupled`) takes that tiled
@@ -29,8 +30,8 @@ from .linear_dpo_rows import VOCAB_BLOCK, Fold, Rows
 
 # Bytes of float32 logits alive at once (the chunk buffer), by device type. CPU: 64 MiB holds one
 # pair of 2 x 192 counted tokens at V = 32000 (the extra peak then stays under half of CCE's).
-# CUDA: 2 GiB holds ~2800 tokens at V = 128256 (float32 logits and their bf16 gradient), so that
-# pairs of typical lengths stay on the 3-matmul route.
+# CUDA: 2 GiB holds the float32 logits of ~2090 tokens at V = 128256 and the bf16 dz of twice as
+# many (`DeferredDW`), so that pairs of typical lengths stay on the 3-matmul route.
 DEFAULT_MEMORY_BUDGET = {"cpu": 64 * 2**20, "cuda": 2 * 2**30}
 
 
@@ -113,6 +114,38 @@ class Output:
     stats: tuple[torch.Tensor, ...] | None
 
 
+class DeferredDW:
+    """CUDA route, bf16/fp16 (`Rows.dz_kernel`): the dz of consecutive chunks (inputs' dtype)
+    and their hidden rows, kept until `capacity` tokens, then dW (+)= dz.T @ h for all of them in
+    one matmul. Each dW matmul reads and writes the whole float32 dW (2 GiB at V = 128256,
+    H = 4096), so it is made once per `capacity` tokens rather than once per chunk."""
+
+    def __init__(self, rows: Rows, grads: Grads, weight: torch.Tensor, capacity: int):
+        V, H = weight.shape
+        self.rows, self.grads, self.weight = rows, grads, weight
+        self.dz = torch.empty(capacity, rows.padded(V), dtype=weight.dtype, device=weight.device)
+        self.h = torch.empty(capacity, H, dtype=weight.dtype, device=weight.device)
+        self.filled = 0
+
+    def take(self, h: torch.Tensor) -> torch.Tensor:
+        """An [n, V] buffer for the dz of the n rows h (kept with it), flushing first if full."""
+        n, V = h.shape[0], self.weight.shape[0]
+        if self.filled + n > self.dz.shape[0]:
+            self.flush()
+        self.h[self.filled : self.filled + n] = h
+        self.filled += n
+        return self.dz[self.filled - n : self.filled, :V]
+
+    def flush(self) -> None:
+        n, grads = self.filled, self.grads
+        if n:
+            dz = self.dz[:n, : self.weight.shape[0]]
+            self.rows.backprop(dz, self.h[:n], self.weight, 0, None, grads.dw, None,
+                               grads.dw_fresh)  # fmt: skip
+            grads.done_pass()
+        self.filled = 0
+
+
 def _tile_shape(n_tokens: int, vocab: int, budget_logits: int) -> tuple[int, int]:
     """(token tile, vocabulary block) of the recompute route within budget_logits logits."""
     block = min(vocab, VOCAB_BLOCK, max(1, budget_logits))
@@ -130,10 +163,11 @@ def _row_sums(tok: torch.Tensor, seg: torch.Tensor, rows: int) -> torch.Tensor:
 class _Runner:
     """One call's state: the batch, the row kernels, the gradient and token output buffers."""
 
-    def __init__(self, rows, batch, grads, weight, bias, buf, budget_logits, loss, stats):
+    def __init__(self, rows, batch, grads, weight, bias, buf, budget_logits, loss, stats,
+                 deferred=None):  # fmt: skip
         self.rows, self.batch, self.grads = rows, batch, grads
         self.weight, self.bias, self.buf = weight, bias, buf
-        self.budget_logits, self.loss = budget_logits, loss
+        self.budget_logits, self.loss, self.deferred = budget_logits, loss, deferred
         n, acc, dev = batch.labels.numel(), buf.dtype, buf.device
         self.tok = torch.zeros(n, dtype=acc, device=dev)
         self.stats = None
@@ -175,9 +209,13 @@ class _Runner:
             return sums
         g = self.loss.grad(k0, k1, sums)[seg]
         dh = self._dh(n, h)
-        rows.backprop(x, h, self.weight, 0, dh, grads.dw, grads.db, grads.dw_fresh, g=g,
-                      fold=(y, f))  # fmt: skip
-        grads.done_pass()
+        if self.deferred is None:
+            rows.backprop(x, h, self.weight, 0, dh, grads.dw, grads.db, grads.dw_fresh, g=g,
+                          fold=(y, f))  # fmt: skip
+            grads.done_pass()
+        else:  # dz kept: dW later, with the next chunks' (DeferredDW.flush)
+            rows.backprop(x, h, self.weight, 0, dh, None, grads.db, g=g, fold=(y, f),
+                          dz=self.deferred.take(h))  # fmt: skip
         if dh is not None:
             grads.dh.index_copy_(0, idx, dh.to(grads.dh.dtype))
         return sums
@@ -282,12 +320,21 @@ def run(
     need = [sum(pair_tokens[k0:k1]) * V if fits else min(budget_logits, sum(pair_tokens[k0:k1]) * V)
             for k0, k1, fits in plan]  # fmt: skip
     buf = torch.empty(max(1, *need) + rows.slack(sum(pair_tokens)), dtype=acc, device=hidden.device)
-    runner = _Runner(rows, batch, grads, weight, bias, buf, budget_logits, loss, stats)
+    deferred = None
+    fitting = [sum(pair_tokens[k0:k1]) for k0, k1, fits in plan if fits]
+    if rows.dz_kernel and grads.dw is not None and fitting and grad_on:
+        # dz of up to twice the chunk tokens the budget allows (Rows.bytes_per_logit counts it)
+        capacity = min(sum(fitting), max(*fitting, 2 * (budget_logits // V)))
+        deferred = DeferredDW(rows, grads, weight, capacity)
+    runner = _Runner(rows, batch, grads, weight, bias, buf, budget_logits, loss, stats, deferred)
     sums = torch.empty(B, dtype=acc, device=hidden.device)
     for k0, k1, fits in plan:
         s = (runner.single_pass if fits else runner.recompute)(k0, k1, grad_on)
         sums[k0:k1], sums[P + k0 : P + k1] = s[: k1 - k0], s[k1 - k0 :]
     del runner.buf, buf
+    if deferred is not None:
+        deferred.flush()
+        del runner.deferred, deferred
     grads.finish()
     return Output(sums, grads, runner.tok, None if runner.stats is None else tuple(runner.stats))
 

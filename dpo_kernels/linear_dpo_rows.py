@@ -67,8 +67,12 @@ class Rows:
         vectors, which they read and write (`slack` elements of `buf` cover the padding)."""
         if self.backend != "triton":
             return buf[: n * nv].view(n, nv)
-        width = self._tl.padded(nv)
+        width = self.padded(nv)
         return buf[: n * width].view(n, width)[:, :nv]
+
+    def padded(self, n_cols: int) -> int:
+        """Row stride of an n_cols-wide buffer the Triton kernels write (whole 16-byte vectors)."""
+        return self._tl.padded(n_cols) if self.backend == "triton" else n_cols
 
     def slack(self, n_rows: int) -> int:
         """Extra elements of the tile buffer that padded rows of `n_rows` tokens need."""
@@ -79,8 +83,8 @@ class Rows:
         size = torch.empty(0, dtype=self.acc).element_size()
         if self.backend == "reference":
             size *= 3  # plain PyTorch: the transformed logits and the softmax are temporaries
-        if self.reduced and self.cuda:
-            size += torch.empty(0, dtype=self.dtype).element_size()  # dz in the inputs' dtype
+        if self.dz_kernel:  # dz in the inputs' dtype, kept for two chunks (`DeferredDW`)
+            size += 2 * torch.empty(0, dtype=self.dtype).element_size()
         return size
 
     # -- matmuls ----------------------------------------------------------------------------
@@ -114,26 +118,29 @@ class Rows:
         if bias is not None:
             x.add_(bias[vs : vs + nv])
 
-    def backprop(self, x, h, weight, vs, dh, dw, db, dw_fresh=False, g=None, fold=None) -> None:
+    def backprop(self, x, h, weight, vs, dh, dw, db, dw_fresh=False, g=None, fold=None,
+                 dz=None) -> None:  # fmt: skip
         """dh (+)= x @ W_blk, dw[blk] (+)= x.T @ h, db[blk] += sum of x (those not None). dh is
         written, not added to, at vs == 0 and dw with dw_fresh: no zero fill. g [n]: the rows of
         x are to be scaled by g (x = the whole vocabulary): applied to h for dw and db, and to
         dh afterwards, not to the [n, V] tile; on CUDA with bf16/fp16, x is the tile of logits
         fold_softmax left, turned into g * q by the gradient kernel on its way to the inputs'
-        dtype, which needs fold = (the rows' labels, their `Fold`)."""
+        dtype, which needs fold = (the rows' labels, their `Fold`), and is written to `dz` (an
+        [n, nv] buffer in the inputs' dtype; a new one if None)."""
         nv = x.shape[1]
         if g is not None and self.dz_kernel:
             # x still holds the logits (see fold_softmax): one kernel reads them and writes
             # dz = g * q in the inputs' dtype, rounded once, as the dh and dw matmuls take it.
             # g goes into dz rather than onto h: g * h rounded to bf16 would be a second rounding.
             y, lse = fold[0], fold[1].lse()
-            if db is None:
-                dz = torch.empty(x.shape[0], self._tl.padded(nv), dtype=self.dtype,
+            if dz is None:
+                dz = torch.empty(x.shape[0], self.padded(nv), dtype=self.dtype,
                                  device=x.device)[:, :nv]  # fmt: skip
+            if db is None:
                 self.grad(x, y, g, lse, out=dz)
-                x = dz  # below, x.to(self.dtype) is then x itself: no copy
-            else:  # db sums the float32 dz: written in place, rounded to a copy below
+            else:  # db sums the float32 dz: written in place, rounded into dz
                 self.grad(x, y, g, lse)
+                dz.copy_(x)
             g = None
         if g is not None:
             assert vs == 0 and nv == weight.shape[0]
@@ -145,7 +152,7 @@ class Rows:
                 db.addmv_(x.T, g)
             return
         if self.reduced and self.cuda:
-            xd = x.to(self.dtype)
+            xd = x.to(self.dtype) if dz is None else dz
             w = weight[vs : vs + nv]
             if dh is not None:
                 self._tl._addmm_acc(dh, xd, w, fresh=vs == 0)

@@ -62,6 +62,7 @@ T_LOG = "tests/test_logprobs.py"
 T_LIN = "tests/test_linear_logprobs.py"
 T_LOSS = "tests/test_losses.py"
 T_LDPO = "tests/test_linear_dpo.py"
+T_CUDA_READY = "tests/test_cuda_ready.py"
 VP2 = "tests/test_vocab_parallel.py::test_split_vocabulary_equals_single_process[2]"
 LVP2 = "tests/test_vocab_parallel.py::test_split_lm_head_equals_single_process[2]"
 
@@ -237,6 +238,18 @@ MUTANTS: list[Mutant] = [
       "at::mm_out(o, h, w.narrow(0, start, nv).t());",
       "at::mm_out(o, h, w.narrow(0, b0 * block, nv).t());",
       T_LDPO, "-k", "projection_in_vocabulary_blocks"),
+    M("deferred-dw-overwritten-when-full", "dpo_kernels/linear_dpo_chunks.py",
+      "        if self.filled + n > self.dz.shape[0]:\n            self.flush()\n",
+      "        if self.filled + n > self.dz.shape[0]:\n            self.filled = 0\n",
+      T_CUDA_READY, "-k", "single_pass_on_cuda_route"),
+    M("deferred-dw-last-flush-dropped", "dpo_kernels/linear_dpo_chunks.py",
+      "    if deferred is not None:\n        deferred.flush()\n",
+      "    if deferred is not None:\n        pass\n",
+      T_CUDA_READY, "-k", "single_pass_on_cuda_route"),
+    M("cuda-dw-added-to-fresh-memory", "dpo_kernels/linear_dpo_rows.py",
+      "self._tl._addmm_acc(dw[vs : vs + nv], xd.T, h, fresh=dw_fresh)",
+      "self._tl._addmm_acc(dw[vs : vs + nv], xd.T, h)",
+      T_CUDA_READY, "-k", "single_pass_on_cuda_route"),
     M("cpp-strides-assumed-contiguous", "csrc/common.h",
       "return x.stride(-1) == 1 ? x : x.contiguous();", "return x;",
       T_GAPS, "-k", "vocabulary_stride and cpu"),

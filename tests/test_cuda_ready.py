@@ -510,15 +510,18 @@ def test_gradient_kernel_writes_dz_in_the_inputs_dtype(dtype, transform, nv):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("budget", [None, "one pair"])
+@pytest.mark.parametrize("budget", [None, 14, 12])
 def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias, budget):
     """linear_dpo_loss through Rows' CUDA branch for bf16/fp16 (Rows told it is on CUDA; the
     out-dtype matmuls fall back to upcasting on CPU): without bias the gradient kernel writes dz
-    in dtype and the dh and dw matmuls read that very buffer (no float32 q, no cast of the
-    tile); with bias it writes the float32 tile (db sums it). Loss and gradients against float64
-    with the tolerances of test_linear_dpo.py::test_bfloat16_within_naive_error; with the one-pair
-    budget some pairs take the recompute route, unchanged."""
-    from test_linear_dpo import ONE_PAIR, assert_close, make_batch, reference64, run
+    in dtype and the dh matmul reads that very buffer (no float32 q, no cast of the tile); with
+    bias it writes the float32 tile (db sums it), rounded into the dz buffer. dW is made once for
+    the dz of up to twice the chunk tokens the budget allows (`DeferredDW`): the pairs count 12,
+    13 and 13 tokens, so a budget of 14 tokens (8 bytes per logit on this route) makes a chunk of
+    each pair and two dW matmuls (K = 12 + 13, then 13); 12 tokens sends pairs 2 and 3 to the
+    recompute route (dW per tile) and the single pass's dW comes last. Loss and gradients
+    against float64 with the tolerances of test_linear_dpo.py::test_bfloat16_within_naive_error."""
+    from test_linear_dpo import H, V, assert_close, make_batch, reference64, run
 
     from dpo_kernels import linear_dpo_rows
     from dpo_kernels.ops import triton_linear_logprobs as L
@@ -531,7 +534,7 @@ def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias,
         self.dz_kernel = backend == "triton" and self.reduced
 
     monkeypatch.setattr(linear_dpo_rows.Rows, "__init__", on_cuda)
-    launches, mm = [], []
+    launches, dh_mm, dw_mm = [], [], []
     kernel, addmm_acc = L._linear_bwd_kernel, L._addmm_acc
 
     class Spy:
@@ -543,7 +546,10 @@ def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias,
             return launch
 
     def spy_mm(acc, a, b, fresh=False):
-        mm.append((a.data_ptr(), a.dtype, b.dtype))
+        if b.shape == (V, H):  # dh [n, H] (+)= dz [n, V] @ W
+            dh_mm.append((a.data_ptr(), a.dtype, b.dtype))
+        elif acc.shape == (V, H):  # dW (+)= dz.T [V, K] @ h [K, H]
+            dw_mm.append((a.shape[1], fresh, a.dtype, b.dtype))
         return addmm_acc(acc, a, b, fresh)
 
     monkeypatch.setattr(L, "_linear_bwd_kernel", Spy())
@@ -552,7 +558,7 @@ def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias,
     batch = make_batch(dtype=dtype, bias=bias)
     kw = {"softcap": 2.5, "logit_scale": 1.3, "temperature": 0.7}
     ref, dh64, dw64, db64 = reference64(*batch, **kw)
-    memory_budget = ONE_PAIR if budget else None
+    memory_budget = None if budget is None else budget * V * 8
     out, dh, dw, db = run(*batch, backend="triton", memory_budget=memory_budget, **kw)
     assert dh.dtype == dtype and dw.dtype == dtype
     assert abs(out.loss.item() - ref.loss.item()) < 1e-5
@@ -565,9 +571,17 @@ def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias,
     if bias:
         assert not to_dz and all(tile == out.data_ptr() for tile, out in launches)
     else:
-        assert to_dz  # the single pass's chunks
-        for ptr in to_dz:  # dh and dw read dz itself, in dtype
-            assert [(a, b) for p, a, b in mm if p == ptr] == [(dtype, dtype)] * 2
+        assert len(to_dz) == {None: 1, 14: 3, 12: 1}[budget]  # the single pass's chunks
+        # dh reads each dz itself (once), in dtype; the store's first rows serve again after
+        # a flush, so a pointer may come back
+        reads = [(p, a, b) for p, a, b in dh_mm if p in to_dz]
+        assert sorted(p for p, _, _ in reads) == sorted(to_dz)
+        assert all(a == b == dtype for _, a, b in reads)
+    assert all(a == b == dtype for *_, a, b in dw_mm)
+    if budget == 12:
+        assert dw_mm[0][1] and dw_mm[-1][:2] == (12, False)
+    else:
+        assert [k[:2] for k in dw_mm] == {None: [(38, True)], 14: [(25, True), (13, False)]}[budget]
 
 
 def test_reference_backend_on_cuda_with_reduced_inputs(monkeypatch):
