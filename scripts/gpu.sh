@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The one command for a machine with a CUDA GPU. Runs, in order:
-#   1. the whole test suite on CUDA tensors (compiled Triton kernels, no interpreter;
+# The one command for a machine with a CUDA GPU. Runs, in order (the open GPU target first: a
+# lease of a few minutes may end before the rest):
+#   1. benchmarks/linear_dpo_gpu.py: the fused linear DPO loss against its 3 GEMMs (issue 16's GPU
+#      target) at several memory budgets, with a kernel profile, the step's host syncs and its idle
+#      gaps (numbers also in gpu-linear-dpo.json);
+#   2. the whole test suite on CUDA tensors (compiled Triton kernels, no interpreter;
 #      DPO_KERNELS_TEST_DEVICE=cuda, see tests/conftest.py), log in gpu-tests.log;
-#   2. the device-guard test with tensors on cuda:1 while cuda:0 is current, when two GPUs exist;
-#   3. `dpo-kernels bench --device cuda`, whose table goes into BENCHMARKS.md under a heading that
-#      names the GPU (an earlier section for the same GPU is replaced);
-#   4. benchmarks/linear_dpo_gpu.py: the fused linear DPO loss against its 3 GEMMs (issue 16's GPU
-#      target) at several memory budgets, with a kernel profile and the step's host syncs.
+#   3. the device-guard test with tensors on cuda:1 while cuda:0 is current, when two GPUs exist;
+#   4. `dpo-kernels bench --device cuda`, whose table goes into BENCHMARKS.md under a heading that
+#      names the GPU (an earlier section for the same GPU is replaced).
 # Exits non-zero if any step failed; every step runs regardless.
 # Usage: scripts/gpu.sh [extra bench args, e.g. --quick]   (PYTHON=... to pick the interpreter)
 set -uo pipefail
@@ -21,18 +23,21 @@ GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
 echo "== $GPU x$NGPU"
 status=0
 
-echo "== 1/4 test suite on CUDA tensors"
+echo "== 1/4 benchmarks/linear_dpo_gpu.py"
+"$PY" benchmarks/linear_dpo_gpu.py --budgets 2,8,16 --json gpu-linear-dpo.json || status=1
+
+echo "== 2/4 test suite on CUDA tensors"
 "$PY" -m pytest -q -p no:cacheprovider -rs 2>&1 | tee gpu-tests.log
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 if [ "$NGPU" -ge 2 ]; then
-  echo "== 2/4 two GPUs: tensors on cuda:1, cuda:0 current"
+  echo "== 3/4 two GPUs: tensors on cuda:1, cuda:0 current"
   "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ready.py -k second_gpu || status=1
 else
-  echo "== 2/4 skipped: one GPU"
+  echo "== 3/4 skipped: one GPU"
 fi
 
-echo "== 3/4 dpo-kernels bench --device cuda $*"
+echo "== 4/4 dpo-kernels bench --device cuda $*"
 json=$(mktemp --suffix=.json)
 unset DPO_KERNELS_TEST_DEVICE
 "$PY" -m dpo_kernels bench --device cuda --json "$json" "$@" || status=1
@@ -47,7 +52,4 @@ print("BENCHMARKS.md: section 'CUDA:", sys.argv[2] + "' written")
 PYEOF
 fi
 rm -f "$json"
-
-echo "== 4/4 benchmarks/linear_dpo_gpu.py"
-"$PY" benchmarks/linear_dpo_gpu.py --budgets 2,8,16 || status=1
 exit $status
