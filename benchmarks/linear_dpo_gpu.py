@@ -48,6 +48,40 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=100, rep=1000, return_mode="median")
 
 
+def paired(base, fn, rounds: int = 30) -> dict[str, float]:
+    """base() and fn() timed alternately, one call each per round (CUDA events around each, the
+    L2 cache cleared before each; CPU smoke run: wall clock): median ms of each and the median of
+    the per-round ratios fn / base. Both see the same clocks and temperature, which separate
+    do_bench runs a minute apart need not (a few percent matters next to a 1.1x target)."""
+    cuda = torch.cuda.is_available()
+    cache = torch.empty(2**26 if cuda else 1, dtype=torch.int32, device="cuda" if cuda else "cpu")
+    times: list[list[float]] = [[], []]
+    for r in range(rounds + 2):  # the first 2 rounds warm up
+        for i, f in enumerate((base, fn)):
+            cache.zero_()
+            if cuda:
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
+                f()
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                f()
+                ms = (time.perf_counter() - t0) * 1e3
+            if r >= 2:
+                times[i].append(ms)
+    ratios = [b / a for a, b in zip(*times, strict=True)]
+    return {"rounds": rounds, "base_ms": statistics.median(times[0]),
+            "ms": statistics.median(times[1]),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+            "ratio_max": max(ratios)}  # fmt: skip
+
+
 def extra_peak(step: GradStep) -> int:
     """Bytes one step allocates beyond what is live before it (its gradients included); 0 on
     CPU (see `dpo-kernels bench` for CPU memory)."""
@@ -155,6 +189,7 @@ def gemm_times(h: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
         torch.mm(dz.T, h, out=dw)
 
     t["3 GEMMs"] = bench(three)
+    t["3 GEMMs (callable)"] = three  # kept for `paired`; popped before printing
     z32 = torch.empty(M, V, device=h.device)
     t["logits, float32 out"] = bench(lambda: L._addmm_acc(z32, h, w.T, fresh=True))
     dw32 = torch.zeros(V, h.shape[1], device=h.device)
@@ -183,7 +218,8 @@ def main() -> None:
     out: dict = {"device": name, "shape": args.shape,
                  "dtype": args.dtype, "counted_tokens": M}  # fmt: skip
 
-    out["gemms_ms"] = gemm_times(hidden[mask], weight)
+    out["gemms_ms"] = gemm_times(hidden[mask], weight.detach())  # (h, w require grad below)
+    three = out["gemms_ms"].pop("3 GEMMs (callable)")
     h, w = hidden.requires_grad_(), weight.requires_grad_()
 
     def fused(budget):
@@ -211,6 +247,10 @@ def main() -> None:
             "dw_diff": rel_diff(dw, ref_dw),
         })  # fmt: skip
     out["fused"] = rows
+    step = fused(default)
+    step.release()
+    out["paired_default"] = paired(three, step)
+    del three
 
     step = fused(default)
     step()
@@ -243,6 +283,10 @@ def main() -> None:
         print(f"  budget {r['budget_gib']:5.2f} GiB {r['ms']:8.2f} {r['ms'] / base:8.3f}x "
               f"{r['extra_mib']:10.0f} {r['loss_diff']:9.2e} {r['dh_diff']:7.1e} "
               f"{r['dw_diff']:7.1e}{mark}")  # fmt: skip
+    pd = out["paired_default"]
+    print(f"\ndefault budget and the 3 GEMMs timed alternately, {pd['rounds']} rounds: "
+          f"{pd['ms']:.2f} vs {pd['base_ms']:.2f} ms, ratio median {pd['ratio']:.3f}x "
+          f"(range {pd['ratio_min']:.3f}-{pd['ratio_max']:.3f})")  # fmt: skip
     print(f"\nhost syncs in one step at the default budget: {out['host_syncs'] or 'none'}")
     print(f"\none step at the default budget, {device} time per kernel (us):")
     for key, count, us in out["profile_us"]:
