@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python
+[ -x "$PY" ] || PY=$(command -v python3 || command -v python)
 unset TRITON_INTERPRET
 export DPO_KERNELS_TEST_DEVICE=cuda PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 2
@@ -27,7 +27,12 @@ echo "== 1/4 benchmarks/linear_dpo_gpu.py"
 "$PY" benchmarks/linear_dpo_gpu.py --budgets 2,8,16 --json gpu-linear-dpo.json || status=1
 
 echo "== 2/4 test suite on CUDA tensors"
-"$PY" -m pytest -q -p no:cacheprovider -rs 2>&1 | tee gpu-tests.log
+# pytest-xdist and pytest-timeout when installed: one worker per 2 cores (at most 12), a hung
+# test ends after 150 s instead of the lease
+par=()
+"$PY" -c "import xdist" 2>/dev/null && par+=(-n "$(( $(nproc) / 2 > 12 ? 12 : $(nproc) / 2 ))")
+"$PY" -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 150)
+"$PY" -m pytest -q -p no:cacheprovider -rs ${par[@]+"${par[@]}"} 2>&1 | tee gpu-tests.log
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 if [ "$NGPU" -ge 2 ]; then
