@@ -261,3 +261,20 @@ def test_linear_dpo_gpu_late_launches():
         (70, "aten::mm < aten::matmul"), (-2, "(no host op: a Triton launch)"), (None, "")
     ]  # fmt: skip
     assert [g for g, _, _ in got] == gaps
+
+
+def test_linear_dpo_gpu_smoke_run(tmp_path):
+    # The whole script at a tiny shape on CPU, as a GPU session would run it (a crash found on a
+    # lent GPU costs minutes of it): every section comes out, the budgets agree with each other.
+    out = tmp_path / "gpu.json"
+    path = Path(__file__).parent.parent / "benchmarks" / "linear_dpo_gpu.py"
+    subprocess.run([sys.executable, str(path), "--shape", "2x16x32x64", "--dtype", "fp32",
+                    "--budgets", "0.000001,1", "--json", str(out)], check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["counted_tokens"] == 24 and len(data["fused"]) == 3
+    for row in data["fused"]:  # the 1 KiB budget goes through the recompute route
+        assert row["loss_diff"] < 1e-6 and row["dh_diff"] < 1e-5 and row["dw_diff"] < 1e-5, row
+    paired = data["paired_default"]
+    assert paired["rounds"] == 30 and paired["ratio_min"] <= paired["ratio"] <= paired["ratio_max"]
+    assert data["idle_us"]["span"] > 0 and data["profile_us"]
