@@ -508,6 +508,21 @@ def test_gradient_kernel_writes_dz_in_the_inputs_dtype(dtype, transform, nv):
     assert store.view(n, width)[:, written:].isnan().all()
 
 
+def _rows_on_cuda(monkeypatch) -> None:
+    """Rows take their CUDA branch on CPU tensors (bf16/fp16 through the dz kernel, under the
+    interpreter; the out-dtype matmuls fall back to upcasting on CPU)."""
+    from dpo_kernels import linear_dpo_rows
+
+    init = linear_dpo_rows.Rows.__init__
+
+    def on_cuda(self, backend, *args):
+        init(self, backend, *args)
+        self.cuda = True
+        self.dz_kernel = backend == "triton" and self.reduced
+
+    monkeypatch.setattr(linear_dpo_rows.Rows, "__init__", on_cuda)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("budget", [None, 14, 12])
@@ -523,17 +538,9 @@ def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias,
     against float64 with the tolerances of test_linear_dpo.py::test_bfloat16_within_naive_error."""
     from test_linear_dpo import H, V, assert_close, make_batch, reference64, run
 
-    from dpo_kernels import linear_dpo_rows
     from dpo_kernels.ops import triton_linear_logprobs as L
 
-    init = linear_dpo_rows.Rows.__init__
-
-    def on_cuda(self, backend, *args):
-        init(self, backend, *args)
-        self.cuda = True
-        self.dz_kernel = backend == "triton" and self.reduced
-
-    monkeypatch.setattr(linear_dpo_rows.Rows, "__init__", on_cuda)
+    _rows_on_cuda(monkeypatch)
     launches, dh_mm, dw_mm = [], [], []
     kernel, addmm_acc = L._linear_bwd_kernel, L._addmm_acc
 
@@ -582,6 +589,34 @@ def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias,
         assert dw_mm[0][1] and dw_mm[-1][:2] == (12, False)
     else:
         assert [k[:2] for k in dw_mm] == {None: [(38, True)], 14: [(25, True), (13, False)]}[budget]
+
+
+@pytest.mark.parametrize("frozen", ["hidden", "weight"])
+def test_cuda_route_with_a_frozen_input(monkeypatch, frozen):
+    """The CUDA branch (bf16, bias, a budget of one pair per chunk and two dW matmuls) with the
+    hidden states or the head frozen: the other's gradient as with both trainable, against
+    float64, and the loss unchanged (no dz kept for a frozen head, no dh for frozen states)."""
+    from test_linear_dpo import V, assert_close, make_batch, reference64
+
+    _rows_on_cuda(monkeypatch)
+    poison_empty(monkeypatch)
+    hidden, weight, bias, labels, mask, rc, rr = make_batch(dtype=torch.bfloat16)
+    kw = {"softcap": 2.5}
+    ref, dh64, dw64, db64 = reference64(hidden, weight, bias, labels, mask, rc, rr, **kw)
+    h = hidden.clone().requires_grad_(frozen != "hidden")
+    w = weight.clone().requires_grad_(frozen != "weight")
+    b = bias.clone().requires_grad_()
+    out = dpo_kernels.linear_dpo_loss(h, w, labels, bias=b, mask=mask, ref_chosen_logps=rc,
+                                      ref_rejected_logps=rr, backend="triton",
+                                      memory_budget=14 * V * 8, **kw)  # fmt: skip
+    out.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+    assert (h.grad is None) == (frozen == "hidden") and (w.grad is None) == (frozen == "weight")
+    if frozen != "hidden":
+        assert_close(h.grad, dh64, 2**-7, "hidden grad")
+    if frozen != "weight":
+        assert_close(w.grad, dw64, 2**-7, "weight grad")
+    assert_close(b.grad, db64, 2**-7, "bias grad")
 
 
 def test_reference_backend_on_cuda_with_reduced_inputs(monkeypatch):
