@@ -9,7 +9,11 @@
 #   3. the device-guard test with tensors on cuda:1 while cuda:0 is current, when two GPUs exist;
 #   4. `dpo-kernels bench --device cuda`, whose table goes into BENCHMARKS.md under a heading that
 #      names the GPU (an earlier section for the same GPU is replaced).
-# Exits non-zero if any step failed; every step runs regardless.
+# Exits non-zero if any step failed; every step runs regardless. Wheels in gpu-wheels/ (say, TRL
+# and its pure-Python dependencies for a machine without them, fetched elsewhere with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 -d gpu-wheels trl==1.16.0 datasets dill multiprocess xxhash
+# ) are installed into a temporary folder first, put on PYTHONPATH; nothing else is installed.
 # Usage: scripts/gpu.sh [extra bench args, e.g. --quick]   (PYTHON=... to pick the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +21,20 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=$(command -v python3 || command -v python)
 unset TRITON_INTERPRET
 export DPO_KERNELS_TEST_DEVICE=cuda PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G "gpu-wheels/*.whl" > /dev/null; then
+  site=$(mktemp -d)
+  "$PY" -m pip install -q --no-index --no-deps --target "$site" gpu-wheels/*.whl \
+    || echo "== gpu-wheels: install failed, going on without them"
+  export PYTHONPATH=$PYTHONPATH:$site
+fi
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 2
+# What the optional tests and bench rows need, and what this machine lacks (those skip)
+"$PY" - <<'PYEOF'
+import importlib.util as u
+mods = ["trl", "transformers", "datasets", "accelerate", "liger_kernel", "cut_cross_entropy",
+        "xdist", "pytest_timeout"]
+print("== optional packages missing:", ", ".join(m for m in mods if u.find_spec(m) is None) or "none")
+PYEOF
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
 echo "== $GPU x$NGPU"
