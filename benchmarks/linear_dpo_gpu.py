@@ -266,8 +266,8 @@ def main() -> None:
     cuda = torch.autograd.DeviceType.CUDA
     ran = [(e.name[:60], e.time_range.start, e.time_range.end, e.id) for e in p.events()
            if (e.device_type == cuda if device == "cuda" else e.cpu_parent is None)]  # fmt: skip
-    span, idle, _ = idle_gaps(ran)
-    gaps = late_launches(idle_gaps(ran, top=len(ran))[2], host_launches(p.events()))
+    span, idle, gaps = idle_gaps(ran, top=len(ran))  # every gap, for the host's share below
+    gaps = late_launches(gaps, host_launches(p.events()))
     host_bound = sum(min(g.us, late) for g, late, _ in gaps if late is not None and late > 0)
     out["idle_us"] = {"span": span, "idle": idle, "host_late": host_bound,
                       "largest": [(*g, late, where) for g, late, where in gaps[:8]]}  # fmt: skip

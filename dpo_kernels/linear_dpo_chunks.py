@@ -322,7 +322,7 @@ def run(
     buf = torch.empty(max(1, *need) + rows.slack(sum(pair_tokens)), dtype=acc, device=hidden.device)
     deferred = None
     fitting = [sum(pair_tokens[k0:k1]) for k0, k1, fits in plan if fits]
-    if rows.dz_kernel and grads.dw is not None and fitting and grad_on:
+    if rows.dz_kernel and grads.dw is not None and fitting:  # (a dw buffer: grad_on)
         # dz of up to twice the chunk tokens the budget allows (Rows.bytes_per_logit counts it)
         capacity = min(sum(fitting), max(*fitting, 2 * (budget_logits // V)))
         deferred = DeferredDW(rows, grads, weight, capacity)
