@@ -109,9 +109,14 @@ def poison_empty(monkeypatch) -> None:
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
+# DPO_KERNELS_TEST_SEED=N draws other random inputs: a tolerance that holds only for seed 0 is
+# a flaky test waiting for its day (CI uses 0).
+SEED = int(os.environ.get("DPO_KERNELS_TEST_SEED", "0"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
 
 
 def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0):

@@ -176,7 +176,9 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     comp = compiled(*comp_in)
     eager.backward()
     comp.backward()
-    torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
+    # The loss takes the difference of two sums of size ~20, each allowed an ulp or two (~2e-6)
+    # of float32 rounding that differs between the compiled and eager graphs.
+    torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-5)
     # The compiled logsigmoid's gradient may differ from eager's in the last bit; the matmuls of
     # the backward carry that into the input gradients.
     for got, want in zip(grads(*comp_in), grads(*eager_in), strict=True):
