@@ -60,7 +60,7 @@ class Rows:
             from .ops import triton_linear_logprobs as tl_ops
 
             self._tl = tl_ops
-            self._params = tl_ops._params(tf, torch.empty(0, dtype=dtype, device=device))
+            self._params = tl_ops.transform_params(tf, torch.empty(0, dtype=dtype, device=device))
 
     def tile(self, buf: torch.Tensor, n: int, nv: int) -> torch.Tensor:
         """An [n, nv] tile in `buf`; for the Triton kernels its rows are padded to whole 16-byte
@@ -76,7 +76,7 @@ class Rows:
 
     def slack(self, n_rows: int) -> int:
         """Extra elements of the tile buffer that padded rows of `n_rows` tokens need."""
-        return n_rows * self._tl._ROW_ALIGN if self.backend == "triton" else 0
+        return n_rows * self._tl.ROW_ALIGN if self.backend == "triton" else 0
 
     def bytes_per_logit(self) -> int:
         """Bytes of working memory per projected logit (the float32 tile, and what rides on it)."""
@@ -108,7 +108,7 @@ class Rows:
         for s, w in self._blocks(weight, vs, nv):
             out = x if w.shape[0] == nv else x[:, s : s + w.shape[0]]
             if self.reduced and self.cuda:  # float32 result, the out-dtype matmul version-gated
-                self._tl._project(h, w, None, out)
+                self._tl.project(h, w, None, out)
             elif self.backend == "cpu":  # split by vocabulary over the threads (csrc/)
                 torch.ops.dpo_kernels_cpu.vocab_blocked_mm(out, h, w)
             elif out is x:
@@ -155,9 +155,9 @@ class Rows:
             xd = x.to(self.dtype) if dz is None else dz
             w = weight[vs : vs + nv]
             if dh is not None:
-                self._tl._addmm_acc(dh, xd, w, fresh=vs == 0)
+                self._tl.addmm_acc(dh, xd, w, fresh=vs == 0)
             if dw is not None:
-                self._tl._addmm_acc(dw[vs : vs + nv], xd.T, h, fresh=dw_fresh)
+                self._tl.addmm_acc(dw[vs : vs + nv], xd.T, h, fresh=dw_fresh)
         else:
             for s, w in self._blocks(weight, vs, nv):
                 xs = x if w.shape[0] == nv else x[:, s : s + w.shape[0]]

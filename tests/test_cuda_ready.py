@@ -174,14 +174,14 @@ def test_out_dtype_matmul_path_on_meta_tensors(monkeypatch):
     calls = []
     _spy(monkeypatch, calls, "addmm", "mm", "baddbmm")
     acc, a, b = _meta_operands()
-    L._addmm_acc(acc, a, b, fresh=True)  # written over: the plain out-dtype product
+    L.addmm_acc(acc, a, b, fresh=True)  # written over: the plain out-dtype product
     assert acc.dtype == torch.float32 and acc.shape == (8, 4)
     if L.has_out_dtype_mm():
         assert calls == [("mm", torch.float32)]
         calls.clear()
         # Added to: the batched form, which adds into its float32 out (CUDA's addmm wants its
         # `self` in the inputs' dtype); meta's may reject it: then the product and an add.
-        L._addmm_acc(acc, a, b)
+        L.addmm_acc(acc, a, b)
         assert calls[0] == ("baddbmm", torch.float32)
         assert ("addmm", torch.float32) not in calls
 
@@ -205,10 +205,10 @@ def test_out_dtype_matmul_falls_back_when_rejected(monkeypatch):
     _spy(monkeypatch, calls, "mm")
     rejecting("baddbmm")
     acc, a, b = _meta_operands()
-    L._addmm_acc(acc, a, b)  # the product in float32, then an add
+    L.addmm_acc(acc, a, b)  # the product in float32, then an add
     assert L._ACC_BY_ADD and L._OUT_DTYPE_MM and calls == [("mm", torch.float32)]
     rejecting("mm")
-    L._addmm_acc(acc, a, b)  # upcasts instead (no warning off CUDA)
+    L.addmm_acc(acc, a, b)  # upcasts instead (no warning off CUDA)
     assert L._OUT_DTYPE_MM is False
 
 
@@ -225,11 +225,11 @@ def test_out_dtype_matmul_forms_agree_on_cuda(monkeypatch, form, dtype):
     b = torch.randn(300, 40).to(dtype)
     acc = torch.randn(77, 48)[:, :40]
     expect = acc.double() + a.to(dtype).double().T @ b.double()
-    L._addmm_acc(acc, a.T, b)
+    L.addmm_acc(acc, a.T, b)
     if form == "upcast":  # the float32 tile is not rounded to dtype first
         expect += (a.double() - a.to(dtype).double()).T @ b.double()
     assert (acc.double() - expect).abs().max() <= 300 * 2**-22 * expect.abs().max()
-    L._addmm_acc(acc, a.T, b, fresh=True)
+    L.addmm_acc(acc, a.T, b, fresh=True)
     expect = (a if form == "upcast" else a.to(dtype)).double().T @ b.double()
     assert (acc.double() - expect).abs().max() <= 300 * 2**-22 * expect.abs().max()
 
@@ -542,7 +542,7 @@ def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias,
 
     _rows_on_cuda(monkeypatch)
     launches, dh_mm, dw_mm = [], [], []
-    kernel, addmm_acc = L._linear_bwd_kernel, L._addmm_acc
+    kernel, addmm_acc = L._linear_bwd_kernel, L.addmm_acc
 
     class Spy:
         def __getitem__(self, grid):
@@ -560,7 +560,7 @@ def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias,
         return addmm_acc(acc, a, b, fresh)
 
     monkeypatch.setattr(L, "_linear_bwd_kernel", Spy())
-    monkeypatch.setattr(L, "_addmm_acc", spy_mm)
+    monkeypatch.setattr(L, "addmm_acc", spy_mm)
     poison_empty(monkeypatch)  # dh and dw are written by their first matmul, not zero filled
     batch = make_batch(dtype=dtype, bias=bias)
     kw = {"softcap": 2.5, "logit_scale": 1.3, "temperature": 0.7}

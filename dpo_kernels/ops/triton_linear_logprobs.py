@@ -43,7 +43,7 @@ from .triton_common import (
 # large enough for cuBLAS to run near peak, small next to the [tokens, vocab] logits it replaces.
 TOKEN_TILE = 2048
 VOCAB_BLOCK = 4096
-_ROW_ALIGN = 16  # tile rows start every _ROW_ALIGN elements: 16-byte aligned for every dtype
+ROW_ALIGN = 16  # tile rows start every ROW_ALIGN elements: 16-byte aligned for every dtype
 
 
 @triton.jit
@@ -158,7 +158,7 @@ def _linear_bwd_kernel(
     tl.store(out, dx.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> None:
+def project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> None:
     """out = h @ w.T + b with `out` in the accumulation dtype: bf16/fp16 products are accumulated
     and kept in float32, never rounded to the inputs' dtype before the log-softmax."""
     if h.dtype == out.dtype:
@@ -171,7 +171,7 @@ def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torc
     # back), or added to the bias copied there
     if b is not None:
         out.copy_(b.to(out.dtype).expand_as(out))
-    _addmm_acc(out, h, w.T, fresh=b is None)
+    addmm_acc(out, h, w.T, fresh=b is None)
 
 
 def _projected_tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -189,16 +189,16 @@ def _projected_tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             w = weight[vs : vs + VOCAB_BLOCK]
             n, nv = h.shape[0], w.shape[0]
             tile = buf[: n * padded(nv)].view(n, padded(nv))[:, :nv]  # a BLAS leading dimension
-            _project(h, w, None if bias is None else bias[vs : vs + VOCAB_BLOCK], tile)
+            project(h, w, None if bias is None else bias[vs : vs + VOCAB_BLOCK], tile)
             yield ts, h, vs, w, tile
 
 
 def padded(n_cols: int) -> int:
-    """Row stride of an n_cols-wide tile: a multiple of _ROW_ALIGN elements."""
-    return -(-n_cols // _ROW_ALIGN) * _ROW_ALIGN
+    """Row stride of an n_cols-wide tile: a multiple of ROW_ALIGN elements."""
+    return -(-n_cols // ROW_ALIGN) * ROW_ALIGN
 
 
-def _params(transform: LogitTransform, like: torch.Tensor) -> torch.Tensor:
+def transform_params(transform: LogitTransform, like: torch.Tensor) -> torch.Tensor:
     # A tensor rather than scalar arguments: Triton passes Python floats as float32.
     values = (float(transform.factor), float(transform.softcap or 0.0))
     return device_constants(values, acc_dtype(like.dtype), like.device)
@@ -218,7 +218,7 @@ _OUT_DTYPE_MM: bool | None = None
 _ACC_BY_ADD = False  # this build's batched out-dtype form was rejected: product, then add
 
 
-def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fresh: bool = False) -> None:
+def addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fresh: bool = False) -> None:
     """acc += a @ b (with `fresh`: acc = a @ b, acc not read) with a float32 result, without
     rounding a @ b to the inputs' dtype first.
 
@@ -250,7 +250,7 @@ def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fresh: bool 
         except (RuntimeError, TypeError) as exc:
             if not (fresh or _ACC_BY_ADD):
                 _ACC_BY_ADD = True
-                return _addmm_acc(acc, a, b)
+                return addmm_acc(acc, a, b)
             _OUT_DTYPE_MM = False
             if acc.device.type == "cuda":
                 warnings.warn(
@@ -311,7 +311,7 @@ def linear_logprobs_forward(
 
 def _forward(hidden, weight, bias, targets, transform, stats):
     M = hidden.shape[0]
-    params = _params(transform, hidden)
+    params = transform_params(transform, hidden)
     acc, dev = params.dtype, hidden.device
     run_max = torch.full((M,), float("-inf"), dtype=acc, device=dev)
     run_sum = torch.zeros(M, dtype=acc, device=dev)
@@ -351,7 +351,7 @@ def linear_logprobs_backward(
 def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
     (M, H), V = hidden.shape, weight.shape[0]
     hidden_grad, weight_grad, bias_grad = needs
-    params = _params(transform, hidden)
+    params = transform_params(transform, hidden)
     acc = params.dtype
     empty = hidden.new_empty(0)
     dh = torch.empty_like(hidden) if hidden_grad else empty
@@ -368,11 +368,11 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
         if hidden_grad:
             if vs == 0:
                 dh_tile[:n].zero_()
-            _addmm_acc(dh_tile[:n], tile, w)
+            addmm_acc(dh_tile[:n], tile, w)
             if vs + nv == V:
                 dh[ts : ts + n] = dh_tile[:n]
         if dw is not None:
-            _addmm_acc(dw[vs : vs + nv], tile.T, h)
+            addmm_acc(dw[vs : vs + nv], tile.T, h)
         if db is not None:
             db[vs : vs + nv] += tile.sum(0, dtype=acc)
     return (
