@@ -191,12 +191,12 @@ def gemm_times(h: torch.Tensor, w: torch.Tensor):
 
     t["3 GEMMs"] = bench(three)
     z32 = torch.empty(M, V, device=h.device)
-    t["logits, float32 out"] = bench(lambda: L._addmm_acc(z32, h, w.T, fresh=True))
+    t["logits, float32 out"] = bench(lambda: L.addmm_acc(z32, h, w.T, fresh=True))
     dw32 = torch.zeros(V, h.shape[1], device=h.device)
-    t["dW, float32 accumulate"] = bench(lambda: L._addmm_acc(dw32, dz.T, h))
+    t["dW, float32 accumulate"] = bench(lambda: L.addmm_acc(dw32, dz.T, h))
     by_add = L._ACC_BY_ADD
     L._ACC_BY_ADD = True  # the fallback form: float32 product, then an add
-    t["dW, float32 product + add"] = bench(lambda: L._addmm_acc(dw32, dz.T, h))
+    t["dW, float32 product + add"] = bench(lambda: L.addmm_acc(dw32, dz.T, h))
     L._ACC_BY_ADD = by_add
     return t, three
 
