@@ -97,16 +97,20 @@ def record_calls(monkeypatch, module, *names: str) -> list[str]:
 
 
 def poison_empty(monkeypatch) -> None:
-    """Makes every floating `torch.empty` called from Python come back filled with NaN: a buffer
-    read before it is written (a zero fill assumed, an accumulation into fresh memory) then shows
-    in the results instead of passing on memory that happened to be zero."""
-    empty = torch.empty
+    """Makes every floating `torch.empty` and `Tensor.new_empty` called from Python come back
+    filled with NaN: a buffer read before it is written (a zero fill assumed, an accumulation
+    into fresh memory) then shows in the results instead of passing on memory that happened to
+    be zero."""
 
-    def poisoned(*args, **kwargs):
-        out = empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
+    def poison(make):
+        def poisoned(*args, **kwargs):
+            out = make(*args, **kwargs)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
 
-    monkeypatch.setattr(torch, "empty", poisoned)
+        return poisoned
+
+    monkeypatch.setattr(torch, "empty", poison(torch.empty))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poison(torch.Tensor.new_empty))
 
 
 # DPO_KERNELS_TEST_SEED=N draws other random inputs: a tolerance that holds only for seed 0 is

@@ -356,7 +356,10 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
     empty = hidden.new_empty(0)
     dh = torch.empty_like(hidden) if hidden_grad else empty
     dh_tile = hidden.new_empty((min(M, TOKEN_TILE), H), dtype=acc)
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight_grad else None
+    # No zero fill where a matmul writes first: dw by the first token tile (zeros only when no
+    # tile comes), each dh tile by its first vocabulary block.
+    new_dw = torch.empty if M else torch.zeros
+    dw = new_dw(weight.shape, dtype=acc, device=weight.device) if weight_grad else None
     use_bias = bias_grad and bias is not None
     db = torch.zeros(V, dtype=acc, device=weight.device) if use_bias else None
     grad = grad.to(acc).contiguous()
@@ -366,13 +369,11 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
         grad_tile(tile, tile, targets[ts:], grad[ts:], lse[ts:], params, vs,
                   transform.softcap is not None)  # fmt: skip
         if hidden_grad:
-            if vs == 0:
-                dh_tile[:n].zero_()
-            addmm_acc(dh_tile[:n], tile, w)
+            addmm_acc(dh_tile[:n], tile, w, fresh=vs == 0)
             if vs + nv == V:
                 dh[ts : ts + n] = dh_tile[:n]
         if dw is not None:
-            addmm_acc(dw[vs : vs + nv], tile.T, h)
+            addmm_acc(dw[vs : vs + nv], tile.T, h, fresh=ts == 0)
         if db is not None:
             db[vs : vs + nv] += tile.sum(0, dtype=acc)
     return (
