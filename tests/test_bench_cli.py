@@ -207,9 +207,11 @@ def test_sibling_trainer_steps_match_their_float64_loss(tmp_path):
     assert batch["input_ids"].shape == (2, 12) and bool((batch["input_ids"] > 1).sum() == 2 * 11)
 
 
+GPU_SCRIPT = Path(__file__).parent.parent / "benchmarks" / "linear_dpo_gpu.py"
+
+
 def _gpu_script():
-    path = Path(__file__).parent.parent / "benchmarks" / "linear_dpo_gpu.py"
-    spec = importlib.util.spec_from_file_location("linear_dpo_gpu", path)
+    spec = importlib.util.spec_from_file_location("linear_dpo_gpu", GPU_SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
@@ -267,8 +269,7 @@ def test_linear_dpo_gpu_smoke_run(tmp_path):
     # The whole script at a tiny shape on CPU, as a GPU session would run it (a crash found on a
     # lent GPU costs minutes of it): every section comes out, the budgets agree with each other.
     out = tmp_path / "gpu.json"
-    path = Path(__file__).parent.parent / "benchmarks" / "linear_dpo_gpu.py"
-    subprocess.run([sys.executable, str(path), "--shape", "2x16x32x64", "--dtype", "fp32",
+    subprocess.run([sys.executable, str(GPU_SCRIPT), "--shape", "2x16x32x64", "--dtype", "fp32",
                     "--budgets", "0.000001,1", "--json", str(out)], check=True,
                    capture_output=True, timeout=300)  # fmt: skip
     data = json.loads(out.read_text())
