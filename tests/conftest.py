@@ -30,6 +30,9 @@ import dpo_kernels  # noqa: E402
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if TEST_DEVICE == "cuda":
     torch.set_default_device("cuda")
+# Trainers in the tests run where the tensors do (TrainingArguments). On CUDA the collators make
+# their tensors on the default device, which the DataLoader cannot pin.
+TRAINER_DEVICE = {"use_cpu": True} if TEST_DEVICE == "cpu" else {"dataloader_pin_memory": False}
 
 # Precision of a float32 accumulation, per step. The interpreter's exp and log are numpy's
 # (correctly rounded to about 1 ulp); compiled for a GPU, tl.exp and tl.log are ex2.approx and
@@ -165,8 +168,11 @@ def preference_examples(n: int, vocab: int = 97, seed: int = 0):
 data_check = pytest.mark.data_check
 
 # Tests about CPU-only machinery (the C++ backend on CPU tensors, gloo process groups, the CPU
-# benchmark): skipped when the suite runs on CUDA tensors.
-CPU_ONLY_MODULES = ("test_cpu_backend.py", "test_distributed.py", "test_bench_cli.py")
+# benchmark and example, building the wheel from the package index): skipped when the suite runs
+# on CUDA tensors, as are single tests marked `cpu_only`.
+CPU_ONLY_MODULES = ("test_cpu_backend.py", "test_distributed.py", "test_bench_cli.py",
+                    "test_engines.py", "test_install.py", "test_sentiment_frontier.py")  # fmt: skip
+cpu_only = pytest.mark.cpu_only
 
 
 def pytest_collection_modifyitems(config, items):
@@ -175,7 +181,7 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="CPU-only test (DPO_KERNELS_TEST_DEVICE=cuda)")
     assert_skip = pytest.mark.skip(reason="a device-side assert on CUDA: made in a child process")
     for item in items:
-        if item.path.name in CPU_ONLY_MODULES:
+        if item.path.name in CPU_ONLY_MODULES or item.get_closest_marker("cpu_only"):
             item.add_marker(skip)
         elif item.get_closest_marker("data_check"):
             item.add_marker(assert_skip)

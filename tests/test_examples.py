@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import preference_examples, tiny_causal_lm
+from conftest import TRAINER_DEVICE, preference_examples, tiny_causal_lm
 
 from dpo_kernels import DPOLoss
 from dpo_kernels.batches import collate_preferences
@@ -59,7 +59,7 @@ def test_dpo_loss_trainer_compute_loss_is_the_fused_loss(fused_lm_head, tmp_path
     model, ref = tiny_causal_lm(), tiny_causal_lm(seed=1)
     ex = preference_examples(4)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False
+        output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], remove_unused_columns=False
     )
     trainer = DPOLossTrainer(
         model=model, ref_model=ref, loss=DPOLoss(beta=0.2, loss_type="ipo"), args=args,

@@ -7,7 +7,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from conftest import preference_examples, tiny_causal_lm  # noqa: E402
+from conftest import TRAINER_DEVICE, preference_examples, tiny_causal_lm  # noqa: E402
 from test_trl_parity import STEPS, train  # noqa: E402
 
 import dpo_kernels.linear_dpo as linear_dpo_module  # noqa: E402
@@ -61,7 +61,7 @@ def test_fallback_reasons(tmp_path):
     from test_trl import preference_dataset, tiny_tokenizer
 
     def trainer(fused_lm_head=True, **config):
-        args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **config)
+        args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], **TRAINER_DEVICE, **config)
         return FusedDPOTrainer(
             model=tiny_causal_lm("llama", vocab=28), ref_model=tiny_causal_lm("llama", vocab=28),
             args=args, train_dataset=preference_dataset(4), processing_class=tiny_tokenizer(),
@@ -86,7 +86,7 @@ def test_dpo_loss_trainer_default_route(loss_type, linear_dpo_calls, tmp_path):
     model, ref = tiny_causal_lm(), tiny_causal_lm(seed=1)
     ex = preference_examples(4)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False
+        output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], remove_unused_columns=False
     )
     trainer = DPOLossTrainer(
         model=model, ref_model=ref, loss=DPOLoss(beta=0.2, loss_type=loss_type), args=args,

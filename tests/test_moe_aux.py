@@ -8,6 +8,7 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
+from conftest import TRAINER_DEVICE  # noqa: E402
 from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
@@ -29,7 +30,7 @@ def train(cls, tmp_path, fused_lm_head=True):
     args = trl.DPOConfig(
         output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, max_steps=4,
         logging_steps=1, learning_rate=0.5, optim="sgd", report_to=[], save_strategy="no",
-        use_cpu=True, seed=0, dataloader_num_workers=0, bf16=False, disable_tqdm=True,
+        **TRAINER_DEVICE, seed=0, dataloader_num_workers=0, bf16=False, disable_tqdm=True,
     )  # fmt: skip
     kwargs = {} if cls is trl.DPOTrainer else {"fused_lm_head": fused_lm_head}
     trainer = cls(

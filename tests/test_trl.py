@@ -8,7 +8,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from conftest import tiny_causal_lm  # noqa: E402
+from conftest import TRAINER_DEVICE, tiny_causal_lm  # noqa: E402
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
 
@@ -57,7 +57,7 @@ def train(trainer_cls, loss_type, precompute, tmp_path, bf16=False, **trainer_kw
         optim="sgd",  # Adam turns 1e-7 gradient rounding into O(1) updates of tiny entries
         report_to=[],
         save_strategy="no",
-        use_cpu=True,
+        **TRAINER_DEVICE,
         seed=0,
         loss_type=[loss_type],
         label_smoothing=0.1 if loss_type == "robust" else 0.0,
@@ -119,7 +119,7 @@ def test_bf16_autocast_close_to_stock_trl(tmp_path):
 def test_unsupported_options_raise(tmp_path):
     # Stock TRL 1.16 fails at its first step on WPO weighting with sft: we refuse it up front.
     args = trl.DPOConfig(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], use_weighting=True,
+        output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], use_weighting=True,
         loss_type=["sigmoid", "sft"],
     )  # fmt: skip
     model = tiny_causal_lm("llama", vocab=28)

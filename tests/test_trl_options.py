@@ -11,7 +11,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from conftest import tiny_causal_lm  # noqa: E402
+from conftest import TRAINER_DEVICE, tiny_causal_lm  # noqa: E402
 from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
@@ -64,7 +64,7 @@ def run(trainer_cls, tmp_path, *, optim="sgd", no_prompt=False, peft=False, kern
         adam_epsilon=1e-6,
         report_to=[],
         save_strategy="no",
-        use_cpu=True,
+        **TRAINER_DEVICE,
         bf16=False,
         seed=0,
         dataloader_num_workers=0,

@@ -11,7 +11,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from conftest import tiny_causal_lm  # noqa: E402
+from conftest import TRAINER_DEVICE, tiny_causal_lm  # noqa: E402
 from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
 
 from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
@@ -65,7 +65,7 @@ def train(trainer_cls, tmp_path, **config):
             "optim": "sgd",
             "report_to": [],
             "save_strategy": "no",
-            "use_cpu": True,
+            **TRAINER_DEVICE,
             "seed": 0,
             "dataloader_num_workers": 0,
             "bf16": False,

@@ -12,7 +12,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from conftest import tiny_causal_lm  # noqa: E402
+from conftest import TRAINER_DEVICE, cpu_only, tiny_causal_lm  # noqa: E402
 from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
@@ -31,7 +31,7 @@ COMMON = dict(
     logging_steps=1,
     report_to=[],
     save_strategy="no",
-    use_cpu=True,
+    **TRAINER_DEVICE,
     seed=0,
     dataloader_num_workers=0,
     bf16=False,  # KTOConfig turns bf16 autocast on by default; these runs compare fp32
@@ -260,6 +260,7 @@ WRAPPER = {
 }
 
 
+@cpu_only
 @pytest.mark.parametrize("engine", list(ENGINE_EXTRA))
 def test_siblings_fused_head_under_engine(engine, tmp_path):
     """2 gloo processes, one launch: ORPO (the fused head, the chosen NLL and the mean logits
