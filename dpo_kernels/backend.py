@@ -80,7 +80,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 # mask and cu_seqlens checks are device-side asserts (`torch._assert_async`: a bad value stops the
 # process at a later CUDA call, with the message, instead of raising a ValueError that names the
 # position, as on CPU). What is left: the linear path gathers the counted tokens' rows, which needs
-# their number on the host: one sync in the forward and one in the backward. Sync-free mode
+# their number on the host: one sync in the forward and one in the backward (the fused linear
+# losses: one per step, for their chunk plan; not sync-free). Sync-free mode
 # projects every token instead (counted or not: more matmul work when many tokens do not count)
 # and syncs never, so a step can be captured in a CUDA graph; it is on while a graph is captured.
 

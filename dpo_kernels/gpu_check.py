@@ -255,9 +255,23 @@ def _dz_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     return [(name, run, K, ["_linear_bwd_kernel"]) for name, run in cases]
 
 
+def _scale_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
+    """The fused linear losses' backward: their gradients times the incoming one, unless 1."""
+    from .ops import triton_scale as K
+
+    def run(dtype):
+        return lambda: K.scale_unless_one_(
+            torch.zeros(10000, dtype=dtype), torch.ones(1, dtype=dtype)
+        )
+
+    return [(f"scale {_tag(d)}", run(d), K, ["_scale_unless_one_kernel"])
+            for d in (torch.bfloat16, torch.float32)]  # fmt: skip
+
+
 def cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     """(case name, launcher call, module holding the kernels, kernel names) for every op."""
-    return _logprobs_cases() + _dpo_loss_cases() + _sibling_loss_cases() + _linear_cases()
+    return (_logprobs_cases() + _dpo_loss_cases() + _sibling_loss_cases() + _linear_cases()
+            + _scale_cases())  # fmt: skip
 
 
 def _launch_key(fn, args: tuple, kwargs: dict) -> tuple:

@@ -84,7 +84,8 @@ class Grads:
     """Gradient buffers: dh [2P * T, H] (inputs' dtype, contiguous), dw [V, H] and db [V]
     (accumulation dtype, cast once at the end); None where not wanted."""
 
-    def __init__(self, hidden, weight, bias, acc, wants):
+    def __init__(self, hidden, weight, bias, acc, wants, factor: float = 1.0):
+        self.factor = factor  # what the gradients made from `Rows.grad`'s tiles lack
         self.dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device).view(
             -1, hidden.shape[-1]
         ) if wants[0] else None  # fmt: skip
@@ -98,9 +99,19 @@ class Grads:
         """One pass over the whole vocabulary has written dw: add to it from now on."""
         self.dw_fresh = False
 
+    def put_dh(self, idx: torch.Tensor, dh: torch.Tensor) -> None:
+        """Writes the dh rows [n, H] (accumulation dtype) of the flat token indices idx."""
+        if self.factor != 1:
+            dh.mul_(self.factor)
+        self.dh.index_copy_(0, idx, dh.to(self.dh.dtype))
+
     def finish(self) -> None:
         if self.dw is not None and self.dw_fresh:  # no token counted anywhere
             self.dw.zero_()
+        if self.factor != 1:
+            for t in (self.dw, self.db):
+                if t is not None:
+                    t.mul_(self.factor)
 
 
 @dataclasses.dataclass
@@ -144,6 +155,15 @@ class DeferredDW:
                                grads.dw_fresh)  # fmt: skip
             grads.done_pass()
         self.filled = 0
+
+
+def _nonzero(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] indices of the true entries of a flat mask that holds n of them: `nonzero_static`
+    needs no host sync (`nonzero` waits for the count), where this build has it for the device."""
+    try:
+        return torch.nonzero_static(mask, size=n).squeeze(1)
+    except NotImplementedError:
+        return mask.nonzero().squeeze(1)
 
 
 def _tile_shape(n_tokens: int, vocab: int, budget_logits: int) -> tuple[int, int]:
@@ -217,7 +237,7 @@ class _Runner:
             rows.backprop(x, h, self.weight, 0, dh, None, grads.db, g=g, fold=(y, f),
                           dz=self.deferred.take(h))  # fmt: skip
         if dh is not None:
-            grads.dh.index_copy_(0, idx, dh.to(grads.dh.dtype))
+            grads.put_dh(idx, dh)
         return sums
 
     def recompute(self, k0: int, k1: int, grad_on: bool) -> torch.Tensor:
@@ -260,7 +280,7 @@ class _Runner:
                 rows.backprop(x, h, weight, vs, dh, grads.dw, grads.db, grads.dw_fresh)
             grads.done_pass()
             if dh is not None:
-                grads.dh.index_copy_(0, idx[ts:te], dh.to(grads.dh.dtype))
+                grads.put_dh(idx[ts:te], dh)
         return sums
 
 
@@ -301,14 +321,16 @@ def run(
     B, T, _ = hidden.shape
     P, V = B // 2, weight.shape[0]
     acc = acc_dtype(hidden.dtype)
-    counts = counted.sum(-1)
-    offsets = [0, *torch.cumsum(counts, 0).tolist()]
-    flat = counted.reshape(-1).nonzero().squeeze(1)
-    batch = _Batch(hidden.detach(), labels.reshape(B * T).long(), flat, offsets, P)
+    # What needs no lengths first: the lengths are the step's one host sync, and on CUDA the
+    # device idles from there until the first chunk's matmul is launched.
     rows = Rows(backend, hidden.dtype, hidden.device, tf)
-    grads = Grads(batch.hidden, weight, bias, acc, wants)
+    grads = Grads(hidden, weight, bias, acc, wants, rows.tile_factor)
     weight = weight.detach()
     bias = None if bias is None else bias.detach().to(acc)
+    labels = labels.reshape(B * T).long()
+    counts = counted.sum(-1)
+    offsets = [0, *torch.cumsum(counts, 0).tolist()]
+    batch = _Batch(hidden.detach(), labels, _nonzero(counted.reshape(-1), offsets[-1]), offsets, P)
     budget_logits = max(1, budget // rows.bytes_per_logit())
     grad_on = any(wants)
     pair_tokens = [offsets[k + 1] - offsets[k] + offsets[P + k + 1] - offsets[P + k]
@@ -370,6 +392,19 @@ def save_grads(ctx, grads: tuple[torch.Tensor, ...], wants: tuple[bool, ...]) ->
     ctx.scale = None
 
 
+def _scale_unless_one(g: torch.Tensor, s: torch.Tensor) -> None:
+    """g *= s in place unless s == 1 (the usual ``loss.backward()``: no pass over g). On CUDA the
+    kernel reads s on the device (`ops/triton_scale.py`): asking the host would wait for the whole
+    step to finish before the backward could go on."""
+    s = s.to(g.dtype)
+    if g.device.type == "cuda" and s.numel() == 1 and g.is_contiguous():
+        from .ops.triton_scale import scale_unless_one_
+
+        scale_unless_one_(g, s.reshape(1))
+    elif not bool((s == 1).all()):
+        g.mul_(s)
+
+
 def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
     """The saved (hidden, weight, bias) gradients times the incoming one: in place the first time
     in eager mode (nothing else holds them yet); out of place when traced (torch.compile, AOT
@@ -380,10 +415,9 @@ def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
         out = [g * grad_loss.to(g.dtype) for g in grads]
     elif ctx.scale is None:
         ctx.scale = grad_loss.detach().clone()
-        if not bool((grad_loss == 1).all()):
-            for g, want in zip(grads, ctx.wanted, strict=True):
-                if want:  # .data: no version bump, a retained graph can unpack them again
-                    g.data.mul_(grad_loss.to(g.dtype))
+        for g, want in zip(grads, ctx.wanted, strict=True):
+            if want:  # .data: no version bump, a retained graph can unpack them again
+                _scale_unless_one(g.data, grad_loss.detach())
         out = grads
     else:  # retain_graph: a later backward, relative to the scale applied the first time
         if not bool((ctx.scale != 0).all()):

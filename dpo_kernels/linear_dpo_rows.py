@@ -62,6 +62,15 @@ class Rows:
             self._tl = tl_ops
             self._params = tl_ops.transform_params(tf, torch.empty(0, dtype=dtype, device=device))
 
+    @property
+    def tile_factor(self) -> float:
+        """What `grad` leaves out of the gradient tiles and the results (dh, dW, db) are to be
+        multiplied by: the transform's factor on the CUDA route with float16 inputs (see
+        `triton_linear_logprobs.tile_factor`), else 1."""
+        if self.backend != "triton":
+            return 1.0
+        return self._tl.tile_factor(self.tf, self.dtype, self.cuda)
+
     def tile(self, buf: torch.Tensor, n: int, nv: int) -> torch.Tensor:
         """An [n, nv] tile in `buf`; for the Triton kernels its rows are padded to whole 16-byte
         vectors, which they read and write (`slack` elements of `buf` cover the padding)."""
@@ -234,9 +243,12 @@ class Rows:
         self.grad(x, y, torch.ones_like(f.m), f.lse())
 
     def grad(self, x, local, g, lse, out=None) -> None:
-        """x <- g * (onehot(local) - softmax(z(x))) * dz/dx in place, per row; with `out`
-        (Triton: a buffer of x's shape, in x's dtype or the inputs'), written there instead."""
+        """x <- g * (onehot(local) - softmax(z(x))) * dz/dx / tile_factor in place, per row;
+        with `out` (Triton: a buffer of x's shape, in x's dtype or the inputs'), written there
+        instead."""
         tf = self.tf
+        if self.tile_factor != 1:
+            g = g / self.tile_factor
         if self.backend == "cpu":
             op = torch.ops.dpo_kernels_cpu.linear_dpo_rows_grad
             op(x, local, g, lse, tf.logit_scale, tf.softcap, tf.temperature)

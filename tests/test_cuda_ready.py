@@ -478,6 +478,7 @@ def test_gradient_kernel_writes_dz_in_the_inputs_dtype(dtype, transform, nv):
     tf = LogitTransform(transform.get("logit_scale", 1.0), transform.get("softcap"),
                         transform.get("temperature", 1.0))  # fmt: skip
     rows = Rows("triton", dtype, torch.get_default_device(), tf)
+    rows.cuda = True  # the CUDA route's semantics on CPU tensors too (fp16: see tile_factor)
     buf = torch.randn(n * 64 + rows.slack(n)) * 3
     x = rows.tile(buf, n, nv)
     labels = torch.randint(0, nv, (n,))
@@ -490,7 +491,9 @@ def test_gradient_kernel_writes_dz_in_the_inputs_dtype(dtype, transform, nv):
     z = z * tf.factor
     lse = z.logsumexp(-1)
     onehot = (torch.arange(nv) == labels[:, None]).double()
-    expect = g[:, None] * (onehot - torch.exp(z - lse[:, None])) * slope
+    # fp16: the factor is left out of dz (tile_factor; the matmuls' float32 results get it)
+    expect = g[:, None] * (onehot - torch.exp(z - lse[:, None])) * slope / rows.tile_factor
+    assert rows.tile_factor == (tf.factor if dtype == torch.float16 else 1.0)
     width = rows._tl.padded(nv)
     store = torch.full((n * width,), float("nan"), dtype=dtype)
     dz = store.view(n, width)[:, :nv]
@@ -500,7 +503,7 @@ def test_gradient_kernel_writes_dz_in_the_inputs_dtype(dtype, transform, nv):
     # One rounding to dtype: to nearest on a GPU (cvt.rn), GRAD_TOL is twice its unit roundoff;
     # the interpreter's float32 -> bf16 cast truncates (numpy has no bf16): up to one ulp there.
     rtol = GRAD_TOL[dtype] * (2 if dtype == torch.bfloat16 and TEST_DEVICE == "cpu" else 1)
-    atol = 1e-6 * g.abs().max().item() * tf.factor + 2**-24  # float32 math; fp16 subnormals
+    atol = 1e-6 * g.abs().max().item() * tf.factor / rows.tile_factor + 2**-24  # fp16 subnormals
     err = (dz.double() - expect).abs()
     bad = err > rtol * expect.abs() + atol
     assert not bad.any(), (bad.nonzero(), dz[bad], expect[bad], labels)
@@ -642,3 +645,107 @@ def test_reference_backend_on_cuda_with_reduced_inputs(monkeypatch):
     assert abs(out.loss.item() - ref.loss.item()) < 1e-5
     for got, want, name in ((dh, dh64, "hidden"), (dw, dw64, "weight"), (db, db64, "bias")):
         assert_close(got, want, 2**-7, f"{name} grad")
+
+
+def _matmuls_round_like_cuda(monkeypatch) -> None:
+    """The out-dtype matmuls as on CUDA, on CPU tensors: the float32 gradient tile rounded to the
+    inputs' dtype before the product (CPU upcasts it exactly), and `tile_factor` as on CUDA."""
+    from dpo_kernels.ops import triton_linear_logprobs as L
+
+    addmm_acc, tile_factor = L.addmm_acc, L.tile_factor
+
+    def rounded(acc, a, b, fresh=False):
+        low = b.dtype if a.dtype == acc.dtype else a.dtype
+        return addmm_acc(acc, a.to(low), b.to(low), fresh)
+
+    monkeypatch.setattr(L, "addmm_acc", rounded)
+    monkeypatch.setattr(L, "tile_factor", lambda tf, dtype, on_cuda: tile_factor(tf, dtype, True))
+
+
+# logit_scale / temperature = 1e6: |dz| = 1e6 * |g * q| passes float16's 65504 wherever
+# |g * q| > 0.066, while the gradients (1e6 * dz' @ W with |W| ~ 0.01, 1e6 * dz'.T @ h with
+# |h| ~ 1e-3) stay in range. A GPU run made the 4-matmul op's fp16 gradient inf and NaN there.
+HUGE_FACTOR = {"logit_scale": 1e3, "temperature": 1e-3}
+
+
+def _small_fp16(hidden, weight):
+    return (hidden.double() * 1e-3).half(), (weight.double() * 0.04).half()
+
+
+def test_fp16_gradient_tiles_leave_the_transform_factor_out(monkeypatch):
+    """linear_sequence_logprobs' backward with CUDA's rounding of the tiles (emulated on CPU):
+    the tiles are made without the factor (|.| <= |g|) and the float32 results get it, so the
+    fp16 gradients are finite and agree with float64 where the factor alone would overflow the
+    tiles; the gradients of a factor-1 transform are unchanged (the factor is 1 there)."""
+    from test_linear_dpo import assert_close, make_batch
+
+    _matmuls_round_like_cuda(monkeypatch)
+    hidden, weight, _, labels, mask, *_ = make_batch(dtype=torch.float16, bias=False)
+    hidden, weight = _small_fp16(hidden, weight)
+    labels = torch.where(mask, labels, -100)
+    wt = torch.randn(labels.shape, dtype=torch.float64) * 0.2
+    grads = []
+    for dtype, backend in ((torch.float64, "reference"), (torch.float16, "triton")):
+        h, w = (t.to(dtype).requires_grad_() for t in (hidden, weight))
+        out = dpo_kernels.linear_sequence_logprobs(h, w, labels, backend=backend, **HUGE_FACTOR)
+        (out.token_logps.double() * wt).sum().backward()
+        grads.append((h.grad, w.grad))
+    (dh64, dw64), (dh, dw) = grads
+    z = hidden.double() @ weight.double().T * 1e6
+    q = torch.nn.functional.one_hot(labels.clamp(min=0), z.shape[-1]) - z.softmax(-1)
+    dz = torch.where(labels[..., None] >= 0, wt[..., None] * q * 1e6, 0.0)
+    assert dz.abs().max() > 65504  # dz with the factor would overflow float16 ...
+    assert dh64.abs().max() < 6e4 and dw64.abs().max() < 6e4  # ... but not the gradients
+    assert_close(dh, dh64, 2**-7, "hidden grad")
+    assert_close(dw, dw64, 2**-7, "weight grad")
+
+
+@pytest.mark.parametrize("budget", [None, 12])
+def test_fp16_dz_leaves_the_transform_factor_out(monkeypatch, budget):
+    """linear_dpo_loss on Rows' CUDA route with fp16 (emulated on CPU, as above): dz in float16
+    is made without the factor, which the float32 dh, dW are multiplied by; the single pass and
+    the recompute route (budget 12: pairs 2 and 3 in tiles) against float64."""
+    from test_linear_dpo import V, assert_close, make_batch, reference64, run
+
+    _rows_on_cuda(monkeypatch)
+    _matmuls_round_like_cuda(monkeypatch)
+    hidden, weight, _, labels, mask, rc, rr = make_batch(dtype=torch.float16, bias=False)
+    batch = (*_small_fp16(hidden, weight), None, labels, mask, rc, rr)
+    kw = dict(HUGE_FACTOR, beta=1.0)
+    ref, dh64, dw64, _ = reference64(*batch, **kw)
+    assert dh64.abs().max() < 6e4 and dw64.abs().max() < 6e4
+    memory_budget = None if budget is None else budget * V * 8
+    out, dh, dw, _ = run(*batch, backend="triton", memory_budget=memory_budget, **kw)
+    # float32 logits, times 1e6: the sums' rounding grows with the factor
+    assert_close(out.loss, ref.loss, 1e-4, "loss")
+    assert_close(dh, dh64, 2**-7, "hidden grad")
+    assert_close(dw, dw64, 2**-7, "weight grad")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_linear_dpo_syncs_once_for_its_plan():
+    """linear_dpo_loss on CUDA waits for the device once, in the forward, for the rows' lengths
+    that plan its chunks (the counted tokens' indices come from nonzero_static); the backward,
+    which multiplies the gradients by the incoming one unless it is 1, never waits."""
+    import warnings
+
+    from test_linear_dpo import make_batch
+
+    hidden, weight, bias, labels, mask, rc, rr = make_batch(dtype=torch.bfloat16)
+    h, w, y = hidden.cuda().requires_grad_(), weight.cuda().requires_grad_(), labels.cuda()
+    args = dict(bias=bias.cuda(), mask=mask.cuda(), ref_chosen_logps=rc.cuda(),
+                ref_rejected_logps=rr.cuda())  # fmt: skip
+    for call, scale in enumerate((1.0, 1.0, 2.0, 1.0)):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loss = dpo_kernels.linear_dpo_loss(h, w, y, **args).loss
+                forward = sum("synchroniz" in str(c.message) for c in caught)
+                (loss * scale).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        backward = sum("synchroniz" in str(c.message) for c in caught) - forward
+        if call:  # the first call compiles the kernels and fills the constants' cache
+            assert (forward, backward) == (1, 0), [str(c.message)[:300] for c in caught]

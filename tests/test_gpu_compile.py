@@ -37,6 +37,7 @@ def test_every_kernel_compiles_for_both_archs(reports):
     kernels = {r["kernel"] for r in reports}
     assert kernels, "no kernel was compiled"
     assert "_sibling_loss_kernel" in kernels  # CPO / ORPO / KTO losses
+    assert "_scale_unless_one_kernel" in kernels  # the fused linear losses' backward
     assert compiled == {(k, a) for k in kernels for a in (80, 90)}
 
 
@@ -67,7 +68,11 @@ def test_vocab_loops_use_128_bit_accesses(reports):
     # kernels also write one (the logits' gradient, or the tile overwritten with it).
     assert {"_linear_fwd_kernel", "_linear_bwd_kernel"} <= {r["kernel"] for r in reports}
     for r in reports:
-        if r["kernel"].startswith(("_logprobs", "_linear")):
+        if r["kernel"].startswith(("_logprobs", "_linear", "_scale")):
             assert r["global_loads"].get("LDG.E.128", 0) > 0, (r["case"], r["global_loads"])
-        if r["kernel"] in ("_logprobs_bwd_kernel", "_linear_bwd_kernel"):
+        if r["kernel"] in (
+            "_logprobs_bwd_kernel",
+            "_linear_bwd_kernel",
+            "_scale_unless_one_kernel",
+        ):
             assert r["global_stores"].get("STG.E.128", 0) > 0, (r["case"], r["global_stores"])

@@ -255,6 +255,25 @@ def test_incoming_gradient_scales_and_frozen_weight():
     assert_close(h.grad, 3.5 * dh64, 1e-4, "accumulated hidden grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_scale_unless_one_kernel(dtype):
+    """The CUDA backward's multiplication by the incoming gradient (ops/triton_scale.py, run by
+    the interpreter here): x * s in x's dtype, and x untouched when s is 1; several programs and a
+    ragged end."""
+    pytest.importorskip("triton")
+    from dpo_kernels.ops.triton_scale import scale_unless_one_
+
+    x = (torch.randn(3 * 4096 + 5, dtype=torch.float64) * 100).to(dtype)
+    for s in (1.0, 2.5, 0.0, -1e-3, float("nan"), float("inf")):
+        sv = torch.tensor([s], dtype=dtype)
+        got = x.clone()
+        scale_unless_one_(got, sv)
+        want = x if s == 1 else x * sv
+        # The interpreter rounds float32 -> bf16 toward zero (numpy has no bf16): 1 ulp there.
+        ulp = 2**-7 if dtype == torch.bfloat16 and TEST_DEVICE == "cpu" else 0.0
+        torch.testing.assert_close(got, want, rtol=ulp, atol=0, equal_nan=True, msg=str(s))
+
+
 def test_no_grad_gives_the_loss():
     batch = make_batch()
     ref = reference64(*batch)[0]

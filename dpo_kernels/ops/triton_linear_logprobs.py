@@ -204,6 +204,15 @@ def transform_params(transform: LogitTransform, like: torch.Tensor) -> torch.Ten
     return device_constants(values, acc_dtype(like.dtype), like.device)
 
 
+def tile_factor(transform: LogitTransform, dtype: torch.dtype, on_cuda: bool) -> float:
+    """The factor (logit_scale / temperature) that the gradient tiles leave out, and the float32
+    matmul results get instead, where the tiles are rounded to float16 for the matmuls (CUDA):
+    there |dz| <= |g| * factor can overflow float16 (65504) or sink into its subnormals, where
+    g * q * softcap' (|.| <= |g|) does not. 1 elsewhere (bf16 has float32's range)."""
+    factor = float(transform.factor)
+    return factor if on_cuda and dtype == torch.float16 and factor != 0 else 1.0
+
+
 def has_out_dtype_mm() -> bool:
     """Whether this torch has the out-dtype matmuls, `torch.mm(..., out_dtype=)` and
     `torch.baddbmm(..., out_dtype=)`: bf16/fp16 products with a float32 result (torch >= 2.8)."""
@@ -362,7 +371,10 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
     dw = new_dw(weight.shape, dtype=acc, device=weight.device) if weight_grad else None
     use_bias = bias_grad and bias is not None
     db = torch.zeros(V, dtype=acc, device=weight.device) if use_bias else None
+    f = tile_factor(transform, hidden.dtype, hidden.device.type != "cpu")
     grad = grad.to(acc).contiguous()
+    if f != 1:  # the tiles without the factor; the results get it
+        grad = grad / f
     lse = lse.to(acc).contiguous()
     for ts, h, vs, w, tile in _projected_tiles(hidden, weight, bias):
         n, nv = tile.shape
@@ -371,11 +383,15 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
         if hidden_grad:
             addmm_acc(dh_tile[:n], tile, w, fresh=vs == 0)
             if vs + nv == V:
-                dh[ts : ts + n] = dh_tile[:n]
+                dh[ts : ts + n] = dh_tile[:n] if f == 1 else dh_tile[:n] * f
         if dw is not None:
             addmm_acc(dw[vs : vs + nv], tile.T, h, fresh=ts == 0)
         if db is not None:
             db[vs : vs + nv] += tile.sum(0, dtype=acc)
+    if f != 1:
+        for t in (dw, db):
+            if t is not None:
+                t.mul_(f)
     return (
         dh,
         empty if dw is None else dw.to(weight.dtype),

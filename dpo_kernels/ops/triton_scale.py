@@ -1,0 +1,43 @@
+"""Scaling a gradient in place by the incoming gradient of a loss, a device scalar, without reading
+that scalar on the host.
+
+The fused linear losses make their gradients in the forward and multiply them by the loss's
+incoming gradient in the backward (`linear_dpo_chunks.scaled_grads`). That gradient is usually 1
+(``loss.backward()``), and then the multiplication, a pass over dW ([V, H]: 1 GiB in bf16 at
+V = 128256, H = 4096), is skipped. Asking the host whether it is 1 waits for the GPU to finish the
+whole step first; here each program reads it on the device and returns at once when it is.
+
+Reference: ``if s != 1: x.mul_(s)``, with s in x's dtype (the product rounded once to x's dtype,
+as PyTorch's mul_ does).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import device_guard, tl_acc_dtype
+
+_BLOCK = 4096
+
+
+@triton.jit
+def _scale_unless_one_kernel(x_ptr, s_ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    s = tl.load(s_ptr).to(ACC)
+    if s != 1:  # NaN too
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        keep = offs < n
+        x = tl.load(x_ptr + offs, mask=keep)
+        # the exact product of two bf16/fp16 values (float32 holds it), rounded once on the store
+        tl.store(x_ptr + offs, (x.to(ACC) * s).to(x.dtype), mask=keep)
+
+
+def scale_unless_one_(x: torch.Tensor, s: torch.Tensor) -> None:
+    """x *= s in place unless s == 1. x: contiguous; s: one element, in x's dtype and device."""
+    assert x.is_contiguous() and s.numel() == 1 and s.dtype == x.dtype and s.device == x.device
+    if x.numel():
+        with device_guard(x):
+            _scale_unless_one_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
+                x, s, x.numel(), ACC=tl_acc_dtype(x.dtype), BLOCK=_BLOCK
+            )
