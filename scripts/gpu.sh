@@ -41,7 +41,7 @@ echo "== $GPU x$NGPU"
 status=0
 
 echo "== 1/4 benchmarks/linear_dpo_gpu.py"
-"$PY" benchmarks/linear_dpo_gpu.py --budgets 2,8,16 --json gpu-linear-dpo.json || status=1
+"$PY" benchmarks/linear_dpo_gpu.py --budgets 2,4,8 --json gpu-linear-dpo.json || status=1
 
 echo "== 2/4 test suite on CUDA tensors"
 # pytest-xdist and pytest-timeout when installed: one worker per 2 cores (at most 12), a hung

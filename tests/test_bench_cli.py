@@ -276,6 +276,7 @@ def test_linear_dpo_gpu_smoke_run(tmp_path):
     assert data["counted_tokens"] == 24 and len(data["fused"]) == 3
     for row in data["fused"]:  # the 1 KiB budget goes through the recompute route
         assert row["loss_diff"] < 1e-6 and row["dh_diff"] < 1e-5 and row["dw_diff"] < 1e-5, row
-    paired = data["paired_default"]
-    assert paired["rounds"] == 30 and paired["ratio_min"] <= paired["ratio"] <= paired["ratio_max"]
+        for paired in (row["paired"], row["paired_busy"]):
+            assert paired["rounds"] == 30
+            assert paired["ratio_min"] <= paired["ratio"] <= paired["ratio_max"]
     assert data["idle_us"]["span"] > 0 and data["profile_us"]
