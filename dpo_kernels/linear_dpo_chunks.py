@@ -397,7 +397,7 @@ def _scale_unless_one(g: torch.Tensor, s: torch.Tensor) -> None:
     kernel reads s on the device (`ops/triton_scale.py`): asking the host would wait for the whole
     step to finish before the backward could go on."""
     s = s.to(g.dtype)
-    if g.device.type == "cuda" and s.numel() == 1 and g.is_contiguous():
+    if g.device.type == "cuda":  # (g: a contiguous gradient buffer; s: the scalar loss's)
         from .ops.triton_scale import scale_unless_one_
 
         scale_unless_one_(g, s.reshape(1))
