@@ -255,13 +255,17 @@ def test_incoming_gradient_scales_and_frozen_weight():
     assert_close(h.grad, 3.5 * dh64, 1e-4, "accumulated hidden grad")
 
 
+@pytest.mark.parametrize("programs", [1024, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_scale_unless_one_kernel(dtype):
+def test_scale_unless_one_kernel(dtype, programs, monkeypatch):
     """The CUDA backward's multiplication by the incoming gradient (ops/triton_scale.py, run by
-    the interpreter here): x * s in x's dtype, and x untouched when s is 1; several programs and a
-    ragged end."""
+    the interpreter here): x * s in x's dtype, and x untouched when s is 1; a ragged end, and
+    a program per block or fewer programs than blocks (each then strides over several)."""
     pytest.importorskip("triton")
+    from dpo_kernels.ops import triton_scale
     from dpo_kernels.ops.triton_scale import scale_unless_one_
+
+    monkeypatch.setattr(triton_scale, "_PROGRAMS", programs)
 
     x = (torch.randn(3 * 4096 + 5, dtype=torch.float64) * 100).to(dtype)
     for s in (1.0, 2.5, 0.0, -1e-3, float("nan"), float("inf")):
