@@ -8,7 +8,10 @@ counted tokens, H = 4096, V = 128256, bf16) it times, with `triton.testing.do_be
 - one fwd+bwd of `linear_dpo_loss` at several memory budgets, with its extra peak memory and its
   loss and gradients against the default budget's;
 and each budget against the 3 GEMMs timed alternately (`paired`), from an idle GPU and behind
-other work (as in a training step);
+other work (as in a training step), and after itself (the step's time by the same CUDA events
+when no GEMMs precede it), with the SM clock and power `nvidia-smi` sampled during each call
+(what tells a method's difference from a clock's: a step after 76 ms of GEMMs may run at a
+power-capped clock);
 then profiles one step at the default budget: CUDA time per kernel, and how long the GPU sat idle
 between kernels within the step, with the largest gaps, the kernels on either side of each and
 how late the host launched the kernel after it (the part of the idle time the host is to blame
@@ -21,8 +24,11 @@ writes every number. Usage:
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shutil
 import statistics
+import subprocess
 import time
 from typing import NamedTuple
 
@@ -50,11 +56,68 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=100, rep=1000, return_mode="median")
 
 
-def paired(base, fn, rounds: int = 30, busy=None) -> dict[str, float]:
+class ClockSampler:
+    """`nvidia-smi` sampling the SM clock (MHz) and board power (W) of the current GPU every
+    `ms` ms in its own process (no GIL shared with the timed host work), while in a `with`
+    block; `samples`: (epoch seconds, MHz, W). Does nothing without CUDA or nvidia-smi."""
+
+    def __init__(self, ms: int = 10):
+        self.ms, self.proc, self.samples = ms, None, []
+
+    def __enter__(self):
+        smi = shutil.which("nvidia-smi")
+        if torch.cuda.is_available() and smi:
+            self.proc = subprocess.Popen(
+                [smi, f"--id={_smi_id()}", f"--loop-ms={self.ms}",
+                 "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+            time.sleep(0.2)  # its first sample
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.samples = parse_smi(self.proc.communicate()[0].splitlines())
+
+
+def _smi_id() -> str:
+    """The current GPU as nvidia-smi names it: by UUID (CUDA_VISIBLE_DEVICES may renumber)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    uuid = getattr(props, "uuid", None)
+    return f"GPU-{uuid}" if uuid is not None else str(torch.cuda.current_device())
+
+
+def parse_smi(lines: list[str]) -> list[tuple[float, float, float]]:
+    """nvidia-smi's "2026/11/26 10:00:00.123, 1755, 612.3" lines (local time) -> (epoch s, MHz,
+    W); lines that do not parse ("[N/A]", a cut-off last line) are left out."""
+    out = []
+    for line in lines:
+        try:
+            stamp, mhz, watts = (f.strip() for f in line.split(","))
+            t = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            out.append((t, float(mhz), float(watts)))
+        except ValueError:
+            continue
+    return out
+
+
+def during(samples, spans) -> dict[str, float] | None:
+    """Median SM clock (MHz) and mean power (W) of the samples taken inside any of the (start,
+    end) epoch-second spans, with their count; None when none fell inside."""
+    inside = [(mhz, w) for t, mhz, w in samples if any(a <= t <= b for a, b in spans)]
+    if not inside:
+        return None
+    return {"mhz": statistics.median(m for m, _ in inside),
+            "watts": statistics.fmean(w for _, w in inside), "samples": len(inside)}  # fmt: skip
+
+
+def paired(base, fn, rounds: int = 30, busy=None) -> dict:
     """base() and fn() timed alternately, one call each per round (CUDA events around each, the
     L2 cache cleared before each; CPU smoke run: wall clock): median ms of each and the median of
     the per-round ratios fn / base. Both see the same clocks and temperature, which separate
-    do_bench runs a minute apart need not (a few percent matters next to a 1.1x target).
+    do_bench runs a minute apart need not (a few percent matters next to a 1.1x target). With
+    nvidia-smi, the SM clock and power during each one's calls (`during`: base_clock, clock).
 
     Each call starts on an idle GPU, so the host's work before a call's first kernel counts;
     with `busy` (CUDA), busy() is queued before the start event, as the model's forward is before
@@ -62,32 +125,44 @@ def paired(base, fn, rounds: int = 30, busy=None) -> dict[str, float]:
     cuda = torch.cuda.is_available()
     cache = torch.empty(2**26 if cuda else 1, dtype=torch.int32, device="cuda" if cuda else "cpu")
     times: list[list[float]] = [[], []]
-    for r in range(rounds + 2):  # the first 2 rounds warm up
-        for i, f in enumerate((base, fn)):
-            cache.zero_()
-            if cuda and busy is not None:
-                busy()
-            if cuda:
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                f()
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                f()
-                ms = (time.perf_counter() - t0) * 1e3
-            if r >= 2:
-                times[i].append(ms)
+    spans: list[list[tuple[float, float]]] = [[], []]  # host epoch seconds around each call
+    with ClockSampler() as clocks:
+        for r in range(rounds + 2):  # the first 2 rounds warm up
+            for i, f in enumerate((base, fn)):
+                ms, span = _timed_call(f, cache, busy if cuda else None)
+                if r >= 2:
+                    times[i].append(ms)
+                    spans[i].append(span)
     ratios = [b / a for a, b in zip(*times, strict=True)]
     return {"rounds": rounds, "base_ms": statistics.median(times[0]),
             "ms": statistics.median(times[1]),
             "ratio": statistics.median(ratios), "ratio_min": min(ratios),
-            "ratio_max": max(ratios)}  # fmt: skip
+            "ratio_max": max(ratios), "base_clock": during(clocks.samples, spans[0]),
+            "clock": during(clocks.samples, spans[1])}  # fmt: skip
+
+
+def clocks(pd: dict) -> str:
+    """`paired`'s clock and power during each side's calls, for a printed line ('' without)."""
+    side = [(what, pd[k]) for what, k in (("GEMMs", "base_clock"), ("step", "clock")) if pd[k]]
+    return "".join(f"; {what} {c['mhz']:.0f} MHz {c['watts']:.0f} W" for what, c in side)
+
+
+def _timed_call(f, cache: torch.Tensor, busy) -> tuple[float, tuple[float, float]]:
+    """(ms of f(), the host epoch seconds from its start event's record to its end): one call of
+    `paired`, after clearing the L2 cache and queueing busy()."""
+    cache.zero_()
+    if busy is not None:
+        busy()
+    t0 = time.time()
+    if cache.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        f()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), (t0, time.time())
+    f()
+    return (time.time() - t0) * 1e3, (t0, time.time())
 
 
 def extra_peak(step: GradStep) -> int:
@@ -264,6 +339,8 @@ def main() -> None:
             "dh_diff": rel_diff(dh, ref_dh),
             "dw_diff": rel_diff(dw, ref_dw),
         })  # fmt: skip
+        if budget == default:  # by the same events, no GEMMs before it
+            rows[-1]["after_self"] = paired(step, step)
     out["fused"] = rows
     del three
 
@@ -304,7 +381,12 @@ def main() -> None:
             pd = r[key]
             print(f"  budget {r['budget_gib']:5.2f} GiB {pd['ms']:8.2f} vs {pd['base_ms']:8.2f} ms:"
                   f" median {pd['ratio']:.3f}x (range {pd['ratio_min']:.3f}-{pd['ratio_max']:.3f},"
-                  f" {pd['rounds']} rounds)")  # fmt: skip
+                  f" {pd['rounds']} rounds){clocks(pd)}")  # fmt: skip
+    for r in rows:
+        if "after_self" in r:
+            pd = r["after_self"]
+            print(f"\nthe default budget's step timed by the same events after itself: "
+                  f"{pd['ms']:.2f} ms (do_bench {r['ms']:.2f}){clocks(pd)}")  # fmt: skip
     print(f"\nhost syncs in one step at the default budget: {out['host_syncs'] or 'none'}")
     print(f"\none step at the default budget, {device} time per kernel (us):")
     for key, count, us in out["profile_us"]:

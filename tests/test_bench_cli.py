@@ -265,6 +265,26 @@ def test_linear_dpo_gpu_late_launches():
     assert [g for g, _, _ in got] == gaps
 
 
+def test_linear_dpo_gpu_clock_samples():
+    # nvidia-smi's lines parse to (epoch s, MHz, W), the unparsable ones left out; each side of a
+    # paired run gets the median clock and mean power of the samples inside its calls' spans.
+    import datetime
+
+    script = _gpu_script()
+    lines = ["2026/11/26 10:00:00.100, 1980, 120.50", "2026/11/26 10:00:00.110, 1755, 690.0",
+             "2026/11/26 10:00:00.120, [N/A], 650.0", "2026/11/26 10:00:00.130, 1600, 700.0",
+             "2026/11/26 10:00:00.14"]  # fmt: skip
+    samples = script.parse_smi(lines)
+    t0 = datetime.datetime(2026, 11, 26, 10, 0, 0, 100000).timestamp()
+    assert [(round(t - t0, 3), m, w) for t, m, w in samples] == [
+        (0.0, 1980.0, 120.5), (0.01, 1755.0, 690.0), (0.03, 1600.0, 700.0)
+    ]  # fmt: skip
+    got = script.during(samples, [(t0 + 0.005, t0 + 0.015), (t0 + 0.025, t0 + 0.05)])
+    assert got == {"mhz": 1677.5, "watts": 695.0, "samples": 2}
+    assert script.during(samples, [(t0 + 0.011, t0 + 0.029)]) is None
+    assert script.clocks({"base_clock": None, "clock": got}) == "; step 1678 MHz 695 W"
+
+
 def test_linear_dpo_gpu_smoke_run(tmp_path):
     # The whole script at a tiny shape on CPU, as a GPU session would run it (a crash found on a
     # lent GPU costs minutes of it): every section comes out, the budgets agree with each other.
@@ -276,7 +296,11 @@ def test_linear_dpo_gpu_smoke_run(tmp_path):
     assert data["counted_tokens"] == 24 and len(data["fused"]) == 3
     for row in data["fused"]:  # the 1 KiB budget goes through the recompute route
         assert row["loss_diff"] < 1e-6 and row["dh_diff"] < 1e-5 and row["dw_diff"] < 1e-5, row
-        for paired in (row["paired"], row["paired_busy"]):
+        for paired in (row["paired"], row["paired_busy"], row.get("after_self")):
+            if paired is None:
+                continue
             assert paired["rounds"] == 30
             assert paired["ratio_min"] <= paired["ratio"] <= paired["ratio_max"]
+            assert paired["clock"] is None  # no nvidia-smi samples on CPU
+    assert sum("after_self" in row for row in data["fused"]) == 1  # the default budget's
     assert data["idle_us"]["span"] > 0 and data["profile_us"]
