@@ -25,6 +25,8 @@ on the 3-matmul route.
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -43,11 +45,13 @@ from .common import (
     loss_types_where,
     stats_dtypes,
 )
-from .losses import DPOLossOutput, dpo_loss, make_spec
+from .losses import DPOLossOutput, check_spec, dpo_loss, make_spec
 from .validation import check_linear_inputs as _check_linear_inputs
 from .validation import check_values as _check_values
 
 DEFAULT_MEMORY_BUDGET = chunks.DEFAULT_MEMORY_BUDGET
+# make_spec's defaults: the loss options linear_dpo_loss may not change when given a spec
+_SPEC_DEFAULTS = {k: p.default for k, p in inspect.signature(make_spec).parameters.items()}
 
 
 class _DPOPairLoss:
@@ -135,11 +139,22 @@ def linear_dpo_loss(
     incoming gradient in the backward. A frozen hidden or weight skips its matmul; under
     ``torch.no_grad`` only the logits are computed. `linear_dpo` also returns the log-probs.
     """
+    options = dict(
+        beta=beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau,
+    )
+    if spec is None:
+        spec = make_spec(**options)
+    elif changed := sorted(k for k, v in options.items() if v != _SPEC_DEFAULTS[k]):
+        raise TypeError(f"pass either spec or loss options, not both (got {changed})")
     return linear_dpo(
         hidden, weight, labels, bias=bias, mask=mask, ignore_index=ignore_index,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-        spec=spec or make_spec(beta, loss_type, loss_weights, label_smoothing, f_divergence_type,
-                               f_alpha_divergence_coef, discopop_tau),
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, spec=spec,
         logit_scale=logit_scale, softcap=softcap, temperature=temperature,
         memory_budget=memory_budget, backend=backend,
     ).loss  # fmt: skip
@@ -174,7 +189,8 @@ def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, re
         memory_budget = chunks.DEFAULT_MEMORY_BUDGET.get(
             hidden.device.type, chunks.DEFAULT_MEMORY_BUDGET["cpu"]
         )
-    if not isinstance(memory_budget, int) or memory_budget <= 0:
+    if (not isinstance(memory_budget, numbers.Integral) or isinstance(memory_budget, bool)
+            or memory_budget <= 0):  # fmt: skip
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     if (pairs.get("ref_chosen_logps") is None) != (pairs.get("ref_rejected_logps") is None):
         raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
@@ -196,7 +212,7 @@ def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, re
     transform = LogitTransform(
         float(logit_scale), None if softcap is None else float(softcap), float(temperature)
     )
-    return _Call(transform, memory_budget, name, counted, counts, nc, nr)
+    return _Call(transform, int(memory_budget), name, counted, counts, nc, nr)
 
 
 def _token_outputs(call: _Call, sums, tok, token_stats, stats: bool) -> SequenceLogprobs:
@@ -308,11 +324,12 @@ def linear_dpo(
     too: what trainers log. chosen_counts, rejected_counts: [P] lengths the length-normalized
     losses (ipo, sigmoid_norm, sft) divide by, when they are not the counted tokens (TRL counts
     the unshifted completion); stats: the `TokenStats` of the policy logits, from the same pass."""
-    P = hidden.shape[0] // 2
+    check_spec(spec)
     pairs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
     call = _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts,
                     rejected_counts, logit_scale, softcap, temperature, memory_budget, backend,
                     pairs)  # fmt: skip
+    P = hidden.shape[0] // 2
     name, nc, nr = call.backend, call.nc, call.nr
     wants = [torch.is_grad_enabled() and t is not None and t.requires_grad
              for t in (hidden, weight, bias)]  # fmt: skip

@@ -25,7 +25,7 @@ from .common import (
     loss_types_where,
 )
 from .dpo_loss_op import dpo_pair_loss
-from .validation import check_pair_inputs, number
+from .validation import check_counts, check_float, check_pair_inputs, number
 
 
 class DPOLossOutput(NamedTuple):
@@ -34,6 +34,15 @@ class DPOLossOutput(NamedTuple):
     chosen_rewards: torch.Tensor  # [P] beta * (chosen - ref_chosen), detached
     rejected_rewards: torch.Tensor  # [P]
     metrics: dict[str, torch.Tensor]  # TRL's names: rewards/*, logps/* (detached means)
+
+
+def check_spec(spec: object) -> None:
+    """A prepared loss configuration must come from `make_spec` (it is validated there)."""
+    if not isinstance(spec, DPOLossSpec):
+        raise TypeError(
+            f"spec must be a DPOLossSpec from make_spec(...), got {type(spec).__name__}; for a "
+            "loss type by name pass loss_type= instead"
+        )
 
 
 def make_spec(
@@ -46,13 +55,24 @@ def make_spec(
     discopop_tau: float = 0.05,
 ) -> DPOLossSpec:
     """A validated loss configuration; raises ValueError naming the bad argument."""
+    if not isinstance(loss_type, (str, list, tuple)):
+        raise TypeError(
+            f"loss_type must be a string or a list of strings, got {type(loss_type).__name__}"
+        )
     types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
     if not types:
         raise ValueError("loss_type is empty; give one of " + ", ".join(LOSS_TYPES))
     unknown = [t for t in types if t not in LOSS_TYPES]
     if unknown:
         raise ValueError(f"unknown loss_type {unknown}; choose from {', '.join(LOSS_TYPES)}")
-    weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
+    if loss_weights is not None and not isinstance(loss_weights, (list, tuple)):
+        raise TypeError(
+            "loss_weights must be a list of numbers, one per loss type, got "
+            f"{type(loss_weights).__name__}"
+        )
+    weights = (1.0,) * len(types) if loss_weights is None else tuple(
+        number(f"loss_weights[{i}]", w) for i, w in enumerate(loss_weights)
+    )  # fmt: skip
     if len(weights) != len(types):
         raise ValueError(
             f"loss_weights has {len(weights)} entries for {len(types)} loss types {list(types)}"
@@ -122,6 +142,7 @@ def dpo_loss(
         spec = make_spec(**config)
     elif config:
         raise TypeError(f"pass either spec or loss options, not both (got {sorted(config)})")
+    check_spec(spec)
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
     named = {
@@ -134,6 +155,9 @@ def dpo_loss(
         "weights": weights,
     }
     P = check_pair_inputs(named)
+    for name in list(named)[:4]:
+        if named[name] is not None:
+            check_float(name, named[name])
     if P == 0:
         raise ValueError("chosen_logps is empty: no pairs to compute a loss over")
     need = loss_types_where("needs_counts").intersection(spec.loss_types)
@@ -142,6 +166,9 @@ def dpo_loss(
             f"loss_type {sorted(need)} divides by completion lengths: pass chosen_counts and "
             "rejected_counts (SequenceLogprobs.counts gives them)"
         )
+    if need:  # (a count of 0 counts as 1, as in TRL's DPOTrainer)
+        check_counts({"chosen_counts": chosen_counts, "rejected_counts": rejected_counts}, 0,
+                     "token counts cannot be negative")  # fmt: skip
     pc, pr = chosen_logps, rejected_logps
     rc = torch.zeros_like(pc) if ref_chosen_logps is None else ref_chosen_logps
     rr = torch.zeros_like(pr) if ref_rejected_logps is None else ref_rejected_logps

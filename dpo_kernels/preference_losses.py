@@ -13,6 +13,7 @@ follow TRL 1.16 (``trl.experimental.cpo.CPOTrainer.cpo_loss``,
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from .backend import kernels, resolve_backend
 from .common import FAMILIES, SiblingSpec
 from .ops.reference_siblings import log1mexp
+from .validation import check_counts, number
 from .validation import check_pair_inputs as _check_pair_inputs
 
 CPO_LOSS_TYPES = (*FAMILIES["cpo"].loss_types, "alphapo")
@@ -58,16 +60,30 @@ class _ClosedForm(torch.autograd.Function):
         return tuple(out)
 
 
-def _validate(spec: SiblingSpec, named: dict, counts_given: bool) -> int:
-    """Checks a spec and its inputs against the family table; returns the batch size."""
-    fam = FAMILIES[spec.family]
-    if spec.loss_type not in fam.loss_types:
-        choices = CPO_LOSS_TYPES if spec.family == "cpo" else fam.loss_types
-        raise ValueError(f"unknown loss_type {spec.loss_type!r}; choose from {', '.join(choices)}")
+def _spec(family: str, loss_type: str, **options) -> SiblingSpec:
+    """A validated `SiblingSpec`: options are finite numbers (a TypeError or ValueError naming
+    the option otherwise), beta > 0, label_smoothing in [0, 0.5), the loss type the family's."""
+    fam = FAMILIES[family]
+    if loss_type not in fam.loss_types:
+        choices = CPO_LOSS_TYPES if family == "cpo" else fam.loss_types
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose from {', '.join(choices)}")
+    options = {k: number(k, v) for k, v in options.items()}
+    for k, v in options.items():
+        if not math.isfinite(v):
+            raise ValueError(f"{k} must be a finite number, got {v}")
+    spec = SiblingSpec(family, loss_type, **options)
     if not spec.beta > 0:
         raise ValueError(f"beta must be > 0, got {spec.beta}")
     if not 0.0 <= spec.label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {spec.label_smoothing}")
+    return spec
+
+
+def _validate(spec: SiblingSpec, named: dict, counts_given: bool) -> int:
+    """Checks the inputs of a spec against the family table; returns the batch size. Token
+    counts may not be negative; orpo's may not be 0 either (an empty completion's average
+    log-prob 0 has infinite odds), while 0 counts as 1 for CPO's averaged types (as for DPO)."""
+    fam = FAMILIES[spec.family]
     unit = "pairs" if fam.paired else "completions"
     N = _check_pair_inputs(named, unit=unit)
     if N == 0:
@@ -80,6 +96,13 @@ def _validate(spec: SiblingSpec, named: dict, counts_given: bool) -> int:
             f"{need} needs the completion lengths: pass chosen_counts and rejected_counts "
             "(SequenceLogprobs.counts gives them)"
         )
+    if fam.paired and counts_given:
+        counts = {k: named[k] for k in ("chosen_counts", "rejected_counts")}
+        if spec.family == "orpo":
+            why = "orpo averages each completion's log-probs over its tokens and needs at least one"
+            check_counts(counts, 1, why)
+        else:
+            check_counts(counts, 0, "token counts cannot be negative")
     return N
 
 
@@ -131,7 +154,9 @@ def cpo_loss(
     """
     if loss_type == "alphapo":
         loss_type, cpo_alpha = "simpo", 0.0
-    spec = SiblingSpec("cpo", loss_type, beta, label_smoothing, simpo_gamma, alpha, cpo_alpha)
+    spec = _spec("cpo", loss_type, beta=beta, label_smoothing=label_smoothing,
+                 simpo_gamma=simpo_gamma, alpha=alpha, cpo_alpha=cpo_alpha)  # fmt: skip
+    beta, alpha, cpo_alpha = spec.beta, spec.alpha, spec.cpo_alpha
     named = {
         "chosen_logps": chosen_logps,
         "rejected_logps": rejected_logps,
@@ -145,13 +170,13 @@ def cpo_loss(
     nc, nr = (chosen_counts, rejected_counts) if counts_given else (torch.ones_like(pc),) * 2
     nc, nr = nc.to(acc), nr.to(acc)
     loss, losses = _run(spec, backend, chosen_logps, rejected_logps, nc, nr)
-    xc, xr = (pc / nc, pr / nr) if loss_type in CPO_AVERAGED else (pc, pr)
+    xc, xr = (pc / nc.clamp(min=1), pr / nr.clamp(min=1)) if loss_type in CPO_AVERAGED else (pc, pr)
     rc, rr = xc, xr
     if alpha != 0.0:
         rc, rr = (1 - torch.exp(-alpha * xc)) / alpha, (1 - torch.exp(-alpha * xr)) / alpha
     chosen_rewards, rejected_rewards = beta * rc, beta * rr
     metrics = _paired_metrics(xc, xr, chosen_rewards, rejected_rewards)
-    metrics["nll_loss"] = -pc.sum() / nc.sum() if cpo_alpha != 0 else pc.new_zeros(())
+    metrics["nll_loss"] = -pc.sum() / nc.sum().clamp(min=1) if cpo_alpha != 0 else pc.new_zeros(())
     return PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards, metrics)
 
 
@@ -196,7 +221,8 @@ def orpo_loss(
         input ids); None for the odds-ratio term alone.
     losses: the per-pair -beta * log sigmoid(log odds ratio) (TRL's `losses` negated).
     """
-    spec = SiblingSpec("orpo", "orpo", beta)
+    spec = _spec("orpo", "orpo", beta=beta)
+    beta = spec.beta
     named = {
         "chosen_logps": chosen_logps,
         "rejected_logps": rejected_logps,
@@ -259,10 +285,9 @@ def kto_loss(
     Metrics: kl, rewards/chosen|rejected, logps/chosen|rejected (means over each group, present
     only when the group is not empty), rewards/margins (when both are present).
     """
-    spec = SiblingSpec(
-        "kto", loss_type, beta, desirable_weight=desirable_weight,
-        undesirable_weight=undesirable_weight,
-    )  # fmt: skip
+    spec = _spec("kto", loss_type, beta=beta, desirable_weight=desirable_weight,
+                 undesirable_weight=undesirable_weight)  # fmt: skip
+    beta = spec.beta
     named = {
         "logps": logps,
         "ref_logps": ref_logps,
@@ -282,8 +307,17 @@ def kto_loss(
                     "mismatched completions' sums) or kl"
                 )
             kl = kto_kl(kl_logps, ref_kl_logps)
-        kl = torch.as_tensor(kl, device=logps.device).detach().to(acc).reshape(())
-    else:
+        elif not isinstance(kl, torch.Tensor):
+            kl = number("kl", kl)
+            if not math.isfinite(kl):
+                raise ValueError(f"kl must be a finite number, got {kl}")
+        elif kl.dim() != 0 or not kl.is_floating_point():
+            raise ValueError(
+                f"kl must be a number or a scalar float tensor, got a {kl.dtype} tensor of shape "
+                f"{tuple(kl.shape)}"
+            )
+        kl = torch.as_tensor(kl, device=logps.device).detach().to(acc)
+    else:  # apo_zero_unpaired: no KL term (TRL's KTOTrainer computes none)
         kl = logps.new_zeros((), dtype=acc)
     d = labels
     lab = d.to(acc)

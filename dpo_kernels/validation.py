@@ -21,8 +21,11 @@ def check_same_device(name: str, t: torch.Tensor, other: torch.Tensor, other_nam
         )
 
 
+FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def check_float(name: str, t: object) -> None:
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+    if not isinstance(t, torch.Tensor) or t.dtype not in FLOATS:
         got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
         raise TypeError(
             f"{name} must be a floating-point tensor (bf16, fp16, fp32 or fp64), got {got}"
@@ -57,7 +60,7 @@ def check_labels_and_mask(
         if tuple(mask.shape) != shape:
             raise ValueError(f"mask must have the shape of labels {shape}, got {tuple(mask.shape)}")
         check_same_device("mask", mask, source, source_name)
-    if not isinstance(ignore_index, int):
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(
@@ -190,6 +193,25 @@ def check_values(
         raise ValueError(
             f"mask[{b}, {t}] = {mask[b, t].item()}; mask must hold only 0 and 1 (or be bool)"
         )
+
+
+def check_counts(counts: dict[str, torch.Tensor], minimum: int, why: str) -> None:
+    """Data check of completion token counts ([N] tensors by name): each at least `minimum`
+    (`why` says what needs it). On CPU a ValueError naming the first bad entry; on CUDA, and
+    when traced by torch.compile, an assert that does not read the values on the host."""
+    for name, n in counts.items():
+        if n.is_complex() or n.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must be a tensor of token counts (int or float), got {n.dtype}"
+            )
+        bad = n < minimum
+        if backend.device_side_checks(n.device) or torch.compiler.is_compiling():
+            torch._assert_async(
+                ~bad.any(), f"dpo_kernels: {name} holds a value below {minimum}; {why}"
+            )
+        elif bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}[{i}] = {n[i].item()}; {why}")
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:

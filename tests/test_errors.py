@@ -68,10 +68,24 @@ INVENTORY = [
     ("empty preference batch", lambda: collate_preferences([]), ValueError, "empty batch"),
     ("batch without ids", lambda: preference_batch({"tokens": y(2, 3)}), KeyError, "needs input_ids"),
     ("odd rows in a batch", lambda: preference_batch({"input_ids": y(3, 4), "completion_mask": y(3, 4)}), ValueError, r"2 \* pairs"),
+    ("float8 inputs", lambda: sequence_logprobs(z(B, T, V).to(torch.float8_e4m3fn), y(B, T)), TypeError, r"logits must be a floating-point tensor \(bf16, fp16, fp32 or fp64\), got torch.float8_e4m3fn"),
+    ("integer log-prob sums", lambda: dpo_loss(p().long(), p()), TypeError, "chosen_logps must be a floating-point tensor"),
+    ("negative token counts", lambda: dpo_loss(p(), p(), loss_type="ipo", chosen_counts=torch.tensor([4, -3, 2]), rejected_counts=torch.tensor([1, 2, 3])), ValueError, r"chosen_counts\[1\] = -3; token counts cannot be negative"),
+    ("empty orpo completion", lambda: dpo_kernels.orpo_loss(p(), p(), chosen_counts=torch.tensor([4, 3, 2]), rejected_counts=torch.tensor([1, 0, 3])), ValueError, r"rejected_counts\[1\] = 0; orpo averages"),
+    ("spec not from make_spec", lambda: dpo_loss(p(), p(), spec="sigmoid"), TypeError, "spec must be a DPOLossSpec from make_spec"),
+    ("spec and loss options", lambda: dpo_kernels.linear_dpo_loss(z(2, T, 4), z(V, 4), y(2, T), spec=dpo_kernels.make_spec(beta=0.5), beta=0.2), TypeError, r"pass either spec or loss options, not both \(got \['beta'\]\)"),
+    ("loss_type not a string", lambda: dpo_loss(p(), p(), loss_type=None), TypeError, "loss_type must be a string or a list of strings"),
+    ("loss_weights not numbers", lambda: dpo_loss(p(), p(), loss_type=["sigmoid", "hinge"], loss_weights=[1.0, "a"]), TypeError, r"loss_weights\[1\] must be a number"),
+    ("sibling option not finite", lambda: dpo_kernels.cpo_loss(p(), p(), cpo_alpha=0.0, alpha=float("nan")), ValueError, "alpha must be a finite number, got nan"),
+    ("sibling option not a number", lambda: dpo_kernels.simpo_loss(p(), p(), chosen_counts=p(), rejected_counts=p(), simpo_gamma="0.5"), TypeError, "simpo_gamma must be a number"),
+    ("kto kl not a scalar", lambda: dpo_kernels.kto_loss(p(), p(), torch.tensor([True, False, True]), kl=torch.tensor([0.1, 0.2])), ValueError, "kl must be a number or a scalar float tensor"),
+    ("memory_budget not bytes", lambda: dpo_kernels.linear_dpo_loss(z(2, T, 4), z(V, 4), y(2, T), memory_budget=True), ValueError, "memory_budget must be a positive number of bytes"),
+    ("ignore_index bool", lambda: sequence_logprobs(z(B, T, V), y(B, T), ignore_index=True), TypeError, "ignore_index must be an int, got bool"),
 ]  # fmt: skip
 
 
-DATA_ROWS = {"label >= V", "negative label", "mask values"}  # device-side asserts on CUDA
+DATA_ROWS = {"label >= V", "negative label", "mask values", "negative token counts",
+             "empty orpo completion"}  # fmt: skip  # device-side asserts on CUDA
 
 
 @pytest.mark.parametrize(

@@ -154,6 +154,27 @@ def test_orpo_log1mexp_near_zero():
     torch.testing.assert_close(g, torch.autograd.grad(ref, pc64)[0], rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_orpo_averages_just_below_zero_on_every_backend(backend, dtype):
+    # Averages in (-1e-7, 0), where exp rounds to 1 in float32: the gradient stays finite and
+    # matches float64 (the reference's log1mexp took the derivative of its other branch too).
+    pc = torch.tensor([-4e-9 * 4, -2.0], dtype=dtype, requires_grad=True)
+    pr = torch.tensor([-10.0, -1e-7 * 5], dtype=dtype, requires_grad=True)
+    nc, nr = torch.tensor([4, 1]), torch.tensor([2, 5])
+    out = orpo_loss(pc, pr, chosen_counts=nc, rejected_counts=nr, beta=0.1, backend=backend)
+    got = torch.autograd.grad(out.loss, (pc, pr))
+    pc64, pr64 = (t.detach().double().requires_grad_() for t in (pc, pr))
+    ref, _ = orpo_spec(
+        pc64, pr64, nc.double(), nr.double(), 0.1, torch.zeros((), dtype=torch.float64)
+    )
+    want = torch.autograd.grad(ref, (pc64, pr64))
+    tol = 1e-9 if dtype == torch.float64 else 2e-3  # the float32 inputs' rounding near 0
+    for g, w in zip(got, want, strict=True):
+        assert torch.isfinite(g).all(), g
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=1e-12)
+
+
 # --- KTO: trl/trainer/kto_trainer.py, KTOTrainer._compute_loss: kl = mean(KL_logps -
 # ref_KL_logps).clamp(min=0) (no gradient); chosen 1 - sigmoid(beta (logratio - kl)), rejected
 # 1 - sigmoid(beta (kl - logratio)); apo_zero_unpaired 1 - sigmoid(beta logratio) and
@@ -296,6 +317,26 @@ def test_backends_match_spec(backend, dtype):
         _check(out, ref, m, (a,), (a64,), tol)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("loss_type", ["ipo", "simpo", "sigmoid"])
+def test_cpo_completion_without_tokens(backend, loss_type):
+    # A completion with no counted token (sum 0, count 0): the averaged types divide by
+    # max(count, 1), as dpo_loss does (TRL's CPOTrainer divides 0 by 0: NaN); the NLL stays the
+    # mean over the batch's chosen tokens, and is 0 when there are none.
+    pc, pr, nc, nr = _inputs(4, seed=3)
+    pc[1], nc[1], pr[2], nr[2] = 0.0, 0, 0.0, 0
+    for ncs in (nc, torch.zeros_like(nc)):  # ... and no chosen token in the whole batch
+        a = (pc if ncs is nc else torch.zeros_like(pc)).float().requires_grad_()
+        b = pr.float().requires_grad_()
+        out = cpo_loss(a, b, chosen_counts=ncs, rejected_counts=nr, loss_type=loss_type,
+                       beta=0.5, cpo_alpha=0.7, simpo_gamma=0.3, backend=backend)  # fmt: skip
+        a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+        ref, m = cpo_spec(a64, b64, ncs.double().clamp(min=1), nr.double().clamp(min=1), 0.5,
+                          0.0, loss_type, 0.0, 0.3, 0.0)  # fmt: skip
+        m["nll_loss"] = -a64.sum() / ncs.double().sum().clamp(min=1)
+        _check(out, ref + 0.7 * m["nll_loss"], m, (a, b), (a64, b64), 2e-5)
+
+
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="triton is not installed")
 def test_triton_sibling_kernel_walks_several_blocks():
     # N > 1024: the kernel loops over blocks (and the NLL pass sums over all of them)
@@ -310,3 +351,23 @@ def test_triton_sibling_kernel_walks_several_blocks():
     torch.testing.assert_close(got[0], out.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], out.losses, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[2], g, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["cpo", "orpo", "kto"])
+def test_compiled_with_a_graph_break_matches_eager(family):
+    # The sibling losses are autograd functions, not custom ops: torch.compile breaks the graph
+    # around them (README, "Compiled") and the result and gradient are eager's.
+    pc, pr, nc, nr = _inputs(4, seed=11, dtype=torch.float32)
+    calls = {
+        "cpo": lambda a: cpo_loss(a, pr, chosen_counts=nc, rejected_counts=nr).loss,
+        "orpo": lambda a: orpo_loss(a, pr, chosen_counts=nc, rejected_counts=nr).loss,
+        "kto": lambda a: kto_loss(a, pr, nc > 4, kl=0.1).loss,
+    }
+    fn = calls[family]
+    torch._dynamo.reset()
+    a1, a2 = pc.clone().requires_grad_(), pc.clone().requires_grad_()
+    eager, comp = fn(a1), torch.compile(fn)(a2)
+    eager.backward()
+    comp.backward()
+    torch.testing.assert_close(comp, eager)
+    torch.testing.assert_close(a2.grad, a1.grad)

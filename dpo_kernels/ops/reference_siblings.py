@@ -23,8 +23,15 @@ _LOG_HALF = -math.log(2.0)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, branching at -ln 2 for accuracy."""
-    return torch.where(x < _LOG_HALF, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """log(1 - exp(x)) for x < 0, branching at -ln 2 for accuracy. Each branch sees only the x it
+    is taken for: the other's infinite derivative (log1p at exp(x) = 1, near x = 0) would make
+    the gradient 0 * inf = NaN."""
+    low = x < _LOG_HALF
+    return torch.where(
+        low,
+        torch.log1p(-torch.exp(torch.where(low, x, _LOG_HALF))),
+        torch.log(-torch.expm1(torch.where(low, _LOG_HALF, x))),
+    )
 
 
 def sibling_losses(
@@ -42,7 +49,7 @@ def sibling_losses(
         # average_log_prob=loss_type in ("ipo", "simpo")), plus cpo_alpha * the NLL of
         # concatenated_forward (mean over the chosen label tokens).
         avg = spec.loss_type in FAMILIES["cpo"].averaged
-        c, r = (a / na, b / nb) if avg else (a, b)
+        c, r = (a / na.clamp(min=1), b / nb.clamp(min=1)) if avg else (a, b)  # as DPO's
         if spec.alpha != 0.0:
             c = (1 - torch.exp(c).pow(-spec.alpha)) / spec.alpha
             r = (1 - torch.exp(r).pow(-spec.alpha)) / spec.alpha
@@ -58,7 +65,7 @@ def sibling_losses(
             per = (z - 1 / (2 * beta)) ** 2
         loss = per.mean()
         if spec.cpo_alpha != 0:
-            loss = loss + spec.cpo_alpha * (-a.sum() / na.sum())
+            loss = loss + spec.cpo_alpha * (-a.sum() / na.sum().clamp(min=1))
         return loss, per
     if spec.family == "orpo":
         # trl/experimental/orpo/orpo_trainer.py: ORPOTrainer.odds_ratio_loss on averaged logps;

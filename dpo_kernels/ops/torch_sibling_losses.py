@@ -24,9 +24,10 @@ def sibling_loss_and_grads(
     beta = spec.beta
     if spec.family == "cpo":
         avg = spec.loss_type in FAMILIES["cpo"].averaged
+        ca, cb = na.clamp(min=1), nb.clamp(min=1)  # a count of 0 counts as 1 (reference)
         # x: the log-prob the loss sees (average for ipo / simpo); dx: dx / d(sum)
-        xc, dxc = (a / na, 1 / na) if avg else (a, torch.ones_like(a))
-        xr, dxr = (b / nb, 1 / nb) if avg else (b, torch.ones_like(b))
+        xc, dxc = (a / ca, 1 / ca) if avg else (a, torch.ones_like(a))
+        xr, dxr = (b / cb, 1 / cb) if avg else (b, torch.ones_like(b))
         if spec.alpha != 0.0:
             ec, er = torch.exp(-spec.alpha * xc), torch.exp(-spec.alpha * xr)  # p^-alpha
             xc, xr = (1 - ec) / spec.alpha, (1 - er) / spec.alpha
@@ -48,7 +49,7 @@ def sibling_loss_and_grads(
         ga, gb = dz * dxc / N, -dz * dxr / N
         loss = per.mean()
         if spec.cpo_alpha != 0:
-            tokens = na.sum()
+            tokens = na.sum().clamp(min=1)
             loss = loss - spec.cpo_alpha * a.sum() / tokens
             ga = ga - spec.cpo_alpha / tokens
         return loss, per, ga, gb

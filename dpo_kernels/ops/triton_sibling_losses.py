@@ -60,6 +60,7 @@ def _sibling_loss_kernel(
             m = offs < N
             sum_a += tl.sum(tl.load(a_ptr + offs, mask=m, other=0.0), 0)
             tokens += tl.sum(tl.load(na_ptr + offs, mask=m, other=0.0), 0)
+        tokens = tl.maximum(tokens, 1.0)  # no chosen token anywhere: the NLL is 0
     total = tl.zeros([], ACC)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -73,7 +74,9 @@ def _sibling_loss_kernel(
             xr = b
             dxc = tl.zeros([BLOCK], ACC) + 1.0
             dxr = tl.zeros([BLOCK], ACC) + 1.0
-            if LTYPE == IPO or LTYPE == SIMPO:
+            if LTYPE == IPO or LTYPE == SIMPO:  # a count of 0 counts as 1 (reference)
+                na = tl.maximum(na, 1.0)
+                nb = tl.maximum(nb, 1.0)
                 xc = a / na
                 xr = b / nb
                 dxc = 1.0 / na
