@@ -17,7 +17,7 @@ from .backend import kernels, resolve_backend, sync_free
 from .common import LogitTransform, SequenceLogprobs, acc_dtype, counted_tokens, stats_dtypes
 from .packed import batch_of_one, sequence_outputs
 from .validation import check_linear_inputs, check_packed, check_values
-from .vocab_parallel import VocabParallelLinearTokens, check_global_values
+from .vocab_parallel import VocabParallelLinearTokens, check_global_values, check_group
 
 
 def _scatter_counted(counted: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -214,6 +214,7 @@ def linear_sequence_logprobs(
     check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, transform)
     check_packed(cu_seqlens, hidden, "hidden")
     name = resolve_backend(backend, hidden.device)
+    check_group(vocab_group, vocab_start)
     counted = counted_tokens(labels, mask, ignore_index)
     if vocab_group is not None:
         if stats:

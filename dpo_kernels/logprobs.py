@@ -15,7 +15,7 @@ from .backend import kernels, resolve_backend
 from .common import SequenceLogprobs, acc_dtype, counted_tokens, stats_dtypes
 from .packed import batch_of_one, sequence_outputs
 from .validation import check_logprob_inputs, check_packed, check_values
-from .vocab_parallel import VocabParallelTokenLogprobs, check_global_values
+from .vocab_parallel import VocabParallelTokenLogprobs, check_global_values, check_group
 
 
 @torch.library.custom_op("dpo_kernels::token_logprobs", mutates_args=())
@@ -145,6 +145,7 @@ def sequence_logprobs(
     check_logprob_inputs(logits, labels, mask, ref_logits, ignore_index)
     check_packed(cu_seqlens, logits, "logits")
     name = resolve_backend(backend, logits.device)
+    check_group(vocab_group, vocab_start)
     counted = counted_tokens(labels, mask, ignore_index)
     if vocab_group is not None:
         if ref_logits is not None or stats:

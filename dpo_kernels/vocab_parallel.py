@@ -56,6 +56,27 @@ class VocabParallelTokenLogprobs(torch.autograd.Function):
         return input_grads(ctx, dz)
 
 
+def check_group(group: object, vocab_start: object) -> None:
+    """vocab_group a torch.distributed process group (or None, and then vocab_start 0), and
+    vocab_start a non-negative int."""
+    if not isinstance(vocab_start, int) or isinstance(vocab_start, bool) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
+    if group is None:
+        if vocab_start:
+            raise ValueError(
+                f"vocab_start={vocab_start} needs vocab_group (the torch.distributed group the "
+                "vocabulary is split over); without one the logits hold the whole vocabulary"
+            )
+        return
+    import torch.distributed as dist
+
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"vocab_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or "
+            f"dist.new_group(...)), got {type(group).__name__}"
+        )
+
+
 def check_global_values(labels, mask, ignore_index, local_vocab: int, group) -> None:
     """`check_values` against the whole vocabulary: the ranks' slices summed over `group`."""
     vocab = int(_all_reduce(torch.tensor([local_vocab], device=labels.device), group))

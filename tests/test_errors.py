@@ -80,6 +80,8 @@ INVENTORY = [
     ("sibling option not a number", lambda: dpo_kernels.simpo_loss(p(), p(), chosen_counts=p(), rejected_counts=p(), simpo_gamma="0.5"), TypeError, "simpo_gamma must be a number"),
     ("kto kl not a scalar", lambda: dpo_kernels.kto_loss(p(), p(), torch.tensor([True, False, True]), kl=torch.tensor([0.1, 0.2])), ValueError, "kl must be a number or a scalar float tensor"),
     ("memory_budget not bytes", lambda: dpo_kernels.linear_dpo_loss(z(2, T, 4), z(V, 4), y(2, T), memory_budget=True), ValueError, "memory_budget must be a positive number of bytes"),
+    ("vocab_start without vocab_group", lambda: sequence_logprobs(z(B, T, V), y(B, T), vocab_start=11), ValueError, "vocab_start=11 needs vocab_group"),
+    ("vocab_group not a process group", lambda: dpo_kernels.linear_sequence_logprobs(z(B, T, 4), z(V, 4), y(B, T), vocab_group="world"), TypeError, "vocab_group must be a torch.distributed ProcessGroup"),
     ("ignore_index bool", lambda: sequence_logprobs(z(B, T, V), y(B, T), ignore_index=True), TypeError, "ignore_index must be an int, got bool"),
 ]  # fmt: skip
 
