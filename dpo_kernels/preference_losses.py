@@ -21,7 +21,7 @@ import torch
 from .backend import kernels, resolve_backend
 from .common import FAMILIES, SiblingSpec
 from .ops.reference_siblings import log1mexp
-from .validation import check_counts, number
+from .validation import check_counts, check_float, number
 from .validation import check_pair_inputs as _check_pair_inputs
 
 CPO_LOSS_TYPES = (*FAMILIES["cpo"].loss_types, "alphapo")
@@ -86,6 +86,9 @@ def _validate(spec: SiblingSpec, named: dict, counts_given: bool) -> int:
     fam = FAMILIES[spec.family]
     unit = "pairs" if fam.paired else "completions"
     N = _check_pair_inputs(named, unit=unit)
+    for name, t in named.items():
+        if name.endswith("logps") and t is not None:
+            check_float(name, t)
     if N == 0:
         raise ValueError(f"{next(iter(named))} is empty: no {unit} to compute a loss over")
     nll = fam.nll and spec.cpo_alpha != 0
@@ -311,12 +314,12 @@ def kto_loss(
             kl = number("kl", kl)
             if not math.isfinite(kl):
                 raise ValueError(f"kl must be a finite number, got {kl}")
-        elif kl.dim() != 0 or not kl.is_floating_point():
+        elif kl.numel() != 1 or not kl.is_floating_point():
             raise ValueError(
                 f"kl must be a number or a scalar float tensor, got a {kl.dtype} tensor of shape "
                 f"{tuple(kl.shape)}"
             )
-        kl = torch.as_tensor(kl, device=logps.device).detach().to(acc)
+        kl = torch.as_tensor(kl, device=logps.device).detach().to(acc).reshape(())
     else:  # apo_zero_unpaired: no KL term (TRL's KTOTrainer computes none)
         kl = logps.new_zeros((), dtype=acc)
     d = labels
