@@ -22,9 +22,10 @@ _MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
 
 def head_transform(model) -> dict[str, float | None]:
     """The logit post-processing a causal LM applies after its LM head, read from its config:
-    Gemma-2-style `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`
-    (a divisor; HyperCLOVAX's multiplies). Arguments for `linear_sequence_logprobs`. A config
-    with a post-processing this does not map raises instead of giving wrong log-probs."""
+    Gemma-2-style `final_logit_softcapping`, Cohere's `logit_scale`, Falcon-H1's
+    `lm_head_multiplier`, Granite's `logits_scaling` (a divisor; HyperCLOVAX's multiplies).
+    Arguments for `linear_sequence_logprobs`. A config with a post-processing this does not map
+    raises instead of giving wrong log-probs."""
     cfg = (
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     )
@@ -34,6 +35,8 @@ def head_transform(model) -> dict[str, float | None]:
             "fused_lm_head=True does not cover it: use fused_lm_head=False"
         )
     scale = getattr(cfg, "logit_scale", None)
+    if scale is None:  # Falcon-H1: lm_head(h) * lm_head_multiplier
+        scale = getattr(cfg, "lm_head_multiplier", None)
     if scale is None and getattr(cfg, "logits_scaling", None):
         multiplies = getattr(cfg, "model_type", "") in _MULTIPLYING_LOGITS_SCALING
         scale = cfg.logits_scaling if multiplies else 1.0 / cfg.logits_scaling
@@ -149,12 +152,34 @@ def _router_aux_loss(model, out, attention_mask) -> torch.Tensor:
     return func(out.router_logits, experts, top_k, attention_mask)
 
 
-def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform, full=None):
-    """Calls the LM head module (through its engine wrappers and hooks) with its forward
-    replaced, for this call, by the fused log-probs of `call.labels`."""
+def _unwrap_head(head: torch.nn.Module) -> torch.nn.Module:
+    """The LM head inside FSDP1 / activation-checkpoint wrappers, after checking that it computes
+    what the fused head does, hidden @ weight.T + bias: an `nn.Linear` with nn.Linear's forward
+    (engines' hooks and FSDP2's class swap keep it), or a PEFT `modules_to_save` wrapper whose
+    active copy is one. A LoRA adapter on the head, a quantized head or a head with its own
+    forward would be read as its weight alone: those raise."""
     inner = head
     while any(isinstance(getattr(inner, a, None), torch.nn.Module) for a in _WRAPPER_ATTRS):
         inner = next(getattr(inner, a) for a in _WRAPPER_ATTRS if hasattr(inner, a))
+    used = inner
+    if type(used).__name__ == "ModulesToSaveWrapper":  # PEFT: the active copy, or the original
+        active = [] if used.disable_adapters else used.active_adapters
+        used = used.modules_to_save[active[0]] if active else used.original_module
+    if not (isinstance(used, torch.nn.Linear) and type(used).forward is torch.nn.Linear.forward):
+        raise NotImplementedError(
+            f"fused_lm_head=True computes the LM head as hidden @ weight.T + bias, but this "
+            f"model's head is a {type(used).__module__}.{type(used).__name__} with a forward of "
+            "its own (a LoRA adapter on lm_head, a quantized or a scaled head): use "
+            "fused_lm_head=False (to train the whole head with PEFT, put lm_head in "
+            "modules_to_save instead of target_modules)"
+        )
+    return inner
+
+
+def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform, full=None):
+    """Calls the LM head module (through its engine wrappers and hooks) with its forward
+    replaced, for this call, by the fused log-probs of `call.labels`."""
+    inner = _unwrap_head(head)
 
     def fused(h: torch.Tensor) -> SequenceLogprobs:
         weight, bias = _full(inner.weight), _full(getattr(inner, "bias", None))
@@ -228,6 +253,7 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
             f"fused_lm_head needs a causal LM with an LM head (get_output_embeddings()); "
             f"{type(inner).__name__} has none: pass fused_lm_head=False"
         )
+    _unwrap_head(inner.get_output_embeddings())  # a head the fused path computes, or raise
     inner._dpo_kernels_forward = inner.forward
 
     @functools.wraps(type(inner).forward)  # generate() validates its kwargs against the signature

@@ -154,7 +154,57 @@ def tiny_scaled_lm():
 )  # fmt: skip
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
 def test_fused_lm_head_equals_the_logits_path(make, padding_free):
-    model = make()
+    _fused_equals_logits(make(), padding_free)
+
+
+def test_fused_lm_head_applies_falcon_h1_lm_head_multiplier():
+    # FalconH1ForCausalLM: logits = lm_head(h) * config.lm_head_multiplier (padded rows: its
+    # mamba layers do not take packed sequences)
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.FalconH1Config(
+        vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=8, mamba_d_ssm=16, mamba_n_heads=2,
+        mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16, mamba_expand=1,
+        lm_head_multiplier=0.1,
+    )  # fmt: skip
+    _fused_equals_logits(transformers.FalconH1ForCausalLM(cfg).eval(), False)
+
+
+def test_fused_lm_head_refuses_heads_it_would_misread():
+    # The fused head computes hidden @ weight.T + bias: a LoRA adapter on lm_head or a head with
+    # a forward of its own would be read as its weight alone (the adapter untrained): refused.
+    peft = pytest.importorskip("peft")
+    batch = collate_preferences(preference_examples(2))
+    lora = peft.get_peft_model(tiny_causal_lm(), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    scaled = tiny_causal_lm()
+    old = scaled.lm_head
+    scaled.lm_head = ScaledHead(old.in_features, old.out_features, bias=False)
+    for model, name in ((lora, "peft.tuners.lora.layer.Linear"), (scaled, "ScaledHead")):
+        with pytest.raises(NotImplementedError, match=f"{name} with a forward of its own.*"
+                           "use fused_lm_head=False"):  # fmt: skip
+            concatenated_forward(model, batch, fused_lm_head=True)
+
+
+def test_fused_lm_head_takes_a_peft_modules_to_save_head():
+    # modules_to_save=["lm_head"]: PEFT's wrapper around a trainable copy of the plain head
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_causal_lm(),
+        peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    )
+    with torch.no_grad():  # the copy differs from the original head
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    _fused_equals_logits(model, False)
+
+
+def _fused_equals_logits(model, padding_free):
     batch = collate_preferences(preference_examples(4))
     kw = dict(padding_free=padding_free, stats=True)
     a = concatenated_forward(model, batch, **kw).policy
