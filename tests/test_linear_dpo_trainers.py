@@ -105,3 +105,33 @@ def test_dpo_loss_trainer_default_route(loss_type, linear_dpo_calls, tmp_path):
     expect.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_dpo_loss_trainer_evaluate_reports_the_dpo_loss(tmp_path):
+    """evaluate() runs the DPO loss on each eval batch (a preference batch has no `labels`, so the
+    base Trainer's prediction_step only ran the model): eval_loss is the mean of the batches'
+    losses, and the DPO metrics come as eval_*, averaged over the batches."""
+    import transformers
+
+    from dpo_kernels.integrations.hf import DPOLossTrainer
+
+    model, ref, loss = tiny_causal_lm(), tiny_causal_lm(seed=1), DPOLoss(beta=0.2)
+    ex = preference_examples(4)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], remove_unused_columns=False,
+        per_device_eval_batch_size=2,
+    )  # fmt: skip
+    ds = datasets.Dataset.from_list(ex)
+    trainer = DPOLossTrainer(
+        model=model, ref_model=ref, loss=loss, args=args, train_dataset=ds, eval_dataset=ds,
+        data_collator=collate_preferences,
+    )  # fmt: skip
+    metrics = trainer.evaluate()
+    model.eval()
+    with torch.no_grad():
+        outs = [loss(concatenated_forward(model, collate_preferences(ex[i : i + 2]), ref_model=ref)
+                     .pairs()) for i in (0, 2)]  # fmt: skip
+    assert metrics["eval_loss"] == pytest.approx(sum(o.loss.item() for o in outs) / 2, rel=1e-5)
+    for k in ("rewards/margins", "logps/chosen"):
+        want = sum(o.metrics[k].item() for o in outs) / 2
+        assert metrics[f"eval_{k}"] == pytest.approx(want, rel=1e-5, abs=1e-6), k

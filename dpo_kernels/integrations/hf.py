@@ -47,20 +47,31 @@ class DPOLossTrainer(Trainer):
         if ref_model is not None:
             self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False)
         self.dpo = loss if loss is not None else DPOLoss()
-        self._dpo_metrics: dict[str, list[float]] = defaultdict(list)
+        # DPO metrics since the last log, of training and of evaluation steps
+        self._dpo_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         res, _ = concatenated_dpo_loss(
             model, inputs, self.dpo.spec, ref_model=self.ref_model,
             fused_lm_head=self.fused_lm_head, backend=self.dpo.backend,
         )  # fmt: skip
-        if model.training:
-            for k, v in res.metrics.items():
-                self._dpo_metrics[k].append(v.item())
+        for k, v in res.metrics.items():
+            self._dpo_metrics["train" if model.training else "eval"][k].append(v.item())
         return (res.loss, res) if return_outputs else res.loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the batch's DPO loss (no logits or labels: a preference batch has none,
+        and the base Trainer would only run the model on it)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the DPO metrics (rewards/*, logps/*) averaged since the last log."""
-        logs.update({k: sum(v) / len(v) for k, v in self._dpo_metrics.items()})
-        self._dpo_metrics.clear()
+        """Adds the DPO metrics (rewards/*, logps/*) averaged since the last log: of the training
+        steps to a training log, of the evaluation batches (as eval_*) to an evaluation log."""
+        mode = "eval" if "eval_loss" in logs else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self._dpo_metrics[mode].items()})
+        self._dpo_metrics[mode].clear()
         super().log(logs, start_time)
