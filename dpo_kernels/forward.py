@@ -69,10 +69,25 @@ def model_logprobs(
     if router_aux:
         kwargs["output_router_logits"] = True
     out = model(**kwargs)
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = _logits_of(out)
     logits = logits[0] if padding_free else logits[:, :-1]
     res = sequence_logprobs(logits, labels, mask=mask, cu_seqlens=cu, stats=stats, backend=backend)
     return HeadOutput(res, out.aux_loss if router_aux else None)
+
+
+def _logits_of(out) -> torch.Tensor:
+    """The logits in a model's output: `.logits` (transformers), the output itself (a tensor) or
+    its first entry (a tuple). A backbone's output (hidden states, no logits) raises."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        raise ValueError(
+            f"the model returned a {type(out).__name__} with hidden states but no logits: it is a "
+            "backbone without an LM head (AutoModel); pass a causal LM (AutoModelForCausalLM)"
+        )
+    return out[0]
 
 
 def batch_logprobs(

@@ -123,6 +123,22 @@ def test_bad_batches():
         concatenated_forward(model, b)
 
 
+def test_model_outputs_logits_or_says_why_not():
+    # A plain tensor output is the logits (not its first row); a backbone's output (hidden
+    # states of an AutoModel, no LM head) is refused instead of being read as logits.
+    lm = tiny_causal_lm()
+    batch = collate_preferences(preference_examples(2))
+
+    class TensorOut(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, **kw):
+            return lm(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    a = concatenated_forward(lm, batch).policy.logps
+    torch.testing.assert_close(concatenated_forward(TensorOut(), batch).policy.logps, a)
+    with pytest.raises(ValueError, match="backbone without an LM head"):
+        concatenated_forward(lm.model, batch)
+
+
 def tiny_softcapped_lm():
     """Gemma-2-style: final_logit_softcapping applied after the LM head."""
     import transformers
