@@ -120,8 +120,8 @@ class PackedBatch(NamedTuple):
 
 def pack(b: PreferenceBatch, ignore_index: int = -100) -> PackedBatch:
     """Drop the padding of a right-padded batch: its real tokens back to back, rows in order."""
-    lengths = b.attention_mask.sum(1)
-    keep = b.attention_mask != 0
+    keep = b.attention_mask != 0  # any dtype: nonzero attends, as on the padded path
+    lengths = keep.sum(1)
     ids = b.input_ids[keep]
     completion = (b.completion_mask != 0)[keep]
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)

@@ -139,6 +139,17 @@ def test_model_outputs_logits_or_says_why_not():
         concatenated_forward(lm.model, batch)
 
 
+def test_packed_rows_take_any_attention_mask_dtype():
+    # padding_free drops the tokens whose attention_mask is 0, whatever its dtype (a float mask
+    # failed in pack()), and scores the same as the padded rows
+    model = tiny_causal_lm()
+    batch = collate_preferences(preference_examples(3))
+    want = concatenated_forward(model, batch).policy.logps
+    for am in (batch["attention_mask"].float(), batch["attention_mask"].bool()):
+        got = concatenated_forward(model, dict(batch, attention_mask=am), padding_free=True)
+        torch.testing.assert_close(got.policy.logps, want, rtol=1e-5, atol=1e-5)
+
+
 def tiny_softcapped_lm():
     """Gemma-2-style: final_logit_softcapping applied after the LM head."""
     import transformers
