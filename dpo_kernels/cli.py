@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 
 import torch
@@ -68,7 +69,7 @@ def _grid(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
             op: [bench.Case(op, s, d) for s in shapes for d in _dtypes_of(cases)]
             for op, cases in grid.items()
         }
-    if a.dtype:
+    if a.dtype is not None:
         dts = a.dtype.split(",")
         bad = set(dts) - set(bench.DTYPES)
         if bad:
@@ -151,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.plot and not importlib.util.find_spec("matplotlib"):
         p.error("--plot needs matplotlib: pip install 'dpo-kernels[bench]'")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch sees no CUDA device (a CPU build, or no GPU here)")
+    for flag, path in (("--json", a.json), ("--plot", a.plot)):  # before the run, not after it
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            p.error(f"{flag} {path}: the folder {folder} does not exist")
     grid = _grid(p, a)
     progress = Progress(sum(len(bench.OPS[c.op].methods) for cs in grid.values() for c in cs))
     try:

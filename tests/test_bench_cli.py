@@ -80,6 +80,14 @@ def test_shapes_dtypes_and_ops_select_the_cases(grids):
         (["--reps", "0"], "must be at least 1"),
         (["--device", "tpu"], "invalid choice"),
         (["--speed"], "unrecognized arguments"),
+        (["--dtype", ""], "unknown dtype"),
+        (["--json", "/no-such-folder/rows.json"], "the folder /no-such-folder does not exist"),
+        (["--plot", "/no-such-folder/plot.png"], "the folder /no-such-folder does not exist"),
+        pytest.param(
+            ["--device", "cuda"],
+            "sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
     ],
 )
 def test_bad_flags_are_rejected(grids, capsys, args, message):
