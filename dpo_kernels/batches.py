@@ -39,6 +39,8 @@ def preference_batch(
     batch: Mapping[str, Any], pad_token_id: int = 0, ignore_index: int = -100
 ) -> PreferenceBatch:
     """Normalize a preference batch (TRL collator output or separate halves) to one layout."""
+    if isinstance(batch, PreferenceBatch):
+        return batch
     if "input_ids" in batch:
         ids = batch["input_ids"]
         if ids.dim() != 2 or ids.shape[0] % 2:
@@ -50,6 +52,12 @@ def preference_batch(
         cm = _completion(batch, "", ignore_index)
     elif "chosen_input_ids" in batch and "rejected_input_ids" in batch:
         c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
+        for name, x in (("chosen_input_ids", c_ids), ("rejected_input_ids", r_ids)):
+            if x.dim() != 2:
+                raise ValueError(
+                    f"{name} must be [pairs, length], got shape {tuple(x.shape)}; for one pair "
+                    f"pass {name}[None]"
+                )
         if c_ids.shape[0] != r_ids.shape[0]:
             raise ValueError(
                 f"chosen_input_ids has {c_ids.shape[0]} rows but rejected_input_ids has "
@@ -69,6 +77,8 @@ def preference_batch(
             "a preference batch needs input_ids (+ completion_mask), as TRL's "
             "DataCollatorForPreference makes, or chosen_input_ids and rejected_input_ids"
         )
+    if ids.shape[1] == 0:
+        raise ValueError("the preference batch has no tokens (every prompt and completion empty)")
     if am.shape != ids.shape or cm.shape != ids.shape:
         raise ValueError(
             f"attention_mask {tuple(am.shape)} and completion_mask {tuple(cm.shape)} must match "
@@ -91,6 +101,17 @@ def collate_preferences(
         raise ValueError(
             "collate_preferences got an empty batch: pass at least one example "
             "{prompt_ids, chosen_ids, rejected_ids}"
+        )
+    if not isinstance(pad_token_id, int):
+        raise TypeError(
+            f"pad_token_id must be an int, got {pad_token_id!r}; a tokenizer without a pad token "
+            "(Llama's) can pad with its eos_token_id: padded positions are never attended or scored"
+        )
+    missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(examples[0])
+    if missing:
+        raise KeyError(
+            f"collate_preferences needs examples with prompt_ids, chosen_ids and rejected_ids; the "
+            f"first has {sorted(examples[0])} (missing {sorted(missing)})"
         )
     rows, completion = [], []
     for half in ("chosen_ids", "rejected_ids"):

@@ -52,6 +52,7 @@ def model_logprobs(
     only): the DPO loss fused into the head call (a `DPOHeadOutput`)."""
     if dpo is not None and (padding_free or not fused_lm_head):
         raise ValueError("dpo= needs fused_lm_head=True and padded rows (padding_free=False)")
+    b = preference_batch(b)  # (a collated dict too)
     kwargs = dict(model_kwargs or {}, use_cache=False)
     if padding_free:
         p = pack(b)
@@ -73,6 +74,17 @@ def model_logprobs(
     logits = logits[0] if padding_free else logits[:, :-1]
     res = sequence_logprobs(logits, labels, mask=mask, cu_seqlens=cu, stats=stats, backend=backend)
     return HeadOutput(res, out.aux_loss if router_aux else None)
+
+
+def _check_ref_logps(ref_logps) -> None:
+    if ref_logps is not None and not (
+        isinstance(ref_logps, (tuple, list)) and len(ref_logps) == 2
+        and all(isinstance(t, torch.Tensor) for t in ref_logps)
+    ):  # fmt: skip
+        raise TypeError(
+            "ref_logps must be a pair of [P] tensors (ref_chosen_logps, ref_rejected_logps), "
+            f"got {type(ref_logps).__name__}"
+        )
 
 
 def _logits_of(out) -> torch.Tensor:
@@ -100,7 +112,8 @@ def batch_logprobs(
     backend: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> SequenceLogprobs:
-    """One forward of `model` over the concatenated rows; fused log-probs of the completions.
+    """One forward of `model` over the concatenated rows (a `PreferenceBatch`, or a batch
+    `preference_batch` takes); fused log-probs of the completions.
 
     padding_free: run the rows packed into one sequence with restarting position_ids and no
     padding (flash-attention varlen on GPU; transformers' packed-sequence masks with sdpa/eager),
@@ -141,6 +154,7 @@ def concatenated_forward(
     attention_mask and returns logits).
     """
     b = preference_batch(batch, pad_token_id, ignore_index)
+    _check_ref_logps(ref_logps)
     options = dict(
         padding_free=padding_free,
         fused_lm_head=fused_lm_head,
@@ -173,13 +187,17 @@ def concatenated_dpo_loss(
     backend: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[Any, ConcatenatedOutput]:
-    """`concatenated_forward` and the DPO loss of `spec` (`make_spec`; a `DPOLoss`'s `.spec`):
-    (`DPOLossOutput`, `ConcatenatedOutput`). With fused_lm_head and padded rows the loss is fused
-    into the LM head call (`linear_dpo`: 3 matmuls over the completion tokens, the reference sums
-    computed first), and the output's policy sums carry no gradient; otherwise (logits, packed
-    rows) the log-probs op and `dpo_loss`, as `concatenated_forward` + `DPOLoss` would."""
-    from .losses import dpo_loss
+    """`concatenated_forward` and the DPO loss of `spec` (`make_spec`; a `DPOLoss`'s `.spec`;
+    None: the defaults): (`DPOLossOutput`, `ConcatenatedOutput`). With fused_lm_head and padded
+    rows the loss is fused into the LM head call (`linear_dpo`: 3 matmuls over the completion
+    tokens, the reference sums computed first), and the output's policy sums carry no gradient;
+    otherwise (logits, packed rows) the log-probs op and `dpo_loss`, as `concatenated_forward` +
+    `DPOLoss` would."""
+    from .losses import check_spec, dpo_loss, make_spec
 
+    spec = make_spec() if spec is None else spec  # None: DPOConfig's defaults, on either route
+    check_spec(spec)
+    _check_ref_logps(ref_logps)
     options = dict(stats=stats, padding_free=padding_free, fused_lm_head=fused_lm_head,
                    pad_token_id=pad_token_id, ignore_index=ignore_index, backend=backend,
                    model_kwargs=model_kwargs)  # fmt: skip

@@ -5,11 +5,12 @@ import re
 
 import pytest
 import torch
-from conftest import data_check
+from conftest import data_check, preference_examples, tiny_causal_lm
 
 import dpo_kernels
 from dpo_kernels import dpo_loss, sequence_logprobs
 from dpo_kernels.batches import collate_preferences, preference_batch
+from dpo_kernels.forward import concatenated_forward
 
 B, T, V = 2, 3, 11
 
@@ -24,6 +25,18 @@ def y(*shape):
 
 def p(n=3):
     return torch.randn(n, dtype=torch.float64) - 20
+
+
+def _scaled_head_model():
+    """A causal LM whose LM head class has a forward of its own (the logits times 2)."""
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    model = tiny_causal_lm()
+    model.lm_head = ScaledHead(32, 97, bias=False)
+    return model
 
 
 def _double_backward():
@@ -80,6 +93,13 @@ INVENTORY = [
     ("sibling option not a number", lambda: dpo_kernels.simpo_loss(p(), p(), chosen_counts=p(), rejected_counts=p(), simpo_gamma="0.5"), TypeError, "simpo_gamma must be a number"),
     ("kto kl not a scalar", lambda: dpo_kernels.kto_loss(p(), p(), torch.tensor([True, False, True]), kl=torch.tensor([0.1, 0.2])), ValueError, "kl must be a number or a scalar float tensor"),
     ("memory_budget not bytes", lambda: dpo_kernels.linear_dpo_loss(z(2, T, 4), z(V, 4), y(2, T), memory_budget=True), ValueError, "memory_budget must be a positive number of bytes"),
+    ("pad_token_id None", lambda: collate_preferences(preference_examples(1), pad_token_id=None), TypeError, "pad_token_id must be an int, got None"),
+    ("examples without prompt_ids", lambda: collate_preferences([{"prompt_input_ids": [1], "chosen_input_ids": [2], "rejected_input_ids": [3]}]), KeyError, "needs examples with prompt_ids, chosen_ids and rejected_ids"),
+    ("1-D halves", lambda: preference_batch({"chosen_input_ids": y(4), "chosen_labels": y(4), "rejected_input_ids": y(3), "rejected_labels": y(3)}), ValueError, r"chosen_input_ids must be \[pairs, length\]"),
+    ("batch without tokens", lambda: preference_batch(collate_preferences([{"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}])), ValueError, "has no tokens"),
+    ("ref_logps not a pair", lambda: concatenated_forward(tiny_causal_lm(), collate_preferences(preference_examples(1)), ref_logps=torch.zeros(2)), TypeError, "ref_logps must be a pair"),
+    ("backbone without an LM head", lambda: concatenated_forward(tiny_causal_lm().model, collate_preferences(preference_examples(1))), ValueError, "backbone without an LM head"),
+    ("LM head not a plain Linear", lambda: concatenated_forward(_scaled_head_model(), collate_preferences(preference_examples(1)), fused_lm_head=True), NotImplementedError, "ScaledHead with a forward of its own"),
     ("vocab_start without vocab_group", lambda: sequence_logprobs(z(B, T, V), y(B, T), vocab_start=11), ValueError, "vocab_start=11 needs vocab_group"),
     ("vocab_group not a process group", lambda: dpo_kernels.linear_sequence_logprobs(z(B, T, 4), z(V, 4), y(B, T), vocab_group="world"), TypeError, "vocab_group must be a torch.distributed ProcessGroup"),
     ("ignore_index bool", lambda: sequence_logprobs(z(B, T, V), y(B, T), ignore_index=True), TypeError, "ignore_index must be an int, got bool"),

@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import EPS32, preference_examples, tiny_causal_lm
 
-from dpo_kernels import dpo_loss
+from dpo_kernels import dpo_loss, make_spec
 from dpo_kernels.batches import collate_preferences, preference_batch
-from dpo_kernels.forward import concatenated_forward
+from dpo_kernels.forward import batch_logprobs, concatenated_dpo_loss, concatenated_forward
 
 
 def trl_collate(examples, pad=0):
@@ -148,6 +148,22 @@ def test_packed_rows_take_any_attention_mask_dtype():
     for am in (batch["attention_mask"].float(), batch["attention_mask"].bool()):
         got = concatenated_forward(model, dict(batch, attention_mask=am), padding_free=True)
         torch.testing.assert_close(got.policy.logps, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batches_in_every_form_give_the_same_logps():
+    # preference_batch's own PreferenceBatch and a collated dict are taken by concatenated_forward
+    # and batch_logprobs alike; concatenated_dpo_loss's spec=None is the defaults on both routes
+    model = tiny_causal_lm()
+    batch = collate_preferences(preference_examples(2))
+    want = concatenated_forward(model, batch).policy.logps
+    pb = preference_batch(batch)
+    torch.testing.assert_close(concatenated_forward(model, pb).policy.logps, want)
+    torch.testing.assert_close(batch_logprobs(model, batch).logps, want)
+    torch.testing.assert_close(batch_logprobs(model, pb).logps, want)
+    default = concatenated_dpo_loss(model, batch, make_spec())[0].loss
+    for fused in (False, True):
+        got = concatenated_dpo_loss(model, batch, None, fused_lm_head=fused)[0].loss
+        torch.testing.assert_close(got, default, rtol=1e-5, atol=1e-6)
 
 
 def tiny_softcapped_lm():
