@@ -6,6 +6,7 @@ fused loss of the caller's: `HeadCall.loss`), and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import types
@@ -183,6 +184,17 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
 
     def fused(h: torch.Tensor) -> SequenceLogprobs:
         weight, bias = _full(inner.weight), _full(getattr(inner, "bias", None))
+        kind = weight.device.type
+        if not torch.is_autocast_enabled(kind):
+            return fused_ops(h, weight, bias, full)
+        # Under autocast the head's inputs go in its dtype, as autocast would send them to the
+        # head's matmul; the fused ops run outside it (their logits stay float32).
+        dt = torch.get_autocast_dtype(kind)
+        args = (h, weight, bias, full)
+        with torch.autocast(kind, enabled=False):
+            return fused_ops(*(None if t is None else t.to(dt) for t in args))
+
+    def fused_ops(h, weight, bias, full):
         if call.dpo is not None:
             from .linear_dpo import linear_dpo
 
@@ -218,6 +230,22 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
             inner.forward = saved
 
 
+def _accelerate_autocast(model: torch.nn.Module):
+    """The autocast that accelerate's mixed precision (bf16, fp16) wraps `model`'s forward in,
+    when it wrapped this very module (it keeps `_original_forward`): the fused head's path runs
+    the backbone itself, not that forward. A null context otherwise (no wrapping, or an outer
+    module's forward holds the autocast already)."""
+    if "_original_forward" not in model.__dict__:
+        return contextlib.nullcontext()
+    from accelerate.state import AcceleratorState
+
+    if not AcceleratorState._shared_state:
+        return contextlib.nullcontext()
+    state = AcceleratorState()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(state.mixed_precision))
+    return torch.autocast(state.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
     if dpo_kernels_head is None:
         return self._dpo_kernels_forward(*args, **kwargs)
@@ -227,10 +255,11 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
     kwargs["use_cache"] = False
     if call.router_aux:
         kwargs["output_router_logits"] = True
-    out = self.base_model(*args, **kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    full, hidden = hidden, hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
-    res = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
+    with _accelerate_autocast(self):
+        out = self.base_model(*args, **kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        full, hidden = hidden, hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
+        res = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
     logprobs, extra = (res, None) if call.extra is None else res
     aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
     if call.loss is not None:

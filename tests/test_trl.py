@@ -116,6 +116,27 @@ def test_bf16_autocast_close_to_stock_trl(tmp_path):
     assert_same_history(stock, ours, rel=3e-2, abs_=2e-3)
 
 
+@pytest.mark.parametrize("fused_lm_head", [True, False])
+def test_bf16_autocast_reaches_the_backbone(tmp_path, fused_lm_head):
+    # accelerate's mixed precision wraps the model's forward in autocast; the fused head's path
+    # runs the backbone itself, so it takes the same autocast (it ran in float32 before), and
+    # the head's inputs go to the fused ops in bf16, as autocast would hand them to a matmul.
+    model = tiny_causal_lm("llama", vocab=28)
+    seen = []
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), report_to=[], **TRAINER_DEVICE, bf16=True, max_steps=1,
+        per_device_train_batch_size=4, save_strategy="no",
+    )  # fmt: skip
+    FusedDPOTrainer(
+        model=model, ref_model=tiny_causal_lm("llama", vocab=28, seed=1), args=args,
+        train_dataset=preference_dataset(4), processing_class=tiny_tokenizer(),
+        fused_lm_head=fused_lm_head,
+    ).train()  # fmt: skip
+    assert seen and set(seen) == {torch.bfloat16}, seen
+
+
 def test_unsupported_options_raise(tmp_path):
     # Stock TRL 1.16 fails at its first step on WPO weighting with sft: we refuse it up front.
     args = trl.DPOConfig(
