@@ -70,7 +70,8 @@ def model_logprobs(
     if router_aux:
         kwargs["output_router_logits"] = True
     out = model(**kwargs)
-    logits = _logits_of(out)
+    # (prompt-learning PEFT prepends its virtual tokens' positions: the last ones are the rows')
+    logits = _logits_of(out)[:, -kwargs["input_ids"].shape[1] :]
     logits = logits[0] if padding_free else logits[:, :-1]
     res = sequence_logprobs(logits, labels, mask=mask, cu_seqlens=cu, stats=stats, backend=backend)
     return HeadOutput(res, out.aux_loss if router_aux else None)

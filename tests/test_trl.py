@@ -137,6 +137,22 @@ def test_bf16_autocast_reaches_the_backbone(tmp_path, fused_lm_head):
     assert seen and set(seen) == {torch.bfloat16}, seen
 
 
+def test_prompt_learning_peft_on_the_logits_path(tmp_path):
+    # PromptTuning prepends virtual tokens: the logits path drops their positions, as stock does,
+    # and trains like stock; the fused head, whose hidden states would not line up, is refused.
+    peft = pytest.importorskip("peft")
+
+    def config():
+        return peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=3)
+
+    stock = train(trl.DPOTrainer, "sigmoid", False, tmp_path, peft_config=config())
+    ours = train(FusedDPOTrainer, "sigmoid", False, tmp_path, peft_config=config(),
+                 fused_lm_head=False)  # fmt: skip
+    assert_same_history(stock, ours, rel=1e-4, abs_=1e-6)
+    with pytest.raises(ValueError, match="prompt-learning PEFT"):
+        train(FusedDPOTrainer, "sigmoid", False, tmp_path, peft_config=config())
+
+
 def test_unsupported_options_raise(tmp_path):
     # Stock TRL 1.16 fails at its first step on WPO weighting with sft: we refuse it up front.
     args = trl.DPOConfig(

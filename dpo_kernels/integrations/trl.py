@@ -24,6 +24,7 @@ from ..batches import PreferenceBatch, preference_batch
 from ..forward import batch_logprobs, model_logprobs
 from ..fused_head import DPOHead
 from ..losses import dpo_loss, make_spec
+from ._siblings import prompt_learning, refuse
 
 SUPPORTED_TRL = (
     "1.16",
@@ -105,6 +106,9 @@ class FusedDPOTrainer(DPOTrainer):
         )
         self._sft_spec = make_spec(beta=self.beta, loss_type="sft")
         self.linear_dpo_fallback = self._linear_dpo_fallback()
+        refuse(self, {"prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
+            fused_lm_head and prompt_learning(self)
+        )})  # fmt: skip
 
     def _linear_dpo_fallback(self) -> str | None:  # TRL's __init__ may call it (precompute)
         """None when the loss goes fused into the LM head call (`linear_dpo`: 3 matmuls, the
@@ -213,8 +217,8 @@ class FusedDPOTrainer(DPOTrainer):
                 weights=weights,
             ).loss  # fmt: skip
             loss = loss + self._sft_weight * sft
-        return self._finish(model, mode, b, out, loss, aux_loss, chosen, rejected, ref_chosen,
-                            ref_rejected, return_outputs)  # fmt: skip
+        return self._finish(model, mode, b, kwargs, out, loss, aux_loss, chosen, rejected,
+                            ref_chosen, ref_rejected, return_outputs)  # fmt: skip
 
     def _fused_loss(self, model, inputs, b, kwargs, mode, return_outputs):
         """The default route: the reference sums first (no gradient), then ONE policy forward
@@ -235,10 +239,10 @@ class FusedDPOTrainer(DPOTrainer):
             dpo=head, **self._kernel_options,
         )  # fmt: skip
         chosen, rejected = out.logps.chunk(2)
-        return self._finish(model, mode, b, out, res.loss, aux_loss, chosen, rejected, ref_chosen,
-                            ref_rejected, return_outputs)  # fmt: skip
+        return self._finish(model, mode, b, kwargs, out, res.loss, aux_loss, chosen, rejected,
+                            ref_chosen, ref_rejected, return_outputs)  # fmt: skip
 
-    def _finish(self, model, mode, b, out, loss, aux_loss, chosen, rejected, ref_chosen,
+    def _finish(self, model, mode, b, kwargs, out, loss, aux_loss, chosen, rejected, ref_chosen,
                 ref_rejected, return_outputs):  # fmt: skip
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss
@@ -247,8 +251,9 @@ class FusedDPOTrainer(DPOTrainer):
             )
         self._log_metrics(mode, b, out, chosen, rejected, ref_chosen, ref_rejected)
         if return_outputs:  # as TRL: logits for compute_metrics come from an extra forward
-            with torch.no_grad():
-                return loss, model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            with torch.no_grad():  # (with the batch's other model inputs: pixel_values, ...)
+                return loss, model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                   **kwargs)  # fmt: skip
         return loss
 
     @staticmethod
