@@ -177,6 +177,20 @@ def _unwrap_head(head: torch.nn.Module) -> torch.nn.Module:
     return inner
 
 
+def fused_head_supported(model: torch.nn.Module) -> bool:
+    """Whether `install_fused_head` takes `model` (the causal LM inside its wrappers): an LM head
+    that is a plain `nn.Linear` (see `_unwrap_head`). Trainers ask at construction."""
+    inner = unwrap_model(model)
+    head = getattr(inner, "get_output_embeddings", lambda: None)()
+    if head is None:
+        return False
+    try:
+        _unwrap_head(head)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform, full=None):
     """Calls the LM head module (through its engine wrappers and hooks) with its forward
     replaced, for this call, by the fused log-probs of `call.labels`."""

@@ -102,7 +102,10 @@ def _validate(spec: SiblingSpec, named: dict, counts_given: bool) -> int:
     if fam.paired and counts_given:
         counts = {k: named[k] for k in ("chosen_counts", "rejected_counts")}
         if spec.family == "orpo":
-            why = "orpo averages each completion's log-probs over its tokens and needs at least one"
+            why = (
+                "orpo averages each completion's log-probs over its tokens and needs at least one "
+                "(was a completion truncated to nothing by max_length?)"
+            )
             check_counts(counts, 1, why)
         else:
             check_counts(counts, 0, "token counts cannot be negative")

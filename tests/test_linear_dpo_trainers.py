@@ -135,3 +135,29 @@ def test_dpo_loss_trainer_evaluate_reports_the_dpo_loss(tmp_path):
     for k in ("rewards/margins", "logps/chosen"):
         want = sum(o.metrics[k].item() for o in outs) / 2
         assert metrics[f"eval_{k}"] == pytest.approx(want, rel=1e-5, abs=1e-6), k
+
+
+def test_dpo_loss_trainer_defaults_to_the_logits_path_for_a_head_it_cannot_fuse(tmp_path):
+    """A head class with its own forward (here: logits times 2): DPOLossTrainer's default takes
+    the logits path, whose loss sees that forward."""
+    import transformers
+
+    from dpo_kernels.integrations.hf import DPOLossTrainer
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    model = tiny_causal_lm()
+    scaled = ScaledHead(32, 97, bias=False)
+    scaled.weight = model.lm_head.weight
+    model.lm_head = scaled
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], remove_unused_columns=False
+    )
+    ex = preference_examples(2)
+    trainer = DPOLossTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(ex),
+                             data_collator=collate_preferences)  # fmt: skip
+    assert not trainer.fused_lm_head
+    want = DPOLoss()(concatenated_forward(model, collate_preferences(ex)).pairs()).loss
+    torch.testing.assert_close(trainer.compute_loss(model, collate_preferences(ex)), want)

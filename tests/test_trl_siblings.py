@@ -6,6 +6,8 @@ opt-in, FSDP1 / FSDP2 / ZeRO-3) in 2 gloo processes, on a scaled and a biased LM
 options that raise at construction.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -369,3 +371,35 @@ def test_kto_fused_head_refuses_prompt_learning(tmp_path):
     kw = dict(args=args, train_dataset=unpaired_dataset(4), processing_class=tiny_tokenizer())
     with pytest.raises(ValueError, match="prompt-learning"):
         FusedKTOTrainer(model=tiny_causal_lm("llama", vocab=28), peft_config=prompt, **kw)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "simpo"])
+def test_cpo_completion_truncated_to_nothing(loss_type, tmp_path):
+    # max_length=5 leaves some completions empty: stock's averages are 0/0 (NaN parameters);
+    # ours count such a completion as one token, as dpo_loss does, and its logs agree with the
+    # loss (logps/* are the averages the rewards are beta times). ORPO refuses the batch.
+    cfg = dict(max_length=5, loss_type=loss_type, cpo_alpha=0.0 if loss_type == "simpo" else 1.0)
+    history, final, _, _ = run(FusedCPOTrainer, CPOConfig, tmp_path, **cfg)
+    assert all(torch.isfinite(p).all() for p in final.values())
+    for h in history:
+        assert math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]), h
+        for side in ("chosen", "rejected"):
+            assert h[f"rewards/{side}"] == pytest.approx(0.1 * h[f"logps/{side}"], rel=1e-5)
+    with pytest.raises(ValueError, match="truncated to nothing by max_length"):
+        run(FusedORPOTrainer, ORPOConfig, tmp_path, max_length=5)
+
+
+def test_lm_head_adapter_refused_at_construction_with_the_fused_head(tmp_path):
+    # LoRA on lm_head: the fused head would read the base weight alone; refused when the trainer
+    # is built (not at its first step), while the logits path takes it
+    peft = pytest.importorskip("peft")
+
+    def lora():
+        return peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"])
+
+    with pytest.raises(ValueError, match=r"not a plain nn\.Linear.*use fused_lm_head=False or"):
+        run(FusedCPOTrainer, CPOConfig, tmp_path, peft_config=lora(), fused=True)
+    _, final, initial, _ = run(FusedCPOTrainer, CPOConfig, tmp_path, peft_config=lora(),
+                               fused=False)  # fmt: skip
+    moved = [k for k in final if "lm_head.lora_B" in k and not torch.equal(final[k], initial[k])]
+    assert moved, "the lm_head adapter did not train"

@@ -9,7 +9,14 @@ from typing import Any, NamedTuple
 import torch
 
 from ..common import SequenceLogprobs
-from ..fused_head import HEAD_KWARG, HeadCall, head_transform, install_fused_head, unwrap_model
+from ..fused_head import (
+    HEAD_KWARG,
+    HeadCall,
+    fused_head_supported,
+    head_transform,
+    install_fused_head,
+    unwrap_model,
+)
 from ..logprobs import sequence_logprobs
 
 _ONE = torch.ones(1)  # a dummy pair: each loss runs once at construction to check the options
@@ -20,8 +27,9 @@ def refuse(trainer, unsupported: dict[str, bool]) -> None:
     """Raises at construction for the options a fused trainer does not cover, naming them."""
     bad = [name for name, on in unsupported.items() if on]
     if bad:
+        alt = "fused_lm_head=False or " if all("fused_lm_head=True" in b for b in bad) else ""
         raise ValueError(
-            f"{type(trainer).__name__} does not support {', '.join(bad)}; use the stock TRL "
+            f"{type(trainer).__name__} does not support {', '.join(bad)}; use {alt}the stock TRL "
             "trainer for that"
         )
 
@@ -120,6 +128,10 @@ class PairedMixin:
                 "encoder-decoder models": self.is_encoder_decoder,
                 "prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
                     self._fused_lm_head and prompt_learning(self)
+                ),
+                "an LM head that is not a plain nn.Linear (a LoRA adapter on lm_head, a head "
+                "class with its own forward) with fused_lm_head=True": (
+                    self._fused_lm_head and not fused_head_supported(self.model)
                 ),
                 "a Mixture-of-Experts router aux loss (output_router_logits)": (
                     self.aux_loss_enabled

@@ -34,14 +34,13 @@ class DPOLossTrainer(Trainer):
         inside the model's forward, without building the logits: the DPO loss fused into the head
         call (`linear_dpo`, 3 matmuls; works under DDP, FSDP and DeepSpeed: see
         `dpo_kernels.fused_head.install_fused_head`). None (default): on when the model has an LM
-        head (`get_output_embeddings()`); False: the model's logits and the logits-path op."""
+        head that is a plain `nn.Linear` (not a LoRA adapter on it, or a head class with its own
+        forward); False: the model's logits and the logits-path op."""
         super().__init__(*args, **kwargs)
         if fused_lm_head is None:
-            from ..fused_head import unwrap_model
+            from ..fused_head import fused_head_supported
 
-            inner = unwrap_model(self.model)
-            head = getattr(inner, "get_output_embeddings", lambda: None)()
-            fused_lm_head = isinstance(getattr(head, "weight", None), torch.Tensor)
+            fused_lm_head = fused_head_supported(self.model)
         self.fused_lm_head = fused_lm_head
         self.ref_model = ref_model
         if ref_model is not None:

@@ -84,7 +84,9 @@ class FusedCPOTrainer(PairedMixin, CPOTrainer):
                 logps[:P], logps[P:], chosen_counts=counts[:P], rejected_counts=counts[P:],
                 **self._loss_options(), backend=self._backend,
             )  # fmt: skip
-        lp = (logps / counts if self.loss_type in ("ipo", "simpo") else logps).detach()
+        # (averaged types: a completion truncated to nothing counts as one token, as in cpo_loss)
+        averaged = self.loss_type in ("ipo", "simpo")
+        lp = (logps / counts.clamp(min=1) if averaged else logps).detach()
         # TRL's logits/*: the mean of every logit of the rows, all positions.
         metrics = self._log_paired(out, (lp[:P], lp[P:]), mean[:P], mean[P:], train_eval)
         return out.loss, metrics
