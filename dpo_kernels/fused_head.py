@@ -161,6 +161,12 @@ def _unwrap_head(head: torch.nn.Module) -> torch.nn.Module:
     forward would be read as its weight alone: those raise."""
     inner = head
     while any(isinstance(getattr(inner, a, None), torch.nn.Module) for a in _WRAPPER_ATTRS):
+        if isinstance(getattr(inner, "_checkpoint_wrapped_module", None), torch.nn.Module):
+            raise NotImplementedError(
+                "fused_lm_head=True with an activation-checkpointed LM head: the head's fused "
+                "forward is in place for its call only, so the recompute would run the plain "
+                "head; checkpoint the decoder layers only, or use fused_lm_head=False"
+            )
         inner = next(getattr(inner, a) for a in _WRAPPER_ATTRS if hasattr(inner, a))
     used = inner
     if type(used).__name__ == "ModulesToSaveWrapper":  # PEFT: the active copy, or the original
@@ -244,20 +250,34 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
             inner.forward = saved
 
 
-def _accelerate_autocast(model: torch.nn.Module):
-    """The autocast that accelerate's mixed precision (bf16, fp16) wraps `model`'s forward in,
-    when it wrapped this very module (it keeps `_original_forward`): the fused head's path runs
-    the backbone itself, not that forward. A null context otherwise (no wrapping, or an outer
-    module's forward holds the autocast already)."""
-    if "_original_forward" not in model.__dict__:
-        return contextlib.nullcontext()
-    from accelerate.state import AcceleratorState
+def _closure_values(f) -> list:
+    """The values a function's closure holds (empty cells left out)."""
+    out = []
+    for cell in getattr(f, "__closure__", None) or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    return out
 
-    if not AcceleratorState._shared_state:
-        return contextlib.nullcontext()
-    state = AcceleratorState()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(state.mixed_precision))
-    return torch.autocast(state.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+def _forward_autocast(model: torch.nn.Module):
+    """A fresh copy of the `torch.autocast` that a wrapper of `model`'s saved forward enters
+    (accelerate's mixed precision decorates the forward with one, made from the accelerator's
+    `AutocastKwargs`): the fused head's path runs the backbone itself, not that forward. Found in
+    the closures along the wrapper's `__wrapped__` chain; a null context when there is none (no
+    wrapper, or an outer module's forward holds the autocast already)."""
+    f = model.__dict__.get("_dpo_kernels_forward")
+    f = getattr(f, "__func__", f)
+    for _ in range(8):  # accelerate: fp32-output wrapper -> its callable -> the autocast decorator
+        if f is None:
+            break
+        for ac in _closure_values(f):
+            if isinstance(ac, torch.autocast):
+                return torch.autocast(ac.device, dtype=ac.fast_dtype, enabled=ac._enabled,
+                                      cache_enabled=ac._cache_enabled)  # fmt: skip
+        f = getattr(f, "__wrapped__", None)
+    return contextlib.nullcontext()
 
 
 def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
@@ -269,7 +289,7 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
     kwargs["use_cache"] = False
     if call.router_aux:
         kwargs["output_router_logits"] = True
-    with _accelerate_autocast(self):
+    with _forward_autocast(self):
         out = self.base_model(*args, **kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         full, hidden = hidden, hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
@@ -289,7 +309,7 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
     that forward; without the keyword the forward is unchanged. Idempotent; returns the patched
     module. Works after the model was wrapped: the wrappers call the patched forward."""
     inner = unwrap_model(model)
-    if "_dpo_kernels_forward" in inner.__dict__:
+    if _installed(inner):
         return inner
     if not hasattr(inner, "get_output_embeddings") or inner.get_output_embeddings() is None:
         raise ValueError(
@@ -303,5 +323,21 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
     def forward(self, *args, **kwargs):
         return _fused_head_forward(self, *args, **kwargs)
 
+    forward._dpo_kernels_fused_head = True
     inner.forward = types.MethodType(forward, inner)
     return inner
+
+
+def _installed(inner: torch.nn.Module) -> bool:
+    """Whether the patched forward is in `inner`'s forward, directly or under wrappers that keep
+    `__wrapped__` (accelerate's autocast after the patch). A forward that replaced it (accelerate's
+    `unwrap_model(..., keep_fp32_wrapper=False)` restores the class's) means: patch again."""
+    f = inner.__dict__.get("forward")
+    f = getattr(f, "__func__", f)
+    for _ in range(8):
+        if f is None:
+            return False
+        if getattr(f, "_dpo_kernels_fused_head", False):
+            return True
+        f = getattr(f, "__wrapped__", None)
+    return False

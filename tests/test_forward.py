@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import EPS32, preference_examples, tiny_causal_lm
+from conftest import EPS32, cpu_only, preference_examples, tiny_causal_lm
 
 from dpo_kernels import dpo_loss, make_spec
 from dpo_kernels.batches import collate_preferences, preference_batch
@@ -270,3 +270,65 @@ def test_fused_lm_head_restores_the_model():
     before = model(input_ids=ids).logits
     concatenated_forward(model, collate_preferences(preference_examples(2)), fused_lm_head=True)
     torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+def _q_proj_dtypes(model) -> list:
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda mod, inp, out: seen.append(out.dtype)
+    )
+    return seen
+
+
+@pytest.fixture
+def bf16_accelerator():
+    """accelerate's mixed precision on CPU (its state reset afterwards)."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    yield lambda **kw: accelerate.Accelerator(mixed_precision="bf16", cpu=True, **kw)
+    AcceleratorState._reset_state(True)
+
+
+@cpu_only
+@pytest.mark.parametrize("enabled", [True, False], ids=["bf16", "autocast-kwargs-off"])
+def test_fused_head_takes_the_autocast_accelerate_wraps_the_forward_in(bf16_accelerator, enabled):
+    # The fused head's path runs the backbone itself, not the forward accelerate wrapped: it
+    # enters a copy of that wrapper's autocast (with the accelerator's AutocastKwargs), so both
+    # paths run the backbone in the same dtype and agree to its precision.
+    from accelerate.utils import AutocastKwargs
+
+    acc = bf16_accelerator(kwargs_handlers=[AutocastKwargs(enabled=enabled)])
+    model = acc.prepare(tiny_causal_lm())
+    seen = _q_proj_dtypes(model)
+    batch = collate_preferences(preference_examples(2))
+    fused = concatenated_dpo_loss(model, batch, None, fused_lm_head=True)[0].loss
+    plain = concatenated_dpo_loss(model, batch, None, fused_lm_head=False)[0].loss
+    assert set(seen) == {torch.bfloat16 if enabled else torch.float32}, seen
+    tol = 1e-3 if enabled else 1e-6
+    torch.testing.assert_close(fused, plain, rtol=tol, atol=tol)
+
+
+@cpu_only
+def test_fused_head_survives_accelerate_unwrapping_the_forward(bf16_accelerator):
+    # unwrap_model(..., keep_fp32_wrapper=False) puts the class's forward back, dropping the
+    # patch: the next fused call patches again (it scored the model's logits output before)
+    acc = bf16_accelerator()
+    model = acc.prepare(tiny_causal_lm())
+    batch = collate_preferences(preference_examples(2))
+    concatenated_forward(model, batch, fused_lm_head=True)
+    model = acc.unwrap_model(model, keep_fp32_wrapper=False)
+    fused = concatenated_forward(model, batch, fused_lm_head=True).policy.logps
+    plain = concatenated_forward(model, batch).policy.logps
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_head_refuses_an_activation_checkpointed_head():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+
+    model = tiny_causal_lm()
+    apply_activation_checkpointing(model, check_fn=lambda m: m is model.lm_head)
+    with pytest.raises(NotImplementedError, match="activation-checkpointed LM head"):
+        concatenated_forward(model, collate_preferences(preference_examples(2)), fused_lm_head=True)
