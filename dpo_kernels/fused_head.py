@@ -250,6 +250,16 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
             inner.forward = saved
 
 
+def _wrapper_chain(forward) -> list:
+    """A forward and what its wrappers wrap, outermost first, along `__wrapped__` (the decorators
+    of functools and accelerate keep it): at most 8."""
+    chain, f = [], getattr(forward, "__func__", forward)
+    while f is not None and len(chain) < 8:
+        chain.append(f)
+        f = getattr(f, "__wrapped__", None)
+    return chain
+
+
 def _closure_values(f) -> list:
     """The values a function's closure holds (empty cells left out)."""
     out = []
@@ -267,16 +277,12 @@ def _forward_autocast(model: torch.nn.Module):
     `AutocastKwargs`): the fused head's path runs the backbone itself, not that forward. Found in
     the closures along the wrapper's `__wrapped__` chain; a null context when there is none (no
     wrapper, or an outer module's forward holds the autocast already)."""
-    f = model.__dict__.get("_dpo_kernels_forward")
-    f = getattr(f, "__func__", f)
-    for _ in range(8):  # accelerate: fp32-output wrapper -> its callable -> the autocast decorator
-        if f is None:
-            break
+    # accelerate: its fp32-output wrapper -> that wrapper's callable -> the autocast decorator
+    for f in _wrapper_chain(model.__dict__.get("_dpo_kernels_forward")):
         for ac in _closure_values(f):
             if isinstance(ac, torch.autocast):
                 return torch.autocast(ac.device, dtype=ac.fast_dtype, enabled=ac._enabled,
                                       cache_enabled=ac._cache_enabled)  # fmt: skip
-        f = getattr(f, "__wrapped__", None)
     return contextlib.nullcontext()
 
 
@@ -332,12 +338,5 @@ def _installed(inner: torch.nn.Module) -> bool:
     """Whether the patched forward is in `inner`'s forward, directly or under wrappers that keep
     `__wrapped__` (accelerate's autocast after the patch). A forward that replaced it (accelerate's
     `unwrap_model(..., keep_fp32_wrapper=False)` restores the class's) means: patch again."""
-    f = inner.__dict__.get("forward")
-    f = getattr(f, "__func__", f)
-    for _ in range(8):
-        if f is None:
-            return False
-        if getattr(f, "_dpo_kernels_fused_head", False):
-            return True
-        f = getattr(f, "__wrapped__", None)
-    return False
+    chain = _wrapper_chain(inner.__dict__.get("forward"))
+    return any(getattr(f, "_dpo_kernels_fused_head", False) for f in chain)
