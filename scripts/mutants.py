@@ -279,7 +279,7 @@ MUTANTS: list[Mutant] = [
       'mode = "eval" if "eval_loss" in logs else "train"', 'mode = "train"',
       "tests/test_linear_dpo_trainers.py", "-k", "evaluate"),
     M("fused-head-skips-accelerate-autocast", "dpo_kernels/fused_head.py",
-      "    with _accelerate_autocast(self):", "    with contextlib.nullcontext():",
+      "    with _forward_autocast(self):", "    with contextlib.nullcontext():",
       "tests/test_trl.py", "-k", "reaches_the_backbone"),
     M("trl-metrics-forward-without-model-inputs", "dpo_kernels/integrations/trl.py",
       "attention_mask=b.attention_mask,\n                                   **kwargs)",
