@@ -282,10 +282,12 @@ def _q_proj_dtypes(model) -> list:
 
 @pytest.fixture
 def bf16_accelerator():
-    """accelerate's mixed precision on CPU (its state reset afterwards)."""
+    """accelerate's mixed precision on CPU, from a fresh accelerate state (an earlier test's
+    trainer may have made one, which an Accelerator may not change), reset afterwards too."""
     accelerate = pytest.importorskip("accelerate")
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(True)
     yield lambda **kw: accelerate.Accelerator(mixed_precision="bf16", cpu=True, **kw)
     AcceleratorState._reset_state(True)
 
