@@ -34,13 +34,27 @@ def refuse(trainer, unsupported: dict[str, bool]) -> None:
         )
 
 
-def prompt_learning(trainer) -> bool:
+def _prompt_learning(trainer) -> bool:
     """A prompt-learning PEFT model (virtual tokens prepended): the fused head's hidden states
     would not line up with the labels."""
     from accelerate.utils import is_peft_model
 
     model = trainer.model
     return is_peft_model(model) and getattr(model.active_peft_config, "is_prompt_learning", False)
+
+
+def fused_head_refusals(trainer, fused_lm_head: bool) -> dict[str, bool]:
+    """What every fused trainer refuses with the fused head (entries for `refuse`): a model the
+    head's hidden states would not line up with, or a head it would misread."""
+    return {
+        "prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
+            fused_lm_head and _prompt_learning(trainer)
+        ),
+        "an LM head that is not a plain nn.Linear (a LoRA adapter on lm_head, a head class with "
+        "its own forward) with fused_lm_head=True": (
+            fused_lm_head and not fused_head_supported(trainer.model)
+        ),
+    }
 
 
 def check_softcap(trainer) -> None:
@@ -126,13 +140,7 @@ class PairedMixin:
             self,
             {
                 "encoder-decoder models": self.is_encoder_decoder,
-                "prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
-                    self._fused_lm_head and prompt_learning(self)
-                ),
-                "an LM head that is not a plain nn.Linear (a LoRA adapter on lm_head, a head "
-                "class with its own forward) with fused_lm_head=True": (
-                    self._fused_lm_head and not fused_head_supported(self.model)
-                ),
+                **fused_head_refusals(self, self._fused_lm_head),
                 "a Mixture-of-Experts router aux loss (output_router_logits)": (
                     self.aux_loss_enabled
                 ),

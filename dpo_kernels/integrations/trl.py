@@ -22,9 +22,9 @@ import torch
 
 from ..batches import PreferenceBatch, preference_batch
 from ..forward import batch_logprobs, model_logprobs
-from ..fused_head import DPOHead, fused_head_supported
+from ..fused_head import DPOHead
 from ..losses import dpo_loss, make_spec
-from ._siblings import prompt_learning, refuse
+from ._siblings import fused_head_refusals, refuse
 
 SUPPORTED_TRL = (
     "1.16",
@@ -106,13 +106,7 @@ class FusedDPOTrainer(DPOTrainer):
         )
         self._sft_spec = make_spec(beta=self.beta, loss_type="sft")
         self.linear_dpo_fallback = self._linear_dpo_fallback()
-        refuse(self, {
-            "prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
-                fused_lm_head and prompt_learning(self)
-            ),
-            "an LM head that is not a plain nn.Linear (a head class with its own forward) with "
-            "fused_lm_head=True": fused_lm_head and not fused_head_supported(self.model),
-        })  # fmt: skip
+        refuse(self, fused_head_refusals(self, fused_lm_head))
 
     def _linear_dpo_fallback(self) -> str | None:  # TRL's __init__ may call it (precompute)
         """None when the loss goes fused into the LM head call (`linear_dpo`: 3 matmuls, the

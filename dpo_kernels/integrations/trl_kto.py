@@ -10,10 +10,9 @@ import contextlib
 
 import torch
 
-from ..fused_head import fused_head_supported
 from ..linear_preference_losses import _linear_kto
 from ..preference_losses import kto_loss
-from ._siblings import _ONE, prompt_learning, refuse, score
+from ._siblings import _ONE, fused_head_refusals, refuse, score
 from .trl import check_trl_version
 
 check_trl_version()
@@ -67,13 +66,7 @@ class FusedKTOTrainer(KTOTrainer):
             self,
             {
                 "vision datasets": self._is_vision_dataset,
-                "prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
-                    fused_lm_head and prompt_learning(self)
-                ),
-                "an LM head that is not a plain nn.Linear (a LoRA adapter on lm_head, a head "
-                "class with its own forward) with fused_lm_head=True": (
-                    fused_lm_head and not fused_head_supported(self.model)
-                ),
+                **fused_head_refusals(self, fused_lm_head),
                 "a Mixture-of-Experts router aux loss (router_aux_loss_coef)": (
                     self.aux_loss_enabled
                 ),

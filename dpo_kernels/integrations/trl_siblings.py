@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ..linear_preference_losses import _linear_cpo
-from ..preference_losses import cpo_loss, orpo_loss
+from ..preference_losses import CPO_AVERAGED, cpo_loss, orpo_loss
 from ._siblings import _ONE, PairedMixin
 from .trl import check_trl_version
 
@@ -85,7 +85,7 @@ class FusedCPOTrainer(PairedMixin, CPOTrainer):
                 **self._loss_options(), backend=self._backend,
             )  # fmt: skip
         # (averaged types: a completion truncated to nothing counts as one token, as in cpo_loss)
-        averaged = self.loss_type in ("ipo", "simpo")
+        averaged = self.loss_type in CPO_AVERAGED
         lp = (logps / counts.clamp(min=1) if averaged else logps).detach()
         # TRL's logits/*: the mean of every logit of the rows, all positions.
         metrics = self._log_paired(out, (lp[:P], lp[P:]), mean[:P], mean[P:], train_eval)
