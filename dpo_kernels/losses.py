@@ -25,7 +25,7 @@ from .common import (
     loss_types_where,
 )
 from .dpo_loss_op import dpo_pair_loss
-from .validation import check_counts, check_float, check_pair_inputs, number
+from .validation import check_counts, check_pair_inputs, number
 
 
 class DPOLossOutput(NamedTuple):
@@ -155,9 +155,6 @@ def dpo_loss(
         "weights": weights,
     }
     P = check_pair_inputs(named)
-    for name in list(named)[:4]:
-        if named[name] is not None:
-            check_float(name, named[name])
     if P == 0:
         raise ValueError("chosen_logps is empty: no pairs to compute a loss over")
     need = loss_types_where("needs_counts").intersection(spec.loss_types)

@@ -261,14 +261,17 @@ def number(name: str, value: object) -> float:
 
 
 def check_pair_inputs(named: dict[str, torch.Tensor | None], unit: str = "pairs") -> int:
-    """All given inputs (None: absent) are 1-D tensors of one length, on one device; returns the
-    length. `unit` names what an entry is, in the messages."""
+    """All given inputs (None: absent) are 1-D tensors of one length, on one device, the log-prob
+    sums (names ending in "logps") floating-point; returns the length. `unit` names what an entry
+    is, in the messages."""
     first_name, first = next((k, v) for k, v in named.items() if v is not None)
     for name, t in named.items():
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if name.endswith("logps"):
+            check_float(name, t)
         if t.dim() != 1:
             raise ValueError(f"{name} must be 1-D [{unit}], got shape {tuple(t.shape)}")
         if t.shape[0] != first.shape[0]:
