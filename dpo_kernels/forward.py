@@ -10,6 +10,7 @@ returns the four sums through the fused op.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -17,7 +18,16 @@ import torch
 
 from .batches import PreferenceBatch, pack, preference_batch
 from .common import PairLogprobs, SequenceLogprobs
-from .fused_head import HEAD_KWARG, DPOHead, DPOHeadOutput, HeadCall, HeadOutput, install_fused_head
+from .fused_head import (
+    HEAD_KWARG,
+    DPOHead,
+    DPOHeadOutput,
+    HeadCall,
+    HeadOutput,
+    install_fused_head,
+    is_prompt_learning,
+    unwrap_model,
+)
 from .logprobs import sequence_logprobs
 
 
@@ -56,6 +66,7 @@ def model_logprobs(
     kwargs = dict(model_kwargs or {}, use_cache=False)
     if padding_free:
         p = pack(b)
+        check_packing(model, p.input_ids)
         kwargs |= {"input_ids": p.input_ids, "position_ids": p.position_ids}
         labels, mask, cu = p.labels, p.mask, p.cu_seqlens
     else:
@@ -86,6 +97,50 @@ def _check_ref_logps(ref_logps) -> None:
             "ref_logps must be a pair of [P] tensors (ref_chosen_logps, ref_rejected_logps), "
             f"got {type(ref_logps).__name__}"
         )
+
+
+# Models that passed check_packing (weakly held: a model's class and attention do not change).
+_PACKING_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+    """padding_free: refuse a model whose attention crosses the packed sequences (it ignores the
+    restarting position_ids, e.g. OPT, Bloom and MPT in transformers 5, or a prompt-learning PEFT
+    adapter, whose virtual tokens only the first sequence would see): its log-probs would be
+    silently wrong. Checked once per model by a no-grad, eval-mode forward of two packed 2-token
+    sequences: the second's logits must not change, bit for bit, when the first's tokens do (with
+    the sequences kept apart, the masked keys add exact zeros)."""
+    if model in _PACKING_CHECKED:
+        return
+    inner = unwrap_model(model)
+    if is_prompt_learning(model):
+        raise ValueError(
+            "padding_free=True with a prompt-learning PEFT adapter: its virtual tokens would be "
+            "seen by the first packed sequence only; pass padding_free=False"
+        )
+    embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None) or int(input_ids.max()) + 1
+    x = input_ids[0, :2].repeat(2)[:2]  # [2] token ids of the batch (a 1-token batch repeated)
+    rows = torch.stack([torch.cat([x, x]), torch.cat([(x + 1) % vocab, x])])  # [2, 4]
+    positions = torch.tensor([0, 1, 0, 1], device=x.device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            run = lambda r: model(input_ids=r[None], position_ids=positions[None], use_cache=False)  # noqa: E731
+            out = [_logits_of(run(r)) for r in rows]
+    finally:
+        model.train(training)
+    if not torch.equal(out[0][0, -2:], out[1][0, -2:]):
+        raise ValueError(
+            f"padding_free=True: {type(inner).__name__} (attn_implementation="
+            f"{getattr(inner.config, '_attn_implementation', None)!r}) lets a packed sequence "
+            "attend to the one before it (it does not honour restarting position_ids without an "
+            "attention mask), so its log-probs would be wrong; pass padding_free=False, or use "
+            "a model and attention that support packed sequences (flash_attention_2, or sdpa/"
+            "eager on Llama-style models)"
+        )
+    _PACKING_CHECKED.add(model)
 
 
 def _logits_of(out) -> torch.Tensor:

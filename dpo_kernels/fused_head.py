@@ -128,14 +128,27 @@ class DPOHeadOutput(NamedTuple):
     loss: Any
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The causal LM inside DDP / FSDP1 / DeepSpeed engines (`.module`) and PEFT wrappers."""
+def _unwrap_engine(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / FSDP1 / DeepSpeed engines (`.module`)."""
     m = model
     while isinstance(getattr(m, "module", None), torch.nn.Module):
         m = m.module
+    return m
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside DDP / FSDP1 / DeepSpeed engines (`.module`) and PEFT wrappers."""
+    m = _unwrap_engine(model)
     if hasattr(m, "get_base_model"):  # PEFT: the transformers model under the adapters
         m = m.get_base_model()
     return m
+
+
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """A prompt-learning PEFT model (under DDP / FSDP1 / DeepSpeed wrappers): it prepends virtual
+    tokens to every row, so its hidden states do not line up with the rows' labels."""
+    m = _unwrap_engine(model)
+    return getattr(getattr(m, "active_peft_config", None), "is_prompt_learning", False)
 
 
 def _router_aux_loss(model, out, attention_mask) -> torch.Tensor:
@@ -323,6 +336,11 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
             f"{type(inner).__name__} has none: pass fused_lm_head=False"
         )
     _unwrap_head(inner.get_output_embeddings())  # a head the fused path computes, or raise
+    if is_prompt_learning(model):
+        raise ValueError(
+            "fused_lm_head=True with a prompt-learning PEFT adapter: its virtual tokens' hidden "
+            "states do not line up with the labels; pass fused_lm_head=False"
+        )
     inner._dpo_kernels_forward = inner.forward
 
     @functools.wraps(type(inner).forward)  # generate() validates its kwargs against the signature

@@ -39,6 +39,23 @@ def _scaled_head_model():
     return model
 
 
+def _opt_model():
+    """A tiny OPT: its positions come from the attention mask, so packed sequences mix."""
+    import transformers
+
+    cfg = transformers.OPTConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+        word_embed_proj_dim=32, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+def _prompt_tuned_model():
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    return peft.get_peft_model(tiny_causal_lm(), config)
+
+
 def _double_backward():
     logits = z(B, T, V).requires_grad_()
     out = sequence_logprobs(logits, y(B, T))
@@ -103,6 +120,8 @@ INVENTORY = [
     ("vocab_start without vocab_group", lambda: sequence_logprobs(z(B, T, V), y(B, T), vocab_start=11), ValueError, "vocab_start=11 needs vocab_group"),
     ("vocab_group not a process group", lambda: dpo_kernels.linear_sequence_logprobs(z(B, T, 4), z(V, 4), y(B, T), vocab_group="world"), TypeError, "vocab_group must be a torch.distributed ProcessGroup"),
     ("ignore_index bool", lambda: sequence_logprobs(z(B, T, V), y(B, T), ignore_index=True), TypeError, "ignore_index must be an int, got bool"),
+    ("packing a model that crosses sequences", lambda: concatenated_forward(_opt_model(), collate_preferences(preference_examples(1)), padding_free=True), ValueError, "padding_free=True: OPTForCausalLM .* attend to the one before it"),
+    ("packing or fusing prompt-learning PEFT", lambda: concatenated_forward(_prompt_tuned_model(), collate_preferences(preference_examples(1)), fused_lm_head=True), ValueError, "fused_lm_head=True with a prompt-learning PEFT adapter"),
 ]  # fmt: skip
 
 

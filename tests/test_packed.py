@@ -110,3 +110,62 @@ def test_packing_without_restarting_positions_would_differ():
     wrong = model(input_ids=p.input_ids, use_cache=False).logits[0]
     right = model(input_ids=p.input_ids, position_ids=p.position_ids, use_cache=False).logits[0]
     assert (wrong - right).abs().max() > 1e-3
+
+
+# Tiny configs of other families, and whether transformers keeps their packed sequences apart.
+FAMILIES = {
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2), True),
+    "gpt_neox": ("GPTNeoXConfig", {}, True),
+    "opt": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32), False),  # positions from a mask
+    "bloom": ("BloomConfig", dict(n_head=4, n_layer=2), False),  # ALiBi, no position_ids
+    "mpt": ("MptConfig", dict(d_model=32, n_heads=4, n_layers=2), False),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_free_refuses_a_model_whose_attention_crosses_sequences(family):
+    import transformers
+
+    from dpo_kernels import forward
+
+    name, extra, packs = FAMILIES[family]
+    cfg = getattr(transformers, name)(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    batch = collate_preferences(preference_examples(3))
+    padded = forward.batch_logprobs(model.eval(), batch).logps
+    model.train()
+    if packs:
+        forward.check_packing(model, pack(preference_batch(batch)).input_ids)
+        assert model.training  # the check ran in eval mode and restored the mode
+        packed = forward.batch_logprobs(model.eval(), batch, padding_free=True).logps
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
+        return
+    with pytest.raises(ValueError, match=rf"padding_free=True: {type(model).__name__}.*attend"):
+        forward.batch_logprobs(model, batch, padding_free=True)
+    assert model.training
+    # The refusal is right: let the model through, and its packed log-probs are wrong.
+    forward._PACKING_CHECKED.add(model)
+    packed = forward.batch_logprobs(model.eval(), batch, padding_free=True).logps
+    assert (packed - padded).abs().max() > 1e-3
+
+
+def test_padding_free_refuses_prompt_learning_peft():
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    model = peft.get_peft_model(tiny_causal_lm(), config)
+    batch = collate_preferences(preference_examples(2))
+    with pytest.raises(ValueError, match=r"prompt-learning PEFT.*padding_free=False"):
+        concatenated_forward(model, batch, padding_free=True)
+
+
+def test_fused_head_refuses_prompt_learning_peft():
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    model = peft.get_peft_model(tiny_causal_lm(), config)
+    batch = collate_preferences(preference_examples(2))
+    with pytest.raises(ValueError, match=r"prompt-learning PEFT.*fused_lm_head=False"):
+        concatenated_forward(model, batch, fused_lm_head=True)

@@ -129,11 +129,19 @@ CONFIGS = {
     ),
     # The reference follows the policy (mixup every step): each step reads the updated reference.
     "sync-ref": dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
+    # Two micro-batches per step, the clipped norm of their summed gradient: a loss not divided
+    # by the accumulation steps, or divided twice, moves every parameter.
+    "grad-accum-clip": dict(
+        gradient_accumulation_steps=2, max_grad_norm=0.05, loss_type=["sigmoid", "sft"]
+    ),
     "ld-alpha-sft": dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]),
     "ld-alpha-sft-only-adamw": dict(ld_alpha=0.3, loss_type=["sft"], optim="adamw_torch"),
 }
-# The logits path (fused_lm_head=False) too where the options read the new log_sum_sq statistic.
-CASES = [(name, True) for name in CONFIGS] + [(name, False) for name in ("wpo", "wpo-mix-adamw")]
+# The logits path (fused_lm_head=False) too where the options read the new log_sum_sq statistic,
+# and for the accumulated steps.
+CASES = [(name, True) for name in CONFIGS] + [
+    (name, False) for name in ("wpo", "wpo-mix-adamw", "grad-accum-clip")
+]
 _stock_runs = {}
 
 

@@ -15,6 +15,7 @@ from ..fused_head import (
     fused_head_supported,
     head_transform,
     install_fused_head,
+    is_prompt_learning,
     unwrap_model,
 )
 from ..logprobs import sequence_logprobs
@@ -34,21 +35,12 @@ def refuse(trainer, unsupported: dict[str, bool]) -> None:
         )
 
 
-def _prompt_learning(trainer) -> bool:
-    """A prompt-learning PEFT model (virtual tokens prepended): the fused head's hidden states
-    would not line up with the labels."""
-    from accelerate.utils import is_peft_model
-
-    model = trainer.model
-    return is_peft_model(model) and getattr(model.active_peft_config, "is_prompt_learning", False)
-
-
 def fused_head_refusals(trainer, fused_lm_head: bool) -> dict[str, bool]:
     """What every fused trainer refuses with the fused head (entries for `refuse`): a model the
     head's hidden states would not line up with, or a head it would misread."""
     return {
         "prompt-learning PEFT (virtual tokens) with fused_lm_head=True": (
-            fused_lm_head and _prompt_learning(trainer)
+            fused_lm_head and is_prompt_learning(trainer.model)
         ),
         "an LM head that is not a plain nn.Linear (a LoRA adapter on lm_head, a head class with "
         "its own forward) with fused_lm_head=True": (
