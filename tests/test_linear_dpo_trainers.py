@@ -137,6 +137,51 @@ def test_dpo_loss_trainer_evaluate_reports_the_dpo_loss(tmp_path):
         assert metrics[f"eval_{k}"] == pytest.approx(want, rel=1e-5, abs=1e-6), k
 
 
+def test_dpo_loss_trainer_metrics_stay_with_their_own_log(tmp_path):
+    """The DPO metrics of an evaluation come under its own prefix (each dataset of an eval dict,
+    predict()'s test_) and never leak into another evaluation's or into the training log."""
+    import transformers
+
+    from dpo_kernels.integrations.hf import DPOLossTrainer
+
+    train, a, b = (datasets.Dataset.from_list(preference_examples(n, seed=s))
+                   for n, s in ((8, 0), (4, 1), (6, 2)))  # fmt: skip
+
+    def trainer(evals):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], remove_unused_columns=False,
+            per_device_train_batch_size=2, per_device_eval_batch_size=2, max_steps=4,
+            logging_steps=2, eval_strategy="steps" if evals else "no", eval_steps=1, optim="sgd",
+            learning_rate=0.3, save_strategy="no", seed=0,
+        )  # fmt: skip
+        return DPOLossTrainer(
+            model=tiny_causal_lm(), ref_model=tiny_causal_lm(seed=1), loss=DPOLoss(beta=0.2),
+            args=args, train_dataset=train, eval_dataset=evals, data_collator=collate_preferences,
+        )  # fmt: skip
+
+    alone, t = trainer(None), trainer({"a": a, "b": b})
+    alone.train()
+    t.train()
+    logs = [h for h in t.state.log_history if "loss" in h]
+    want = [h for h in alone.state.log_history if "loss" in h]
+    assert len(logs) == len(want) == 2
+    for got, ref in zip(logs, want, strict=True):  # mid-training evaluations changed nothing
+        assert got["rewards/margins"] == pytest.approx(ref["rewards/margins"], rel=1e-6), got
+    evals = [h for h in t.state.log_history if "eval_a_loss" in h]
+    assert len(evals) == 4 and all("eval_a_rewards/margins" in h for h in evals)
+    assert not any("rewards/margins" in h for h in t.state.log_history if "loss" not in h)
+    # After training: each evaluation gives what that dataset alone gives.
+    alone_a, alone_b = t.evaluate(eval_dataset=a), t.evaluate(eval_dataset=b)
+    both, test = t.evaluate(), t.predict(b).metrics
+    for k in ("rewards/margins", "logps/chosen", "loss"):
+        assert both[f"eval_a_{k}"] == pytest.approx(alone_a[f"eval_{k}"], rel=1e-6), k
+        assert both[f"eval_b_{k}"] == pytest.approx(alone_b[f"eval_{k}"], rel=1e-6), k
+        assert test[f"test_{k}"] == pytest.approx(alone_b[f"eval_{k}"], rel=1e-6), k
+    assert alone_a["eval_rewards/margins"] != pytest.approx(alone_b["eval_rewards/margins"])
+    again = t.evaluate(eval_dataset=a)  # nothing of predict()'s batches left over
+    assert again["eval_rewards/margins"] == pytest.approx(alone_a["eval_rewards/margins"], rel=1e-6)
+
+
 def test_dpo_loss_trainer_defaults_to_the_logits_path_for_a_head_it_cannot_fuse(tmp_path):
     """A head class with its own forward (here: logits times 2): DPOLossTrainer's default takes
     the logits path, whose loss sees that forward."""

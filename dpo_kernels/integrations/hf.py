@@ -66,11 +66,24 @@ class DPOLossTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        """evaluate() and predict(): the DPO metrics of the loop's batches, averaged, join its
+        metrics under its prefix (eval_rewards/margins; eval_a_... for a dict of eval datasets;
+        test_... from predict)."""
+        self._dpo_metrics["eval"].clear()
+        out = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        metrics = self._dpo_metrics["eval"]
+        out.metrics.update(
+            {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in metrics.items()}
+        )
+        metrics.clear()
+        return out
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the DPO metrics (rewards/*, logps/*) averaged since the last log: of the training
-        steps to a training log, of the evaluation batches (as eval_*) to an evaluation log."""
-        mode = "eval" if "eval_loss" in logs else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        logs.update({prefix + k: sum(v) / len(v) for k, v in self._dpo_metrics[mode].items()})
-        self._dpo_metrics[mode].clear()
+        """A training log (one with "loss") gets the DPO metrics (rewards/*, logps/*) averaged over
+        the training steps since the last one."""
+        if "loss" in logs:
+            metrics = self._dpo_metrics["train"]
+            logs.update({k: sum(v) / len(v) for k, v in metrics.items()})
+            metrics.clear()
         super().log(logs, start_time)
