@@ -129,11 +129,16 @@ class DPOHeadOutput(NamedTuple):
 
 
 def _unwrap_engine(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / FSDP1 / DeepSpeed engines (`.module`)."""
+    """The module inside DDP / FSDP1 / DeepSpeed engines (`.module`) and `torch.compile`
+    (`._orig_mod`: the compiled forward calls the inner module's, patched or not)."""
     m = model
-    while isinstance(getattr(m, "module", None), torch.nn.Module):
-        m = m.module
-    return m
+    while True:
+        inner = getattr(m, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(m, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return m
+        m = inner
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -210,6 +215,7 @@ def fused_head_supported(model: torch.nn.Module) -> bool:
     return True
 
 
+@torch._dynamo.disable
 def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform, full=None):
     """Calls the LM head module (through its engine wrappers and hooks) with its forward
     replaced, for this call, by the fused log-probs of `call.labels`."""

@@ -182,6 +182,40 @@ def test_dpo_loss_trainer_metrics_stay_with_their_own_log(tmp_path):
     assert again["eval_rewards/margins"] == pytest.approx(alone_a["eval_rewards/margins"], rel=1e-6)
 
 
+def test_torch_compile_compiles_the_backbone_under_the_fused_head(tmp_path):
+    """TrainingArguments(torch_compile=True) hands compute_loss a torch.compile wrapper: the fused
+    head is installed inside it, so the backbone runs compiled (the head's fused ops eagerly)
+    with the same numbers. Patching the wrapper instead replaced its compiled forward."""
+    import transformers
+    from torch._dynamo.utils import counters
+
+    from dpo_kernels.integrations.hf import DPOLossTrainer
+
+    def train(compiled):
+        torch._dynamo.reset()
+        counters.clear()
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], remove_unused_columns=False,
+            per_device_train_batch_size=2, max_steps=2, logging_steps=1, optim="sgd",
+            learning_rate=0.3, save_strategy="no", seed=0, torch_compile=compiled,
+            torch_compile_backend="aot_eager",
+        )  # fmt: skip
+        trainer = DPOLossTrainer(
+            model=tiny_causal_lm(), ref_model=tiny_causal_lm(seed=1), args=args,
+            train_dataset=datasets.Dataset.from_list(preference_examples(4)),
+            data_collator=collate_preferences,
+        )  # fmt: skip
+        assert trainer.fused_lm_head
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return losses, counters["frames"]["ok"]
+
+    eager, _ = train(False)
+    compiled, frames = train(True)
+    assert frames > 0
+    assert compiled == pytest.approx(eager, rel=1e-5)
+
+
 def test_dpo_loss_trainer_defaults_to_the_logits_path_for_a_head_it_cannot_fuse(tmp_path):
     """A head class with its own forward (here: logits times 2): DPOLossTrainer's default takes
     the logits path, whose loss sees that forward."""
