@@ -62,7 +62,8 @@ class _ClosedForm(torch.autograd.Function):
 
 def _spec(family: str, loss_type: str, **options) -> SiblingSpec:
     """A validated `SiblingSpec`: options are finite numbers (a TypeError or ValueError naming
-    the option otherwise), beta > 0, label_smoothing in [0, 0.5), the loss type the family's."""
+    the option otherwise), beta > 0 (any for orpo, as in TRL: the weight of its odds-ratio term),
+    label_smoothing in [0, 0.5), the loss type the family's."""
     fam = FAMILIES[family]
     if loss_type not in fam.loss_types:
         choices = CPO_LOSS_TYPES if family == "cpo" else fam.loss_types
@@ -72,7 +73,7 @@ def _spec(family: str, loss_type: str, **options) -> SiblingSpec:
         if not math.isfinite(v):
             raise ValueError(f"{k} must be a finite number, got {v}")
     spec = SiblingSpec(family, loss_type, **options)
-    if not spec.beta > 0:
+    if not (spec.beta > 0 or spec.family == "orpo"):  # orpo's beta weighs a term: 0 is SFT
         raise ValueError(f"beta must be > 0, got {spec.beta}")
     if not 0.0 <= spec.label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {spec.label_smoothing}")
@@ -249,7 +250,7 @@ def orpo_loss(
     metrics = _paired_metrics(ac, ar, chosen_rewards, rejected_rewards)
     metrics |= {
         "nll_loss": nll.detach(),
-        "log_odds_ratio": -losses.mean() / beta,
+        "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds).mean(),
         "log_odds_chosen": log_odds.mean(),
     }
     return PreferenceLossOutput(loss, losses, chosen_rewards, rejected_rewards, metrics)

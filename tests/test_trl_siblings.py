@@ -159,10 +159,14 @@ def test_cpo_matches_stock(cfg, optim, fused, tmp_path, monkeypatch):
     assert calls == ({"pair": STEPS + 1, "logprobs": 0} if fused else {"pair": 0, "logprobs": 0})
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["head", "logits"])
-def test_orpo_matches_stock(fused, tmp_path):
-    stock = run(ORPOTrainer, ORPOConfig, tmp_path, beta=0.5)
-    ours = run(FusedORPOTrainer, ORPOConfig, tmp_path, beta=0.5, fused=fused)
+@pytest.mark.parametrize(
+    "fused,beta", [(True, 0.5), (False, 0.5), (True, 0.0), (False, -0.5)],
+    ids=["head", "logits", "beta0-head", "negative-beta-logits"],
+)  # fmt: skip
+def test_orpo_matches_stock(fused, beta, tmp_path):
+    """beta weighs ORPO's odds-ratio term: 0 (plain SFT on the chosen) and negative train too."""
+    stock = run(ORPOTrainer, ORPOConfig, tmp_path, beta=beta)
+    ours = run(FusedORPOTrainer, ORPOConfig, tmp_path, beta=beta, fused=fused)
     assert_same(stock, ours, [*PAIRED_KEYS, "log_odds_ratio", "log_odds_chosen"])
 
 
