@@ -154,9 +154,10 @@ def test_linear_simpo(budget):
     )
 
 
-@pytest.mark.parametrize("budget", [None, ONE, TINY])
-def test_linear_orpo(budget):
-    beta = 0.3
+@pytest.mark.parametrize(
+    "budget,beta", [(None, 0.3), (ONE, 0.3), (TINY, 0.3), (None, 0.0), (TINY, -0.5)]
+)
+def test_linear_orpo(budget, beta):
     out, s, n = check(
         linear_orpo_loss,
         lambda s, n: orpo_ref(s[:P], s[P:], n[:P], n[P:], beta),

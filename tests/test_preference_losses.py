@@ -125,7 +125,7 @@ def orpo_spec(pc, pr, nc, nr, beta, nll):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("beta", [0.1, 1.0])
+@pytest.mark.parametrize("beta", [0.1, 1.0, 0.0, -0.7])  # any beta: it weighs a term, as in TRL
 @pytest.mark.parametrize("with_nll", [True, False])
 def test_orpo_matches_trl_formula(dtype, beta, with_nll):
     pc, pr, nc, nr = _inputs(8, seed=11, dtype=dtype)
