@@ -178,7 +178,9 @@ def test_dpo_loss_trainer_metrics_stay_with_their_own_log(tmp_path):
         assert both[f"eval_b_{k}"] == pytest.approx(alone_b[f"eval_{k}"], rel=1e-6), k
         assert test[f"test_{k}"] == pytest.approx(alone_b[f"eval_{k}"], rel=1e-6), k
     assert alone_a["eval_rewards/margins"] != pytest.approx(alone_b["eval_rewards/margins"])
-    again = t.evaluate(eval_dataset=a)  # nothing of predict()'s batches left over
+    t.model.eval()  # a loss computed by hand, outside any evaluation, counts in none
+    t.compute_loss(t.model, collate_preferences(preference_examples(2, seed=5)))
+    again = t.evaluate(eval_dataset=a)  # nothing of predict()'s batches, or of that, left over
     assert again["eval_rewards/margins"] == pytest.approx(alone_a["eval_rewards/margins"], rel=1e-6)
 
 
