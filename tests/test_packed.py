@@ -153,19 +153,13 @@ def test_padding_free_refuses_a_model_whose_attention_crosses_sequences(family):
     assert (packed - padded).abs().max() > 1e-3
 
 
-def test_padding_free_refuses_prompt_learning_peft():
+@pytest.mark.parametrize("option", ["padding_free", "fused_lm_head"])
+def test_prompt_learning_peft_is_refused_packed_or_fused(option):
+    """Its virtual tokens would be seen by the first packed sequence only, and the fused head's
+    hidden states would not line up with the labels."""
     peft = pytest.importorskip("peft")
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
     model = peft.get_peft_model(tiny_causal_lm(), config)
     batch = collate_preferences(preference_examples(2))
-    with pytest.raises(ValueError, match=r"prompt-learning PEFT.*padding_free=False"):
-        concatenated_forward(model, batch, padding_free=True)
-
-
-def test_fused_head_refuses_prompt_learning_peft():
-    peft = pytest.importorskip("peft")
-    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
-    model = peft.get_peft_model(tiny_causal_lm(), config)
-    batch = collate_preferences(preference_examples(2))
-    with pytest.raises(ValueError, match=r"prompt-learning PEFT.*fused_lm_head=False"):
-        concatenated_forward(model, batch, fused_lm_head=True)
+    with pytest.raises(ValueError, match=rf"{option}=True with a prompt-learning PEFT.*{option}=F"):
+        concatenated_forward(model, batch, **{option: True})
