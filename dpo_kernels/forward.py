@@ -132,13 +132,13 @@ def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     finally:
         model.train(training)
     if not torch.equal(out[0][0, -2:], out[1][0, -2:]):
+        attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
         raise ValueError(
-            f"padding_free=True: {type(inner).__name__} (attn_implementation="
-            f"{getattr(inner.config, '_attn_implementation', None)!r}) lets a packed sequence "
-            "attend to the one before it (it does not honour restarting position_ids without an "
-            "attention mask), so its log-probs would be wrong; pass padding_free=False, or use "
-            "a model and attention that support packed sequences (flash_attention_2, or sdpa/"
-            "eager on Llama-style models)"
+            f"padding_free=True: {type(inner).__name__} (attn_implementation={attn!r}) lets a "
+            "packed sequence attend to the one before it (it does not honour restarting "
+            "position_ids without an attention mask), so its log-probs would be wrong; pass "
+            "padding_free=False, or use a model and attention that support packed sequences "
+            "(flash_attention_2, or sdpa/eager on Llama-style models)"
         )
     _PACKING_CHECKED.add(model)
 
