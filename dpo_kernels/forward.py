@@ -123,14 +123,15 @@ def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     x = input_ids[0, :2].repeat(2)[:2]  # [2] token ids of the batch (a 1-token batch repeated)
     rows = torch.stack([torch.cat([x, x]), torch.cat([(x + 1) % vocab, x])])  # [2, 4]
     positions = torch.tensor([0, 1, 0, 1], device=x.device)
-    training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own (a frozen part's)
     model.eval()
     try:
         with torch.no_grad():
             run = lambda r: model(input_ids=r[None], position_ids=positions[None], use_cache=False)  # noqa: E731
             out = [_logits_of(run(r)) for r in rows]
     finally:
-        model.train(training)
+        for m, training in modes:
+            m.training = training
     if not torch.equal(out[0][0, -2:], out[1][0, -2:]):
         attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
         raise ValueError(

@@ -290,19 +290,29 @@ def _closure_values(f) -> list:
     return out
 
 
-def _forward_autocast(model: torch.nn.Module):
-    """A fresh copy of the `torch.autocast` that a wrapper of `model`'s saved forward enters
-    (accelerate's mixed precision decorates the forward with one, made from the accelerator's
-    `AutocastKwargs`): the fused head's path runs the backbone itself, not that forward. Found in
-    the closures along the wrapper's `__wrapped__` chain; a null context when there is none (no
-    wrapper, or an outer module's forward holds the autocast already)."""
+def _saved_autocast(forward) -> tuple | None:
+    """The arguments (device, dtype, enabled, cache_enabled) of the `torch.autocast` that a
+    wrapper of `forward` enters (accelerate's mixed precision decorates the forward with one, made
+    from the accelerator's `AutocastKwargs`), found in the closures along the wrapper's
+    `__wrapped__` chain; None when there is none (no wrapper, or an outer module's forward holds
+    the autocast already). Read once, when the patch saves the forward, which never changes."""
     # accelerate: its fp32-output wrapper -> that wrapper's callable -> the autocast decorator
-    for f in _wrapper_chain(model.__dict__.get("_dpo_kernels_forward")):
+    for f in _wrapper_chain(forward):
         for ac in _closure_values(f):
             if isinstance(ac, torch.autocast):
-                return torch.autocast(ac.device, dtype=ac.fast_dtype, enabled=ac._enabled,
-                                      cache_enabled=ac._cache_enabled)  # fmt: skip
-    return contextlib.nullcontext()
+                return (ac.device, ac.fast_dtype, ac._enabled, ac._cache_enabled)
+    return None
+
+
+def _forward_autocast(model: torch.nn.Module):
+    """A fresh autocast like the one the saved forward's wrapper enters (the fused head's path runs
+    the backbone itself, not that forward), built from plain values so that a compiled forward
+    traces it too; a null context when there is none."""
+    args = getattr(model, "_dpo_kernels_autocast", None)
+    if args is None:
+        return contextlib.nullcontext()
+    device, dtype, enabled, cache_enabled = args
+    return torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
 
 def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
@@ -348,6 +358,7 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
             "states do not line up with the labels; pass fused_lm_head=False"
         )
     inner._dpo_kernels_forward = inner.forward
+    inner._dpo_kernels_autocast = _saved_autocast(inner.forward)
 
     @functools.wraps(type(inner).forward)  # generate() validates its kwargs against the signature
     def forward(self, *args, **kwargs):

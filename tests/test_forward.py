@@ -293,18 +293,31 @@ def bf16_accelerator():
 
 
 @cpu_only
-@pytest.mark.parametrize("enabled", [True, False], ids=["bf16", "autocast-kwargs-off"])
-def test_fused_head_takes_the_autocast_accelerate_wraps_the_forward_in(bf16_accelerator, enabled):
+@pytest.mark.parametrize(
+    "enabled,compiled", [(True, False), (False, False), (True, True)],
+    ids=["bf16", "autocast-kwargs-off", "bf16-compiled"],
+)  # fmt: skip
+def test_fused_head_takes_the_autocast_accelerate_wraps_the_forward_in(
+    bf16_accelerator, enabled, compiled
+):
     # The fused head's path runs the backbone itself, not the forward accelerate wrapped: it
     # enters a copy of that wrapper's autocast (with the accelerator's AutocastKwargs), so both
-    # paths run the backbone in the same dtype and agree to its precision.
+    # paths run the backbone in the same dtype and agree to its precision. Compiled too: the copy
+    # is built from plain values, which dynamo traces (it could not copy the autocast object).
     from accelerate.utils import AutocastKwargs
+    from torch._dynamo.utils import counters
 
-    acc = bf16_accelerator(kwargs_handlers=[AutocastKwargs(enabled=enabled)])
+    torch._dynamo.reset()
+    counters.clear()
+    acc = bf16_accelerator(
+        kwargs_handlers=[AutocastKwargs(enabled=enabled)],
+        **({"dynamo_backend": "aot_eager"} if compiled else {}),
+    )
     model = acc.prepare(tiny_causal_lm())
     seen = _q_proj_dtypes(model)
     batch = collate_preferences(preference_examples(2))
     fused = concatenated_dpo_loss(model, batch, None, fused_lm_head=True)[0].loss
+    assert (counters["frames"]["ok"] > 0) == compiled
     plain = concatenated_dpo_loss(model, batch, None, fused_lm_head=False)[0].loss
     assert set(seen) == {torch.bfloat16 if enabled else torch.float32}, seen
     tol = 1e-3 if enabled else 1e-6

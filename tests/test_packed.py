@@ -138,15 +138,18 @@ def test_padding_free_refuses_a_model_whose_attention_crosses_sequences(family):
     batch = collate_preferences(preference_examples(3))
     padded = forward.batch_logprobs(model.eval(), batch).logps
     model.train()
+    frozen = next(m for m in model.modules() if len(list(m.children())) == 0)
+    frozen.eval()  # a part the caller keeps in eval mode stays there
     if packs:
         forward.check_packing(model, pack(preference_batch(batch)).input_ids)
-        assert model.training  # the check ran in eval mode and restored the mode
+        # the check ran in eval mode and restored each module's mode
+        assert model.training and not frozen.training
         packed = forward.batch_logprobs(model.eval(), batch, padding_free=True).logps
         torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
         return
     with pytest.raises(ValueError, match=rf"padding_free=True: {type(model).__name__}.*attend"):
         forward.batch_logprobs(model, batch, padding_free=True)
-    assert model.training
+    assert model.training and not frozen.training
     # The refusal is right: let the model through, and its packed log-probs are wrong.
     forward._PACKING_CHECKED.add(model)
     packed = forward.batch_logprobs(model.eval(), batch, padding_free=True).logps
