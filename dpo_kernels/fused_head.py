@@ -215,7 +215,6 @@ def fused_head_supported(model: torch.nn.Module) -> bool:
     return True
 
 
-@torch._dynamo.disable
 def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform, full=None):
     """Calls the LM head module (through its engine wrappers and hooks) with its forward
     replaced, for this call, by the fused log-probs of `call.labels`."""
@@ -328,7 +327,9 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
         out = self.base_model(*args, **kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         full, hidden = hidden, hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
-        res = _run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
+        # (eager under torch.compile: the head's forward is swapped for this call)
+        run_head = self._dpo_kernels_run_head
+        res = run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
     logprobs, extra = (res, None) if call.extra is None else res
     aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
     if call.loss is not None:
@@ -359,6 +360,8 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
         )
     inner._dpo_kernels_forward = inner.forward
     inner._dpo_kernels_autocast = _saved_autocast(inner.forward)
+    # compile's disable made here, not at import: it loads torch._dynamo (seconds)
+    inner._dpo_kernels_run_head = torch.compiler.disable(_run_head)
 
     @functools.wraps(type(inner).forward)  # generate() validates its kwargs against the signature
     def forward(self, *args, **kwargs):
