@@ -242,3 +242,24 @@ def test_dpo_loss_trainer_defaults_to_the_logits_path_for_a_head_it_cannot_fuse(
     assert not trainer.fused_lm_head
     want = DPOLoss()(concatenated_forward(model, collate_preferences(ex)).pairs()).loss
     torch.testing.assert_close(trainer.compute_loss(model, collate_preferences(ex)), want)
+
+
+def test_dpo_loss_trainer_defaults_to_the_logits_path_for_prompt_learning(tmp_path):
+    """A prompt-learning PEFT model (virtual tokens): the default takes the logits path, which
+    drops the virtual positions, instead of a fused head that refuses it at the first step."""
+    import transformers
+
+    from dpo_kernels.integrations.hf import DPOLossTrainer
+
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    model = peft.get_peft_model(tiny_causal_lm(), config)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], remove_unused_columns=False
+    )
+    ex = preference_examples(2)
+    trainer = DPOLossTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(ex),
+                             data_collator=collate_preferences)  # fmt: skip
+    assert not trainer.fused_lm_head
+    want = DPOLoss()(concatenated_forward(model, collate_preferences(ex)).pairs()).loss
+    torch.testing.assert_close(trainer.compute_loss(model, collate_preferences(ex)), want)

@@ -35,12 +35,13 @@ class DPOLossTrainer(Trainer):
         call (`linear_dpo`, 3 matmuls; works under DDP, FSDP and DeepSpeed: see
         `dpo_kernels.fused_head.install_fused_head`). None (default): on when the model has an LM
         head that is a plain `nn.Linear` (not a LoRA adapter on it, or a head class with its own
-        forward); False: the model's logits and the logits-path op."""
+        forward) and no prompt-learning PEFT adapter; False: the model's logits and the
+        logits-path op."""
         super().__init__(*args, **kwargs)
         if fused_lm_head is None:
-            from ..fused_head import fused_head_supported
+            from ..fused_head import fused_head_supported, is_prompt_learning
 
-            fused_lm_head = fused_head_supported(self.model)
+            fused_lm_head = fused_head_supported(self.model) and not is_prompt_learning(self.model)
         self.fused_lm_head = fused_lm_head
         self.ref_model = ref_model
         if ref_model is not None:
