@@ -2,12 +2,16 @@
 
 One import line: ``import dpo_kernels`` and call ``dpo_kernels.sequence_logprobs`` (from logits)
 or ``dpo_kernels.linear_sequence_logprobs`` (from hidden states and the LM head, no logits);
-``dpo_kernels.linear_dpo_loss`` fuses the LM head with the DPO loss.
+``dpo_kernels.linear_dpo_loss`` fuses the LM head with the DPO loss;
+``dpo_kernels.concatenated_forward`` runs a model on a preference batch (chosen and rejected in
+one forward) and returns the sums the losses take.
 """
 
 from .backend import cpu_extension_available, resolve_backend, set_sync_free
+from .batches import PreferenceBatch, collate_preferences, pack, preference_batch
 from .common import PairLogprobs, SequenceLogprobs, TokenStats
-from .linear_dpo import linear_dpo_loss
+from .forward import batch_logprobs, concatenated_dpo_loss, concatenated_forward
+from .linear_dpo import linear_dpo_loss, linear_pair_loss
 from .linear_logprobs import linear_sequence_logprobs
 from .linear_preference_losses import (
     linear_cpo_loss,
@@ -31,9 +35,14 @@ __all__ = [
     "DPOLoss",
     "DPOLossOutput",
     "PairLogprobs",
+    "PreferenceBatch",
     "PreferenceLossOutput",
     "SequenceLogprobs",
     "TokenStats",
+    "batch_logprobs",
+    "collate_preferences",
+    "concatenated_dpo_loss",
+    "concatenated_forward",
     "cpo_loss",
     "cpu_extension_available",
     "dpo_loss",
@@ -42,10 +51,13 @@ __all__ = [
     "linear_dpo_loss",
     "linear_kto_loss",
     "linear_orpo_loss",
+    "linear_pair_loss",
     "linear_sequence_logprobs",
     "linear_simpo_loss",
     "make_spec",
     "orpo_loss",
+    "pack",
+    "preference_batch",
     "resolve_backend",
     "sequence_logprobs",
     "set_sync_free",

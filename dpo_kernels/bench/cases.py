@@ -89,7 +89,7 @@ def preference_inputs(case: Case, device: str) -> dict[str, torch.Tensor]:
     dpo_step: every row is T tokens, the first quarter prompt. packed: prompts of T/32..T/16
     tokens and completions of T/16..T tokens, uniform (64..1024 at T = 1024), right-padded.
     """
-    from .internal import collate_preferences
+    from .. import collate_preferences
 
     P, T, V = case.shape
     g = torch.Generator().manual_seed(0)

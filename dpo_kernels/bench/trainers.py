@@ -76,7 +76,7 @@ def padding(padding_free: bool) -> Callable[[Case, str], Step]:
     (`concatenated_forward(..., padding_free=...)`); gradients of the model's parameters."""
 
     def build(case, device) -> Step:
-        from .internal import concatenated_forward
+        from .. import concatenated_forward
 
         model, batch = tiny_llama(case.shape[-1], 0, device), preference_inputs(case, device)
         return GradStep(
