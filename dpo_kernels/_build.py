@@ -113,11 +113,6 @@ def entry_dir(variant: str) -> Path:
     return cache_root() / f"{tag}-{platform.machine()}-{variant}-{h.hexdigest()[:16]}"
 
 
-def library_path(variant: str) -> Path:
-    """Where the built library of `variant` lives (it exists once built)."""
-    return entry_dir(variant) / f"{_lib_name(variant)}.so"
-
-
 class _FileLock:
     """An exclusive lock on a file, released by the OS if the holder dies (fcntl; no-op where
     fcntl is missing, e.g. Windows). Says once on stderr when it has to wait."""

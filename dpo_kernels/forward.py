@@ -205,7 +205,8 @@ def concatenated_forward(
     ref_chosen_logps / ref_rejected_logps, one no-grad forward of `ref_model`; else None
     (reference-free). `stats` adds the policy's per-token entropy, mean logit and top-1 flags.
     `padding_free` packs the rows (see `batch_logprobs`): the model must honour packed
-    position_ids (flash-attention 2/3 in transformers, or its sdpa/eager packed-sequence masks).
+    position_ids (flash-attention 2/3 in transformers, or its sdpa/eager packed-sequence masks);
+    one that does not is refused (`check_packing`).
     `fused_lm_head` never builds the logits (see `batch_logprobs`).
     Works with any Hugging Face causal LM (anything whose forward takes input_ids and
     attention_mask and returns logits).

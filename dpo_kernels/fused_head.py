@@ -60,8 +60,10 @@ def _full(p: torch.Tensor | None) -> torch.Tensor | None:
 # for its backward) and reduce its gradient through hooks that forward armed. So the fused head
 # is a mode of the model's own forward: `install_fused_head` patches the innermost causal LM so
 # that `wrapped_model(..., dpo_kernels_head=HeadCall(...))` runs the backbone, then CALLS the LM
-# head module (its forward temporarily replaced by `linear_sequence_logprobs`), so the engines'
-# hooks on `lm_head` gather the weight for the forward and again for the backward's recompute.
+# head module (its forward temporarily replaced by the fused op: `linear_sequence_logprobs`, whose
+# backward recomputes the logits, or a loss fused with the head, `linear_dpo` or `HeadCall.loss`,
+# which makes its gradients in the forward), so the engines' hooks on `lm_head` gather the weight
+# for the forward and, where there is a recompute, again for the backward.
 
 HEAD_KWARG = "dpo_kernels_head"
 _WRAPPER_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -142,7 +144,8 @@ def _unwrap_engine(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The causal LM inside DDP / FSDP1 / DeepSpeed engines (`.module`) and PEFT wrappers."""
+    """The causal LM inside DDP / FSDP1 / DeepSpeed engines (`.module`), `torch.compile`
+    (`._orig_mod`) and PEFT wrappers."""
     m = _unwrap_engine(model)
     if hasattr(m, "get_base_model"):  # PEFT: the transformers model under the adapters
         m = m.get_base_model()
@@ -215,9 +218,11 @@ def fused_head_supported(model: torch.nn.Module) -> bool:
     return True
 
 
-def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform, full=None):
+def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform, full):
     """Calls the LM head module (through its engine wrappers and hooks) with its forward
-    replaced, for this call, by the fused log-probs of `call.labels`."""
+    replaced, for this call, by the fused op `call` asks for: the log-probs of `call.labels`, or
+    a loss fused with the head (`call.dpo`, `call.loss`). `full`: the hidden states of every
+    position, for `call.extra`."""
     inner = _unwrap_head(head)
 
     def fused(h: torch.Tensor) -> SequenceLogprobs:
@@ -294,7 +299,8 @@ def _saved_autocast(forward) -> tuple | None:
     wrapper of `forward` enters (accelerate's mixed precision decorates the forward with one, made
     from the accelerator's `AutocastKwargs`), found in the closures along the wrapper's
     `__wrapped__` chain; None when there is none (no wrapper, or an outer module's forward holds
-    the autocast already). Read once, when the patch saves the forward, which never changes."""
+    the autocast already). Read when the patch saves the forward (a forward that replaces the
+    patch later gets patched, and read, again)."""
     # accelerate: its fp32-output wrapper -> that wrapper's callable -> the autocast decorator
     for f in _wrapper_chain(forward):
         for ac in _closure_values(f):
@@ -341,8 +347,10 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
 
 def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
     """Patches the causal LM inside `model` (DDP / FSDP / DeepSpeed / PEFT wrappers) so that its
-    forward takes `dpo_kernels_head=HeadCall(...)` and then returns a `HeadOutput` computed inside
-    that forward; without the keyword the forward is unchanged. Idempotent; returns the patched
+    forward takes `dpo_kernels_head=HeadCall(...)` and then returns what that call asks for,
+    computed inside that forward (a `HeadOutput`, with `call.extra` a `(HeadOutput, extra)` pair;
+    a `LossHeadOutput` for `call.loss`, a `DPOHeadOutput` for `call.dpo`); without the keyword the
+    forward is unchanged. Idempotent; returns the patched
     module. Works after the model was wrapped: the wrappers call the patched forward."""
     inner = unwrap_model(model)
     if _installed(inner):

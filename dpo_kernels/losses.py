@@ -22,6 +22,7 @@ from .common import (
     DPOLossSpec,
     PairLogprobs,
     SequenceLogprobs,
+    acc_dtype,
     loss_types_where,
 )
 from .dpo_loss_op import dpo_pair_loss
@@ -230,7 +231,7 @@ def _weighted_loss(pc, pr, rc, rr, nc, nr, spec: DPOLossSpec, backend, weights: 
             f"weights do not combine with loss_type {sorted(sorting)}: those losses sort the "
             "pairs, which would misalign the per-pair weights (TRL refuses use_weighting too)"
         )
-    acc = torch.float64 if pc.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(pc.dtype)
     w = weights.detach().to(acc)
     per_pair_spec, coupled = spec.split(loss_types_where("count_coupled"))
     loss = pc.new_zeros((), dtype=acc)

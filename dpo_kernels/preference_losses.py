@@ -19,13 +19,12 @@ from typing import NamedTuple
 import torch
 
 from .backend import kernels, resolve_backend
-from .common import FAMILIES, SiblingSpec
+from .common import FAMILIES, SiblingSpec, acc_dtype
 from .ops.reference_siblings import log1mexp
 from .validation import check_counts, number
 from .validation import check_pair_inputs as _check_pair_inputs
 
 CPO_LOSS_TYPES = (*FAMILIES["cpo"].loss_types, "alphapo")
-KTO_LOSS_TYPES = FAMILIES["kto"].loss_types
 # CPO loss types whose log-probs are averaged over the completion tokens (TRL's average_log_prob).
 CPO_AVERAGED = FAMILIES["cpo"].averaged
 
@@ -36,10 +35,6 @@ class PreferenceLossOutput(NamedTuple):
     chosen_rewards: torch.Tensor  # detached
     rejected_rewards: torch.Tensor  # detached
     metrics: dict[str, torch.Tensor]  # TRL's names (detached scalars)
-
-
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 class _ClosedForm(torch.autograd.Function):
@@ -112,7 +107,7 @@ def _validate(spec: SiblingSpec, named: dict, counts_given: bool) -> int:
 
 def _run(spec, backend, a, b, na, nb, kl=None, grad_b: bool = True):
     """(loss attached to a (and b), per-example losses) from the backend's one call."""
-    acc = _acc(a)
+    acc = acc_dtype(a.dtype)
     ad, bd = a.detach().to(acc), b.detach().to(acc)
     run = kernels(resolve_backend(backend, a.device)).sibling_loss_and_grads
     loss, per, ga, gb = run(spec, ad, bd, na.to(acc), nb.to(acc), kl)
@@ -169,7 +164,7 @@ def cpo_loss(
     }
     counts_given = chosen_counts is not None and rejected_counts is not None
     _validate(spec, named, counts_given)
-    acc = _acc(chosen_logps)
+    acc = acc_dtype(chosen_logps.dtype)
     pc, pr = chosen_logps.detach().to(acc), rejected_logps.detach().to(acc)
     nc, nr = (chosen_counts, rejected_counts) if counts_given else (torch.ones_like(pc),) * 2
     nc, nr = nc.to(acc), nr.to(acc)
@@ -236,7 +231,7 @@ def orpo_loss(
     _validate(spec, named, chosen_counts is not None and rejected_counts is not None)
     if nll_loss is not None and (not isinstance(nll_loss, torch.Tensor) or nll_loss.dim() != 0):
         raise ValueError("nll_loss must be a scalar tensor (the mean NLL of the chosen tokens)")
-    acc = _acc(chosen_logps)
+    acc = acc_dtype(chosen_logps.dtype)
     nc, nr = chosen_counts.to(acc), rejected_counts.to(acc)
     loss, losses = _run(spec, backend, chosen_logps, rejected_logps, nc, nr)
     ac = chosen_logps.detach().to(acc) / nc
@@ -302,7 +297,7 @@ def kto_loss(
     _validate(spec, named, True)
     if labels.dtype != torch.bool:
         raise ValueError(f"labels must be a bool tensor (True = desirable), got {labels.dtype}")
-    acc = _acc(logps)
+    acc = acc_dtype(logps.dtype)
     if loss_type == "kto":
         if kl is None:
             if kl_logps is None or ref_kl_logps is None:

@@ -73,7 +73,8 @@ def mean_logits(hidden, weight, bias, transform) -> torch.Tensor:
 
 
 class Scored(NamedTuple):
-    """Log-probs of one forward, and the per-position mean logit ([B, L]) when asked for."""
+    """Log-probs of one forward, and when asked for the per-position mean logit ([B, L]; on the
+    logits path the logits themselves, [B, L, V], which have the same overall mean)."""
 
     seq: SequenceLogprobs
     mean_logits: torch.Tensor | None
@@ -143,10 +144,10 @@ class PairedMixin:
         raise NotImplementedError
 
     def _paired_forward(self, model, batch, whole_chosen: bool = False, loss=None):
-        """(concatenated batch, P, per-position mean logits [2P, L], completion log-probs
-        [2P] with counts, and with `whole_chosen` the chosen rows' log-prob sums and counts over
-        every attended token, prompt included: ORPO's NLL; else `loss`'s output when the head
-        call computed the loss (`score`), or None)."""
+        """(concatenated batch, P, per-position mean logits [2P, L] (or the logits), completion
+        log-probs [2P] with counts, and with `whole_chosen` the chosen rows' log-prob sums and
+        counts over every attended token, prompt included: ORPO's NLL; else `loss`'s output when
+        the head call computed the loss (`score`), or None)."""
         cb = self.concatenated_inputs(
             batch,
             is_encoder_decoder=False,

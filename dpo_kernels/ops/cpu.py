@@ -1,5 +1,6 @@
 """The "cpu" backend: the C++ CPU kernels (csrc/), thin wrappers around torch.ops.dpo_kernels_cpu,
-and the DPO loss in closed form (vectorized torch, torch_dpo_loss.py).
+and the DPO and sibling losses in closed form (vectorized torch, torch_dpo_loss.py and
+torch_sibling_losses.py).
 
 The library is compiled for this torch and CPU, cached and loaded by _build.py, lazily: on the
 first access to VARIANT or AVAILABLE (backend.py asks when an op gets CPU tensors), never at

@@ -15,9 +15,11 @@ import triton.language as tl
 from ..common import FAMILIES, SiblingSpec
 from .triton_common import LN2, device_constants, device_guard, log1p, softplus, tl_acc_dtype
 
-CPO, ORPO, KTO = (tl.constexpr(FAMILIES[k].kernel) for k in ("cpo", "orpo", "kto"))
+CPO, ORPO = (tl.constexpr(FAMILIES[k].kernel) for k in ("cpo", "orpo"))  # else: kto
 # LTYPE: the index of the loss type in its family's FAMILIES[...].loss_types
-SIGMOID, HINGE, IPO, SIMPO = (tl.constexpr(i) for i in range(4))
+SIGMOID, HINGE, IPO, SIMPO = (
+    tl.constexpr(FAMILIES["cpo"].loss_types.index(t)) for t in ("sigmoid", "hinge", "ipo", "simpo")
+)
 
 
 @triton.jit
