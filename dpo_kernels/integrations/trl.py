@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..batches import PreferenceBatch, preference_batch
+from ..common import LOSSES
 from ..forward import batch_logprobs, model_logprobs
 from ..fused_head import DPOHead
 from ..losses import dpo_loss, make_spec
@@ -117,7 +118,8 @@ class FusedDPOTrainer(DPOTrainer):
             return "use_weighting: WPO's pair weights need the policy's token log-probs first"
         if self.ld_alpha is not None:
             return "ld_alpha: LD-DPO weights tokens inside the sums"
-        if "sft" in self.loss_types and {"ipo", "sigmoid_norm"} & set(self.loss_types):
+        normalized = {t for t in self.loss_types if LOSSES[t].argument == "normalized"}
+        if "sft" in self.loss_types and normalized:
             return "sft with ipo/sigmoid_norm: TRL divides them by two different token counts"
         return None
 

@@ -14,10 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import ALPHA_CLAMP_MAX, LOSS_TYPES, LOSSES, DPOLossSpec, acc_dtype
+from ..common import ALPHA_CLAMP_MAX, F_DIVERGENCES, LOSS_TYPES, LOSSES, DPOLossSpec, acc_dtype
 from .triton_common import LN2, device_constants, device_guard, log1p, softplus, tl_acc_dtype
 
-_FDIV = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2, "alpha_divergence": 3}
 # The loss types this kernel computes, in registration order (see `_in_kernel`).
 KERNEL_TYPES: list[str] = []
 
@@ -213,7 +212,7 @@ def dpo_loss_and_grads(
     out = [torch.empty(P, dtype=dtype, device=pc.device) for _ in range(3)]
     loss = torch.empty(1, dtype=dtype, device=pc.device)
     a1 = spec.f_alpha_divergence_coef - 1.0
-    fdiv = _FDIV[spec.f_divergence_type]
+    fdiv = F_DIVERGENCES.index(spec.f_divergence_type)
     if fdiv == 3 and abs(a1) < 1e-6:
         fdiv = 0  # alpha -> 1 is reverse KL
     params = (
