@@ -4,6 +4,7 @@ that returns completion log-prob sums, through the fused LM head inside the mode
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import torch
@@ -33,6 +34,19 @@ def refuse(trainer, unsupported: dict[str, bool]) -> None:
             f"{type(trainer).__name__} does not support {', '.join(bad)}; use {alt}the stock TRL "
             "trainer for that"
         )
+
+
+def reference_context(trainer) -> contextlib.AbstractContextManager:
+    """Without a reference model, a PEFT policy is its own reference: adapter disabled (or the
+    "ref" adapter active), as in TRL."""
+    from accelerate.utils import is_peft_model
+    from trl.trainer.utils import use_adapter
+
+    if trainer.ref_model is not None or not is_peft_model(trainer.model):
+        return contextlib.nullcontext()
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    name = "ref" if "ref" in unwrapped.peft_config else None
+    return use_adapter(unwrapped, adapter_name=name)
 
 
 def fused_head_refusals(trainer, fused_lm_head: bool) -> dict[str, bool]:

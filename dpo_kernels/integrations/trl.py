@@ -15,7 +15,6 @@ cover raise at construction instead of training differently.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from ..common import LOSSES
 from ..forward import batch_logprobs, model_logprobs
 from ..fused_head import DPOHead
 from ..losses import dpo_loss, make_spec
-from ._siblings import fused_head_refusals, refuse
+from ._siblings import fused_head_refusals, reference_context, refuse
 
 SUPPORTED_TRL = (
     "1.16",
@@ -55,10 +54,8 @@ def check_trl_version() -> str:
 
 check_trl_version()
 
-from accelerate.utils import is_peft_model  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
-from trl.trainer.utils import use_adapter  # noqa: E402
 
 
 def _ld_weighted(tok: torch.Tensor, completion: torch.Tensor, ld_alpha: float) -> torch.Tensor:
@@ -130,15 +127,6 @@ class FusedDPOTrainer(DPOTrainer):
             return out.logps
         return _ld_weighted(out.token_logps, b.completion_mask[:, 1:], self.ld_alpha)
 
-    def _reference_context(self) -> contextlib.AbstractContextManager:
-        """Without a reference model, a PEFT policy is its own reference: adapter disabled (or the
-        "ref" adapter active), as in TRL."""
-        if self.ref_model is not None or not is_peft_model(self.model):
-            return contextlib.nullcontext()
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        name = "ref" if "ref" in unwrapped.peft_config else None
-        return use_adapter(unwrapped, adapter_name=name)
-
     def _no_grad_logprobs(self, model, b: PreferenceBatch, model_kwargs: dict[str, Any]):
         """The reference's log-probs. On the linear DPO route they come from `linear_dpo`'s own
         pass (no gradient): the same summation as the policy's sums, so a policy equal to its
@@ -155,7 +143,7 @@ class FusedDPOTrainer(DPOTrainer):
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, gc_kwargs),
-            self._reference_context(),
+            reference_context(self),
         ):
             out = self._no_grad_logprobs(ref, b, model_kwargs)
         return self._sums(out, b)
@@ -168,7 +156,7 @@ class FusedDPOTrainer(DPOTrainer):
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, gc_kwargs),
-            self._reference_context(),
+            reference_context(self),
             self.accelerator.autocast(),
         ):
             out = self._no_grad_logprobs(model, b, kwargs)

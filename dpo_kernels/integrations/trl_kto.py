@@ -6,22 +6,18 @@ completions, which that op cannot pair, takes `linear_sequence_logprobs` + `kto_
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..linear_preference_losses import _linear_kto
 from ..preference_losses import kto_loss
-from ._siblings import _ONE, fused_head_refusals, refuse, score
+from ._siblings import _ONE, fused_head_refusals, reference_context, refuse, score
 from .trl import check_trl_version
 
 check_trl_version()
 
-from accelerate.utils import is_peft_model  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutput  # noqa: E402
 from trl import KTOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
-from trl.trainer.utils import use_adapter  # noqa: E402
 
 _KTO_NON_MODEL_KEYS = {
     "completion_mask",
@@ -125,20 +121,13 @@ class FusedKTOTrainer(KTOTrainer):
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            self._ref_context(),
+            reference_context(self),
         ):
             ref_KL_logps = self._kl_sums(ref, batch)
             ref_seq, _ = self._sums(
                 ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
             )
         return ref_seq.logps, ref_KL_logps
-
-    def _ref_context(self) -> contextlib.AbstractContextManager:
-        if is_peft_model(self.model) and self.ref_model is None:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            name = "ref" if "ref" in unwrapped.peft_config else None
-            return use_adapter(unwrapped, adapter_name=name)
-        return contextlib.nullcontext()
 
     def _compute_loss(self, model, inputs, return_outputs):
         """KTO loss and TRL's metrics for a batch (TRL's _compute_loss, fused)."""
