@@ -218,12 +218,9 @@ def test_torch_compile_compiles_the_backbone_under_the_fused_head(tmp_path):
     assert compiled == pytest.approx(eager, rel=1e-5)
 
 
-def test_dpo_loss_trainer_defaults_to_the_logits_path_for_a_head_it_cannot_fuse(tmp_path):
-    """A head class with its own forward (here: logits times 2): DPOLossTrainer's default takes
-    the logits path, whose loss sees that forward."""
-    import transformers
-
-    from dpo_kernels.integrations.hf import DPOLossTrainer
+def _scaled_head_model():
+    """A head class with its own forward (here: logits times 2), which the fused head would
+    read as its weight alone."""
 
     class ScaledHead(torch.nn.Linear):
         def forward(self, x):
@@ -233,27 +230,27 @@ def test_dpo_loss_trainer_defaults_to_the_logits_path_for_a_head_it_cannot_fuse(
     scaled = ScaledHead(32, 97, bias=False)
     scaled.weight = model.lm_head.weight
     model.lm_head = scaled
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], remove_unused_columns=False
-    )
-    ex = preference_examples(2)
-    trainer = DPOLossTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(ex),
-                             data_collator=collate_preferences)  # fmt: skip
-    assert not trainer.fused_lm_head
-    want = DPOLoss()(concatenated_forward(model, collate_preferences(ex)).pairs()).loss
-    torch.testing.assert_close(trainer.compute_loss(model, collate_preferences(ex)), want)
+    return model
 
 
-def test_dpo_loss_trainer_defaults_to_the_logits_path_for_prompt_learning(tmp_path):
-    """A prompt-learning PEFT model (virtual tokens): the default takes the logits path, which
-    drops the virtual positions, instead of a fused head that refuses it at the first step."""
+def _prompt_tuned_model():
+    """A prompt-learning PEFT model: its virtual tokens' hidden states do not line up with the
+    labels (the logits path drops their positions)."""
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    return peft.get_peft_model(tiny_causal_lm(), config)
+
+
+@pytest.mark.parametrize("make", [_scaled_head_model, _prompt_tuned_model],
+                         ids=["head-with-own-forward", "prompt-learning"])  # fmt: skip
+def test_dpo_loss_trainer_defaults_to_the_logits_path_where_the_head_cannot_fuse(make, tmp_path):
+    """DPOLossTrainer's default takes the logits path for such models, whose loss sees what the
+    model computes (before: the fused head, which misread the first and refused the second)."""
     import transformers
 
     from dpo_kernels.integrations.hf import DPOLossTrainer
 
-    peft = pytest.importorskip("peft")
-    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
-    model = peft.get_peft_model(tiny_causal_lm(), config)
+    model = make()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], remove_unused_columns=False
     )
