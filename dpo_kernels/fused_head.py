@@ -204,9 +204,9 @@ def _unwrap_head(head: torch.nn.Module) -> torch.nn.Module:
     return inner
 
 
-def fused_head_supported(model: torch.nn.Module) -> bool:
-    """Whether `install_fused_head` takes `model` (the causal LM inside its wrappers): an LM head
-    that is a plain `nn.Linear` (see `_unwrap_head`). Trainers ask at construction."""
+def plain_lm_head(model: torch.nn.Module) -> bool:
+    """Whether the causal LM inside `model`'s wrappers has an LM head the fused head computes: a
+    plain `nn.Linear` (see `_unwrap_head`)."""
     inner = unwrap_model(model)
     head = getattr(inner, "get_output_embeddings", lambda: None)()
     if head is None:
@@ -216,6 +216,12 @@ def fused_head_supported(model: torch.nn.Module) -> bool:
     except NotImplementedError:
         return False
     return True
+
+
+def fused_head_supported(model: torch.nn.Module) -> bool:
+    """Whether `install_fused_head` takes `model`: a plain LM head (`plain_lm_head`) and no
+    prompt-learning PEFT adapter. Trainers ask at construction."""
+    return plain_lm_head(model) and not is_prompt_learning(model)
 
 
 def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, transform, full):

@@ -13,10 +13,10 @@ from ..common import SequenceLogprobs
 from ..fused_head import (
     HEAD_KWARG,
     HeadCall,
-    fused_head_supported,
     head_transform,
     install_fused_head,
     is_prompt_learning,
+    plain_lm_head,
     unwrap_model,
 )
 from ..logprobs import sequence_logprobs
@@ -58,7 +58,7 @@ def fused_head_refusals(trainer, fused_lm_head: bool) -> dict[str, bool]:
         ),
         "an LM head that is not a plain nn.Linear (a LoRA adapter on lm_head, a head class with "
         "its own forward) with fused_lm_head=True": (
-            fused_lm_head and not fused_head_supported(trainer.model)
+            fused_lm_head and not plain_lm_head(trainer.model)
         ),
     }
 

@@ -39,9 +39,9 @@ class DPOLossTrainer(Trainer):
         logits-path op."""
         super().__init__(*args, **kwargs)
         if fused_lm_head is None:
-            from ..fused_head import fused_head_supported, is_prompt_learning
+            from ..fused_head import fused_head_supported
 
-            fused_lm_head = fused_head_supported(self.model) and not is_prompt_learning(self.model)
+            fused_lm_head = fused_head_supported(self.model)
         self.fused_lm_head = fused_lm_head
         self.ref_model = ref_model
         if ref_model is not None:
