@@ -67,24 +67,26 @@ class DPOLossTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def _pop_means(self, mode: str, prefix: str = "") -> dict[str, float]:
+        """The DPO metrics of `mode` ("train" / "eval") since they were last taken, averaged, and
+        the queue emptied."""
+        metrics = self._dpo_metrics[mode]
+        means = {prefix + k: sum(v) / len(v) for k, v in metrics.items()}
+        metrics.clear()
+        return means
+
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         """evaluate() and predict(): the DPO metrics of the loop's batches, averaged, join its
         metrics under its prefix (eval_rewards/margins; eval_a_... for a dict of eval datasets;
         test_... from predict)."""
         self._dpo_metrics["eval"].clear()
         out = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
-        metrics = self._dpo_metrics["eval"]
-        out.metrics.update(
-            {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in metrics.items()}
-        )
-        metrics.clear()
+        out.metrics.update(self._pop_means("eval", f"{metric_key_prefix}_"))
         return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """A training log (one with "loss") gets the DPO metrics (rewards/*, logps/*) averaged over
         the training steps since the last one."""
         if "loss" in logs:
-            metrics = self._dpo_metrics["train"]
-            logs.update({k: sum(v) / len(v) for k, v in metrics.items()})
-            metrics.clear()
+            logs.update(self._pop_means("train"))
         super().log(logs, start_time)
