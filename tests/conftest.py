@@ -126,8 +126,19 @@ def _seed():
     torch.manual_seed(SEED)
 
 
-def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0):
-    """A small random causal LM built from a config (nothing is downloaded), float32, eval mode."""
+# Other families: their config class and its own size arguments (the shared ones below).
+OTHER_FAMILIES = {
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "gpt_neox": ("GPTNeoXConfig", {}),
+    "opt": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32)),
+    "bloom": ("BloomConfig", dict(n_head=4, n_layer=2)),
+    "mpt": ("MptConfig", dict(d_model=32, n_heads=4, n_layers=2)),
+}
+
+
+def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0, attn: str | None = None):
+    """A small random causal LM built from a config (nothing is downloaded), float32, eval mode:
+    Llama, GPT-2 or one of OTHER_FAMILIES (`attn`: their attn_implementation)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -143,9 +154,38 @@ def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0):
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
         )  # fmt: skip
         model = transformers.GPT2LMHeadModel(cfg)
+    elif kind in OTHER_FAMILIES:
+        name, extra = OTHER_FAMILIES[kind]
+        cfg = getattr(transformers, name)(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=128, **extra,
+        )  # fmt: skip
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     else:
         raise ValueError(kind)
     return model.eval()
+
+
+def scaled_head_lm():
+    """A tiny Llama whose LM head class has a forward of its own (the logits times 2, the same
+    weight), which the fused head would read as its weight alone."""
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    model = tiny_causal_lm()
+    scaled = ScaledHead(32, 97, bias=False)
+    scaled.weight = model.lm_head.weight
+    model.lm_head = scaled
+    return model
+
+
+def prompt_tuned_lm():
+    """A tiny Llama under a prompt-learning PEFT adapter (2 virtual tokens before every row)."""
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    return peft.get_peft_model(tiny_causal_lm(), config)
 
 
 def preference_examples(n: int, vocab: int = 97, seed: int = 0):

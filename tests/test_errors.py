@@ -5,7 +5,13 @@ import re
 
 import pytest
 import torch
-from conftest import data_check, preference_examples, tiny_causal_lm
+from conftest import (
+    data_check,
+    preference_examples,
+    prompt_tuned_lm,
+    scaled_head_lm,
+    tiny_causal_lm,
+)
 
 import dpo_kernels
 from dpo_kernels import dpo_loss, sequence_logprobs
@@ -25,35 +31,6 @@ def y(*shape):
 
 def p(n=3):
     return torch.randn(n, dtype=torch.float64) - 20
-
-
-def _scaled_head_model():
-    """A causal LM whose LM head class has a forward of its own (the logits times 2)."""
-
-    class ScaledHead(torch.nn.Linear):
-        def forward(self, x):
-            return super().forward(x) * 2.0
-
-    model = tiny_causal_lm()
-    model.lm_head = ScaledHead(32, 97, bias=False)
-    return model
-
-
-def _opt_model():
-    """A tiny OPT: its positions come from the attention mask, so packed sequences mix."""
-    import transformers
-
-    cfg = transformers.OPTConfig(
-        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-        word_embed_proj_dim=32, max_position_embeddings=64,
-    )  # fmt: skip
-    return transformers.OPTForCausalLM(cfg).eval()
-
-
-def _prompt_tuned_model():
-    peft = pytest.importorskip("peft")
-    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
-    return peft.get_peft_model(tiny_causal_lm(), config)
 
 
 def _double_backward():
@@ -116,12 +93,12 @@ INVENTORY = [
     ("batch without tokens", lambda: preference_batch(collate_preferences([{"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}])), ValueError, "has no tokens"),
     ("ref_logps not a pair", lambda: concatenated_forward(tiny_causal_lm(), collate_preferences(preference_examples(1)), ref_logps=torch.zeros(2)), TypeError, "ref_logps must be a pair"),
     ("backbone without an LM head", lambda: concatenated_forward(tiny_causal_lm().model, collate_preferences(preference_examples(1))), ValueError, "backbone without an LM head"),
-    ("LM head not a plain Linear", lambda: concatenated_forward(_scaled_head_model(), collate_preferences(preference_examples(1)), fused_lm_head=True), NotImplementedError, "ScaledHead with a forward of its own"),
+    ("LM head not a plain Linear", lambda: concatenated_forward(scaled_head_lm(), collate_preferences(preference_examples(1)), fused_lm_head=True), NotImplementedError, "ScaledHead with a forward of its own"),
     ("vocab_start without vocab_group", lambda: sequence_logprobs(z(B, T, V), y(B, T), vocab_start=11), ValueError, "vocab_start=11 needs vocab_group"),
     ("vocab_group not a process group", lambda: dpo_kernels.linear_sequence_logprobs(z(B, T, 4), z(V, 4), y(B, T), vocab_group="world"), TypeError, "vocab_group must be a torch.distributed ProcessGroup"),
     ("ignore_index bool", lambda: sequence_logprobs(z(B, T, V), y(B, T), ignore_index=True), TypeError, "ignore_index must be an int, got bool"),
-    ("packing a model that crosses sequences", lambda: concatenated_forward(_opt_model(), collate_preferences(preference_examples(1)), padding_free=True), ValueError, "padding_free=True: OPTForCausalLM .* attend to the one before it"),
-    ("packing or fusing prompt-learning PEFT", lambda: concatenated_forward(_prompt_tuned_model(), collate_preferences(preference_examples(1)), fused_lm_head=True), ValueError, "fused_lm_head=True with a prompt-learning PEFT adapter"),
+    ("packing a model that crosses sequences", lambda: concatenated_forward(tiny_causal_lm("opt"), collate_preferences(preference_examples(1)), padding_free=True), ValueError, "padding_free=True: OPTForCausalLM .* attend to the one before it"),
+    ("packing or fusing prompt-learning PEFT", lambda: concatenated_forward(prompt_tuned_lm(), collate_preferences(preference_examples(1)), fused_lm_head=True), ValueError, "fused_lm_head=True with a prompt-learning PEFT adapter"),
 ]  # fmt: skip
 
 

@@ -7,7 +7,13 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from conftest import TRAINER_DEVICE, preference_examples, tiny_causal_lm  # noqa: E402
+from conftest import (  # noqa: E402
+    TRAINER_DEVICE,
+    preference_examples,
+    prompt_tuned_lm,
+    scaled_head_lm,
+    tiny_causal_lm,
+)
 from test_trl_parity import STEPS, train  # noqa: E402
 
 import dpo_kernels.linear_dpo as linear_dpo_module  # noqa: E402
@@ -218,30 +224,7 @@ def test_torch_compile_compiles_the_backbone_under_the_fused_head(tmp_path):
     assert compiled == pytest.approx(eager, rel=1e-5)
 
 
-def _scaled_head_model():
-    """A head class with its own forward (here: logits times 2), which the fused head would
-    read as its weight alone."""
-
-    class ScaledHead(torch.nn.Linear):
-        def forward(self, x):
-            return super().forward(x) * 2.0
-
-    model = tiny_causal_lm()
-    scaled = ScaledHead(32, 97, bias=False)
-    scaled.weight = model.lm_head.weight
-    model.lm_head = scaled
-    return model
-
-
-def _prompt_tuned_model():
-    """A prompt-learning PEFT model: its virtual tokens' hidden states do not line up with the
-    labels (the logits path drops their positions)."""
-    peft = pytest.importorskip("peft")
-    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
-    return peft.get_peft_model(tiny_causal_lm(), config)
-
-
-@pytest.mark.parametrize("make", [_scaled_head_model, _prompt_tuned_model],
+@pytest.mark.parametrize("make", [scaled_head_lm, prompt_tuned_lm],
                          ids=["head-with-own-forward", "prompt-learning"])  # fmt: skip
 def test_dpo_loss_trainer_defaults_to_the_logits_path_where_the_head_cannot_fuse(make, tmp_path):
     """DPOLossTrainer's default takes the logits path for such models, whose loss sees what the

@@ -2,7 +2,13 @@
 
 import pytest
 import torch
-from conftest import cpu_backends, data_check, preference_examples, tiny_causal_lm
+from conftest import (
+    cpu_backends,
+    data_check,
+    preference_examples,
+    prompt_tuned_lm,
+    tiny_causal_lm,
+)
 
 import dpo_kernels
 from dpo_kernels.batches import collate_preferences, pack, preference_batch
@@ -112,29 +118,17 @@ def test_packing_without_restarting_positions_would_differ():
     assert (wrong - right).abs().max() > 1e-3
 
 
-# Tiny configs of other families, and whether transformers keeps their packed sequences apart.
-FAMILIES = {
-    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2), True),
-    "gpt_neox": ("GPTNeoXConfig", {}, True),
-    "opt": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32), False),  # positions from a mask
-    "bloom": ("BloomConfig", dict(n_head=4, n_layer=2), False),  # ALiBi, no position_ids
-    "mpt": ("MptConfig", dict(d_model=32, n_heads=4, n_layers=2), False),
-}
+# Whether transformers keeps packed sequences apart: OPT takes its positions from the attention
+# mask, Bloom and MPT (ALiBi) take no position_ids.
+PACKS = {"qwen2": True, "gpt_neox": True, "opt": False, "bloom": False, "mpt": False}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PACKS)
 def test_padding_free_refuses_a_model_whose_attention_crosses_sequences(family):
-    import transformers
-
     from dpo_kernels import forward
 
-    name, extra, packs = FAMILIES[family]
-    cfg = getattr(transformers, name)(
-        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=128, **extra,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    packs = PACKS[family]
+    model = tiny_causal_lm(family, attn="eager")
     batch = collate_preferences(preference_examples(3))
     padded = forward.batch_logprobs(model.eval(), batch).logps
     model.train()
@@ -160,9 +154,7 @@ def test_padding_free_refuses_a_model_whose_attention_crosses_sequences(family):
 def test_prompt_learning_peft_is_refused_packed_or_fused(option):
     """Its virtual tokens would be seen by the first packed sequence only, and the fused head's
     hidden states would not line up with the labels."""
-    peft = pytest.importorskip("peft")
-    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
-    model = peft.get_peft_model(tiny_causal_lm(), config)
+    model = prompt_tuned_lm()
     batch = collate_preferences(preference_examples(2))
     with pytest.raises(ValueError, match=rf"{option}=True with a prompt-learning PEFT.*{option}=F"):
         concatenated_forward(model, batch, **{option: True})
