@@ -249,13 +249,14 @@ class Family(NamedTuple):
     averaged: frozenset[str]  # loss types that average the log-probs over the completion tokens
     reference: bool  # needs the reference model's log-probs
     nll: bool  # may add an NLL term on the chosen completions
+    any_beta: bool = False  # beta only weighs a term: any finite value (as TRL), else beta > 0
 
 
 FAMILIES: dict[str, Family] = {
     "cpo": Family(
         0, True, ("sigmoid", "hinge", "ipo", "simpo"), frozenset(("ipo", "simpo")), False, True
     ),
-    "orpo": Family(1, True, ("orpo",), frozenset(("orpo",)), False, True),
+    "orpo": Family(1, True, ("orpo",), frozenset(("orpo",)), False, True, any_beta=True),
     "kto": Family(2, False, ("kto", "apo_zero_unpaired"), frozenset(), True, False),
 }
 
