@@ -21,7 +21,6 @@ from .common import PairLogprobs, SequenceLogprobs
 from .fused_head import (
     HEAD_KWARG,
     DPOHead,
-    DPOHeadOutput,
     HeadCall,
     HeadOutput,
     install_fused_head,
@@ -29,6 +28,7 @@ from .fused_head import (
     unwrap_model,
 )
 from .logprobs import sequence_logprobs
+from .losses import check_spec, dpo_loss, make_spec
 
 
 class ConcatenatedOutput(NamedTuple):
@@ -56,10 +56,10 @@ def model_logprobs(
     router_aux: bool = False,
     model_kwargs: Mapping[str, Any] | None = None,
     dpo: DPOHead | None = None,
-) -> HeadOutput | DPOHeadOutput:
+) -> HeadOutput:
     """`batch_logprobs`, and with `router_aux` the MoE router load-balancing loss of the same
-    forward (`output_router_logits=True`), as `HeadOutput`. `dpo` (fused_lm_head, padded rows
-    only): the DPO loss fused into the head call (a `DPOHeadOutput`)."""
+    forward (`output_router_logits=True`), as a `HeadOutput`. `dpo` (fused_lm_head, padded rows
+    only): the DPO loss fused into the head call (`HeadOutput.loss`)."""
     if dpo is not None and (padding_free or not fused_lm_head):
         raise ValueError("dpo= needs fused_lm_head=True and padded rows (padding_free=False)")
     b = preference_batch(b)  # (a collated dict too)
@@ -185,6 +185,30 @@ def batch_logprobs(
     ).logprobs  # fmt: skip
 
 
+def reference_logprobs(model, b: PreferenceBatch, *, linear_dpo: bool = False,
+                       **options) -> SequenceLogprobs:  # fmt: skip
+    """A reference model's log-probs of `b`, without gradient (options: `model_logprobs`'s).
+    `linear_dpo` (the policy's loss fused into its head call): from `linear_dpo`'s own pass, the
+    summation of the policy's sums, so that a policy equal to its reference gets rewards exactly 0
+    (ties, as in stock TRL), not rounding noise."""
+    dpo = DPOHead(make_spec()) if linear_dpo else None  # only the sums are used
+    with torch.no_grad():
+        return model_logprobs(model, b, dpo=dpo, **options).logprobs
+
+
+def _reference_pair(b: PreferenceBatch, ref_logps, ref_model, linear_dpo: bool, options) -> tuple:
+    """(ref chosen, ref rejected) sums from, in order: `ref_logps`, the batch's precomputed
+    ones, `ref_model` (before the policy: its logits are freed before the policy's exist);
+    else (None, None): reference-free."""
+    _check_ref_logps(ref_logps)
+    if ref_logps is None and b.ref_chosen_logps is not None:
+        ref_logps = (b.ref_chosen_logps, b.ref_rejected_logps)
+    if ref_logps is None and ref_model is not None:
+        ref = reference_logprobs(ref_model, b, linear_dpo=linear_dpo, **options)
+        ref_logps = ref.logps.chunk(2)
+    return (None, None) if ref_logps is None else tuple(ref_logps)
+
+
 def concatenated_forward(
     model: torch.nn.Module,
     batch: Mapping[str, Any],
@@ -212,21 +236,10 @@ def concatenated_forward(
     attention_mask and returns logits).
     """
     b = preference_batch(batch, pad_token_id, ignore_index)
-    _check_ref_logps(ref_logps)
-    options = dict(
-        padding_free=padding_free,
-        fused_lm_head=fused_lm_head,
-        backend=backend,
-        model_kwargs=model_kwargs,
-    )
-    if ref_logps is None and b.ref_chosen_logps is not None:
-        ref_logps = (b.ref_chosen_logps, b.ref_rejected_logps)
-    if ref_logps is None and ref_model is not None:
-        with torch.no_grad():  # before the policy: its logits are freed before the policy's exist
-            ref = batch_logprobs(ref_model, b, **options)
-        ref_logps = ref.logps.chunk(2)
+    options = dict(padding_free=padding_free, fused_lm_head=fused_lm_head, backend=backend,
+                   model_kwargs=model_kwargs)  # fmt: skip
+    rc, rr = _reference_pair(b, ref_logps, ref_model, False, options)
     policy = batch_logprobs(model, b, stats=stats, **options)
-    rc, rr = (None, None) if ref_logps is None else ref_logps
     return ConcatenatedOutput(policy, rc, rr, b)
 
 
@@ -251,11 +264,8 @@ def concatenated_dpo_loss(
     tokens, the reference sums computed first), and the output's policy sums carry no gradient;
     otherwise (logits, packed rows) the log-probs op and `dpo_loss`, as `concatenated_forward` +
     `DPOLoss` would."""
-    from .losses import check_spec, dpo_loss, make_spec
-
     spec = make_spec() if spec is None else spec  # None: DPOConfig's defaults, on either route
     check_spec(spec)
-    _check_ref_logps(ref_logps)
     options = dict(stats=stats, padding_free=padding_free, fused_lm_head=fused_lm_head,
                    pad_token_id=pad_token_id, ignore_index=ignore_index, backend=backend,
                    model_kwargs=model_kwargs)  # fmt: skip
@@ -267,14 +277,8 @@ def concatenated_dpo_loss(
                         spec=spec, backend=backend)  # fmt: skip
         return loss, out
     b = preference_batch(batch, pad_token_id, ignore_index)
-    if ref_logps is None and b.ref_chosen_logps is not None:
-        ref_logps = (b.ref_chosen_logps, b.ref_rejected_logps)
-    if ref_logps is None and ref_model is not None:
-        with torch.no_grad():  # linear_dpo's pass: the policy's summation (exact ties)
-            ref = model_logprobs(ref_model, b, fused_lm_head=True, backend=backend,
-                                 model_kwargs=model_kwargs, dpo=DPOHead(spec))  # fmt: skip
-        ref_logps = ref.logprobs.logps.chunk(2)
-    rc, rr = (None, None) if ref_logps is None else ref_logps
+    options = dict(fused_lm_head=True, backend=backend, model_kwargs=model_kwargs)
+    rc, rr = _reference_pair(b, ref_logps, ref_model, True, options)
     head = model_logprobs(model, b, stats=stats, fused_lm_head=True, backend=backend,
                           model_kwargs=model_kwargs, dpo=DPOHead(spec, rc, rr))  # fmt: skip
     return head.loss, ConcatenatedOutput(head.logprobs, rc, rr, b)

@@ -80,13 +80,13 @@ class HeadCall:
     backend: str | None = None
     router_aux: bool = False  # MoE: also return the router load-balancing loss
     # Called inside the head's forward as extra(hidden, weight, bias, transform) with the whole
-    # backbone output and the (gathered) head; the forward then returns (HeadOutput, its result).
+    # backbone output and the (gathered) head: `HeadOutput.extra`.
     extra: Any = None
     # Padded [chosen; rejected] rows: the DPO loss fused in the head (not with `extra`).
     dpo: DPOHead | None = None
     # A loss fused in the head, run instead of linear_sequence_logprobs as
     # loss(hidden, weight, bias, labels, mask, transform) with the aligned hidden states and the
-    # (gathered) head; the forward returns a `LossHeadOutput` with its result.
+    # (gathered) head, returning (its output, the pass's SequenceLogprobs): `HeadOutput.loss`.
     loss: Any = None
 
 
@@ -106,28 +106,15 @@ class DPOHead:
 
 
 class HeadOutput(NamedTuple):
-    """`logprobs` from the fused head; `aux_loss`: the MoE load-balancing loss (or None)."""
+    """What a head call returns, whatever it asks for: the log-probs (without gradient when a
+    loss is fused in the head: it flows through `loss`), the MoE load-balancing loss (or None),
+    the fused loss's output (`HeadCall.dpo`: a `DPOLossOutput`; `HeadCall.loss`: that callable's
+    first result; else None) and `HeadCall.extra`'s result (or None)."""
 
     logprobs: SequenceLogprobs
     aux_loss: torch.Tensor | None = None
-
-
-class LossHeadOutput(NamedTuple):
-    """A head call with `HeadCall.loss`: that callable's result, the MoE aux loss (or None) and
-    `HeadCall.extra`'s result (or None)."""
-
-    result: Any
-    aux_loss: torch.Tensor | None
+    loss: Any = None
     extra: Any = None
-
-
-class DPOHeadOutput(NamedTuple):
-    """A head call with `HeadCall.dpo`: the fused DPO loss (`DPOLossOutput`) too; the log-probs
-    then carry no gradient (it flows through the loss)."""
-
-    logprobs: SequenceLogprobs
-    aux_loss: torch.Tensor | None
-    loss: Any
 
 
 def _unwrap_engine(model: torch.nn.Module) -> torch.nn.Module:
@@ -266,7 +253,7 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
             )  # fmt: skip
         if call.extra is None:
             return res
-        return res, call.extra(full.to(weight.device), weight, bias, transform)
+        return res, call.extra(full.to(dev), weight, bias, transform)
 
     saved = inner.__dict__.get("forward")  # e.g. accelerate's device hooks
     inner.forward = fused
@@ -342,22 +329,22 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
         # (eager under torch.compile: the head's forward is swapped for this call)
         run_head = self._dpo_kernels_run_head
         res = run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
-    logprobs, extra = (res, None) if call.extra is None else res
     aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
-    if call.loss is not None:
-        return LossHeadOutput(logprobs, aux, extra)
     if call.dpo is not None:  # a LinearDPOOutput
-        return DPOHeadOutput(logprobs.logprobs, aux, logprobs.loss)
-    return HeadOutput(logprobs, aux) if call.extra is None else (HeadOutput(logprobs, aux), extra)
+        return HeadOutput(res.logprobs, aux, res.loss)
+    res, extra = (res, None) if call.extra is None else res
+    if call.loss is not None:
+        loss, logprobs = res
+        return HeadOutput(logprobs, aux, loss, extra)
+    return HeadOutput(res, aux, None, extra)
 
 
 def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
     """Patches the causal LM inside `model` (DDP / FSDP / DeepSpeed / PEFT wrappers) so that its
     forward takes `dpo_kernels_head=HeadCall(...)` and then returns what that call asks for,
-    computed inside that forward (a `HeadOutput`, with `call.extra` a `(HeadOutput, extra)` pair;
-    a `LossHeadOutput` for `call.loss`, a `DPOHeadOutput` for `call.dpo`); without the keyword the
-    forward is unchanged. Idempotent; returns the patched
-    module. Works after the model was wrapped: the wrappers call the patched forward."""
+    computed inside that forward (a `HeadOutput`); without the keyword the forward is unchanged.
+    Idempotent; returns the patched module. Works after the model was wrapped: the wrappers call
+    the patched forward."""
     inner = unwrap_model(model)
     if _installed(inner):
         return inner

@@ -121,11 +121,7 @@ def score(
         extra = mean_logits if with_mean else None
         call = HeadCall(labels, mask, stats=stats, backend=backend, extra=extra, loss=loss)
         out = model(**kwargs, **{HEAD_KWARG: call})
-        if loss is not None:
-            result, seq = out.result
-            return Scored(seq, out.extra, None, result)
-        out, mean = out if with_mean else (out, None)
-        return Scored(out.logprobs, mean, None)
+        return Scored(out.logprobs, out.extra, None, out.loss)
     logits = model(**kwargs).logits[:, -input_ids.shape[1] :]  # prompt-learning PEFT prepends
     seq = sequence_logprobs(logits[:, :-1], labels, mask=mask, stats=stats, backend=backend)
     return Scored(seq, logits if with_mean else None, logits)

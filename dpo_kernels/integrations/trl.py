@@ -21,7 +21,7 @@ import torch
 
 from ..batches import PreferenceBatch, preference_batch
 from ..common import LOSSES
-from ..forward import batch_logprobs, model_logprobs
+from ..forward import model_logprobs, reference_logprobs
 from ..fused_head import DPOHead
 from ..losses import dpo_loss, make_spec
 from ._siblings import fused_head_refusals, reference_context, refuse
@@ -128,16 +128,15 @@ class FusedDPOTrainer(DPOTrainer):
         return _ld_weighted(out.token_logps, b.completion_mask[:, 1:], self.ld_alpha)
 
     def _no_grad_logprobs(self, model, b: PreferenceBatch, model_kwargs: dict[str, Any]):
-        """The reference's log-probs. On the linear DPO route they come from `linear_dpo`'s own
-        pass (no gradient): the same summation as the policy's sums, so a policy equal to its
-        reference gets rewards exactly 0 (and ties, as in stock TRL), not rounding noise."""
-        if self._linear_dpo_fallback() is None:
-            head = DPOHead(make_spec())  # only the sums are used
-            return model_logprobs(model, b, model_kwargs=model_kwargs, dpo=head,
-                                  **self._kernel_options).logprobs  # fmt: skip
-        return batch_logprobs(model, b, model_kwargs=model_kwargs, **self._kernel_options)
+        """The reference's log-probs (on the linear DPO route, from its own pass)."""
+        linear = self._linear_dpo_fallback() is None
+        return reference_logprobs(model, b, linear_dpo=linear, model_kwargs=model_kwargs,
+                                  **self._kernel_options)  # fmt: skip
 
-    def _reference_sums(self, b: PreferenceBatch, model_kwargs: dict[str, Any]) -> torch.Tensor:
+    def _reference_sums(self, inputs, b: PreferenceBatch, model_kwargs: dict[str, Any]) -> tuple:
+        """(ref chosen, ref rejected) sums [P]: precomputed (in the batch), or computed now."""
+        if self.precompute_ref_logps:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         ref = self.model if self.ref_model is None else self.ref_model
         gc_kwargs = self.args.gradient_checkpointing_kwargs
         with (
@@ -146,7 +145,7 @@ class FusedDPOTrainer(DPOTrainer):
             reference_context(self),
         ):
             out = self._no_grad_logprobs(ref, b, model_kwargs)
-        return self._sums(out, b)
+        return self._sums(out, b).chunk(2)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (TRL calls this to precompute them)."""
@@ -176,15 +175,13 @@ class FusedDPOTrainer(DPOTrainer):
         if self._linear_dpo_fallback() is None:
             return self._fused_loss(model, inputs, b, kwargs, mode, return_outputs)
         # MoE: the router load-balancing loss of the same forward, weighted as stock TRL does.
-        out, aux_loss = model_logprobs(
+        head = model_logprobs(
             model, b, stats=True, router_aux=self.aux_loss_enabled, model_kwargs=kwargs,
             **self._kernel_options,
         )  # fmt: skip
+        out = head.logprobs
         chosen, rejected = self._sums(out, b).chunk(2)
-        if self.precompute_ref_logps:
-            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else:
-            ref_chosen, ref_rejected = self._reference_sums(b, kwargs).chunk(2)
+        ref_chosen, ref_rejected = self._reference_sums(inputs, b, kwargs)
         weights = self._wpo_weights(out, b) if self.use_weighting else None
         backend = self._kernel_options["backend"]
         loss = chosen.new_zeros(())
@@ -205,30 +202,27 @@ class FusedDPOTrainer(DPOTrainer):
                 weights=weights,
             ).loss  # fmt: skip
             loss = loss + self._sft_weight * sft
-        return self._finish(model, mode, b, kwargs, out, loss, aux_loss, chosen, rejected,
+        return self._finish(model, mode, b, kwargs, out, loss, head.aux_loss, chosen, rejected,
                             ref_chosen, ref_rejected, return_outputs)  # fmt: skip
 
     def _fused_loss(self, model, inputs, b, kwargs, mode, return_outputs):
         """The default route: the reference sums first (no gradient), then ONE policy forward
         whose LM head call computes the whole loss with `linear_dpo` (3 matmuls; the head's and
         the hidden states' gradients made during the forward) and the logged token statistics."""
-        if self.precompute_ref_logps:
-            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else:
-            ref_chosen, ref_rejected = self._reference_sums(b, kwargs).chunk(2)
+        ref_chosen, ref_rejected = self._reference_sums(inputs, b, kwargs)
         # ipo / sigmoid_norm divide by the unshifted completion lengths (TRL); sft by the scored
         # tokens, the op's own counts (both together take the other route).
         counts = (None, None)
         if "sft" not in self.loss_types:
             counts = b.completion_mask.sum(1).chunk(2)
         head = DPOHead(self._full_spec, ref_chosen, ref_rejected, *counts)
-        out, aux_loss, res = model_logprobs(
+        res = model_logprobs(
             model, b, stats=True, router_aux=self.aux_loss_enabled, model_kwargs=kwargs,
             dpo=head, **self._kernel_options,
         )  # fmt: skip
-        chosen, rejected = out.logps.chunk(2)
-        return self._finish(model, mode, b, kwargs, out, res.loss, aux_loss, chosen, rejected,
-                            ref_chosen, ref_rejected, return_outputs)  # fmt: skip
+        chosen, rejected = res.logprobs.logps.chunk(2)
+        return self._finish(model, mode, b, kwargs, res.logprobs, res.loss.loss, res.aux_loss,
+                            chosen, rejected, ref_chosen, ref_rejected, return_outputs)  # fmt: skip
 
     def _finish(self, model, mode, b, kwargs, out, loss, aux_loss, chosen, rejected, ref_chosen,
                 ref_rejected, return_outputs):  # fmt: skip
