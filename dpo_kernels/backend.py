@@ -30,7 +30,15 @@ FUNCTIONS = (
     "linear_logprobs_backward",  # their gradients for hidden, weight and bias
     "dpo_loss_and_grads",  # the DPO loss, per-pair losses and d/d(policy log-probs)
     "sibling_loss_and_grads",  # CPO / ORPO / KTO: loss, per-example losses, d/d(both sums)
+    # the row kernels of the fused linear losses (linear_dpo_rows.Rows), on float32 tiles:
+    "project_rows",  # the tile of logits from hidden rows and a weight block
+    "fold_rows",  # fold a tile into running log-sum-exp, label logit and statistics
+    "grad_rows",  # a tile of logits -> its gradient, given the rows' factors and lse
+    "fold_softmax_rows",  # both, on whole rows
 )
+# And the constants the row kernels need: the first argmax before any block (FOLD_NO_ARG),
+# the tiles' row alignment in elements (ROW_ALIGN), the tile's copies in memory (TILE_COPIES).
+CONSTANTS = ("FOLD_NO_ARG", "ROW_ALIGN", "TILE_COPIES")
 _MODULES = {"reference": ".ops.reference", "cpu": ".ops.cpu", "triton": ".ops.triton"}
 
 

@@ -22,6 +22,7 @@ PACKAGE = pathlib.Path(dpo_kernels.__file__).parent
 def test_every_backend_offers_the_same_functions(name):
     module = backend.kernels(name)
     missing = [f for f in backend.FUNCTIONS if not callable(getattr(module, f, None))]
+    missing += [c for c in backend.CONSTANTS if not isinstance(getattr(module, c, None), int)]
     assert not missing, f"backend {name!r} lacks {missing}"
 
 

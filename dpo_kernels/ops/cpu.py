@@ -66,3 +66,32 @@ def linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, transform
     op = torch.ops.dpo_kernels_cpu.linear_logprobs_backward
     tiles = (LINEAR_TOKEN_TILE, LINEAR_VOCAB_BLOCK)
     return op(grad, hidden, weight, bias, targets, lse, *transform, *needs, *tiles)
+
+
+# Row kernels of the fused linear losses (linear_dpo_rows.Rows; contracts in ops/reference.py),
+# csrc/linear_dpo_loss.cpp.
+FOLD_NO_ARG = -1  # Fold.arg before any block (vec_rows.h's RowFold)
+ROW_ALIGN = 1
+TILE_COPIES = 1  # the row kernels work in place
+
+
+def project_rows(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+    """out <- h @ w.T, split by vocabulary over the threads."""
+    torch.ops.dpo_kernels_cpu.vocab_blocked_mm(out, h, w)
+
+
+def fold_rows(x, y, f, vs: int, tf: LogitTransform) -> None:
+    op = torch.ops.dpo_kernels_cpu.linear_dpo_rows_fold
+    op(x, y, f.m, f.s, f.target, f.st, f.arg, vs, *tf)
+
+
+def fold_softmax_rows(x, y, f, tf: LogitTransform) -> None:
+    """One read of x, one exp per logit."""
+    if x.shape[0]:
+        op = torch.ops.dpo_kernels_cpu.linear_dpo_rows_fold_softmax
+        op(x, y, f.m, f.s, f.target, f.st, f.arg, *tf)
+
+
+def grad_rows(x, local, g, lse, tf: LogitTransform, out=None) -> None:
+    assert out is None
+    torch.ops.dpo_kernels_cpu.linear_dpo_rows_grad(x, local, g, lse, *tf)

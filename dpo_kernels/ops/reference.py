@@ -233,10 +233,14 @@ def linear_logits(
     transform: LogitTransform,
 ) -> torch.Tensor:
     """[M, V] logits of the fused linear op, materialized in the accumulation dtype."""
-    x = _projection(hidden, weight, bias)
-    if transform.softcap is not None:
-        x = transform.softcap * torch.tanh(x / transform.softcap)
-    return x * transform.factor
+    return _transform(_projection(hidden, weight, bias), transform)
+
+
+def _transform(x: torch.Tensor, tf: LogitTransform) -> torch.Tensor:
+    """z = softcap(x) * factor (see LogitTransform)."""
+    if tf.softcap is not None:
+        x = tf.softcap * torch.tanh(x / tf.softcap)
+    return x * tf.factor
 
 
 def linear_logprobs_forward(
@@ -294,3 +298,62 @@ def linear_logprobs_backward(
         (dx.T @ h).to(weight.dtype) if needs[1] else empty,
         dx.sum(0).to(bias.dtype) if needs[2] and bias is not None else empty,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Row kernels of the fused linear losses (linear_dpo_rows.Rows), on a float32 (float64) tile
+# x [n, nv] of projected logits of vocabulary [vs, vs + nv); `f` is a linear_dpo_rows.Fold.
+
+FOLD_NO_ARG = 2**31 - 1  # Fold.arg before any block: above every index (ties keep the first)
+ROW_ALIGN = 1  # tiles' rows are whole (no padding)
+TILE_COPIES = 3  # the tile, its transformed logits and its softmax (temporaries)
+
+
+def project_rows(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+    """out [n, nv] <- h [n, H] @ w [nv, H].T (all in the accumulation dtype)."""
+    torch.mm(h, w.T, out=out)
+
+
+def fold_rows(x: torch.Tensor, y: torch.Tensor, f, vs: int, tf: LogitTransform) -> None:
+    """Folds the logits x of vocabulary [vs, vs + nv) into f's running max, sum of exp, label
+    logit and, with f.stats, sum of p*z, sum of z, sum of p^2 and first argmax; y: the rows'
+    labels (global)."""
+    nv = x.shape[1]
+    z = _transform(x, tf)
+    local = y - vs
+    here = (local >= 0) & (local < nv)
+    f.target += torch.where(here, z.gather(1, local.clamp(0, nv - 1)[:, None])[:, 0], 0.0)
+    m_blk = z.max(1).values
+    m_new = torch.maximum(f.m, m_blk)
+    shift = torch.where(m_new.isinf(), 0.0, m_new)
+    scale = torch.exp(f.m - shift)
+    e = torch.exp(z - shift[:, None])
+    f.s.mul_(scale).add_(e.sum(1))
+    if f.stats:
+        pz, zsum, sq = f.st.unbind(0)
+        pz.mul_(scale).add_(torch.where(e == 0, 0.0, e * z).sum(1))
+        sq.mul_(scale * scale).add_((e * e).sum(1))
+        zsum.add_(z.sum(1))
+        arg_blk = vs + (z == m_blk[:, None]).to(torch.int8).argmax(1)
+        tie = torch.where(m_blk == f.m, torch.minimum(f.arg, arg_blk), f.arg)
+        f.arg.copy_(torch.where(m_blk > f.m, arg_blk, tie))
+    f.m.copy_(m_new)
+
+
+def grad_rows(x, local, g, lse, tf: LogitTransform, out=None) -> None:
+    """x <- g * (onehot(local) - softmax(z(x))) * dz/dx per row, in place (`out`: unsupported
+    here, the Triton backend's)."""
+    assert out is None
+    slope = tf.factor
+    if tf.softcap is not None:
+        slope = tf.factor * (1 - torch.tanh(x / tf.softcap) ** 2)
+    z = _transform(x, tf)
+    cols = torch.arange(x.shape[1], device=x.device)
+    onehot = (cols == local[:, None]).to(x.dtype)
+    x.copy_(g[:, None] * (onehot - torch.exp(z - lse[:, None])) * slope)
+
+
+def fold_softmax_rows(x: torch.Tensor, y: torch.Tensor, f, tf: LogitTransform) -> None:
+    """Folds whole rows x into a fresh f, then x <- (onehot(y) - softmax(z(x))) * dz/dx."""
+    fold_rows(x, y, f, 0, tf)
+    grad_rows(x, y, torch.ones_like(f.m), f.lse(), tf)

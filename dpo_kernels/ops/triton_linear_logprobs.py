@@ -303,6 +303,41 @@ def grad_tile(tile, out, targets, grad, lse, params, vocab_start, has_softcap: b
     )  # fmt: skip
 
 
+# Row kernels of the fused linear losses (linear_dpo_rows.Rows; contracts in ops/reference.py).
+FOLD_NO_ARG = 2**31 - 1  # Fold.arg before any block (see _linear_fwd_kernel's ties)
+TILE_COPIES = 1  # the row kernels work in place
+
+
+def project_rows(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+    """out <- h @ w.T in out's dtype (float32 from bf16/fp16 rows on CUDA: `project`)."""
+    project(h, w, None, out)
+
+
+def fold_rows(x, y, f, vs: int, tf: LogitTransform) -> None:
+    pz, zsum, sq = f.st.unbind(0) if f.stats else (f.s,) * 3
+    with device_guard(x):
+        fold_tile(
+            x, y, f.m, f.s, pz, zsum, sq, f.arg if f.stats else y, f.target,
+            transform_params(tf, x), vs, tf.softcap is not None, f.stats,
+        )  # fmt: skip
+
+
+def grad_rows(x, local, g, lse, tf: LogitTransform, out=None) -> None:
+    """`out` (a buffer of x's shape, in x's dtype or the inputs'): written instead of x."""
+    if x.shape[0] == 0:
+        return
+    with device_guard(x):
+        grad_tile(
+            x, x if out is None else out, local, g.contiguous(), lse.contiguous(),
+            transform_params(tf, x), 0, tf.softcap is not None,
+        )  # fmt: skip
+
+
+def fold_softmax_rows(x, y, f, tf: LogitTransform) -> None:
+    fold_rows(x, y, f, 0, tf)
+    grad_rows(x, y, torch.ones_like(f.m), f.lse(), tf)
+
+
 def linear_logprobs_forward(
     hidden: torch.Tensor,  # [M, H] counted rows, contiguous
     weight: torch.Tensor,  # [V, H]
