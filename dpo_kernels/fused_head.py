@@ -90,19 +90,37 @@ class HeadCall:
     loss: Any = None
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
 class DPOHead:
     """The DPO loss the head call computes with `linear_dpo` (3 matmuls, gradients of the head
     and the hidden states made during the forward): the loss spec, the reference sums [P]
     (precomputed, no gradient; None: reference-free) and the lengths [P] the length-normalized
-    losses divide by (None: the counted tokens)."""
+    losses divide by (None: the counted tokens).
 
-    spec: DPOLossSpec
-    ref_chosen_logps: torch.Tensor | None = None
-    ref_rejected_logps: torch.Tensor | None = None
-    chosen_counts: torch.Tensor | None = None
-    rejected_counts: torch.Tensor | None = None
-    memory_budget: int | None = None
+    A plain class, not a dataclass or a tuple: engines that cast a forward's floating-point
+    inputs to their compute dtype (FSDP1 / FSDP2 mixed precision, which recurse into dataclasses,
+    tuples and dicts) would round the float32 reference sums to bf16 on their way to the loss."""
+
+    __slots__ = (
+        "chosen_counts",
+        "memory_budget",
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+        "rejected_counts",
+        "spec",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        spec: DPOLossSpec,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        chosen_counts: torch.Tensor | None = None,
+        rejected_counts: torch.Tensor | None = None,
+        memory_budget: int | None = None,
+    ) -> None:
+        self.spec, self.memory_budget = spec, memory_budget
+        self.ref_chosen_logps, self.ref_rejected_logps = ref_chosen_logps, ref_rejected_logps
+        self.chosen_counts, self.rejected_counts = chosen_counts, rejected_counts
 
 
 class HeadOutput(NamedTuple):
@@ -177,7 +195,8 @@ def _unwrap_head(head: torch.nn.Module) -> torch.nn.Module:
             )
         inner = next(getattr(inner, a) for a in _WRAPPER_ATTRS if hasattr(inner, a))
     used = inner
-    if type(used).__name__ == "ModulesToSaveWrapper":  # PEFT: the active copy, or the original
+    # PEFT: the active copy, or the original (FSDP2 swaps in a subclass, FSDPModulesToSaveWrapper)
+    if any(c.__name__ == "ModulesToSaveWrapper" for c in type(used).__mro__):
         active = [] if used.disable_adapters else used.active_adapters
         used = used.modules_to_save[active[0]] if active else used.original_module
     if not (isinstance(used, torch.nn.Linear) and type(used).forward is torch.nn.Linear.forward):

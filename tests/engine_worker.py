@@ -98,7 +98,7 @@ def tiny_llama(tied: bool, seed: int):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=28, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=tied,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(cfg)
@@ -117,26 +117,35 @@ def deepspeed_config(cfg) -> dict:
 
 
 def shard(trainer, cfg) -> None:
-    """FSDP1 / FSDP2 through torch, on the policy and the reference (each decoder layer a unit)."""
+    """FSDP1 / FSDP2 through torch, on the policy and the reference (each decoder layer a unit;
+    "head_unit": lm_head too, FSDP2). "mp": mixed precision, bf16 compute, float32 reduction."""
+    from dpo_kernels.fused_head import unwrap_model
+
     layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer
     ref = getattr(trainer, "ref_model", None)  # ORPO has none
+    bf16 = torch.bfloat16
     if ENGINE == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        kw = {"mp_policy": MixedPrecisionPolicy(bf16, torch.float32)} if cfg.get("mp") else {}
         for m in [trainer.model] + ([ref] if ref is not None else []):
             for mod in list(m.modules()):
                 if isinstance(mod, layer):
-                    fully_shard(mod)
-            fully_shard(m)
+                    fully_shard(mod, **kw)
+            if cfg.get("head_unit"):
+                fully_shard(unwrap_model(m).lm_head, **kw)
+            fully_shard(m, **kw)
         return
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     def wrap(m):
+        mp = MixedPrecision(param_dtype=bf16, reduce_dtype=torch.float32) if cfg.get("mp") else None
         return FSDP(
             m, auto_wrap_policy=ModuleWrapPolicy({layer}), use_orig_params=cfg["orig"],
             sharding_strategy=ShardingStrategy[cfg["strategy"]], device_id=torch.device("cpu"),
+            mixed_precision=mp,
         )  # fmt: skip
 
     trainer.model = trainer.model_wrapped = wrap(trainer.model)
@@ -193,7 +202,9 @@ def train(cls, cfg):
     model = tiny_llama(cfg.get("tied", False), seed=0)
     dpo = cfg.get("trainer", "dpo") == "dpo"
     kto = cfg.get("trainer") == "kto"
-    ref = None if peft or not (dpo or kto) else tiny_llama(cfg.get("tied", False), seed=1)
+    # "ref_copy": the reference is the policy's copy, so that the first step's margins are 0
+    ref_seed = 0 if cfg.get("ref_copy") else 1
+    ref = None if peft or not (dpo or kto) else tiny_llama(cfg.get("tied", False), seed=ref_seed)
     gc = cfg.get("gc")
     args = trainers(cfg)[2](
         output_dir=os.path.join(OUT_DIR, f"run{RANK}"),
@@ -216,7 +227,7 @@ def train(cls, cfg):
         # FSDP driven outside accelerate: its norm would be one rank's shard; do not clip by it.
         max_grad_norm=0.0 if ENGINE.startswith("fsdp") else 1.0,
     )
-    data = preference_dataset(BATCH * STEPS * WORLD, seed=0)
+    data = preference_dataset(BATCH * STEPS * WORLD, seed=0, length=cfg.get("completion"))
     if kto:
         data = unpaired(data)
     if ENGINE.startswith("fsdp"):  # no distributed sampler: each rank takes its own half
@@ -226,8 +237,14 @@ def train(cls, cfg):
         from peft import LoraConfig
 
         kwargs["peft_config"] = LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
-        )
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+            modules_to_save=cfg.get("modules_to_save"),
+            # random B: the adapter moves the policy off its reference from the first step (at
+            # B = 0 the rewards tie exactly, and stock's bf16 rounding noise breaks the ties)
+            init_lora_weights=not cfg.get("lora_random", False),
+        )  # fmt: skip
+    if cls is FusedDPOTrainer and cfg.get("fused_lm_head") is False:
+        kwargs["fused_lm_head"] = False
     trainer = cls(
         model=model, args=args, train_dataset=data,
         processing_class=tiny_tokenizer(), **kwargs,
@@ -273,6 +290,7 @@ def compare(stock, ours) -> dict:
             moved, default=None
         ),  # training changed the policy: the comparison is not vacuous
         "loss_moved": abs(hs[0]["logps/chosen"] - hs[-1]["logps/chosen"]),
+        "first_losses": [hs[0]["loss"], ho[0]["loss"]],
         "keys": sorted(keys),
         "facts": fs,
     }
@@ -291,11 +309,18 @@ for cfg in CONFIGS:
             }
         )
         runs = {}
-        for cls in trainers(cfg)[:2]:
+        # "baseline": "logits": against FusedDPOTrainer(fused_lm_head=False), where stock is off
+        pair = trainers(cfg)[:2]
+        if cfg.get("baseline") == "logits":
+            pair = [(pair[1], {"fused_lm_head": False}), (pair[1], {})]
+        else:
+            pair = [(c, {}) for c in pair]
+        for i, (cls, extra) in enumerate(pair):
             try:
-                runs[cls.__name__] = train(cls, cfg)
+                runs[i] = train(cls, {**cfg, **extra})
             except Exception:
-                results[name] = {"error": f"{cls.__name__}: {traceback.format_exc()[-3000:]}"}
+                error = traceback.format_exc()[-3000:]
+                results[name] = {"error": f"{cls.__name__} {extra}: {error}"}
                 raise
         results[name] = compare(*runs.values())
     except Exception:

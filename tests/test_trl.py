@@ -25,18 +25,20 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
 
 
-def preference_dataset(n=16, seed=0):
+def preference_dataset(n=16, seed=0, length=None):
+    """n rows of random letters; completions of 1-6 words, or of `length` words."""
     g = torch.Generator(torch.get_default_device()).manual_seed(seed)
 
     def words(lo, hi):
         k = int(torch.randint(lo, hi, (1,), generator=g))
         return " ".join(LETTERS[int(i)] for i in torch.randint(0, 26, (k,), generator=g))
 
+    lo, hi = (1, 7) if length is None else (length, length + 1)
     rows = [
         {
             "prompt": words(2, 6),
-            "chosen": " " + words(1, 7) + " </s>",
-            "rejected": " " + words(1, 7) + " </s>",
+            "chosen": " " + words(lo, hi) + " </s>",
+            "rejected": " " + words(lo, hi) + " </s>",
         }
         for _ in range(n)
     ]

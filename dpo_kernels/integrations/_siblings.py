@@ -44,9 +44,23 @@ def reference_context(trainer) -> contextlib.AbstractContextManager:
 
     if trainer.ref_model is not None or not is_peft_model(trainer.model):
         return contextlib.nullcontext()
+    _fsdp2_lazy_init(trainer.model)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     name = "ref" if "ref" in unwrapped.peft_config else None
     return use_adapter(unwrapped, adapter_name=name)
+
+
+def _fsdp2_lazy_init(model: torch.nn.Module) -> None:
+    """FSDP2 (`fully_shard`) sets up at its first forward, with the dtype to reduce gradients in
+    taken from the parameters that require grad then. The fused trainers' first forward is the
+    reference pass, which for PEFT is the policy with its adapter off (its weights not requiring
+    grad): that setup would find none, and the first backward fail under mixed precision. So it
+    runs here, with the adapter on (a no-op once done, and for other engines)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)  # outermost
+    if root is not None:
+        root._get_fsdp_state()._lazy_init()
 
 
 def fused_head_refusals(trainer, fused_lm_head: bool) -> dict[str, bool]:
