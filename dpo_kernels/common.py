@@ -106,11 +106,14 @@ class LossInfo(NamedTuple):
         "chosen_nll"  the batch's chosen log-probs over its chosen tokens (sft)
     needs_counts: divides by completion lengths (dpo_loss then needs the token counts).
     f_divergence: a non-default f_divergence_type is allowed with it.
+    divides_by_beta: its target margin is 1 / (2 beta) (beta = 0 is refused; any other finite
+        beta trains, as in TRL).
     """
 
     argument: str
     needs_counts: bool = False
     f_divergence: bool = False
+    divides_by_beta: bool = False
 
     @property
     def sorting(self) -> bool:
@@ -127,12 +130,12 @@ class LossInfo(NamedTuple):
 LOSSES: dict[str, LossInfo] = {
     "sigmoid": LossInfo("margin", f_divergence=True),
     "hinge": LossInfo("margin", f_divergence=True),
-    "ipo": LossInfo("normalized", needs_counts=True, f_divergence=True),
+    "ipo": LossInfo("normalized", needs_counts=True, f_divergence=True, divides_by_beta=True),
     "exo_pair": LossInfo("margin", f_divergence=True),
     "nca_pair": LossInfo("log_ratios"),
     "robust": LossInfo("margin", f_divergence=True),
     "bco_pair": LossInfo("log_ratios"),
-    "sppo_hard": LossInfo("log_ratios"),
+    "sppo_hard": LossInfo("log_ratios", divides_by_beta=True),
     "aot": LossInfo("sorted"),
     "aot_unpaired": LossInfo("sorted"),
     "apo_zero": LossInfo("log_ratios"),
@@ -249,14 +252,21 @@ class Family(NamedTuple):
     averaged: frozenset[str]  # loss types that average the log-probs over the completion tokens
     reference: bool  # needs the reference model's log-probs
     nll: bool  # may add an NLL term on the chosen completions
-    any_beta: bool = False  # beta only weighs a term: any finite value (as TRL), else beta > 0
+    # loss types that divide by beta (beta = 0 refused); any other finite beta trains, as in TRL
+    divides_by_beta: frozenset[str] = frozenset()
 
 
 FAMILIES: dict[str, Family] = {
     "cpo": Family(
-        0, True, ("sigmoid", "hinge", "ipo", "simpo"), frozenset(("ipo", "simpo")), False, True
+        0,
+        True,
+        ("sigmoid", "hinge", "ipo", "simpo"),
+        frozenset(("ipo", "simpo")),
+        False,
+        True,
+        divides_by_beta=frozenset(("ipo", "simpo")),  # 1 / (2 beta), simpo_gamma / beta
     ),
-    "orpo": Family(1, True, ("orpo",), frozenset(("orpo",)), False, True, any_beta=True),
+    "orpo": Family(1, True, ("orpo",), frozenset(("orpo",)), False, True),
     "kto": Family(2, False, ("kto", "apo_zero_unpaired"), frozenset(), True, False),
 }
 

@@ -19,6 +19,7 @@ from ._autograd import input_grads
 from .common import (
     F_DIVERGENCES,
     LOSS_TYPES,
+    LOSSES,
     DPOLossSpec,
     PairLogprobs,
     SequenceLogprobs,
@@ -83,14 +84,24 @@ def make_spec(
     beta, label_smoothing = number("beta", beta), number("label_smoothing", label_smoothing)
     f_alpha_divergence_coef = number("f_alpha_divergence_coef", f_alpha_divergence_coef)
     discopop_tau = number("discopop_tau", discopop_tau)
-    if not beta > 0 or not math.isfinite(beta):
-        raise ValueError(f"beta must be > 0 and finite, got {beta}")
+    # Any finite beta and label_smoothing, as TRL trains with them, but where a loss divides by
+    # zero or takes the log of a non-positive number.
+    if not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite number, got {beta}")
+    divides = [t for t in types if LOSSES[t].divides_by_beta]
+    if beta == 0 and divides:
+        raise ValueError(f"beta must not be 0 with loss_type {divides}: they divide by beta")
     if not math.isfinite(f_alpha_divergence_coef):
         raise ValueError(f"f_alpha_divergence_coef must be finite, got {f_alpha_divergence_coef}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    if "exo_pair" in types and label_smoothing == 0.0:
-        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+    if not math.isfinite(label_smoothing):
+        raise ValueError(f"label_smoothing must be a finite number, got {label_smoothing}")
+    if "exo_pair" in types and not 0.0 < label_smoothing < 1.0:
+        raise ValueError(
+            "loss_type 'exo_pair' needs label_smoothing in (0, 1) (its log and log1p; the EXO "
+            f"paper uses 1e-3), got {label_smoothing}"
+        )
+    if "robust" in types and label_smoothing == 0.5:
+        raise ValueError("loss_type 'robust' divides by 1 - 2 * label_smoothing: 0.5 is refused")
     if f_divergence_type not in F_DIVERGENCES:
         choices = ", ".join(F_DIVERGENCES)
         raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; choose from {choices}")

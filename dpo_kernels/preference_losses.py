@@ -57,8 +57,8 @@ class _ClosedForm(torch.autograd.Function):
 
 def _spec(family: str, loss_type: str, **options) -> SiblingSpec:
     """A validated `SiblingSpec`: options are finite numbers (a TypeError or ValueError naming
-    the option otherwise), beta > 0 (any where it only weighs a term: `Family.any_beta`),
-    label_smoothing in [0, 0.5), the loss type the family's."""
+    the option otherwise), as TRL trains with them (beta not 0 where the loss divides by it:
+    `Family.divides_by_beta`), the loss type the family's."""
     fam = FAMILIES[family]
     if loss_type not in fam.loss_types:
         choices = CPO_LOSS_TYPES if family == "cpo" else fam.loss_types
@@ -68,10 +68,8 @@ def _spec(family: str, loss_type: str, **options) -> SiblingSpec:
         if not math.isfinite(v):
             raise ValueError(f"{k} must be a finite number, got {v}")
     spec = SiblingSpec(family, loss_type, **options)
-    if not (spec.beta > 0 or fam.any_beta):  # orpo's beta weighs a term: 0 is plain SFT
-        raise ValueError(f"beta must be > 0, got {spec.beta}")
-    if not 0.0 <= spec.label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {spec.label_smoothing}")
+    if spec.beta == 0 and loss_type in fam.divides_by_beta:
+        raise ValueError(f"beta must not be 0 with loss_type {loss_type!r}: it divides by beta")
     return spec
 
 

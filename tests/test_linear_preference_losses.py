@@ -8,6 +8,8 @@ than one pair (the tile route with recompute).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -229,8 +231,14 @@ def test_linear_kto_kl_given_directly():
     ("call", "match"),
     [
         (lambda h, w, lab: linear_cpo_loss(h, w, lab, loss_type="dpo"), "unknown loss_type"),
-        (lambda h, w, lab: linear_cpo_loss(h, w, lab, beta=0.0), "beta must be > 0"),
-        (lambda h, w, lab: linear_simpo_loss(h, w, lab, label_smoothing=0.5), "label_smoothing"),
+        (
+            lambda h, w, lab: linear_cpo_loss(h, w, lab, loss_type="ipo", beta=0.0),
+            "beta must not be 0",
+        ),
+        (
+            lambda h, w, lab: linear_simpo_loss(h, w, lab, label_smoothing=math.inf),
+            "label_smoothing",
+        ),
         (lambda h, w, lab: linear_orpo_loss(h[:-1], w, lab[:-1]), r"\[2P, T, H\]"),
         (lambda h, w, lab: linear_cpo_loss(h, w, lab, memory_budget=0), "memory_budget"),
         (lambda h, w, lab: linear_cpo_loss(h, w[:, :-1], lab), "weight"),

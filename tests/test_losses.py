@@ -260,11 +260,12 @@ def test_module_takes_sequence_logprobs_of_a_concatenated_batch():
     [
         (dict(loss_type="dpo"), "unknown loss_type"),
         (dict(loss_type=[]), "loss_type is empty"),
-        (dict(beta=0.0), "beta must be > 0"),
-        (dict(beta=-1.0), "beta must be > 0"),
-        (dict(label_smoothing=0.5), "label_smoothing must lie in"),
-        (dict(label_smoothing=-0.1), "label_smoothing must lie in"),
-        (dict(loss_type="exo_pair"), "needs label_smoothing > 0"),
+        (dict(beta=0.0, loss_type=["sigmoid", "ipo"]), r"beta must not be 0 .*\['ipo'\]"),
+        (dict(beta=0.0, loss_type="sppo_hard"), "they divide by beta"),
+        (dict(label_smoothing=float("nan")), "label_smoothing must be a finite number"),
+        (dict(label_smoothing=0.5, loss_type="robust"), "divides by 1 - 2 \\* label_smoothing"),
+        (dict(loss_type="exo_pair"), r"needs label_smoothing in \(0, 1\)"),
+        (dict(loss_type="exo_pair", label_smoothing=1.0), r"needs label_smoothing in \(0, 1\)"),
         (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]), "loss_weights has 1 entries"),
         (dict(f_divergence_type="kl"), "unknown f_divergence_type"),
         (dict(f_divergence_type="forward_kl", loss_type="bco_pair"), "works only with"),
@@ -369,3 +370,45 @@ def test_pair_weights_refuse_sorting_losses_and_gradients():
         dpo_loss(pc, pr, rc, rr, weights=torch.ones(6, dtype=torch.float64, requires_grad=True))
     with pytest.raises(ValueError, match="weights has 5 entries"):
         dpo_loss(pc, pr, rc, rr, weights=torch.ones(5, dtype=torch.float64))
+
+
+# Options TRL trains with beyond the usual ranges: any finite beta (0 but where a loss divides by
+# it) and label_smoothing (exo_pair's in (0, 1), robust's not 0.5).
+ODD_OPTIONS = [(-0.3, 0.7), (0.0, -0.1), (-2.0, 0.0), (0.2, 0.6)]
+
+
+@pytest.mark.parametrize("backend", [*cpu_backends(), "spec"])
+@pytest.mark.parametrize("beta,eps", ODD_OPTIONS)
+def test_each_loss_takes_the_options_trl_trains_with(backend, beta, eps):
+    """Every loss type whose formula is finite at (beta, label_smoothing) against TRL's scalar
+    formula, value and gradients; the others refused by name."""
+    pc, pr, rc, rr, nc, nr = make_pairs()
+    lists = [t.tolist() for t in (pc, pr, rc, rr, nc, nr)]
+    for kind in dpo_kernels.common.LOSS_TYPES:
+        config = dict(beta=beta, loss_type=kind, label_smoothing=eps)
+        refused = ((beta == 0 and kind in ("ipo", "sppo_hard"))
+                   or (kind == "exo_pair" and not 0 < eps < 1))  # fmt: skip
+        if refused:
+            with pytest.raises(ValueError, match=r"beta must not be 0|needs label_smoothing in"):
+                dpo_kernels.make_spec(**config)
+            continue
+        pc_, pr_ = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+        if backend == "spec":
+            out = spec_loss(pc_, pr_, rc, rr, nc, nr, **config)
+        else:
+            out = dpo_loss(pc_, pr_, rc, rr, chosen_counts=nc, rejected_counts=nr,
+                           backend=backend, **config)  # fmt: skip
+        expect = scalar_loss(kind, *lists, beta, eps)
+        assert out.loss.item() == pytest.approx(expect, rel=1e-10, abs=1e-12), kind
+        out.loss.backward()
+        for x, i in ((pc_, 0), (pr_, 1)):
+
+            def f(v, i=i, kind=kind):
+                args = list(lists)
+                args[i] = v
+                return scalar_loss(kind, *args, beta, eps)
+
+            want = torch.tensor([numeric_grad(f, lists[i], j) for j in range(len(lists[i]))],
+                                dtype=torch.float64)  # fmt: skip
+            got = x.grad if x.grad is not None else torch.zeros_like(want)
+            torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-5, msg=kind)

@@ -250,11 +250,16 @@ def test_kto_kl_clamped_and_passed_directly():
         (lambda a, n: cpo_loss(a, a, loss_type="dpo"), "loss_type"),
         (lambda a, n: cpo_loss(a, a, loss_type="ipo", cpo_alpha=0.0), "chosen_counts"),
         (lambda a, n: cpo_loss(a, a), "cpo_alpha"),
-        (lambda a, n: cpo_loss(a, a, beta=0.0, cpo_alpha=0.0), "beta"),
-        (lambda a, n: cpo_loss(a, a, label_smoothing=0.5, cpo_alpha=0.0), "label_smoothing"),
+        (
+            lambda a, n: cpo_loss(
+                a, a, loss_type="ipo", beta=0.0, cpo_alpha=0.0, chosen_counts=n, rejected_counts=n
+            ),
+            "beta must not be 0",
+        ),
+        (lambda a, n: cpo_loss(a, a, label_smoothing=math.nan, cpo_alpha=0.0), "label_smoothing"),
         (lambda a, n: cpo_loss(a, a[:2], cpo_alpha=0.0), "rejected_logps"),
         (lambda a, n: orpo_loss(a, a, chosen_counts=n, rejected_counts=n, beta=math.inf), "beta"),
-        (lambda a, n: kto_loss(a, a, n > 0, kl=0.0, beta=0.0), "beta"),
+        (lambda a, n: kto_loss(a, a, n > 0, kl=0.0, beta=math.inf), "beta"),
         (lambda a, n: kto_loss(a, a, n > 0), "kl_logps"),
         (lambda a, n: kto_loss(a, a, n), "bool"),
         (lambda a, n: kto_loss(a, a, n > 0, loss_type="bco", kl=0.0), "loss_type"),

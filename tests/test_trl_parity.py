@@ -42,6 +42,11 @@ CASES = {
         loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], optim="adamw_torch"
     ),
     "robust-js-adamw": loss_case("robust", f_divergence_type="js_divergence", optim="adamw_torch"),
+    # options TRL trains with outside the usual ranges (as dpo_kernels.make_spec takes them)
+    "mix-negative-beta-smoothing-0.7": dict(
+        loss_type=["sigmoid", "robust", "aot", "exo_pair", "ipo"], beta=-0.3, label_smoothing=0.7
+    ),
+    "apo_zero-beta0-sft": dict(loss_type=["apo_zero", "sft"], beta=0.0),
 }
 
 _DATA = {}

@@ -141,10 +141,15 @@ PAIRED_KEYS = [
         ({"loss_type": "alphapo", "alpha": 0.2, "simpo_gamma": 0.7, "beta": 2.0}, "sgd", False),
         ({"loss_type": "alphapo", "alpha": 0.2, "simpo_gamma": 0.7, "beta": 2.0}, "sgd", True),
         ({"loss_type": "simpo", "label_smoothing": 0.1, "beta": 2.0}, "adamw", True),
+        # options TRL trains with outside the usual ranges (beta 0 but where a loss divides by it)
+        ({"loss_type": "sigmoid", "label_smoothing": 0.7, "beta": -0.5}, "sgd", True),
+        ({"loss_type": "hinge", "beta": 0.0}, "sgd", False),
+        ({"loss_type": "simpo", "label_smoothing": -0.1, "beta": -1.5}, "sgd", True),
     ],
     ids=[
         "sigmoid-smoothing-head", "hinge-alpha-logits", "ipo-adamw-head", "alphapo-logits",
-        "alphapo-head", "cpo-simpo-adamw-head",
+        "alphapo-head", "cpo-simpo-adamw-head", "negative-beta-smoothing-0.7-head",
+        "hinge-beta0-logits", "simpo-negative-beta-and-smoothing-head",
     ],
 )  # fmt: skip
 def test_cpo_matches_stock(cfg, optim, fused, tmp_path, monkeypatch):
@@ -186,9 +191,11 @@ KTO_KEYS = [
         # 3 completions a step: linear_kto_loss cannot pair them (log-probs + kto_loss); the
         # evaluation batch of 4 goes fused
         ({"loss_type": "kto", "per_device_train_batch_size": 3}, "sgd", True, 1),
+        ({"loss_type": "kto", "beta": -0.5}, "sgd", True, STEPS + 1),  # as TRL: any finite beta
+        ({"loss_type": "apo_zero_unpaired", "beta": -0.3}, "sgd", False, 0),
     ],
     ids=["kto-weights-head", "kto-precomputed-adamw-logits", "apo_zero_unpaired-head",
-         "kto-odd-batch-head"],
+         "kto-odd-batch-head", "kto-negative-beta-head", "apo-negative-beta-logits"],
 )  # fmt: skip
 def test_kto_matches_stock(cfg, optim, fused, fused_losses, tmp_path, monkeypatch):
     """Also counts the losses computed in the head call by the 3-matmul op (train and eval)."""
@@ -204,13 +211,20 @@ def test_kto_matches_stock(cfg, optim, fused, fused_losses, tmp_path, monkeypatc
     assert calls["pair"] == fused_losses
 
 
-def test_kto_peft_matches_stock(tmp_path):
-    """LoRA, no ref_model: the reference is the model with its adapter disabled."""
+@pytest.mark.parametrize(
+    "fused,noise", [(None, None), (False, 5.0)], ids=["head", "neftune-logits"]
+)
+def test_kto_peft_matches_stock(fused, noise, tmp_path):
+    """LoRA, no ref_model: the reference is the model with its adapter disabled. With NEFTune it
+    draws noise too (in training mode): on the logits path the passes run in stock's order, so
+    the draws are stock's, draw for draw."""
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     kw = dict(dataset=unpaired_dataset(), peft_config=lora, loss_type="kto")
+    if noise is not None:
+        kw["neftune_noise_alpha"] = noise
     stock = run(trl.KTOTrainer, trl.KTOConfig, tmp_path, **kw)
-    ours = run(FusedKTOTrainer, trl.KTOConfig, tmp_path, **kw)
+    ours = run(FusedKTOTrainer, trl.KTOConfig, tmp_path, fused=fused, **kw)
     assert any("lora" in k for k in stock[1])
     assert_same(stock, ours, KTO_KEYS)
 
@@ -240,8 +254,9 @@ def test_fused_head_refuses_softcap(tmp_path):
 
 
 def test_bad_loss_option_raises_at_construction(tmp_path):
-    args = CPOConfig(output_dir=str(tmp_path), **COMMON, label_smoothing=0.6)
-    with pytest.raises(ValueError, match="label_smoothing"):
+    """simpo divides by beta (TRL's loss would be NaN at beta = 0)."""
+    args = CPOConfig(output_dir=str(tmp_path), **COMMON, loss_type="simpo", beta=0.0)
+    with pytest.raises(ValueError, match="beta must not be 0 with loss_type 'simpo'"):
         FusedCPOTrainer(
             model=tiny_causal_lm("llama", vocab=28, seed=0),
             args=args,

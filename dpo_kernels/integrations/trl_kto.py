@@ -144,18 +144,23 @@ class FusedKTOTrainer(KTOTrainer):
         labels = torch.as_tensor(batch["label"], dtype=torch.bool, device=dev)
         KL_logps = self._kl_sums(model, batch)
         ids, attn, cmask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-        # The reference sums and the KL estimate (no gradient) first, then the policy's forward
-        # (the same order on every route, so processes that take different routes for an odd
-        # batch still call their collectives in the same order).
+        fused = self.linear_loss_fallback is None
+        policy_first = not fused  # stock's order: with PEFT and no ref_model, its dropout draws
+        if policy_first:
+            seq, logits = self._sums(model, ids, attn, cmask, True)
+        # With the fused head the reference sums and the KL estimate (no gradient) come before
+        # the policy's forward, on every route, so processes that take different routes for an
+        # odd batch still call their collectives in the same order.
         ref_logps, ref_KL_logps = self._ref_sums(batch)
         kl = None
         if self.calculate_KL:
             kl = gather((KL_logps - ref_KL_logps).mean().detach()).mean().clamp(min=0)
-        if self.linear_loss_fallback is None and ids.shape[0] % 2 == 0:  # the loss in the head
+        if fused and ids.shape[0] % 2 == 0:  # the loss in the head
             loss = self._head_loss(ref_logps, labels, kl)
             seq, logits, out = self._sums(model, ids, attn, cmask, True, loss=loss)
         else:
-            seq, logits = self._sums(model, ids, attn, cmask, True)
+            if not policy_first:
+                seq, logits = self._sums(model, ids, attn, cmask, True)
             out = kto_loss(seq.logps, ref_logps, labels, kl=kl, **self._loss_options())
         self._log_kto(mode, batch, labels, seq, out, gather)
         if return_outputs:
