@@ -10,6 +10,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .backend import device_side_checks
+from .validation import check_same_device
+
 
 class PreferenceBatch(NamedTuple):
     """A concatenated preference batch: rows [chosen (P); rejected (P)], right-padded to L."""
@@ -33,6 +36,30 @@ def _completion(batch: Mapping[str, Any], prefix: str, ignore_index: int) -> tor
     raise KeyError(
         f"the batch has no {prefix}completion_mask or {prefix}labels to say which tokens to score"
     )
+
+
+def _check_masks(ids: torch.Tensor, am, cm, prefix: str) -> None:
+    """The masks of `ids` (one half, or the whole batch): tensors of its shape holding 0 and 1
+    only (a weight of 0.5 would count as 1), on its device. Values: a ValueError on CPU, a
+    device-side assert on CUDA (no host sync)."""
+    for name, m in ((f"{prefix}attention_mask", am), (f"{prefix}completion_mask", cm)):
+        if not isinstance(m, torch.Tensor) or m.is_complex():
+            got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
+            raise TypeError(f"{name} must be a 0/1 (or bool) tensor, got {got}")
+        if m.shape != ids.shape:
+            raise ValueError(
+                f"{name} {tuple(m.shape)} must have the shape of {prefix}input_ids "
+                f"{tuple(ids.shape)}"
+            )
+        check_same_device(name, m, ids, f"{prefix}input_ids")
+        if m.dtype == torch.bool:
+            continue
+        bad = (m != 0) & (m != 1)
+        if device_side_checks(m.device):
+            torch._assert_async(~bad.any(), f"dpo_kernels: {name} holds a value other than 0, 1")
+        elif bad.any():
+            i = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"{name}{list(i)} = {m[i].item()}; it must hold only 0 and 1")
 
 
 def preference_batch(
@@ -68,6 +95,7 @@ def preference_batch(
         for prefix, x in (("chosen_", c_ids), ("rejected_", r_ids)):
             am = batch.get(f"{prefix}attention_mask", torch.ones_like(x))
             cm = _completion(batch, prefix, ignore_index)
+            _check_masks(x, am, cm, prefix)
             halves.append(
                 (_pad_right(x, L, pad_token_id), _pad_right(am, L, 0), _pad_right(cm, L, 0))
             )
@@ -79,11 +107,7 @@ def preference_batch(
         )
     if ids.shape[1] == 0:
         raise ValueError("the preference batch has no tokens (every prompt and completion empty)")
-    if am.shape != ids.shape or cm.shape != ids.shape:
-        raise ValueError(
-            f"attention_mask {tuple(am.shape)} and completion_mask {tuple(cm.shape)} must match "
-            f"input_ids {tuple(ids.shape)}"
-        )
+    _check_masks(ids, am, cm, "")
     return PreferenceBatch(
         ids, am, cm, batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
     )
@@ -107,26 +131,39 @@ def collate_preferences(
             f"pad_token_id must be an int, got {pad_token_id!r}; a tokenizer without a pad token "
             "(Llama's) can pad with its eos_token_id: padded positions are never attended or scored"
         )
-    missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(examples[0])
-    if missing:
-        raise KeyError(
-            f"collate_preferences needs examples with prompt_ids, chosen_ids and rejected_ids; the "
-            f"first has {sorted(examples[0])} (missing {sorted(missing)})"
-        )
     rows, completion = [], []
     for half in ("chosen_ids", "rejected_ids"):
-        for e in examples:
-            rows.append(list(e["prompt_ids"]) + list(e[half]))
-            completion.append([0] * len(e["prompt_ids"]) + [1] * len(e[half]))
-    L = max(map(len, rows))
+        for i, e in enumerate(examples):
+            prompt, answer = _token_ids(e, i, "prompt_ids"), _token_ids(e, i, half)
+            rows.append(torch.cat([prompt, answer]))
+            completion.append(torch.cat([torch.zeros_like(prompt), torch.ones_like(answer)]))
+    L = max(len(r) for r in rows)
     ids = torch.full((len(rows), L), pad_token_id, dtype=torch.long)
     am = torch.zeros((len(rows), L), dtype=torch.long)
     cm = torch.zeros((len(rows), L), dtype=torch.long)
     for i, (r, c) in enumerate(zip(rows, completion, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        ids[i, : len(r)] = r
         am[i, : len(r)] = 1
-        cm[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        cm[i, : len(c)] = c
     return {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
+
+
+def _token_ids(example: Mapping[str, Any], i: int, key: str) -> torch.Tensor:
+    """examples[i][key] as a 1-D int64 tensor, or an error naming the example and the key."""
+    if not isinstance(example, Mapping) or key not in example:
+        has = sorted(example) if isinstance(example, Mapping) else type(example).__name__
+        raise KeyError(
+            f"collate_preferences needs examples with prompt_ids, chosen_ids and rejected_ids; "
+            f"examples[{i}] has {has} (no {key!r})"
+        )
+    ids = example[key]
+    t = torch.as_tensor(ids) if len(ids) else torch.zeros(0, dtype=torch.long)
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(
+            f"examples[{i}][{key!r}] must be a list of int token ids, got {t.dtype} of shape "
+            f"{tuple(t.shape)}"
+        )
+    return t.long().cpu()
 
 
 class PackedBatch(NamedTuple):
@@ -141,9 +178,11 @@ class PackedBatch(NamedTuple):
 
 def pack(b: PreferenceBatch, ignore_index: int = -100) -> PackedBatch:
     """Drop the padding of a right-padded batch: its real tokens back to back, rows in order."""
-    keep = b.attention_mask != 0  # any dtype: nonzero attends, as on the padded path
+    keep = b.attention_mask != 0
     lengths = keep.sum(1)
     ids = b.input_ids[keep]
+    if ids.numel() == 0:
+        raise ValueError("padding_free: the batch has no attended tokens (attention_mask is all 0)")
     completion = (b.completion_mask != 0)[keep]
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     starts = torch.repeat_interleave(cu[:-1].long(), lengths)

@@ -91,11 +91,13 @@ def model_logprobs(
 def _check_ref_logps(ref_logps) -> None:
     if ref_logps is not None and not (
         isinstance(ref_logps, (tuple, list)) and len(ref_logps) == 2
-        and all(isinstance(t, torch.Tensor) for t in ref_logps)
+        and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ref_logps)
     ):  # fmt: skip
+        got = [getattr(t, "dtype", type(t).__name__) for t in ref_logps] if isinstance(
+            ref_logps, (tuple, list)) else type(ref_logps).__name__  # fmt: skip
         raise TypeError(
-            "ref_logps must be a pair of [P] tensors (ref_chosen_logps, ref_rejected_logps), "
-            f"got {type(ref_logps).__name__}"
+            "ref_logps must be a pair of floating-point [P] tensors (ref_chosen_logps, "
+            f"ref_rejected_logps), got {got}"
         )
 
 

@@ -26,6 +26,7 @@ on the 3-matmul route.
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -46,6 +47,7 @@ from .common import (
     stats_dtypes,
 )
 from .losses import DPOLossOutput, check_spec, dpo_loss, make_spec
+from .validation import check_flag, make_transform, number
 from .validation import check_linear_inputs as _check_linear_inputs
 from .validation import check_values as _check_values
 
@@ -176,7 +178,7 @@ def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, re
              logit_scale, softcap, temperature, memory_budget, backend, pairs):  # fmt: skip
     """Validates the inputs of a fused linear pair loss (pairs: further [P] tensors by name), all
     but the values of labels and mask (`check_values`: a host sync, done where the loss runs)."""
-    tf = LogitTransform(logit_scale, softcap, temperature)
+    tf = make_transform(logit_scale, softcap, temperature)
     _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, tf)
     if hidden.dim() != 3 or hidden.shape[0] % 2:
         raise ValueError(
@@ -190,8 +192,10 @@ def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, re
             hidden.device.type, chunks.DEFAULT_MEMORY_BUDGET["cpu"]
         )
     if (not isinstance(memory_budget, numbers.Integral) or isinstance(memory_budget, bool)
-            or memory_budget <= 0):  # fmt: skip
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+            or not 0 < memory_budget < 2**63):  # fmt: skip
+        raise ValueError(
+            f"memory_budget must be a positive number of bytes below 2**63, got {memory_budget!r}"
+        )
     if (pairs.get("ref_chosen_logps") is None) != (pairs.get("ref_rejected_logps") is None):
         raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
     if (chosen_counts is None) != (rejected_counts is None):
@@ -209,10 +213,7 @@ def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, re
     counts = counted.sum(-1)
     nc = counts[:P] if chosen_counts is None else chosen_counts
     nr = counts[P:] if rejected_counts is None else rejected_counts
-    transform = LogitTransform(
-        float(logit_scale), None if softcap is None else float(softcap), float(temperature)
-    )
-    return _Call(transform, int(memory_budget), name, counted, counts, nc, nr)
+    return _Call(tf, int(memory_budget), name, counted, counts, nc, nr)
 
 
 def _token_outputs(call: _Call, sums, tok, token_stats, stats: bool) -> SequenceLogprobs:
@@ -325,6 +326,7 @@ def linear_dpo(
     losses (ipo, sigmoid_norm, sft) divide by, when they are not the counted tokens (TRL counts
     the unshifted completion); stats: the `TokenStats` of the policy logits, from the same pass."""
     check_spec(spec)
+    check_flag("stats", stats)
     pairs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
     call = _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts,
                     rejected_counts, logit_scale, softcap, temperature, memory_budget, backend,
@@ -359,7 +361,14 @@ class _SeparableLoss:
 
     def _per_pair(self, pc, pr, k0: int, k1: int) -> torch.Tensor:
         args = (pc, pr, self.nc[k0:k1], self.nr[k0:k1]) + ((k0, k1) if self.index else ())
-        return self.per_pair(*args)
+        out = self.per_pair(*args)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (k1 - k0,):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"per_pair must return one loss per pair of the chunk, a [{k1 - k0}] tensor (the "
+                f"loss is their mean over all pairs), got {got}"
+            )
+        return out
 
     def grad(self, k0: int, k1: int, sums: torch.Tensor) -> torch.Tensor:
         c = k1 - k0
@@ -405,6 +414,12 @@ def linear_pair_loss(
     k1)`` with the chunk's pairs k0..k1-1 (to slice per-pair data such as reference sums); other
     arguments as in `linear_dpo_loss`. Returns
     (loss, the policy's `SequenceLogprobs` of the same pass, without gradient)."""
+    check_flag("stats", stats)
+    check_flag("pair_index", pair_index)
+    if not callable(per_pair):
+        raise TypeError(f"per_pair must be a function of (pc, pr, nc, nr), got {per_pair!r}")
+    if not math.isfinite(number("nll_weight", nll_weight)):
+        raise ValueError(f"nll_weight must be a finite number, got {nll_weight!r}")
     call = _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts,
                     rejected_counts, logit_scale, softcap, temperature, memory_budget, backend,
                     {})  # fmt: skip

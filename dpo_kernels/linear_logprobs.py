@@ -16,7 +16,7 @@ from ._autograd import input_grads, no_double_backward, no_setup
 from .backend import kernels, resolve_backend, sync_free
 from .common import LogitTransform, SequenceLogprobs, acc_dtype, counted_tokens, stats_dtypes
 from .packed import batch_of_one, sequence_outputs
-from .validation import check_linear_inputs, check_packed, check_values
+from .validation import check_flag, check_linear_inputs, check_packed, check_values, make_transform
 from .vocab_parallel import VocabParallelLinearTokens, check_global_values, check_group
 
 
@@ -208,7 +208,8 @@ def linear_sequence_logprobs(
     tile. Gradients reach hidden, weight and bias; those of weight and bias accumulate in float32
     and are cast once. Returns a `SequenceLogprobs` without reference fields.
     """
-    transform = LogitTransform(logit_scale, softcap, temperature)
+    transform = make_transform(logit_scale, softcap, temperature)
+    check_flag("stats", stats)
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # [N, H]: one sequence, or packed
         hidden, labels, mask = batch_of_one(hidden, labels, mask)
     check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, transform)

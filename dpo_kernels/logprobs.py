@@ -14,7 +14,7 @@ from ._autograd import input_grads, no_double_backward, no_setup
 from .backend import kernels, resolve_backend
 from .common import SequenceLogprobs, acc_dtype, counted_tokens, stats_dtypes
 from .packed import batch_of_one, sequence_outputs
-from .validation import check_logprob_inputs, check_packed, check_values
+from .validation import check_flag, check_logprob_inputs, check_packed, check_values
 from .vocab_parallel import VocabParallelTokenLogprobs, check_global_values, check_group
 
 
@@ -143,6 +143,7 @@ def sequence_logprobs(
     if cu_seqlens is not None and isinstance(logits, torch.Tensor) and logits.dim() == 2:
         logits, labels, mask, ref_logits = batch_of_one(logits, labels, mask, ref_logits)
     check_logprob_inputs(logits, labels, mask, ref_logits, ignore_index)
+    check_flag("stats", stats)
     check_packed(cu_seqlens, logits, "logits")
     name = resolve_backend(backend, logits.device)
     check_group(vocab_group, vocab_start)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 
 import torch
 
@@ -86,8 +87,7 @@ def check_logprob_inputs(
         raise ValueError("logits has an empty vocabulary (last dimension is 0)")
     check_labels_and_mask(labels, mask, ignore_index, logits, "logits", 2)
     if ref_logits is not None:
-        if not isinstance(ref_logits, torch.Tensor) or not ref_logits.is_floating_point():
-            raise TypeError("ref_logits must be a floating-point tensor like logits")
+        check_float("ref_logits", ref_logits)
         if ref_logits.shape != logits.shape:
             raise ValueError(
                 f"ref_logits must have the shape of logits {tuple(logits.shape)}, got "
@@ -146,18 +146,49 @@ def check_linear_inputs(
     check_transform(transform)
 
 
+def make_transform(logit_scale: float, softcap: float | None, temperature: float) -> LogitTransform:
+    """The checked `LogitTransform` of the public functions' keywords, its values as floats."""
+    tf = LogitTransform(logit_scale, softcap, temperature)
+    check_transform(tf)
+    return LogitTransform(*(None if v is None else float(v) for v in tf))
+
+
+_F32 = torch.finfo(torch.float32)
+
+
 def check_transform(transform: LogitTransform) -> None:
-    """logit_scale and temperature finite (temperature > 0), softcap None or positive."""
+    """logit_scale and temperature finite real numbers (temperature > 0), softcap None or
+    positive. The kernels take softcap and the factor logit_scale / temperature in float32 (for
+    bf16/fp16/fp32 inputs): each must lie in its normal range (the factor may be 0), or it would
+    round to 0 or overflow there and give wrong logits."""
     logit_scale, softcap, temperature = transform
-    for name, value in (("logit_scale", logit_scale), ("temperature", temperature)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+    for name, value in (("logit_scale", logit_scale), ("temperature", temperature),
+                        ("softcap", softcap)):  # fmt: skip
+        if name == "softcap" and value is None:
+            continue
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    if softcap is not None and (
-        not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0
-    ):
+    if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    span = f"float32's normal range [{_F32.tiny:.3g}, {_F32.max:.3g}]"
+    if softcap is not None and not _F32.tiny <= softcap <= _F32.max:
+        raise ValueError(f"softcap must lie in {span}, where the kernels apply it; got {softcap!r}")
+    factor = logit_scale / temperature
+    if factor != 0 and not _F32.tiny <= abs(factor) <= _F32.max:
+        raise ValueError(
+            f"logit_scale / temperature = {factor!r} must be 0 or lie (in magnitude) in {span}, "
+            "where the kernels apply it; rescale the LM head's weight instead"
+        )
+
+
+def check_flag(name: str, value: object) -> None:
+    """A bool option (stats, pair_index): True or False, not a truthy value."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_values(
@@ -217,8 +248,12 @@ def check_counts(counts: dict[str, torch.Tensor], minimum: int, why: str) -> Non
 def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
     """cu_seqlens: [S + 1] integer offsets from 0 to n_tokens, non-decreasing (flash-attn's varlen
     convention). Raises ValueError naming what is wrong."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point():
-        raise TypeError("cu_seqlens must be an integer tensor of sequence offsets, [S + 1]")
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point()
+            or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool):  # fmt: skip
+        got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens)
+        raise TypeError(
+            f"cu_seqlens must be an integer tensor of sequence offsets, [S + 1], got {got}"
+        )
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(
             f"cu_seqlens must be 1-D [S + 1] with S >= 1, got {tuple(cu_seqlens.shape)}"
@@ -247,6 +282,8 @@ def check_packed(cu_seqlens: torch.Tensor | None, x: torch.Tensor, name: str) ->
             f"with cu_seqlens, {name} must be packed [N, ...] (or [1, N, ...]), got "
             f"{tuple(x.shape)}"
         )
+    if isinstance(cu_seqlens, torch.Tensor):
+        check_same_device("cu_seqlens", cu_seqlens, x, name)
     check_cu_seqlens(cu_seqlens, x.shape[1])
 
 

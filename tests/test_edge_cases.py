@@ -384,3 +384,27 @@ def test_minus_inf_policy_sum_has_finite_gradient(backend):
         assert out.loss.item() == math.inf or kind == "apo_zero", kind
         torch.testing.assert_close(pc.grad, d_pc / P, msg=f"{kind} {backend}")
         torch.testing.assert_close(pr.grad, d_pr / P, msg=f"{kind} {backend}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("offset", [30.0, 1e4, 1e6])
+def test_error_bound_at_large_logits(backend, offset):
+    """The documented precision at large logits (README, Reliability): a token's log-prob is
+    z[label] - lse with the log-sum-exp rounded once to float32 (as CCE and Liger do), so its
+    error is at most about one float32 ulp of max|z| (logits + offset, float32), and so is each
+    probability's relative error in the gradient; a sum of T tokens within T of them."""
+    B, T, V = 2, 64, 32
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
+    logits = (torch.randn(B, T, V, generator=g, dtype=torch.float64) + offset).float()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    x = logits.clone().requires_grad_()
+    out = sequence_logprobs(x, labels, backend=backend)
+    out.logps.sum().backward()
+    lp64 = torch.log_softmax(logits.double(), -1)
+    want = lp64.gather(-1, labels[..., None])[..., 0]
+    ulp = torch.finfo(torch.float32).eps * logits.abs().max().item()
+    tok_err = (out.token_logps.double() - want).abs().max().item()
+    assert tok_err <= ulp, (tok_err, ulp)
+    assert (out.logps.double() - want.sum(-1)).abs().max().item() <= T * ulp
+    grad64 = torch.nn.functional.one_hot(labels, V).double() - lp64.exp()
+    assert (x.grad.double() - grad64).abs().max().item() <= 2 * ulp + 1e-6

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from conftest import (
+    TRAINER_DEVICE,
     data_check,
     preference_examples,
     prompt_tuned_lm,
@@ -40,6 +41,17 @@ def _double_backward():
     g.sum().backward()
 
 
+def _loss_trainer(**kwargs):
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from dpo_kernels.integrations.hf import DPOLossTrainer
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], **TRAINER_DEVICE)
+    return DPOLossTrainer(model=tiny_causal_lm(), args=args, **kwargs)
+
+
 # (README row id, the call, exception type, message pattern)
 INVENTORY = [
     ("integer logits", lambda: sequence_logprobs(y(B, T, V), y(B, T)), TypeError, "logits must be a floating-point"),
@@ -57,15 +69,17 @@ INVENTORY = [
     ("unknown backend", lambda: sequence_logprobs(z(B, T, V), y(B, T), backend="cuda"), ValueError, "backend must be one of"),
     ("odd rows as pairs", lambda: sequence_logprobs(z(3, T, V), y(3, T)).pairs(), ValueError, "even batch"),
     ("unknown loss_type", lambda: dpo_loss(p(), p(), loss_type="dpo"), ValueError, "unknown loss_type"),
-    ("beta <= 0", lambda: dpo_loss(p(), p(), beta=0.0), ValueError, "beta must be > 0"),
-    ("label_smoothing range", lambda: dpo_loss(p(), p(), label_smoothing=0.5), ValueError, r"label_smoothing must lie in \[0, 0.5\)"),
-    ("exo_pair without smoothing", lambda: dpo_loss(p(), p(), loss_type="exo_pair"), ValueError, "needs label_smoothing > 0"),
+    ("beta 0 where a loss divides by it", lambda: dpo_loss(p(), p(), beta=0.0, loss_type="sppo_hard"), ValueError, r"beta must not be 0 with loss_type \['sppo_hard'\]"),
+    ("beta 0 where a loss divides by it", lambda: dpo_kernels.simpo_loss(p(), p(), chosen_counts=p(), rejected_counts=p(), beta=0.0), ValueError, "beta must not be 0 with loss_type 'simpo'"),
+    ("label_smoothing where a loss cannot take it", lambda: dpo_loss(p(), p(), loss_type="robust", label_smoothing=0.5), ValueError, r"'robust' divides by 1 - 2 \* label_smoothing"),
+    ("label_smoothing where a loss cannot take it", lambda: dpo_loss(p(), p(), loss_type="exo_pair", label_smoothing=1.0), ValueError, r"'exo_pair' needs label_smoothing in \(0, 1\)"),
+    ("exo_pair without smoothing", lambda: dpo_loss(p(), p(), loss_type="exo_pair"), ValueError, r"needs label_smoothing in \(0, 1\)"),
     ("f-divergence with a raw-ratio loss", lambda: dpo_loss(p(), p(), loss_type="nca_pair", f_divergence_type="forward_kl"), ValueError, "works only with"),
     ("loss input lengths", lambda: dpo_loss(p(3), p(4)), ValueError, "rejected_logps has 4 entries but chosen_logps has 3"),
     ("one reference sum missing", lambda: dpo_loss(p(), p(), p(), None), ValueError, "both ref_chosen_logps and ref_rejected_logps"),
     ("counts missing for ipo", lambda: dpo_loss(p(), p(), loss_type="ipo"), ValueError, "pass chosen_counts and rejected_counts"),
-    ("beta not finite", lambda: dpo_loss(p(), p(), beta=float("inf")), ValueError, "beta must be > 0 and finite, got inf"),
-    ("beta NaN", lambda: dpo_loss(p(), p(), beta=float("nan")), ValueError, "beta must be > 0 and finite, got nan"),
+    ("beta not finite", lambda: dpo_loss(p(), p(), beta=float("inf")), ValueError, "beta must be a finite number, got inf"),
+    ("beta NaN", lambda: dpo_loss(p(), p(), beta=float("nan")), ValueError, "beta must be a finite number, got nan"),
     ("discopop_tau not finite", lambda: dpo_loss(p(), p(), loss_type="discopop", discopop_tau=float("inf")), ValueError, "discopop_tau must be > 0 and finite"),
     ("f_alpha_divergence_coef not finite", lambda: dpo_loss(p(), p(), f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("nan")), ValueError, "f_alpha_divergence_coef must be finite"),
     ("loss_weights not finite", lambda: dpo_loss(p(), p(), loss_type=["sigmoid", "sft"], loss_weights=[1.0, float("inf")], chosen_counts=p(), rejected_counts=p()), ValueError, "loss_weights must be finite"),
@@ -99,11 +113,32 @@ INVENTORY = [
     ("ignore_index bool", lambda: sequence_logprobs(z(B, T, V), y(B, T), ignore_index=True), TypeError, "ignore_index must be an int, got bool"),
     ("packing a model that crosses sequences", lambda: concatenated_forward(tiny_causal_lm("opt"), collate_preferences(preference_examples(1)), padding_free=True), ValueError, "padding_free=True: OPTForCausalLM .* attend to the one before it"),
     ("packing or fusing prompt-learning PEFT", lambda: concatenated_forward(prompt_tuned_lm(), collate_preferences(preference_examples(1)), fused_lm_head=True), ValueError, "fused_lm_head=True with a prompt-learning PEFT adapter"),
+    ("transform outside float32", lambda: dpo_kernels.linear_sequence_logprobs(z(B, T, 4), z(V, 4), y(B, T), softcap=1e-50), ValueError, "softcap must lie in float32's normal range"),
+    ("transform outside float32", lambda: dpo_kernels.linear_dpo_loss(z(2, T, 4), z(V, 4), y(2, T), temperature=1e-40), ValueError, r"logit_scale / temperature = 1e\+40 must be 0 or lie"),
+    ("transform not a number", lambda: dpo_kernels.linear_sequence_logprobs(z(B, T, 4), z(V, 4), y(B, T), logit_scale=True), TypeError, "logit_scale must be a number, got bool"),
+    ("flag not a bool", lambda: sequence_logprobs(z(B, T, V), y(B, T), stats="yes"), TypeError, "stats must be True or False, got 'yes'"),
+    ("flag not a bool", lambda: dpo_kernels.linear_pair_loss(z(2, T, 4), z(V, 4), y(2, T), lambda pc, pr, nc, nr: pr - pc, pair_index=1), TypeError, "pair_index must be True or False"),
+    ("memory_budget not bytes", lambda: dpo_kernels.linear_dpo_loss(z(2, T, 4), z(V, 4), y(2, T), memory_budget=2**70), ValueError, "positive number of bytes below 2\\*\\*63"),
+    ("per_pair not one loss per pair", lambda: dpo_kernels.linear_pair_loss(z(4, T, 4), z(V, 4), y(4, T), lambda pc, pr, nc, nr: (pr - pc).sum()), ValueError, r"per_pair must return one loss per pair of the chunk, a \[2\] tensor"),
+    ("per_pair not one loss per pair", lambda: dpo_kernels.linear_pair_loss(z(4, T, 4), z(V, 4), y(4, T), lambda pc, pr, nc, nr: torch.cat([pc, pr])), ValueError, r"got \(4,\)"),
+    ("nll_weight not finite", lambda: dpo_kernels.linear_pair_loss(z(4, T, 4), z(V, 4), y(4, T), lambda pc, pr, nc, nr: pr - pc, nll_weight=float("nan")), ValueError, "nll_weight must be a finite number"),
+    ("nll_weight not finite", lambda: dpo_kernels.linear_pair_loss(z(4, T, 4), z(V, 4), y(4, T), lambda pc, pr, nc, nr: pr - pc, nll_weight="2"), TypeError, "nll_weight must be a number"),
+    ("float8 inputs", lambda: sequence_logprobs(z(B, T, V), y(B, T), ref_logits=z(B, T, V).to(torch.float8_e4m3fn)), TypeError, r"ref_logits must be a floating-point tensor \(bf16, fp16, fp32 or fp64\)"),
+    ("cu_seqlens not offsets", lambda: sequence_logprobs(z(1, 4, V), y(1, 4), cu_seqlens=torch.tensor([False, True])), TypeError, "cu_seqlens must be an integer tensor"),
+    ("cu_seqlens not offsets", lambda: sequence_logprobs(z(1, 4, V), y(1, 4), cu_seqlens=torch.tensor([0, 4], device="meta")), ValueError, "cu_seqlens is on meta but logits is on"),
+    ("batch masks not 0/1", lambda: preference_batch({"input_ids": y(2, 4), "completion_mask": torch.full((2, 4), 0.5)}), ValueError, r"completion_mask\[0, 0\] = 0.5; it must hold only 0 and 1"),
+    ("half mask shape", lambda: preference_batch({"chosen_input_ids": y(1, 4), "chosen_completion_mask": torch.ones(1, 2), "rejected_input_ids": y(1, 4), "rejected_labels": y(1, 4)}), ValueError, r"chosen_completion_mask \(1, 2\) must have the shape of chosen_input_ids \(1, 4\)"),
+    ("half mask shape", lambda: preference_batch({"chosen_input_ids": y(1, 4), "chosen_completion_mask": torch.ones(1, 6), "rejected_input_ids": y(1, 4), "rejected_labels": y(1, 4)}), ValueError, "must have the shape of chosen_input_ids"),
+    ("packing nothing", lambda: dpo_kernels.pack(preference_batch({"input_ids": y(2, 3), "attention_mask": torch.zeros(2, 3), "completion_mask": torch.ones(2, 3)})), ValueError, "padding_free: the batch has no attended tokens"),
+    ("examples without prompt_ids", lambda: collate_preferences([*preference_examples(1), {"prompt_ids": [1], "chosen_ids": [2]}]), KeyError, r"examples\[1\] has \['chosen_ids', 'prompt_ids'\] \(no 'rejected_ids'\)"),
+    ("float token ids", lambda: collate_preferences([{"prompt_ids": [1], "chosen_ids": [1.7, 2], "rejected_ids": [3]}]), TypeError, r"examples\[0\]\['chosen_ids'\] must be a list of int token ids, got torch.float32"),
+    ("ref_logps not a pair", lambda: concatenated_forward(tiny_causal_lm(), collate_preferences(preference_examples(1)), ref_logps=(torch.zeros(1, dtype=torch.long), torch.zeros(1))), TypeError, r"ref_logps must be a pair of floating-point \[P\] tensors"),
+    ("compute_metrics with DPOLossTrainer", lambda: _loss_trainer(compute_metrics=lambda p: {}), ValueError, "compute_metrics would never be called"),
 ]  # fmt: skip
 
 
 DATA_ROWS = {"label >= V", "negative label", "mask values", "negative token counts",
-             "empty orpo completion"}  # fmt: skip  # device-side asserts on CUDA
+             "empty orpo completion", "batch masks not 0/1"}  # fmt: skip  # device-side asserts on CUDA
 
 
 @pytest.mark.parametrize(
@@ -135,3 +170,25 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         dpo_kernels.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_numpy_scalars_are_numbers_and_empty_rows_pack():
+    """What the checks above must not refuse: a numpy logit_scale (as a config may hold) gives
+    the float's numbers; a batch with one empty row packs, that row's sums 0 as padded."""
+    import numpy as np
+
+    h, w, lab = z(B, T, 4), z(V, 4), y(B, T)
+    want = dpo_kernels.linear_sequence_logprobs(h, w, lab, logit_scale=2.0, softcap=3.0)
+    got = dpo_kernels.linear_sequence_logprobs(h, w, lab, logit_scale=np.float32(2.0),
+                                               softcap=np.float64(3.0))  # fmt: skip
+    assert torch.equal(got.logps, want.logps)
+    b = preference_batch(collate_preferences(preference_examples(2)))
+    b = b._replace(attention_mask=b.attention_mask.clone())
+    b.attention_mask[1] = 0
+    packed = dpo_kernels.pack(b)
+    assert packed.cu_seqlens[1] == packed.cu_seqlens[2]  # the empty row
+    model = tiny_causal_lm()
+    padded = concatenated_forward(model, b).policy.logps
+    assert torch.allclose(concatenated_forward(model, b, padding_free=True).policy.logps, padded,
+                          atol=1e-5)  # fmt: skip
+    assert padded[1] == 0

@@ -112,7 +112,7 @@ def test_bad_batches():
         )
     with pytest.raises(KeyError, match="completion_mask or labels"):
         preference_batch({"input_ids": torch.zeros(2, 4, dtype=torch.long)})
-    with pytest.raises(ValueError, match="must match input_ids"):
+    with pytest.raises(ValueError, match="must have the shape of input_ids"):
         preference_batch(
             {"input_ids": torch.zeros(2, 4, dtype=torch.long), "completion_mask": torch.ones(2, 3)}
         )

@@ -38,6 +38,12 @@ class DPOLossTrainer(Trainer):
         forward) and no prompt-learning PEFT adapter; False: the model's logits and the
         logits-path op."""
         super().__init__(*args, **kwargs)
+        if self.compute_metrics is not None:
+            raise ValueError(
+                "DPOLossTrainer's evaluation returns the DPO loss and metrics (eval_loss, "
+                "eval_rewards/*), no predictions, so compute_metrics would never be called; drop "
+                "it, or use FusedDPOTrainer (TRL), whose compute_metrics gets the model's logits"
+            )
         if fused_lm_head is None:
             from ..fused_head import fused_head_supported
 
