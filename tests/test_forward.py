@@ -347,3 +347,11 @@ def test_fused_head_refuses_an_activation_checkpointed_head():
     apply_activation_checkpointing(model, check_fn=lambda m: m is model.lm_head)
     with pytest.raises(NotImplementedError, match="activation-checkpointed LM head"):
         concatenated_forward(model, collate_preferences(preference_examples(2)), fused_lm_head=True)
+
+
+def test_preference_batch_compiles_without_graph_breaks():
+    """Its checks of the masks' values read nothing on the host under torch.compile (an
+    assert), so a compiled step that normalizes its batch has no graph break there."""
+    batch = collate_preferences(preference_examples(2))
+    compiled = torch.compile(lambda b: preference_batch(b).completion_mask.sum(), fullgraph=True)
+    assert compiled(batch) == preference_batch(batch).completion_mask.sum()
