@@ -196,3 +196,45 @@ def linear_vocab_parallel_worker(rank, world, init_file, out_dir, backends) -> N
         results[backend] = (out.logps.detach(), h.grad, w.grad, b.grad, labels)
     torch.save(results, os.path.join(out_dir, f"lvp_rank{rank}.pt"))
     shutdown()
+
+
+def hf_trainer_worker(rank: int, world: int, init_file: str, out_dir: str, port: int) -> None:
+    """DPOLossTrainer under accelerate DDP (the environment `accelerate launch` sets): 2 SGD
+    steps of 2 pairs per process, then evaluate(); saves what was logged and what each process
+    computed on its own pairs."""
+    import json
+
+    import datasets
+    from transformers import TrainingArguments
+
+    import dpo_kernels.integrations.hf as hf
+
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
+    local = []
+    computed = hf.concatenated_dpo_loss
+
+    def spy(*args, **kwargs):
+        res, out = computed(*args, **kwargs)
+        local.append({k: v.item() for k, v in res.metrics.items()})
+        return res, out
+
+    hf.concatenated_dpo_loss = spy
+    data = datasets.Dataset.from_list(preference_examples(8, seed=3))
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, f"run{rank}"), per_device_train_batch_size=2,
+        per_device_eval_batch_size=2, max_steps=2, logging_steps=1, learning_rate=0.5,
+        optim="sgd", report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        remove_unused_columns=False, ddp_find_unused_parameters=False,
+    )  # fmt: skip
+    trainer = hf.DPOLossTrainer(
+        model=tiny_causal_lm(seed=0), ref_model=tiny_causal_lm(seed=1), args=args,
+        train_dataset=data, data_collator=collate_preferences,
+    )  # fmt: skip
+    trainer.train()
+    evaluation = trainer.evaluate(data)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    result = {"logs": logs, "eval": evaluation, "local": local, "world": trainer.args.world_size}
+    with open(os.path.join(out_dir, f"hf_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    shutdown()

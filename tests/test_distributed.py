@@ -6,7 +6,7 @@ import pathlib
 import pytest
 import torch
 from conftest import preference_examples, tiny_causal_lm
-from dist_worker import PAIRS, ddp_worker, dpo_step_loss, spawn_ranks
+from dist_worker import PAIRS, ddp_worker, dpo_step_loss, hf_trainer_worker, spawn_ranks
 
 import dpo_kernels
 
@@ -34,6 +34,35 @@ def test_two_process_gradients_equal_single_process(mode, tmp_path):
     for n, g in expect.items():
         torch.testing.assert_close(dist_grads[n], g, rtol=1e-5, atol=1e-7, msg=n)
     assert torch.load(tmp_path / f"{mode}_params.pt")["same"], "ranks diverged"
+
+
+def test_dpo_loss_trainer_logs_metrics_over_every_process(tmp_path):
+    """DPOLossTrainer under accelerate DDP (2 processes): each logged DPO metric, in training and
+    in evaluate(), is the mean over the processes of what each computed on its own pairs (as the
+    Trainer logs its loss), the same on every process; before, each logged its own."""
+    import json
+    import socket
+
+    pytest.importorskip("datasets")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn_ranks(hf_trainer_worker, 2, tmp_path, port)
+    runs = [json.load(open(tmp_path / f"hf_rank{r}.json")) for r in range(2)]
+    assert [r["world"] for r in runs] == [2, 2]
+    keys = ["rewards/margins", "rewards/chosen", "logps/chosen", "rewards/accuracies"]
+    train_local = [r["local"][:2] for r in runs]  # the 2 training steps, then evaluation
+    for step in range(2):
+        a, b = (r["logs"][step] for r in runs)
+        for k in keys:
+            mean = (train_local[0][step][k] + train_local[1][step][k]) / 2
+            assert a[k] == pytest.approx(mean, abs=1e-6) and b[k] == pytest.approx(mean, abs=1e-6)
+        assert train_local[0][step]["rewards/margins"] != train_local[1][step]["rewards/margins"]
+    a, b = (r["eval"] for r in runs)
+    for k in keys:
+        assert a[f"eval_{k}"] == pytest.approx(b[f"eval_{k}"], abs=1e-6), k
+        evals = [sum(x[k] for x in r["local"][2:]) / len(r["local"][2:]) for r in runs]
+        assert a[f"eval_{k}"] == pytest.approx(sum(evals) / 2, abs=1e-6), k
 
 
 def test_gradient_accumulation_equals_one_batch():

@@ -61,8 +61,13 @@ class DPOLossTrainer(Trainer):
             model, inputs, self.dpo.spec, ref_model=self.ref_model,
             fused_lm_head=self.fused_lm_head, backend=self.dpo.backend,
         )  # fmt: skip
-        for k, v in res.metrics.items():
-            self._dpo_metrics["train" if model.training else "eval"][k].append(v.item())
+        # Each metric is a mean over this process's pairs: averaged over the processes (equal
+        # batches), as the Trainer logs its loss and TRL its DPO metrics; one gather for all.
+        names = list(res.metrics)
+        local = torch.stack([res.metrics[k].detach().float() for k in names])
+        means = self.accelerator.gather(local[None]).mean(0).tolist()
+        for k, v in zip(names, means, strict=True):
+            self._dpo_metrics["train" if model.training else "eval"][k].append(v)
         return (res.loss, res) if return_outputs else res.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
