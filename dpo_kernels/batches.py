@@ -10,8 +10,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backend import device_side_checks
-from .validation import check_same_device
+from .validation import check_same_device, values_unreadable
 
 
 class PreferenceBatch(NamedTuple):
@@ -41,7 +40,8 @@ def _completion(batch: Mapping[str, Any], prefix: str, ignore_index: int) -> tor
 def _check_masks(ids: torch.Tensor, am, cm, prefix: str) -> None:
     """The masks of `ids` (one half, or the whole batch): tensors of its shape holding 0 and 1
     only (a weight of 0.5 would count as 1), on its device. Values: a ValueError on CPU, an
-    assert that does not read them on the host on CUDA and under torch.compile."""
+    assert that does not read them on the host where they must not be read (`values_unreadable`:
+    CUDA, torch.compile, meta and fake tensors)."""
     for name, m in ((f"{prefix}attention_mask", am), (f"{prefix}completion_mask", cm)):
         if not isinstance(m, torch.Tensor) or m.is_complex():
             got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
@@ -55,7 +55,7 @@ def _check_masks(ids: torch.Tensor, am, cm, prefix: str) -> None:
         if m.dtype == torch.bool:
             continue
         bad = (m != 0) & (m != 1)
-        if device_side_checks(m.device) or torch.compiler.is_compiling():
+        if values_unreadable(m):
             torch._assert_async(~bad.any(), f"dpo_kernels: {name} holds a value other than 0, 1")
         elif bad.any():
             i = tuple(bad.nonzero()[0].tolist())

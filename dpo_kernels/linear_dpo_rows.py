@@ -189,6 +189,9 @@ class Rows:
             # CUDA, bf16/fp16: x stays the logits, and backprop (given g) turns them into
             # g * q in the inputs' dtype in one kernel, no float32 q written in between.
             self.fold(x, y, f, 0)
+        elif self.tile_factor != 1:  # grad leaves the factor out (the backends' kernels do not)
+            self.fold(x, y, f, 0)
+            self.grad(x, y, torch.ones_like(f.m), f.lse())
         else:
             self.k.fold_softmax_rows(x, y, f, self.tf)
 

@@ -111,8 +111,9 @@ def make_spec(
             f"f_divergence_type={f_divergence_type!r} works only with loss types "
             f"{sorted(f_types)}, got {list(types)}"
         )
-    if not discopop_tau > 0 or not math.isfinite(discopop_tau):
-        raise ValueError(f"discopop_tau must be > 0 and finite, got {discopop_tau}")
+    if "discopop" in types and (discopop_tau == 0 or not math.isfinite(discopop_tau)):
+        # (any other value trains, as in TRL, which reads it with discopop only)
+        raise ValueError(f"discopop_tau must be finite and not 0, got {discopop_tau}")
     return DPOLossSpec(
         types,
         weights,

@@ -226,6 +226,15 @@ def check_values(
         )
 
 
+def values_unreadable(t: torch.Tensor) -> bool:
+    """Whether a data check of `t` must not read its values on the host, and asserts instead:
+    CUDA (no sync), under torch.compile (no graph break), meta and fake tensors (no values)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (backend.device_side_checks(t.device) or torch.compiler.is_compiling()
+            or t.device.type == "meta" or is_fake(t))  # fmt: skip
+
+
 def check_counts(counts: dict[str, torch.Tensor], minimum: int, why: str) -> None:
     """Data check of completion token counts ([N] tensors by name): each at least `minimum`
     (`why` says what needs it). On CPU a ValueError naming the first bad entry; on CUDA, and
@@ -236,7 +245,7 @@ def check_counts(counts: dict[str, torch.Tensor], minimum: int, why: str) -> Non
                 f"{name} must be a tensor of token counts (int or float), got {n.dtype}"
             )
         bad = n < minimum
-        if backend.device_side_checks(n.device) or torch.compiler.is_compiling():
+        if values_unreadable(n):
             torch._assert_async(
                 ~bad.any(), f"dpo_kernels: {name} holds a value below {minimum}; {why}"
             )

@@ -184,3 +184,14 @@ def test_install_fused_head_leaves_the_plain_forward_alone():
     fused = batch_logprobs(model, b, fused_lm_head=True)
     plain = batch_logprobs(model, b, fused_lm_head=False)
     torch.testing.assert_close(fused.logps, plain.logps, rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp2_setup_before_the_reference_pass_needs_no_fsdp2(monkeypatch):
+    """The FSDP2 set-up of the PEFT reference pass is a no-op without FSDP2, on a torch whose
+    torch.distributed.fsdp has no FSDPModule (2.5: it lived in torch.distributed._composable)."""
+    import torch.distributed.fsdp as fsdp
+
+    from dpo_kernels.integrations._siblings import _fsdp2_lazy_init
+
+    monkeypatch.delattr(fsdp, "FSDPModule", raising=False)
+    _fsdp2_lazy_init(torch.nn.Linear(2, 2))

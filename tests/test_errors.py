@@ -80,7 +80,7 @@ INVENTORY = [
     ("counts missing for ipo", lambda: dpo_loss(p(), p(), loss_type="ipo"), ValueError, "pass chosen_counts and rejected_counts"),
     ("beta not finite", lambda: dpo_loss(p(), p(), beta=float("inf")), ValueError, "beta must be a finite number, got inf"),
     ("beta NaN", lambda: dpo_loss(p(), p(), beta=float("nan")), ValueError, "beta must be a finite number, got nan"),
-    ("discopop_tau not finite", lambda: dpo_loss(p(), p(), loss_type="discopop", discopop_tau=float("inf")), ValueError, "discopop_tau must be > 0 and finite"),
+    ("discopop_tau not finite", lambda: dpo_loss(p(), p(), loss_type="discopop", discopop_tau=float("inf")), ValueError, "discopop_tau must be finite and not 0"),
     ("f_alpha_divergence_coef not finite", lambda: dpo_loss(p(), p(), f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("nan")), ValueError, "f_alpha_divergence_coef must be finite"),
     ("loss_weights not finite", lambda: dpo_loss(p(), p(), loss_type=["sigmoid", "sft"], loss_weights=[1.0, float("inf")], chosen_counts=p(), rejected_counts=p()), ValueError, "loss_weights must be finite"),
     ("beta not a number", lambda: dpo_loss(p(), p(), beta="0.1"), TypeError, "beta must be a number"),

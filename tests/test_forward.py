@@ -355,3 +355,16 @@ def test_preference_batch_compiles_without_graph_breaks():
     batch = collate_preferences(preference_examples(2))
     compiled = torch.compile(lambda b: preference_batch(b).completion_mask.sum(), fullgraph=True)
     assert compiled(batch) == preference_batch(batch).completion_mask.sum()
+
+
+def test_preference_batch_of_meta_and_fake_tensors():
+    """Shape-only tensors (meta, or fake ones, as memory estimators use) have no values to read:
+    the masks' value check asserts instead of reading them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    batch = collate_preferences(preference_examples(2))
+    meta = {k: v.to("meta") for k, v in batch.items()}
+    assert preference_batch(meta).completion_mask.device.type == "meta"
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = {k: mode.from_tensor(v.float() if k != "input_ids" else v) for k, v in batch.items()}
+        assert preference_batch(fake).attention_mask.shape == batch["attention_mask"].shape

@@ -269,7 +269,7 @@ def test_module_takes_sequence_logprobs_of_a_concatenated_batch():
         (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]), "loss_weights has 1 entries"),
         (dict(f_divergence_type="kl"), "unknown f_divergence_type"),
         (dict(f_divergence_type="forward_kl", loss_type="bco_pair"), "works only with"),
-        (dict(discopop_tau=0.0), "discopop_tau must be > 0"),
+        (dict(loss_type="discopop", discopop_tau=0.0), "discopop_tau must be finite and not 0"),
     ],
 )
 def test_bad_configuration(kwargs, match):
@@ -412,3 +412,28 @@ def test_each_loss_takes_the_options_trl_trains_with(backend, beta, eps):
                                 dtype=torch.float64)  # fmt: skip
             got = x.grad if x.grad is not None else torch.zeros_like(want)
             torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-5, msg=kind)
+
+
+@pytest.mark.parametrize("backend", [*cpu_backends(), "spec"])
+@pytest.mark.parametrize("tau", [-0.3, -2.0])
+def test_discopop_takes_any_nonzero_tau(backend, tau):
+    """TRL reads discopop_tau in sigmoid(margin / tau) only: a negative tau trains too."""
+    pc, pr, rc, rr, nc, nr = make_pairs()
+    lists = [t.tolist() for t in (pc, pr, rc, rr, nc, nr)]
+    config = dict(beta=0.4, loss_type="discopop", discopop_tau=tau)
+    pc_ = pc.clone().requires_grad_()
+    if backend == "spec":
+        out = spec_loss(pc_, pr, rc, rr, nc, nr, **config)
+    else:
+        out = dpo_loss(pc_, pr, rc, rr, backend=backend, **config)
+    expect = scalar_loss("discopop", *lists, 0.4, 0.0, tau=tau)
+    assert out.loss.item() == pytest.approx(expect, rel=1e-10, abs=1e-12)
+    out.loss.backward()
+
+    def f(v):
+        return scalar_loss("discopop", v, *lists[1:], 0.4, 0.0, tau=tau)
+
+    want = torch.tensor([numeric_grad(f, lists[0], j) for j in range(len(lists[0]))],
+                        dtype=torch.float64)  # fmt: skip
+    torch.testing.assert_close(pc_.grad, want, atol=1e-7, rtol=1e-5)
+    dpo_kernels.make_spec(loss_type="sigmoid", discopop_tau=0.0)  # unused: not checked, as TRL

@@ -56,8 +56,13 @@ def _fsdp2_lazy_init(model: torch.nn.Module) -> None:
     reference pass, which for PEFT is the policy with its adapter off (its weights not requiring
     grad): that setup would find none, and the first backward fail under mixed precision. So it
     runs here, with the adapter on (a no-op once done, and for other engines)."""
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch 2.5: FSDP2 is torch.distributed._composable.fsdp (or none)
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return
     root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)  # outermost
     if root is not None:
         root._get_fsdp_state()._lazy_init()
