@@ -254,7 +254,7 @@ def test_fused_head_refuses_softcap(tmp_path):
 
 
 def test_bad_loss_option_raises_at_construction(tmp_path):
-    """simpo divides by beta (TRL's loss would be NaN at beta = 0)."""
+    """simpo divides by beta (TRL raises ZeroDivisionError at its first step with beta = 0)."""
     args = CPOConfig(output_dir=str(tmp_path), **COMMON, loss_type="simpo", beta=0.0)
     with pytest.raises(ValueError, match="beta must not be 0 with loss_type 'simpo'"):
         FusedCPOTrainer(
