@@ -260,9 +260,7 @@ def _scale_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
     from .ops import triton_scale as K
 
     def run(dtype):
-        return lambda: K.scale_unless_one_(
-            torch.zeros(10000, dtype=dtype), torch.ones(1, dtype=dtype)
-        )
+        return lambda: K.scale_unless_one_(torch.zeros(10000, dtype=dtype), torch.ones(1))
 
     return [(f"scale {_tag(d)}", run(d), K, ["_scale_unless_one_kernel"])
             for d in (torch.bfloat16, torch.float32)]  # fmt: skip

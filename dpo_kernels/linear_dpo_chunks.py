@@ -393,10 +393,11 @@ def save_grads(ctx, grads: tuple[torch.Tensor, ...], wants: tuple[bool, ...]) ->
 
 
 def _scale_unless_one(g: torch.Tensor, s: torch.Tensor) -> None:
-    """g *= s in place unless s == 1 (the usual ``loss.backward()``: no pass over g). On CUDA the
-    kernel reads s on the device (`ops/triton_scale.py`): asking the host would wait for the whole
-    step to finish before the backward could go on."""
-    s = s.to(g.dtype)
+    """g *= s in place unless s == 1 (the usual ``loss.backward()``: no pass over g), s kept in
+    float32 (a GradScaler's 65536 is inf in float16), the product rounded once to g's dtype. On
+    CUDA the kernel reads s on the device (`ops/triton_scale.py`): asking the host would wait for
+    the whole step to finish before the backward could go on."""
+    s = s.to(acc_dtype(g.dtype))
     if g.device.type == "cuda":  # (g: a contiguous gradient buffer; s: the scalar loss's)
         from .ops.triton_scale import scale_unless_one_
 
@@ -412,7 +413,7 @@ def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
     may look at)."""
     grads = ctx.saved_tensors
     if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
-        out = [g * grad_loss.to(g.dtype) for g in grads]
+        out = [_times(g, grad_loss) for g in grads]
     elif ctx.scale is None:
         ctx.scale = grad_loss.detach().clone()
         for g, want in zip(grads, ctx.wanted, strict=True):
@@ -425,8 +426,15 @@ def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
                 "linear_dpo_loss / linear_pair_loss: a second backward after a first one with "
                 "a zero incoming gradient cannot be scaled; call the loss again"
             )
-        out = [g * (grad_loss / ctx.scale).to(g.dtype) for g in grads]
+        out = [_times(g, grad_loss / ctx.scale) for g in grads]
     return [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
+
+
+def _times(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """g * s out of place, in the accumulation dtype (s not rounded to float16 first: a
+    GradScaler's 65536 is inf there), rounded once to g's dtype."""
+    acc = acc_dtype(g.dtype)
+    return (g.to(acc) * s.to(acc)).to(g.dtype)
 
 
 class LinearLossFunction(torch.autograd.Function):

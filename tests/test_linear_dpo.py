@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import TEST_DEVICE, cpu_backends, poison_empty
 
 import dpo_kernels
-from dpo_kernels import dpo_loss, linear_dpo_loss, make_spec
+from dpo_kernels import dpo_loss, linear_dpo_loss, linear_pair_loss, make_spec
 from dpo_kernels.common import LOSS_TYPES
 
 P, T, H, V = 3, 9, 16, 61  # odd lengths everywhere
@@ -255,12 +255,39 @@ def test_incoming_gradient_scales_and_frozen_weight():
     assert_close(h.grad, 3.5 * dh64, 1e-4, "accumulated hidden grad")
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("loss", ["dpo", "pair"])
+def test_float16_gradients_at_a_grad_scalers_scale(backend, loss):
+    """float16 inputs, the loss times 65536 (torch.amp.GradScaler's initial scale, inf in
+    float16): the gradients made in the forward are scaled in float32 and rounded once, so they
+    are exactly 65536 times the unscaled ones (a power of two), finite, not inf or NaN."""
+    hidden, weight, bias, labels, mask, rc, rr = make_batch(dtype=torch.float16)
+
+    def grads(scale):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        kw = dict(bias=bias, mask=mask, backend=backend)
+        if loss == "dpo":
+            value = linear_dpo_loss(h, w, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                                    **kw).loss  # fmt: skip
+        else:
+            pair = lambda pc, pr, nc, nr: 1e-3 * (pr - pc)  # noqa: E731  (x 65536 in range)
+            value = linear_pair_loss(h, w, labels, pair, **kw)[0]
+        (value * scale).backward()
+        return h.grad, w.grad
+
+    for unit, scaled in zip(grads(1.0), grads(65536.0), strict=True):
+        want = (unit.float() * 65536).half()
+        assert want.isfinite().all()  # the scaled gradients fit in float16
+        assert torch.equal(scaled, want)
+
+
 @pytest.mark.parametrize("programs", [1024, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_scale_unless_one_kernel(dtype, programs, monkeypatch):
     """The CUDA backward's multiplication by the incoming gradient (ops/triton_scale.py, run by
-    the interpreter here): x * s in x's dtype, and x untouched when s is 1; a ragged end, and
-    a program per block or fewer programs than blocks (each then strides over several)."""
+    the interpreter here): x * s, s in the accumulation dtype (65536, a GradScaler's scale, is
+    inf in float16), rounded once to x's dtype; x untouched when s is 1; a ragged end, and a
+    program per block or fewer programs than blocks (each then strides over several)."""
     pytest.importorskip("triton")
     from dpo_kernels.ops import triton_scale
     from dpo_kernels.ops.triton_scale import scale_unless_one_
@@ -268,11 +295,13 @@ def test_scale_unless_one_kernel(dtype, programs, monkeypatch):
     monkeypatch.setattr(triton_scale, "_PROGRAMS", programs)
 
     x = (torch.randn(3 * 4096 + 5, dtype=torch.float64) * 100).to(dtype)
-    for s in (1.0, 2.5, 0.0, -1e-3, float("nan"), float("inf")):
-        sv = torch.tensor([s], dtype=dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = x / 1e3 if dtype == torch.float16 else x  # x * 65536 in float16's range
+    for s in (1.0, 2.5, 0.0, -1e-3, float("nan"), float("inf"), 65536.0):
+        sv = torch.tensor([s], dtype=acc)
         got = x.clone()
         scale_unless_one_(got, sv)
-        want = x if s == 1 else x * sv
+        want = x if s == 1 else (x.to(acc) * sv).to(dtype)
         # The interpreter rounds float32 -> bf16 toward zero (numpy has no bf16): 1 ulp there.
         ulp = 2**-7 if dtype == torch.bfloat16 and TEST_DEVICE == "cpu" else 0.0
         torch.testing.assert_close(got, want, rtol=ulp, atol=0, equal_nan=True, msg=str(s))

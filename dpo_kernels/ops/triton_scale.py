@@ -9,8 +9,8 @@ whole step first; here each program reads it on the device and returns at once w
 fixed number of programs strides over x (a grid of one program per block would launch 131k of them
 for that dW, each only to return).
 
-Reference: ``if s != 1: x.mul_(s)``, with s in x's dtype (the product rounded once to x's dtype,
-as PyTorch's mul_ does).
+Reference: ``if s != 1: x.mul_(s)``, with s in the accumulation dtype (float32 for bf16/fp16 x:
+a GradScaler's 65536 is inf in float16), the product rounded once to x's dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import acc_dtype
 from .triton_common import device_guard, tl_acc_dtype
 
 _BLOCK = 4096
@@ -39,8 +40,10 @@ def _scale_unless_one_kernel(x_ptr, s_ptr, n, ACC: tl.constexpr, BLOCK: tl.const
 
 
 def scale_unless_one_(x: torch.Tensor, s: torch.Tensor) -> None:
-    """x *= s in place unless s == 1. x: contiguous; s: one element, in x's dtype and device."""
-    assert x.is_contiguous() and s.numel() == 1 and s.dtype == x.dtype and s.device == x.device
+    """x *= s in place unless s == 1. x: contiguous; s: one element, in x's accumulation dtype
+    (float32; float64 for float64 x), on x's device."""
+    assert x.is_contiguous() and s.numel() == 1 and s.device == x.device
+    assert s.dtype == acc_dtype(x.dtype)
     if x.numel():
         with device_guard(x):
             _scale_unless_one_kernel[(min(triton.cdiv(x.numel(), _BLOCK), _PROGRAMS),)](
