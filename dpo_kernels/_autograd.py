@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def input_grads(ctx, *grads):
     """A backward's return value: `grads` for the first inputs, None for every later one (as
@@ -20,3 +22,24 @@ def no_double_backward(ctx, *grads):
 
 def no_setup(ctx, inputs, output) -> None:
     pass
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes a backward's first `n` results on (copies); differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(t.clone() for t in tensors[:n])
+
+    backward = staticmethod(no_double_backward)
+
+
+def guard_double_backward(grads: tuple, *inputs: torch.Tensor) -> tuple:
+    """An autograd.Function backward's results, as they are; under create_graph (grad mode on in
+    the backward), made differentiable in `inputs` through a node that raises
+    `no_double_backward`, instead of a wrong second derivative or a torch error deep inside."""
+    if not torch.is_grad_enabled():
+        return grads
+    given = [g for g in grads if g is not None]
+    out = iter(_NoDoubleBackward.apply(len(given), *given, *inputs))
+    return tuple(None if g is None else next(out) for g in grads)

@@ -17,7 +17,7 @@ from .backend import kernels, resolve_backend, sync_free
 from .common import LogitTransform, SequenceLogprobs, acc_dtype, counted_tokens, stats_dtypes
 from .packed import batch_of_one, sequence_outputs
 from .validation import check_flag, check_linear_inputs, check_packed, check_values, make_transform
-from .vocab_parallel import VocabParallelLinearTokens, check_global_values, check_group
+from .vocab_parallel import VocabParallelLinearTokens, agree, check_global_values, check_group
 
 
 def _scatter_counted(counted: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -208,19 +208,24 @@ def linear_sequence_logprobs(
     tile. Gradients reach hidden, weight and bias; those of weight and bias accumulate in float32
     and are cast once. Returns a `SequenceLogprobs` without reference fields.
     """
-    transform = make_transform(logit_scale, softcap, temperature)
-    check_flag("stats", stats)
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # [N, H]: one sequence, or packed
         hidden, labels, mask = batch_of_one(hidden, labels, mask)
-    check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, transform)
-    check_packed(cu_seqlens, hidden, "hidden")
-    name = resolve_backend(backend, hidden.device)
-    check_group(vocab_group, vocab_start)
+
+    def check() -> tuple[str, LogitTransform]:
+        transform = make_transform(logit_scale, softcap, temperature)
+        check_flag("stats", stats)
+        check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, transform)
+        check_packed(cu_seqlens, hidden, "hidden")
+        check_group(vocab_group, vocab_start)
+        if vocab_group is not None and stats:
+            raise ValueError("vocab_group does not combine with stats")
+        return resolve_backend(backend, hidden.device), transform
+
+    name, transform = agree(vocab_group, check)  # vocab_group: every rank raises if one does
     counted = counted_tokens(labels, mask, ignore_index)
     if vocab_group is not None:
-        if stats:
-            raise ValueError("vocab_group does not combine with stats")
-        check_global_values(labels, mask, ignore_index, weight.shape[0], vocab_group)
+        check_global_values(labels, mask, ignore_index, weight.shape[0], vocab_start,
+                            vocab_group)  # fmt: skip
         tok_c = VocabParallelLinearTokens.apply(
             hidden[counted], weight, bias, labels[counted].long(), vocab_start, vocab_group,
             transform, name,

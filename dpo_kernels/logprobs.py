@@ -15,7 +15,7 @@ from .backend import kernels, resolve_backend
 from .common import SequenceLogprobs, acc_dtype, counted_tokens, stats_dtypes
 from .packed import batch_of_one, sequence_outputs
 from .validation import check_flag, check_logprob_inputs, check_packed, check_values
-from .vocab_parallel import VocabParallelTokenLogprobs, check_global_values, check_group
+from .vocab_parallel import VocabParallelTokenLogprobs, agree, check_global_values, check_group
 
 
 @torch.library.custom_op("dpo_kernels::token_logprobs", mutates_args=())
@@ -142,19 +142,24 @@ def sequence_logprobs(
     """
     if cu_seqlens is not None and isinstance(logits, torch.Tensor) and logits.dim() == 2:
         logits, labels, mask, ref_logits = batch_of_one(logits, labels, mask, ref_logits)
-    check_logprob_inputs(logits, labels, mask, ref_logits, ignore_index)
-    check_flag("stats", stats)
-    check_packed(cu_seqlens, logits, "logits")
-    name = resolve_backend(backend, logits.device)
-    check_group(vocab_group, vocab_start)
-    counted = counted_tokens(labels, mask, ignore_index)
-    if vocab_group is not None:
-        if ref_logits is not None or stats:
+
+    def check() -> str:
+        check_logprob_inputs(logits, labels, mask, ref_logits, ignore_index)
+        check_flag("stats", stats)
+        check_packed(cu_seqlens, logits, "logits")
+        check_group(vocab_group, vocab_start)
+        if vocab_group is not None and (ref_logits is not None or stats):
             raise ValueError(
                 "vocab_group does not combine with ref_logits or stats: call the reference model "
                 "separately (under torch.no_grad) and compute statistics on gathered logits"
             )
-        check_global_values(labels, mask, ignore_index, logits.shape[-1], vocab_group)
+        return resolve_backend(backend, logits.device)
+
+    name = agree(vocab_group, check)  # vocab_group: every rank raises if one does
+    counted = counted_tokens(labels, mask, ignore_index)
+    if vocab_group is not None:
+        check_global_values(labels, mask, ignore_index, logits.shape[-1], vocab_start,
+                            vocab_group)  # fmt: skip
         tok = VocabParallelTokenLogprobs.apply(
             logits, labels, counted, vocab_start, vocab_group, name
         )

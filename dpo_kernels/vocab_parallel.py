@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import input_grads
+from ._autograd import guard_double_backward, input_grads
 from .backend import kernels
 from .validation import check_values
 
@@ -47,13 +47,14 @@ class VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_tok):
         logits, arg, counted, in_shard, lse = ctx.saved_tensors
-        dz = kernels(ctx.backend).logprobs_backward(grad_tok, logits, arg, counted, lse, -1)
-        # Rows whose label lives on another rank: that position gets -g * p, not g * (1 - p).
-        b, t = (counted & ~in_shard).nonzero(as_tuple=True)
-        a = arg[b, t]
-        p = torch.exp(logits[b, t, a].to(lse.dtype) - lse[b, t])
-        dz[b, t, a] = (-grad_tok[b, t].to(lse.dtype) * p).to(dz.dtype)
-        return input_grads(ctx, dz)
+        with torch.no_grad():  # (create_graph: guard_double_backward below refuses it)
+            dz = kernels(ctx.backend).logprobs_backward(grad_tok, logits, arg, counted, lse, -1)
+            # Rows whose label lives on another rank: that position gets -g * p, not g * (1 - p).
+            b, t = (counted & ~in_shard).nonzero(as_tuple=True)
+            a = arg[b, t]
+            p = torch.exp(logits[b, t, a].to(lse.dtype) - lse[b, t])
+            dz[b, t, a] = (-grad_tok[b, t].to(lse.dtype) * p).to(dz.dtype)
+        return input_grads(ctx, *guard_double_backward((dz,), logits))
 
 
 def check_group(group: object, vocab_start: object) -> None:
@@ -77,9 +78,65 @@ def check_group(group: object, vocab_start: object) -> None:
         )
 
 
-def check_global_values(labels, mask, ignore_index, local_vocab: int, group) -> None:
-    """`check_values` against the whole vocabulary: the ranks' slices summed over `group`."""
-    vocab = int(_all_reduce(torch.tensor([local_vocab], device=labels.device), group))
+def _flag_device(group) -> torch.device:
+    """Where a collective's small tensor goes: the current CUDA device for NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(group: object, check):
+    """Runs `check()` (this rank's argument checks; returns its result). With a process group,
+    every rank then learns whether any rank's checks failed (one all-reduce) and raises: the
+    failing rank its own error, the others one that says so, so that no rank is left waiting in
+    the next collective for one that raised."""
+    if group is None:
+        return check()
+    import torch.distributed as dist
+
+    error, result = None, None
+    try:
+        result = check()
+    except (TypeError, ValueError, RuntimeError) as e:
+        error = e
+    if not isinstance(group, dist.ProcessGroup):
+        if error is not None:
+            raise error
+        return result
+    failed = _all_reduce(torch.tensor([error is not None], device=_flag_device(group)), group)
+    if error is not None:
+        raise error
+    if bool(failed):
+        raise ValueError(
+            "vocab_group: another rank refused its inputs (see its error); every rank raises, so "
+            "that none waits for it in a collective"
+        )
+    return result
+
+
+def check_global_values(labels, mask, ignore_index, local_vocab: int, vocab_start: int,
+                        group) -> None:  # fmt: skip
+    """The ranks' slices [vocab_start, vocab_start + V_local) tile [0, V) without gaps or
+    overlaps (else a label owned by no rank, or by two, would give a wrong sum silently; every
+    rank sees every slice, so all raise alike), then `check_values` against the whole V."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([vocab_start, local_vocab], device=_flag_device(group))
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    spans = sorted(tuple(p.tolist()) for p in parts)
+    vocab = 0
+    for start, size in spans:
+        if start != vocab:
+            got = [(s, s + n) for s, n in spans]
+            raise ValueError(
+                "vocab_group: the ranks' vocabulary slices [vocab_start, vocab_start + V_local) "
+                f"must tile [0, V) without gaps or overlaps, got {got}; pass each rank's "
+                "vocab_start = the sum of the earlier ranks' V_local"
+            )
+        vocab = start + size
     check_values(labels, mask, ignore_index, vocab)
 
 
@@ -109,6 +166,9 @@ class VocabParallelLinearTokens(torch.autograd.Function):
         group, transform, backend = ctx.args
         needs = (True, ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         bwd = kernels(backend).linear_logprobs_backward
-        dh, dw, db = bwd(grad_tok.to(lse.dtype), hidden, weight, bias, arg, lse, transform, needs)
-        _all_reduce(dh, group)
-        return input_grads(ctx, dh, dw if needs[1] else None, db if needs[2] else None)
+        with torch.no_grad():  # (create_graph: guard_double_backward below refuses it)
+            dh, dw, db = bwd(grad_tok.to(lse.dtype), hidden, weight, bias, arg, lse, transform,
+                             needs)  # fmt: skip
+            _all_reduce(dh, group)
+        grads = (dh, dw if needs[1] else None, db if needs[2] else None)
+        return input_grads(ctx, *guard_double_backward(grads, hidden, weight))

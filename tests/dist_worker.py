@@ -238,3 +238,58 @@ def hf_trainer_worker(rank: int, world: int, init_file: str, out_dir: str, port:
     with open(os.path.join(out_dir, f"hf_rank{rank}.json"), "w") as f:
         json.dump(result, f)
     shutdown()
+
+
+def vocab_parallel_refusals_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """What the vocabulary-parallel ops refuse, on 2 ranks: slices that overlap or leave a gap
+    (every rank raises), an argument only one rank gets wrong (every rank raises at once, none
+    left waiting: a 60 s group timeout fails a regression fast) and a double backward. Saves
+    each case's (exception type, message) per rank."""
+    import datetime
+    import json
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    from dpo_kernels import linear_sequence_logprobs, sequence_logprobs
+
+    group = dist.group.WORLD
+    logits, labels, mask = vocab_parallel_case(V=8)
+    hidden = torch.randn(3, 5, 4)
+    weight = torch.randn(8, 4)
+
+    def logits_call(start, size, vocab_start=None, double=False):
+        z = logits[..., start : start + size].clone().requires_grad_()
+        first = start if vocab_start is None else vocab_start
+        out = sequence_logprobs(z, labels, mask=mask, vocab_group=group, vocab_start=first)
+        if double:
+            (g,) = torch.autograd.grad(out.logps.sum(), z, create_graph=True)
+            g.pow(2).sum().backward()
+
+    def linear_call(start, size, double=False):
+        h = hidden.clone().requires_grad_()
+        w = weight[start : start + size].clone().requires_grad_()
+        out = linear_sequence_logprobs(h, w, labels, mask=mask, vocab_group=group,
+                                       vocab_start=start)  # fmt: skip
+        if double:
+            (g,) = torch.autograd.grad(out.logps.sum(), h, create_graph=True)
+            g.pow(2).sum().backward()
+
+    half = [(0, 4), (4, 4)][rank]
+    cases = {
+        "overlap": lambda: logits_call(*[(0, 4), (3, 4)][rank]),
+        "gap": lambda: logits_call(*[(0, 4), (5, 3)][rank]),
+        "one_rank_bad_start": lambda: logits_call(*half, vocab_start=[0, -1][rank]),
+        "one_rank_empty_slice": lambda: linear_call(*[(0, 8), (8, 0)][rank]),
+        "double_backward_logits": lambda: logits_call(*half, double=True),
+        "double_backward_linear": lambda: linear_call(*half, double=True),
+    }
+    results = {}
+    for name, call in cases.items():
+        try:
+            call()
+            results[name] = None
+        except Exception as e:  # (the test asserts which)
+            results[name] = [type(e).__name__, str(e)]
+    with open(os.path.join(out_dir, f"vpr_rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    shutdown()

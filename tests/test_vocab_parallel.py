@@ -8,6 +8,7 @@ from dist_worker import (
     linear_vocab_parallel_worker,
     spawn_ranks,
     vocab_parallel_case,
+    vocab_parallel_refusals_worker,
     vocab_parallel_worker,
     vocab_slices,
 )
@@ -75,3 +76,25 @@ def test_split_lm_head_equals_single_process(world, tmp_path):
         db = torch.cat([per_rank[r][backend][3] for r in range(world)])
         torch.testing.assert_close(dw, w.grad, rtol=1e-10, atol=1e-10, msg="weight")
         torch.testing.assert_close(db, b.grad, rtol=1e-10, atol=1e-10, msg="bias")
+
+
+def test_refusals_reach_every_rank(tmp_path):
+    """Slices that overlap or leave a gap are refused on every rank (a label owned by two ranks,
+    or none, gave a wrong sum silently); an argument one rank gets wrong, or an empty slice,
+    makes every rank raise at once (the others waited in a collective until the group's
+    timeout); a double backward raises the package's error (it gave wrong second derivatives
+    or a torch error deep inside)."""
+    import json
+
+    spawn_ranks(vocab_parallel_refusals_worker, 2, tmp_path)
+    runs = [json.load(open(tmp_path / f"vpr_rank{r}.json")) for r in range(2)]
+    for r, res in enumerate(runs):
+        for case in ("overlap", "gap"):
+            assert res[case][0] == "ValueError" and "must tile [0, V)" in res[case][1], (r, res)
+        for case in ("double_backward_logits", "double_backward_linear"):
+            kind, message = res[case]
+            assert kind == "RuntimeError" and "double backward" in message, (r, case, message)
+    assert "vocab_start must be a non-negative int" in runs[1]["one_rank_bad_start"][1]
+    assert "another rank refused its inputs" in runs[0]["one_rank_bad_start"][1]
+    assert "empty vocabulary" in runs[1]["one_rank_empty_slice"][1]
+    assert "another rank refused its inputs" in runs[0]["one_rank_empty_slice"][1]
