@@ -11,7 +11,10 @@ import torch
 
 
 def _positive(text: str) -> int:
-    n = int(text)
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number, got {text!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
@@ -65,6 +68,11 @@ def _grid(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
             bad = [s for s in shapes if len(s) != len(dims.split("x")) or min(s) < 1]
             if bad:
                 p.error(f"op {op} takes shapes {dims} (positive), got {bad}; choose it with --ops")
+            if dims.startswith("PxT") and any(s[1] < 2 for s in shapes):  # trainer steps
+                p.error(f"op {op} takes T >= 2 (with one token per row no next token is scored)")
+            odd = [s for s in shapes if bench.OPS[op].pairs and s[0] % 2]
+            if odd:
+                p.error(f"op {op} takes B = 2P rows [chosen; rejected] (an even B), got {odd}")
         grid = {
             op: [bench.Case(op, s, d) for s in shapes for d in _dtypes_of(cases)]
             for op, cases in grid.items()
@@ -82,7 +90,12 @@ def _grid(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
         supported = bench.OPS[op].dtypes
         grid[op] = [c for c in cases if c.dtype in supported]
         if cases and not grid[op]:
-            p.error(f"op {op} runs in {','.join(supported)} only")
+            asked = {c.dtype for c in cases}
+            others = [o for o, spec in bench.OPS.items() if asked <= set(spec.dtypes)]
+            p.error(
+                f"op {op} runs in {','.join(supported)} only; choose ops that run in "
+                f"{','.join(sorted(asked))} with --ops (among {','.join(others)})"
+            )
     return grid
 
 
@@ -155,10 +168,25 @@ def main(argv: list[str] | None = None) -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this torch sees no CUDA device (a CPU build, or no GPU here)")
     for flag, path in (("--json", a.json), ("--plot", a.plot)):  # before the run, not after it
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not path or os.path.isdir(path):
+            p.error(f"{flag} {path!r}: give a file name to write")
+        if not os.path.isdir(folder):
             p.error(f"{flag} {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            p.error(f"{flag} {path}: the folder {folder} is not writable")
+    if a.plot:
+        from matplotlib.figure import Figure
+
+        kinds = Figure().canvas.get_supported_filetypes()
+        suffix = os.path.splitext(a.plot)[1].lstrip(".").lower()
+        if suffix not in kinds:
+            p.error(f"--plot {a.plot}: name a file ending in one of .{', .'.join(sorted(kinds))}")
     grid = _grid(p, a)
+    if a.device == "cpu":  # DeepSpeed (a TRL peer's import) would print its accelerator guess
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # on stdout, into the table
     progress = Progress(sum(len(bench.OPS[c.op].methods) for cs in grid.values() for c in cs))
     try:
         rows, facts = bench.run(grid, a.device, a.reps, not a.no_memory, progress)
@@ -179,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.plot:
         bench.plot(rows, facts, a.plot)
     ours = {(op, m.name) for op, o in bench.OPS.items() for m in o.methods if m.ours}
-    return 1 if any(r.status == "WRONG" and (r.op, r.method) in ours for r in rows) else 0
+    failed = any(r.status in ("WRONG", "FAILED") and (r.op, r.method) in ours for r in rows)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -83,6 +83,13 @@ def test_shapes_dtypes_and_ops_select_the_cases(grids):
         (["--dtype", ""], "unknown dtype"),
         (["--json", "/no-such-folder/rows.json"], "the folder /no-such-folder does not exist"),
         (["--plot", "/no-such-folder/plot.png"], "the folder /no-such-folder does not exist"),
+        (["--json", "/tmp"], "give a file name to write"),
+        (["--json", ""], "give a file name to write"),
+        (["--plot", "/tmp/plot.xyz"], "name a file ending in one of"),
+        (["--ops", "linear_dpo", "--shapes", "3x8x16x64"], "an even B"),
+        (["--ops", "dpo_step", "--shapes", "1x1x64"], "takes T >= 2"),
+        (["--reps", "abc"], "takes a whole number, got 'abc'"),
+        (["--dtype", "bf16"], "choose ops that run in bf16 with --ops"),
         pytest.param(
             ["--device", "cuda"],
             "sees no CUDA device",
@@ -139,6 +146,14 @@ def test_exit_status_is_1_when_ours_is_wrong(monkeypatch):
     wrong = bench.Method("ours.wrong", _off_by_one_percent, ours=True)
     _with_method(monkeypatch, "logprobs", wrong)
     assert cli.main(["bench", *TINY, "--no-memory"]) == 1
+
+
+def test_exit_status_is_1_when_ours_fails(monkeypatch, capsys):
+    """A peer that raises is a skipped row; ours raising is a FAILED row and exit status 1."""
+    _with_method(monkeypatch, "logprobs", bench.Method("ours.broken", _raises, ours=True))
+    assert cli.main(["bench", *TINY, "--no-memory"]) == 1
+    rows = [line for line in capsys.readouterr().out.splitlines() if "ours.broken" in line]
+    assert rows and all("FAILED (RuntimeError: this peer does not run here)" in r for r in rows)
 
 
 def test_json_has_the_facts_and_one_row_per_case_and_method(tmp_path):

@@ -66,8 +66,9 @@ def run_case(
             del out
             row.time_ms = time_step(step, device, reps)
             del step
-        except Exception as exc:  # a peer that fails on this case is a skipped row, not a crash
-            row.status, row.note = "skipped", f"{type(exc).__name__}: {str(exc)[:60]}"
+        except Exception as exc:  # a peer that fails is a skipped row, ours a FAILED one
+            row.status = "FAILED" if method.ours else "skipped"
+            row.note = f"{type(exc).__name__}: {str(exc)[:60]}"
             row.value_err = row.grad_err = None
             continue
         row.tokens_per_s = tokens / row.time_ms * 1e3

@@ -46,7 +46,7 @@ class Row:
     value_err: float | None = None  # of the checked values, relative to their scale
     grad_err: float | None = None  # of the gradients, relative to their largest entry
     roofline: float | None = None  # fraction of the bandwidth bound reached
-    status: str = "ok"  # ok | WRONG | skipped
+    status: str = "ok"  # ok | WRONG | skipped (a peer not run, or failing) | FAILED (ours raised)
     note: str = ""
 
 

@@ -31,6 +31,7 @@ class Op:
     tokens: Callable[[Case], int]
     x_axis: str  # "vocabulary size" (the shape's last dimension) or "tokens"
     dtypes: tuple[str, ...] = tuple(DTYPES)
+    pairs: bool = False  # B is 2P rows [chosen; rejected]: an even B
 
 
 def _need_trl(device: str) -> str | None:
@@ -120,6 +121,7 @@ OPS: dict[str, Op] = {
         tokens=bt_tokens,
         x_axis="tokens",
         dtypes=("fp32", "bf16"),
+        pairs=True,
     ),
     "dpo_step": Op(
         dims="PxTxV",
