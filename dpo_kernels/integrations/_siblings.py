@@ -36,18 +36,27 @@ def refuse(trainer, unsupported: dict[str, bool]) -> None:
         )
 
 
-def reference_context(trainer) -> contextlib.AbstractContextManager:
-    """Without a reference model, a PEFT policy is its own reference: adapter disabled (or the
-    "ref" adapter active), as in TRL."""
+@contextlib.contextmanager
+def reference_pass(trainer):
+    """What every reference pass of the fused trainers runs in, as TRL's: no gradient, the
+    policy's gradient checkpointing off, and without a reference model a PEFT policy as its own
+    reference (adapter disabled, or the "ref" adapter active)."""
     from accelerate.utils import is_peft_model
+    from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
 
-    if trainer.ref_model is not None or not is_peft_model(trainer.model):
-        return contextlib.nullcontext()
-    _fsdp2_lazy_init(trainer.model)
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    name = "ref" if "ref" in unwrapped.peft_config else None
-    return use_adapter(unwrapped, adapter_name=name)
+    gc_kwargs = trainer.args.gradient_checkpointing_kwargs
+    with (
+        torch.no_grad(),
+        disable_gradient_checkpointing(trainer.model, gc_kwargs),
+        contextlib.ExitStack() as stack,
+    ):
+        if trainer.ref_model is None and is_peft_model(trainer.model):
+            _fsdp2_lazy_init(trainer.model)
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            name = "ref" if "ref" in unwrapped.peft_config else None
+            stack.enter_context(use_adapter(unwrapped, adapter_name=name))
+        yield
 
 
 def _fsdp2_lazy_init(model: torch.nn.Module) -> None:

@@ -24,7 +24,7 @@ from ..common import LOSSES
 from ..forward import model_logprobs, reference_logprobs
 from ..fused_head import DPOHead
 from ..losses import dpo_loss, make_spec
-from ._siblings import fused_head_refusals, reference_context, refuse
+from ._siblings import fused_head_refusals, reference_pass, refuse
 
 SUPPORTED_TRL = (
     "1.16",
@@ -55,7 +55,6 @@ def check_trl_version() -> str:
 check_trl_version()
 
 from trl import DPOTrainer  # noqa: E402
-from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
 
 def _ld_weighted(tok: torch.Tensor, completion: torch.Tensor, ld_alpha: float) -> torch.Tensor:
@@ -127,38 +126,25 @@ class FusedDPOTrainer(DPOTrainer):
             return out.logps
         return _ld_weighted(out.token_logps, b.completion_mask[:, 1:], self.ld_alpha)
 
-    def _no_grad_logprobs(self, model, b: PreferenceBatch, model_kwargs: dict[str, Any]):
-        """The reference's log-probs (on the linear DPO route, from its own pass)."""
-        linear = self._linear_dpo_fallback() is None
-        return reference_logprobs(model, b, linear_dpo=linear, model_kwargs=model_kwargs,
-                                  **self._kernel_options)  # fmt: skip
-
     def _reference_sums(self, inputs, b: PreferenceBatch, model_kwargs: dict[str, Any]) -> tuple:
         """(ref chosen, ref rejected) sums [P]: precomputed (in the batch), or computed now."""
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         ref = self.model if self.ref_model is None else self.ref_model
-        gc_kwargs = self.args.gradient_checkpointing_kwargs
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, gc_kwargs),
-            reference_context(self),
-        ):
-            out = self._no_grad_logprobs(ref, b, model_kwargs)
-        return self._sums(out, b).chunk(2)
+        return self._reference_pass(ref, b, model_kwargs)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (TRL calls this to precompute them)."""
-        b = preference_batch(inputs)
-        kwargs = self._model_kwargs(inputs)
-        gc_kwargs = self.args.gradient_checkpointing_kwargs
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, gc_kwargs),
-            reference_context(self),
-            self.accelerator.autocast(),
-        ):
-            out = self._no_grad_logprobs(model, b, kwargs)
+        with self.accelerator.autocast():
+            return self._reference_pass(model, preference_batch(inputs), self._model_kwargs(inputs))
+
+    def _reference_pass(self, model, b: PreferenceBatch, model_kwargs: dict[str, Any]) -> tuple:
+        """(ref chosen, ref rejected) sums of `model` on `b`, in `reference_pass`; on the linear
+        DPO route from `linear_dpo`'s own pass (`reference_logprobs`)."""
+        linear = self._linear_dpo_fallback() is None
+        with reference_pass(self):
+            out = reference_logprobs(model, b, linear_dpo=linear, model_kwargs=model_kwargs,
+                                     **self._kernel_options)  # fmt: skip
         return self._sums(out, b).chunk(2)
 
     @staticmethod

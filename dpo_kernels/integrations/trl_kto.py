@@ -10,14 +10,13 @@ import torch
 
 from ..linear_preference_losses import _linear_kto
 from ..preference_losses import kto_loss
-from ._siblings import _ONE, fused_head_refusals, reference_context, refuse, score
+from ._siblings import _ONE, fused_head_refusals, reference_pass, refuse, score
 from .trl import check_trl_version
 
 check_trl_version()
 
 from transformers.modeling_outputs import CausalLMOutput  # noqa: E402
 from trl import KTOTrainer  # noqa: E402
-from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
 _KTO_NON_MODEL_KEYS = {
     "completion_mask",
@@ -118,11 +117,7 @@ class FusedKTOTrainer(KTOTrainer):
         if self.precompute_ref_logps:
             return batch["ref_logps"], (batch["ref_KL_logps"] if self.calculate_KL else None)
         ref = self.ref_model if self.ref_model is not None else self.model
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            reference_context(self),
-        ):
+        with reference_pass(self):
             ref_KL_logps = self._kl_sums(ref, batch)
             ref_seq, _ = self._sums(
                 ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
