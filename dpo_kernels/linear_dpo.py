@@ -179,7 +179,7 @@ def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, re
     """Validates the inputs of a fused linear pair loss (pairs: further [P] tensors by name), all
     but the values of labels and mask (`check_values`: a host sync, done where the loss runs)."""
     tf = make_transform(logit_scale, softcap, temperature)
-    _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, tf)
+    _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index)
     if hidden.dim() != 3 or hidden.shape[0] % 2:
         raise ValueError(
             "hidden must be [2P, T, H]: P chosen rows then the P rejected rows of the same pairs; "

@@ -214,7 +214,7 @@ def linear_sequence_logprobs(
     def check() -> tuple[str, LogitTransform]:
         transform = make_transform(logit_scale, softcap, temperature)
         check_flag("stats", stats)
-        check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, transform)
+        check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index)
         check_packed(cu_seqlens, hidden, "hidden")
         check_group(vocab_group, vocab_start)
         if vocab_group is not None and stats:

@@ -103,10 +103,9 @@ def check_linear_inputs(
     labels: torch.Tensor,
     mask: torch.Tensor | None,
     ignore_index: int,
-    transform: LogitTransform,
 ) -> None:
     """The fused LM head's inputs: hidden [B, T, H] or [N, H], weight [V, H], bias [V], labels and
-    mask shaped hidden.shape[:-1], and the logit transform."""
+    mask shaped hidden.shape[:-1] (the logit transform: `make_transform`)."""
     check_float("hidden", hidden)
     check_float("weight", weight)
     if weight.dim() != 2:
@@ -143,7 +142,6 @@ def check_linear_inputs(
             raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}; they must match")
         check_same_device("bias", bias, hidden, "hidden")
     check_labels_and_mask(labels, mask, ignore_index, hidden, "hidden", hidden.dim() - 1)
-    check_transform(transform)
 
 
 def make_transform(logit_scale: float, softcap: float | None, temperature: float) -> LogitTransform:
