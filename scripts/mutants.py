@@ -184,8 +184,8 @@ MUTANTS: list[Mutant] = [
       "dz[b, t, a] = (grad_tok[b, t].to(lse.dtype) * (1 - p)).to(dz.dtype)",
       VP2),
     M("vocab-parallel-hidden-grad-not-reduced", "dpo_kernels/vocab_parallel.py",
-      "        _all_reduce(dh, group)\n        return input_grads(ctx, dh,",
-      "        return input_grads(ctx, dh,",
+      "                             needs)  # fmt: skip\n            _all_reduce(dh, group)\n",
+      "                             needs)  # fmt: skip\n",
       LVP2),
     # -- TRL integration -------------------------------------------------------------------------
     M("trl-f-divergence-dropped", "dpo_kernels/integrations/trl.py",
