@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .validation import check_same_device, values_unreadable
+from .validation import check_mask_values, check_same_device
 
 
 class PreferenceBatch(NamedTuple):
@@ -39,9 +39,7 @@ def _completion(batch: Mapping[str, Any], prefix: str, ignore_index: int) -> tor
 
 def _check_masks(ids: torch.Tensor, am, cm, prefix: str) -> None:
     """The masks of `ids` (one half, or the whole batch): tensors of its shape holding 0 and 1
-    only (a weight of 0.5 would count as 1), on its device. Values: a ValueError on CPU, an
-    assert that does not read them on the host where they must not be read (`values_unreadable`:
-    CUDA, torch.compile, meta and fake tensors)."""
+    only (`check_mask_values`), on its device."""
     for name, m in ((f"{prefix}attention_mask", am), (f"{prefix}completion_mask", cm)):
         if not isinstance(m, torch.Tensor) or m.is_complex():
             got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
@@ -52,14 +50,7 @@ def _check_masks(ids: torch.Tensor, am, cm, prefix: str) -> None:
                 f"{tuple(ids.shape)}"
             )
         check_same_device(name, m, ids, f"{prefix}input_ids")
-        if m.dtype == torch.bool:
-            continue
-        bad = (m != 0) & (m != 1)
-        if values_unreadable(m):
-            torch._assert_async(~bad.any(), f"dpo_kernels: {name} holds a value other than 0, 1")
-        elif bad.any():
-            i = tuple(bad.nonzero()[0].tolist())
-            raise ValueError(f"{name}{list(i)} = {m[i].item()}; it must hold only 0 and 1")
+        check_mask_values(name, m)
 
 
 def preference_batch(

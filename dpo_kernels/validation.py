@@ -192,36 +192,39 @@ def check_flag(name: str, value: object) -> None:
 def check_values(
     labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int
 ) -> None:
-    """Data checks: counted labels in [0, vocab), mask values 0 or 1. On CPU one look at the
-    values and a ValueError naming the first bad position; on CUDA a device-side assert."""
+    """Data checks: counted labels in [0, vocab), mask values 0 or 1 (`refuse_values`)."""
     counted = counted_tokens(labels, mask, ignore_index)
-    bad_label = counted & ((labels < 0) | (labels >= vocab))
-    bad_mask = None
-    if mask is not None and mask.dtype != torch.bool:
-        bad_mask = (mask != 0) & (mask != 1)
-    if backend.device_side_checks(labels.device):
-        bad = bad_label.any() if bad_mask is None else bad_label.any() | bad_mask.any()
-        torch._assert_async(
-            ~bad,
-            f"dpo_kernels: a counted label is outside the vocabulary [0, {vocab}) or the mask "
-            f"holds a value other than 0 and 1; use ignore_index={ignore_index} (or mask=0) for "
-            "tokens that should not count (run on CPU tensors to see the position)",
+    fix = f"use ignore_index={ignore_index} (or mask=0) for tokens that should not count"
+    refuse_values(
+        counted & ((labels < 0) | (labels >= vocab)),
+        lambda i: (
+            f"labels{list(i)} = {labels[i].item()} is outside the vocabulary [0, {vocab}); " + fix
+        ),
+        f"a counted label is outside the vocabulary [0, {vocab}); {fix} (run on CPU tensors to "
+        "see the position)",
+    )
+    if mask is not None:
+        check_mask_values("mask", mask)
+
+
+def check_mask_values(name: str, mask: torch.Tensor) -> None:
+    """A mask's values: 0 and 1 only (a weight of 0.5 would count as 1); bool masks pass."""
+    if mask.dtype != torch.bool:
+        refuse_values(
+            (mask != 0) & (mask != 1),
+            lambda i: f"{name}{list(i)} = {mask[i].item()}; it must hold only 0 and 1 (or be bool)",
+            f"{name} holds a value other than 0 and 1",
         )
-        return
-    flags = torch.stack(
-        [bad_label.any(), bad_mask.any() if bad_mask is not None else bad_label.new_zeros(())]
-    ).tolist()
-    if flags[0]:
-        b, t = bad_label.nonzero()[0].tolist()
-        raise ValueError(
-            f"labels[{b}, {t}] = {labels[b, t].item()} is outside the vocabulary [0, {vocab}); "
-            f"use ignore_index={ignore_index} (or mask=0) for tokens that should not count"
-        )
-    if flags[1]:
-        b, t = bad_mask.nonzero()[0].tolist()
-        raise ValueError(
-            f"mask[{b}, {t}] = {mask[b, t].item()}; mask must hold only 0 and 1 (or be bool)"
-        )
+
+
+def refuse_values(bad: torch.Tensor, describe, device_message: str) -> None:
+    """The one data check of values: where `bad` (a bool tensor) holds a True, a ValueError whose
+    message `describe(index)` makes for the first bad index; where the values must not be read on
+    the host (`values_unreadable`), an assert with `device_message` that stops the device."""
+    if values_unreadable(bad):
+        torch._assert_async(~bad.any(), f"dpo_kernels: {device_message}")
+    elif bool(bad.any()):
+        raise ValueError(describe(tuple(bad.nonzero()[0].tolist())))
 
 
 def values_unreadable(t: torch.Tensor) -> bool:
@@ -242,14 +245,11 @@ def check_counts(counts: dict[str, torch.Tensor], minimum: int, why: str) -> Non
             raise TypeError(
                 f"{name} must be a tensor of token counts (int or float), got {n.dtype}"
             )
-        bad = n < minimum
-        if values_unreadable(n):
-            torch._assert_async(
-                ~bad.any(), f"dpo_kernels: {name} holds a value below {minimum}; {why}"
-            )
-        elif bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{name}[{i}] = {n[i].item()}; {why}")
+        refuse_values(
+            n < minimum,
+            lambda i, name=name, n=n: f"{name}{list(i)} = {n[i].item()}; {why}",
+            f"{name} holds a value below {minimum}; {why}",
+        )
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:

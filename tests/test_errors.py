@@ -63,7 +63,7 @@ INVENTORY = [
     ("label >= V", lambda: sequence_logprobs(z(B, T, V), torch.full((B, T), V)), ValueError, r"labels\[0, 0\] = 11 is outside the vocabulary \[0, 11\)"),
     ("negative label", lambda: sequence_logprobs(z(B, T, V), torch.full((B, T), -5)), ValueError, "is outside the vocabulary"),
     ("mask shape", lambda: sequence_logprobs(z(B, T, V), y(B, T), mask=torch.ones(B, T + 1)), ValueError, "mask must have the shape of labels"),
-    ("mask values", lambda: sequence_logprobs(z(B, T, V), y(B, T), mask=torch.full((B, T), 2)), ValueError, "mask must hold only 0 and 1"),
+    ("mask values", lambda: sequence_logprobs(z(B, T, V), y(B, T), mask=torch.full((B, T), 2)), ValueError, r"mask\[0, 0\] = 2; it must hold only 0 and 1"),
     ("labels on another device", lambda: sequence_logprobs(z(B, T, V), y(B, T).to("meta")), ValueError, "labels is on meta but logits is on (cpu|cuda)"),
     ("ref_logits shape", lambda: sequence_logprobs(z(B, T, V), y(B, T), ref_logits=z(B, T, V + 1)), ValueError, "ref_logits must have the shape of logits"),
     ("unknown backend", lambda: sequence_logprobs(z(B, T, V), y(B, T), backend="cuda"), ValueError, "backend must be one of"),
