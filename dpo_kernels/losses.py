@@ -15,7 +15,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._autograd import input_grads
 from .common import (
     F_DIVERGENCES,
     LOSS_TYPES,
@@ -202,39 +201,12 @@ def dpo_loss(
     return DPOLossOutput(loss, per, chosen_rewards, rejected_rewards, metrics)
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by `w` (per pair)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(w)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        (w,) = ctx.saved_tensors
-        return input_grads(ctx, g * w.to(g.dtype))
-
-
-class _ReplaceValue(torch.autograd.Function):
-    """Returns `value` (no gradient of its own) and passes the gradient through to `carrier`."""
-
-    @staticmethod
-    def forward(ctx, carrier: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return value.detach().clone()
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return input_grads(ctx, g)
-
-
 def _weighted_loss(pc, pr, rc, rr, nc, nr, spec: DPOLossSpec, backend, weights: torch.Tensor):
     """(sum over types of mean(weights * per-pair loss), weighted per-pair losses).
 
-    Every pair loss but the count-coupled one (sft) depends on its own pair only, so
-    d mean(w * l) / d pc_p is w_p times the unweighted gradient: the fused op runs unchanged and
-    the weights scale its gradient. sft is one value for every pair: its weighted mean is mean(w)
-    times that value."""
+    Every pair loss but the count-coupled one (sft) depends on its own pair only: the fused op
+    weights those pair losses (and their gradients). sft is one value for every pair: its
+    weighted mean is mean(w) times that value."""
     if not weights.is_floating_point() or weights.requires_grad:
         raise ValueError("weights must be a floating-point tensor without gradient (detach it)")
     sorting = loss_types_where("sorting").intersection(spec.loss_types)
@@ -249,10 +221,7 @@ def _weighted_loss(pc, pr, rc, rr, nc, nr, spec: DPOLossSpec, backend, weights: 
     loss = pc.new_zeros((), dtype=acc)
     per = loss.new_zeros(pc.shape)
     if per_pair_spec is not None:
-        scaled = (_ScaleGrad.apply(pc, w), _ScaleGrad.apply(pr, w))
-        unweighted, per_pair = dpo_pair_loss(*scaled, rc, rr, nc, nr, per_pair_spec, backend)
-        per = w.to(per_pair.dtype) * per_pair
-        loss = _ReplaceValue.apply(unweighted, per.mean())
+        loss, per = dpo_pair_loss(pc, pr, rc, rr, nc, nr, per_pair_spec, backend, w)
     if coupled is not None:
         value, _ = dpo_pair_loss(pc, pr, rc, rr, nc, nr, coupled, backend)
         loss = loss + w.mean() * value

@@ -6,6 +6,7 @@ import math
 import mpmath as mp
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import GRAD_TOL, cpu_backends
 
 from dpo_kernels import common, dpo_loss, linear_sequence_logprobs, sequence_logprobs
@@ -259,6 +260,37 @@ def test_dpo_loss_double_backward(backend):
     expected = 4 * g_pc * beta**2 * s * (1 - s) / P
     torch.testing.assert_close(a.grad, expected)
     torch.testing.assert_close(b.grad, -expected)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_weighted_dpo_loss_double_backward(backend):
+    """Per-pair weights (WPO): the loss is mean(w * l) + 0.5 * mean(w) * sft, so its second
+    derivative is w times the pair loss's (not w**2), as plain autograd gives."""
+    g = torch.Generator(torch.get_default_device()).manual_seed(2)
+    P, beta = 6, 0.4
+    pc, pr, rc, rr = (-30 * torch.rand(4, P, generator=g, dtype=torch.float64)).unbind()
+    w = 0.1 + 3 * torch.rand(P, generator=g, dtype=torch.float64)
+    nc = torch.randint(1, 9, (P,), generator=g).double()
+
+    def naive(a, b):
+        pair = -F.logsigmoid(beta * ((a - rc) - (b - rr)))
+        return (w * pair).mean() + 0.5 * w.mean() * (-a.sum() / nc.sum())
+
+    def ours(a, b):
+        return dpo_loss(
+            a, b, rc, rr, chosen_counts=nc, rejected_counts=nc, weights=w, beta=beta,
+            loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], backend=backend,
+        ).loss  # fmt: skip
+
+    results = []
+    for fn in (naive, ours):
+        a, b = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+        loss = fn(a, b)
+        ga, gb = torch.autograd.grad(loss, (a, b), create_graph=True)
+        ((ga**2).sum() + (gb**2).sum()).backward()
+        results.append((loss.detach(), ga.detach(), gb.detach(), a.grad, b.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("kind", ["discopop", "ipo", "aot", "sigmoid_norm", "exo_pair"])
