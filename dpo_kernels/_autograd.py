@@ -11,13 +11,19 @@ def input_grads(ctx, *grads):
     return (*grads, *(None,) * (len(ctx.needs_input_grad) - len(grads)))
 
 
-def no_double_backward(ctx, *grads):
+def refuse_double_backward(op: str):
     raise RuntimeError(
         "dpo_kernels: double backward (torch.autograd.grad(..., create_graph=True), e.g. a "
-        "gradient penalty) through sequence_logprobs / linear_sequence_logprobs is not supported: "
-        "their backward is a fused kernel with no derivative of its own. Compute the term that "
-        "needs second derivatives with plain PyTorch (log_softmax + gather)."
+        f"gradient penalty) through {op} is not supported: its backward hands out gradients "
+        "made by a fused kernel, which have no derivative of their own (dpo_loss, from log-probs, "
+        "supports it). Compute the term that needs second derivatives with plain PyTorch "
+        "(log_softmax + gather and the loss formula)."
     )
+
+
+def no_double_backward(ctx, *grads):
+    """The autograd formula of the log-probs' backward ops: refuses."""
+    refuse_double_backward("sequence_logprobs / linear_sequence_logprobs")
 
 
 def no_setup(ctx, inputs, output) -> None:
@@ -25,21 +31,27 @@ def no_setup(ctx, inputs, output) -> None:
 
 
 class _NoDoubleBackward(torch.autograd.Function):
-    """Passes a backward's first `n` results on (copies); differentiating them raises."""
+    """Passes a backward's results on (copies, differentiable through the `anchor`);
+    differentiating them raises, naming the op."""
 
     @staticmethod
-    def forward(ctx, n, *tensors):
-        return tuple(t.clone() for t in tensors[:n])
+    def forward(ctx, op, anchor, *tensors):
+        ctx.op = op
+        return tuple(t.clone() for t in tensors)
 
-    backward = staticmethod(no_double_backward)
+    @staticmethod
+    def backward(ctx, *grads):
+        refuse_double_backward(ctx.op)
 
 
-def guard_double_backward(grads: tuple, *inputs: torch.Tensor) -> tuple:
-    """An autograd.Function backward's results, as they are; under create_graph (grad mode on in
-    the backward), made differentiable in `inputs` through a node that raises
-    `no_double_backward`, instead of a wrong second derivative or a torch error deep inside."""
+def guard_double_backward(grads: tuple, op: str) -> tuple:
+    """An autograd backward's results, as they are; under create_graph (grad mode on in the
+    backward), made differentiable through a node that raises (naming `op`) when a second
+    backward reaches it, instead of a silently missing second derivative (the fused gradients
+    are constants to autograd) or a torch error deep inside."""
     if not torch.is_grad_enabled():
         return grads
     given = [g for g in grads if g is not None]
-    out = iter(_NoDoubleBackward.apply(len(given), *given, *inputs))
+    anchor = torch.zeros((), requires_grad=True)  # makes the copies require grad
+    out = iter(_NoDoubleBackward.apply(op, anchor, *given))
     return tuple(None if g is None else next(out) for g in grads)

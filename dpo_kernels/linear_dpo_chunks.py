@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from ._autograd import guard_double_backward
 from .common import LogitTransform, acc_dtype, stats_dtypes
 from .linear_dpo_rows import VOCAB_BLOCK, Fold, Rows
 
@@ -427,7 +428,8 @@ def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
                 "a zero incoming gradient cannot be scaled; call the loss again"
             )
         out = [_times(g, grad_loss / ctx.scale) for g in grads]
-    return [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
+    out = tuple(g if want else None for g, want in zip(out, ctx.wanted, strict=True))
+    return guard_double_backward(out, "the fused LM-head losses (linear_*_loss)")
 
 
 def _times(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

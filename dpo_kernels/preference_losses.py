@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._autograd import guard_double_backward
 from .backend import kernels, resolve_backend
 from .common import FAMILIES, SiblingSpec, acc_dtype
 from .ops.reference_siblings import log1mexp
@@ -37,6 +38,9 @@ class PreferenceLossOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]  # TRL's names (detached scalars)
 
 
+_SIBLINGS = "the sibling losses (cpo_loss, simpo_loss, orpo_loss, kto_loss)"
+
+
 class _ClosedForm(torch.autograd.Function):
     """Returns a precomputed loss; its backward hands out precomputed gradients (one per input)."""
 
@@ -49,10 +53,11 @@ class _ClosedForm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        out: list[torch.Tensor | None] = [None]
-        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True):
-            out += [(g * grad).to(dtype), None]
-        return tuple(out)
+        saved = zip(ctx.saved_tensors, ctx.dtypes, strict=True)
+        grads = guard_double_backward(
+            tuple((g * grad).to(dtype) for grad, dtype in saved), _SIBLINGS
+        )
+        return (None, *(x for grad in grads for x in (grad, None)))
 
 
 def _spec(family: str, loss_type: str, **options) -> SiblingSpec:

@@ -9,7 +9,22 @@ import torch
 import torch.nn.functional as F
 from conftest import GRAD_TOL, cpu_backends
 
-from dpo_kernels import common, dpo_loss, linear_sequence_logprobs, sequence_logprobs
+from dpo_kernels import (
+    common,
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    linear_cpo_loss,
+    linear_dpo_loss,
+    linear_kto_loss,
+    linear_orpo_loss,
+    linear_pair_loss,
+    linear_sequence_logprobs,
+    linear_simpo_loss,
+    orpo_loss,
+    sequence_logprobs,
+    simpo_loss,
+)
 
 BACKENDS = cpu_backends()
 LOSS_BACKENDS = BACKENDS  # the reference runs the autograd formulas, the others the closed forms
@@ -314,6 +329,58 @@ def test_dpo_loss_double_backward_matches_reference(kind):
         torch.testing.assert_close(ga, results[0][0])
         if gb is not None or results[0][1] is not None:
             torch.testing.assert_close(gb, results[0][1])
+
+
+def _closed_form_losses():
+    """(name, fn(hidden, weight) -> loss) for every op whose backward hands out gradients made in
+    the forward: the fused LM-head losses and the sibling losses from log-prob sums."""
+    g = torch.Generator().manual_seed(3)
+    P, T, V = 2, 5, 11
+    y = torch.randint(0, V, (2 * P, T), generator=g)
+    n = torch.full((2 * P,), float(T))
+    ref = -30 * torch.rand(2 * P, generator=g)
+    desirable = torch.tensor([True, False, True, False])
+
+    def sums(h, w):  # [2P] log-prob sums through a differentiable plain-PyTorch head
+        z = (h @ w.T).log_softmax(-1)
+        return z.gather(-1, y.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    def pair(fn, **kw):
+        return lambda h, w, be: fn(*sums(h, w).chunk(2), backend=be, **kw).loss
+
+    return {
+        "linear_dpo_loss": lambda h, w, be: linear_dpo_loss(h, w, y, backend=be).loss,
+        "linear_pair_loss": lambda h, w, be: linear_pair_loss(
+            h, w, y, lambda c, r, nc, nr: -F.logsigmoid(c - r), backend=be
+        )[0],
+        "linear_cpo_loss": lambda h, w, be: linear_cpo_loss(h, w, y, backend=be).loss,
+        "linear_simpo_loss": lambda h, w, be: linear_simpo_loss(h, w, y, backend=be).loss,
+        "linear_orpo_loss": lambda h, w, be: linear_orpo_loss(h, w, y, backend=be).loss,
+        "linear_kto_loss": lambda h, w, be: (
+            linear_kto_loss(h, w, y, ref, desirable, kl=0.5, backend=be).loss
+        ),
+        "cpo_loss": pair(cpo_loss, chosen_counts=n[:P], rejected_counts=n[P:]),
+        "simpo_loss": pair(simpo_loss, chosen_counts=n[:P], rejected_counts=n[P:]),
+        "orpo_loss": pair(orpo_loss, chosen_counts=n[:P], rejected_counts=n[P:]),
+        "kto_loss": lambda h, w, be: kto_loss(sums(h, w), ref, desirable, kl=0.5, backend=be).loss,
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_closed_form_losses()))
+def test_closed_form_double_backward_raises(name, backend):
+    """A gradient penalty through an op whose gradients are made in the forward: the first
+    derivatives under create_graph are the usual ones, and differentiating them raises (they
+    were constants to autograd: the penalty's term was silently dropped)."""
+    fn = _closed_form_losses()[name]
+    g = torch.Generator().manual_seed(4)
+    h0, w0 = torch.randn(4, 5, 6, generator=g), torch.randn(11, 6, generator=g)
+    expect = torch.autograd.grad(fn(h0.requires_grad_(), w0.requires_grad_(), backend), (h0, w0))
+    h, w = h0.detach().requires_grad_(), w0.detach().requires_grad_()
+    gh, gw = torch.autograd.grad(fn(h, w, backend), (h, w), create_graph=True)
+    torch.testing.assert_close((gh.detach(), gw.detach()), expect)
+    with pytest.raises(RuntimeError, match=r"double backward .* is not supported"):
+        (gh.square().sum() + gw.square().sum()).backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
