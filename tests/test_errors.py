@@ -134,6 +134,7 @@ INVENTORY = [
     ("float token ids", lambda: collate_preferences([{"prompt_ids": [1], "chosen_ids": [1.7, 2], "rejected_ids": [3]}]), TypeError, r"examples\[0\]\['chosen_ids'\] must be a list of int token ids, got torch.float32"),
     ("ref_logps not a pair", lambda: concatenated_forward(tiny_causal_lm(), collate_preferences(preference_examples(1)), ref_logps=(torch.zeros(1, dtype=torch.long), torch.zeros(1))), TypeError, r"ref_logps must be a pair of floating-point \[P\] tensors"),
     ("compute_metrics with DPOLossTrainer", lambda: _loss_trainer(compute_metrics=lambda p: {}), ValueError, "compute_metrics would never be called"),
+    ("compute_loss_func with DPOLossTrainer", lambda: _loss_trainer(compute_loss_func=lambda o, y, num_items_in_batch=None: o.loss), ValueError, "compute_loss_func would never be called"),
 ]  # fmt: skip
 
 

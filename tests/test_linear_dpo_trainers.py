@@ -113,6 +113,48 @@ def test_dpo_loss_trainer_default_route(loss_type, linear_dpo_calls, tmp_path):
         torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("marks", ["completion_mask", "labels"])
+def test_dpo_loss_trainer_divides_by_the_accumulation_steps(marks, tmp_path):
+    """Two micro-batches of 2 pairs per step train as one batch of 4 (SGD, no clipping), whether
+    the batch marks completions with completion_mask or with labels (-100 elsewhere: the HF
+    Trainer then counts num_items_in_batch and, for a model taking **kwargs, took the loss as
+    normalized already and skipped the division: gradients 2x)."""
+    import transformers
+
+    from dpo_kernels.integrations.hf import DPOLossTrainer
+
+    def collate(examples):
+        b = collate_preferences(examples)
+        if marks == "labels":
+            labels = b["input_ids"].masked_fill(b["completion_mask"] == 0, -100)
+            return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+                    "labels": labels}  # fmt: skip
+        return b
+
+    def run(accumulate, batch):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[], remove_unused_columns=False,
+            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate, max_steps=2,
+            logging_steps=1, optim="sgd", learning_rate=0.3, max_grad_norm=0.0, save_strategy="no",
+            seed=0, disable_tqdm=True,
+        )  # fmt: skip
+        trainer = DPOLossTrainer(
+            model=tiny_causal_lm(), ref_model=tiny_causal_lm(seed=1), loss=DPOLoss(beta=0.2),
+            args=args, train_dataset=datasets.Dataset.from_list(preference_examples(8)),
+            data_collator=collate,
+        )  # fmt: skip
+        trainer.train()
+        logs = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+        return logs, dict(trainer.model.named_parameters())
+
+    (one_logs, one), (two_logs, two) = run(1, 4), run(2, 2)
+    assert len(one_logs) == len(two_logs) == 2
+    for a, b in zip(one_logs, two_logs, strict=True):
+        assert b == pytest.approx(a, rel=1e-5)
+    for n, p in one.items():
+        torch.testing.assert_close(two[n], p, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_dpo_loss_trainer_evaluate_reports_the_dpo_loss(tmp_path):
     """evaluate() runs the DPO loss on each eval batch (a preference batch has no `labels`, so the
     base Trainer's prediction_step only ran the model): eval_loss is the mean of the batches'

@@ -38,6 +38,15 @@ class DPOLossTrainer(Trainer):
         forward) and no prompt-learning PEFT adapter; False: the model's logits and the
         logits-path op."""
         super().__init__(*args, **kwargs)
+        # compute_loss returns a mean over the micro-batch's pairs, not a sum normalized by
+        # num_items_in_batch: the Trainer must divide it by the accumulation steps, as for TRL's
+        # trainers (it would skip that for a batch with `labels` and a model taking **kwargs).
+        self.model_accepts_loss_kwargs = False
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                "DPOLossTrainer's loss is the DPO loss given by `loss=` (a DPOLoss), so "
+                "compute_loss_func would never be called; drop it and pass loss=DPOLoss(...)"
+            )
         if self.compute_metrics is not None:
             raise ValueError(
                 "DPOLossTrainer's evaluation returns the DPO loss and metrics (eval_loss, "
