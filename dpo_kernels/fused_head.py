@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import types
+import inspect
 from typing import Any, NamedTuple
 
 import torch
@@ -332,10 +332,7 @@ def _forward_autocast(model: torch.nn.Module):
     return torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
 
-def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
-    if dpo_kernels_head is None:
-        return self._dpo_kernels_forward(*args, **kwargs)
-    call = dpo_kernels_head
+def _fused_head_forward(self, call: HeadCall, *args, **kwargs) -> HeadOutput:
     for k in ("labels", "output_attentions", "output_hidden_states", "return_dict"):
         kwargs.pop(k, None)  # PEFT passes these (as None); the backbone returns what we need
     kwargs["use_cache"] = False
@@ -346,7 +343,7 @@ def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, *
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         full, hidden = hidden, hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
         # (eager under torch.compile: the head's forward is swapped for this call)
-        run_head = self._dpo_kernels_run_head
+        run_head = _EAGER_RUN_HEAD or _eager_run_head()
         res = run_head(self.get_output_embeddings(), hidden, call, head_transform(self), full)
     aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if call.router_aux else None
     if call.dpo is not None:  # a LinearDPOOutput
@@ -378,18 +375,47 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
             "fused_lm_head=True with a prompt-learning PEFT adapter: its virtual tokens' hidden "
             "states do not line up with the labels; pass fused_lm_head=False"
         )
-    inner._dpo_kernels_forward = inner.forward
     inner._dpo_kernels_autocast = _saved_autocast(inner.forward)
-    # compile's disable made here, not at import: it loads torch._dynamo (seconds)
-    inner._dpo_kernels_run_head = torch.compiler.disable(_run_head)
-
-    @functools.wraps(type(inner).forward)  # generate() validates its kwargs against the signature
-    def forward(self, *args, **kwargs):
-        return _fused_head_forward(self, *args, **kwargs)
-
-    forward._dpo_kernels_fused_head = True
-    inner.forward = types.MethodType(forward, inner)
+    inner.forward = _FusedForward(inner)
     return inner
+
+
+_EAGER_RUN_HEAD = None
+
+
+def _eager_run_head():
+    """`_run_head` that torch.compile leaves eager (made on first use, not at import: it loads
+    torch._dynamo, seconds)."""
+    global _EAGER_RUN_HEAD
+    if _EAGER_RUN_HEAD is None:
+        _EAGER_RUN_HEAD = torch.compiler.disable(_run_head)
+    return _EAGER_RUN_HEAD
+
+
+class _FusedForward:
+    """The forward `install_fused_head` puts on a causal LM: with `dpo_kernels_head=` the fused
+    call, without it the forward it replaced (the class's, or the instance's own: a wrapper's). A
+    class, not a closure, so that a patched model still pickles (torch.save) as stock's does."""
+
+    _dpo_kernels_fused_head = True
+
+    def __init__(self, module: torch.nn.Module):
+        # the instance's own forward (a bound method pickles as a look-up by name), or None
+        self.module, self.replaced = module, module.__dict__.get("forward")
+        # name, doc and __wrapped__ of the class's forward (accelerate's wrappers read them)
+        functools.update_wrapper(self, type(module).forward)
+        _eager_run_head()
+
+    @property
+    def __signature__(self):  # generate() validates its kwargs against the bound signature
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+    def __call__(self, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
+        if dpo_kernels_head is not None:
+            return _fused_head_forward(self.module, dpo_kernels_head, *args, **kwargs)
+        if self.replaced is None:
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self.replaced(*args, **kwargs)
 
 
 def _installed(inner: torch.nn.Module) -> bool:

@@ -309,7 +309,7 @@ MUTANTS: list[Mutant] = [
       "(ac.device, ac.fast_dtype, ac._enabled,", "(ac.device, ac.fast_dtype, True,",
       "tests/test_forward.py", "-k", "autocast"),
     M("fused-head-patch-assumed-in-place", "dpo_kernels/fused_head.py",
-      "    if _installed(inner):", '    if "_dpo_kernels_forward" in inner.__dict__:',
+      "    if _installed(inner):", '    if "_dpo_kernels_autocast" in inner.__dict__:',
       "tests/test_forward.py", "-k", "unwrapping"),
     M("nonzero-static-one-short", "dpo_kernels/linear_dpo_chunks.py",
       "torch.nonzero_static(mask, size=n)", "torch.nonzero_static(mask, size=max(n - 1, 0))",

@@ -272,6 +272,26 @@ def test_fused_lm_head_restores_the_model():
     torch.testing.assert_close(model(input_ids=ids).logits, before)
 
 
+def test_fused_lm_head_model_still_pickles(tmp_path):
+    """A model the fused head was installed on saves with torch.save and loads in full, as stock's
+    does (the patch was a closure and a compile-disabled function: PicklingError), and the loaded
+    model computes as the original, with and without the fused head; the patched forward keeps
+    the model's signature (generate() checks its kwargs against it)."""
+    import inspect
+
+    model = tiny_causal_lm()
+    ids = torch.randint(0, 97, (2, 6))
+    batch = collate_preferences(preference_examples(2))
+    plain = inspect.signature(model.forward)
+    fused = concatenated_forward(model, batch, fused_lm_head=True).policy.logps
+    assert inspect.signature(model.forward) == plain
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    again = concatenated_forward(loaded, batch, fused_lm_head=True).policy.logps
+    torch.testing.assert_close(again, fused)
+
+
 def _q_proj_dtypes(model) -> list:
     seen = []
     model.model.layers[0].self_attn.q_proj.register_forward_hook(
