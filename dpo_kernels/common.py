@@ -21,6 +21,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def no_autocast(t: torch.Tensor):
+    """Autocast off on `t`'s device for a fused op's matmuls: they take the inputs' dtype and
+    accumulate in float32 on every backend (an autocast left on rounds the reference backend's
+    logits to bf16; the fused LM head casts its inputs to the autocast dtype itself)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def stats_dtypes(acc: torch.dtype) -> tuple[torch.dtype, ...]:
     """dtypes of the token statistics (entropy, mean logit, is_top1, log_sum_sq), in order."""
     return (acc, acc, torch.bool, acc)

@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 
 from ._autograd import guard_double_backward
-from .common import LogitTransform, acc_dtype, stats_dtypes
+from .common import LogitTransform, acc_dtype, no_autocast, stats_dtypes
 from .linear_dpo_rows import VOCAB_BLOCK, Fold, Rows
 
 # Bytes of float32 logits alive at once (the chunk buffer), by device type. CPU: 64 MiB holds one
@@ -367,7 +367,8 @@ def loss_outputs(hidden, weight, bias, labels, counted, loss_fn, tf, budget, bac
     """`run` packed as op outputs: (loss, sums [2P], token log-probs [2P, T], the four token
     statistics [2P, T] ([0] each without stats), dh, dw, db (each [0] where not in `wants`)).
     Every output is its own tensor (op outputs may not alias each other)."""
-    out = run(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants, stats)
+    with no_autocast(hidden):
+        out = run(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants, stats)
     P = hidden.shape[0] // 2
     loss = loss_fn.loss(out.sums[:P], out.sums[P:])
     token_stats = [hidden.new_empty(0) for _ in range(4)]

@@ -14,7 +14,14 @@ import torch
 
 from ._autograd import input_grads, no_double_backward, no_setup
 from .backend import kernels, resolve_backend, sync_free
-from .common import LogitTransform, SequenceLogprobs, acc_dtype, counted_tokens, stats_dtypes
+from .common import (
+    LogitTransform,
+    SequenceLogprobs,
+    acc_dtype,
+    counted_tokens,
+    no_autocast,
+    stats_dtypes,
+)
 from .packed import batch_of_one, sequence_outputs
 from .validation import check_flag, check_linear_inputs, check_packed, check_values, make_transform
 from .vocab_parallel import VocabParallelLinearTokens, agree, check_global_values, check_group
@@ -44,7 +51,8 @@ def _linear_token_logprobs_op(
     fwd = kernels(backend).linear_logprobs_forward
     tf = LogitTransform.unpack(transform)
     rows = _CountedRows(counted, sync_free(hidden.device))
-    out = fwd(rows.hidden(hidden), weight, bias, rows.targets(labels), tf, stats)
+    with no_autocast(hidden):
+        out = fwd(rows.hidden(hidden), weight, bias, rows.targets(labels), tf, stats)
     if not stats:
         out = out[:2]
     return (*(rows.scatter(x) for x in out), *_empty_stats(hidden)[len(out) - 2 :])
@@ -118,16 +126,17 @@ def _linear_token_logprobs_backward_op(
     counted = counted_tokens(labels, mask, ignore_index)
     bwd = kernels(backend).linear_logprobs_backward
     rows = _CountedRows(counted, sync_free(hidden.device))
-    dh, dw, db = bwd(
-        rows.rows(grad_tok.to(lse.dtype)),
-        rows.hidden(hidden),
-        weight,
-        bias,
-        rows.targets(labels),
-        rows.rows(lse, float("inf")),  # exp(z - inf) = 0: rows not counted add nothing
-        LogitTransform.unpack(transform),
-        (hidden_grad, weight_grad, bias_grad),
-    )
+    with no_autocast(hidden):
+        dh, dw, db = bwd(
+            rows.rows(grad_tok.to(lse.dtype)),
+            rows.hidden(hidden),
+            weight,
+            bias,
+            rows.targets(labels),
+            rows.rows(lse, float("inf")),  # exp(z - inf) = 0: rows not counted add nothing
+            LogitTransform.unpack(transform),
+            (hidden_grad, weight_grad, bias_grad),
+        )
     if hidden_grad:  # tokens that do not count get exactly zero
         dh = rows.scatter(dh)
     # Outputs must not alias each other: the gradients not asked for are distinct empty tensors.

@@ -8,6 +8,7 @@ import torch
 
 from ._autograd import guard_double_backward, input_grads
 from .backend import kernels
+from .common import no_autocast
 from .validation import check_values
 
 
@@ -152,7 +153,8 @@ class VocabParallelLinearTokens(torch.autograd.Function):
         here = (local >= 0) & (local < weight.shape[0])
         arg = torch.where(here, local, -1)  # -1: the label's row is on another rank
         fwd = kernels(backend).linear_logprobs_forward
-        tok_local, lse_local = fwd(hidden, weight, bias, arg, transform, False)[:2]
+        with no_autocast(hidden):
+            tok_local, lse_local = fwd(hidden, weight, bias, arg, transform, False)[:2]
         target = torch.where(here, tok_local + lse_local, 0.0)
         lse = _all_reduce_logsumexp(lse_local, group)
         _all_reduce(target, group)
@@ -166,7 +168,7 @@ class VocabParallelLinearTokens(torch.autograd.Function):
         group, transform, backend = ctx.args
         needs = (True, ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         bwd = kernels(backend).linear_logprobs_backward
-        with torch.no_grad():  # (create_graph: guard_double_backward below refuses it)
+        with torch.no_grad(), no_autocast(hidden):  # (create_graph: guard below refuses it)
             dh, dw, db = bwd(grad_tok.to(lse.dtype), hidden, weight, bias, arg, lse, transform,
                              needs)  # fmt: skip
             _all_reduce(dh, group)

@@ -371,3 +371,32 @@ def test_packed_hidden_equals_per_sequence(small_tiles, backend):
     counted = mask[0] & (labels[0] != -100)
     bounds = zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)
     assert out.counts.tolist() == [int(counted[a:b].sum()) for a, b in bounds]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_autocast_leaves_the_fused_ops_alone(backend):
+    """Under torch.autocast (bf16) the fused LM-head ops compute as without it: float32 inputs
+    give float32 outputs and gradients, the same numbers (the reference backend's matmuls were
+    autocast: logits rounded to bf16, outputs bf16, errors 5e-2)."""
+    g = torch.Generator().manual_seed(5)
+    P, T, H, V = 2, 4, 16, 37
+    hidden, weight = torch.randn(2 * P, T, H, generator=g), torch.randn(V, H, generator=g)
+    labels = torch.randint(0, V, (2 * P, T), generator=g)
+    ops = {
+        "logprobs": lambda h, w: (
+            dpo_kernels.linear_sequence_logprobs(h, w, labels, backend=backend).logps
+        ),
+        "dpo": lambda h, w: dpo_kernels.linear_dpo_loss(h, w, labels, backend=backend).loss,
+        "cpo": lambda h, w: dpo_kernels.linear_cpo_loss(h, w, labels, backend=backend).loss,
+    }
+    for name, op in ops.items():
+        results = []
+        for autocast in (False, True):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = op(h, w)
+            out.sum().backward()
+            results.append((out.detach(), h.grad, w.grad))
+        for plain, cast in zip(*results, strict=True):
+            assert cast.dtype == torch.float32, name
+            torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-6, msg=name)
