@@ -384,6 +384,21 @@ def test_closed_form_double_backward_raises(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_closed_form_losses()))
+def test_closed_form_losses_under_inference_mode(name, backend):
+    """The same value under torch.inference_mode as under no_grad (the reference backend's
+    sibling losses raised: autograd cannot record inference tensors)."""
+    fn = _closed_form_losses()[name]
+    g = torch.Generator().manual_seed(6)
+    h, w = torch.randn(4, 5, 6, generator=g), torch.randn(11, 6, generator=g)
+    with torch.no_grad():
+        want = fn(h, w, backend)
+    with torch.inference_mode():
+        got = fn(h, w, backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_logprobs_double_backward_raises(backend):
     z = torch.randn(1, 3, 5, requires_grad=True)
     out = sequence_logprobs(z, torch.randint(0, 5, (1, 3)), backend=backend)

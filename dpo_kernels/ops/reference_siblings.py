@@ -90,9 +90,12 @@ def sibling_losses(
 
 
 def sibling_loss_and_grads(spec, a, b, na, nb, kl=None):
-    """The reference backend: (loss, per, dloss/da, dloss/db) through autograd."""
-    with torch.enable_grad():
-        a_, b_ = (t.detach().requires_grad_() for t in (a, b))
+    """The reference backend: (loss, per, dloss/da, dloss/db) through autograd, on copies of
+    the [N] inputs (under torch.inference_mode they are inference tensors, which autograd may
+    not record)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        a_, b_ = (t.detach().clone().requires_grad_() for t in (a, b))
+        na, nb, kl = (t if t is None else t.detach().clone() for t in (na, nb, kl))
         loss, per = sibling_losses(spec, a_, b_, na, nb, kl)
         ga, gb = torch.autograd.grad(loss, (a_, b_), allow_unused=True)
     gb = torch.zeros_like(b) if gb is None else gb
