@@ -9,6 +9,7 @@ import math
 import numbers
 
 import torch
+from torch.autograd import forward_ad
 
 from . import backend
 from .common import LogitTransform, counted_tokens
@@ -26,10 +27,19 @@ FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def check_float(name: str, t: object) -> None:
+    """A floating-point input of a fused op, without a forward-mode tangent."""
     if not isinstance(t, torch.Tensor) or t.dtype not in FLOATS:
         got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
         raise TypeError(
             f"{name} must be a floating-point tensor (bf16, fp16, fp32 or fp64), got {got}"
+        )
+    # The ops have reverse-mode formulas only; torch would give their outputs a tangent of 0.
+    if not torch.compiler.is_compiling() and forward_ad.unpack_dual(t).tangent is not None:
+        raise NotImplementedError(
+            f"dpo_kernels: {name} carries a forward-mode tangent (torch.func.jvp / jacfwd, "
+            "torch.autograd.forward_ad), and the fused ops have no forward-mode derivative "
+            "(torch would silently return 0); use reverse mode (backward, torch.autograd.grad) "
+            "or compute that term with plain PyTorch"
         )
 
 

@@ -522,3 +522,37 @@ def test_error_bound_at_large_logits(backend, offset):
     assert (out.logps.double() - want.sum(-1)).abs().max().item() <= T * ulp
     grad64 = torch.nn.functional.one_hot(labels, V).double() - lp64.exp()
     assert (x.grad.double() - grad64).abs().max().item() <= 2 * ulp + 1e-6
+
+
+def test_forward_mode_ad_is_refused():
+    """jvp / jacfwd / forward_ad dual tensors through a fused op raise, naming the argument
+    (torch gave the custom ops' outputs a tangent of 0, silently)."""
+    from torch.autograd import forward_ad
+    from torch.func import jacfwd, jvp
+
+    g = torch.Generator().manual_seed(7)
+    z, h, w = (
+        torch.randn(2, 3, 5, generator=g),
+        torch.randn(2, 3, 4, generator=g),
+        torch.randn(5, 4),
+    )
+    y, pc = torch.randint(0, 5, (2, 3), generator=g), -10 * torch.rand(2, generator=g)
+    n = torch.full((2,), 3.0)
+    calls = [
+        (lambda z: sequence_logprobs(z, y).logps, z, "logits"),
+        (lambda h: linear_sequence_logprobs(h, w, y).logps, h, "hidden"),
+        (lambda w: linear_sequence_logprobs(h, w, y).logps, w, "weight"),
+        (lambda h: linear_dpo_loss(h, w, y).loss, h, "hidden"),
+        (lambda a: dpo_loss(a, pc - 1).loss, pc, "chosen_logps"),
+        (lambda a: cpo_loss(pc, a, chosen_counts=n, rejected_counts=n).loss, pc, "rejected_logps"),
+        (lambda a: kto_loss(a, pc, torch.tensor([True, False]), kl=0.0).loss, pc, "logps"),
+    ]
+    for fn, x, name in calls:
+        with pytest.raises(NotImplementedError, match=f"{name} carries a forward-mode tangent"):
+            jvp(fn, (x,), (torch.ones_like(x),))
+        with pytest.raises(NotImplementedError, match=name):
+            jacfwd(fn)(x)
+        with forward_ad.dual_level(), pytest.raises(NotImplementedError, match=name):
+            fn(forward_ad.make_dual(x, torch.ones_like(x)))
+        with forward_ad.dual_level():  # a dual level without a tangent on our inputs is fine
+            torch.testing.assert_close(fn(x), fn(x.clone()))
