@@ -252,6 +252,24 @@ def test_sequence_sums_independent_of_thread_count(backend):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_fused_head_runs_repeat_bitwise(backend):
+    """The fused LM head (README, Reliability): the same result run after run at a thread count;
+    its gradients come from ATen's multi-threaded matmuls, so other thread counts may change
+    their last bits (not asserted)."""
+    g = torch.Generator().manual_seed(8)
+    h0, w0 = torch.randn(4, 64, 32, generator=g), torch.randn(300, 32, generator=g)
+    y = torch.randint(0, 300, (4, 64), generator=g)
+    results = []
+    for _ in range(2):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = linear_dpo_loss(h, w, y, backend=backend, memory_budget=4096).loss
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------
 # Row 4: double backward through the loss is right (a gradient penalty), or raises.
 
