@@ -56,11 +56,14 @@ def make_spec(
     discopop_tau: float = 0.05,
 ) -> DPOLossSpec:
     """A validated loss configuration; raises ValueError naming the bad argument."""
-    if not isinstance(loss_type, (str, list, tuple)):
+    types = (loss_type,) if isinstance(loss_type, str) else loss_type
+    if not isinstance(types, (list, tuple)) or not all(isinstance(t, str) for t in types):
+        got = [type(t).__name__ for t in types] if isinstance(types, (list, tuple)) else None
         raise TypeError(
-            f"loss_type must be a string or a list of strings, got {type(loss_type).__name__}"
+            "loss_type must be a string or a list of strings, got "
+            f"{got or type(loss_type).__name__}"
         )
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    types = tuple(types)
     if not types:
         raise ValueError("loss_type is empty; give one of " + ", ".join(LOSS_TYPES))
     unknown = [t for t in types if t not in LOSS_TYPES]

@@ -4,7 +4,6 @@ CUDA a device-side assert, see backend.py). Every message names the argument and
 
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 
@@ -284,10 +283,18 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
         )
         return
     cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] != n_tokens or any(b < a for a, b in itertools.pairwise(cu)):
+    rule = f"cu_seqlens must rise from 0 to the number of tokens ({n_tokens}) without going down"
+    if cu[0] != 0:
+        raise ValueError(f"{rule}: cu_seqlens[0] = {cu[0]}, must be 0")
+    if cu[-1] != n_tokens:
         raise ValueError(
-            f"cu_seqlens must rise from 0 to the number of tokens ({n_tokens}) without going "
-            f"down, got {cu[:4]}{'...' if len(cu) > 4 else ''}{cu[-1:]}"
+            f"{rule}: cu_seqlens[{len(cu) - 1}] = {cu[-1]}, must be {n_tokens} (the packed "
+            "row's length)"
+        )
+    down = next((i for i in range(1, len(cu)) if cu[i] < cu[i - 1]), None)
+    if down is not None:
+        raise ValueError(
+            f"{rule}: cu_seqlens[{down}] = {cu[down]} < cu_seqlens[{down - 1}] = {cu[down - 1]}"
         )
 
 
