@@ -59,9 +59,11 @@ def cpu_extension_available() -> bool:
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The concrete backend for tensors on `device` (see the module docstring)."""
-    name = backend or os.environ.get("DPO_KERNELS_BACKEND") or "auto"
+    env = os.environ.get("DPO_KERNELS_BACKEND")
+    name = backend or env or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        where = "" if backend else " (from the environment variable DPO_KERNELS_BACKEND)"
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}{where}")
     if name == "auto":
         if device.type == "cuda":
             return "triton"

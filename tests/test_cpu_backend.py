@@ -174,3 +174,17 @@ def _zeros(*shape, dtype=torch.float32):
 def test_vocab_blocked_mm_bad_input(args, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.dpo_kernels_cpu.vocab_blocked_mm(*args)
+
+
+def test_backend_env_variable(monkeypatch):
+    """DPO_KERNELS_BACKEND picks the backend when none is passed; a value passed overrides it; a
+    bad value in it is named as coming from it."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("DPO_KERNELS_BACKEND", "reference")
+    assert dpo_kernels.resolve_backend(None, cpu) == "reference"
+    assert dpo_kernels.resolve_backend("cpu", cpu) == "cpu"
+    monkeypatch.setenv("DPO_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"'bogus' .*DPO_KERNELS_BACKEND"):
+        dpo_kernels.resolve_backend(None, cpu)
+    with pytest.raises(ValueError, match=r"got 'fast'$"):
+        dpo_kernels.resolve_backend("fast", cpu)
