@@ -97,7 +97,10 @@ def preference_batch(
             "DataCollatorForPreference makes, or chosen_input_ids and rejected_input_ids"
         )
     if ids.shape[1] == 0:
-        raise ValueError("the preference batch has no tokens (every prompt and completion empty)")
+        raise ValueError(
+            "the preference batch has no tokens (every prompt and completion empty); drop empty "
+            "examples from the dataset"
+        )
     _check_masks(ids, am, cm, "")
     return PreferenceBatch(
         ids, am, cm, batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
@@ -173,7 +176,10 @@ def pack(b: PreferenceBatch, ignore_index: int = -100) -> PackedBatch:
     lengths = keep.sum(1)
     ids = b.input_ids[keep]
     if ids.numel() == 0:
-        raise ValueError("padding_free: the batch has no attended tokens (attention_mask is all 0)")
+        raise ValueError(
+            "padding_free: the batch has no attended tokens (attention_mask is all 0); drop "
+            "empty examples, or check the collator's attention_mask"
+        )
     completion = (b.completion_mask != 0)[keep]
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     starts = torch.repeat_interleave(cu[:-1].long(), lengths)

@@ -67,7 +67,9 @@ def _grid(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
             dims = bench.OPS[op].dims
             bad = [s for s in shapes if len(s) != len(dims.split("x")) or min(s) < 1]
             if bad:
-                p.error(f"op {op} takes shapes {dims} (positive), got {bad}; choose it with --ops")
+                fits = [o for o, c in bench.OPS.items() if len(c.dims.split("x")) == len(bad[0])]
+                hint = f"pass --ops with ops that take them ({', '.join(fits)})" if fits else ""
+                p.error(f"op {op} takes shapes {dims} (positive), got {bad}; {hint}".rstrip("; "))
             if dims.startswith("PxT") and any(s[1] < 2 for s in shapes):  # trainer steps
                 p.error(f"op {op} takes T >= 2 (with one token per row no next token is scored)")
             odd = [s for s in shapes if bench.OPS[op].pairs and s[0] % 2]

@@ -115,7 +115,10 @@ def make_spec(
         )
     if "discopop" in types and (discopop_tau == 0 or not math.isfinite(discopop_tau)):
         # (any other value trains, as in TRL, which reads it with discopop only)
-        raise ValueError(f"discopop_tau must be finite and not 0, got {discopop_tau}")
+        raise ValueError(
+            f"discopop_tau must be finite and not 0 (it divides by it), got {discopop_tau}; "
+            "TRL's default is 0.05"
+        )
     return DPOLossSpec(
         types,
         weights,

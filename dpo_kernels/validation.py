@@ -68,7 +68,10 @@ def check_labels_and_mask(
         if not isinstance(mask, torch.Tensor) or mask.is_complex():
             raise TypeError("mask must be a bool or 0/1 tensor shaped like labels")
         if tuple(mask.shape) != shape:
-            raise ValueError(f"mask must have the shape of labels {shape}, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must have the shape of labels {shape}, got {tuple(mask.shape)}; slice it "
+                "as the labels are (e.g. both [:, 1:])"
+            )
         check_same_device("mask", mask, source, source_name)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -93,14 +96,18 @@ def check_logprob_inputs(
             "add a batch dimension with logits.unsqueeze(0)"
         )
     if logits.shape[-1] == 0:
-        raise ValueError("logits has an empty vocabulary (last dimension is 0)")
+        raise ValueError(
+            "logits has an empty vocabulary (last dimension is 0); pass the model's logits "
+            "[batch, tokens, vocab]"
+        )
     check_labels_and_mask(labels, mask, ignore_index, logits, "logits", 2)
     if ref_logits is not None:
         check_float("ref_logits", ref_logits)
         if ref_logits.shape != logits.shape:
             raise ValueError(
                 f"ref_logits must have the shape of logits {tuple(logits.shape)}, got "
-                f"{tuple(ref_logits.shape)}"
+                f"{tuple(ref_logits.shape)}; run the reference model on the same batch and slice "
+                "its logits as the policy's"
             )
         check_same_device("ref_logits", ref_logits, logits, "logits")
 
@@ -123,7 +130,10 @@ def check_linear_inputs(
             f"{tuple(weight.shape)}"
         )
     if weight.shape[0] == 0:
-        raise ValueError("weight has an empty vocabulary (first dimension is 0)")
+        raise ValueError(
+            "weight has an empty vocabulary (first dimension is 0); pass the LM head's weight "
+            "[vocab, hidden]"
+        )
     if hidden.dim() not in (2, 3):
         raise ValueError(
             f"hidden must be [batch, tokens, hidden] or [tokens, hidden], got shape "

@@ -74,6 +74,7 @@ def test_shapes_dtypes_and_ops_select_the_cases(grids):
         (["--ops", "softmax"], "unknown op"),
         (["--dtype", "fp8"], "unknown dtype"),
         (["--ops", "linear", "--shapes", "4x512x32000"], "linear takes shapes BxTxHxV"),
+        (["--shapes", "4x512x32000"], "pass --ops with ops that take them (logprobs, dpo_step"),
         (["--ops", "logprobs", "--shapes", "4x0x32000"], "positive"),
         (["--shapes", "4by512"], "--shapes takes shapes like"),
         (["--ops", "dpo_step", "--dtype", "bf16"], "dpo_step runs in fp32 only"),
