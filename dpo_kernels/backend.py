@@ -58,7 +58,9 @@ def cpu_extension_available() -> bool:
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The concrete backend for tensors on `device` (see the module docstring)."""
+    """The concrete backend for tensors on `device`: `backend`, else $DPO_KERNELS_BACKEND, else
+    "auto" ("triton" on CUDA; on CPU "cpu", or "reference" where the C++ kernels cannot be
+    built); "triton" on CPU tensors needs TRITON_INTERPRET=1. Raises ValueError naming the fix."""
     env = os.environ.get("DPO_KERNELS_BACKEND")
     name = backend or env or "auto"
     if name not in BACKENDS:
@@ -100,7 +102,10 @@ _SYNC_FREE: bool | None = None
 
 def set_sync_free(enabled: bool | None) -> None:
     """Sync-free mode on (True), off (False), or automatic (None: on while a CUDA graph is being
-    captured, or when the DPO_KERNELS_SYNC_FREE environment variable is 1). See above."""
+    captured, or when the DPO_KERNELS_SYNC_FREE environment variable is 1). In sync-free mode the
+    fused LM head projects every token, counted or not (more matmul work where many do not
+    count), instead of gathering the counted ones, which needs their number on the host: no op
+    then synchronizes with the host, so a step can be captured in a CUDA graph."""
     global _SYNC_FREE
     _SYNC_FREE = enabled
 

@@ -162,7 +162,7 @@ def _logits_of(out) -> torch.Tensor:
 
 
 def batch_logprobs(
-    model,
+    model: torch.nn.Module,
     b: PreferenceBatch,
     *,
     stats: bool = False,

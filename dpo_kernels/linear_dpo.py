@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -389,7 +389,7 @@ def linear_pair_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    per_pair,
+    per_pair: Callable[..., torch.Tensor],
     *,
     nll_weight: float = 0.0,
     pair_index: bool = False,

@@ -207,7 +207,7 @@ def linear_sequence_logprobs(
     labels, mask, ignore_index: as in `sequence_logprobs`, shaped ``hidden.shape[:-1]``.
     The logits are ``z = logit_scale * softcap(hidden @ weight.T + bias) / temperature`` with
     ``softcap(x) = softcap * tanh(x / softcap)`` (the identity when softcap is None).
-    stats, cu_seqlens: as in `sequence_logprobs` (packed: hidden [N, H], labels [N]).
+    stats, cu_seqlens, backend: as in `sequence_logprobs` (packed: hidden [N, H], labels [N]).
     vocab_group, vocab_start: vocabulary-parallel LM head: `weight` (and `bias`) are rows
         [vocab_start, vocab_start + V) of a head split over the torch.distributed group; hidden is
         the same on every rank and its gradient is all-reduced; weight gradients stay local.

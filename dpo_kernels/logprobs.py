@@ -133,6 +133,8 @@ def sequence_logprobs(
     vocab_group, vocab_start: vocabulary-parallel: this rank's logits are the vocabulary columns
         [vocab_start, vocab_start + V) of a vocabulary split over the torch.distributed group
         `vocab_group`; labels are global ids. Every rank gets the full sums; gradients stay local.
+    backend: "triton", "cpu", "reference" or "auto"; None (default): $DPO_KERNELS_BACKEND, else
+        "auto" (`resolve_backend`).
 
     Returns a `SequenceLogprobs`; ``.pairs()`` splits a concatenated [chosen; rejected] batch.
     Accumulates in float32 (float64 for float64 logits) whatever the input dtype. The log-sum-exp

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from .validation import check_counts, check_pair_inputs, number
 
 
 class DPOLossOutput(NamedTuple):
+    """What `dpo_loss` returns: the loss (with gradient), the per-pair losses and rewards, and the
+    metrics TRL logs (all but the loss detached)."""
+
     loss: torch.Tensor  # scalar, carries gradient to the policy log-probs
     losses: torch.Tensor  # [P] per-pair loss (detached)
     chosen_rewards: torch.Tensor  # [P] beta * (chosen - ref_chosen), detached
@@ -141,7 +144,7 @@ def dpo_loss(
     spec: DPOLossSpec | None = None,
     backend: str | None = None,
     weights: torch.Tensor | None = None,
-    **config,
+    **config: Any,
 ) -> DPOLossOutput:
     """DPO loss of P pairs from per-sequence log-prob sums, fused, with TRL's metrics.
 
@@ -243,7 +246,9 @@ class DPOLoss(nn.Module):
     when they were computed with ``ref_logits``).
     """
 
-    def __init__(self, *, backend: str | None = None, **config) -> None:
+    def __init__(self, *, backend: str | None = None, **config: Any) -> None:
+        """config: `make_spec`'s options (beta, loss_type, ...), checked here; backend as in
+        `dpo_loss`."""
         super().__init__()
         self.spec = make_spec(**config)
         self.backend = backend
@@ -257,6 +262,8 @@ class DPOLoss(nn.Module):
         chosen_counts: torch.Tensor | None = None,
         rejected_counts: torch.Tensor | None = None,
     ) -> DPOLossOutput:
+        """`dpo_loss` of the four sums (and counts), or of a `PairLogprobs` / `SequenceLogprobs`
+        given as the first argument."""
         if isinstance(chosen_logps, SequenceLogprobs):
             chosen_logps = chosen_logps.pairs()
         if isinstance(chosen_logps, PairLogprobs):
@@ -282,4 +289,5 @@ class DPOLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """The loss configuration, as print(module) shows it."""
         return ", ".join(f"{k}={v!r}" for k, v in self.spec.__dict__.items())

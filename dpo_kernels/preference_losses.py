@@ -31,6 +31,9 @@ CPO_AVERAGED = FAMILIES["cpo"].averaged
 
 
 class PreferenceLossOutput(NamedTuple):
+    """What the sibling losses return: the loss (with gradient), the per-example losses and
+    rewards, and the metrics TRL logs (all but the loss detached)."""
+
     loss: torch.Tensor  # scalar, carries gradient to the policy log-prob sums
     losses: torch.Tensor  # per-example loss (detached), before the mean (and any NLL term)
     chosen_rewards: torch.Tensor  # detached
