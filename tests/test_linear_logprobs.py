@@ -400,3 +400,23 @@ def test_autocast_leaves_the_fused_ops_alone(backend):
         for plain, cast in zip(*results, strict=True):
             assert cast.dtype == torch.float32, name
             torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_fused_matmuls_run_with_autocast_off(monkeypatch):
+    """The chunk runner's matmuls (project, backprop) run with autocast off: the CUDA route's
+    float32-result matmuls are autocast-eligible ops, which autocast would recast."""
+    from dpo_kernels import linear_dpo_rows
+
+    seen = []
+    for name in ("project", "backprop"):
+        original = getattr(linear_dpo_rows.Rows, name)
+
+        def spy(self, *args, _original=original, **kwargs):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(linear_dpo_rows.Rows, name, spy)
+    h, w = torch.randn(4, 3, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dpo_kernels.linear_dpo_loss(h, w, torch.randint(0, 11, (4, 3)), backend="cpu")
+    assert seen and not any(seen)
