@@ -58,9 +58,9 @@ def unpaired_dataset(n=8, seed=0):
 
 
 def run(trainer_cls, config_cls, tmp_path, *, ref=False, dataset=None, optim="sgd", fused=None,
-        peft_config=None, **cfg):  # fmt: skip
+        peft_config=None, model=None, **cfg):  # fmt: skip
     datasets.disable_caching()
-    model = tiny_causal_lm("llama", vocab=28, seed=0)
+    model = tiny_causal_lm("llama", vocab=28, seed=0) if model is None else model()
     args = config_cls(
         output_dir=str(tmp_path / trainer_cls.__name__), **{**COMMON, **sgd_or_adamw(optim), **cfg}
     )
@@ -241,6 +241,23 @@ def test_unsupported_option_raises(tmp_path):
             train_dataset=preference_dataset(4),
             processing_class=tiny_tokenizer(),
         )
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["head", "logits"])
+def test_moe_router_logits_with_a_zero_coefficient_train_as_stock(fused, tmp_path):
+    """output_router_logits on and router_aux_loss_coef 0: stock warns and adds nothing; CPO and
+    ORPO train alike (they were refused as if the aux loss were used)."""
+    from test_moe_aux import tiny_moe
+
+    def model():
+        m = tiny_moe(0)
+        m.config.output_router_logits, m.config.router_aux_loss_coef = True, 0.0
+        return m
+
+    for trainer, ours, config in ((CPOTrainer, FusedCPOTrainer, CPOConfig),
+                                  (ORPOTrainer, FusedORPOTrainer, ORPOConfig)):  # fmt: skip
+        stock = run(trainer, config, tmp_path, model=model)
+        assert_same(stock, run(ours, config, tmp_path, model=model, fused=fused), ["loss"])
 
 
 def test_fused_head_refuses_softcap(tmp_path):

@@ -172,9 +172,9 @@ class PairedMixin:
             {
                 "encoder-decoder models": self.is_encoder_decoder,
                 **fused_head_refusals(self, self._fused_lm_head),
-                "a Mixture-of-Experts router aux loss (output_router_logits)": (
-                    self.aux_loss_enabled
-                ),
+                # (with a coefficient of 0 stock adds nothing: trained alike)
+                "a Mixture-of-Experts router aux loss (output_router_logits with "
+                "router_aux_loss_coef != 0)": self.aux_loss_enabled and self.aux_loss_coef != 0,
             },
         )
 
