@@ -35,7 +35,7 @@ def check_float(name: str, t: object) -> None:
     # The ops have reverse-mode formulas only; torch would give their outputs a tangent of 0.
     if not torch.compiler.is_compiling() and forward_ad.unpack_dual(t).tangent is not None:
         raise NotImplementedError(
-            f"dpo_kernels: {name} carries a forward-mode tangent (torch.func.jvp / jacfwd, "
+            f"dpo_kernels: {name} carries a forward-mode tangent (jvp or jacfwd, "
             "torch.autograd.forward_ad), and the fused ops have no forward-mode derivative "
             "(torch would silently return 0); use reverse mode (backward, torch.autograd.grad) "
             "or compute that term with plain PyTorch"
