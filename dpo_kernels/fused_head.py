@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
+import types
 from typing import Any, NamedTuple
 
 import torch
@@ -332,7 +332,10 @@ def _forward_autocast(model: torch.nn.Module):
     return torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
 
-def _fused_head_forward(self, call: HeadCall, *args, **kwargs) -> HeadOutput:
+def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
+    if dpo_kernels_head is None:
+        return self._dpo_kernels_forward(*args, **kwargs)
+    call = dpo_kernels_head
     for k in ("labels", "output_attentions", "output_hidden_states", "return_dict"):
         kwargs.pop(k, None)  # PEFT passes these (as None); the backbone returns what we need
     kwargs["use_cache"] = False
@@ -375,8 +378,20 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
             "fused_lm_head=True with a prompt-learning PEFT adapter: its virtual tokens' hidden "
             "states do not line up with the labels; pass fused_lm_head=False"
         )
+    # The forward it replaces (a bound method: pickles as a look-up by name) and the autocast of
+    # its wrapper; plain attributes, so that the patched model still pickles (torch.save).
+    inner._dpo_kernels_forward = inner.forward
     inner._dpo_kernels_autocast = _saved_autocast(inner.forward)
-    inner.forward = _FusedForward(inner)
+    _eager_run_head()
+
+    @functools.wraps(type(inner).forward)  # generate() validates its kwargs against the signature
+    def forward(self, *args, **kwargs):
+        return _fused_head_forward(self, *args, **kwargs)
+
+    forward._dpo_kernels_fused_head = True
+    # A method, as accelerate expects (it rewraps `forward.__func__`; deepcopy rebinds it); it
+    # pickles by name, so a loaded model has the class's forward and is patched again on use.
+    inner.forward = types.MethodType(forward, inner)
     return inner
 
 
@@ -385,37 +400,11 @@ _EAGER_RUN_HEAD = None
 
 def _eager_run_head():
     """`_run_head` that torch.compile leaves eager (made on first use, not at import: it loads
-    torch._dynamo, seconds)."""
+    torch._dynamo, seconds); a module global, not a model attribute (it does not pickle)."""
     global _EAGER_RUN_HEAD
     if _EAGER_RUN_HEAD is None:
         _EAGER_RUN_HEAD = torch.compiler.disable(_run_head)
     return _EAGER_RUN_HEAD
-
-
-class _FusedForward:
-    """The forward `install_fused_head` puts on a causal LM: with `dpo_kernels_head=` the fused
-    call, without it the forward it replaced (the class's, or the instance's own: a wrapper's). A
-    class, not a closure, so that a patched model still pickles (torch.save) as stock's does."""
-
-    _dpo_kernels_fused_head = True
-
-    def __init__(self, module: torch.nn.Module):
-        # the instance's own forward (a bound method pickles as a look-up by name), or None
-        self.module, self.replaced = module, module.__dict__.get("forward")
-        # name, doc and __wrapped__ of the class's forward (accelerate's wrappers read them)
-        functools.update_wrapper(self, type(module).forward)
-        _eager_run_head()
-
-    @property
-    def __signature__(self):  # generate() validates its kwargs against the bound signature
-        return inspect.signature(type(self.module).forward.__get__(self.module))
-
-    def __call__(self, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
-        if dpo_kernels_head is not None:
-            return _fused_head_forward(self.module, dpo_kernels_head, *args, **kwargs)
-        if self.replaced is None:
-            return type(self.module).forward(self.module, *args, **kwargs)
-        return self.replaced(*args, **kwargs)
 
 
 def _installed(inner: torch.nn.Module) -> bool:

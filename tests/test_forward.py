@@ -345,12 +345,18 @@ def test_fused_head_takes_the_autocast_accelerate_wraps_the_forward_in(
 
 
 @cpu_only
-def test_fused_head_survives_accelerate_unwrapping_the_forward(bf16_accelerator):
+@pytest.mark.parametrize("installed", ["after-prepare", "before-prepare"])
+def test_fused_head_survives_accelerate_unwrapping_the_forward(bf16_accelerator, installed):
     # unwrap_model(..., keep_fp32_wrapper=False) puts the class's forward back, dropping the
-    # patch: the next fused call patches again (it scored the model's logits output before)
+    # patch: the next fused call patches again (it scored the model's logits output before).
+    # Installed before prepare (a precompute pass in a trainer's __init__), accelerate rewraps
+    # the patched method; unwrapping must still leave a forward that works.
     acc = bf16_accelerator()
-    model = acc.prepare(tiny_causal_lm())
     batch = collate_preferences(preference_examples(2))
+    model = tiny_causal_lm()
+    if installed == "before-prepare":
+        concatenated_forward(model, batch, fused_lm_head=True)
+    model = acc.prepare(model)
     concatenated_forward(model, batch, fused_lm_head=True)
     model = acc.unwrap_model(model, keep_fp32_wrapper=False)
     fused = concatenated_forward(model, batch, fused_lm_head=True).policy.logps
