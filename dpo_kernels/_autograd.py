@@ -31,27 +31,27 @@ def no_setup(ctx, inputs, output) -> None:
 
 
 class _NoDoubleBackward(torch.autograd.Function):
-    """Passes a backward's results on (copies, differentiable through the `anchor`);
-    differentiating them raises, naming the op."""
+    """Passes a backward's first `n` results on (copies, differentiable in the inputs after
+    them); differentiating them raises, naming the op."""
 
     @staticmethod
-    def forward(ctx, op, anchor, *tensors):
+    def forward(ctx, op, n, *tensors):
         ctx.op = op
-        return tuple(t.clone() for t in tensors)
+        return tuple(t.clone() for t in tensors[:n])
 
     @staticmethod
     def backward(ctx, *grads):
         refuse_double_backward(ctx.op)
 
 
-def guard_double_backward(grads: tuple, op: str) -> tuple:
+def guard_double_backward(grads: tuple, op: str, *inputs: torch.Tensor) -> tuple:
     """An autograd backward's results, as they are; under create_graph (grad mode on in the
-    backward), made differentiable through a node that raises (naming `op`) when a second
-    backward reaches it, instead of a silently missing second derivative (the fused gradients
-    are constants to autograd) or a torch error deep inside."""
+    backward), made differentiable in the op's `inputs` through a node that raises (naming `op`)
+    when a second backward reaches it (`.backward()` or `autograd.grad` of any tensor upstream),
+    instead of a silently missing second derivative (the fused gradients are constants to
+    autograd) or a torch error deep inside."""
     if not torch.is_grad_enabled():
         return grads
     given = [g for g in grads if g is not None]
-    anchor = torch.zeros((), requires_grad=True)  # makes the copies require grad
-    out = iter(_NoDoubleBackward.apply(op, anchor, *given))
+    out = iter(_NoDoubleBackward.apply(op, len(given), *given, *inputs))
     return tuple(None if g is None else next(out) for g in grads)

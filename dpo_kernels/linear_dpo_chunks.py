@@ -25,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-from ._autograd import guard_double_backward
+from ._autograd import refuse_double_backward
 from .common import LogitTransform, acc_dtype, no_autocast, stats_dtypes
 from .linear_dpo_rows import VOCAB_BLOCK, Fold, Rows
 
@@ -413,6 +413,8 @@ def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
     in eager mode (nothing else holds them yet); out of place when traced (torch.compile, AOT
     autograd: the incoming gradient is then a fake or functional tensor, whose value no branch
     may look at)."""
+    if torch.is_grad_enabled():  # create_graph: these gradients have no derivative of their own
+        refuse_double_backward("the fused LM-head losses (linear_*_loss)")
     grads = ctx.saved_tensors
     if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
         out = [_times(g, grad_loss) for g in grads]
@@ -429,8 +431,7 @@ def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
                 "a zero incoming gradient cannot be scaled; call the loss again"
             )
         out = [_times(g, grad_loss / ctx.scale) for g in grads]
-    out = tuple(g if want else None for g, want in zip(out, ctx.wanted, strict=True))
-    return guard_double_backward(out, "the fused LM-head losses (linear_*_loss)")
+    return [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
 
 
 def _times(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -51,15 +51,17 @@ class _ClosedForm(torch.autograd.Function):
     def forward(ctx, loss: torch.Tensor, *pairs: torch.Tensor) -> torch.Tensor:
         # pairs = (input_1, grad_1, input_2, grad_2, ...)
         ctx.dtypes = [x.dtype for x in pairs[0::2]]
-        ctx.save_for_backward(*pairs[1::2])
+        ctx.save_for_backward(*pairs[1::2], *pairs[0::2])
         return loss.detach().clone()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        saved = zip(ctx.saved_tensors, ctx.dtypes, strict=True)
-        grads = guard_double_backward(
-            tuple((g * grad).to(dtype) for grad, dtype in saved), _SIBLINGS
-        )
+        n = len(ctx.dtypes)
+        grads, inputs = ctx.saved_tensors[:n], ctx.saved_tensors[n:]
+        # The saved gradients are constants of the inputs (a second derivative through them
+        # raises); the product with g stays differentiable in g.
+        grads = guard_double_backward(grads, _SIBLINGS, *inputs)
+        grads = [(g * grad).to(dtype) for grad, dtype in zip(grads, ctx.dtypes, strict=True)]
         return (None, *(x for grad in grads for x in (grad, None)))
 
 

@@ -55,7 +55,8 @@ class VocabParallelTokenLogprobs(torch.autograd.Function):
             a = arg[b, t]
             p = torch.exp(logits[b, t, a].to(lse.dtype) - lse[b, t])
             dz[b, t, a] = (-grad_tok[b, t].to(lse.dtype) * p).to(dz.dtype)
-        return input_grads(ctx, *guard_double_backward((dz,), "sequence_logprobs(vocab_group=...)"))
+        op = "sequence_logprobs(vocab_group=...)"
+        return input_grads(ctx, *guard_double_backward((dz,), op, logits))
 
 
 def check_group(group: object, vocab_start: object) -> None:
@@ -174,4 +175,4 @@ class VocabParallelLinearTokens(torch.autograd.Function):
             _all_reduce(dh, group)
         grads = (dh, dw if needs[1] else None, db if needs[2] else None)
         op = "linear_sequence_logprobs(vocab_group=...)"
-        return input_grads(ctx, *guard_double_backward(grads, op))
+        return input_grads(ctx, *guard_double_backward(grads, op, hidden, weight))

@@ -387,18 +387,41 @@ def _closed_form_losses():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(_closed_form_losses()))
 def test_closed_form_double_backward_raises(name, backend):
-    """A gradient penalty through an op whose gradients are made in the forward: the first
-    derivatives under create_graph are the usual ones, and differentiating them raises (they
-    were constants to autograd: the penalty's term was silently dropped)."""
+    """A gradient penalty through an op whose gradients are made in the forward raises, by
+    .backward() and by autograd.grad of an upstream parameter (they were constants to autograd:
+    the penalty's term was silently dropped). The fused LM-head losses raise at the
+    create_graph backward itself; the sibling losses give the usual first derivatives there
+    (and stay differentiable in the incoming gradient: a double-VJP jvp is right)."""
     fn = _closed_form_losses()[name]
     g = torch.Generator().manual_seed(4)
-    h0, w0 = torch.randn(4, 5, 6, generator=g), torch.randn(11, 6, generator=g)
-    expect = torch.autograd.grad(fn(h0.requires_grad_(), w0.requires_grad_(), backend), (h0, w0))
-    h, w = h0.detach().requires_grad_(), w0.detach().requires_grad_()
-    gh, gw = torch.autograd.grad(fn(h, w, backend), (h, w), create_graph=True)
-    torch.testing.assert_close((gh.detach(), gw.detach()), expect)
-    with pytest.raises(RuntimeError, match=r"double backward .* is not supported"):
-        (gh.square().sum() + gw.square().sum()).backward()
+    x0, t0 = torch.randn(4, 5, 6, generator=g), torch.randn(6, 6, generator=g)
+    w0 = torch.randn(11, 6, generator=g)
+
+    def loss(theta, w):  # hidden states from an upstream layer with parameters theta
+        return fn(torch.tanh(x0 @ theta), w, backend)
+
+    expect = torch.autograd.grad(loss(t0.requires_grad_(), w0.requires_grad_()), (t0, w0))
+    t, w = t0.detach().requires_grad_(), w0.detach().requires_grad_()
+    message = r"double backward .* is not supported"
+    if name.startswith("linear_"):
+        with pytest.raises(RuntimeError, match=message):
+            torch.autograd.grad(loss(t, w), (t, w), create_graph=True)
+        return
+    gt, gw = torch.autograd.grad(loss(t, w), (t, w), create_graph=True)
+    torch.testing.assert_close((gt.detach(), gw.detach()), expect)
+    penalty = gt.square().sum() + gw.square().sum()
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.grad(penalty, t, retain_graph=True)
+    with pytest.raises(RuntimeError, match=message):
+        penalty.backward()
+    # d(vjp)/d(incoming gradient) needs no second derivative of the loss: a jvp by double vjp,
+    # against a central difference in float64
+    x0, t0, w0 = x0.double(), t0.detach().double(), w0.double()
+    v = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    _, got = torch.autograd.functional.jvp(lambda th: loss(th, w0), (t0,), (v,))
+    with torch.no_grad():
+        want = (loss(t0 + 1e-6 * v, w0) - loss(t0 - 1e-6 * v, w0)) / 2e-6
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
