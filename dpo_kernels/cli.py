@@ -67,8 +67,11 @@ def _grid(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
             dims = bench.OPS[op].dims
             bad = [s for s in shapes if len(s) != len(dims.split("x")) or min(s) < 1]
             if bad:
-                fits = [o for o, c in bench.OPS.items() if len(c.dims.split("x")) == len(bad[0])]
-                hint = f"pass --ops with ops that take them ({', '.join(fits)})" if fits else ""
+                rank = {len(s) for s in shapes}
+                fits = [o for o, c in bench.OPS.items() if {len(c.dims.split("x"))} == rank]
+                hint = ""
+                if len(rank) == 1 and len(dims.split("x")) not in rank and fits:
+                    hint = f"pass --ops with ops that take them ({', '.join(fits)})"
                 p.error(f"op {op} takes shapes {dims} (positive), got {bad}; {hint}".rstrip("; "))
             if dims.startswith("PxT") and any(s[1] < 2 for s in shapes):  # trainer steps
                 p.error(f"op {op} takes T >= 2 (with one token per row no next token is scored)")

@@ -5,6 +5,7 @@ layer (public ops, backends, losses) can use it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ def no_autocast(t: torch.Tensor):
     """Autocast off on `t`'s device for a fused op's matmuls: they take the inputs' dtype and
     accumulate in float32 on every backend (an autocast left on rounds the reference backend's
     logits to bf16; the fused LM head casts its inputs to the autocast dtype itself)."""
+    if not torch.amp.is_autocast_available(t.device.type):  # meta, lazy, ...: nothing to undo
+        return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)
 
 

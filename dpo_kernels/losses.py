@@ -26,7 +26,7 @@ from .common import (
     loss_types_where,
 )
 from .dpo_loss_op import dpo_pair_loss
-from .validation import check_counts, check_pair_inputs, number
+from .validation import check_counts, check_pair_inputs, number, refuse_tangent
 
 
 class DPOLossOutput(NamedTuple):
@@ -218,6 +218,7 @@ def _weighted_loss(pc, pr, rc, rr, nc, nr, spec: DPOLossSpec, backend, weights: 
     weighted mean is mean(w) times that value."""
     if not weights.is_floating_point() or weights.requires_grad:
         raise ValueError("weights must be a floating-point tensor without gradient (detach it)")
+    refuse_tangent("weights", weights)
     sorting = loss_types_where("sorting").intersection(spec.loss_types)
     if sorting:
         raise ValueError(

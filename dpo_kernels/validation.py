@@ -32,7 +32,11 @@ def check_float(name: str, t: object) -> None:
         raise TypeError(
             f"{name} must be a floating-point tensor (bf16, fp16, fp32 or fp64), got {got}"
         )
-    # The ops have reverse-mode formulas only; torch would give their outputs a tangent of 0.
+    refuse_tangent(name, t)
+
+
+def refuse_tangent(name: str, t: torch.Tensor) -> None:
+    """The ops have reverse-mode formulas only; torch would give their outputs a tangent of 0."""
     if not torch.compiler.is_compiling() and forward_ad.unpack_dual(t).tangent is not None:
         raise NotImplementedError(
             f"dpo_kernels: {name} carries a forward-mode tangent (jvp or jacfwd, "

@@ -587,6 +587,7 @@ def test_forward_mode_ad_is_refused():
         (lambda a: dpo_loss(a, pc - 1).loss, pc, "chosen_logps"),
         (lambda a: cpo_loss(pc, a, chosen_counts=n, rejected_counts=n).loss, pc, "rejected_logps"),
         (lambda a: kto_loss(a, pc, torch.tensor([True, False]), kl=0.0).loss, pc, "logps"),
+        (lambda wt: dpo_loss(pc, pc - 1, weights=wt).loss, torch.ones(2), "weights"),
     ]
     for fn, x, name in calls:
         with pytest.raises(NotImplementedError, match=f"{name} carries a forward-mode tangent"):
@@ -597,3 +598,12 @@ def test_forward_mode_ad_is_refused():
             fn(forward_ad.make_dual(x, torch.ones_like(x)))
         with forward_ad.dual_level():  # a dual level without a tangent on our inputs is fine
             torch.testing.assert_close(fn(x), fn(x.clone()))
+
+
+def test_no_autocast_on_devices_without_autocast():
+    """The fused ops' autocast guard is a no-op where a device has no autocast (meta, lazy):
+    torch.autocast(device_type="meta") raises."""
+    with common.no_autocast(torch.empty(0, device="meta")):  # raised before
+        pass
+    with torch.autocast("cpu", dtype=torch.bfloat16), common.no_autocast(torch.empty(0)):
+        assert not torch.is_autocast_enabled("cpu")
