@@ -9,24 +9,27 @@ gradients of hidden, weight and bias, keeping at most `budget` bytes of logits a
   logits folds each row's log-sum-exp (and statistics) and turns the row into q = onehot -
   softmax in place; the chunk's sums give the loss gradient g of each row (dz = g * q), and
   matmuls 2 and 3 give dh = g * (q @ W) and dW += q.T @ (g * h): 3 matmuls over the counted
-  tokens, g applied to their small operands rather than to the logits (CUDA, bf16/fp16: dz kept
+  tokens, g applied to their small operands rather than to the logits (CUDA, bf16: dz kept
   for consecutive chunks and dW made once for them, `DeferredDW`);
 - a pair that does not fit alone goes in token x vocabulary tiles, with the logits recomputed for
   the gradient (4 matmuls);
 - a loss whose per-pair gradient needs every pair's sums (`PairLoss.coupled`) takes that tiled
-  route for the whole batch: all sums first, then the gradient.
+  route for the whole batch: all sums first, then the gradient; so do float16 inputs on CUDA,
+  whose gradient tiles are rounded to float16 for the matmuls: the batch's largest loss factor,
+  known then, scales them into float16's range (`Grads.lift`).
 Row kernels per backend: `linear_dpo_rows.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol
 
 import torch
 
 from ._autograd import refuse_double_backward
-from .common import LogitTransform, acc_dtype, no_autocast, stats_dtypes
+from .common import LogitTransform, acc_dtype, kept_grad_dtype, no_autocast, stats_dtypes
 from .linear_dpo_rows import VOCAB_BLOCK, Fold, Rows
 
 # Bytes of float32 logits alive at once (the chunk buffer), by device type. CPU: 64 MiB holds one
@@ -82,12 +85,13 @@ class _Batch:
 
 
 class Grads:
-    """Gradient buffers: dh [2P * T, H] (inputs' dtype, contiguous), dw [V, H] and db [V]
+    """Gradient buffers: dh [2P * T, H] (`kept_grad_dtype`, contiguous), dw [V, H] and db [V]
     (accumulation dtype, cast once at the end); None where not wanted."""
 
     def __init__(self, hidden, weight, bias, acc, wants, factor: float = 1.0):
         self.factor = factor  # what the gradients made from `Rows.grad`'s tiles lack
-        self.dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device).view(
+        dtype = kept_grad_dtype(hidden.dtype)
+        self.dh = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).view(
             -1, hidden.shape[-1]
         ) if wants[0] else None  # fmt: skip
         # No zero fill (2 GiB at V = 128256, H = 4096): the first pass over the vocabulary writes dw
@@ -95,6 +99,19 @@ class Grads:
         self.dw, self.dw_fresh = dw, True
         use_b = wants[2] and bias is not None
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if use_b else None
+
+    def lift(self, g: torch.Tensor) -> torch.Tensor:
+        """g [n] (the loss factors of every row, before any gradient tile) times the power of two
+        that brings its largest magnitude to 2^14, the results' factor divided by it: the
+        float16 tiles g * q (|q| <= 1) then use float16's range, where at the loss's scale
+        (g ~ beta / P) most of a row's g * softmax sank into its subnormals or to 0. One host
+        sync (the two-pass route's, once per call)."""
+        top = g.abs().max().item() if g.numel() else 0.0
+        if not 0 < top < math.inf:
+            return g
+        lift = 2.0 ** min(100, 14 - math.ceil(math.log2(top)))
+        self.factor /= lift
+        return g * lift
 
     def done_pass(self) -> None:
         """One pass over the whole vocabulary has written dw: add to it from now on."""
@@ -127,7 +144,7 @@ class Output:
 
 
 class DeferredDW:
-    """CUDA route, bf16/fp16 (`Rows.dz_kernel`): the dz of consecutive chunks (inputs' dtype)
+    """CUDA route, bf16 (`Rows.dz_kernel`): the dz of consecutive chunks (inputs' dtype)
     and their hidden rows, kept until `capacity` tokens, then dW (+)= dz.T @ h for all of them in
     one matmul. Each dW matmul reads and writes the whole float32 dW (2 GiB at V = 128256,
     H = 4096), so it is made once per `capacity` tokens rather than once per chunk."""
@@ -223,7 +240,7 @@ class _Runner:
         f = Fold(n, x.dtype, x.device, self.stats is not None, rows.backend)
         # With gradient, x becomes q = onehot - softmax in the same read: dz = g * q, and g (the
         # loss's factor of each row, known once the sums are) scales the matmuls' operands. (CUDA,
-        # bf16/fp16: x stays the logits, and backprop writes g * q in the inputs' dtype.)
+        # bf16: x stays the logits, and backprop writes g * q in the inputs' dtype.)
         (rows.fold_softmax if grad_on else lambda *a: rows.fold(*a, 0))(x, y, f)
         sums = _row_sums(self._outputs(idx, y, f), seg, 2 * (k1 - k0))
         if not grad_on:
@@ -269,6 +286,8 @@ class _Runner:
         if not grad_on:
             return sums
         g = self.loss.grad(k0, k1, sums)[seg]
+        if rows.f16_tiles:
+            g = grads.lift(g)
         lse = f.lse()
         for ts, te in tiles:
             h = rows.rows_in(hid[ts:te])
@@ -337,7 +356,7 @@ def run(
     pair_tokens = [offsets[k + 1] - offsets[k] + offsets[P + k + 1] - offsets[P + k]
                    for k in range(P)]  # fmt: skip
     plan = _chunks(pair_tokens, budget_logits // V)
-    if grad_on and loss.coupled:  # every pair's sums first (tiles), then the batch's gradient
+    if grad_on and (loss.coupled or rows.f16_tiles):  # every pair's sums first, then gradients
         plan = [(0, P, False)]
     # One buffer for every chunk: the largest chunk's logits, or one tile of the recompute route.
     need = [sum(pair_tokens[k0:k1]) * V if fits else min(budget_logits, sum(pair_tokens[k0:k1]) * V)
@@ -377,20 +396,21 @@ def loss_outputs(hidden, weight, bias, labels, counted, loss_fn, tf, budget, bac
     dh, dw, db = out.grads.dh, out.grads.dw, out.grads.db
     grads = (
         hidden.new_empty(0) if dh is None else dh.view(hidden.shape),
-        hidden.new_empty(0)
-        if dw is None
-        else (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)),
-        hidden.new_empty(0) if db is None else db.to(bias.dtype),
+        hidden.new_empty(0) if dw is None else dw.to(kept_grad_dtype(weight.dtype)),
+        hidden.new_empty(0) if db is None else db.to(kept_grad_dtype(bias.dtype)),
     )
     return loss, out.sums, out.tok.view(labels.shape), *token_stats, *grads
 
 
-def save_grads(ctx, grads: tuple[torch.Tensor, ...], wants: tuple[bool, ...]) -> None:
+def save_grads(ctx, grads: tuple[torch.Tensor, ...], wants: tuple[bool, ...],
+               inputs: tuple[torch.Tensor | None, ...]) -> None:  # fmt: skip
     """Keeps the gradients made in the forward for `scaled_grads`. Saved (not kept as
     attributes) so that autograd frees them right after the backward call: the gradient handed
-    to AccumulateGrad is then its only reference, and becomes .grad without a copy."""
+    to AccumulateGrad is then its only reference, and becomes .grad without a copy (float16
+    inputs: the float32 gradient's rounding to theirs)."""
     ctx.save_for_backward(*grads)
     ctx.wanted = tuple(wants)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs)  # (hidden, weight, bias)
     ctx.scale = None
 
 
@@ -415,30 +435,31 @@ def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
     may look at)."""
     if torch.is_grad_enabled():  # create_graph: these gradients have no derivative of their own
         refuse_double_backward("the fused LM-head losses (linear_*_loss)")
-    grads = ctx.saved_tensors
+    grads, dtypes = ctx.saved_tensors, ctx.dtypes
     if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
-        out = [_times(g, grad_loss) for g in grads]
+        out = [_times(g, grad_loss, d) for g, d in zip(grads, dtypes, strict=True)]
     elif ctx.scale is None:
         ctx.scale = grad_loss.detach().clone()
-        for g, want in zip(grads, ctx.wanted, strict=True):
+        out = []
+        for g, want, d in zip(grads, ctx.wanted, dtypes, strict=True):
             if want:  # .data: no version bump, a retained graph can unpack them again
                 _scale_unless_one(g.data, grad_loss.detach())
-        out = grads
+            out.append(g if d is None else g.to(d))  # float16: rounded once, after the scale
     else:  # retain_graph: a later backward, relative to the scale applied the first time
         if not bool((ctx.scale != 0).all()):
             raise RuntimeError(
                 "linear_dpo_loss / linear_pair_loss: a second backward after a first one with "
                 "a zero incoming gradient cannot be scaled; call the loss again"
             )
-        out = [_times(g, grad_loss / ctx.scale) for g in grads]
+        out = [_times(g, grad_loss / ctx.scale, d) for g, d in zip(grads, dtypes, strict=True)]
     return [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
 
 
-def _times(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _times(g: torch.Tensor, s: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """g * s out of place, in the accumulation dtype (s not rounded to float16 first: a
-    GradScaler's 65536 is inf there), rounded once to g's dtype."""
+    GradScaler's 65536 is inf there), rounded once to `dtype` (the input's)."""
     acc = acc_dtype(g.dtype)
-    return (g.to(acc) * s.to(acc)).to(g.dtype)
+    return (g.to(acc) * s.to(acc)).to(dtype or g.dtype)
 
 
 class LinearLossFunction(torch.autograd.Function):
@@ -455,7 +476,7 @@ class LinearLossFunction(torch.autograd.Function):
         loss_fn = make_loss(acc_dtype(hidden.dtype))
         *outs, dh, dw, db = loss_outputs(hidden, weight, bias, labels, counted, loss_fn, tf,
                                          budget, backend, wants, stats)  # fmt: skip
-        save_grads(ctx, (dh, dw, db), wants)
+        save_grads(ctx, (dh, dw, db), wants, (hidden, weight, bias))
         ctx.mark_non_differentiable(*outs[1:])
         return tuple(outs)
 

@@ -54,13 +54,22 @@ class Rows:
         # results (cuBLAS out_dtype, the Triton module's helpers). The reference backend on CUDA
         # upcasts like the CPU route: it has no Triton module to ask.
         self.cuda = device.type == "cuda" and backend == "triton"
-        # CUDA route, bf16/fp16: the whole-vocabulary gradient goes from the float32 logits to
-        # dz in the inputs' dtype in one kernel (fold_softmax, backprop).
-        self.dz_kernel = self.reduced and self.cuda
         if backend == "triton":  # the CUDA route's matmuls and tile factor
             from .ops import triton_linear_logprobs as tl_ops
 
             self._tl = tl_ops
+
+    @property
+    def dz_kernel(self) -> bool:
+        """CUDA route, bf16: the whole-vocabulary gradient goes from the float32 logits to dz in
+        bf16 in one kernel (fold_softmax, backprop)."""
+        return self.cuda and self.dtype == torch.bfloat16
+
+    @property
+    def f16_tiles(self) -> bool:
+        """CUDA route, float16: the gradient tiles are rounded to float16 for the matmuls, lifted
+        into its range by the batch's largest loss factor (the two-pass route, `Grads.lift`)."""
+        return self.cuda and self.dtype == torch.float16
 
     @property
     def tile_factor(self) -> float:
@@ -123,7 +132,7 @@ class Rows:
         """dh (+)= x @ W_blk, dw[blk] (+)= x.T @ h, db[blk] += sum of x (those not None). dh is
         written, not added to, at vs == 0 and dw with dw_fresh: no zero fill. g [n]: the rows of
         x are to be scaled by g (x = the whole vocabulary): applied to h for dw and db, and to
-        dh afterwards, not to the [n, V] tile; on CUDA with bf16/fp16, x is the tile of logits
+        dh afterwards, not to the [n, V] tile; on CUDA with bf16, x is the tile of logits
         fold_softmax left, turned into g * q by the gradient kernel on its way to the inputs'
         dtype, which needs fold = (the rows' labels, their `Fold`), and is written to `dz` (an
         [n, nv] buffer in the inputs' dtype; a new one if None)."""
@@ -186,7 +195,7 @@ class Rows:
         """Folds whole rows x into a fresh f, then x <- (onehot(y) - softmax(z(x))) * dz/dx: the
         logits' gradient before each row's loss factor."""
         if self.dz_kernel:
-            # CUDA, bf16/fp16: x stays the logits, and backprop (given g) turns them into
+            # CUDA, bf16: x stays the logits, and backprop (given g) turns them into
             # g * q in the inputs' dtype in one kernel, no float32 q written in between.
             self.fold(x, y, f, 0)
         elif self.tile_factor != 1:  # grad leaves the factor out (the backends' kernels do not)

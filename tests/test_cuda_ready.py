@@ -547,25 +547,25 @@ def test_whole_rows_gradient_leaves_the_tile_factor_out():
 
 
 def _rows_on_cuda(monkeypatch) -> None:
-    """Rows take their CUDA branch on CPU tensors (bf16/fp16 through the dz kernel, under the
-    interpreter; the out-dtype matmuls fall back to upcasting on CPU)."""
+    """Rows take their CUDA branch on CPU tensors (bf16 through the dz kernel, under the
+    interpreter; fp16 by the two-pass route; the out-dtype matmuls fall back to upcasting on
+    CPU)."""
     from dpo_kernels import linear_dpo_rows
 
     init = linear_dpo_rows.Rows.__init__
 
     def on_cuda(self, backend, *args):
         init(self, backend, *args)
-        self.cuda = True
-        self.dz_kernel = backend == "triton" and self.reduced
+        self.cuda = backend == "triton"
 
     monkeypatch.setattr(linear_dpo_rows.Rows, "__init__", on_cuda)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("budget", [None, 14, 12])
 def test_single_pass_on_cuda_route_with_reduced_inputs(monkeypatch, dtype, bias, budget):
-    """linear_dpo_loss through Rows' CUDA branch for bf16/fp16 (Rows told it is on CUDA; the
+    """linear_dpo_loss through Rows' CUDA branch for bf16 (Rows told it is on CUDA; the
     out-dtype matmuls fall back to upcasting on CPU): without bias the gradient kernel writes dz
     in dtype and the dh matmul reads that very buffer (no float32 q, no cast of the tile); with
     bias it writes the float32 tile (db sums it), rounded into the dz buffer. dW is made once for
@@ -738,8 +738,8 @@ def test_fp16_gradient_tiles_leave_the_transform_factor_out(monkeypatch):
 @pytest.mark.parametrize("budget", [None, 12])
 def test_fp16_dz_leaves_the_transform_factor_out(monkeypatch, budget):
     """linear_dpo_loss on Rows' CUDA route with fp16 (emulated on CPU, as above): dz in float16
-    is made without the factor, which the float32 dh, dW are multiplied by; the single pass and
-    the recompute route (budget 12: pairs 2 and 3 in tiles) against float64."""
+    is made without the factor, which the float32 dh, dW are multiplied by (the two-pass route,
+    at the default budget and at one of 12 tokens a tile) against float64."""
     from test_linear_dpo import V, assert_close, make_batch, reference64, run
 
     _rows_on_cuda(monkeypatch)
@@ -755,6 +755,42 @@ def test_fp16_dz_leaves_the_transform_factor_out(monkeypatch, budget):
     assert_close(out.loss, ref.loss, 1e-4, "loss")
     assert_close(dh, dh64, 2**-7, "hidden grad")
     assert_close(dw, dw64, 2**-7, "weight grad")
+
+
+@pytest.mark.parametrize("loss", ["dpo", "pair"])
+def test_fp16_tiles_lifted_by_the_largest_loss_factor(monkeypatch, loss):
+    """The losses on Rows' CUDA route with fp16 (emulated on CPU, as above): the gradient tiles,
+    rounded to float16 for the matmuls, are g * q with g ~ beta / P, most of whose entries sat
+    in float16's subnormals or at 0 at the loss's scale. float16 takes the two-pass route (no dz
+    kernel), where the batch's largest |g| lifts them by a power of two that the float32
+    results lose again: at a GradScaler's 65536, the gradients as precise as float16 allows
+    (test_linear_dpo.py's batch, factors and bound), with a transform on the logits."""
+    from test_linear_dpo import make_batch, scaled_fp16_grads
+
+    from dpo_kernels.ops import triton_linear_logprobs as L
+
+    _rows_on_cuda(monkeypatch)
+    _matmuls_round_like_cuda(monkeypatch)
+    launches = []
+    kernel = L._linear_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(tile, out, *args, **kwargs):
+                launches.append(out.dtype)
+                return kernel[grid](tile, out, *args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(L, "_linear_bwd_kernel", Spy())
+    kw = {"softcap": 2.5, "logit_scale": 1.3, "temperature": 0.7}
+    batch = make_batch(dtype=torch.float16)
+    (dh, dw), (dh64, dw64) = scaled_fp16_grads(batch, loss, 65536.0, backend="triton", **kw)
+    assert torch.float16 not in launches  # no dz kernel: the tiles are float32
+    for ours, ref in ((dh, dh64), (dw, dw64)):
+        assert ours.isfinite().all() and ref.abs().max() < 2**-14
+        err = (ours.double() / 65536 - ref).norm() / ref.norm()
+        assert err < 1e-3, err
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
