@@ -8,7 +8,7 @@ import torch
 
 from ._autograd import guard_double_backward, input_grads
 from .backend import kernels
-from .common import no_autocast
+from .common import counted_tokens, no_autocast
 from .validation import check_values
 
 
@@ -118,17 +118,38 @@ def agree(group: object, check):
     return result
 
 
+def _labels_digest(labels, mask, ignore_index) -> torch.Tensor:
+    """An int64 digest of the counted tokens' positions and labels (position-weighted sum,
+    wrapping on overflow): equal on ranks given the same, different otherwise but by a fluke."""
+    counted = counted_tokens(labels, mask, ignore_index).reshape(-1)
+    values = torch.where(counted, labels.reshape(-1).long() + 1, 0)
+    weights = torch.arange(values.numel(), device=values.device) * 0x9E3779B97F4A7C1 + 1
+    return (values * weights).sum() + values.numel()
+
+
 def check_global_values(labels, mask, ignore_index, local_vocab: int, vocab_start: int,
                         group) -> None:  # fmt: skip
     """The ranks' slices [vocab_start, vocab_start + V_local) tile [0, V) without gaps or
-    overlaps (else a label owned by no rank, or by two, would give a wrong sum silently; every
-    rank sees every slice, so all raise alike), then `check_values` against the whole V."""
+    overlaps (else a label owned by no rank, or by two, would give a wrong sum silently), and
+    the ranks' counted labels agree (each rank adds its slice's part of every token's
+    log-prob: other labels on another rank mix two batches silently); every rank sees every
+    rank's, so all raise alike. Then `check_values` against the whole V."""
     import torch.distributed as dist
 
-    mine = torch.tensor([vocab_start, local_vocab], device=_flag_device(group))
+    here = _flag_device(group)
+    mine = torch.stack([torch.tensor(vocab_start, device=here),
+                        torch.tensor(local_vocab, device=here),
+                        _labels_digest(labels, mask, ignore_index).to(here)])  # fmt: skip
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
-    spans = sorted(tuple(p.tolist()) for p in parts)
+    if len({p[2].item() for p in parts}) > 1:
+        raise ValueError(
+            "vocab_group: the ranks passed different labels (or counted different tokens: mask, "
+            "ignore_index); every rank of a vocabulary-parallel group computes the same tokens' "
+            "log-probs from its slice of the vocabulary, so pass every rank the same labels and "
+            "mask (the batch is split over the group's ranks by vocabulary, not by sequence)"
+        )
+    spans = sorted(tuple(p[:2].tolist()) for p in parts)
     vocab = 0
     for start, size in spans:
         if start != vocab:

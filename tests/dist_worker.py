@@ -242,7 +242,8 @@ def hf_trainer_worker(rank: int, world: int, init_file: str, out_dir: str, port:
 
 def vocab_parallel_refusals_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """What the vocabulary-parallel ops refuse, on 2 ranks: slices that overlap or leave a gap
-    (every rank raises), an argument only one rank gets wrong (every rank raises at once, none
+    (every rank raises), labels or a mask that differ between the ranks (every rank raises),
+    an argument only one rank gets wrong (every rank raises at once, none
     left waiting: a 60 s group timeout fails a regression fast) and a double backward. Saves
     each case's (exception type, message) per rank."""
     import datetime
@@ -257,29 +258,38 @@ def vocab_parallel_refusals_worker(rank: int, world: int, init_file: str, out_di
     hidden = torch.randn(3, 5, 4)
     weight = torch.randn(8, 4)
 
-    def logits_call(start, size, vocab_start=None, double=False):
+    def logits_call(start, size, vocab_start=None, double=False, y=labels, m=mask):
         z = logits[..., start : start + size].clone().requires_grad_()
         first = start if vocab_start is None else vocab_start
-        out = sequence_logprobs(z, labels, mask=mask, vocab_group=group, vocab_start=first)
+        out = sequence_logprobs(z, y, mask=m, vocab_group=group, vocab_start=first)
         if double:
             (g,) = torch.autograd.grad(out.logps.sum(), z, create_graph=True)
             g.pow(2).sum().backward()
 
-    def linear_call(start, size, double=False):
+    def linear_call(start, size, double=False, y=labels):
         h = hidden.clone().requires_grad_()
         w = weight[start : start + size].clone().requires_grad_()
-        out = linear_sequence_logprobs(h, w, labels, mask=mask, vocab_group=group,
+        out = linear_sequence_logprobs(h, w, y, mask=mask, vocab_group=group,
                                        vocab_start=start)  # fmt: skip
         if double:
             (g,) = torch.autograd.grad(out.logps.sum(), h, create_graph=True)
             g.pow(2).sum().backward()
 
     half = [(0, 4), (4, 4)][rank]
+    # rank 1: one counted label changed; a mask that counts one more token
+    other = labels.clone()
+    at = tuple((mask & (labels != -100)).nonzero()[0].tolist())
+    other[at] = (labels[at] + 1) % 8
+    more = mask.clone()
+    more[tuple((~mask).nonzero()[0].tolist())] = True
     cases = {
         "overlap": lambda: logits_call(*[(0, 4), (3, 4)][rank]),
         "gap": lambda: logits_call(*[(0, 4), (5, 3)][rank]),
         "one_rank_bad_start": lambda: logits_call(*half, vocab_start=[0, -1][rank]),
         "one_rank_empty_slice": lambda: linear_call(*[(0, 8), (8, 0)][rank]),
+        "one_rank_other_labels": lambda: logits_call(*half, y=[labels, other][rank]),
+        "one_rank_other_labels_linear": lambda: linear_call(*half, y=[labels, other][rank]),
+        "one_rank_other_mask": lambda: logits_call(*half, m=[mask, more][rank]),
         "double_backward_logits": lambda: logits_call(*half, double=True),
         "double_backward_linear": lambda: linear_call(*half, double=True),
     }

@@ -80,10 +80,11 @@ def test_split_lm_head_equals_single_process(world, tmp_path):
 
 def test_refusals_reach_every_rank(tmp_path):
     """Slices that overlap or leave a gap are refused on every rank (a label owned by two ranks,
-    or none, gave a wrong sum silently); an argument one rank gets wrong, or an empty slice,
-    makes every rank raise at once (the others waited in a collective until the group's
-    timeout); a double backward raises the package's error (it gave wrong second derivatives
-    or a torch error deep inside)."""
+    or none, gave a wrong sum silently), and so are labels or a mask that differ between the
+    ranks (the ranks' parts of two batches were added up silently); an argument one rank gets
+    wrong, or an empty slice, makes every rank raise at once (the others waited in a collective
+    until the group's timeout); a double backward raises the package's error (it gave wrong
+    second derivatives or a torch error deep inside)."""
     import json
 
     spawn_ranks(vocab_parallel_refusals_worker, 2, tmp_path)
@@ -91,6 +92,13 @@ def test_refusals_reach_every_rank(tmp_path):
     for r, res in enumerate(runs):
         for case in ("overlap", "gap"):
             assert res[case][0] == "ValueError" and "must tile [0, V)" in res[case][1], (r, res)
+        for case in (
+            "one_rank_other_labels",
+            "one_rank_other_labels_linear",
+            "one_rank_other_mask",
+        ):
+            kind, message = res[case]
+            assert kind == "ValueError" and "ranks passed different labels" in message, (r, case)
         for case in ("double_backward_logits", "double_backward_linear"):
             kind, message = res[case]
             assert kind == "RuntimeError" and "double backward" in message, (r, case, message)
