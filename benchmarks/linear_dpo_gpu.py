@@ -36,7 +36,14 @@ import torch
 import triton.testing
 
 from dpo_kernels import linear_dpo_loss
-from dpo_kernels.bench.cases import DPO_BETA, Case, GradStep, linear_dpo_inputs, parse_shape
+from dpo_kernels.bench.cases import (
+    DPO_BETA,
+    DTYPES,
+    Case,
+    GradStep,
+    linear_dpo_inputs,
+    parse_shape,
+)
 from dpo_kernels.bench.measure import cuda_extra_peak
 from dpo_kernels.linear_dpo import DEFAULT_MEMORY_BUDGET
 from dpo_kernels.ops import triton_linear_logprobs as L
@@ -284,15 +291,30 @@ def gemm_times(h: torch.Tensor, w: torch.Tensor):
     return t, three
 
 
-def main() -> None:
+GPU_SHAPE = "32x682x4096x128256"  # the issue's; hours on a CPU
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="32x682x4096x128256")
-    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--shape", help=f"BxTxHxV, B even (default on CUDA: {GPU_SHAPE})")
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--budgets", default="1,2,4,8", help="GiB, comma-separated")
     ap.add_argument("--json")
-    args = ap.parse_args()
-    case = Case("linear_dpo", parse_shape(args.shape), args.dtype)
+    args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.shape is None and device == "cpu":
+        ap.error(
+            f"no CUDA device: the default shape {GPU_SHAPE} would take hours on the CPU; "
+            "pass --shape for a CPU smoke run, e.g. --shape 2x16x32x64 --dtype fp32"
+        )
+    args.shape = args.shape or GPU_SHAPE
+    try:
+        shape = parse_shape(args.shape)
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1 or shape[0] % 2:
+        ap.error(f"--shape takes BxTxHxV (positive, B = 2P rows: even), got {args.shape!r}")
+    case = Case("linear_dpo", shape, args.dtype)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run)"
     hidden, weight, labels, mask, _, rc, rr = linear_dpo_inputs(case, device)
     M = int(mask.sum())

@@ -76,32 +76,58 @@ def buffers(case: bench.Case, fresh: bool):
     return step
 
 
-def main(argv=None) -> dict[str, float]:
+BUILDERS = {
+    "fused": peers.ldpo_fused,
+    "unfused": peers.ldpo_unfused,
+    "cce": peers.ldpo_cce,
+    "matmuls": peers.ldpo_matmuls,
+    "matmuls_4chunks": lambda case, _: chunked_matmuls(case, case.shape[0] // 2),
+    "matmuls_4chunks_vocab": lambda case, _: chunked_matmuls(case, case.shape[0] // 2, True),
+    "project_4chunks": lambda case, _: chunked_matmuls(case, case.shape[0] // 2, False, True),
+    "project_4chunks_vocab": lambda case, _: chunked_matmuls(case, case.shape[0] // 2, True, True),
+    "buffers_fresh": lambda case, _: buffers(case, True),
+    "buffers_reused": lambda case, _: buffers(case, False),
+}
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _parse(argv) -> argparse.Namespace:
+    """The flags, checked: an unknown method, a shape not BxTxHxV with an even B, or a count
+    below 1 is an argparse error."""
     p = argparse.ArgumentParser()
-    p.add_argument("--shape", default="8x256x512x32000")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--methods", default="fused,unfused,cce,matmuls")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--shape", default="8x256x512x32000", help="BxTxHxV, B = 2P rows (even)")
+    p.add_argument("--rounds", type=_positive, default=7)
+    p.add_argument("--methods", default="fused,unfused,cce,matmuls",
+                   help=f"comma-separated among {','.join(BUILDERS)}")  # fmt: skip
+    p.add_argument(
+        "--threads", type=_positive, default=None, help="torch threads (default: torch's)"
+    )
     args = p.parse_args(argv)
+    unknown = [n for n in args.methods.split(",") if n not in BUILDERS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {','.join(BUILDERS)}")
+    try:
+        shape = bench.parse_shape(args.shape)
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1 or shape[0] % 2:
+        p.error(f"--shape takes BxTxHxV (positive, B = 2P rows: even), got {args.shape!r}")
+    args.shape_ints = shape
+    return args
+
+
+def main(argv=None) -> dict[str, float]:
+    args = _parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    case = bench.Case("linear_dpo", bench.parse_shape(args.shape), "fp32")
-    builders = {
-        "fused": peers.ldpo_fused,
-        "unfused": peers.ldpo_unfused,
-        "cce": peers.ldpo_cce,
-        "matmuls": peers.ldpo_matmuls,
-        "matmuls_4chunks": lambda case, _: chunked_matmuls(case, case.shape[0] // 2),
-        "matmuls_4chunks_vocab": lambda case, _: chunked_matmuls(case, case.shape[0] // 2, True),
-        "project_4chunks": lambda case, _: chunked_matmuls(case, case.shape[0] // 2, False, True),
-        "project_4chunks_vocab": lambda case, _: chunked_matmuls(
-            case, case.shape[0] // 2, True, True
-        ),
-        "buffers_fresh": lambda case, _: buffers(case, True),
-        "buffers_reused": lambda case, _: buffers(case, False),
-    }
+    case = bench.Case("linear_dpo", args.shape_ints, "fp32")
     names = args.methods.split(",")
-    steps = {n: builders[n](case, "cpu") for n in names}
+    steps = {n: BUILDERS[n](case, "cpu") for n in names}
     for step in steps.values():  # warm-up (compiles CCE's kernels)
         step()
         step()

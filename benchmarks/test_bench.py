@@ -39,6 +39,6 @@ def test_fwd_bwd(benchmark, case, method):
     step = method.build(case, DEVICE)
     out = step()  # the warm-up, and the result to check
     if out is not None:
-        *_, ok = bench.check(out, expected(case))
+        *_, ok = bench.check(out, expected(case), case.dtype)
         assert ok, f"{method.name} is wrong on {case}"
     benchmark.pedantic(step, rounds=5, warmup_rounds=0)

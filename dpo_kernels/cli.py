@@ -58,7 +58,7 @@ def _grid(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
         p.error(f"unknown op(s) {sorted(unknown)}; choose from {sorted(bench.OPS)}")
     base = bench.QUICK_GRID if a.quick else bench.DEFAULT_GRID
     grid = {op: list(base.get(op, [])) for op in ops}
-    if a.shapes:
+    if a.shapes is not None:
         try:
             shapes = [bench.parse_shape(s) for s in a.shapes.split(",")]
         except ValueError:
@@ -75,6 +75,9 @@ def _grid(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
                 p.error(f"op {op} takes shapes {dims} (positive), got {bad}; {hint}".rstrip("; "))
             if dims.startswith("PxT") and any(s[1] < 2 for s in shapes):  # trainer steps
                 p.error(f"op {op} takes T >= 2 (with one token per row no next token is scored)")
+            if dims.startswith("PxT") and any(s[2] < 3 for s in shapes):
+                p.error(f"op {op} takes V >= 3 (token ids 0 and 1 are padding and EOS; the "
+                        "random words are drawn from 2..V-1)")  # fmt: skip
             odd = [s for s in shapes if bench.OPS[op].pairs and s[0] % 2]
             if odd:
                 p.error(f"op {op} takes B = 2P rows [chosen; rejected] (an even B), got {odd}")
@@ -164,32 +167,40 @@ def main(argv: list[str] | None = None) -> int:
         choices=["avx512", "avx2", "default", "all"],
         help="the CPU variant(s) to build (default: the one this CPU runs)",
     )
-    a = p.parse_args(argv)
+    a, extra = p.parse_known_args(argv)
+    if extra:  # with the subcommand's usage, not the top level's
+        (b if a.command == "bench" else k).error(f"unrecognized arguments: {' '.join(extra)}")
     if a.command == "build":
         return build_command(a.variant)
 
     if a.plot and not importlib.util.find_spec("matplotlib"):
-        p.error("--plot needs matplotlib: pip install 'dpo-kernels[bench]'")
+        b.error("--plot needs matplotlib: pip install 'dpo-kernels[bench]'")
     if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: this torch sees no CUDA device (a CPU build, or no GPU here)")
+        b.error("--device cuda: this torch sees no CUDA device (a CPU build, or no GPU here)")
     for flag, path in (("--json", a.json), ("--plot", a.plot)):  # before the run, not after it
         if path is None:
             continue
         folder = os.path.dirname(os.path.abspath(path))
         if not path or os.path.isdir(path):
-            p.error(f"{flag} {path!r}: give a file name to write")
+            b.error(f"{flag} {path!r}: give a file name to write")
         if not os.path.isdir(folder):
-            p.error(f"{flag} {path}: the folder {folder} does not exist")
+            b.error(f"{flag} {path}: the folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
-            p.error(f"{flag} {path}: the folder {folder} is not writable")
+            b.error(f"{flag} {path}: the folder {folder} is not writable")
     if a.plot:
         from matplotlib.figure import Figure
 
         kinds = Figure().canvas.get_supported_filetypes()
         suffix = os.path.splitext(a.plot)[1].lstrip(".").lower()
         if suffix not in kinds:
-            p.error(f"--plot {a.plot}: name a file ending in one of .{', .'.join(sorted(kinds))}")
-    grid = _grid(p, a)
+            b.error(f"--plot {a.plot}: name a file ending in one of .{', .'.join(sorted(kinds))}")
+    grid = _grid(b, a)
+    try:  # a bad DPO_KERNELS_BACKEND: now, not as a FAILED row of every case after the run
+        from . import resolve_backend
+
+        resolve_backend(None, torch.device(a.device))
+    except (ValueError, RuntimeError) as exc:
+        b.error(" ".join(str(exc).split()))
     if a.device == "cpu":  # DeepSpeed (a TRL peer's import) would print its accelerator guess
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # on stdout, into the table
     progress = Progress(sum(len(bench.OPS[c.op].methods) for cs in grid.values() for c in cs))
@@ -200,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     facts["command"] = " ".join(["dpo-kernels", *(sys.argv[1:] if argv is None else argv)])
     print(
         f"# {facts['device']}, torch {facts['torch']}, {facts['threads']} threads, "
-        f"stream {facts['stream_GBps']:.1f} GB/s, {facts['date']}"
+        f"stream {facts['stream_GBps']:.1f} GB/s, {facts['date']}; "
+        + bench.report.backend_note(facts)
     )
     print(bench.format_table(rows))
+    if bench.failures(rows):
+        print("\nfailures:\n" + bench.failures(rows))
     if a.json:
         import dataclasses
         import json
@@ -212,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.plot:
         bench.plot(rows, facts, a.plot)
     ours = {(op, m.name) for op, o in bench.OPS.items() for m in o.methods if m.ours}
-    failed = any(r.status in ("WRONG", "FAILED") and (r.op, r.method) in ours for r in rows)
+    # FAILED: ours raised, or the float64 reference did (nothing could be checked)
+    failed = any(r.status == "FAILED" or (r.status == "WRONG" and (r.op, r.method) in ours)
+                 for r in rows)  # fmt: skip
     return 1 if failed else 0
 
 

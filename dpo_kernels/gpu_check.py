@@ -286,6 +286,14 @@ def _launch_key(fn, args: tuple, kwargs: dict) -> tuple:
     return (fn.__name__, tuple(key), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
 
 
+def selected(case: str, quick: bool = False, only: str | None = None) -> bool:
+    """Whether `case` runs: with `quick`, only the QUICK_VOCABS of the cases that take a V; with
+    `only`, only the cases whose name contains it."""
+    if quick and "V=" in case and not any(f"V={v}" in case for v in QUICK_VOCABS):
+        return False
+    return not only or only in case
+
+
 def check_all(archs=ARCHS, quick: bool = False, only: str | None = None) -> list[KernelReport]:
     """One report per case, kernel, distinct compiled variant and arch. Launches that Triton would
     specialize the same way are compiled (and read) once."""
@@ -294,9 +302,7 @@ def check_all(archs=ARCHS, quick: bool = False, only: str | None = None) -> list
     reports = []
     seen: dict[tuple, tuple] = {}
     for case, run, module, names in cases():
-        if quick and not any(f"V={v}" in case for v in QUICK_VOCABS) and "V=" in case:
-            continue
-        if only and only not in case:
+        if not selected(case, quick, only):
             continue
         with _recording(module, names) as recs:
             run()
@@ -319,13 +325,19 @@ def check_all(archs=ARCHS, quick: bool = False, only: str | None = None) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m dpo_kernels.gpu_check", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--json", help="write the reports here as JSON")
     p.add_argument(
         "--quick", action="store_true", help=f"only V in {QUICK_VOCABS} (one of each alignment)"
     )
     p.add_argument("--only", help="only the cases whose name contains this text")
     a = p.parse_args(argv)
+    names = [c[0] for c in cases() if selected(c[0], a.quick)]
+    if a.only and not any(a.only in n for n in names):
+        p.error(f"--only {a.only!r} matches no case{' of --quick' if a.quick else ''}; the case "
+                f"names: {', '.join(names)}")  # fmt: skip
     reports = check_all(quick=a.quick, only=a.only)
     print(f"{'case':40} {'kernel':22} {'sm':>3} {'warps':>5} {'regs':>4} {'local':>5}  memory ops")
     for r in reports:

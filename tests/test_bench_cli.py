@@ -153,8 +153,10 @@ def test_exit_status_is_1_when_ours_fails(monkeypatch, capsys):
     """A peer that raises is a skipped row; ours raising is a FAILED row and exit status 1."""
     _with_method(monkeypatch, "logprobs", bench.Method("ours.broken", _raises, ours=True))
     assert cli.main(["bench", *TINY, "--no-memory"]) == 1
-    rows = [line for line in capsys.readouterr().out.splitlines() if "ours.broken" in line]
+    table, below = capsys.readouterr().out.split("\nfailures:\n")  # the whole messages below
+    rows = [line for line in table.splitlines() if "ours.broken" in line]
     assert rows and all("FAILED (RuntimeError: this peer does not run here)" in r for r in rows)
+    assert below.count("ours.broken: FAILED: RuntimeError: this peer does not run here") == 2
 
 
 def test_json_has_the_facts_and_one_row_per_case_and_method(tmp_path):
@@ -328,3 +330,225 @@ def test_linear_dpo_gpu_smoke_run(tmp_path):
             assert paired["clock"] is None  # no nvidia-smi samples on CPU
     assert sum("after_self" in row for row in data["fused"]) == 1  # the default budget's
     assert data["idle_us"]["span"] > 0 and data["profile_us"]
+
+
+# ------------------------------------------------------------------------------------------
+# The checks: a NaN anywhere, a scaled gradient, an ignored incoming gradient are WRONG.
+
+LINEAR = ["--ops", "linear", "--shapes", "1x8x16x64", "--dtype", "fp32", "--reps", "1",
+          "--no-memory"]  # fmt: skip
+
+
+def _only_naive_and(monkeypatch, op: str, method: bench.Method) -> None:
+    spec = bench.OPS[op]
+    monkeypatch.setitem(bench.OPS, op, dataclasses.replace(spec, methods=[spec.methods[0], method]))
+
+
+def _nan_in_weight_grad(case, device):
+    step = bench.peers.linear_naive(case, device)
+
+    def nan_step():
+        values, (dh, dw) = step()
+        dw = dw.clone()
+        dw[0, 0] = float("nan")
+        return values, (dh, dw)
+
+    return nan_step
+
+
+def test_a_nan_in_a_later_gradient_is_wrong(monkeypatch, capsys):
+    """max() over the gradients' errors dropped a NaN that was not the first one."""
+    _only_naive_and(monkeypatch, "linear", bench.Method("ours.nan", _nan_in_weight_grad, ours=True))
+    assert cli.main(["bench", *LINEAR]) == 1
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if "ours.nan" in ln)
+    assert row.rstrip().endswith("WRONG") and "nan" in row
+
+
+def _scaled_grad(case, device):
+    step = bench.peers.naive(case, device)
+    return lambda: (lambda values, grads: (values, (grads[0] * 1.015,)))(*step())
+
+
+def _ignores_incoming_grad(case, device):
+    """Right values, and the gradient of their plain sum whatever gradient comes in."""
+    logits, labels, mask = bench.cases.logits_inputs(case, device)
+
+    def step():
+        z = logits.clone().requires_grad_()
+        values = bench.peers._naive_logps(z, labels, mask)
+        values.sum().backward()
+        return values.detach(), (z.grad,)
+
+    return step
+
+
+@pytest.mark.parametrize("build", [_scaled_grad, _ignores_incoming_grad])
+def test_an_fp32_gradient_off_by_a_little_is_wrong(monkeypatch, capsys, build):
+    _only_naive_and(monkeypatch, "logprobs", bench.Method("ours.off", build, ours=True))
+    assert cli.main(["bench", *TINY, "--no-memory"]) == 1
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if "ours.off" in ln]
+    assert len(rows) == 2 and all(r.rstrip().endswith("WRONG") for r in rows)
+
+
+def test_tolerances_are_per_dtype_and_the_incoming_gradient_is_not_uniform():
+    assert bench.TOLERANCES["fp32"][1] < bench.TOLERANCES["fp16"][1] < bench.TOLERANCES["bf16"][1]
+    g = bench.cases.incoming_grad(torch.zeros(64))
+    assert len(set(g.tolist())) > 4 and (g != 1).all() and (g < 0).any()
+    assert torch.equal(g, bench.cases.incoming_grad(torch.zeros(64, dtype=torch.float64)).float())
+
+
+# ------------------------------------------------------------------------------------------
+# The backend our rows ran on; a bad DPO_KERNELS_BACKEND; whole failure messages.
+
+
+def test_the_backend_of_our_rows_is_in_the_header_and_the_json(monkeypatch, tmp_path, capsys):
+    from dpo_kernels import resolve_backend
+
+    backend = resolve_backend(None, torch.device("cpu"))
+    spec = bench.OPS["logprobs"]
+    monkeypatch.setitem(bench.OPS, "logprobs", dataclasses.replace(spec, methods=spec.methods[-1:]))
+    path = tmp_path / "rows.json"
+    assert cli.main(["bench", *TINY, "--no-memory", "--json", str(path)]) == 0
+    assert f"our rows on the {backend} backend" in capsys.readouterr().out.splitlines()[0]
+    assert json.loads(path.read_text())["facts"]["backend"] == backend
+    plain = "our rows on the reference backend (plain PyTorch, not our kernels)"
+    assert bench.report.backend_note({"backend": "reference"}) == plain
+
+
+def test_a_bad_backend_is_refused_before_running(grids, monkeypatch, capsys):
+    monkeypatch.setenv("DPO_KERNELS_BACKEND", "fast")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--quick"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: dpo-kernels bench" in err
+    assert "got 'fast' (from the environment variable DPO_KERNELS_BACKEND)" in err
+    assert not grids
+
+
+def _raises_long(case, device):
+    raise RuntimeError("this op needs a thing that is not here; " + "x" * 80 + " THE FIX: do y")
+
+
+def test_a_long_failure_is_printed_whole_below_the_table(monkeypatch, capsys):
+    _only_naive_and(monkeypatch, "logprobs", bench.Method("ours.long", _raises_long, ours=True))
+    assert cli.main(["bench", *TINY, "--no-memory"]) == 1
+    out = capsys.readouterr().out
+    table, below = out.split("\nfailures:\n")
+    assert "THE FIX" not in table and all(len(ln) < 250 for ln in table.splitlines())
+    assert below.count("ours.long: FAILED: RuntimeError: this op needs") == 2
+    assert below.count("THE FIX: do y") == 2
+
+
+def test_a_failing_reference_is_a_failed_row_not_a_traceback(monkeypatch, tmp_path, capsys):
+    def broken(case, device):
+        raise RuntimeError("the float64 reference broke")
+
+    monkeypatch.setitem(bench.OPS, "logprobs", dataclasses.replace(bench.OPS["logprobs"],
+                                                                   expected=broken))  # fmt: skip
+    path = tmp_path / "rows.json"
+    assert cli.main(["bench", *TINY, "--no-memory", "--json", str(path)]) == 1
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["method"], r["status"]) for r in rows] == [(bench.REFERENCE, "FAILED")] * 2
+    assert "FAILED (RuntimeError: the float64 reference broke)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ops", "dpo_step", "--shapes", "1x8x2"], "dpo_step takes V >= 3"),
+        (["--ops", "kto_step", "--shapes", "1x8x1"], "kto_step takes V >= 3"),
+        (["--shapes", ""], "--shapes takes shapes like"),
+        (["--speed"], "unrecognized arguments: --speed"),
+        (["--ops", "softmax"], "unknown op"),
+    ],
+)
+def test_bad_flags_give_the_bench_usage(grids, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "usage: dpo-kernels bench" in err
+    assert not grids
+
+
+# ------------------------------------------------------------------------------------------
+# The scripts in benchmarks/ and gpu_check: bad flags are argparse errors.
+
+
+def _script(name: str):
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--methods", "fused,bogus"], "unknown method(s) ['bogus']"),
+        (["--shape", "2x8x16"], "--shape takes BxTxHxV"),
+        (["--shape", "3x8x16x64"], "--shape takes BxTxHxV"),
+        (["--rounds", "0", "--shape", "2x8x16x64", "--methods", "matmuls"], "whole number >= 1"),
+    ],
+)
+def test_interleaved_script_rejects_bad_flags(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        _script("linear_dpo_interleaved").main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_script_on_cpu_needs_a_shape(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _gpu_script().main(["--json", "/dev/null"])
+    assert exc.value.code == 2 and "pass --shape" in capsys.readouterr().err
+
+
+def test_gpu_check_only_must_match_a_case(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # gpu_check refuses to run under the interpreter
+    from dpo_kernels import gpu_check
+
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main(["--only", "typo"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "--only 'typo' matches no case" in err and "logprobs_fwd bfloat16 V=32000" in err
+
+
+def test_methods_are_timed_in_turns_on_cpu(monkeypatch, capsys):
+    """On CPU every method of a case is built, warmed up and checked first, then timed one call
+    of each per round (a neighbour's load on a shared machine then hits every row alike: timed
+    in blocks, one row under load once came out 8x too slow); a step that raises while being
+    timed is a skipped row for a peer, a FAILED one (exit 1) for ours."""
+    calls = []
+
+    def spy(name, fail_at=None):
+        def build(case, device):
+            step = bench.peers.naive(case, device)
+
+            def run():
+                calls.append(name)
+                if len([c for c in calls if c == name]) == fail_at:
+                    raise RuntimeError(f"{name} broke")
+                return step()
+
+            return run
+
+        return build
+
+    monkeypatch.setitem(bench.OPS, "logprobs", dataclasses.replace(
+        bench.OPS["logprobs"], methods=[bench.Method("a", spy("a")), bench.Method("b", spy("b")),
+                                        bench.Method("c", spy("c", fail_at=3))]))  # fmt: skip
+    one = ["bench", "--ops", "logprobs", "--shapes", "1x8x50", "--dtype", "fp32", "--no-memory"]
+    assert cli.main([*one, "--reps", "3"]) == 0
+    warm, timed = calls[:3], calls[3:]
+    assert warm == ["a", "b", "c"]
+    assert timed == ["a", "b", "c", "a", "b", "c", "a", "b"]  # c broke in round 2, then left
+    table = capsys.readouterr().out
+    rows = {line.split()[3]: line for line in table.splitlines() if line.startswith("logprobs")}
+    assert "skipped (RuntimeError: c broke)" in rows["c"] and rows["a"].rstrip().endswith("ok")
+    ours = bench.Method("ours.late", spy("ours.late", fail_at=2), ours=True)
+    _with_method(monkeypatch, "logprobs", ours)
+    assert cli.main([*one, "--reps", "3"]) == 1

@@ -6,8 +6,9 @@ within that run. Peak memory comes from one fresh process per method (forked fro
 has done the imports): MALLOC_MMAP_THRESHOLD_ is set so freed tensors go back to the OS,
 `/proc/self/clear_refs` resets the high-water mark after a warm-up, and the extra peak is VmHWM
 after one fwd+bwd minus VmRSS before it. On CUDA: triton.testing.do_bench and
-torch.cuda.max_memory_allocated. Every output is checked against a float64 reference; a fast
-wrong answer is marked WRONG.
+torch.cuda.max_memory_allocated. Every output is checked against a float64 reference (gradients
+through a seeded non-uniform incoming gradient, tolerances by dtype: cases.TOLERANCES); a fast
+wrong answer, or a non-finite error, is marked WRONG.
 
 Modules: `cases` (Case, Row, seeded inputs, GradStep, check), `peers` and `trainers` /
 `siblings` (each method's step builder), `expected` (float64 references), `registry` (OPS and the
@@ -21,17 +22,35 @@ from collections.abc import Callable
 
 import torch
 
-from .cases import DTYPES, Case, GradStep, Row, check, parse_shape
-from .measure import must_move_bytes, probe_rows, probe_workers, stream_bandwidth, time_step
+from .cases import DTYPES, TOLERANCES, Case, GradStep, Row, Step, check, parse_shape
+from .measure import (
+    must_move_bytes,
+    probe_rows,
+    probe_workers,
+    stream_bandwidth,
+    time_step,
+    time_steps_in_turn,
+)
 from .registry import DEFAULT_GRID, DEFAULT_OPS, OPS, QUICK_GRID, Method, Op, expected
 from .report import format_table, machine_facts, markdown_section, plot, write_section
 
 __all__ = [
-    "DEFAULT_GRID", "DEFAULT_OPS", "DTYPES", "OPS", "QUICK_GRID", "Case", "GradStep", "Method",
-    "Op", "Row", "check", "expected", "format_table", "machine_facts", "markdown_section",
-    "must_move_bytes", "parse_shape", "plot", "probe_workers", "run", "run_case",
-    "stream_bandwidth", "time_step", "write_section",
+    "DEFAULT_GRID", "DEFAULT_OPS", "DTYPES", "OPS", "QUICK_GRID", "REFERENCE", "TOLERANCES",
+    "Case", "GradStep", "Method", "Op", "Row", "check", "expected", "failures", "format_table",
+    "machine_facts", "markdown_section", "must_move_bytes", "parse_shape", "plot",
+    "probe_workers", "run", "run_case", "stream_bandwidth", "time_step", "write_section",
 ]  # fmt: skip
+
+
+REFERENCE = "float64 reference"  # the method name of the row that says the reference failed
+NOTE_CHARS = 60  # of an exception's message in the table; the whole one is printed below it
+
+
+def _fail(row: Row, status: str, exc: Exception) -> None:
+    row.status, row.error = status, f"{type(exc).__name__}: {exc}"
+    short = " ".join(row.error.split())
+    row.note = short if len(short) <= NOTE_CHARS else short[: NOTE_CHARS - 3] + "..."
+    row.value_err = row.grad_err = None
 
 
 def run_case(
@@ -42,10 +61,18 @@ def run_case(
     memory: bool,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
+    """One case, every method: timed, checked against the float64 reference. If the reference
+    itself fails, one FAILED row (method REFERENCE) stands for the case."""
     op = OPS[case.op]
-    ref = op.expected(case, device)
+    try:
+        ref = op.expected(case, device)
+    except Exception as exc:
+        row = Row(case.op, case.label, case.dtype, REFERENCE)
+        _fail(row, "FAILED", exc)
+        return [row]
     tokens = op.tokens(case)
     rows: list[Row] = []
+    steps: list[tuple[Row, Method, Step]] = []  # built, warmed up and checked; timed below
     for method in op.methods:
         if progress:
             progress(f"{case.op} {case.label} {case.dtype} {method.name}")
@@ -61,21 +88,30 @@ def run_case(
             if out is None:
                 row.note = "timing reference, no result"
             else:
-                row.value_err, row.grad_err, ok = check(out, ref)
+                row.value_err, row.grad_err, ok = check(out, ref, case.dtype)
                 row.status = "ok" if ok else "WRONG"
             del out
-            row.time_ms = time_step(step, device, reps)
+            if device == "cuda":  # do_bench per method (the GPU's time, not the host's turns)
+                row.time_ms = time_step(step, device, reps)
+            else:
+                steps.append((row, method, step))
             del step
         except Exception as exc:  # a peer that fails is a skipped row, ours a FAILED one
-            row.status = "FAILED" if method.ours else "skipped"
-            row.note = f"{type(exc).__name__}: {str(exc)[:60]}"
-            row.value_err = row.grad_err = None
+            _fail(row, "FAILED" if method.ours else "skipped", exc)
+    del ref  # the float64 reference: not held while the steps are timed or the probes allocate
+    for (row, method, _), (ms, exc) in zip(steps, time_steps_in_turn([s for *_, s in steps], reps),
+                                           strict=True):  # fmt: skip
+        if exc is not None:
+            _fail(row, "FAILED" if method.ours else "skipped", exc)
+        row.time_ms = ms
+    del steps
+    for row in rows:
+        if row.time_ms is None:
             continue
         row.tokens_per_s = tokens / row.time_ms * 1e3
         moved = must_move_bytes(case)
         if bandwidth and moved:
             row.roofline = moved / bandwidth * 1e3 / row.time_ms
-    del ref  # the float64 reference: not held while the probes allocate (on the same GPU)
     if device == "cuda":
         torch.cuda.empty_cache()
     if memory:
@@ -96,10 +132,23 @@ def run(
     memory: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[Row], dict]:
-    """Run every case of the grid; returns the rows and facts about the machine. `progress` is
-    called with "op shape dtype method" as each method starts."""
+    """Run every case of the grid; returns the rows and facts about the machine (with the backend
+    our rows ran on). `progress` is called with "op shape dtype method" as each method starts."""
+    from .. import resolve_backend
+
+    facts = {"backend": resolve_backend(None, torch.device(device))}  # raises on a bad one
     bandwidth = stream_bandwidth(device)
     rows: list[Row] = []
     for case in (c for cs in grid.values() for c in cs):
         rows += run_case(case, device, reps, bandwidth, memory, progress)
-    return rows, machine_facts(device, bandwidth)
+    return rows, {**machine_facts(device, bandwidth), **facts}
+
+
+def failures(rows: list[Row]) -> str:
+    """The whole message of each row that raised, one line each ('' if none): the table's notes
+    are shortened."""
+    return "\n".join(
+        f"{r.op} {r.shape} {r.dtype} {r.method}: {r.status}: {' '.join(r.error.split())}"
+        for r in rows
+        if r.error
+    )

@@ -4,6 +4,7 @@ that every process (and the float64 reference) rebuilds identically, the fwd+bwd
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +48,8 @@ class Row:
     grad_err: float | None = None  # of the gradients, relative to their largest entry
     roofline: float | None = None  # fraction of the bandwidth bound reached
     status: str = "ok"  # ok | WRONG | skipped (a peer not run, or failing) | FAILED (ours raised)
-    note: str = ""
+    note: str = ""  # shortened for the table
+    error: str = ""  # the whole exception message of a FAILED (or failing, skipped) row
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,21 +161,38 @@ Result = tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]
 Step = Callable[[], Result | None]
 
 
+def incoming_grad(values: torch.Tensor) -> torch.Tensor:
+    """The seeded, non-uniform gradient backpropagated into `values` (the same for every method
+    and the reference): magnitudes 1/2 to 3/2 in steps of 1/8, never 1 (exact in every dtype), and
+    random signs. A backward that ignores its incoming gradient's scale or sign gets it wrong."""
+    g = torch.Generator().manual_seed(2)
+    scales = torch.tensor([0.5, 0.625, 0.75, 0.875, 1.125, 1.25, 1.375, 1.5])
+    scale = scales[torch.randint(0, len(scales), values.shape, generator=g)]
+    sign = torch.randint(0, 2, values.shape, generator=g) * 2 - 1
+    return (scale * sign).to(values.device, values.dtype)
+
+
 class GradStep:
-    """fwd+bwd into the gradients of `leaves`. `forward()` returns the checked values; their sum
-    is backpropagated and the leaves' gradients are returned with them. With `own_objective`,
-    `forward()` returns (values, objective) and the gradients (of another objective) are not
-    returned: only the values are checked."""
+    """fwd+bwd into the gradients of `leaves`. `forward()` returns the checked values; they are
+    backpropagated with `incoming_grad` and the leaves' gradients are returned with them. With
+    `own_objective`, `forward()` returns (values, objective) and the gradients (of another
+    objective) are not returned: only the values are checked."""
 
     def __init__(
         self, leaves: list[torch.Tensor], forward: Callable, own_objective: bool = False
     ) -> None:
         self.leaves, self.forward, self.own_objective = leaves, forward, own_objective
+        self.grad_out: torch.Tensor | None = None  # made once, not in the timed steps
 
     def __call__(self) -> Result:
         self.release()
         out = self.forward()
-        values, objective = out if self.own_objective else (out, out.sum())
+        if self.own_objective:
+            values, objective = out
+        else:
+            if self.grad_out is None:
+                self.grad_out = incoming_grad(out)
+            values, objective = out, (out * self.grad_out).sum()
         objective.backward()
         grads = None if self.own_objective else tuple(t.grad for t in self.leaves)
         return values.detach(), grads
@@ -184,22 +203,33 @@ class GradStep:
             t.grad = None
 
 
-def check(got: Result, ref: Result) -> tuple[float, float | None, bool]:
+# (value err, grad err) a correct method stays within, by dtype: about 10x the worst of every
+# method, ours and the peers, on CPU at the default and quick grids. fp32: up to 3.6e-5 / 4.5e-5
+# (the linear_dpo losses, whose log-prob sums cancel in the margin; 1.4e-5 grad elsewhere). bf16:
+# the sums within 1e-3 relative (the issue's target: ours accumulate in float32), the gradients
+# one rounding of the stored ones (4.7e-3 on CPU, 8.4e-3 on an H200). fp16: 4.1e-4 grad.
+TOLERANCES = {"fp32": (5e-4, 5e-4), "bf16": (1e-3, 2e-2), "fp16": (1e-3, 5e-3)}
+
+
+def check(got: Result, ref: Result, dtype: str) -> tuple[float, float | None, bool]:
     """Largest error of the values (relative to their scale, at least 1) and of the gradients
-    (relative to each one's largest reference entry), and whether both are within tolerance. A
-    method whose gradient is of another objective (None) is checked on its values only."""
+    (relative to each one's largest reference entry), and whether both are finite and within the
+    dtype's TOLERANCES. A method whose gradient is of another objective (None) is checked on its
+    values only."""
     values, grads = got
     rvalues, rgrads = ref
+    v_tol, g_tol = TOLERANCES[dtype]
     v_err = ((values.double() - rvalues).abs() / rvalues.abs().clamp(min=1)).max().item()
+    v_ok = math.isfinite(v_err) and v_err <= v_tol
     if grads is None:
-        return v_err, None, v_err <= 1e-3
+        return v_err, None, v_ok
     tiny = torch.finfo(torch.float64).tiny
-    g_err = max(  # g - r promotes to float64: one temporary, not two
+    errs = [  # g - r promotes to float64: one temporary, not two
         ((g - r).abs_().max() / r.abs().max().clamp(min=tiny)).item()
         for g, r in zip(grads, rgrads, strict=True)
-    )
-    # bf16 gradients carry one bf16 rounding (~4e-3 of the largest entry)
-    return v_err, g_err, v_err <= 1e-3 and g_err <= 2e-2
+    ]
+    g_err = next((e for e in errs if not math.isfinite(e)), max(errs))  # max() drops a NaN
+    return v_err, g_err, v_ok and math.isfinite(g_err) and g_err <= g_tol
 
 
 def sigmoid_loss(sums: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:

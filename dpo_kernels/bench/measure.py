@@ -21,12 +21,30 @@ def time_step(step: Step, device: str, reps: int) -> float:
         import triton.testing
 
         return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
-    times = []
+    return time_steps_in_turn([step], reps)[0][0]
+
+
+def time_steps_in_turn(steps: list[Step], reps: int) -> list[tuple[float | None, Exception | None]]:
+    """CPU: median milliseconds of each step, timed in turns (one call of each per round, `reps`
+    rounds), so that a neighbour's load on a shared machine hits every method alike rather than
+    the one whose block it fell in (a 2-core run under load once showed one row at 18x its quiet
+    time).
+    (None, the exception) for a step that raised; it leaves the rotation."""
+    times: list[list[float]] = [[] for _ in steps]
+    errors: list[Exception | None] = [None] * len(steps)
     for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for i, step in enumerate(steps):
+            if errors[i] is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                step()
+            except Exception as exc:  # (the caller marks the row)
+                errors[i] = exc
+                continue
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return [(None, e) if e is not None else (statistics.median(t), None)
+            for t, e in zip(times, errors, strict=True)]  # fmt: skip
 
 
 def _status_kib(field: str) -> int:

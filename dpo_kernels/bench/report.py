@@ -56,6 +56,14 @@ def machine_facts(device: str, bandwidth: float) -> dict:
     }
 
 
+def backend_note(facts: dict) -> str:
+    """Which backend our rows ran on, in words: the reference one is plain PyTorch, not kernels."""
+    backend = facts.get("backend", "?")
+    if backend == "reference":
+        return "our rows on the reference backend (plain PyTorch, not our kernels)"
+    return f"our rows on the {backend} backend"
+
+
 def _x(r: Row) -> int:
     """A row's place on the plot's x axis: its vocabulary size or its tokens, as its op says."""
     return parse_shape(r.shape)[-1] if OPS[r.op].x_axis == "vocabulary size" else r.tokens
@@ -102,7 +110,7 @@ def plot(rows: list[Row], facts: dict, path: str) -> None:
         axes[0, j].legend(fontsize=7)
     fig.suptitle(
         f"dpo-kernels bench: {facts['device']}, torch {facts['torch']}, {facts['threads']} "
-        f"threads, {facts['date']}",
+        f"threads, {facts['date']}; {backend_note(facts)}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -121,7 +129,8 @@ def markdown_section(rows: list[Row], facts: dict, title: str) -> str:
     lines = [
         f"## {title}",
         "",
-        f"Device: {facts['device']}; torch {facts['torch']}; measured copy bandwidth "
+        f"Device: {facts['device']}; torch {facts['torch']}; {backend_note(facts)}; measured "
+        "copy bandwidth "
         f"{facts['stream_GBps']:.1f} GB/s; date {facts['date']}. Command: "
         f"`{facts.get('command', 'dpo-kernels bench')}`.",
         "",
