@@ -118,13 +118,19 @@ def agree(group: object, check):
     return result
 
 
+_MIX = (0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64)  # splitmix64's, as int64
+
+
 def _labels_digest(labels, mask, ignore_index) -> torch.Tensor:
-    """An int64 digest of the counted tokens' positions and labels (position-weighted sum,
-    wrapping on overflow): equal on ranks given the same, different otherwise but by a fluke."""
+    """An int64 digest of the counted tokens' (position, label) pairs: each pair hashed (a
+    splitmix64-style mix, wrapping), the hashes summed: equal on ranks given the same, and
+    otherwise different but by a 2^-64 fluke (a linear digest missed e.g. labels +1, -2, +1)."""
     counted = counted_tokens(labels, mask, ignore_index).reshape(-1)
-    values = torch.where(counted, labels.reshape(-1).long() + 1, 0)
-    weights = torch.arange(values.numel(), device=values.device) * 0x9E3779B97F4A7C1 + 1
-    return (values * weights).sum() + values.numel()
+    x = torch.arange(counted.numel(), device=counted.device) * 2**21 + labels.reshape(-1).long()
+    for m, shift in zip(_MIX, (31, 29), strict=True):
+        x = x * m
+        x = x ^ (x >> shift)
+    return torch.where(counted, x, 0).sum() + counted.numel()
 
 
 def check_global_values(labels, mask, ignore_index, local_vocab: int, vocab_start: int,

@@ -106,3 +106,31 @@ def test_refusals_reach_every_rank(tmp_path):
     assert "another rank refused its inputs" in runs[0]["one_rank_bad_start"][1]
     assert "empty vocabulary" in runs[1]["one_rank_empty_slice"][1]
     assert "another rank refused its inputs" in runs[0]["one_rank_empty_slice"][1]
+
+
+def test_labels_digest_tells_batches_apart():
+    """The digest the ranks compare: the same for the same counted tokens (int32 or int64
+    labels, no mask or an all-ones one, other labels where nothing counts), different for
+    differences a linear digest missed (labels +1, -2, +1 in a row; two rows swapped whose
+    label sums are equal) and for one changed label or one more counted token."""
+    from dpo_kernels.vocab_parallel import _labels_digest
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 50, (4, 9), generator=g)
+    y[3] = y[2].roll(1)  # rows 2 and 3: equal sums
+    y[0, 0] = -100
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[1, 8] = False
+    base = _labels_digest(y, mask, -100)
+    same = y.int().clone()
+    same[1, 8] = 7  # not counted
+    assert _labels_digest(same, mask, -100) == base
+    assert _labels_digest(y, None, -100) == _labels_digest(y, torch.ones_like(mask), -100)
+    steps = y.clone()
+    steps[1, 2:5] += torch.tensor([1, -2, 1])
+    more = mask.clone()
+    more[1, 8] = True
+    one = y.clone()
+    one[2, 4] += 1
+    for other, m in ((steps, mask), (y[[0, 1, 3, 2]], mask), (one, mask), (y, more)):
+        assert _labels_digest(other, m, -100) != base
