@@ -193,14 +193,12 @@ class Rows:
 
     def fold_softmax(self, x: torch.Tensor, y: torch.Tensor, f: Fold) -> None:
         """Folds whole rows x into a fresh f, then x <- (onehot(y) - softmax(z(x))) * dz/dx: the
-        logits' gradient before each row's loss factor."""
+        logits' gradient before each row's loss factor (the single pass; float16 on CUDA, whose
+        tiles leave out `tile_factor`, takes the two-pass route)."""
         if self.dz_kernel:
             # CUDA, bf16: x stays the logits, and backprop (given g) turns them into
             # g * q in the inputs' dtype in one kernel, no float32 q written in between.
             self.fold(x, y, f, 0)
-        elif self.tile_factor != 1:  # grad leaves the factor out (the backends' kernels do not)
-            self.fold(x, y, f, 0)
-            self.grad(x, y, torch.ones_like(f.m), f.lse())
         else:
             self.k.fold_softmax_rows(x, y, f, self.tf)
 

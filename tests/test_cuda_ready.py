@@ -522,30 +522,6 @@ def test_gradient_kernel_writes_dz_in_the_inputs_dtype(dtype, transform, nv):
     assert store.view(n, width)[:, written:].isnan().all()
 
 
-def test_whole_rows_gradient_leaves_the_tile_factor_out():
-    """Rows.fold_softmax on the CUDA route with float16 inputs and a logit scale, its gradient
-    tiles made by the row kernels (dz_kernel off): like `grad`, they leave tile_factor out, which
-    the float32 results get back (else dh and dW come out scaled by it): the reference backend's
-    tile over the factor."""
-    from dpo_kernels.common import LogitTransform
-    from dpo_kernels.linear_dpo_rows import Fold, Rows
-
-    n, nv = 5, 37
-    tf = LogitTransform(logit_scale=4.0)
-    rows = Rows("triton", torch.float16, torch.get_default_device(), tf)
-    rows.cuda = True
-    assert rows.tile_factor == 4.0 and not rows.dz_kernel
-    plain = Rows("reference", torch.float16, torch.get_default_device(), tf)
-    buf = torch.randn(n * 64 + rows.slack(n))
-    x = rows.tile(buf, n, nv)
-    x.copy_(torch.randn(n, nv))
-    want = x.clone()
-    labels = torch.randint(0, nv, (n,))
-    rows.fold_softmax(x, labels, Fold(n, torch.float32, x.device, False, "triton"))
-    plain.fold_softmax(want, labels, Fold(n, torch.float32, x.device, False, "reference"))
-    torch.testing.assert_close(x, want / 4.0, rtol=1e-5, atol=1e-6)
-
-
 def _rows_on_cuda(monkeypatch) -> None:
     """Rows take their CUDA branch on CPU tensors (bf16 through the dz kernel, under the
     interpreter; fp16 by the two-pass route; the out-dtype matmuls fall back to upcasting on
