@@ -393,8 +393,46 @@ def test_an_fp32_gradient_off_by_a_little_is_wrong(monkeypatch, capsys, build):
 def test_tolerances_are_per_dtype_and_the_incoming_gradient_is_not_uniform():
     assert bench.TOLERANCES["fp32"][1] < bench.TOLERANCES["fp16"][1] < bench.TOLERANCES["bf16"][1]
     g = bench.cases.incoming_grad(torch.zeros(64))
-    assert len(set(g.tolist())) > 4 and (g != 1).all() and (g < 0).any()
+    assert len(set(g.tolist())) > 4 and (g != 1).all() and (g < 0).any() and (g > 0).any()
     assert torch.equal(g, bench.cases.incoming_grad(torch.zeros(64, dtype=torch.float64)).float())
+    assert bench.cases.incoming_grad(torch.zeros(())) < 0  # a scalar's too: a sign error shows
+
+
+def test_a_reference_missing_a_package_skips_the_case(monkeypatch, capsys):
+    """A float64 reference that needs a missing package (the trainer ops' stock trainers without
+    TRL) skips every row of the case with the reason, exit 0, as a missing peer does; a case
+    whose every method is skipped does not compute its reference at all."""
+
+    def needs_trl(case, device):
+        raise ModuleNotFoundError("No module named 'trl'", name="trl")
+
+    spec = bench.OPS["logprobs"]
+    monkeypatch.setitem(bench.OPS, "logprobs", dataclasses.replace(spec, expected=needs_trl))
+    assert cli.main(["bench", *TINY, "--no-memory"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("logprobs")]
+    assert len(rows) == 2 * len(spec.methods)
+    assert all("skipped (the float64 reference needs trl)" in r for r in rows)
+    skipped = [dataclasses.replace(m, skip=lambda device: "not here") for m in spec.methods]
+    monkeypatch.setitem(bench.OPS, "logprobs", dataclasses.replace(
+        spec, methods=skipped, expected=_raises))  # fmt: skip
+    assert cli.main(["bench", *TINY, "--no-memory"]) == 0
+
+
+def test_the_warm_up_gradients_are_freed_before_the_turns(monkeypatch):
+    """Timed in turns, every method of a case is alive at once: the gradients of each warm-up
+    (checked, then of no use) are freed first, so the bench's peak holds one method's less."""
+    from dpo_kernels.bench import measure
+
+    turns = measure.time_steps_in_turn
+    seen = []
+
+    def spy(steps, reps):
+        seen.extend(t.grad for s in steps if isinstance(s, bench.GradStep) for t in s.leaves)
+        return turns(steps, reps)
+
+    monkeypatch.setattr(bench, "time_steps_in_turn", spy)
+    assert cli.main(["bench", *TINY, "--no-memory"]) == 0
+    assert seen and all(g is None for g in seen)
 
 
 # ------------------------------------------------------------------------------------------

@@ -62,23 +62,29 @@ def run_case(
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """One case, every method: timed, checked against the float64 reference. If the reference
-    itself fails, one FAILED row (method REFERENCE) stands for the case."""
+    itself fails, one FAILED row (method REFERENCE) stands for the case; if it needs a package
+    that is missing (an optional peer's: TRL, transformers), or every method is skipped, every
+    row is skipped with the reason."""
     op = OPS[case.op]
+    tokens = op.tokens(case)
+    reasons = [m.skip(device) for m in op.methods]
     try:
-        ref = op.expected(case, device)
+        ref = None if all(reasons) else op.expected(case, device)
+    except ImportError as exc:  # (ModuleNotFoundError too): nothing can be checked here
+        reason = f"the float64 reference needs {exc.name or exc}"
+        return [Row(case.op, case.label, case.dtype, m.name, tokens=tokens, status="skipped",
+                    note=reason) for m in op.methods]  # fmt: skip
     except Exception as exc:
         row = Row(case.op, case.label, case.dtype, REFERENCE)
         _fail(row, "FAILED", exc)
         return [row]
-    tokens = op.tokens(case)
     rows: list[Row] = []
     steps: list[tuple[Row, Method, Step]] = []  # built, warmed up and checked; timed below
-    for method in op.methods:
+    for method, reason in zip(op.methods, reasons, strict=True):
         if progress:
             progress(f"{case.op} {case.label} {case.dtype} {method.name}")
         row = Row(case.op, case.label, case.dtype, method.name, tokens=tokens)
         rows.append(row)
-        reason = method.skip(device)
         if reason:
             row.status, row.note = "skipped", reason
             continue
@@ -91,6 +97,8 @@ def run_case(
                 row.value_err, row.grad_err, ok = check(out, ref, case.dtype)
                 row.status = "ok" if ok else "WRONG"
             del out
+            if isinstance(step, GradStep):  # the warm-up's gradients: not held while others run
+                step.release()
             if device == "cuda":  # do_bench per method (the GPU's time, not the host's turns)
                 row.time_ms = time_step(step, device, reps)
             else:
@@ -99,8 +107,9 @@ def run_case(
         except Exception as exc:  # a peer that fails is a skipped row, ours a FAILED one
             _fail(row, "FAILED" if method.ours else "skipped", exc)
     del ref  # the float64 reference: not held while the steps are timed or the probes allocate
-    for (row, method, _), (ms, exc) in zip(steps, time_steps_in_turn([s for *_, s in steps], reps),
-                                           strict=True):  # fmt: skip
+    # (Timed in turns, every method's inputs and last gradients are alive at once.)
+    timed = time_steps_in_turn([entry[2] for entry in steps], reps)
+    for (row, method), (ms, exc) in zip([entry[:2] for entry in steps], timed, strict=True):
         if exc is not None:
             _fail(row, "FAILED" if method.ours else "skipped", exc)
         row.time_ms = ms

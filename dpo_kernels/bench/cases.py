@@ -164,11 +164,13 @@ Step = Callable[[], Result | None]
 def incoming_grad(values: torch.Tensor) -> torch.Tensor:
     """The seeded, non-uniform gradient backpropagated into `values` (the same for every method
     and the reference): magnitudes 1/2 to 3/2 in steps of 1/8, never 1 (exact in every dtype), and
-    random signs. A backward that ignores its incoming gradient's scale or sign gets it wrong."""
+    random signs, the first negative (a scalar's is). A backward that ignores its incoming
+    gradient's scale or sign gets it wrong."""
     g = torch.Generator().manual_seed(2)
     scales = torch.tensor([0.5, 0.625, 0.75, 0.875, 1.125, 1.25, 1.375, 1.5])
     scale = scales[torch.randint(0, len(scales), values.shape, generator=g)]
     sign = torch.randint(0, 2, values.shape, generator=g) * 2 - 1
+    sign.view(-1)[:1] = -1
     return (scale * sign).to(values.device, values.dtype)
 
 

@@ -21,7 +21,10 @@ def time_step(step: Step, device: str, reps: int) -> float:
         import triton.testing
 
         return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
-    return time_steps_in_turn([step], reps)[0][0]
+    [(ms, exc)] = time_steps_in_turn([step], reps)
+    if exc is not None:
+        raise exc
+    return ms
 
 
 def time_steps_in_turn(steps: list[Step], reps: int) -> list[tuple[float | None, Exception | None]]:
