@@ -272,17 +272,6 @@ MUTANTS: list[Mutant] = [
     M("fp16-cuda-single-pass", "dpo_kernels/linear_dpo_chunks.py",
       "if grad_on and (loss.coupled or rows.f16_tiles):", "if grad_on and loss.coupled:",
       T_CUDA_READY, "-k", "lifted"),
-    # -- The benchmark's check -----------------------------------------------------------------
-    M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
-      "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",
-      "tests/test_bench_cli.py", "-k", "nan_in_a_later"),
-    M("bench-incoming-gradient-uniform", "dpo_kernels/bench/cases.py",
-      "values, objective = out, (out * self.grad_out).sum()", "values, objective = out, out.sum()",
-      "tests/test_bench_cli.py", "-k", "off_by_a_little"),
-    M("bench-timed-in-blocks", "dpo_kernels/bench/__init__.py",
-      '            if device == "cuda":  # do_bench per method',
-      '            if True:  # do_bench per method',
-      "tests/test_bench_cli.py", "-k", "in_turns"),
     M("scale-kernel-never-scales", "dpo_kernels/ops/triton_scale.py",
       "    if s != 1:  # NaN too", "    if s != s:",
       "tests/test_linear_dpo.py", "-k", "scale_unless_one"),
@@ -367,6 +356,17 @@ MUTANTS: list[Mutant] = [
     M("cpp-strides-assumed-contiguous", "csrc/common.h",
       "return x.stride(-1) == 1 ? x : x.contiguous();", "return x;",
       T_GAPS, "-k", "vocabulary_stride and cpu"),
+    # -- The benchmark's check -----------------------------------------------------------------
+    M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
+      "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",
+      "tests/test_bench_cli.py", "-k", "nan_in_a_later"),
+    M("bench-incoming-gradient-uniform", "dpo_kernels/bench/cases.py",
+      "values, objective = out, (out * self.grad_out).sum()", "values, objective = out, out.sum()",
+      "tests/test_bench_cli.py", "-k", "off_by_a_little"),
+    M("bench-timed-in-blocks", "dpo_kernels/bench/__init__.py",
+      '            if device == "cuda":  # do_bench per method',
+      '            if True:  # do_bench per method',
+      "tests/test_bench_cli.py", "-k", "in_turns"),
 ]
 # fmt: on
 
