@@ -4,6 +4,7 @@ assertions: the numbers themselves live in BENCHMARKS.md)."""
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -543,16 +544,16 @@ def test_gpu_script_on_cpu_needs_a_shape(capsys):
     assert exc.value.code == 2 and "pass --shape" in capsys.readouterr().err
 
 
-def test_gpu_check_only_must_match_a_case(monkeypatch, capsys):
+def test_gpu_check_only_must_match_a_case():
+    """In its own process without the interpreter, as gpu_check runs (in this one, Triton's
+    compile-mode state would outlive the test and break the interpreted kernels after it)."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # gpu_check refuses to run under the interpreter
-    from dpo_kernels import gpu_check
-
-    with pytest.raises(SystemExit) as exc:
-        gpu_check.main(["--only", "typo"])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2
-    assert "--only 'typo' matches no case" in err and "logprobs_fwd bfloat16 V=32000" in err
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "dpo_kernels.gpu_check", "--only", "typo"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--only 'typo' matches no case" in proc.stderr
+    assert "logprobs_fwd bfloat16 V=32000" in proc.stderr
 
 
 def test_methods_are_timed_in_turns_on_cpu(monkeypatch, capsys):
