@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         + bench.report.backend_note(facts)
     )
     print(bench.format_table(rows))
-    if bench.failures(rows):
-        print("\nfailures:\n" + bench.failures(rows))
+    if failed_rows := bench.failures(rows):
+        print("\nfailures:\n" + failed_rows)
     if a.json:
         import dataclasses
         import json

@@ -32,7 +32,7 @@ from .measure import (
     time_steps_in_turn,
 )
 from .registry import DEFAULT_GRID, DEFAULT_OPS, OPS, QUICK_GRID, Method, Op, expected
-from .report import format_table, machine_facts, markdown_section, plot, write_section
+from .report import failures, format_table, machine_facts, markdown_section, plot, write_section
 
 __all__ = [
     "DEFAULT_GRID", "DEFAULT_OPS", "DTYPES", "OPS", "QUICK_GRID", "REFERENCE", "TOLERANCES",
@@ -151,13 +151,3 @@ def run(
     for case in (c for cs in grid.values() for c in cs):
         rows += run_case(case, device, reps, bandwidth, memory, progress)
     return rows, {**machine_facts(device, bandwidth), **facts}
-
-
-def failures(rows: list[Row]) -> str:
-    """The whole message of each row that raised, one line each ('' if none): the table's notes
-    are shortened."""
-    return "\n".join(
-        f"{r.op} {r.shape} {r.dtype} {r.method}: {r.status}: {' '.join(r.error.split())}"
-        for r in rows
-        if r.error
-    )

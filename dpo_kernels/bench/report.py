@@ -37,6 +37,16 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def failures(rows: list[Row]) -> str:
+    """The whole message of each row that raised, one line each ('' if none): the table's notes
+    are shortened."""
+    return "\n".join(
+        f"{r.op} {r.shape} {r.dtype} {r.method}: {r.status}: {' '.join(r.error.split())}"
+        for r in rows
+        if r.error
+    )
+
+
 def machine_facts(device: str, bandwidth: float) -> dict:
     """What the numbers were measured on."""
     if device == "cuda":
