@@ -332,9 +332,9 @@ def _forward_autocast(model: torch.nn.Module):
     return torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
 
-def _fused_head_forward(self, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
-    if dpo_kernels_head is None:
-        return self._dpo_kernels_forward(*args, **kwargs)
+def _fused_head_forward(self, slot: str, *args, dpo_kernels_head: HeadCall | None = None, **kwargs):
+    if dpo_kernels_head is None:  # the forward this patch replaced, kept in the attribute `slot`
+        return getattr(self, slot)(*args, **kwargs)
     call = dpo_kernels_head
     for k in ("labels", "output_attentions", "output_hidden_states", "return_dict"):
         kwargs.pop(k, None)  # PEFT passes these (as None); the backbone returns what we need
@@ -380,19 +380,34 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
         )
     # The forward it replaces (a bound method: pickles as a look-up by name) and the autocast of
     # its wrapper; plain attributes, so that the patched model still pickles (torch.save).
-    inner._dpo_kernels_forward = inner.forward
+    # Each patch keeps the forward it replaces in an attribute of its own: a later patch (a second
+    # trainer on the same model) can find a wrapper that hides this one (TRL's `add_fused_lm_head`
+    # wraps the forward at every trainer's construction and its `__wrapped__` is the class's
+    # forward), and must not overwrite what this one calls, or a plain forward would loop.
+    slot = _free_slot(inner)
+    setattr(inner, slot, inner.forward)
     inner._dpo_kernels_autocast = _saved_autocast(inner.forward)
     _eager_run_head()
 
     @functools.wraps(type(inner).forward)  # generate() validates its kwargs against the signature
     def forward(self, *args, **kwargs):
-        return _fused_head_forward(self, *args, **kwargs)
+        return _fused_head_forward(self, slot, *args, **kwargs)
 
     forward._dpo_kernels_fused_head = True
     # A method, as accelerate expects (it rewraps `forward.__func__`; deepcopy rebinds it); it
     # pickles by name, so a loaded model has the class's forward and is patched again on use.
     inner.forward = types.MethodType(forward, inner)
     return inner
+
+
+def _free_slot(inner: torch.nn.Module) -> str:
+    """The attribute a new patch keeps the forward it replaces in: `_dpo_kernels_forward`, or
+    `_dpo_kernels_forward_<n>` (n = 2, 3, ...) when an earlier patch is somewhere in the chain."""
+    slot, n = "_dpo_kernels_forward", 1
+    while slot in inner.__dict__:
+        n += 1
+        slot = f"_dpo_kernels_forward_{n}"
+    return slot
 
 
 _EAGER_RUN_HEAD = None
