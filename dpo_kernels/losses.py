@@ -197,15 +197,16 @@ def dpo_loss(
     else:
         loss, per = _weighted_loss(pc, pr, rc, rr, nc, nr, spec, backend, weights)
     with torch.no_grad():
-        chosen_rewards = spec.beta * (pc.detach().float() - rc.detach().float())
-        rejected_rewards = spec.beta * (pr.detach().float() - rr.detach().float())
+        acc = acc_dtype(pc.dtype)  # float64 sums: float64 rewards and metrics, as the loss
+        chosen_rewards = spec.beta * (pc.detach().to(acc) - rc.detach().to(acc))
+        rejected_rewards = spec.beta * (pr.detach().to(acc) - rr.detach().to(acc))
         metrics = {
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": pc.detach().float().mean(),
-            "logps/rejected": pr.detach().float().mean(),
+            "logps/chosen": pc.detach().to(acc).mean(),
+            "logps/rejected": pr.detach().to(acc).mean(),
         }
     return DPOLossOutput(loss, per, chosen_rewards, rejected_rewards, metrics)
 

@@ -262,7 +262,8 @@ def orpo_loss(
 def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
     """KTO's KL estimate: mean of policy minus reference log-probs of the mismatched completions,
     clamped at 0, without gradient (one process; TRL gathers the mean across processes first)."""
-    return (kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0)
+    acc = acc_dtype(kl_logps.dtype)  # bf16 / fp16 sums: their difference and mean in float32
+    return (kl_logps.detach().to(acc) - ref_kl_logps.detach().to(acc)).mean().clamp(min=0)
 
 
 def kto_loss(

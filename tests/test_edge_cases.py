@@ -607,3 +607,154 @@ def test_no_autocast_on_devices_without_autocast():
         pass
     with torch.autocast("cpu", dtype=torch.bfloat16), common.no_autocast(torch.empty(0)):
         assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+@pytest.mark.parametrize("alpha", [0.1, -0.1])
+def test_alphapo_reward_of_long_completions(backend, loss_type, alpha):
+    """CPO's AlphaPO reward (1 - p^-alpha) / alpha on the summed log-probs of sigmoid / hinge:
+    a sum below about -104 underflows exp(sum) in float32, and TRL's exp(sum).pow(-alpha) is then
+    inf (alpha > 0) or has an infinite derivative (alpha < 0); p^-alpha = exp(-alpha * sum) is
+    finite there. Every backend against float64 autograd of that form."""
+    pc = torch.tensor([-150.0, -20.0, -130.0])
+    pr = torch.tensor([-30.0, -120.0, -110.0])
+    kw = dict(loss_type=loss_type, alpha=alpha, beta=0.1, cpo_alpha=0.5)
+    a, b = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    out = cpo_loss(a, b, chosen_counts=torch.ones(3), rejected_counts=torch.ones(3),
+                   backend=backend, **kw)  # fmt: skip
+    out.loss.backward()
+    a64, b64 = pc.double().requires_grad_(), pr.double().requires_grad_()
+    c, r = ((1 - torch.exp(-alpha * x)) / alpha for x in (a64, b64))
+    u = 0.1 * (c - r)
+    per = -F.logsigmoid(u) if loss_type == "sigmoid" else torch.relu(1 - u)
+    loss64 = per.mean() - 0.5 * a64.sum() / 3
+    loss64.backward()
+    assert torch.isfinite(out.loss)
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    torch.testing.assert_close(out.losses.double(), per.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), loss64.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kto_kl_estimate_of_low_precision_sums(dtype):
+    """kto_loss's KL estimate from bf16 / fp16 kl_logps: the difference and mean in float32, not
+    rounded to the inputs' dtype (the mean of 6 sums rounded to bf16 was off by 2e-4 here, 100x
+    the float32 computation; the loss with it)."""
+    kl_logps = torch.tensor([-1.6, -4.54, -3.22, -3.63, -4.05, -4.07]).to(dtype)
+    ref_kl = torch.tensor([-1.65, -5.34, -3.64, -3.47, -4.0, -3.54]).to(dtype)
+    logps = torch.tensor([-3.07, -4.58, -1.68, -3.83, -5.26, -2.34]).to(dtype)
+    ref = torch.tensor([-3.59, -4.88, -0.64, -2.32, -4.85, -2.29]).to(dtype)
+    labels = torch.tensor([True, False, False, True, True, False])
+    out = kto_loss(logps, ref, labels, kl_logps=kl_logps, ref_kl_logps=ref_kl, beta=3.0)
+    kl64 = (kl_logps.double() - ref_kl.double()).mean().clamp(min=0)
+    assert abs(out.metrics["kl"].item() - kl64.item()) < 1e-6
+    x = logps.double() - ref.double()
+    per = torch.where(labels, 1 - torch.sigmoid(3 * (x - kl64)), 1 - torch.sigmoid(3 * (kl64 - x)))
+    torch.testing.assert_close(out.losses.double(), per, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_dpo_rewards_of_float64_sums_stay_float64(backend):
+    """dpo_loss with float64 sums: the rewards and metrics in float64 like the loss (they were
+    rounded to float32: 3e-7 off at rewards of 15)."""
+    pc = torch.tensor([-152.123456789012, -3.5], dtype=torch.float64)
+    pr = torch.tensor([-2.000000001, -7.25], dtype=torch.float64)
+    rc = torch.tensor([-1.0000000003, -3.4], dtype=torch.float64)
+    rr = torch.tensor([-2.5, -7.0], dtype=torch.float64)
+    out = dpo_loss(pc, pr, rc, rr, beta=0.1, backend=backend)
+    assert out.chosen_rewards.dtype == torch.float64
+    assert torch.equal(out.chosen_rewards, 0.1 * (pc - rc))
+    assert torch.equal(out.rejected_rewards, 0.1 * (pr - rr))
+    margins = (0.1 * (pc - rc) - 0.1 * (pr - rr)).mean()
+    assert out.metrics["rewards/margins"].item() == margins.item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("softcap, scale", [(1e4, 1.0), (1e4, 100.0), (1e3, 0.5)])
+def test_softcap_much_larger_than_the_logits(backend, dtype, softcap, scale):
+    """z = c * tanh(x / c) with c >> |x| (a weak cap): Triton's tanh from exp, (1 - e) / (1 + e),
+    lost its relative precision at small x / c, so the logits were off by ~c ulps (log-prob sums
+    6e-4 off at c = 1e4, 0.1 with logit_scale 100, where naive float32 is 3e-6 and 2e-4 off).
+    Log-probs and gradients against float64 and the naive computation in the same dtype."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 8, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(64, 16, generator=g, dtype=torch.float64) * 0.2
+    labels = torch.randint(0, 64, (2, 8), generator=g)
+    gout = torch.randn(2, generator=g, dtype=torch.float64)
+
+    def naive(h, w):
+        z = scale * softcap * torch.tanh(h @ w.T / softcap)
+        return torch.log_softmax(z, -1).gather(-1, labels[..., None]).squeeze(-1).sum(-1)
+
+    hr, wr = (t.to(dtype).double().requires_grad_() for t in (h, w))
+    ref = naive(hr, wr)
+    ref.backward(gout)
+    hn, wn = (t.to(dtype).requires_grad_() for t in (h, w))
+    nv = naive(hn, wn)
+    nv.backward(gout.to(dtype))
+    ho, wo = (t.to(dtype).requires_grad_() for t in (h, w))
+    out = linear_sequence_logprobs(ho, wo, labels, softcap=softcap, logit_scale=scale,
+                                   backend=backend)  # fmt: skip
+    out.logps.backward(gout.to(out.logps.dtype))
+    for ours, nai, r64 in ((out.logps, nv, ref), (ho.grad, hn.grad, hr.grad),
+                           (wo.grad, wn.grad, wr.grad)):  # fmt: skip
+        err = (ours.double() - r64.detach()).abs().max().item()
+        naive_err = (nai.double() - r64.detach()).abs().max().item()
+        tol = 8 * torch.finfo(dtype).eps * r64.detach().abs().max().item()
+        assert err <= 4 * naive_err + tol, f"{err:.3g} > 4 x naive {naive_err:.3g}"
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("dpo", dict(loss_type="hinge")),
+        ("dpo", dict(loss_type="sigmoid", f_divergence_type="alpha_divergence")),
+        ("dpo", dict(loss_type="hinge", f_divergence_type="forward_kl")),
+        ("cpo", dict(loss_type="hinge", cpo_alpha=0.0)),
+    ],
+)
+def test_nan_sum_gives_nan_loss_on_every_backend(backend, family, options):
+    """A NaN policy sum (or a margin of inf - inf: forward_kl at log-ratios of -1e4 on both
+    sides) makes that pair's loss NaN, as TRL's formulas do. Triton's tl.maximum / tl.minimum
+    drop NaN by default: its hinge gave 0 for that pair (a finite batch loss) and its
+    alpha-divergence clamp a finite 1e34."""
+    pc = torch.tensor([float("nan"), -3.0, -1e4])
+    pr = torch.tensor([-2.0, -4.0, -2e4])
+    if family == "dpo":
+        out = dpo_loss(pc, pr, beta=0.1, backend=backend, **options)
+    else:
+        out = cpo_loss(pc, pr, beta=0.1, backend=backend, **options)
+    ref = (dpo_loss if family == "dpo" else cpo_loss)(
+        pc.double(), pr.double(), beta=0.1, backend="reference", **options
+    )
+    assert torch.equal(out.losses.isnan(), ref.losses.isnan()), (out.losses, ref.losses)
+    assert out.losses[0].isnan() and out.loss.isnan()
+    torch.testing.assert_close(out.losses[1].double(), ref.losses[1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_exo_pair_gradient_at_large_positive_margins(backend):
+    """exo_pair's gradient qw * ql * (kl_w - kl_l) at margins u of 18 to 25: the Triton kernel
+    took ql as 1 - sigmoid(u), which is 0 in float32 above u ~ 17, so the gradient was 0 there
+    (the torch closed forms use sigmoid(-u)). Against float64 autograd of TRL's formula."""
+    eps, beta = 0.3, 10.0
+    margins = torch.tensor([1.8, 2.0, 2.2, 2.5], dtype=torch.float64)
+    pr = torch.tensor([-10.0, -20.0, -30.0, -40.0], dtype=torch.float64)
+    pc = pr + margins
+    a, b = pc.float().requires_grad_(), pr.float().requires_grad_()
+    out = dpo_loss(a, b, beta=beta, loss_type="exo_pair", label_smoothing=eps, backend=backend)
+    out.loss.backward()
+    a64, b64 = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    u = beta * (a64 - b64)
+    per = torch.sigmoid(u) * (F.logsigmoid(u) - math.log1p(-eps)) + torch.sigmoid(-u) * (
+        F.logsigmoid(-u) - math.log(eps)
+    )
+    per.mean().backward()
+    assert (a.grad != 0).all()
+    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=1e-4, atol=0)
+    torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-4, atol=0)

@@ -51,8 +51,11 @@ def sibling_losses(
         avg = spec.loss_type in FAMILIES["cpo"].averaged
         c, r = (a / na.clamp(min=1), b / nb.clamp(min=1)) if avg else (a, b)  # as DPO's
         if spec.alpha != 0.0:
-            c = (1 - torch.exp(c).pow(-spec.alpha)) / spec.alpha
-            r = (1 - torch.exp(r).pow(-spec.alpha)) / spec.alpha
+            # TRL's (1 - exp(c).pow(-alpha)) / alpha with p^-alpha as exp(-alpha * c): exp(c)
+            # underflows to 0 below a sum of about -104 (float32), and 0^-alpha is inf (or 0
+            # for alpha < 0, with an infinite derivative: NaN gradients)
+            c = (1 - torch.exp(-spec.alpha * c)) / spec.alpha
+            r = (1 - torch.exp(-spec.alpha * r)) / spec.alpha
         z = c - r
         if spec.loss_type == "simpo":
             z = z - spec.simpo_gamma / beta

@@ -56,7 +56,7 @@ def _score(x, FDIV: tl.constexpr, a1, hi):
         return LN2 - softplus(-x), tl.sigmoid(-x)
     elif FDIV == 3:
         t = a1 * x
-        e = tl.exp(tl.minimum(t, hi))
+        e = tl.exp(tl.minimum(t, hi, propagate_nan=tl.PropagateNan.ALL))  # NaN stays NaN
         return (e - 1.0) / a1, tl.where(t <= hi, e, 0.0)
     else:
         return x, tl.zeros_like(x) + 1.0  # not x * 0 + 1: NaN for an infinite x
@@ -109,7 +109,7 @@ def _dpo_loss_kernel(
             du -= w * tl.sigmoid(-u)
         if (ONE << HINGE) & TYPES:
             w = tl.load(w_ptr + HINGE)
-            loss += w * tl.maximum(1.0 - u, 0.0)
+            loss += w * tl.maximum(1.0 - u, 0.0, propagate_nan=tl.PropagateNan.ALL)
             du -= w * tl.where(1.0 - u > 0.0, 1.0, 0.0)
         if (ONE << ROBUST) & TYPES:
             w = tl.load(w_ptr + ROBUST) / (1.0 - 2.0 * eps)
@@ -119,10 +119,11 @@ def _dpo_loss_kernel(
         if (ONE << EXO) & TYPES:
             w = tl.load(w_ptr + EXO)
             qw = tl.sigmoid(u)
+            ql = tl.sigmoid(-u)  # not 1 - qw: 0 in float32 above u ~ 17, and the gradient with it
             kl_w = -softplus(-u) - log1p(-eps)
             kl_l = -softplus(u) - tl.log(eps)
-            loss += w * (qw * kl_w + (1.0 - qw) * kl_l)
-            du += w * qw * (1.0 - qw) * (kl_w - kl_l)
+            loss += w * (qw * kl_w + ql * kl_l)
+            du += w * qw * ql * (kl_w - kl_l)
         if (ONE << DISCOPOP) & TYPES:
             w = tl.load(w_ptr + DISCOPOP)
             # no inf * 0 at large |u|: 1 - m = sigmoid(-u / tau),

@@ -94,7 +94,7 @@ def _sibling_loss_kernel(
             if LTYPE == SIMPO:
                 z = z - gamma / beta
             if LTYPE == HINGE:
-                per = tl.maximum(1.0 - beta * z, 0.0)
+                per = tl.maximum(1.0 - beta * z, 0.0, propagate_nan=tl.PropagateNan.ALL)
                 dz = -beta * tl.where(1.0 - beta * z > 0.0, 1.0, 0.0)
             elif LTYPE == IPO:
                 q = z - 1.0 / (2.0 * beta)
