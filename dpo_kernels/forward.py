@@ -109,9 +109,11 @@ def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     """padding_free: refuse a model whose attention crosses the packed sequences (it ignores the
     restarting position_ids, e.g. OPT, Bloom and MPT in transformers 5, or a prompt-learning PEFT
     adapter, whose virtual tokens only the first sequence would see): its log-probs would be
-    silently wrong. Checked once per model by a no-grad, eval-mode forward of two packed 2-token
-    sequences: the second's logits must not change, bit for bit, when the first's tokens do (with
-    the sequences kept apart, the masked keys add exact zeros)."""
+    silently wrong. Checked once per model by one no-grad, eval-mode forward of four packed
+    2-token sequences [x, x, x', x]: the second's and the fourth's logits must be equal, bit for
+    bit (with the sequences kept apart, the masked keys add exact zeros; in one forward, a
+    mixture of experts computes both in the same expert calls: before 2026-11-27 two forwards,
+    whose expert groupings differed, refused Qwen3-MoE for a last-bit difference)."""
     if model in _PACKING_CHECKED:
         return
     inner = unwrap_model(model)
@@ -123,18 +125,22 @@ def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
     vocab = getattr(embeddings, "num_embeddings", None) or int(input_ids.max()) + 1
     x = input_ids[0, :2].repeat(2)[:2]  # [2] token ids of the batch (a 1-token batch repeated)
-    rows = torch.stack([torch.cat([x, x]), torch.cat([(x + 1) % vocab, x])])  # [2, 4]
-    positions = torch.tensor([0, 1, 0, 1], device=x.device)
+    # ONE forward of four packed 2-token sequences [x, x, x', x] (x' = x + 1): the second and the
+    # fourth are the same tokens after different sequences. In one forward a mixture of experts
+    # computes both in the same expert calls (two forwards group their tokens with different
+    # others, and the rows can differ in the last bit though the sequences are kept apart).
+    packed = torch.cat([x, x, (x + 1) % vocab, x])[None]  # [1, 8]
+    positions = torch.tensor([[0, 1] * 4], device=x.device)
     modes = [(m, m.training) for m in model.modules()]  # each module's own (a frozen part's)
     model.eval()
     try:
         with torch.no_grad():
-            run = lambda r: model(input_ids=r[None], position_ids=positions[None], use_cache=False)  # noqa: E731
-            out = [_logits_of(run(r)) for r in rows]
+            out = _logits_of(model(input_ids=packed, position_ids=positions, use_cache=False))
     finally:
         for m, training in modes:
             m.training = training
-    if not torch.equal(out[0][0, -2:], out[1][0, -2:]):
+    out = out[0, -packed.shape[1] :]
+    if not torch.equal(out[2:4], out[6:8]):
         attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
         raise ValueError(
             f"padding_free=True: {type(inner).__name__} (attn_implementation={attn!r}) lets a "

@@ -394,3 +394,28 @@ def test_preference_batch_of_meta_and_fake_tensors():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = {k: mode.from_tensor(v.float() if k != "input_ids" else v) for k, v in batch.items()}
         assert preference_batch(fake).attention_mask.shape == batch["attention_mask"].shape
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "head"])
+def test_left_padded_halves_score_as_right_padded(kind, padding_free, fused):
+    """Halves from a left-padding tokenizer: the same sums and counts as right-padded ones. Before
+    2026-11-27 the padded path scored a left-padded row's first token from the pad before it (one
+    token too many for an empty prompt) and ran GPT-2 on positions shifted by the padding."""
+    model = tiny_causal_lm(kind)
+    ex = [
+        {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10]},
+        {"prompt_ids": [], "chosen_ids": [11, 12], "rejected_ids": [13, 14, 15, 16]},
+    ]
+    right = split_batch(ex)
+    left = {}
+    for k, v in right.items():  # each row's tokens moved to its right end
+        am = right[k.replace("input_ids", "attention_mask").replace("labels", "attention_mask")]
+        rows = zip(v, am, strict=True)
+        left[k] = torch.stack([torch.roll(r, int((a == 0).sum())) for r, a in rows])
+    assert left["chosen_attention_mask"][1, 0] == 0  # left-padded
+    want = concatenated_forward(model, right, fused_lm_head=fused, padding_free=padding_free)
+    got = concatenated_forward(model, left, fused_lm_head=fused, padding_free=padding_free)
+    assert got.policy.counts.tolist() == want.policy.counts.tolist() == [3, 1, 1, 3]
+    torch.testing.assert_close(got.policy.logps, want.policy.logps, rtol=1e-6, atol=1e-6)

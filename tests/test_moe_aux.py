@@ -53,3 +53,27 @@ def test_moe_router_aux_loss_matches_stock_trl(fused_lm_head, tmp_path):
         for k in s.keys() - {"learning_rate", "epoch"}:
             assert o[k] == pytest.approx(s[k], rel=1e-5, abs=1e-5), (step, k, s[k], o[k])
     assert stock[0]["aux_loss"] != stock[-1]["aux_loss"]
+
+
+def test_padding_free_takes_a_mixture_of_experts():
+    """Qwen3-MoE keeps packed sequences apart (its packed log-probs equal the padded ones), so
+    padding_free's check passes it for any probe tokens. Before 2026-11-27 the check compared two
+    forwards whose expert calls grouped the tokens differently, and refused it (a ValueError
+    saying it attends across sequences) for 261 of 576 probes of 6 random models."""
+    from conftest import preference_examples
+
+    from dpo_kernels import collate_preferences, concatenated_forward
+    from dpo_kernels import forward as fw
+
+    model = tiny_moe(1).eval()
+    with torch.no_grad():  # weights large enough that the probe's logits carry every bit
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
+    for a in range(28):
+        fw._PACKING_CHECKED.discard(model)
+        fw.check_packing(model, torch.tensor([[a, (5 * a + 3) % 28]]))
+    batch = collate_preferences(preference_examples(3, vocab=28))
+    padded = concatenated_forward(model, batch).policy.logps
+    packed = concatenated_forward(model, batch, padding_free=True).policy.logps
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
