@@ -376,6 +376,12 @@ MUTANTS: list[Mutant] = [
     M("fused-head-one-forward-slot", "dpo_kernels/fused_head.py",
       "    slot = _free_slot(inner)", '    slot = "_dpo_kernels_forward"',
       "tests/test_model_lifecycle.py", "-k", "second_patch"),
+    M("left-pad-first-token-scored", "dpo_kernels/forward.py",
+      "& am[:, 1:] & (am.cumsum(1)[:, :-1] > 0)", "& am[:, 1:]",
+      "tests/test_forward.py", "-k", "left_padded"),
+    M("packing-probe-compares-a-row-with-itself", "dpo_kernels/forward.py",
+      "if not torch.equal(out[2:4], out[6:8]):", "if not torch.equal(out[2:4], out[2:4]):",
+      "tests/test_packed.py", "-k", "refuse"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
       "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",
