@@ -129,10 +129,7 @@ def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
     vocab = getattr(embeddings, "num_embeddings", None) or int(input_ids.max()) + 1
     x = input_ids[0, :2].repeat(2)[:2]  # [2] token ids of the batch (a 1-token batch repeated)
-    # ONE forward of four packed 2-token sequences [x, x, x', x] (x' = x + 1): the second and the
-    # fourth are the same tokens after different sequences. In one forward a mixture of experts
-    # computes both in the same expert calls (two forwards group their tokens with different
-    # others, and the rows can differ in the last bit though the sequences are kept apart).
+    # [x, x, x', x] (x' = x + 1): the 2nd and 4th sequences are the same tokens after others
     packed = torch.cat([x, x, (x + 1) % vocab, x])[None]  # [1, 8]
     positions = torch.tensor([[0, 1] * 4], device=x.device)
     modes = [(m, m.training) for m in model.modules()]  # each module's own (a frozen part's)
