@@ -382,6 +382,9 @@ MUTANTS: list[Mutant] = [
     M("packing-probe-compares-a-row-with-itself", "dpo_kernels/forward.py",
       "if not torch.equal(out[2:4], out[6:8]):", "if not torch.equal(out[2:4], out[2:4]):",
       "tests/test_packed.py", "-k", "refuse"),
+    M("triton-refuses-meta-tensors", "dpo_kernels/backend.py",
+      'device.type not in ("cuda", "meta")', 'device.type != "cuda"',
+      "tests/test_errors.py", "-k", "triton_backend_on_cpu_without_interpreter"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
       "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",

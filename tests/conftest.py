@@ -126,6 +126,18 @@ def _seed():
     torch.manual_seed(SEED)
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32_leak():
+    """Restores the TF32 switches after each test: a TrainingArguments with torch_compile=True
+    turns TF32 on for the whole process (transformers' enable_tf32), and on a GPU the later
+    tests of that worker then compared stock and ours at TF32's precision (1e-3 per logit)."""
+    switches = (torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [s.fp32_precision for s in switches]  # (torch >= 2.9's API, the one transformers sets)
+    yield
+    for s, v in zip(switches, saved, strict=True):
+        s.fp32_precision = v
+
+
 # Other families: their config class and its own size arguments (the shared ones below).
 OTHER_FAMILIES = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),

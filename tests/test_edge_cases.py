@@ -257,7 +257,7 @@ def test_fused_head_runs_repeat_bitwise(backend):
     """The fused LM head (README, Reliability): the same result run after run at a thread count;
     its gradients come from ATen's multi-threaded matmuls, so other thread counts may change
     their last bits (not asserted)."""
-    g = torch.Generator().manual_seed(8)
+    g = torch.Generator(torch.get_default_device()).manual_seed(8)
     h0, w0 = torch.randn(4, 64, 32, generator=g), torch.randn(300, 32, generator=g)
     y = torch.randint(0, 300, (4, 64), generator=g)
     results = []
@@ -352,7 +352,7 @@ def test_dpo_loss_double_backward_matches_reference(kind):
 def _closed_form_losses():
     """(name, fn(hidden, weight) -> loss) for every op whose backward hands out gradients made in
     the forward: the fused LM-head losses and the sibling losses from log-prob sums."""
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     P, T, V = 2, 5, 11
     y = torch.randint(0, V, (2 * P, T), generator=g)
     n = torch.full((2 * P,), float(T))
@@ -393,7 +393,7 @@ def test_closed_form_double_backward_raises(name, backend):
     create_graph backward itself; the sibling losses give the usual first derivatives there
     (and stay differentiable in the incoming gradient: a double-VJP jvp is right)."""
     fn = _closed_form_losses()[name]
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator(torch.get_default_device()).manual_seed(4)
     x0, t0 = torch.randn(4, 5, 6, generator=g), torch.randn(6, 6, generator=g)
     w0 = torch.randn(11, 6, generator=g)
 
@@ -430,7 +430,7 @@ def test_closed_form_losses_under_inference_mode(name, backend):
     """The same value under torch.inference_mode as under no_grad (the reference backend's
     sibling losses raised: autograd cannot record inference tensors)."""
     fn = _closed_form_losses()[name]
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator(torch.get_default_device()).manual_seed(6)
     h, w = torch.randn(4, 5, 6, generator=g), torch.randn(11, 6, generator=g)
     with torch.no_grad():
         want = fn(h, w, backend)
@@ -571,7 +571,7 @@ def test_forward_mode_ad_is_refused():
     from torch.autograd import forward_ad
     from torch.func import jacfwd, jvp
 
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator(torch.get_default_device()).manual_seed(7)
     z, h, w = (
         torch.randn(2, 3, 5, generator=g),
         torch.randn(2, 3, 4, generator=g),
@@ -605,7 +605,8 @@ def test_no_autocast_on_devices_without_autocast():
     torch.autocast(device_type="meta") raises."""
     with common.no_autocast(torch.empty(0, device="meta")):  # raised before
         pass
-    with torch.autocast("cpu", dtype=torch.bfloat16), common.no_autocast(torch.empty(0)):
+    cpu = torch.empty(0, device="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16), common.no_autocast(cpu):
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -680,7 +681,7 @@ def test_softcap_much_larger_than_the_logits(backend, dtype, softcap, scale):
     lost its relative precision at small x / c, so the logits were off by ~c ulps (log-prob sums
     6e-4 off at c = 1e4, 0.1 with logit_scale 100, where naive float32 is 3e-6 and 2e-4 off).
     Log-probs and gradients against float64 and the naive computation in the same dtype."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     h = torch.randn(2, 8, 16, generator=g, dtype=torch.float64)
     w = torch.randn(64, 16, generator=g, dtype=torch.float64) * 0.2
     labels = torch.randint(0, 64, (2, 8), generator=g)

@@ -378,7 +378,7 @@ def test_autocast_leaves_the_fused_ops_alone(backend):
     """Under torch.autocast (bf16) the fused LM-head ops compute as without it: float32 inputs
     give float32 outputs and gradients, the same numbers (the reference backend's matmuls were
     autocast: logits rounded to bf16, outputs bf16, errors 5e-2)."""
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator(torch.get_default_device()).manual_seed(5)
     P, T, H, V = 2, 4, 16, 37
     hidden, weight = torch.randn(2 * P, T, H, generator=g), torch.randn(V, H, generator=g)
     labels = torch.randint(0, V, (2 * P, T), generator=g)
@@ -393,7 +393,7 @@ def test_autocast_leaves_the_fused_ops_alone(backend):
         results = []
         for autocast in (False, True):
             h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = op(h, w)
             out.sum().backward()
             results.append((out.detach(), h.grad, w.grad))
@@ -408,15 +408,18 @@ def test_fused_matmuls_run_with_autocast_off(monkeypatch):
     from dpo_kernels import linear_dpo_rows
 
     seen = []
+    device = torch.get_default_device().type
     for name in ("project", "backprop"):
         original = getattr(linear_dpo_rows.Rows, name)
 
         def spy(self, *args, _original=original, **kwargs):
-            seen.append(torch.is_autocast_enabled("cpu"))
+            seen.append(torch.is_autocast_enabled(device))
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(linear_dpo_rows.Rows, name, spy)
     h, w = torch.randn(4, 3, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        dpo_kernels.linear_dpo_loss(h, w, torch.randint(0, 11, (4, 3)), backend="cpu")
+    with torch.autocast(device, dtype=torch.bfloat16):
+        dpo_kernels.linear_dpo_loss(
+            h, w, torch.randint(0, 11, (4, 3)), backend="cpu" if device == "cpu" else "triton"
+        )
     assert seen and not any(seen)

@@ -100,7 +100,7 @@ def test_save_model_loads_without_dpo_kernels_as_stock_saves(tmp_path):
         path = tmp_path / cls.__name__ / "saved"
         trainer.save_model(str(path))
         with torch.no_grad():
-            torch.save(model(input_ids=IDS).logits, path / "logits.pt")
+            torch.save(model(input_ids=IDS).logits.cpu(), path / "logits.pt")
         saved[cls] = path
     stock, ours = saved.values()
     assert sorted(os.listdir(ours)) == sorted(os.listdir(stock))

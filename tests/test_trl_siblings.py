@@ -14,7 +14,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from conftest import TRAINER_DEVICE, cpu_only, tiny_causal_lm  # noqa: E402
+from conftest import TRAINER_DEVICE, cpu_only, data_check, tiny_causal_lm  # noqa: E402
 from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
@@ -413,7 +413,7 @@ def test_kto_fused_head_refuses_prompt_learning(tmp_path):
 def test_cpo_completion_truncated_to_nothing(loss_type, tmp_path):
     # max_length=5 leaves some completions empty: stock's averages are 0/0 (NaN parameters);
     # ours count such a completion as one token, as dpo_loss does, and its logs agree with the
-    # loss (logps/* are the averages the rewards are beta times). ORPO refuses the batch.
+    # loss (logps/* are the averages the rewards are beta times). ORPO refuses the batch (below).
     cfg = dict(max_length=5, loss_type=loss_type, cpo_alpha=0.0 if loss_type == "simpo" else 1.0)
     history, final, _, _ = run(FusedCPOTrainer, CPOConfig, tmp_path, **cfg)
     assert all(torch.isfinite(p).all() for p in final.values())
@@ -421,6 +421,10 @@ def test_cpo_completion_truncated_to_nothing(loss_type, tmp_path):
         assert math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]), h
         for side in ("chosen", "rejected"):
             assert h[f"rewards/{side}"] == pytest.approx(0.1 * h[f"logps/{side}"], rel=1e-5)
+
+
+@data_check
+def test_orpo_refuses_a_completion_truncated_to_nothing(tmp_path):
     with pytest.raises(ValueError, match="truncated to nothing by max_length"):
         run(FusedORPOTrainer, ORPOConfig, tmp_path, max_length=5)
 

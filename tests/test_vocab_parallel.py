@@ -115,7 +115,7 @@ def test_labels_digest_tells_batches_apart():
     label sums are equal) and for one changed label or one more counted token."""
     from dpo_kernels.vocab_parallel import _labels_digest
 
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     y = torch.randint(0, 50, (4, 9), generator=g)
     y[3] = y[2].roll(1)  # rows 2 and 3: equal sums
     y[0, 0] = -100
