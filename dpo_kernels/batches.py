@@ -53,6 +53,27 @@ def _check_masks(ids: torch.Tensor, am, cm, prefix: str) -> None:
         check_mask_values(name, m)
 
 
+# Entries of a preference batch that lay out its rows (or carry reference sums), not model inputs
+_LAYOUT = ("input_ids", "attention_mask", "completion_mask", "labels")
+_HALVES = tuple(f"{half}_{k}" for half in ("chosen", "rejected") for k in _LAYOUT)
+_NOT_MODEL_INPUTS = frozenset((*_LAYOUT, *_HALVES, "ref_chosen_logps", "ref_rejected_logps"))
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch's other entries (position_ids, token_type_ids, pixel_values, ...): inputs of the
+    policy's and the reference's forwards, rows [chosen; rejected] as input_ids'. Separate
+    chosen_/rejected_ halves have no such rows: other entries beside them are refused."""
+    extra = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    if extra and "input_ids" not in batch:
+        raise ValueError(
+            f"the preference batch has separate chosen_/rejected_ halves and other entries "
+            f"{sorted(extra)}, which cannot be lined up with its concatenated rows; collate the "
+            "batch as input_ids [chosen; rejected] (TRL's DataCollatorForPreference, "
+            "collate_preferences) with them, or drop them"
+        )
+    return extra
+
+
 def preference_batch(
     batch: Mapping[str, Any], pad_token_id: int = 0, ignore_index: int = -100
 ) -> PreferenceBatch:
@@ -113,7 +134,9 @@ def collate_preferences(
     """Token-id examples {prompt_ids, chosen_ids, rejected_ids} -> a concatenated batch.
 
     The layout TRL's DataCollatorForPreference makes (rows [chosen; rejected], right-padded), for
-    loops and trainers that do not use TRL.
+    loops and trainers that do not use TRL. Examples that carry precomputed reference sums
+    (ref_chosen_logps, ref_rejected_logps: a number each) give them as [P] float32 tensors under
+    the same keys, as TRL's collator does.
     """
     if not examples:
         raise ValueError(
@@ -139,7 +162,20 @@ def collate_preferences(
         ids[i, : len(r)] = r
         am[i, : len(r)] = 1
         cm[i, : len(c)] = c
-    return {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
+    out = {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
+    # Precomputed reference sums (TRL's column names) travel with the rows, as in TRL's collator:
+    # dropped, a trainer without a ref_model would train reference-free without a word.
+    keys = ("ref_chosen_logps", "ref_rejected_logps")
+    has = [k in e for e in examples if isinstance(e, Mapping) for k in keys]
+    if any(has):
+        if not all(has):
+            raise KeyError(
+                "collate_preferences: some examples carry ref_chosen_logps / ref_rejected_logps "
+                "and some do not; precompute both for every example, or for none"
+            )
+        for k in keys:
+            out[k] = torch.tensor([float(e[k]) for e in examples], dtype=torch.float32)
+    return out
 
 
 def _token_ids(example: Mapping[str, Any], i: int, key: str) -> torch.Tensor:

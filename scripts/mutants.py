@@ -385,6 +385,12 @@ MUTANTS: list[Mutant] = [
     M("triton-refuses-meta-tensors", "dpo_kernels/backend.py",
       'device.type not in ("cuda", "meta")', 'device.type != "cuda"',
       "tests/test_errors.py", "-k", "triton_backend_on_cpu_without_interpreter"),
+    M("collate-drops-reference-sums", "dpo_kernels/batches.py",
+      "    if any(has):", "    if False:",
+      "tests/test_hf_trainer_edges.py", "-k", "precomputed"),
+    M("hf-trainer-drops-model-inputs", "dpo_kernels/integrations/hf.py",
+      "model_kwargs=model_inputs(inputs),", "model_kwargs=None,",
+      "tests/test_hf_trainer_edges.py", "-k", "model_inputs"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
       "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",

@@ -16,7 +16,7 @@ from conftest import (
 
 import dpo_kernels
 from dpo_kernels import dpo_loss, sequence_logprobs
-from dpo_kernels.batches import collate_preferences, preference_batch
+from dpo_kernels.batches import collate_preferences, model_inputs, preference_batch
 from dpo_kernels.forward import concatenated_forward
 
 B, T, V = 2, 3, 11
@@ -106,6 +106,8 @@ INVENTORY = [
     ("pad_token_id None", lambda: collate_preferences(preference_examples(1), pad_token_id=None), TypeError, "pad_token_id must be an int, got None"),
     ("examples without prompt_ids", lambda: collate_preferences([{"prompt_input_ids": [1], "chosen_input_ids": [2], "rejected_input_ids": [3]}]), KeyError, "needs examples with prompt_ids, chosen_ids and rejected_ids"),
     ("1-D halves", lambda: preference_batch({"chosen_input_ids": y(4), "chosen_labels": y(4), "rejected_input_ids": y(3), "rejected_labels": y(3)}), ValueError, r"chosen_input_ids must be \[pairs, length\]"),
+    ("model inputs beside separate halves", lambda: model_inputs({"chosen_input_ids": y(1, 4), "rejected_input_ids": y(1, 4), "position_ids": y(2, 4)}), ValueError, r"separate chosen_/rejected_ halves and other entries \['position_ids'\]"),
+    ("reference sums on some examples only", lambda: collate_preferences([preference_examples(1)[0] | {"ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}, preference_examples(1)[0]]), KeyError, "precompute both for every example, or for none"),
     ("batch without tokens", lambda: preference_batch(collate_preferences([{"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}])), ValueError, "has no tokens"),
     ("ref_logps not a pair", lambda: concatenated_forward(tiny_causal_lm(), collate_preferences(preference_examples(1)), ref_logps=torch.zeros(2)), TypeError, "ref_logps must be a pair"),
     ("backbone without an LM head", lambda: concatenated_forward(tiny_causal_lm().model, collate_preferences(preference_examples(1))), ValueError, "backbone without an LM head"),

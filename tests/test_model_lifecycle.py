@@ -13,8 +13,9 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from conftest import TRAINER_DEVICE, tiny_causal_lm  # noqa: E402
+from conftest import tiny_causal_lm  # noqa: E402
 from test_trl import preference_dataset, tiny_tokenizer  # noqa: E402
+from test_trl_siblings import COMMON  # noqa: E402
 
 from dpo_kernels.fused_head import install_fused_head  # noqa: E402
 from dpo_kernels.integrations.trl import FusedDPOTrainer  # noqa: E402
@@ -27,23 +28,8 @@ def _trainer(cls, tmp_path, model, ref, **config):
     datasets.disable_caching()
     if "train" not in _DATA:
         _DATA["train"], _DATA["tok"] = preference_dataset(8), tiny_tokenizer()
-    args = trl.DPOConfig(
-        **{
-            "output_dir": str(tmp_path / cls.__name__),
-            "per_device_train_batch_size": 4,
-            "max_steps": 2,
-            "logging_steps": 1,
-            "learning_rate": 0.5,
-            "optim": "sgd",
-            "report_to": [],
-            "save_strategy": "no",
-            "seed": 0,
-            "dataloader_num_workers": 0,
-            "bf16": False,  # (TRL's default on a CPU that has it: bf16 autocast)
-            **TRAINER_DEVICE,
-            **config,
-        }
-    )
+    args = trl.DPOConfig(**{**COMMON, "output_dir": str(tmp_path / cls.__name__), "max_steps": 2,
+                            "learning_rate": 0.5, "optim": "sgd", **config})  # fmt: skip
     return cls(
         model=model, ref_model=ref, args=args, train_dataset=_DATA["train"],
         processing_class=_DATA["tok"],

@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from ..batches import model_inputs
 from ..forward import concatenated_dpo_loss
 from ..losses import DPOLoss
 
@@ -69,6 +70,7 @@ class DPOLossTrainer(Trainer):
         res, _ = concatenated_dpo_loss(
             model, inputs, self.dpo.spec, ref_model=self.ref_model,
             fused_lm_head=self.fused_lm_head, backend=self.dpo.backend,
+            model_kwargs=model_inputs(inputs),
         )  # fmt: skip
         # Each metric is a mean over this process's pairs: averaged over the processes (equal
         # batches), as the Trainer logs its loss and TRL its DPO metrics; one gather for all.

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..batches import PreferenceBatch, preference_batch
+from ..batches import PreferenceBatch, model_inputs, preference_batch
 from ..common import LOSSES
 from ..forward import model_logprobs, reference_logprobs
 from ..fused_head import DPOHead
@@ -30,7 +30,6 @@ SUPPORTED_TRL = (
     "1.16",
     "1.17",
 )  # [min, max): the versions this subclass was written and tested for
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
 def check_trl_version() -> str:
@@ -147,10 +146,7 @@ class FusedDPOTrainer(DPOTrainer):
                                      **self._kernel_options)  # fmt: skip
         return self._sums(out, b).chunk(2)
 
-    @staticmethod
-    def _model_kwargs(inputs) -> dict[str, Any]:
-        skip = _NON_MODEL_KEYS | {"input_ids", "attention_mask"}
-        return {k: v for k, v in inputs.items() if k not in skip}
+    _model_kwargs = staticmethod(model_inputs)
 
     # -- loss and metrics --------------------------------------------------------------------
 

@@ -1,0 +1,274 @@
+"""DPOLossTrainer (the plain HF Trainer) against a hand-written PyTorch DPO loop: gradient
+accumulation, evaluation metrics, precomputed reference sums through collate_preferences, model
+inputs riding in the batch, and the LM head shapes the fused head must handle (a bias, tied
+embeddings). Uneven micro-batches weigh as in TRL (README: the HF Trainer), not checked here."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+datasets = pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+
+from conftest import TRAINER_DEVICE, preference_examples, tiny_causal_lm  # noqa: E402
+
+from dpo_kernels import DPOLoss  # noqa: E402
+from dpo_kernels.batches import collate_preferences  # noqa: E402
+from dpo_kernels.integrations.hf import DPOLossTrainer  # noqa: E402
+
+BETA = 0.2
+
+
+# -- the plain PyTorch reference: one unpadded forward per sequence ------------------------------
+
+
+def _seq_logp(model, prompt, completion):
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    lp = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    return lp[max(len(prompt), 1) - 1 :].sum()  # the completion's tokens, each from the one before
+
+
+def _pair_logps(model, ex):
+    pc = torch.stack([_seq_logp(model, e["prompt_ids"], e["chosen_ids"]) for e in ex])
+    pr = torch.stack([_seq_logp(model, e["prompt_ids"], e["rejected_ids"]) for e in ex])
+    return pc, pr
+
+
+def _plain(model, ref, ex):
+    """(per-pair sigmoid DPO losses [P], the logged metrics) of the plain formula."""
+    pc, pr = _pair_logps(model, ex)
+    with torch.no_grad():
+        rc, rr = _pair_logps(ref, ex)
+    cr, rj = BETA * (pc - rc).detach(), BETA * (pr - rr).detach()
+    metrics = {"rewards/chosen": cr.mean(), "rewards/rejected": rj.mean(),
+               "rewards/accuracies": (cr > rj).float().mean(), "rewards/margins": (cr - rj).mean(),
+               "logps/chosen": pc.detach().mean(),
+               "logps/rejected": pr.detach().mean()}  # fmt: skip
+    return -F.logsigmoid(BETA * ((pc - rc) - (pr - rr))), {k: v.item() for k, v in metrics.items()}
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), **TRAINER_DEVICE, report_to=[],
+                remove_unused_columns=False, logging_steps=1, optim="sgd", learning_rate=0.5,
+                save_strategy="no", seed=0, disable_tqdm=True, max_grad_norm=0.0,
+                lr_scheduler_type="constant")  # fmt: skip
+    return transformers.TrainingArguments(**(base | kw))
+
+
+def _in_order(trainer):
+    """The training batches in dataset order (no shuffling), as the plain loop takes them."""
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(
+        trainer.train_dataset
+    )
+    return trainer
+
+
+def _train(tmp_path, ex, **kw):
+    model = tiny_causal_lm()
+    trainer = _in_order(DPOLossTrainer(
+        model=model, ref_model=tiny_causal_lm(seed=1), loss=DPOLoss(beta=BETA),
+        args=_args(tmp_path, num_train_epochs=1, **kw),
+        train_dataset=datasets.Dataset.from_list(ex), data_collator=collate_preferences,
+    ))  # fmt: skip
+    trainer.train()
+    return model, [h for h in trainer.state.log_history if "loss" in h]
+
+
+# -- defects ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05], ids=["no-clip", "clip"])
+def test_accumulation_trains_as_one_batch(clip, tmp_path):
+    """4 pairs in micro-batches of 2 (gradient_accumulation_steps=2) make the update of one
+    batch of 4: the plain loop's mean over the pairs, its gradient norm (clipped) and its
+    metrics."""
+    ex = preference_examples(4)
+    one, (one_log,) = _train(tmp_path, ex, per_device_train_batch_size=4, max_grad_norm=clip)
+    acc, (acc_log,) = _train(tmp_path, ex, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_grad_norm=clip)  # fmt: skip
+    plain = tiny_causal_lm()
+    per, metrics = _plain(plain.train(), tiny_causal_lm(seed=1), ex)
+    per.mean().backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in plain.parameters()]).item()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), clip)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p -= 0.5 * p.grad
+    for log in (one_log, acc_log):
+        assert log["loss"] == pytest.approx(per.mean().item(), rel=1e-5)
+        assert log["grad_norm"] == pytest.approx(norm, rel=1e-4)
+        for k, v in metrics.items():
+            assert log[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    want = dict(plain.named_parameters())
+    for model in (one, acc):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p, want[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_evaluate_metrics_are_the_plain_formulas(tmp_path):
+    """evaluate() and predict() on 4 pairs in one eval batch or two: eval_loss and every
+    eval_rewards/* and eval_logps/* metric are the means over the pairs (the plain formula,
+    no gradient); eval_accumulation_steps and prediction_loss_only change nothing."""
+    ex = preference_examples(4)
+    model, ref = tiny_causal_lm(), tiny_causal_lm(seed=1)
+    with torch.no_grad():
+        per, want = _plain(model, ref, ex)
+    want["loss"] = per.mean().item()
+    ds = datasets.Dataset.from_list(ex)
+    for kw in (dict(per_device_eval_batch_size=4), dict(per_device_eval_batch_size=2),
+               dict(per_device_eval_batch_size=2, eval_accumulation_steps=1,
+                    prediction_loss_only=True)):  # fmt: skip
+        trainer = DPOLossTrainer(model=model, ref_model=ref, loss=DPOLoss(beta=BETA),
+                                 args=_args(tmp_path, **kw), eval_dataset=ds,
+                                 data_collator=collate_preferences)  # fmt: skip
+        got, test = trainer.evaluate(), trainer.predict(ds)
+        assert test.predictions is None and test.label_ids is None
+        for k, v in want.items():
+            assert got[f"eval_{k}"] == pytest.approx(v, rel=1e-5, abs=1e-6), (kw, k)
+            assert test.metrics[f"test_{k}"] == pytest.approx(v, rel=1e-5, abs=1e-6), (kw, k)
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_precomputed_reference_sums_in_the_rows_reach_the_loss(tmp_path):
+    """Rows carrying ref_chosen_logps / ref_rejected_logps (precomputed, TRL's names), collated by
+    collate_preferences, with no ref_model: the loss of that reference, as with the ref_model
+    (before: collate_preferences dropped them and the trainer trained reference-free)."""
+    ex = preference_examples(4)
+    model, ref = tiny_causal_lm(), tiny_causal_lm(seed=1)
+    with torch.no_grad():
+        rc, rr = _pair_logps(ref, ex)
+    pre = [e | {"ref_chosen_logps": c.item(), "ref_rejected_logps": r.item()}
+           for e, c, r in zip(ex, rc, rr, strict=True)]  # fmt: skip
+    batch = collate_preferences(pre)
+    torch.testing.assert_close(batch["ref_chosen_logps"], rc)
+    torch.testing.assert_close(batch["ref_rejected_logps"], rr)
+    with torch.no_grad():
+        want = _plain(model, ref, ex)[0].mean()
+    for fused in (True, False):
+        trainer = DPOLossTrainer(
+            model=model,
+            loss=DPOLoss(beta=BETA),
+            args=_args(tmp_path),
+            data_collator=collate_preferences,
+            fused_lm_head=fused,
+        )
+        with torch.no_grad():
+            got = trainer.compute_loss(model, batch)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(KeyError, match="precompute both"):
+        collate_preferences([pre[0], ex[1]])
+
+
+def _left_padded_with_positions(examples):
+    """collate_preferences' rows moved to the right end, with the position_ids that restart them
+    at 0 (what an absolute-position model needs for left-padded rows)."""
+    b = collate_preferences(examples)
+    length = b["input_ids"].shape[1]
+    out = {k: torch.zeros_like(v) for k, v in b.items()}
+    for i, n in enumerate(b["attention_mask"].sum(1).tolist()):
+        for k, v in b.items():
+            out[k][i, length - n :] = v[i, :n]
+    out["position_ids"] = (out["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "logits"])
+def test_model_inputs_in_the_batch_reach_both_forwards(fused, tmp_path):
+    """A batch's other model inputs (here position_ids, on GPT-2's absolute positions) go to the
+    policy's and the reference's forwards, as FusedDPOTrainer passes them: left-padded rows with
+    their position_ids score as the unpadded rows. Before: dropped without a word (1e-2 off)."""
+    ex = preference_examples(4)
+    model, ref = tiny_causal_lm("gpt2"), tiny_causal_lm("gpt2", seed=1)
+    with torch.no_grad():
+        want = _plain(model, ref, ex)[0].mean()
+    trainer = DPOLossTrainer(model=model, ref_model=ref, loss=DPOLoss(beta=BETA),
+                             args=_args(tmp_path), fused_lm_head=fused)  # fmt: skip
+    with torch.no_grad():
+        got = trainer.compute_loss(model, _left_padded_with_positions(ex))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_other_inputs_with_separate_halves_are_refused(tmp_path):
+    """Separate chosen_/rejected_ halves have no concatenated rows for another per-token input
+    to line up with: a ValueError naming the key, not a forward that ignores it."""
+    b = collate_preferences(preference_examples(2))
+    halves = {f"{h}_{k}": b[k][s] for h, s in (("chosen", slice(0, 2)), ("rejected", slice(2, 4)))
+              for k in ("input_ids", "attention_mask", "completion_mask")}  # fmt: skip
+    trainer = DPOLossTrainer(model=tiny_causal_lm(), args=_args(tmp_path))
+    trainer.compute_loss(trainer.model, halves)  # the halves alone train
+    with pytest.raises(ValueError, match="position_ids"):
+        trainer.compute_loss(trainer.model, halves | {"position_ids": b["attention_mask"][:2]})
+
+
+# -- coverage: behaviour that is right today --------------------------------------------------
+
+
+def _tied_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def _biased_head_llama():
+    model = tiny_causal_lm()
+    head = torch.nn.Linear(32, 97, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.normal_(0, 0.5)
+    model.lm_head = head
+    return model
+
+
+@pytest.mark.parametrize("make", [_tied_llama, _biased_head_llama], ids=["tied", "head-bias"])
+def test_fused_head_and_logits_path_equal_the_plain_loop(make, tmp_path):
+    """The loss and every parameter gradient (the tied weight's from both its uses; the head's
+    bias) of DPOLossTrainer's fused head and logits path equal the plain loop's, float32."""
+    ex = preference_examples(4)
+    plain, ref = make(), make()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    want = _plain(plain, ref, ex)[0].mean()
+    want.backward()
+    for fused in (True, False):
+        model = copy.deepcopy(plain)
+        model.zero_grad()
+        trainer = DPOLossTrainer(model=model, ref_model=ref, loss=DPOLoss(beta=BETA),
+                                 args=_args(tmp_path), fused_lm_head=fused)  # fmt: skip
+        got = trainer.compute_loss(model, collate_preferences(ex))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        got.backward()
+        grads = dict(plain.named_parameters())
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=(fused, n))
+
+
+def test_gradient_checkpointing_and_clipping_train_as_the_plain_loop(tmp_path):
+    """Two SGD steps with gradient_checkpointing and max_grad_norm clipping, 2 micro-batches of 1
+    pair each: the plain loop's losses and parameters (batch of 2, clipped)."""
+    ex = preference_examples(4)
+    model, logs = _train(tmp_path, ex, per_device_train_batch_size=1,
+                         gradient_accumulation_steps=2, max_grad_norm=0.05,
+                         gradient_checkpointing=True, max_steps=2)  # fmt: skip
+    plain, ref = tiny_causal_lm().train(), tiny_causal_lm(seed=1)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.5)
+    for step in range(2):
+        loss = _plain(plain, ref, ex[2 * step : 2 * step + 2])[0].mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.05)
+        opt.step()
+        assert logs[step]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    want = dict(plain.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, want[n], rtol=1e-5, atol=1e-6, msg=n)
