@@ -70,8 +70,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if device.type == "cuda":
             return "triton"
         return "cpu" if device.type == "cpu" and cpu_extension_available() else "reference"
-    # (meta tensors: every backend but the C++ one gives the output shapes)
-    if name == "triton" and device.type not in ("cuda", "meta") and not _triton_interpreting():
+    if name == "triton" and device.type != "cuda" and not _triton_interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 "
             "before importing dpo_kernels to run the Triton kernels on CPU (slow, for tests)"

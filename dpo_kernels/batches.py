@@ -55,7 +55,7 @@ def _check_masks(ids: torch.Tensor, am, cm, prefix: str) -> None:
 
 # Entries of a preference batch that lay out its rows (or carry reference sums), not model inputs
 _LAYOUT = ("input_ids", "attention_mask", "completion_mask", "labels")
-_HALVES = tuple(f"{half}_{k}" for half in ("chosen", "rejected") for k in _LAYOUT)
+_HALVES = tuple(f"{part}_{k}" for part in ("prompt", "chosen", "rejected") for k in _LAYOUT)
 _NOT_MODEL_INPUTS = frozenset((*_LAYOUT, *_HALVES, "ref_chosen_logps", "ref_rejected_logps"))
 
 
@@ -63,6 +63,8 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The batch's other entries (position_ids, token_type_ids, pixel_values, ...): inputs of the
     policy's and the reference's forwards, rows [chosen; rejected] as input_ids'. Separate
     chosen_/rejected_ halves have no such rows: other entries beside them are refused."""
+    if isinstance(batch, PreferenceBatch):  # (normalized already: no other entries)
+        return {}
     extra = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
     if extra and "input_ids" not in batch:
         raise ValueError(
@@ -166,7 +168,8 @@ def collate_preferences(
     # Precomputed reference sums (TRL's column names) travel with the rows, as in TRL's collator:
     # dropped, a trainer without a ref_model would train reference-free without a word.
     keys = ("ref_chosen_logps", "ref_rejected_logps")
-    has = [k in e for e in examples if isinstance(e, Mapping) for k in keys]
+    # (a datasets.Dataset fills a key some rows lack with None)
+    has = [e.get(k) is not None for e in examples if isinstance(e, Mapping) for k in keys]
     if any(has):
         if not all(has):
             raise KeyError(

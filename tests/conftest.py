@@ -129,11 +129,16 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _no_tf32_leak():
     """Restores the TF32 switches after each test: a TrainingArguments with torch_compile=True
-    turns TF32 on for the whole process (transformers' enable_tf32), and on a GPU the later
-    tests of that worker then compared stock and ours at TF32's precision (1e-3 per logit)."""
+    turns TF32 on for the whole process (transformers' enable_tf32, accelerate's legacy
+    allow_tf32), and on a GPU the later tests of that worker then compared stock and ours at
+    TF32's precision (1e-3 per logit). Both APIs: the legacy one first, then torch >= 2.9's."""
+    legacy = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     switches = (torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn)
-    saved = [s.fp32_precision for s in switches]  # (torch >= 2.9's API, the one transformers sets)
+    switches = [s for s in switches if hasattr(s, "fp32_precision")]
+    saved = [s.fp32_precision for s in switches]
     yield
+    torch.set_float32_matmul_precision(legacy[0])
+    torch.backends.cudnn.allow_tf32 = legacy[1]
     for s, v in zip(switches, saved, strict=True):
         s.fp32_precision = v
 

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from conftest import TRAINER_DEVICE, preference_examples, tiny_causal_lm  # noqa: E402
 
 from dpo_kernels import DPOLoss  # noqa: E402
-from dpo_kernels.batches import collate_preferences  # noqa: E402
+from dpo_kernels.batches import collate_preferences, preference_batch  # noqa: E402
 from dpo_kernels.integrations.hf import DPOLossTrainer  # noqa: E402
 
 BETA = 0.2
@@ -161,6 +161,13 @@ def test_precomputed_reference_sums_in_the_rows_reach_the_loss(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(KeyError, match="precompute both"):
         collate_preferences([pre[0], ex[1]])
+    # a datasets.Dataset fills the missing sums with None: the same refusal
+    with pytest.raises(KeyError, match="precompute both"):
+        collate_preferences(list(datasets.Dataset.from_list([pre[0], ex[1]])))
+    # with a ref_model too, which reference to use is ambiguous (TRL: the sums only when told)
+    trainer = DPOLossTrainer(model=model, ref_model=ref, args=_args(tmp_path))
+    with pytest.raises(ValueError, match="drop ref_model to use the batch's sums"):
+        trainer.compute_loss(model, batch)
 
 
 def _left_padded_with_positions(examples):
@@ -200,6 +207,12 @@ def test_other_inputs_with_separate_halves_are_refused(tmp_path):
               for k in ("input_ids", "attention_mask", "completion_mask")}  # fmt: skip
     trainer = DPOLossTrainer(model=tiny_causal_lm(), args=_args(tmp_path))
     trainer.compute_loss(trainer.model, halves)  # the halves alone train
+    prompts = {
+        "prompt_input_ids": b["input_ids"][:2, :2],
+        "prompt_attention_mask": b["attention_mask"][:2, :2],
+    }
+    trainer.compute_loss(trainer.model, halves | prompts)  # (DPODataCollatorWithPadding's prompt_*)
+    trainer.compute_loss(trainer.model, preference_batch(halves))  # a normalized batch
     with pytest.raises(ValueError, match="position_ids"):
         trainer.compute_loss(trainer.model, halves | {"position_ids": b["attention_mask"][:2]})
 

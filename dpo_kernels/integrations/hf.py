@@ -11,6 +11,7 @@ Set `remove_unused_columns=False` in the TrainingArguments: the batch keys are n
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 from transformers import Trainer
@@ -67,6 +68,13 @@ class DPOLossTrainer(Trainer):
         self._dpo_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        get = inputs.get if isinstance(inputs, Mapping) else lambda k: getattr(inputs, k, None)
+        if self.ref_model is not None and get("ref_chosen_logps") is not None:
+            raise ValueError(
+                "DPOLossTrainer was given a ref_model and batches that carry precomputed "
+                "ref_chosen_logps / ref_rejected_logps: one reference is to be used; drop "
+                "ref_model to use the batch's sums, or drop those columns from the dataset"
+            )
         res, _ = concatenated_dpo_loss(
             model, inputs, self.dpo.spec, ref_model=self.ref_model,
             fused_lm_head=self.fused_lm_head, backend=self.dpo.backend,
