@@ -153,20 +153,6 @@ def lse_of(m, s):
     return top + torch.log((s * torch.exp(m - top[:, None])).sum(1))
 
 
-def _cpu_ms(fn, reps: int = 3) -> float:
-    """Median ms of fn() on CPU (the smoke run: do_bench needs a GPU)."""
-    import statistics
-    import time
-
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["gemm", "rows"])
@@ -175,6 +161,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
+    from linear_dpo_gpu import bench as smoke_ms  # (its CPU branch: 3 calls, the median)
     from triton.testing import do_bench
 
     from dpo_kernels.common import LogitTransform
@@ -202,7 +189,7 @@ def main() -> None:
 
     def record(name, fn, nbytes=0):
         try:
-            ms = do_bench(fn, warmup=50, rep=300) if cuda else _cpu_ms(fn)
+            ms = do_bench(fn, warmup=50, rep=300) if cuda else smoke_ms(fn)
         except Exception as e:
             print(f"{name:48s} failed: {type(e).__name__}: {str(e)[:120]}")
             return

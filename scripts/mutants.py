@@ -385,7 +385,7 @@ MUTANTS: list[Mutant] = [
       "model_kwargs=model_inputs(inputs),", "model_kwargs=None,",
       "tests/test_hf_trainer_edges.py", "-k", "model_inputs"),
     M("hf-trainer-ref-model-beside-sums", "dpo_kernels/integrations/hf.py",
-      'if self.ref_model is not None and get("ref_chosen_logps") is not None:', "if False:",
+      "if self.ref_model is not None and sums is not None:", "if False:",
       "tests/test_hf_trainer_edges.py", "-k", "precomputed"),
     M("collate-none-sum-counted", "dpo_kernels/batches.py",
       "has = [e.get(k) is not None for e", "has = [k in e for e",

@@ -153,9 +153,11 @@ OTHER_FAMILIES = {
 }
 
 
-def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0, attn: str | None = None):
+def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0, attn: str | None = None,
+                   tie: bool = False):  # fmt: skip
     """A small random causal LM built from a config (nothing is downloaded), float32, eval mode:
-    Llama, GPT-2 or one of OTHER_FAMILIES (`attn`: their attn_implementation)."""
+    Llama, GPT-2 or one of OTHER_FAMILIES (`attn`: their attn_implementation; `tie`: Llama's LM
+    head tied to its embeddings)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -163,6 +165,7 @@ def tiny_causal_lm(kind: str = "llama", vocab: int = 97, seed: int = 0, attn: st
         cfg = transformers.LlamaConfig(
             vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            tie_word_embeddings=tie,
         )  # fmt: skip
         model = transformers.LlamaForCausalLM(cfg)
     elif kind == "gpt2":

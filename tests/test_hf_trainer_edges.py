@@ -221,13 +221,7 @@ def test_other_inputs_with_separate_halves_are_refused(tmp_path):
 
 
 def _tied_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_causal_lm(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
 

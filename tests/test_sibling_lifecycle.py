@@ -65,12 +65,12 @@ def _trainer(kind, fused, out, model=None, ref=None, n=8, eval_n=0, **config):
     )
 
 
+def _untimed(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.endswith(TIMING)}
+
+
 def _logs(trainer, key="loss"):
-    return [
-        {k: v for k, v in h.items() if not k.endswith(TIMING)}
-        for h in trainer.state.log_history
-        if key in h
-    ]
+    return [_untimed(h) for h in trainer.state.log_history if key in h]
 
 
 def _assert_logs_equal(stock, ours):
@@ -239,17 +239,14 @@ def test_sibling_evaluate_and_predict_after_training_match_stock(kind, tmp_path)
         got = {"history": _logs(trainer, "eval_loss")}
         trainer.compute_metrics = metrics
         pred = trainer.predict(trainer.eval_dataset)
-        got["predict"] = [{k: v for k, v in pred.metrics.items() if not k.endswith(TIMING)}]
+        got["predict"] = [_untimed(pred.metrics)]
         got["predictions"] = pred.predictions
         trainer.compute_metrics = None
         if kind == "kto":
             raw = _data(kind)
-            got["raw"] = [
-                {k: v for k, v in trainer.evaluate(raw.select(range(3))).items()
-                 if not k.endswith(TIMING)}
-            ]  # fmt: skip
+            got["raw"] = [_untimed(trainer.evaluate(raw.select(range(3))))]
             both = trainer.evaluate({"a": raw.select(range(4)), "b": raw.select(range(4, 8))})
-            got["dict"] = [{k: v for k, v in both.items() if not k.endswith(TIMING)}]
+            got["dict"] = [_untimed(both)]
             assert "eval_a_loss" in both and "eval_b_loss" in both
         out[fused] = got
     for key in out[False]:

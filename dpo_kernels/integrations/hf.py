@@ -11,12 +11,11 @@ Set `remove_unused_columns=False` in the TrainingArguments: the batch keys are n
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
 
 import torch
 from transformers import Trainer
 
-from ..batches import model_inputs
+from ..batches import PreferenceBatch, model_inputs
 from ..forward import concatenated_dpo_loss
 from ..losses import DPOLoss
 
@@ -68,8 +67,11 @@ class DPOLossTrainer(Trainer):
         self._dpo_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        get = inputs.get if isinstance(inputs, Mapping) else lambda k: getattr(inputs, k, None)
-        if self.ref_model is not None and get("ref_chosen_logps") is not None:
+        if isinstance(inputs, PreferenceBatch):
+            sums = inputs.ref_chosen_logps
+        else:
+            sums = inputs.get("ref_chosen_logps")
+        if self.ref_model is not None and sums is not None:
             raise ValueError(
                 "DPOLossTrainer was given a ref_model and batches that carry precomputed "
                 "ref_chosen_logps / ref_rejected_logps: one reference is to be used; drop "

@@ -135,7 +135,7 @@ class FusedDPOTrainer(DPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (TRL calls this to precompute them)."""
         with self.accelerator.autocast():
-            return self._reference_pass(model, preference_batch(inputs), self._model_kwargs(inputs))
+            return self._reference_pass(model, preference_batch(inputs), model_inputs(inputs))
 
     def _reference_pass(self, model, b: PreferenceBatch, model_kwargs: dict[str, Any]) -> tuple:
         """(ref chosen, ref rejected) sums of `model` on `b`, in `reference_pass`; on the linear
@@ -146,14 +146,12 @@ class FusedDPOTrainer(DPOTrainer):
                                      **self._kernel_options)  # fmt: skip
         return self._sums(out, b).chunk(2)
 
-    _model_kwargs = staticmethod(model_inputs)
-
     # -- loss and metrics --------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         b = preference_batch(inputs)
-        kwargs = self._model_kwargs(inputs)
+        kwargs = model_inputs(inputs)
         if self._linear_dpo_fallback() is None:
             return self._fused_loss(model, inputs, b, kwargs, mode, return_outputs)
         # MoE: the router load-balancing loss of the same forward, weighted as stock TRL does.
