@@ -16,9 +16,10 @@ then profiles one step at the default budget: CUDA time per kernel, and how long
 between kernels within the step, with the largest gaps, the kernels on either side of each and
 how late the host launched the kernel after it (the part of the idle time the host is to blame
 for: Python, a sync), from which host ops (what to look at when the step is slower than its
-kernels add up to). Prints a table; `--json`
-writes every number. Usage:
+kernels add up to). Prints a table; `--json` writes every number, `--trace` the profiler's
+timeline (host ops and device kernels) of two steps back to back, for a trace viewer. Usage:
     python benchmarks/linear_dpo_gpu.py [--shape BxTxHxV] [--dtype bf16] [--budgets 1,2,4,8]
+        [--json out.json] [--trace trace.json.gz]
 """
 
 from __future__ import annotations
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--budgets", default="1,2,4,8", help="GiB, comma-separated")
     ap.add_argument("--json")
+    ap.add_argument("--trace", help="a .json or .json.gz path for the two steps' timeline")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.shape is None and device == "cpu":
@@ -423,6 +425,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    if args.trace:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as p:
+            for _ in range(2):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        p.export_chrome_trace(args.trace)
 
 
 if __name__ == "__main__":

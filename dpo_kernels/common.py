@@ -22,14 +22,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def kept_grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the gradients the fused losses make in the forward and keep for the backward:
-    float32 for float16 inputs (made at the loss's scale 1, they would sink into float16's
-    subnormals, where a backward's gradients, a GradScaler's scale in them, do not; the backward
-    rounds them once, after the incoming scale), else the inputs' dtype."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
 def no_autocast(t: torch.Tensor):
     """Autocast off on `t`'s device for a fused op's matmuls: they take the inputs' dtype and
     accumulate in float32 on every backend (an autocast left on rounds the reference backend's

@@ -256,14 +256,15 @@ def _dz_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
 
 
 def _scale_cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:
-    """The fused linear losses' backward: their gradients times the incoming one, unless 1."""
+    """The fused linear losses' backward: their gradients times the incoming one, in place
+    (float32) or rounded to the inputs' dtype (bf16, fp16)."""
     from .ops import triton_scale as K
 
     def run(dtype):
-        return lambda: K.scale_unless_one_(torch.zeros(10000, dtype=dtype), torch.ones(1))
+        return lambda: K.scale(torch.zeros(10000), torch.ones(1), dtype)
 
-    return [(f"scale {_tag(d)}", run(d), K, ["_scale_unless_one_kernel"])
-            for d in (torch.bfloat16, torch.float32)]  # fmt: skip
+    return [(f"scale {_tag(d)}", run(d), K, ["_scale_kernel"])
+            for d in (torch.float32, torch.bfloat16, torch.float16)]  # fmt: skip
 
 
 def cases() -> list[tuple[str, Callable[[], None], object, list[str]]]:

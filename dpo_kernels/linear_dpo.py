@@ -43,7 +43,6 @@ from .common import (
     TokenStats,
     acc_dtype,
     counted_tokens,
-    kept_grad_dtype,
     loss_types_where,
     stats_dtypes,
 )
@@ -270,9 +269,7 @@ def _(hidden, weight, bias, labels, mask, ignore_index, rc, rr, nc, nr, type_wei
     if stats:
         token_stats = [hidden.new_empty(labels.shape, dtype=d) for d in stats_dtypes(acc)]
     grads = [
-        hidden.new_empty(t.shape, dtype=kept_grad_dtype(t.dtype))
-        if want and t is not None
-        else hidden.new_empty(0)
+        hidden.new_empty(t.shape, dtype=acc) if want and t is not None else hidden.new_empty(0)
         for t, want in zip((hidden, weight, bias), wants, strict=True)
     ]
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc),

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 
 from ._autograd import refuse_double_backward
-from .common import LogitTransform, acc_dtype, kept_grad_dtype, no_autocast, stats_dtypes
+from .common import LogitTransform, acc_dtype, no_autocast, stats_dtypes
 from .linear_dpo_rows import VOCAB_BLOCK, Fold, Rows
 
 # Bytes of float32 logits alive at once (the chunk buffer), by device type. CPU: 64 MiB holds one
@@ -56,42 +56,65 @@ class PairLoss(Protocol):
 # The driver
 
 
-@dataclasses.dataclass
 class _Batch:
-    """Counted tokens of a [2P, T] batch, grouped by row (row-major)."""
+    """The counted tokens of a [2P, T] batch in pair order (pair 0's chosen row, its rejected
+    row, pair 1's chosen row, ...), so that pairs [k0, k1)'s tokens are one slice of each
+    per-token tensor. All made before the step's one host sync (the per-pair counts), so that
+    a chunk then needs one kernel (the gather of its hidden rows) before its first matmul: on
+    CUDA the device idles from that sync until then."""
 
-    hidden: torch.Tensor  # [2P, T, H], any strides (hidden[:, :-1] is not copied)
-    labels: torch.Tensor  # [2P * T] int64
-    flat: torch.Tensor  # [M] flat indices of the counted tokens
-    offsets: list[int]  # [2P + 1] start of each row's tokens in `flat`
-    P: int
+    def __init__(self, hidden: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor):
+        B, T, H = hidden.shape
+        self.hidden, self.P = hidden, B // 2
+        dev = counted.device
+        slots = torch.arange(B, device=dev).view(2, self.P).t().reshape(-1)  # [0, P, 1, P + 1..]
+        by_slot = counted.index_select(0, slots)
+        self.counts = by_slot.sum(-1)  # [2P] tokens of each (pair, side) slot
+        pos = _nonzero(by_slot.reshape(-1))  # positions in the slots' [2P, T] layout (+ padding)
+        slot, t = pos // T, pos % T
+        row = slots[slot]  # the token's row in the batch
+        self.flat = row * T + t  # [>= M] index in the [2P * T] tokens
+        self.labels = labels.index_select(0, self.flat)
+        self.pair, self.side = slot // 2, slot % 2  # side: 0 chosen, 1 rejected
+        s0, s1, s2 = hidden.stride()
+        self.src = self.row = None
+        if s2 == 1 and s1 > 0 and s0 % s1 == 0:  # rows at a common stride: one index_select
+            self.rows = hidden.as_strided(((B - 1) * (s0 // s1) + T, H), (s1, 1))
+            self.src = row * (s0 // s1) + t
+        else:  # any other layout: a gather by (row, position)
+            self.row, self.t = row, t
+        self.offsets: list[int] = []  # [P + 1] start of each pair's tokens (`sync`)
 
-    def rows_of(self, idx: torch.Tensor) -> torch.Tensor:
-        """[n, H] hidden rows of flat token indices (only those rows are copied)."""
-        T = self.hidden.shape[1]
-        return self.hidden[idx // T, idx % T]
+    def sync(self) -> list[int]:
+        """Reads the counts (the host sync); returns the tokens of each pair."""
+        ends = torch.cumsum(self.counts, 0).tolist()
+        self.offsets = [0, *ends[1::2]]
+        return [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
 
-    def tokens(self, k0: int, k1: int) -> torch.Tensor:
-        """Flat indices of pairs [k0, k1)'s tokens: chosen rows, then rejected rows."""
-        o, P = self.offsets, self.P
-        return torch.cat([self.flat[o[k0] : o[k1]], self.flat[o[P + k0] : o[P + k1]]])
+    def span(self, k0: int, k1: int) -> slice:
+        """Pairs [k0, k1)'s tokens in the per-token tensors."""
+        return slice(self.offsets[k0], self.offsets[k1])
 
-    def row_ids(self, idx: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
-        """[tokens] row within pairs [k0, k1) of each of `tokens(k0, k1)`'s tokens: 0..c-1
-        chosen, c..2c-1 rejected. From the indices themselves: no host sync (on CUDA, a sync per
-        chunk leaves the GPU idle while the next chunk is launched)."""
-        row = idx // self.hidden.shape[1]
-        return torch.where(row < self.P, row - k0, row - (self.P + k0) + (k1 - k0))
+    def hidden_rows(self, sl: slice) -> torch.Tensor:
+        """[n, H] hidden rows of the tokens in `sl` (only those rows are copied)."""
+        if self.src is not None:
+            return self.rows.index_select(0, self.src[sl])
+        return self.hidden[self.row[sl], self.t[sl]]
+
+    def row_ids(self, sl: slice, k0: int, k1: int) -> torch.Tensor:
+        """[n] row within pairs [k0, k1) of each token in `sl`: 0..c-1 chosen, c..2c-1
+        rejected (the order of the sums `PairLoss.grad` takes)."""
+        return torch.add(self.pair[sl], self.side[sl], alpha=k1 - k0).sub_(k0)
 
 
 class Grads:
-    """Gradient buffers: dh [2P * T, H] (`kept_grad_dtype`, contiguous), dw [V, H] and db [V]
-    (accumulation dtype, cast once at the end); None where not wanted."""
+    """Gradient buffers in the accumulation dtype, as the backward takes them (`scaled_grads`
+    rounds them to the inputs' dtype once, after the incoming scale): dh [2P * T, H]
+    (contiguous), dw [V, H] and db [V]; None where not wanted."""
 
     def __init__(self, hidden, weight, bias, acc, wants, factor: float = 1.0):
         self.factor = factor  # what the gradients made from `Rows.grad`'s tiles lack
-        dtype = kept_grad_dtype(hidden.dtype)
-        self.dh = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).view(
+        self.dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device).view(
             -1, hidden.shape[-1]
         ) if wants[0] else None  # fmt: skip
         # No zero fill (2 GiB at V = 128256, H = 4096): the first pass over the vocabulary writes dw
@@ -121,7 +144,7 @@ class Grads:
         """Writes the dh rows [n, H] (accumulation dtype) of the flat token indices idx."""
         if self.factor != 1:
             dh.mul_(self.factor)
-        self.dh.index_copy_(0, idx, dh.to(self.dh.dtype))
+        self.dh.index_copy_(0, idx, dh)
 
     def finish(self) -> None:
         if self.dw is not None and self.dw_fresh:  # no token counted anywhere
@@ -175,11 +198,12 @@ class DeferredDW:
         self.filled = 0
 
 
-def _nonzero(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """[n] indices of the true entries of a flat mask that holds n of them: `nonzero_static`
-    needs no host sync (`nonzero` waits for the count), where this build has it for the device."""
+def _nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the true entries of a flat mask, first in a [mask.numel()] tensor (the rest
+    0): `nonzero_static` needs no host sync (`nonzero` waits for the count), where this build
+    has it for the device, so that it is queued before the step's one sync."""
     try:
-        return torch.nonzero_static(mask, size=n).squeeze(1)
+        return torch.nonzero_static(mask, size=mask.numel(), fill_value=0).squeeze(1)
     except NotImplementedError:
         return mask.nonzero().squeeze(1)
 
@@ -206,7 +230,7 @@ class _Runner:
         self.rows, self.batch, self.grads = rows, batch, grads
         self.weight, self.bias, self.buf = weight, bias, buf
         self.budget_logits, self.loss, self.deferred = budget_logits, loss, deferred
-        n, acc, dev = batch.labels.numel(), buf.dtype, buf.device
+        n, acc, dev = batch.hidden.shape[0] * batch.hidden.shape[1], buf.dtype, buf.device
         self.tok = torch.zeros(n, dtype=acc, device=dev)
         self.stats = None
         if stats:
@@ -230,13 +254,12 @@ class _Runner:
     def single_pass(self, k0: int, k1: int, grad_on: bool) -> torch.Tensor:
         """Pairs [k0, k1) whose logits fit the buffer: 3 matmuls. Returns the [2c] row sums."""
         rows, batch, grads = self.rows, self.batch, self.grads
-        idx = batch.tokens(k0, k1)
-        seg = batch.row_ids(idx, k0, k1)
-        y = batch.labels.index_select(0, idx)
-        h = rows.rows_in(batch.rows_of(idx))
-        n, V = idx.numel(), self.weight.shape[0]
+        sl = batch.span(k0, k1)
+        h = rows.rows_in(batch.hidden_rows(sl))
+        n, V = h.shape[0], self.weight.shape[0]
         x = rows.tile(self.buf, n, V)
-        rows.project(x, h, self.weight, self.bias, 0)
+        rows.project(x, h, self.weight, self.bias, 0)  # launched first: the rest is small
+        idx, y, seg = batch.flat[sl], batch.labels[sl], batch.row_ids(sl, k0, k1)
         f = Fold(n, x.dtype, x.device, self.stats is not None, rows.backend)
         # With gradient, x becomes q = onehot - softmax in the same read: dz = g * q, and g (the
         # loss's factor of each row, known once the sums are) scales the matmuls' operands. (CUDA,
@@ -262,10 +285,9 @@ class _Runner:
         """Pairs [k0, k1) in token x vocabulary tiles: log-sum-exps first, then each tile again
         for its gradient (4 matmuls). Returns the [2c] row sums."""
         rows, batch, grads, weight = self.rows, self.batch, self.grads, self.weight
-        idx = batch.tokens(k0, k1)
-        seg = batch.row_ids(idx, k0, k1)
-        y = batch.labels.index_select(0, idx)
-        hid = batch.rows_of(idx)
+        sl = batch.span(k0, k1)
+        hid = batch.hidden_rows(sl)
+        idx, y, seg = batch.flat[sl], batch.labels[sl], batch.row_ids(sl, k0, k1)
         n, V = idx.numel(), weight.shape[0]
         tile, block = _tile_shape(n, V, self.budget_logits)
         tiles = [(ts, min(n, ts + tile)) for ts in range(0, n, tile)]
@@ -347,14 +369,10 @@ def run(
     grads = Grads(hidden, weight, bias, acc, wants, rows.tile_factor)
     weight = weight.detach()
     bias = None if bias is None else bias.detach().to(acc)
-    labels = labels.reshape(B * T).long()
-    counts = counted.sum(-1)
-    offsets = [0, *torch.cumsum(counts, 0).tolist()]
-    batch = _Batch(hidden.detach(), labels, _nonzero(counted.reshape(-1), offsets[-1]), offsets, P)
+    batch = _Batch(hidden.detach(), labels.reshape(B * T).long(), counted)
+    pair_tokens = batch.sync()
     budget_logits = max(1, budget // rows.bytes_per_logit())
     grad_on = any(wants)
-    pair_tokens = [offsets[k + 1] - offsets[k] + offsets[P + k + 1] - offsets[P + k]
-                   for k in range(P)]  # fmt: skip
     plan = _chunks(pair_tokens, budget_logits // V)
     if grad_on and (loss.coupled or rows.f16_tiles):  # every pair's sums first, then gradients
         plan = [(0, P, False)]
@@ -384,8 +402,8 @@ def run(
 def loss_outputs(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants,
                  stats) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """`run` packed as op outputs: (loss, sums [2P], token log-probs [2P, T], the four token
-    statistics [2P, T] ([0] each without stats), dh, dw, db (each [0] where not in `wants`)).
-    Every output is its own tensor (op outputs may not alias each other)."""
+    statistics [2P, T] ([0] each without stats), dh, dw, db (accumulation dtype; each [0] where
+    not in `wants`)). Every output is its own tensor (op outputs may not alias each other)."""
     with no_autocast(hidden):
         out = run(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants, stats)
     P = hidden.shape[0] // 2
@@ -396,70 +414,74 @@ def loss_outputs(hidden, weight, bias, labels, counted, loss_fn, tf, budget, bac
     dh, dw, db = out.grads.dh, out.grads.dw, out.grads.db
     grads = (
         hidden.new_empty(0) if dh is None else dh.view(hidden.shape),
-        hidden.new_empty(0) if dw is None else dw.to(kept_grad_dtype(weight.dtype)),
-        hidden.new_empty(0) if db is None else db.to(kept_grad_dtype(bias.dtype)),
+        hidden.new_empty(0) if dw is None else dw,
+        hidden.new_empty(0) if db is None else db,
     )
     return loss, out.sums, out.tok.view(labels.shape), *token_stats, *grads
 
 
 def save_grads(ctx, grads: tuple[torch.Tensor, ...], wants: tuple[bool, ...],
                inputs: tuple[torch.Tensor | None, ...]) -> None:  # fmt: skip
-    """Keeps the gradients made in the forward for `scaled_grads`. Saved (not kept as
-    attributes) so that autograd frees them right after the backward call: the gradient handed
-    to AccumulateGrad is then its only reference, and becomes .grad without a copy (float16
-    inputs: the float32 gradient's rounding to theirs)."""
+    """Keeps the gradients made in the forward (accumulation dtype) for `scaled_grads`. Saved
+    (not kept as attributes) so that autograd frees them right after the backward call: in place
+    (float32 inputs), the gradient handed to AccumulateGrad is then its only reference, and
+    becomes .grad without a copy."""
     ctx.save_for_backward(*grads)
     ctx.wanted = tuple(wants)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs)  # (hidden, weight, bias)
     ctx.scale = None
 
 
-def _scale_unless_one(g: torch.Tensor, s: torch.Tensor) -> None:
-    """g *= s in place unless s == 1 (the usual ``loss.backward()``: no pass over g), s kept in
-    float32 (a GradScaler's 65536 is inf in float16), the product rounded once to g's dtype. On
-    CUDA the kernel reads s on the device (`ops/triton_scale.py`): asking the host would wait for
-    the whole step to finish before the backward could go on."""
-    s = s.to(acc_dtype(g.dtype))
+def _scaled(g: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """g * s, s in g's (the accumulation) dtype, rounded once to `dtype` (the input's): in place
+    when that is g's, with no pass over g when s == 1 (the usual ``loss.backward()``); else in
+    the same pass as the rounding, into a new tensor (bf16/fp16 inputs: one read of the float32
+    gradient, where a cast in the forward and a scale here were two). On CUDA the kernel reads s
+    on the device (`ops/triton_scale.py`): asking the host would wait for the whole step to
+    finish before the backward could go on."""
+    s = s.to(g.dtype)
     if g.device.type == "cuda":  # (g: a contiguous gradient buffer; s: the scalar loss's)
-        from .ops.triton_scale import scale_unless_one_
+        from .ops.triton_scale import scale
 
-        scale_unless_one_(g, s.reshape(1))
-    elif not bool((s == 1).all()):
-        g.mul_(s)
+        return scale(g, s.reshape(1), dtype)
+    one = bool((s == 1).all())
+    if dtype != g.dtype:
+        return g.to(dtype) if one else (g * s).to(dtype)
+    return g if one else g.mul_(s)
 
 
 def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
-    """The saved (hidden, weight, bias) gradients times the incoming one: in place the first time
-    in eager mode (nothing else holds them yet); out of place when traced (torch.compile, AOT
-    autograd: the incoming gradient is then a fake or functional tensor, whose value no branch
-    may look at)."""
+    """The saved (hidden, weight, bias) gradients times the incoming one, in the inputs' dtypes:
+    in place the first time in eager mode where they are in that dtype (nothing else holds them
+    yet); out of place when traced (torch.compile, AOT autograd: the incoming gradient is then a
+    fake or functional tensor, whose value no branch may look at)."""
     if torch.is_grad_enabled():  # create_graph: these gradients have no derivative of their own
         refuse_double_backward("the fused LM-head losses (linear_*_loss)")
-    grads, dtypes = ctx.saved_tensors, ctx.dtypes
+    grads, dtypes, wanted = ctx.saved_tensors, ctx.dtypes, ctx.wanted
     if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
         out = [_times(g, grad_loss, d) for g, d in zip(grads, dtypes, strict=True)]
     elif ctx.scale is None:
         ctx.scale = grad_loss.detach().clone()
-        out = []
-        for g, want, d in zip(grads, ctx.wanted, dtypes, strict=True):
-            if want:  # .data: no version bump, a retained graph can unpack them again
-                _scale_unless_one(g.data, grad_loss.detach())
-            out.append(g if d is None else g.to(d))  # float16: rounded once, after the scale
-    else:  # retain_graph: a later backward, relative to the scale applied the first time
-        if not bool((ctx.scale != 0).all()):
+        out = [
+            _scaled(g.data, grad_loss.detach(), d) if want else None  # .data: no version
+            for g, want, d in zip(grads, wanted, dtypes, strict=True)
+        ]  # bump (retain_graph)
+    else:  # retain_graph: a later backward; those scaled in place, relative to the first scale
+        in_place = [w and g.dtype == d for g, w, d in zip(grads, wanted, dtypes, strict=True)]
+        if any(in_place) and not bool((ctx.scale != 0).all()):
             raise RuntimeError(
                 "linear_dpo_loss / linear_pair_loss: a second backward after a first one with "
                 "a zero incoming gradient cannot be scaled; call the loss again"
             )
-        out = [_times(g, grad_loss / ctx.scale, d) for g, d in zip(grads, dtypes, strict=True)]
-    return [g if want else None for g, want in zip(out, ctx.wanted, strict=True)]
+        out = [_times(g, grad_loss / ctx.scale if p else grad_loss, d)
+               for g, d, p in zip(grads, dtypes, in_place, strict=True)]  # fmt: skip
+    return [g if want else None for g, want in zip(out, wanted, strict=True)]
 
 
 def _times(g: torch.Tensor, s: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """g * s out of place, in the accumulation dtype (s not rounded to float16 first: a
-    GradScaler's 65536 is inf there), rounded once to `dtype` (the input's)."""
-    acc = acc_dtype(g.dtype)
-    return (g.to(acc) * s.to(acc)).to(dtype or g.dtype)
+    """g * s out of place, in g's (the accumulation) dtype, rounded once to `dtype` (the
+    input's; s not rounded to float16 first: a GradScaler's 65536 is inf there)."""
+    return (g * s.to(g.dtype)).to(dtype or g.dtype)
 
 
 class LinearLossFunction(torch.autograd.Function):

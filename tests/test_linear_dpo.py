@@ -295,28 +295,35 @@ def test_float16_gradients_at_a_grad_scalers_scale(backend, loss):
 
 
 @pytest.mark.parametrize("programs", [1024, 3])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_scale_unless_one_kernel(dtype, programs, monkeypatch):
+@pytest.mark.parametrize(
+    "dtype, out",
+    [(torch.bfloat16, None), (torch.float16, None), (torch.float32, None),
+     (torch.float64, None), (torch.float32, torch.bfloat16), (torch.float32, torch.float16)],
+)  # fmt: skip
+def test_scale_kernel(dtype, out, programs, monkeypatch):
     """The CUDA backward's multiplication by the incoming gradient (ops/triton_scale.py, run by
     the interpreter here): x * s, s in the accumulation dtype (65536, a GradScaler's scale, is
-    inf in float16), rounded once to x's dtype; x untouched when s is 1; a ragged end, and a
-    program per block or fewer programs than blocks (each then strides over several)."""
+    inf in float16), rounded once to the output's dtype: in place (x untouched when s is 1), or
+    from float32 into a new bf16/fp16 tensor (x untouched); a ragged end, and a program per
+    block or fewer programs than blocks (each then strides over several)."""
     pytest.importorskip("triton")
     from dpo_kernels.ops import triton_scale
-    from dpo_kernels.ops.triton_scale import scale_unless_one_
 
     monkeypatch.setattr(triton_scale, "_PROGRAMS", programs)
-
     x = (torch.randn(3 * 4096 + 5, dtype=torch.float64) * 100).to(dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    x = x / 1e3 if dtype == torch.float16 else x  # x * 65536 in float16's range
+    x = x / 1e3 if torch.float16 in (dtype, out) else x  # x * 65536 in float16's range
+    to = out or dtype
     for s in (1.0, 2.5, 0.0, -1e-3, float("nan"), float("inf"), 65536.0):
         sv = torch.tensor([s], dtype=acc)
-        got = x.clone()
-        scale_unless_one_(got, sv)
-        want = x if s == 1 else (x.to(acc) * sv).to(dtype)
+        before = x.clone()
+        got = triton_scale.scale(before, sv, out)
+        assert got.dtype == to and (got is before) == (out is None)
+        if out is not None:
+            torch.testing.assert_close(before, x, rtol=0, atol=0, equal_nan=True)  # untouched
+        want = x if s == 1 and out is None else (x.to(acc) * sv).to(to)
         # The interpreter rounds float32 -> bf16 toward zero (numpy has no bf16): 1 ulp there.
-        ulp = 2**-7 if dtype == torch.bfloat16 and TEST_DEVICE == "cpu" else 0.0
+        ulp = 2**-7 if to == torch.bfloat16 and TEST_DEVICE == "cpu" else 0.0
         torch.testing.assert_close(got, want, rtol=ulp, atol=0, equal_nan=True, msg=str(s))
 
 
@@ -386,6 +393,34 @@ def test_strided_hidden():
     _, dh64, _, _ = reference64(hidden, weight, bias, labels, mask, rc, rr)
     assert_close(full.grad[:, :-1], dh64, 1e-4, "hidden grad")
     assert torch.equal(full.grad[:, -1], torch.zeros(2 * P, H))
+
+
+@pytest.mark.parametrize("layout", ["time-major", "hidden-major", "one-row-expanded"])
+def test_hidden_in_any_layout(layout):
+    """The rows of the counted tokens are read by the storage's strides (one index_select over
+    its rows where they allow, a gather otherwise): loss and gradients as for a contiguous
+    batch, whatever the layout."""
+    hidden, weight, bias, labels, mask, rc, rr = make_batch()
+    if layout == "one-row-expanded":  # every row the same hidden states (stride 0 over rows)
+        hidden = hidden[:1].expand(2 * P, -1, -1)
+    ref, dh64, dw64, _ = reference64(hidden, weight, bias, labels, mask, rc, rr)
+    base = hidden.detach().clone()
+    if layout == "time-major":  # [T, 2P, H] storage: rows T apart is not a row stride
+        base = base.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "hidden-major":  # H not the innermost dimension
+        base = base.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    else:
+        base = base[:1].expand(2 * P, -1, -1)
+    leaf = base.detach().requires_grad_() if layout != "one-row-expanded" else None
+    h = leaf if leaf is not None else hidden.detach()
+    w = weight.clone().requires_grad_()
+    out = linear_dpo_loss(h, w, labels, bias=bias, mask=mask, ref_chosen_logps=rc,
+                          ref_rejected_logps=rr, memory_budget=ONE_PAIR)  # fmt: skip
+    out.loss.backward()
+    assert_close(out.loss, ref.loss, 1e-5, "loss")
+    assert_close(w.grad, dw64, 1e-4, "weight grad")
+    if leaf is not None:
+        assert_close(leaf.grad, dh64, 1e-4, "hidden grad")
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
