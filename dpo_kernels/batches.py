@@ -57,6 +57,9 @@ def _check_masks(ids: torch.Tensor, am, cm, prefix: str) -> None:
 _LAYOUT = ("input_ids", "attention_mask", "completion_mask", "labels")
 _HALVES = tuple(f"{part}_{k}" for part in ("prompt", "chosen", "rejected") for k in _LAYOUT)
 _NOT_MODEL_INPUTS = frozenset((*_LAYOUT, *_HALVES, "ref_chosen_logps", "ref_rejected_logps"))
+# ... and with the token-id examples' keys (`collate_preferences`): the columns of a preference
+# dataset a Trainer's remove_unused_columns must keep
+PREFERENCE_COLUMNS = _NOT_MODEL_INPUTS | {"prompt_ids", "chosen_ids", "rejected_ids"}
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -78,7 +78,7 @@ class _Batch:
         self.pair, self.side = slot // 2, slot % 2  # side: 0 chosen, 1 rejected
         s0, s1, s2 = hidden.stride()
         self.src = self.row = None
-        if s2 == 1 and s1 > 0 and s0 % s1 == 0:  # rows at a common stride: one index_select
+        if T and s2 == 1 and s1 > 0 and s0 % s1 == 0:  # rows at a common stride: index_select
             self.rows = hidden.as_strided(((B - 1) * (s0 // s1) + T, H), (s1, 1))
             self.src = row * (s0 // s1) + t
         else:  # any other layout: a gather by (row, position)
@@ -432,6 +432,9 @@ def save_grads(ctx, grads: tuple[torch.Tensor, ...], wants: tuple[bool, ...],
     ctx.scale = None
 
 
+_CAST_BLOCK = 1 << 22  # elements of the CPU backward's float32 temporaries (16 MiB)
+
+
 def _scaled(g: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """g * s, s in g's (the accumulation) dtype, rounded once to `dtype` (the input's): in place
     when that is g's, with no pass over g when s == 1 (the usual ``loss.backward()``); else in
@@ -445,9 +448,15 @@ def _scaled(g: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
         return scale(g, s.reshape(1), dtype)
     one = bool((s == 1).all())
-    if dtype != g.dtype:
-        return g.to(dtype) if one else (g * s).to(dtype)
-    return g if one else g.mul_(s)
+    if dtype == g.dtype:
+        return g if one else g.mul_(s)
+    if one:
+        return g.to(dtype)
+    out = torch.empty_like(g, dtype=dtype)
+    flat, step = g.view(-1), _CAST_BLOCK  # float32 products in blocks, not one the size of dW
+    for a in range(0, flat.numel(), step):
+        out.view(-1)[a : a + step] = flat[a : a + step] * s
+    return out
 
 
 def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
@@ -462,10 +471,12 @@ def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
         out = [_times(g, grad_loss, d) for g, d in zip(grads, dtypes, strict=True)]
     elif ctx.scale is None:
         ctx.scale = grad_loss.detach().clone()
-        out = [
-            _scaled(g.data, grad_loss.detach(), d) if want else None  # .data: no version
-            for g, want, d in zip(grads, wanted, dtypes, strict=True)
-        ]  # bump (retain_graph)
+        out = []
+        for g, want, d in zip(grads, wanted, dtypes, strict=True):
+            scaled = _scaled(g.data, grad_loss.detach(), d) if want else None  # .data: no
+            # version bump. In place: the saved tensor itself, not the alias .data gave, which
+            # AccumulateGrad would take as .grad uncopied while a retained graph still saves it.
+            out.append(g if want and d == g.dtype else scaled)
     else:  # retain_graph: a later backward; those scaled in place, relative to the first scale
         in_place = [w and g.dtype == d for g, w, d in zip(grads, wanted, dtypes, strict=True)]
         if any(in_place) and not bool((ctx.scale != 0).all()):

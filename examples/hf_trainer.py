@@ -17,7 +17,6 @@ import transformers
 from plain_loop import preference_data, tiny_llama
 
 from dpo_kernels import DPOLoss
-from dpo_kernels.batches import collate_preferences
 from dpo_kernels.integrations.hf import DPOLossTrainer
 
 
@@ -38,7 +37,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
             report_to=[],
             save_strategy="no",
             use_cpu=True,
-            remove_unused_columns=False,  # the batch keys are not model inputs
         )
         trainer = DPOLossTrainer(
             model=policy,
@@ -46,7 +44,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
             loss=DPOLoss(beta=0.1),
             args=args,
             train_dataset=datasets.Dataset.from_list(preference_data(64)),
-            data_collator=collate_preferences,
         )
         trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h]

@@ -217,6 +217,64 @@ def test_other_inputs_with_separate_halves_are_refused(tmp_path):
         trainer.compute_loss(trainer.model, halves | {"position_ids": b["attention_mask"][:2]})
 
 
+def _halves(ex, pad=0):
+    """The examples as separate chosen_/rejected_ halves, every row padded to one length."""
+    rows = [(e["prompt_ids"], e[k]) for e in ex for k in ("chosen_ids", "rejected_ids")]
+    L = max(len(p) + len(c) for p, c in rows)
+    out = []
+    for e in ex:
+        row = {}
+        for half in ("chosen", "rejected"):
+            p, c = e["prompt_ids"], e[f"{half}_ids"]
+            n = len(p) + len(c)
+            row[f"{half}_input_ids"] = p + c + [pad] * (L - n)
+            row[f"{half}_attention_mask"] = [1] * n + [0] * (L - n)
+            row[f"{half}_completion_mask"] = [0] * len(p) + [1] * len(c) + [0] * (L - n)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["token_ids", "halves"])
+def test_default_collator_and_columns(layout, tmp_path):
+    """No data_collator and the TrainingArguments' default remove_unused_columns=True (the
+    Trainer's own collator, and its dropping of every column the model's forward does not name,
+    failed with torch's 'expected sequence of length' or 'No columns in the dataset match'):
+    token-id examples are collated by collate_preferences, examples already laid out as padded
+    halves by the Trainer's default collator, and one step of 4 pairs trains as the plain loop."""
+    ex = preference_examples(4)
+    rows = ex if layout == "token_ids" else _halves(ex)
+    model = tiny_causal_lm()
+    args = _args(tmp_path, per_device_train_batch_size=4, max_steps=1)
+    args.remove_unused_columns = True
+    trainer = DPOLossTrainer(model=model, ref_model=tiny_causal_lm(seed=1),
+                             loss=DPOLoss(beta=BETA), args=args,
+                             train_dataset=datasets.Dataset.from_list(rows))  # fmt: skip
+    _in_order(trainer).train()
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    plain = tiny_causal_lm()
+    per, metrics = _plain(plain.train(), tiny_causal_lm(seed=1), ex)
+    per.mean().backward()
+    assert log["loss"] == pytest.approx(per.mean().item(), rel=1e-5)
+    for k, v in metrics.items():
+        assert log[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    with torch.no_grad():
+        for (n, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p, q - 0.5 * q.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_default_collator_pads_with_the_tokenizers_pad_or_eos():
+    """The default collator's pad id: the processing class's pad token, else its eos token (a
+    Llama tokenizer has none), else 0."""
+    from types import SimpleNamespace
+
+    from dpo_kernels.integrations.hf import _pad_token_id
+
+    assert _pad_token_id(SimpleNamespace(pad_token_id=7, eos_token_id=2)) == 7
+    assert _pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert _pad_token_id(SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=4))) == 4
+    assert _pad_token_id(None) == 0
+
+
 # -- coverage: behaviour that is right today --------------------------------------------------
 
 

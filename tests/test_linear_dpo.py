@@ -8,6 +8,8 @@ through the interpreter).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,6 +255,47 @@ def test_incoming_gradient_scales_and_frozen_weight():
     assert_close(h.grad, 2.5 * dh64, 1e-4, "scaled hidden grad")
     out.loss.backward()  # a retained graph: scaled relative to the first call
     assert_close(h.grad, 3.5 * dh64, 1e-4, "accumulated hidden grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_retained_graph_backward_calls_accumulate(dtype):
+    """Three backward calls through a retained graph (incoming 2, 3, 1), the weight's .grad
+    zeroed in place after the first: each call adds its own scale times the gradient, none
+    sees the others' (float32 is scaled in place, bf16 rounded into a new tensor; .grad must
+    not share the saved gradient's storage, or the zeroing and autograd's += reach it)."""
+    hidden, weight, bias, labels, mask, rc, rr = make_batch()
+    _, dh64, dw64, _ = reference64(hidden, weight, bias, labels, mask, rc, rr)
+    h, w = (t.clone().to(dtype).requires_grad_() for t in (hidden, weight))
+    out = linear_dpo_loss(h, w, labels, bias=bias.to(dtype), mask=mask, ref_chosen_logps=rc,
+                          ref_rejected_logps=rr)  # fmt: skip
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    (out.loss * 2.0).backward(retain_graph=True)
+    w.grad.zero_()
+    (out.loss * 3.0).backward(retain_graph=True)
+    out.loss.backward()
+    assert_close(h.grad.double(), 6.0 * dh64, tol, "hidden grad")
+    assert_close(w.grad.double(), 4.0 * dw64, tol, "weight grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_backward_scale_in_blocks(dtype, monkeypatch):
+    """The CPU backward's scale of a kept float32 gradient: rounded to the input's dtype from
+    float32 products made a block at a time (a ragged last block), in place for float32."""
+    from dpo_kernels import linear_dpo_chunks
+
+    monkeypatch.setattr(linear_dpo_chunks, "_CAST_BLOCK", 1000)
+    g = torch.randn(7, 357)
+    for s in (1.0, 0.37, 65536.0):
+        got = linear_dpo_chunks._scaled(g.clone(), torch.tensor(s), dtype)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, (g * s).to(dtype), rtol=0, atol=0)
+
+
+def test_no_positions():
+    """T = 0 (hidden with no storage of its own): nothing counted, the loss at zero margins."""
+    out = linear_dpo_loss(torch.randn(4, 0, 8), torch.randn(13, 8),
+                          torch.zeros(4, 0, dtype=torch.long))  # fmt: skip
+    assert out.loss.item() == pytest.approx(math.log(2))
 
 
 def scaled_fp16_grads(batch, loss, scale, **kw):

@@ -1,21 +1,24 @@
 """DPO with the plain Hugging Face `Trainer`: a `compute_loss` on the fused forward and loss.
 
     trainer = DPOLossTrainer(model=model, ref_model=ref, loss=DPOLoss(beta=0.1), args=args,
-                             train_dataset=ds, data_collator=collate_preferences)
+                             train_dataset=ds)
 
-Rows of `train_dataset` are token-id examples {prompt_ids, chosen_ids, rejected_ids};
-`collate_preferences` (or TRL's DataCollatorForPreference) turns them into a concatenated batch.
-Set `remove_unused_columns=False` in the TrainingArguments: the batch keys are not model inputs.
+Rows of `train_dataset` are token-id examples {prompt_ids, chosen_ids, rejected_ids}, which
+`collate_preferences` (the default collator here, as TRL's DPOTrainer defaults to its own) turns
+into a concatenated batch; with remove_unused_columns (the default) the Trainer keeps those
+columns and the other preference keys (`batches.PREFERENCE_COLUMNS`) beside the model's inputs.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, default_data_collator
 
-from ..batches import PreferenceBatch, model_inputs
+from ..batches import PREFERENCE_COLUMNS, PreferenceBatch, collate_preferences, model_inputs
 from ..forward import concatenated_dpo_loss
 from ..losses import DPOLoss
 
@@ -37,7 +40,11 @@ class DPOLossTrainer(Trainer):
         `dpo_kernels.fused_head.install_fused_head`). None (default): on when the model has an LM
         head that is a plain `nn.Linear` (not a LoRA adapter on it, or a head class with its own
         forward) and no prompt-learning PEFT adapter; False: the model's logits and the
-        logits-path op."""
+        logits-path op. Without a `data_collator`, token-id examples are collated by
+        `collate_preferences`, padded with the `processing_class`'s pad (or eos) token id."""
+        if len(args) < 3 and kwargs.get("data_collator") is None:
+            pad = _pad_token_id(kwargs.get("processing_class"))
+            kwargs["data_collator"] = _PreferenceCollator(pad)
         super().__init__(*args, **kwargs)
         # compute_loss returns a mean over the micro-batch's pairs, not a sum normalized by
         # num_items_in_batch: the Trainer must divide it by the accumulation steps, as for TRL's
@@ -65,6 +72,12 @@ class DPOLossTrainer(Trainer):
         self.dpo = loss if loss is not None else DPOLoss()
         # DPO metrics since the last log, of training and of evaluation steps
         self._dpo_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The columns remove_unused_columns keeps: the model's inputs and the preference keys."""
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns += sorted(PREFERENCE_COLUMNS - set(self._signature_columns))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(inputs, PreferenceBatch):
@@ -122,3 +135,28 @@ class DPOLossTrainer(Trainer):
         if "loss" in logs:
             logs.update(self._pop_means("train"))
         super().log(logs, start_time)
+
+
+def _pad_token_id(processing_class) -> int:
+    """The pad token id of a tokenizer (or a processor's), else its eos token id (Llama's have no
+    pad token: padded positions are never attended or scored), else 0."""
+    tok = getattr(processing_class, "tokenizer", processing_class)
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tok, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+class _PreferenceCollator:
+    """DPOLossTrainer's default collator: token-id examples {prompt_ids, chosen_ids,
+    rejected_ids} by `collate_preferences`; examples of any other layout (separate chosen_ /
+    rejected_ halves already padded, say) by the Trainer's own default."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[Mapping[str, Any]]) -> dict[str, Any]:
+        if examples and isinstance(examples[0], Mapping) and "prompt_ids" in examples[0]:
+            return collate_preferences(examples, self.pad_token_id)
+        return default_data_collator(examples)
