@@ -463,11 +463,11 @@ def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
     """The saved (hidden, weight, bias) gradients times the incoming one, in the inputs' dtypes:
     in place the first time in eager mode where they are in that dtype (nothing else holds them
     yet); out of place when traced (torch.compile, AOT autograd: the incoming gradient is then a
-    fake or functional tensor, whose value no branch may look at)."""
+    fake or functional tensor, whose value no branch may look at) or on meta tensors."""
     if torch.is_grad_enabled():  # create_graph: these gradients have no derivative of their own
         refuse_double_backward("the fused LM-head losses (linear_*_loss)")
     grads, dtypes, wanted = ctx.saved_tensors, ctx.dtypes, ctx.wanted
-    if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
+    if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor or grad_loss.is_meta:
         out = [_times(g, grad_loss, d) for g, d in zip(grads, dtypes, strict=True)]
     elif ctx.scale is None:
         ctx.scale = grad_loss.detach().clone()

@@ -425,6 +425,10 @@ MUTANTS: list[Mutant] = [
     M("hf-default-collator-takes-halves-as-token-ids", "dpo_kernels/integrations/hf.py",
       'if examples and isinstance(examples[0], Mapping) and "prompt_ids" in examples[0]:',
       "if examples:", "tests/test_hf_trainer_edges.py", "-k", "default_collator"),
+    M("meta-backward-reads-the-scale", "dpo_kernels/linear_dpo_chunks.py",
+      "type(grad_loss) is not torch.Tensor or grad_loss.is_meta:",
+      "type(grad_loss) is not torch.Tensor:",
+      "tests/test_linear_dpo.py", "-k", "meta_tensors"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
       "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",

@@ -291,6 +291,21 @@ def test_backward_scale_in_blocks(dtype, monkeypatch):
         torch.testing.assert_close(got, (g * s).to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_tensors_forward_and_backward(dtype):
+    """Shapes only (meta tensors, as a model built on the meta device sees them): the loss and
+    the inputs' gradients in their shapes and dtypes, the backward's scale taken out of place
+    (it read the incoming gradient's value on the host: `.item()` on a meta tensor raised)."""
+    h = torch.empty(4, 6, 8, dtype=dtype, device="meta", requires_grad=True)
+    w = torch.empty(11, 8, dtype=dtype, device="meta", requires_grad=True)
+    b = torch.empty(11, dtype=dtype, device="meta", requires_grad=True)
+    out = linear_dpo_loss(h, w, torch.zeros(4, 6, dtype=torch.long, device="meta"), bias=b,
+                          backend="reference")  # fmt: skip
+    (out.loss * 2).backward()
+    for t in (h, w, b):
+        assert t.grad.device.type == "meta" and t.grad.shape == t.shape and t.grad.dtype == dtype
+
+
 def test_no_positions():
     """T = 0 (hidden with no storage of its own): nothing counted, the loss at zero margins."""
     out = linear_dpo_loss(torch.randn(4, 0, 8), torch.randn(13, 8),
