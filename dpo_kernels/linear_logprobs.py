@@ -138,7 +138,7 @@ def _linear_token_logprobs_backward_op(
             (hidden_grad, weight_grad, bias_grad),
         )
     if hidden_grad:  # tokens that do not count get exactly zero
-        dh = rows.scatter(dh)
+        dh = rows.scatter(dh.to(hidden.dtype))
     # Outputs must not alias each other: the gradients not asked for are distinct empty tensors.
     return tuple(g if want else hidden.new_empty(0) for g, want in
                  zip((dh, dw, db), (hidden_grad, weight_grad, bias_grad), strict=True))  # fmt: skip
@@ -233,8 +233,13 @@ def linear_sequence_logprobs(
     name, transform = agree(vocab_group, check)  # vocab_group: every rank raises if one does
     counted = counted_tokens(labels, mask, ignore_index)
     if vocab_group is not None:
+        same = {
+            "hidden dtype": hidden.dtype,
+            "hidden size": hidden.shape[-1],
+            "logit transform (logit_scale, softcap, temperature)": transform.pack(),
+        }
         check_global_values(labels, mask, ignore_index, weight.shape[0], vocab_start,
-                            vocab_group)  # fmt: skip
+                            vocab_group, same)  # fmt: skip
         tok_c = VocabParallelLinearTokens.apply(
             hidden[counted], weight, bias, labels[counted].long(), vocab_start, vocab_group,
             transform, name,

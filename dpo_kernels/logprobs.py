@@ -161,7 +161,7 @@ def sequence_logprobs(
     counted = counted_tokens(labels, mask, ignore_index)
     if vocab_group is not None:
         check_global_values(labels, mask, ignore_index, logits.shape[-1], vocab_start,
-                            vocab_group)  # fmt: skip
+                            vocab_group, {"logits dtype": logits.dtype})  # fmt: skip
         tok = VocabParallelTokenLogprobs.apply(
             logits, labels, counted, vocab_start, vocab_group, name
         )

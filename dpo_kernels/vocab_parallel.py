@@ -4,6 +4,8 @@ vocabulary (of the logits, or of the LM head's rows), and every rank gets the fu
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from ._autograd import guard_double_backward, input_grads
@@ -73,6 +75,12 @@ def check_group(group: object, vocab_start: object) -> None:
         return
     import torch.distributed as dist
 
+    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            "vocab_group: this rank is not a member of the group (dist.new_group returns "
+            "GroupMember.NON_GROUP_MEMBER on the ranks it leaves out); call the op only on "
+            "the group's ranks"
+        )
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"vocab_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or "
@@ -133,19 +141,29 @@ def _labels_digest(labels, mask, ignore_index) -> torch.Tensor:
     return torch.where(counted, x, 0).sum() + counted.numel()
 
 
+def _digest(values: dict[str, object]) -> int:
+    """An int64 digest of reprs (equal in every process, unlike Python's salted str hash)."""
+    raw = hashlib.blake2b(repr(sorted(values.items())).encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "little", signed=True)
+
+
 def check_global_values(labels, mask, ignore_index, local_vocab: int, vocab_start: int,
-                        group) -> None:  # fmt: skip
+                        group, same: dict[str, object]) -> None:  # fmt: skip
     """The ranks' slices [vocab_start, vocab_start + V_local) tile [0, V) without gaps or
-    overlaps (else a label owned by no rank, or by two, would give a wrong sum silently), and
-    the ranks' counted labels agree (each rank adds its slice's part of every token's
-    log-prob: other labels on another rank mix two batches silently); every rank sees every
-    rank's, so all raise alike. Then `check_values` against the whole V."""
+    overlaps (else a label owned by no rank, or by two, would give a wrong sum silently), the
+    ranks' counted labels agree (each rank adds its slice's part of every token's log-prob:
+    other labels on another rank mix two batches silently), and so do the values in `same`
+    (dtypes, sizes, the logit transform: a dtype or a size that differs ends the collectives'
+    processes, a transform that differs gives wrong log-probs silently); every rank sees every
+    rank's, so all raise alike. Then `check_values` against the whole V, every rank raising if
+    one does."""
     import torch.distributed as dist
 
     here = _flag_device(group)
     mine = torch.stack([torch.tensor(vocab_start, device=here),
                         torch.tensor(local_vocab, device=here),
-                        _labels_digest(labels, mask, ignore_index).to(here)])  # fmt: skip
+                        _labels_digest(labels, mask, ignore_index).to(here),
+                        torch.tensor(_digest(same), device=here)])  # fmt: skip
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
     if len({p[2].item() for p in parts}) > 1:
@@ -154,6 +172,12 @@ def check_global_values(labels, mask, ignore_index, local_vocab: int, vocab_star
             "ignore_index); every rank of a vocabulary-parallel group computes the same tokens' "
             "log-probs from its slice of the vocabulary, so pass every rank the same labels and "
             "mask (the batch is split over the group's ranks by vocabulary, not by sequence)"
+        )
+    if len({p[3].item() for p in parts}) > 1:
+        raise ValueError(
+            f"vocab_group: the ranks passed different {', '.join(same)} (this rank: "
+            f"{', '.join(map(str, same.values()))}); every rank of a vocabulary-parallel group "
+            "must pass the same"
         )
     spans = sorted(tuple(p[:2].tolist()) for p in parts)
     vocab = 0
@@ -166,7 +190,7 @@ def check_global_values(labels, mask, ignore_index, local_vocab: int, vocab_star
                 "vocab_start = the sum of the earlier ranks' V_local"
             )
         vocab = start + size
-    check_values(labels, mask, ignore_index, vocab)
+    agree(group, lambda: check_values(labels, mask, ignore_index, vocab))
 
 
 class VocabParallelLinearTokens(torch.autograd.Function):
@@ -199,7 +223,9 @@ class VocabParallelLinearTokens(torch.autograd.Function):
         with torch.no_grad(), no_autocast(hidden):  # (create_graph: guard below refuses it)
             dh, dw, db = bwd(grad_tok.to(lse.dtype), hidden, weight, bias, arg, lse, transform,
                              needs)  # fmt: skip
-            _all_reduce(dh, group)
+            # The ranks' partial dh (large, and mostly cancelling) added up in the accumulation
+            # dtype, rounded once: added in bf16 they lost up to a fifth of the result.
+            dh = _all_reduce(dh, group).to(hidden.dtype)
         grads = (dh, dw if needs[1] else None, db if needs[2] else None)
         op = "linear_sequence_logprobs(vocab_group=...)"
         return input_grads(ctx, *guard_double_backward(grads, op, hidden, weight))

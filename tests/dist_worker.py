@@ -198,6 +198,35 @@ def linear_vocab_parallel_worker(rank, world, init_file, out_dir, backends) -> N
     shutdown()
 
 
+def reduced_dh_vocab_parallel_worker(rank, world, init_file, out_dir, backends) -> None:
+    """bf16 and fp16 hidden gradients of a head split over 2 ranks whose rows share a common
+    direction (as trained LM heads' do): the ranks' partial dh are large and mostly cancel."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from dpo_kernels import linear_sequence_logprobs
+
+    hidden, weight, labels = anisotropic_head_case()
+    start, end = [(0, 3), (3, weight.shape[0])][rank]
+    results = {}
+    for backend in backends:
+        for dtype in (torch.bfloat16, torch.float16):
+            h = hidden.to(dtype).requires_grad_()
+            out = linear_sequence_logprobs(h, weight[start:end].to(dtype), labels,
+                                           vocab_group=dist.group.WORLD, vocab_start=start,
+                                           backend=backend)  # fmt: skip
+            out.logps.sum().backward()
+            results[backend, str(dtype)] = h.grad
+    torch.save(results, os.path.join(out_dir, f"rdh_rank{rank}.pt"))
+    shutdown()
+
+
+def anisotropic_head_case():
+    """hidden [3, 5, 8], a head [7, 8] of rows close to one common direction, labels [3, 5]."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 5, 8, generator=g)
+    weight = 0.05 * torch.randn(7, 8, generator=g) + 4 * torch.randn(8, generator=g)
+    return hidden, weight, torch.randint(0, 7, (3, 5), generator=g)
+
+
 def hf_trainer_worker(rank: int, world: int, init_file: str, out_dir: str, port: int) -> None:
     """DPOLossTrainer under accelerate DDP (the environment `accelerate launch` sets): 2 SGD
     steps of 2 pairs per process, then evaluate(); saves what was logged and what each process
@@ -276,6 +305,15 @@ def vocab_parallel_refusals_worker(rank: int, world: int, init_file: str, out_di
             g.pow(2).sum().backward()
 
     half = [(0, 4), (4, 4)][rank]
+    bad_mask = mask.long()  # rank 0: a 2 where rank 1 has a 1 (the same tokens count)
+    if rank == 0:
+        bad_mask[tuple(mask.nonzero()[0].tolist())] = 2
+    solo = dist.new_group([0])  # rank 1 is not a member
+
+    def solo_call():
+        z = logits.clone().requires_grad_()
+        sequence_logprobs(z, labels, mask=mask, vocab_group=solo, vocab_start=0)
+
     # rank 1: one counted label changed; a mask that counts one more token
     other = labels.clone()
     at = tuple((mask & (labels != -100)).nonzero()[0].tolist())
@@ -290,6 +328,32 @@ def vocab_parallel_refusals_worker(rank: int, world: int, init_file: str, out_di
         "one_rank_other_labels": lambda: logits_call(*half, y=[labels, other][rank]),
         "one_rank_other_labels_linear": lambda: linear_call(*half, y=[labels, other][rank]),
         "one_rank_other_mask": lambda: logits_call(*half, m=[mask, more][rank]),
+        "one_rank_bad_mask_value": lambda: logits_call(*half, m=bad_mask),
+        "one_rank_other_dtype": lambda: sequence_logprobs(
+            logits[..., slice(*[(0, 4), (4, 8)][rank])].to([torch.float64, torch.float32][rank]),
+            labels,
+            mask=mask,
+            vocab_group=group,
+            vocab_start=half[0],
+        ),
+        "one_rank_other_softcap_linear": lambda: linear_sequence_logprobs(
+            hidden,
+            weight[half[0] : half[0] + 4],
+            labels,
+            mask=mask,
+            vocab_group=group,
+            vocab_start=half[0],
+            softcap=[2.0, None][rank],
+        ),
+        "one_rank_other_hidden_size": lambda: linear_sequence_logprobs(
+            torch.randn(3, 5, 4 + rank),
+            torch.randn(4, 4 + rank),
+            labels,
+            mask=mask,
+            vocab_group=group,
+            vocab_start=half[0],
+        ),
+        "not_a_member": solo_call,
         "double_backward_logits": lambda: logits_call(*half, double=True),
         "double_backward_linear": lambda: linear_call(*half, double=True),
     }

@@ -4,8 +4,10 @@ import pytest
 import torch
 from conftest import cpu_backends
 from dist_worker import (
+    anisotropic_head_case,
     linear_vocab_parallel_case,
     linear_vocab_parallel_worker,
+    reduced_dh_vocab_parallel_worker,
     spawn_ranks,
     vocab_parallel_case,
     vocab_parallel_refusals_worker,
@@ -82,9 +84,12 @@ def test_refusals_reach_every_rank(tmp_path):
     """Slices that overlap or leave a gap are refused on every rank (a label owned by two ranks,
     or none, gave a wrong sum silently), and so are labels or a mask that differ between the
     ranks (the ranks' parts of two batches were added up silently); an argument one rank gets
-    wrong, or an empty slice, makes every rank raise at once (the others waited in a collective
-    until the group's timeout); a double backward raises the package's error (it gave wrong
-    second derivatives or a torch error deep inside)."""
+    wrong, or an empty slice, or a mask value, makes every rank raise at once (the others
+    waited in a collective until the group's timeout); dtypes, hidden sizes or logit transforms
+    that differ between the ranks are refused on every rank (a dtype or a size ended the
+    processes inside gloo, a transform gave wrong log-probs silently); a rank outside the group
+    is told so; a double backward raises the package's error (it gave wrong second derivatives
+    or a torch error deep inside)."""
     import json
 
     spawn_ranks(vocab_parallel_refusals_worker, 2, tmp_path)
@@ -102,10 +107,43 @@ def test_refusals_reach_every_rank(tmp_path):
         for case in ("double_backward_logits", "double_backward_linear"):
             kind, message = res[case]
             assert kind == "RuntimeError" and "double backward" in message, (r, case, message)
+    for r, res in enumerate(runs):
+        for case in ("one_rank_other_dtype", "one_rank_other_softcap_linear",
+                     "one_rank_other_hidden_size"):  # fmt: skip
+            kind, message = res[case]
+            assert kind == "ValueError" and "ranks passed different" in message, (r, case)
+    assert "must hold only 0 and 1" in runs[0]["one_rank_bad_mask_value"][1]
+    assert "another rank refused its inputs" in runs[1]["one_rank_bad_mask_value"][1]
+    assert runs[0]["not_a_member"] is None  # a group of rank 0 alone: its own vocabulary
+    assert "not a member of the group" in runs[1]["not_a_member"][1]
     assert "vocab_start must be a non-negative int" in runs[1]["one_rank_bad_start"][1]
     assert "another rank refused its inputs" in runs[0]["one_rank_bad_start"][1]
     assert "empty vocabulary" in runs[1]["one_rank_empty_slice"][1]
     assert "another rank refused its inputs" in runs[0]["one_rank_empty_slice"][1]
+
+
+def test_reduced_hidden_gradient_added_in_float32(tmp_path):
+    """bf16 / fp16: the ranks' partial hidden gradients (large and mostly cancelling where the
+    head's rows share a direction) are added in float32 and rounded once: as close to float64
+    as the single-process op's (added in bf16, the error was ~100x it: a fifth of max |dh|)."""
+    backends = cpu_backends()
+    spawn_ranks(reduced_dh_vocab_parallel_worker, 2, tmp_path, backends)
+    hidden, weight, labels = anisotropic_head_case()
+    per_rank = [torch.load(tmp_path / f"rdh_rank{r}.pt") for r in range(2)]
+    for backend in backends:
+        for dtype in (torch.bfloat16, torch.float16):
+            h64 = hidden.to(dtype).double().requires_grad_()
+            z = h64 @ weight.to(dtype).double().T
+            z.log_softmax(-1).gather(-1, labels[..., None]).sum().backward()
+            hs = hidden.to(dtype).requires_grad_()
+            out = dpo_kernels.linear_sequence_logprobs(
+                hs, weight.to(dtype), labels, backend=backend
+            )
+            out.logps.sum().backward()
+            single = (hs.grad.double() - h64.grad).abs().max().item()
+            for r in range(2):
+                err = (per_rank[r][backend, str(dtype)].double() - h64.grad).abs().max().item()
+                assert err <= 2 * single + 1e-6, (backend, dtype, r, err, single)
 
 
 def test_labels_digest_tells_batches_apart():

@@ -274,7 +274,9 @@ def linear_logprobs_backward(
     transform: LogitTransform,
     needs: tuple[bool, bool, bool],  # gradients wanted for (hidden, weight, bias)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for hidden [M, H], weight [V, H], bias [V] in their dtypes ([0] where not asked).
+    """Gradients for hidden [M, H] in the accumulation dtype (partial ones are added up across
+    the ranks of a vocabulary split before one rounding: `vocab_parallel`), weight [V, H] and
+    bias [V] in their dtypes ([0] where not asked).
 
     With a = transform.factor and z = softcap(x) * a: dz = g * (onehot - softmax(z)),
     dx = dz * a * (1 - tanh(x / softcap)^2) (dz * a without softcap), dh = dx @ W, dW = dx.T @ h
@@ -294,7 +296,7 @@ def linear_logprobs_backward(
     dx = grad.to(acc).unsqueeze(-1) * (onehot - probs) * dzdx
     empty = hidden.new_empty(0)
     return (
-        (dx @ w).to(hidden.dtype) if needs[0] else empty,
+        dx @ w if needs[0] else empty,
         (dx.T @ h).to(weight.dtype) if needs[1] else empty,
         dx.sum(0).to(bias.dtype) if needs[2] and bias is not None else empty,
     )

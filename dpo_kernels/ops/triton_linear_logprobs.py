@@ -406,7 +406,8 @@ def linear_logprobs_backward(
     transform: LogitTransform,
     needs: tuple[bool, bool, bool],  # gradients wanted for (hidden, weight, bias)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for hidden [M, H], weight [V, H], bias [V] in their dtypes ([0] if not asked)."""
+    """Gradients for hidden [M, H] (accumulation dtype), weight [V, H], bias [V] (their dtypes);
+    [0] if not asked (the contract: ops/reference.py)."""
     with device_guard(hidden):
         return _backward(grad, hidden, weight, bias, targets, lse, transform, needs)
 
@@ -417,7 +418,7 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
     params = transform_params(transform, hidden)
     acc = params.dtype
     empty = hidden.new_empty(0)
-    dh = torch.empty_like(hidden) if hidden_grad else empty
+    dh = torch.empty_like(hidden, dtype=acc) if hidden_grad else empty
     dh_tile = hidden.new_empty((min(M, TOKEN_TILE), H), dtype=acc)
     # No zero fill where a matmul writes first: dw by the first token tile (zeros only when no
     # tile comes), each dh tile by its first vocabulary block.
