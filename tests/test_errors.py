@@ -114,6 +114,7 @@ INVENTORY = [
     ("LM head not a plain Linear", lambda: concatenated_forward(scaled_head_lm(), collate_preferences(preference_examples(1)), fused_lm_head=True), NotImplementedError, "ScaledHead with a forward of its own"),
     ("vocab_start without vocab_group", lambda: sequence_logprobs(z(B, T, V), y(B, T), vocab_start=11), ValueError, "vocab_start=11 needs vocab_group"),
     ("vocab_group not a process group", lambda: dpo_kernels.linear_sequence_logprobs(z(B, T, 4), z(V, 4), y(B, T), vocab_group="world"), TypeError, "vocab_group must be a torch.distributed ProcessGroup"),
+    ("rank outside vocab_group", lambda: sequence_logprobs(z(B, T, V), y(B, T), vocab_group=torch.distributed.GroupMember.NON_GROUP_MEMBER), ValueError, "this rank is not a member of the group"),
     ("ignore_index bool", lambda: sequence_logprobs(z(B, T, V), y(B, T), ignore_index=True), TypeError, "ignore_index must be an int, got bool"),
     ("packing a model that crosses sequences", lambda: concatenated_forward(tiny_causal_lm("opt"), collate_preferences(preference_examples(1)), padding_free=True), ValueError, "padding_free=True: OPTForCausalLM .* attend to the one before it"),
     ("packing or fusing prompt-learning PEFT", lambda: concatenated_forward(prompt_tuned_lm(), collate_preferences(preference_examples(1)), fused_lm_head=True), ValueError, "fused_lm_head=True with a prompt-learning PEFT adapter"),
