@@ -175,7 +175,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
     const at::Tensor g = grad.to(acc).contiguous();
     const at::Tensor l = lse.to(acc).contiguous();
     Projection proj(weight, bias, M, token_tile, vocab_block);
-    at::Tensor dh_tile = at::empty({proj.tile_rows(), H}, acc_opts);
     AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprobs_backward", [&] {
       using A = scalar_t;
       const LogitTransform<A> tf = make_transform<A>(logit_scale, softcap, temperature);
@@ -185,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
       for (int64_t ts = 0; ts < M; ts += proj.tile_rows()) {
         const int64_t n = std::min(proj.tile_rows(), M - ts);
         const at::Tensor h = proj.rows(hidden, ts, n);
-        at::Tensor dht = dh_tile.narrow(0, 0, n).zero_();
+        at::Tensor dht = hidden_grad ? dh.narrow(0, ts, n).zero_() : at::Tensor();
         for (int64_t vs = 0; vs < V; vs += proj.block()) {
           const int64_t nv = std::min(proj.block(), V - vs);
           const at::Tensor w = proj.weight_block(vs, nv);
@@ -202,7 +201,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
           if (dw.defined()) dw.narrow(0, vs, nv).addmm_(x.t(), h);
           if (db.defined()) db.narrow(0, vs, nv).add_(x.sum(0));
         }
-        if (hidden_grad) dh.narrow(0, ts, n).copy_(dht);
       }
     });
   }

@@ -413,15 +413,14 @@ def linear_logprobs_backward(
 
 
 def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
-    (M, H), V = hidden.shape, weight.shape[0]
+    M, V = hidden.shape[0], weight.shape[0]
     hidden_grad, weight_grad, bias_grad = needs
     params = transform_params(transform, hidden)
     acc = params.dtype
     empty = hidden.new_empty(0)
     dh = torch.empty_like(hidden, dtype=acc) if hidden_grad else empty
-    dh_tile = hidden.new_empty((min(M, TOKEN_TILE), H), dtype=acc)
     # No zero fill where a matmul writes first: dw by the first token tile (zeros only when no
-    # tile comes), each dh tile by its first vocabulary block.
+    # tile comes), each token tile's dh rows by its first vocabulary block.
     new_dw = torch.empty if M else torch.zeros
     dw = new_dw(weight.shape, dtype=acc, device=weight.device) if weight_grad else None
     use_bias = bias_grad and bias is not None
@@ -436,15 +435,13 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
         grad_tile(tile, tile, targets[ts:], grad[ts:], lse[ts:], params, vs,
                   transform.softcap is not None)  # fmt: skip
         if hidden_grad:
-            addmm_acc(dh_tile[:n], tile, w, fresh=vs == 0)
-            if vs + nv == V:
-                dh[ts : ts + n] = dh_tile[:n] if f == 1 else dh_tile[:n] * f
+            addmm_acc(dh[ts : ts + n], tile, w, fresh=vs == 0)
         if dw is not None:
             addmm_acc(dw[vs : vs + nv], tile.T, h, fresh=ts == 0)
         if db is not None:
             db[vs : vs + nv] += tile.sum(0, dtype=acc)
     if f != 1:
-        for t in (dw, db):
+        for t in (dh if hidden_grad else None, dw, db):
             if t is not None:
                 t.mul_(f)
     return (
