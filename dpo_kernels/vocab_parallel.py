@@ -132,9 +132,11 @@ _MIX = (0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64)  # splitmix64's,
 def _labels_digest(labels, mask, ignore_index) -> torch.Tensor:
     """An int64 digest of the counted tokens' (position, label) pairs: each pair hashed (a
     splitmix64-style mix, wrapping), the hashes summed: equal on ranks given the same, and
-    otherwise different but by a 2^-64 fluke (a linear digest missed e.g. labels +1, -2, +1)."""
+    otherwise different but by a 2^-64 fluke (a linear digest missed e.g. labels +1, -2, +1).
+    Position and label are packed one-to-one (32 bits each) before the mix."""
     counted = counted_tokens(labels, mask, ignore_index).reshape(-1)
-    x = torch.arange(counted.numel(), device=counted.device) * 2**21 + labels.reshape(-1).long()
+    ids = labels.reshape(-1).long() & (2**32 - 1)
+    x = torch.arange(counted.numel(), device=counted.device) * 2**32 + ids
     for m, shift in zip(_MIX, (31, 29), strict=True):
         x = x * m
         x = x ^ (x >> shift)

@@ -172,3 +172,7 @@ def test_labels_digest_tells_batches_apart():
     one[2, 4] += 1
     for other, m in ((steps, mask), (y[[0, 1, 3, 2]], mask), (one, mask), (y, more)):
         assert _labels_digest(other, m, -100) != base
+    # Vocabularies past 2^21 ids: (position p, label l + 2^21) is not (p + 1, l).
+    big = torch.tensor([[2**21 + 7, 3]])
+    shifted = torch.tensor([[2**21 + 3, 7]])
+    assert _labels_digest(big, None, -100) != _labels_digest(shifted, None, -100)
