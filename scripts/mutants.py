@@ -440,6 +440,13 @@ MUTANTS: list[Mutant] = [
       "    agree(group, lambda: check_values(labels, mask, ignore_index, vocab))",
       "    check_values(labels, mask, ignore_index, vocab)",
       "tests/test_vocab_parallel.py", "-k", "refusals"),
+    M("vocab-parallel-digest-21-bit-positions", "dpo_kernels/vocab_parallel.py",
+      "counted.numel(), device=counted.device) * 2**32 + ids",
+      "counted.numel(), device=counted.device) * 2**21 + ids",
+      "tests/test_vocab_parallel.py", "-k", "digest"),
+    M("hf-trainer-takes-a-dpo-config", "dpo_kernels/integrations/hf.py",
+      'type(self.args).__module__.startswith("trl.") and hasattr(self.args, "beta")', "False",
+      "tests/test_errors.py", "-k", "DPOLossTrainer"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
       "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",

@@ -55,6 +55,14 @@ class DPOLossTrainer(Trainer):
                 "DPOLossTrainer's loss is the DPO loss given by `loss=` (a DPOLoss), so "
                 "compute_loss_func would never be called; drop it and pass loss=DPOLoss(...)"
             )
+        if type(self.args).__module__.startswith("trl.") and hasattr(self.args, "beta"):
+            raise TypeError(
+                f"DPOLossTrainer was given args={type(self.args).__name__}, whose loss and data "
+                "fields (beta, loss_type, max_length, ...) it would ignore: its loss is "
+                "`loss=DPOLoss(...)` and its batches come as collated; pass TrainingArguments "
+                "and loss=DPOLoss(beta=..., loss_type=...), or use FusedDPOTrainer (TRL's "
+                "DPOTrainer), which honours a DPOConfig"
+            )
         if self.compute_metrics is not None:
             raise ValueError(
                 "DPOLossTrainer's evaluation returns the DPO loss and metrics (eval_loss, "
