@@ -19,11 +19,13 @@ from .linear_logprobs import linear_sequence_logprobs
 
 # Model types whose `logits_scaling` multiplies the logits (muP); Granite's divides them.
 _MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
+# Config fields of a final cap * tanh(logits / cap): Gemma-2 and most; RecurrentGemma; xLSTM.
+_SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
 
 def head_transform(model) -> dict[str, float | None]:
     """The logit post-processing a causal LM applies after its LM head, read from its config:
-    Gemma-2-style `final_logit_softcapping`, Cohere's `logit_scale`, Falcon-H1's
+    a final softcap (`_SOFTCAP_FIELDS`), Cohere's `logit_scale`, Falcon-H1's
     `lm_head_multiplier`, Granite's `logits_scaling` (a divisor; HyperCLOVAX's multiplies).
     Arguments for `linear_sequence_logprobs`. A config with a post-processing this does not map
     raises instead of giving wrong log-probs."""
@@ -35,6 +37,18 @@ def head_transform(model) -> dict[str, float | None]:
             f"{type(cfg).__name__} scales its logits by output_multiplier before the softcap; "
             "fused_lm_head=True does not cover it: use fused_lm_head=False"
         )
+    unpadded = getattr(cfg, "unpadded_vocab_size", None)
+    if unpadded is not None and unpadded != getattr(cfg, "vocab_size", None):
+        raise NotImplementedError(
+            f"{type(cfg).__name__} drops the LM head's rows past unpadded_vocab_size={unpadded} "
+            "from its logits; fused_lm_head=True does not cover it: use fused_lm_head=False"
+        )
+    caps = {k: getattr(cfg, k) for k in _SOFTCAP_FIELDS if getattr(cfg, k, None) is not None}
+    if len(caps) > 1:
+        raise NotImplementedError(
+            f"{type(cfg).__name__} sets several logit softcaps ({caps}); fused_lm_head=True "
+            "applies one: use fused_lm_head=False"
+        )
     scale = getattr(cfg, "logit_scale", None)
     if scale is None:  # Falcon-H1: lm_head(h) * lm_head_multiplier
         scale = getattr(cfg, "lm_head_multiplier", None)
@@ -43,7 +57,7 @@ def head_transform(model) -> dict[str, float | None]:
         scale = cfg.logits_scaling if multiplies else 1.0 / cfg.logits_scaling
     return {
         "logit_scale": float(scale or 1.0),
-        "softcap": getattr(cfg, "final_logit_softcapping", None),
+        "softcap": next(iter(caps.values()), None),
     }
 
 

@@ -447,6 +447,10 @@ MUTANTS: list[Mutant] = [
     M("hf-trainer-takes-a-dpo-config", "dpo_kernels/integrations/hf.py",
       'type(self.args).__module__.startswith("trl.") and hasattr(self.args, "beta")', "False",
       "tests/test_errors.py", "-k", "DPOLossTrainer"),
+    M("fused-head-reads-gemma2-softcap-only", "dpo_kernels/fused_head.py",
+      '_SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")',
+      '_SOFTCAP_FIELDS = ("final_logit_softcapping",)',
+      "tests/test_gaps.py", "-k", "family_transform or unmapped"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
       "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",

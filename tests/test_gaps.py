@@ -178,6 +178,14 @@ FAMILIES = {
     "hyperclovax-multiplier": lambda: _tiny(
         "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", logits_scaling=0.25
     ),
+    "recurrent-gemma-softcap": lambda: _tiny(
+        "RecurrentGemmaConfig",
+        "RecurrentGemmaForCausalLM",
+        logits_soft_cap=3.0,
+        block_types=("recurrent", "attention"),
+        attention_window_size=64,
+        use_cache=False,
+    ),
 }
 
 
@@ -194,6 +202,19 @@ def test_unmapped_head_post_processing_raises():
 
     with pytest.raises(NotImplementedError, match=r"output_multiplier.*fused_lm_head=False"):
         head_transform(Model())
+    Config.output_multiplier = None
+    Config.logits_soft_cap = 30.0  # two caps: which one the model applies is not known here
+    with pytest.raises(NotImplementedError, match=r"several logit softcaps"):
+        head_transform(Model())
+    Config.final_logit_softcapping = None
+    Config.vocab_size, Config.unpadded_vocab_size = 128, 100  # Inkling: logits[..., :100]
+    with pytest.raises(NotImplementedError, match=r"unpadded_vocab_size=100.*fused_lm_head=False"):
+        head_transform(Model())
+    Config.unpadded_vocab_size = 128
+    assert head_transform(Model())["softcap"] == 30.0
+    del Config.logits_soft_cap
+    Config.output_logit_soft_cap = 15.0  # xLSTM's name
+    assert head_transform(Model())["softcap"] == 15.0
 
 
 def model_logps_f64(model, batch):
@@ -212,6 +233,10 @@ def test_fused_lm_head_applies_the_family_transform(family, padding_free):
     model = FAMILIES[family]()
     batch = collate_preferences(preference_examples(3))
     expect = model_logps_f64(model, batch)
+    if padding_free and family.startswith("recurrent"):  # recurrence runs across packed rows
+        with pytest.raises(ValueError, match="padding_free=True: RecurrentGemmaForCausalLM"):
+            concatenated_forward(model, batch, fused_lm_head=True, padding_free=True)
+        return
     fused = concatenated_forward(model, batch, fused_lm_head=True, padding_free=padding_free)
     plain_head = concatenated_forward(model, batch, fused_lm_head=False)
     torch.testing.assert_close(fused.policy.logps.double(), expect, rtol=1e-5, atol=1e-4)

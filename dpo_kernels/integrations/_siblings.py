@@ -100,7 +100,7 @@ def check_softcap(trainer) -> None:
     ):
         raise ValueError(
             f"{type(trainer).__name__}(fused_lm_head=True) does not support a final logit "
-            "softcap (final_logit_softcapping); pass fused_lm_head=False"
+            "softcap (final_logit_softcapping, logits_soft_cap, ...); pass fused_lm_head=False"
         )
 
 
