@@ -451,6 +451,10 @@ MUTANTS: list[Mutant] = [
       '_SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")',
       '_SOFTCAP_FIELDS = ("final_logit_softcapping",)',
       "tests/test_gaps.py", "-k", "family_transform or unmapped"),
+    M("kto-predictions-without-virtual-tokens", "dpo_kernels/integrations/_siblings.py",
+      "Scored(seq, logits if with_mean else None, full)",
+      "Scored(seq, logits if with_mean else None, logits)",
+      "tests/test_trl_siblings.py", "-k", "prompt_learning_predictions"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
       "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",

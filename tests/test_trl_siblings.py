@@ -8,6 +8,7 @@ options that raise at construction.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -407,6 +408,27 @@ def test_kto_fused_head_refuses_prompt_learning(tmp_path):
     kw = dict(args=args, train_dataset=unpaired_dataset(4), processing_class=tiny_tokenizer())
     with pytest.raises(ValueError, match="prompt-learning"):
         FusedKTOTrainer(model=tiny_causal_lm("llama", vocab=28), peft_config=prompt, **kw)
+
+
+def test_kto_prompt_learning_predictions_match_stock(tmp_path):
+    """The logits path with a prompt-tuning adapter: predict() hands compute_metrics the model's
+    logits with the virtual tokens' positions, as stock does (the log-probs skip them)."""
+    peft = pytest.importorskip("peft")
+    got = []
+    for cls, kw in ((trl.KTOTrainer, {}), (FusedKTOTrainer, {"fused_lm_head": False})):
+        args = trl.KTOConfig(output_dir=str(tmp_path), **COMMON, per_device_eval_batch_size=4)
+        data = unpaired_dataset(4)
+        trainer = cls(
+            model=tiny_causal_lm("llama", vocab=28, seed=0), args=args, train_dataset=data,
+            eval_dataset=data, processing_class=tiny_tokenizer(), **kw,
+            peft_config=peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+        )  # fmt: skip
+        out = trainer.predict(trainer.eval_dataset)  # tokenized, with the KL completions
+        got.append((np.asarray(out.predictions), out.metrics["test_loss"]))
+    (stock, stock_loss), (ours, our_loss) = got
+    assert ours.shape == stock.shape
+    np.testing.assert_allclose(ours, stock, rtol=1e-5, atol=1e-6)
+    assert our_loss == pytest.approx(stock_loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "simpo"])

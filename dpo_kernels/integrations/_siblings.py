@@ -120,7 +120,7 @@ class Scored(NamedTuple):
 
     seq: SequenceLogprobs
     mean_logits: torch.Tensor | None
-    logits: torch.Tensor | None  # the model's logits (logits path only)
+    logits: torch.Tensor | None  # the model's logits, whole (logits path only)
     result: Any = None  # the head call's loss output (with `loss`)
 
 
@@ -150,9 +150,10 @@ def score(
         call = HeadCall(labels, mask, stats=stats, backend=backend, extra=extra, loss=loss)
         out = model(**kwargs, **{HEAD_KWARG: call})
         return Scored(out.logprobs, out.extra, None, out.loss)
-    logits = model(**kwargs).logits[:, -input_ids.shape[1] :]  # prompt-learning PEFT prepends
+    full = model(**kwargs).logits  # what predictions get, as stock's (virtual tokens included)
+    logits = full[:, -input_ids.shape[1] :]  # prompt-learning PEFT prepends virtual tokens
     seq = sequence_logprobs(logits[:, :-1], labels, mask=mask, stats=stats, backend=backend)
-    return Scored(seq, logits if with_mean else None, logits)
+    return Scored(seq, logits if with_mean else None, full)
 
 
 class PairedMixin:
