@@ -148,10 +148,10 @@ def _linear_token_logprobs_backward_op(
 def _(grad_tok, hidden, weight, bias, labels, mask, lse, ignore_index, transform, hidden_grad,
       weight_grad, bias_grad, backend):  # fmt: skip
     empty = hidden.new_empty(0)
-    return (
-        torch.empty_like(hidden) if hidden_grad else empty,
-        torch.empty_like(weight) if weight_grad else empty,
-        torch.empty_like(bias) if bias_grad and bias is not None else empty,
+    return (  # contiguous, as the backends make them (not the inputs' strides)
+        hidden.new_empty(hidden.shape) if hidden_grad else empty,
+        weight.new_empty(weight.shape) if weight_grad else empty,
+        bias.new_empty(bias.shape) if bias_grad and bias is not None else empty,
     )
 
 

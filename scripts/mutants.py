@@ -455,6 +455,10 @@ MUTANTS: list[Mutant] = [
       "Scored(seq, logits if with_mean else None, full)",
       "Scored(seq, logits if with_mean else None, logits)",
       "tests/test_trl_siblings.py", "-k", "prompt_learning_predictions"),
+    M("fake-backward-keeps-input-strides", "dpo_kernels/linear_logprobs.py",
+      "hidden.new_empty(hidden.shape) if hidden_grad else empty,",
+      "torch.empty_like(hidden) if hidden_grad else empty,",
+      "tests/test_linear_logprobs.py", "-k", "strided_inputs"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
       "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",

@@ -423,3 +423,24 @@ def test_fused_matmuls_run_with_autocast_off(monkeypatch):
             h, w, torch.randint(0, 11, (4, 3)), backend="cpu" if device == "cpu" else "triton"
         )
     assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_custom_ops_fake_match_real_on_strided_inputs(backend):
+    """torch.library.opcheck of the forward and backward ops with hidden T-major and the weight
+    column-major: the fake implementations (what torch.compile plans with) must give the real
+    outputs' shapes, dtypes and strides (inductor failed in the backward when they did not)."""
+    B, T, H, V = 2, 3, 8, 11
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, B, H, generator=g).transpose(0, 1)
+    weight = torch.randn(H, V, generator=g).t()
+    bias = torch.randn(2 * V, generator=g)[::2]
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    tf = common.LogitTransform(1.0, None, 1.0).pack()
+    fwd = (hidden, weight, bias, labels, mask, -100, tf, False, backend)
+    torch.library.opcheck(torch.ops.dpo_kernels.linear_token_logprobs.default, fwd)
+    lse = torch.ops.dpo_kernels.linear_token_logprobs.default(*fwd)[1]
+    grad = torch.randn(B, T, generator=g)
+    bwd = (grad, hidden, weight, bias, labels, mask, lse, -100, tf, True, True, True, backend)
+    torch.library.opcheck(torch.ops.dpo_kernels.linear_token_logprobs_backward.default, bwd)
