@@ -180,7 +180,7 @@ def cpo_loss(
     xc, xr = (pc / nc.clamp(min=1), pr / nr.clamp(min=1)) if loss_type in CPO_AVERAGED else (pc, pr)
     rc, rr = xc, xr
     if alpha != 0.0:
-        rc, rr = (1 - torch.exp(-alpha * xc)) / alpha, (1 - torch.exp(-alpha * xr)) / alpha
+        rc, rr = -torch.expm1(-alpha * xc) / alpha, -torch.expm1(-alpha * xr) / alpha
     chosen_rewards, rejected_rewards = beta * rc, beta * rr
     metrics = _paired_metrics(xc, xr, chosen_rewards, rejected_rewards)
     metrics["nll_loss"] = -pc.sum() / nc.sum().clamp(min=1) if cpo_alpha != 0 else pc.new_zeros(())

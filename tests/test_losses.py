@@ -437,3 +437,21 @@ def test_discopop_takes_any_nonzero_tau(backend, tau):
                         dtype=torch.float64)  # fmt: skip
     torch.testing.assert_close(pc_.grad, want, atol=1e-7, rtol=1e-5)
     dpo_kernels.make_spec(loss_type="sigmoid", discopop_tau=0.0)  # unused: not checked, as TRL
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("coef", [1.000002, 0.99999, 1.001])
+def test_alpha_divergence_near_one_in_float32(backend, coef):
+    """(exp((coef - 1) x) - 1) / (coef - 1) just outside TRL's 1e-6 window around coef 1: float32
+    inputs on every backend against the float64 spec, which a cancelling exp - 1 missed by 1%."""
+    pc, pr, rc, rr, nc, nr = make_pairs()
+    config = dict(beta=1.0, loss_type="sigmoid", f_divergence_type="alpha_divergence",
+                  f_alpha_divergence_coef=coef)  # fmt: skip
+    a, b = (t.float().requires_grad_() for t in (pc, pr))
+    out = dpo_loss(a, b, rc.float(), rr.float(), backend=backend, **config)
+    a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+    ref = spec_loss(a64, b64, rc.float().double(), rr.float().double(), nc, nr, **config)
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=2e-5, atol=1e-6)
+    want = torch.autograd.grad(ref.loss, (a64, b64))
+    for got, w in zip(torch.autograd.grad(out.loss, (a, b)), want, strict=True):
+        torch.testing.assert_close(got.double(), w, rtol=2e-5, atol=1e-7)

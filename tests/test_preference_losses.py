@@ -286,6 +286,9 @@ CPO_CASES = [
     (t, dict(beta=b, label_smoothing=e, cpo_alpha=ca, simpo_gamma=g, alpha=a))
     for t in (*FAMILIES["cpo"].loss_types, "alphapo")
     for b, e, ca, g, a in ((0.5, 0.1, 0.7, 0.3, 0.25), (2.0, 0.0, 0.0, 1.1, 0.0))
+] + [  # alpha near 0 (AlphaPO tends to SimPO): (1 - p^-alpha) / alpha must not cancel
+    (t, dict(beta=2.0, label_smoothing=0.0, cpo_alpha=0.0, simpo_gamma=0.5, alpha=a))
+    for t, a in (("alphapo", 1e-5), ("alphapo", 1e-8), ("alphapo", -1e-7), ("sigmoid", 1e-6))
 ]
 
 

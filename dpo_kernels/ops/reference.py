@@ -138,7 +138,7 @@ def _f_score(x: torch.Tensor, spec: DPOLossSpec) -> torch.Tensor:
     if kind == "js_divergence":
         return math.log(2) + F.logsigmoid(x)
     if kind == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
-        return (torch.exp(torch.clamp((alpha - 1) * x, max=ALPHA_CLAMP_MAX)) - 1) / (alpha - 1)
+        return torch.expm1(torch.clamp((alpha - 1) * x, max=ALPHA_CLAMP_MAX)) / (alpha - 1)
     return x
 
 

@@ -53,9 +53,10 @@ def sibling_losses(
         if spec.alpha != 0.0:
             # TRL's (1 - exp(c).pow(-alpha)) / alpha with p^-alpha as exp(-alpha * c): exp(c)
             # underflows to 0 below a sum of about -104 (float32), and 0^-alpha is inf (or 0
-            # for alpha < 0, with an infinite derivative: NaN gradients)
-            c = (1 - torch.exp(-spec.alpha * c)) / spec.alpha
-            r = (1 - torch.exp(-spec.alpha * r)) / spec.alpha
+            # for alpha < 0, with an infinite derivative: NaN gradients); expm1: no cancellation
+            # for a small alpha
+            c = -torch.expm1(-spec.alpha * c) / spec.alpha
+            r = -torch.expm1(-spec.alpha * r) / spec.alpha
         z = c - r
         if spec.loss_type == "simpo":
             z = z - spec.simpo_gamma / beta

@@ -34,8 +34,8 @@ def _scores(x: torch.Tensor, spec: DPOLossSpec) -> tuple[torch.Tensor, torch.Ten
     if kind == "alpha_divergence" and abs(spec.f_alpha_divergence_coef - 1.0) >= 1e-6:
         a1 = spec.f_alpha_divergence_coef - 1.0
         t = a1 * x
-        e = torch.exp(t.clamp(max=ALPHA_CLAMP_MAX))
-        return (e - 1) / a1, torch.where(t <= ALPHA_CLAMP_MAX, e, 0.0)
+        tc = t.clamp(max=ALPHA_CLAMP_MAX)  # expm1: no cancellation for a coefficient near 1
+        return torch.expm1(tc) / a1, torch.where(t <= ALPHA_CLAMP_MAX, torch.exp(tc), 0.0)
     return x, torch.ones_like(x)
 
 

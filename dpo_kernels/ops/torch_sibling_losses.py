@@ -29,8 +29,9 @@ def sibling_loss_and_grads(
         xc, dxc = (a / ca, 1 / ca) if avg else (a, torch.ones_like(a))
         xr, dxr = (b / cb, 1 / cb) if avg else (b, torch.ones_like(b))
         if spec.alpha != 0.0:
-            ec, er = torch.exp(-spec.alpha * xc), torch.exp(-spec.alpha * xr)  # p^-alpha
-            xc, xr = (1 - ec) / spec.alpha, (1 - er) / spec.alpha
+            tc, tr = -spec.alpha * xc, -spec.alpha * xr
+            ec, er = torch.exp(tc), torch.exp(tr)  # p^-alpha
+            xc, xr = -torch.expm1(tc) / spec.alpha, -torch.expm1(tr) / spec.alpha
             dxc, dxr = dxc * ec, dxr * er
         z = xc - xr
         if spec.loss_type == "simpo":

@@ -137,5 +137,12 @@ def log1p(y):
 
 
 @triton.jit
+def expm1(t, u):
+    """exp(t) - 1 without cancellation for small t (Kahan's correction), given u = exp(t)."""
+    m = tl.where(u == 1.0, t, (u - 1.0) * (t / tl.log(u)))
+    return tl.where(u == 0.0, -1.0, tl.where(u == float("inf"), u, m))
+
+
+@triton.jit
 def softplus(x):
     return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))

@@ -15,7 +15,15 @@ import triton
 import triton.language as tl
 
 from ..common import ALPHA_CLAMP_MAX, F_DIVERGENCES, LOSS_TYPES, LOSSES, DPOLossSpec, acc_dtype
-from .triton_common import LN2, device_constants, device_guard, log1p, softplus, tl_acc_dtype
+from .triton_common import (
+    LN2,
+    device_constants,
+    device_guard,
+    expm1,
+    log1p,
+    softplus,
+    tl_acc_dtype,
+)
 
 # The loss types this kernel computes, in registration order (see `_in_kernel`).
 KERNEL_TYPES: list[str] = []
@@ -56,8 +64,9 @@ def _score(x, FDIV: tl.constexpr, a1, hi):
         return LN2 - softplus(-x), tl.sigmoid(-x)
     elif FDIV == 3:
         t = a1 * x
-        e = tl.exp(tl.minimum(t, hi, propagate_nan=tl.PropagateNan.ALL))  # NaN stays NaN
-        return (e - 1.0) / a1, tl.where(t <= hi, e, 0.0)
+        tc = tl.minimum(t, hi, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN
+        e = tl.exp(tc)
+        return expm1(tc, e) / a1, tl.where(t <= hi, e, 0.0)
     else:
         return x, tl.zeros_like(x) + 1.0  # not x * 0 + 1: NaN for an infinite x
 

@@ -13,7 +13,15 @@ import triton
 import triton.language as tl
 
 from ..common import FAMILIES, SiblingSpec
-from .triton_common import LN2, device_constants, device_guard, log1p, softplus, tl_acc_dtype
+from .triton_common import (
+    LN2,
+    device_constants,
+    device_guard,
+    expm1,
+    log1p,
+    softplus,
+    tl_acc_dtype,
+)
 
 CPO, ORPO = (tl.constexpr(FAMILIES[k].kernel) for k in ("cpo", "orpo"))  # else: kto
 # LTYPE: the index of the loss type in its family's FAMILIES[...].loss_types
@@ -86,8 +94,8 @@ def _sibling_loss_kernel(
             if SHAPED:  # AlphaPO: (1 - p^-alpha) / alpha
                 ec = tl.exp(-alpha * xc)
                 er = tl.exp(-alpha * xr)
-                xc = (1.0 - ec) / alpha
-                xr = (1.0 - er) / alpha
+                xc = -expm1(-alpha * xc, ec) / alpha
+                xr = -expm1(-alpha * xr, er) / alpha
                 dxc = dxc * ec
                 dxr = dxr * er
             z = xc - xr
