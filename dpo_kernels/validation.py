@@ -260,8 +260,8 @@ def values_unreadable(t: torch.Tensor) -> bool:
 
 
 def check_counts(counts: dict[str, torch.Tensor], minimum: int, why: str) -> None:
-    """Data check of completion token counts ([N] tensors by name): each at least `minimum`
-    (`why` says what needs it). On CPU a ValueError naming the first bad entry; on CUDA, and
+    """Data check of completion token counts ([N] tensors by name): each at least `minimum`, not
+    NaN (`why` says what needs it). On CPU a ValueError naming the first bad entry; on CUDA, and
     when traced by torch.compile, an assert that does not read the values on the host."""
     for name, n in counts.items():
         if n.is_complex() or n.dtype == torch.bool:
@@ -269,9 +269,9 @@ def check_counts(counts: dict[str, torch.Tensor], minimum: int, why: str) -> Non
                 f"{name} must be a tensor of token counts (int or float), got {n.dtype}"
             )
         refuse_values(
-            n < minimum,
+            ~(n >= minimum),  # NaN too
             lambda i, name=name, n=n: f"{name}{list(i)} = {n[i].item()}; {why}",
-            f"{name} holds a value below {minimum}; {why}",
+            f"{name} holds a value below {minimum} (or NaN); {why}",
         )
 
 

@@ -476,6 +476,9 @@ MUTANTS: list[Mutant] = [
     M("alpha-divergence-cancelling-exp-triton", "dpo_kernels/ops/triton_dpo_loss.py",
       "return expm1(tc, e) / a1,", "return (e - 1.0) / a1,",
       T_LOSS, "-k", "near_one and triton"),
+    M("nan-token-counts-pass", "dpo_kernels/validation.py",
+      "~(n >= minimum),  # NaN too", "n < minimum,",
+      "tests/test_errors.py", "-k", "NaN token counts"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
       "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",

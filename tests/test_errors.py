@@ -95,6 +95,7 @@ INVENTORY = [
     ("float8 inputs", lambda: sequence_logprobs(z(B, T, V).to(torch.float8_e4m3fn), y(B, T)), TypeError, r"logits must be a floating-point tensor \(bf16, fp16, fp32 or fp64\), got torch.float8_e4m3fn"),
     ("integer log-prob sums", lambda: dpo_loss(p().long(), p()), TypeError, "chosen_logps must be a floating-point tensor"),
     ("negative token counts", lambda: dpo_loss(p(), p(), loss_type="ipo", chosen_counts=torch.tensor([4, -3, 2]), rejected_counts=torch.tensor([1, 2, 3])), ValueError, r"chosen_counts\[1\] = -3; token counts cannot be negative"),
+    ("NaN token counts", lambda: dpo_loss(p(), p(), loss_type="sigmoid_norm", chosen_counts=torch.tensor([4.0, float("nan"), 2.0]), rejected_counts=torch.tensor([1, 2, 3])), ValueError, r"chosen_counts\[1\] = nan"),
     ("empty orpo completion", lambda: dpo_kernels.orpo_loss(p(), p(), chosen_counts=torch.tensor([4, 3, 2]), rejected_counts=torch.tensor([1, 0, 3])), ValueError, r"rejected_counts\[1\] = 0; orpo averages"),
     ("spec not from make_spec", lambda: dpo_loss(p(), p(), spec="sigmoid"), TypeError, "spec must be a DPOLossSpec from make_spec"),
     ("spec and loss options", lambda: dpo_kernels.linear_dpo_loss(z(2, T, 4), z(V, 4), y(2, T), spec=dpo_kernels.make_spec(beta=0.5), beta=0.2), TypeError, r"pass either spec or loss options, not both \(got \['beta'\]\)"),
@@ -146,7 +147,7 @@ INVENTORY = [
 ]  # fmt: skip
 
 
-DATA_ROWS = {"label >= V", "negative label", "mask values", "negative token counts",
+DATA_ROWS = {"label >= V", "negative label", "mask values", "negative token counts", "NaN token counts",
              "empty orpo completion", "batch masks not 0/1"}  # fmt: skip  # device-side asserts on CUDA
 
 
