@@ -350,6 +350,11 @@ MUTANTS: list[Mutant] = [
     M("dpo-beta-sign-refused", "dpo_kernels/losses.py",
       "    if not math.isfinite(beta):", "    if not math.isfinite(beta) or beta < 0:",
       T_LOSS, "-k", "options_trl_trains_with"),
+    M("cpp-row-offset-in-int32", "csrc/logprobs.cpp",
+      "const scalar_t* row = base + (r / T) * s_b + (r % T) * s_t;\n        st = row_stats",
+      "const scalar_t* row = base + static_cast<int32_t>((r / T) * s_b + (r % T) * s_t);\n"
+      "        st = row_stats",
+      "tests/test_int64_offsets_cpu.py", "-k", "logprobs_rows"),
     M("cpp-strides-assumed-contiguous", "csrc/common.h",
       "return x.stride(-1) == 1 ? x : x.contiguous();", "return x;",
       T_GAPS, "-k", "vocabulary_stride and cpu"),
