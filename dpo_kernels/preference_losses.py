@@ -262,7 +262,9 @@ def orpo_loss(
 def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
     """KTO's KL estimate: mean of policy minus reference log-probs of the mismatched completions,
     clamped at 0, without gradient (one process; TRL gathers the mean across processes first)."""
-    acc = acc_dtype(kl_logps.dtype)  # bf16 / fp16 sums: their difference and mean in float32
+    # bf16 / fp16 sums: their difference and mean in float32; float64 if either is (as torch
+    # promotes stock's difference)
+    acc = torch.promote_types(acc_dtype(kl_logps.dtype), acc_dtype(ref_kl_logps.dtype))
     return (kl_logps.detach().to(acc) - ref_kl_logps.detach().to(acc)).mean().clamp(min=0)
 
 

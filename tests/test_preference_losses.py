@@ -13,6 +13,7 @@ from conftest import cpu_backends
 
 from dpo_kernels import cpo_loss, kto_loss, orpo_loss, simpo_loss
 from dpo_kernels.common import FAMILIES
+from dpo_kernels.preference_losses import kto_kl
 
 
 def _inputs(P, seed, dtype=torch.float64):
@@ -242,6 +243,11 @@ def test_kto_kl_clamped_and_passed_directly():
     assert neg.metrics["kl"].item() == 0.0
     direct = kto_loss(lp, ref, labels, kl=0.0)
     torch.testing.assert_close(neg.loss, direct.loss)
+    # float32 policy sums, float64 reference sums: the difference in float64, as torch promotes
+    pol = torch.tensor([-30.0, -40.0])
+    ref64 = torch.tensor([-30.0 - 1e-7, -40.0 - 3e-7], dtype=torch.float64)
+    assert kto_kl(pol, ref64).dtype == torch.float64
+    torch.testing.assert_close(kto_kl(pol, ref64), (pol.double() - ref64).mean().clamp(min=0))
 
 
 @pytest.mark.parametrize(
