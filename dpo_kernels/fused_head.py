@@ -26,7 +26,9 @@ _SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_s
 def head_transform(model) -> dict[str, float | None]:
     """The logit post-processing a causal LM applies after its LM head, read from its config:
     a final softcap (`_SOFTCAP_FIELDS`), Cohere's `logit_scale`, Falcon-H1's
-    `lm_head_multiplier`, Granite's `logits_scaling` (a divisor; HyperCLOVAX's multiplies).
+    `lm_head_multiplier`, Granite's `logits_scaling` (a divisor; HyperCLOVAX's multiplies),
+    Inkling's `logits_mup_width_multiplier` (divides the hidden states: a bias-free head's
+    logits alike).
     Arguments for `linear_sequence_logprobs`. A config with a post-processing this does not map
     raises instead of giving wrong log-probs."""
     cfg = (
@@ -37,11 +39,14 @@ def head_transform(model) -> dict[str, float | None]:
             f"{type(cfg).__name__} scales its logits by output_multiplier before the softcap; "
             "fused_lm_head=True does not cover it: use fused_lm_head=False"
         )
-    unpadded = getattr(cfg, "unpadded_vocab_size", None)
-    if unpadded is not None and unpadded != getattr(cfg, "vocab_size", None):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    rows = head.weight.shape[0] if head is not None else getattr(cfg, "vocab_size", None)
+    unpadded = getattr(cfg, "unpadded_vocab_size", None)  # Inkling cuts its logits to it
+    if unpadded is not None and rows is not None and unpadded < rows:
         raise NotImplementedError(
             f"{type(cfg).__name__} drops the LM head's rows past unpadded_vocab_size={unpadded} "
-            "from its logits; fused_lm_head=True does not cover it: use fused_lm_head=False"
+            f"(of {rows}) from its logits; fused_lm_head=True does not cover it: use "
+            "fused_lm_head=False"
         )
     caps = {k: getattr(cfg, k) for k in _SOFTCAP_FIELDS if getattr(cfg, k, None) is not None}
     if len(caps) > 1:
@@ -55,6 +60,15 @@ def head_transform(model) -> dict[str, float | None]:
     if scale is None and getattr(cfg, "logits_scaling", None):
         multiplies = getattr(cfg, "model_type", "") in _MULTIPLYING_LOGITS_SCALING
         scale = cfg.logits_scaling if multiplies else 1.0 / cfg.logits_scaling
+    mup = getattr(cfg, "logits_mup_width_multiplier", None)  # Inkling: hidden / it, then head
+    if mup not in (None, 1, 1.0):
+        if getattr(head, "bias", None) is not None:
+            raise NotImplementedError(
+                f"{type(cfg).__name__} divides the hidden states by logits_mup_width_multiplier "
+                "before a biased LM head; fused_lm_head=True does not cover it: use "
+                "fused_lm_head=False"
+            )
+        scale = (scale or 1.0) / mup
     return {
         "logit_scale": float(scale or 1.0),
         "softcap": next(iter(caps.values()), None),

@@ -49,7 +49,11 @@ def _loss_trainer(trl_config: bool = False, **kwargs):
     from dpo_kernels.integrations.hf import DPOLossTrainer
 
     if trl_config:  # a DPOConfig is TrainingArguments with DPO fields DPOLossTrainer would ignore
-        from trl import DPOConfig as TrainingArguments
+        from trl import DPOConfig
+
+        class TrainingArguments(DPOConfig):  # a user's own subclass, in a module of theirs
+            pass
+
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], **TRAINER_DEVICE)
     return DPOLossTrainer(model=tiny_causal_lm(), args=args, **kwargs)
 
@@ -143,7 +147,7 @@ INVENTORY = [
     ("ref_logps not a pair", lambda: concatenated_forward(tiny_causal_lm(), collate_preferences(preference_examples(1)), ref_logps=(torch.zeros(1, dtype=torch.long), torch.zeros(1))), TypeError, r"ref_logps must be a pair of floating-point \[P\] tensors"),
     ("compute_metrics with DPOLossTrainer", lambda: _loss_trainer(compute_metrics=lambda p: {}), ValueError, "compute_metrics would never be called"),
     ("compute_loss_func with DPOLossTrainer", lambda: _loss_trainer(compute_loss_func=lambda o, y, num_items_in_batch=None: o.loss), ValueError, "compute_loss_func would never be called"),
-    ("TRL config with DPOLossTrainer", lambda: _loss_trainer(trl_config=True), TypeError, r"args=DPOConfig, whose loss and data fields \(beta, loss_type, max_length, ...\) it would ignore"),
+    ("TRL config with DPOLossTrainer", lambda: _loss_trainer(trl_config=True), TypeError, r"args=TrainingArguments, a TRL DPOConfig, whose own fields \(a DPOConfig's beta, loss_type"),
 ]  # fmt: skip
 
 

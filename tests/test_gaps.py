@@ -159,15 +159,19 @@ def _tiny(config_cls, model_cls, **extra):
     import transformers
 
     torch.manual_seed(0)
-    cfg = getattr(transformers, config_cls)(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra,
-    )  # fmt: skip
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128)  # fmt: skip
+    cfg = getattr(transformers, config_cls)(**{**base, **extra})
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # a head large enough that the transform moves the log-probs by O(1)
         model.get_output_embeddings().weight.mul_(40.0)
     return model
 
+
+INKLING = dict(head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+               moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+               n_shared_experts=1, use_cache=False)  # fmt: skip
 
 FAMILIES = {
     "gemma2-softcap": lambda: _tiny(
@@ -178,6 +182,17 @@ FAMILIES = {
     "hyperclovax-multiplier": lambda: _tiny(
         "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", logits_scaling=0.25
     ),
+    "inkling-mup-divisor": lambda: _tiny(
+        "InklingTextConfig", "InklingForCausalLM", **INKLING, logits_mup_width_multiplier=6.0
+    ),
+    "inkling2-softcap-unpadded": lambda: _tiny(  # a head of unpadded_vocab_size rows, no cut
+        "Inkling2TextConfig",
+        "Inkling2ForCausalLM",
+        **INKLING,
+        final_logit_softcapping=3.0,
+        unpadded_vocab_size=97,
+        vocab_size=100,
+    ),
     "recurrent-gemma-softcap": lambda: _tiny(
         "RecurrentGemmaConfig",
         "RecurrentGemmaForCausalLM",
@@ -187,6 +202,9 @@ FAMILIES = {
         use_cache=False,
     ),
 }
+
+
+NOT_PACKABLE = {"inkling-mup-divisor", "inkling2-softcap-unpadded", "recurrent-gemma-softcap"}
 
 
 def test_unmapped_head_post_processing_raises():
@@ -233,8 +251,8 @@ def test_fused_lm_head_applies_the_family_transform(family, padding_free):
     model = FAMILIES[family]()
     batch = collate_preferences(preference_examples(3))
     expect = model_logps_f64(model, batch)
-    if padding_free and family.startswith("recurrent"):  # recurrence runs across packed rows
-        with pytest.raises(ValueError, match="padding_free=True: RecurrentGemmaForCausalLM"):
+    if padding_free and family in NOT_PACKABLE:  # the probe finds rows attending across
+        with pytest.raises(ValueError, match=f"padding_free=True: {type(model).__name__}"):
             concatenated_forward(model, batch, fused_lm_head=True, padding_free=True)
         return
     fused = concatenated_forward(model, batch, fused_lm_head=True, padding_free=padding_free)

@@ -425,22 +425,30 @@ def test_fused_matmuls_run_with_autocast_off(monkeypatch):
     assert seen and not any(seen)
 
 
+@pytest.mark.parametrize("sync_free", [False, True], ids=["gathered", "every-row"])
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_custom_ops_fake_match_real_on_strided_inputs(backend):
-    """torch.library.opcheck of the forward and backward ops with hidden T-major and the weight
-    column-major: the fake implementations (what torch.compile plans with) must give the real
-    outputs' shapes, dtypes and strides (inductor failed in the backward when they did not)."""
+def test_custom_ops_fake_match_real_on_strided_inputs(backend, sync_free, monkeypatch):
+    """torch.library.opcheck of the forward and backward ops with hidden T-major or H-major
+    and the weight column-major: the fake implementations (what torch.compile plans with) must
+    give the real outputs' shapes, dtypes and strides (inductor failed in the backward when they
+    did not), with the counted rows gathered and in sync-free mode (every row, as a view of the
+    input in its layout)."""
+    from dpo_kernels import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "_SYNC_FREE", sync_free)
     B, T, H, V = 2, 3, 8, 11
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(T, B, H, generator=g).transpose(0, 1)
     weight = torch.randn(H, V, generator=g).t()
     bias = torch.randn(2 * V, generator=g)[::2]
     labels = torch.randint(0, V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
     tf = common.LogitTransform(1.0, None, 1.0).pack()
-    fwd = (hidden, weight, bias, labels, mask, -100, tf, False, backend)
-    torch.library.opcheck(torch.ops.dpo_kernels.linear_token_logprobs.default, fwd)
-    lse = torch.ops.dpo_kernels.linear_token_logprobs.default(*fwd)[1]
-    grad = torch.randn(B, T, generator=g)
-    bwd = (grad, hidden, weight, bias, labels, mask, lse, -100, tf, True, True, True, backend)
-    torch.library.opcheck(torch.ops.dpo_kernels.linear_token_logprobs_backward.default, bwd)
+    t_major = torch.randn(T, B, H, generator=g).transpose(0, 1)
+    h_major = torch.randn(H, B, T, generator=g).permute(1, 2, 0)  # rows a view, H-stride B * T
+    for hidden in (t_major, h_major):
+        fwd = (hidden, weight, bias, labels, mask, -100, tf, False, backend)
+        torch.library.opcheck(torch.ops.dpo_kernels.linear_token_logprobs.default, fwd)
+        lse = torch.ops.dpo_kernels.linear_token_logprobs.default(*fwd)[1]
+        grad = torch.randn(B, T, generator=g)
+        bwd = (grad, hidden, weight, bias, labels, mask, lse, -100, tf, True, True, True, backend)
+        torch.library.opcheck(torch.ops.dpo_kernels.linear_token_logprobs_backward.default, bwd)

@@ -55,12 +55,16 @@ class DPOLossTrainer(Trainer):
                 "DPOLossTrainer's loss is the DPO loss given by `loss=` (a DPOLoss), so "
                 "compute_loss_func would never be called; drop it and pass loss=DPOLoss(...)"
             )
-        if type(self.args).__module__.startswith("trl.") and hasattr(self.args, "beta"):
+        trl_config = next(
+            (c for c in type(self.args).__mro__ if c.__module__.split(".")[0] == "trl"), None
+        )
+        if trl_config is not None:  # a DPOConfig (or a subclass, or another TRL config)
             raise TypeError(
-                f"DPOLossTrainer was given args={type(self.args).__name__}, whose loss and data "
-                "fields (beta, loss_type, max_length, ...) it would ignore: its loss is "
-                "`loss=DPOLoss(...)` and its batches come as collated; pass TrainingArguments "
-                "and loss=DPOLoss(beta=..., loss_type=...), or use FusedDPOTrainer (TRL's "
+                f"DPOLossTrainer was given args={type(self.args).__name__}, a TRL "
+                f"{trl_config.__name__}, whose own fields (a DPOConfig's beta, loss_type, "
+                "max_length, ...) it would ignore: its loss is `loss=DPOLoss(...)` and its "
+                "batches come as collated; pass transformers.TrainingArguments and "
+                "loss=DPOLoss(beta=..., loss_type=...), or use FusedDPOTrainer (TRL's "
                 "DPOTrainer), which honours a DPOConfig"
             )
         if self.compute_metrics is not None:

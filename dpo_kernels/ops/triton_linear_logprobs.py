@@ -418,7 +418,7 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
     params = transform_params(transform, hidden)
     acc = params.dtype
     empty = hidden.new_empty(0)
-    dh = torch.empty_like(hidden, dtype=acc) if hidden_grad else empty
+    dh = hidden.new_empty(hidden.shape, dtype=acc) if hidden_grad else empty  # contiguous
     # No zero fill where a matmul writes first: dw by the first token tile (zeros only when no
     # tile comes), each token tile's dh rows by its first vocabulary block.
     new_dw = torch.empty if M else torch.zeros
