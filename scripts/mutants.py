@@ -496,6 +496,13 @@ MUTANTS: list[Mutant] = [
       "dh = torch.empty_like(hidden, dtype=acc) if hidden_grad else empty",
       "tests/test_linear_logprobs.py", "-k", "strided_inputs and triton"),
     # -- The benchmark's check -----------------------------------------------------------------
+    M("bench-trl-sums-in-bf16", "dpo_kernels/bench/peers.py",
+      "(selective_log_softmax(z, labels).float() * mask).sum(-1)",
+      "(selective_log_softmax(z, labels) * mask).sum(-1)",
+      "tests/test_bench_cli.py", "-k", "trl_selective_rows_sum_in_float32"),
+    M("bench-own-objective-unchecked", "dpo_kernels/bench/cases.py",
+      "if not torch.isfinite(objective).all():", "if False:",
+      "tests/test_bench_cli.py", "-k", "own_objective_is_not_finite"),
     M("bench-nan-gradient-dropped", "dpo_kernels/bench/cases.py",
       "g_err = next((e for e in errs if not math.isfinite(e)), max(errs))", "g_err = max(errs)",
       "tests/test_bench_cli.py", "-k", "nan_in_a_later"),

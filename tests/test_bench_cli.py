@@ -591,3 +591,36 @@ def test_methods_are_timed_in_turns_on_cpu(monkeypatch, capsys):
     ours = bench.Method("ours.late", spy("ours.late", fail_at=2), ours=True)
     _with_method(monkeypatch, "logprobs", ours)
     assert cli.main([*one, "--reps", "3"]) == 1
+
+
+def test_a_peer_whose_own_objective_is_not_finite_is_not_ok():
+    """A peer checked by its values alone (its gradients are of its own loss) must still have a
+    finite loss: Liger's fused DPO loss at one row computes the right sums, a NaN loss and zero
+    gradients."""
+    from dpo_kernels.bench.cases import GradStep
+
+    x = torch.ones(3, requires_grad=True)
+    step = GradStep([x], lambda: (x * 2, (x * float("nan")).sum()), own_objective=True)
+    with pytest.raises(FloatingPointError, match="own objective is not finite"):
+        step()
+    if importlib.util.find_spec("liger_kernel") is None:
+        return
+    from dpo_kernels.bench import peers
+
+    with pytest.raises(ValueError, match="B = 1 is odd"):
+        peers.liger_dpo(bench.Case("linear", (1, 8, 16, 50), "fp32"), "cpu")
+    values, _ = peers.liger_dpo(bench.Case("linear", (2, 8, 16, 50), "fp32"), "cpu")()
+    assert values.shape == (2,) and torch.isfinite(values).all()
+
+
+def test_trl_selective_rows_sum_in_float32():
+    """TRL's bf16 per-token log-probs summed in float32, as its trainer does: the bf16 row checks
+    TRL's log-softmax, not a bf16 rounding of the sums that the wrapper would add."""
+    pytest.importorskip("trl")
+    from dpo_kernels.bench import peers
+
+    case = bench.Case("logprobs", (2, 64, 500), "bf16")
+    values, _ = peers.trl_selective(case, "cpu")()
+    assert values.dtype == torch.float32
+    ref = bench.OPS["logprobs"].expected(case, "cpu")[0]
+    assert ((values.double() - ref).abs() / ref.abs()).max() < 1e-3

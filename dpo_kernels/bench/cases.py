@@ -191,6 +191,8 @@ class GradStep:
         out = self.forward()
         if self.own_objective:
             values, objective = out
+            if not torch.isfinite(objective).all():  # its values may be right, its gradients not
+                raise FloatingPointError(f"its own objective is not finite ({objective.item()})")
         else:
             if self.grad_out is None:
                 self.grad_out = incoming_grad(out)

@@ -65,8 +65,12 @@ def ours(case, device) -> Step:
 def trl_selective(case, device) -> Step:
     from trl.trainer.utils import selective_log_softmax
 
+    # Summed in float32, as TRL's trainer sums them: a bf16 sum would round the result (3e-3 of
+    # sums near -4750), an error of the wrapper's, not of TRL's log-softmax.
     return _logits_step(
-        case, device, lambda z, labels, mask: (selective_log_softmax(z, labels) * mask).sum(-1)
+        case,
+        device,
+        lambda z, labels, mask: (selective_log_softmax(z, labels).float() * mask).sum(-1),
     )
 
 
@@ -139,6 +143,10 @@ def liger_dpo(case, device) -> Step:
 
     # Liger fuses the LM head with a whole DPO loss (first half chosen, second half rejected): its
     # sums are checked, its gradients (of the DPO loss, not of the sums) are not.
+    if case.shape[0] % 2:  # one row: no chosen half, a NaN loss and zero gradients
+        raise ValueError(
+            f"it pairs the first half of the rows with the second: B = {case.shape[0]} is odd"
+        )
     loss_fn = LigerFusedLinearDPOLoss(use_ref_model=False)
     hidden, weight, labels, mask = linear_inputs(case, device)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
