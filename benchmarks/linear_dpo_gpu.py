@@ -1,6 +1,6 @@
 """The fused linear DPO loss on a CUDA GPU against its 3 cuBLAS GEMMs (issue 16's GPU target).
 
-At one shape (default: the issue's, 32 rows of 682 tokens, the first quarter prompt: 16368
+At one shape (default: the issue's, 32 rows of 682 tokens, the first quarter prompt: 16384
 counted tokens, H = 4096, V = 128256, bf16) it times, with `triton.testing.do_bench` (median):
 - the 3 plain GEMMs over the counted tokens in the inputs' dtype (logits, dh, dW: the target's
   baseline), together and each alone, and the forms our CUDA route calls (float32 results, dW
