@@ -40,7 +40,7 @@ def head_transform(model) -> dict[str, float | None]:
             "fused_lm_head=True does not cover it: use fused_lm_head=False"
         )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    rows = head.weight.shape[0] if head is not None else getattr(cfg, "vocab_size", None)
+    rows = _head_rows(head) or getattr(cfg, "vocab_size", None)
     unpadded = getattr(cfg, "unpadded_vocab_size", None)  # Inkling cuts its logits to it
     if unpadded is not None and rows is not None and unpadded < rows:
         raise NotImplementedError(
@@ -73,6 +73,15 @@ def head_transform(model) -> dict[str, float | None]:
         "logit_scale": float(scale or 1.0),
         "softcap": next(iter(caps.values()), None),
     }
+
+
+def _head_rows(head) -> int | None:
+    """The LM head's rows, also while an engine holds its weight sharded (called before the
+    head's own forward gathers it): DeepSpeed ZeRO-3's `ds_shape` (its data is empty then),
+    FSDP2's global shape; None for a flat shard (FSDP1 with the head in its own unit)."""
+    w = getattr(head, "weight", None)
+    shape = getattr(w, "ds_shape", None) or (w.shape if w is not None and w.dim() == 2 else None)
+    return int(shape[0]) if shape is not None else None
 
 
 def _full(p: torch.Tensor | None) -> torch.Tensor | None:

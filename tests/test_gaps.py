@@ -228,6 +228,18 @@ def test_unmapped_head_post_processing_raises():
     Config.vocab_size, Config.unpadded_vocab_size = 128, 100  # Inkling: logits[..., :100]
     with pytest.raises(NotImplementedError, match=r"unpadded_vocab_size=100.*fused_lm_head=False"):
         head_transform(Model())
+    # The head's rows, not the config's vocab_size, set the cut (Inkling2: a head of
+    # unpadded_vocab_size rows), also with ZeRO-3's empty partitioned weight (ds_shape)
+    Model.get_output_embeddings = lambda self: head
+    head = torch.nn.Linear(4, 100, bias=False)
+    assert head_transform(Model())["softcap"] == 30.0
+    head.weight = torch.nn.Parameter(torch.empty(0))  # partitioned: the shape is ds_shape
+    head.weight.ds_shape = torch.Size([100, 4])
+    assert head_transform(Model())["softcap"] == 30.0
+    head.weight.ds_shape = torch.Size([128, 4])
+    with pytest.raises(NotImplementedError, match=r"unpadded_vocab_size=100 \(of 128\)"):
+        head_transform(Model())
+    del Model.get_output_embeddings
     Config.unpadded_vocab_size = 128
     assert head_transform(Model())["softcap"] == 30.0
     del Config.logits_soft_cap
