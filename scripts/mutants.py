@@ -498,6 +498,12 @@ MUTANTS: list[Mutant] = [
       "dh = hidden.new_empty(hidden.shape, dtype=acc) if hidden_grad else empty",
       "dh = torch.empty_like(hidden, dtype=acc) if hidden_grad else empty",
       "tests/test_linear_logprobs.py", "-k", "strided_inputs and triton"),
+    M("cpo-smoothing-zero-times-inf-reference", "dpo_kernels/ops/reference_siblings.py",
+      "            if eps:  # eps = 0 adds nothing", "            if True:  # eps = 0 adds nothing",
+      "tests/test_preference_losses.py", "-k", "infinite_margin and reference"),
+    M("cpo-smoothing-zero-times-inf-torch", "dpo_kernels/ops/torch_sibling_losses.py",
+      "            if eps:  # eps = 0 adds nothing", "            if True:  # eps = 0 adds nothing",
+      "tests/test_preference_losses.py", "-k", "infinite_margin and cpu"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-trl-sums-in-bf16", "dpo_kernels/bench/peers.py",
       "(selective_log_softmax(z, labels).float() * mask).sum(-1)",

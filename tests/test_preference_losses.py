@@ -386,3 +386,33 @@ def test_compiled_with_a_graph_break_matches_eager(family):
     comp.backward()
     torch.testing.assert_close(comp, eager)
     torch.testing.assert_close(a2.grad, a1.grad)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_cpo_infinite_margin_is_the_same_on_every_backend(backend):
+    # Pair 1's rejected reward is -inf: a -inf log-prob sum, or AlphaPO's p^-alpha past float32's
+    # range (alpha 2 at an average log-prob of -60). With label_smoothing 0 that pair's loss is 0
+    # on every backend (0 * inf made the loss NaN on reference and cpu only, finite on triton);
+    # with label_smoothing > 0 it is inf everywhere.
+    pc, pr, nc, nr = _inputs(4, seed=5, dtype=torch.float32)
+    minus_inf = pr.clone().index_fill_(0, torch.tensor([1]), -math.inf)
+    overflow = pr.clone().index_put_((torch.tensor([1]),), -60.0 * nr[1].float())
+    for loss_type, eps, alpha, rejected in [
+        ("sigmoid", 0.0, 0.0, minus_inf),
+        ("simpo", 0.0, 0.0, minus_inf),
+        ("alphapo", 0.0, 2.0, overflow),
+        ("sigmoid", 0.2, 0.0, minus_inf),
+    ]:
+        outs = []
+        for be in ("reference", backend):
+            a, b = pc.clone().requires_grad_(), rejected.clone().requires_grad_()
+            o = cpo_loss(a, b, chosen_counts=nc, rejected_counts=nr, loss_type=loss_type,
+                         label_smoothing=eps, alpha=alpha, cpo_alpha=0.0, backend=be)  # fmt: skip
+            o.loss.backward()
+            outs.append((o.loss.detach(), o.losses, a.grad, b.grad))
+        (loss, per, ga, gb), other = outs
+        assert per[1] == (math.inf if eps else 0.0), (loss_type, per)
+        assert per[[0, 2, 3]].isfinite().all() and (per[[0, 2, 3]] > 0).all()
+        torch.testing.assert_close(loss, per.mean())  # finite at eps 0, inf otherwise
+        for got, want in zip(other, (loss, per, ga, gb), strict=True):
+            torch.testing.assert_close(got, want, equal_nan=True)

@@ -62,7 +62,9 @@ def sibling_losses(
             z = z - spec.simpo_gamma / beta
         eps = spec.label_smoothing
         if spec.loss_type in ("sigmoid", "simpo"):
-            per = -F.logsigmoid(beta * z) * (1 - eps) - F.logsigmoid(-beta * z) * eps
+            per = -F.logsigmoid(beta * z) * (1 - eps)
+            if eps:  # eps = 0 adds nothing, not 0 * inf = NaN at an infinite margin (as dpo_loss)
+                per = per - F.logsigmoid(-beta * z) * eps
         elif spec.loss_type == "hinge":
             per = torch.relu(1 - beta * z)
         else:  # ipo

@@ -39,7 +39,9 @@ def sibling_loss_and_grads(
         eps = spec.label_smoothing
         if spec.loss_type in ("sigmoid", "simpo"):
             u = beta * z
-            per = (1 - eps) * F.softplus(-u) + eps * F.softplus(u)
+            per = (1 - eps) * F.softplus(-u)
+            if eps:  # eps = 0 adds nothing, not 0 * inf = NaN at an infinite margin
+                per = per + eps * F.softplus(u)
             dz = beta * (-(1 - eps) * torch.sigmoid(-u) + eps * torch.sigmoid(u))
         elif spec.loss_type == "hinge":
             per = torch.relu(1 - beta * z)
