@@ -429,7 +429,6 @@ def save_grads(ctx, grads: tuple[torch.Tensor, ...], wants: tuple[bool, ...],
     ctx.save_for_backward(*grads)
     ctx.wanted = tuple(wants)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs)  # (hidden, weight, bias)
-    ctx.scale = None
 
 
 _CAST_BLOCK = 1 << 22  # elements of the CPU backward's float32 temporaries (16 MiB)
@@ -461,32 +460,33 @@ def _scaled(g: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 def scaled_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
     """The saved (hidden, weight, bias) gradients times the incoming one, in the inputs' dtypes:
-    in place the first time in eager mode where they are in that dtype (nothing else holds them
-    yet); out of place when traced (torch.compile, AOT autograd: the incoming gradient is then a
-    fake or functional tensor, whose value no branch may look at) or on meta tensors."""
+    in place where they are in that dtype and the graph is freed after this call (nothing else
+    holds them); out of place when the graph is retained (a later call needs them unscaled, and
+    .grad must not share their storage: through a view's backward, x.view(...) or w.t(), it
+    would take the returned tensor uncopied, and its += or an in-place clip would write them),
+    and when traced (torch.compile, AOT autograd: the incoming gradient is then a fake or
+    functional tensor, whose value no branch may look at) or on meta tensors."""
     if torch.is_grad_enabled():  # create_graph: these gradients have no derivative of their own
         refuse_double_backward("the fused LM-head losses (linear_*_loss)")
     grads, dtypes, wanted = ctx.saved_tensors, ctx.dtypes, ctx.wanted
-    if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor or grad_loss.is_meta:
+    if (
+        torch.compiler.is_compiling()
+        or type(grad_loss) is not torch.Tensor
+        or grad_loss.is_meta
+        or _keeps_graph()
+    ):
         out = [_times(g, grad_loss, d) for g, d in zip(grads, dtypes, strict=True)]
-    elif ctx.scale is None:
-        ctx.scale = grad_loss.detach().clone()
-        out = []
-        for g, want, d in zip(grads, wanted, dtypes, strict=True):
-            scaled = _scaled(g.data, grad_loss.detach(), d) if want else None  # .data: no
-            # version bump. In place: the saved tensor itself, not the alias .data gave, which
-            # AccumulateGrad would take as .grad uncopied while a retained graph still saves it.
-            out.append(g if want and d == g.dtype else scaled)
-    else:  # retain_graph: a later backward; those scaled in place, relative to the first scale
-        in_place = [w and g.dtype == d for g, w, d in zip(grads, wanted, dtypes, strict=True)]
-        if any(in_place) and not bool((ctx.scale != 0).all()):
-            raise RuntimeError(
-                "linear_dpo_loss / linear_pair_loss: a second backward after a first one with "
-                "a zero incoming gradient cannot be scaled; call the loss again"
-            )
-        out = [_times(g, grad_loss / ctx.scale if p else grad_loss, d)
-               for g, d, p in zip(grads, dtypes, in_place, strict=True)]  # fmt: skip
+    else:  # .data: no version bump of a saved tensor
+        out = [_scaled(g.data, grad_loss.detach(), d) if want else None
+               for g, want, d in zip(grads, wanted, dtypes, strict=True)]  # fmt: skip
     return [g if want else None for g, want in zip(out, wanted, strict=True)]
+
+
+def _keeps_graph() -> bool:
+    """Whether the running backward keeps the graph (retain_graph); True where this torch cannot
+    tell (then every call is out of place: correct, one copy more)."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
 
 
 def _times(g: torch.Tensor, s: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

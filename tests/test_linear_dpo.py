@@ -277,6 +277,29 @@ def test_retained_graph_backward_calls_accumulate(dtype):
     assert_close(w.grad.double(), 4.0 * dw64, tol, "weight grad")
 
 
+def test_retained_graph_through_views_of_leaves():
+    """hidden = x.view(...) and weight = w_t.t(): each view's backward gives AccumulateGrad a
+    view of the gradient the op returned, which becomes .grad without a copy. Through a retained
+    graph that gradient must not be the op's saved one: the next backward's += (or a zeroing
+    through .data) wrote it ("modified by an inplace operation" on the third call, a zero
+    gradient after .data.zero_())."""
+    hidden, weight, bias, labels, mask, rc, rr = make_batch()
+    _, dh64, dw64, _ = reference64(hidden, weight, bias, labels, mask, rc, rr)
+    x = hidden.detach().reshape(-1, hidden.shape[-1]).clone().requires_grad_()
+    w_t = weight.detach().t().clone().requires_grad_()
+    out = linear_dpo_loss(x.view(hidden.shape), w_t.t(), labels, bias=bias, mask=mask,
+                          ref_chosen_logps=rc, ref_rejected_logps=rr)  # fmt: skip
+    for k in (1.0, 2.0, -0.5):
+        (out.loss * k).backward(retain_graph=True)
+    assert_close(x.grad.double(), 2.5 * dh64.reshape(x.shape), 1e-4, "hidden grad")
+    assert_close(w_t.grad.double(), 2.5 * dw64.t(), 1e-4, "weight grad")
+    x.grad.data.zero_()
+    w_t.grad = None
+    out.loss.backward()  # the last call: the graph is freed, the gradients handed out in place
+    assert_close(x.grad.double(), dh64.reshape(x.shape), 1e-4, "hidden grad after .data zeroing")
+    assert_close(w_t.grad.double(), dw64.t(), 1e-4, "weight grad after a new .grad")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_backward_scale_in_blocks(dtype, monkeypatch):
     """The CPU backward's scale of a kept float32 gradient: rounded to the input's dtype from
