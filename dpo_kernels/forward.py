@@ -117,7 +117,9 @@ def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     2-token sequences [x, x, x', x]: the second's and the fourth's logits must be equal, bit for
     bit (with the sequences kept apart, the masked keys add exact zeros; in one forward, a
     mixture of experts computes both in the same expert calls: before 2026-11-27 two forwards,
-    whose expert groupings differed, refused Qwen3-MoE for a last-bit difference)."""
+    whose expert groupings differed, refused Qwen3-MoE for a last-bit difference). A second
+    forward, with the last sequence changed, refuses attention that is not causal (XLM's default,
+    a BERT-style model without is_decoder), which gives the second and fourth the same context."""
     if model in _PACKING_CHECKED:
         return
     inner = unwrap_model(model)
@@ -133,14 +135,35 @@ def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     packed = torch.cat([x, x, (x + 1) % vocab, x])[None]  # [1, 8]
     positions = torch.tensor([[0, 1] * 4], device=x.device)
     modes = [(m, m.training) for m in model.modules()]  # each module's own (a frozen part's)
+    # A model that attends both ways across the pack (XLM's default causal=False, a BERT-style
+    # model without is_decoder) gives the 2nd and 4th sequences the same context too: a second
+    # forward with the last sequence changed must leave the first three as they were (skipped
+    # for mixtures of experts, whose expert groupings, and last bits, change with the tokens;
+    # transformers' MoE families are causal decoders, checked by the first probe).
+    cfg = getattr(inner, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    moe = any((getattr(cfg, k, None) or 0) > 1
+              for k in ("num_experts", "num_local_experts", "n_routed_experts"))  # fmt: skip
     model.eval()
     try:
         with torch.no_grad():
             out = _logits_of(model(input_ids=packed, position_ids=positions, use_cache=False))
+            later = None
+            if not moe:
+                changed = torch.cat([x, x, (x + 1) % vocab, (x + 2) % vocab])[None]
+                later = _logits_of(model(input_ids=changed, position_ids=positions,
+                                         use_cache=False))[0, -packed.shape[1] :]  # fmt: skip
     finally:
         for m, training in modes:
             m.training = training
     out = out[0, -packed.shape[1] :]
+    if later is not None and not torch.equal(out[:6], later[:6]):
+        attn = getattr(cfg, "_attn_implementation", None)
+        raise ValueError(
+            f"padding_free=True: {type(inner).__name__} (attn_implementation={attn!r}) lets a "
+            "packed sequence attend to the ones after it (its attention is not causal), so its "
+            "log-probs would be wrong; pass padding_free=False"
+        )
     if not torch.equal(out[2:4], out[6:8]):
         attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
         raise ValueError(

@@ -256,6 +256,8 @@ def plain_lm_head(model: torch.nn.Module) -> bool:
         return False
     try:
         _unwrap_head(head)
+        if _modules_outside(inner, _backbone(inner), head):
+            return False
     except NotImplementedError:
         return False
     return True
@@ -379,7 +381,7 @@ def _fused_head_forward(self, slot: str, *args, dpo_kernels_head: HeadCall | Non
     if call.router_aux:
         kwargs["output_router_logits"] = True
     with _forward_autocast(self):
-        out = self.base_model(*args, **kwargs)
+        out = _backbone(self)(*args, **kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         full, hidden = hidden, hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
         # (eager under torch.compile: the head's forward is swapped for this call)
@@ -393,6 +395,37 @@ def _fused_head_forward(self, slot: str, *args, dpo_kernels_head: HeadCall | Non
         loss, logprobs = res
         return HeadOutput(logprobs, aux, loss, extra)
     return HeadOutput(res, aux, None, extra)
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM's backbone, whose last hidden states its LM head reads: `base_model` (the
+    attribute `base_model_prefix` names), or `model` where that prefix names no attribute
+    (transformers' `base_model` then returns the causal LM itself: Llama4ForCausalLM and
+    MllamaForCausalLM keep `base_model_prefix = "language_model"` but their decoder in `model`)."""
+    base = model.base_model
+    if base is model:
+        base = getattr(model, "model", None)
+    if not isinstance(base, torch.nn.Module) or base is model:
+        raise NotImplementedError(
+            f"fused_lm_head=True: {type(model).__name__} has no backbone module to run without "
+            f"its head (base_model_prefix={getattr(model, 'base_model_prefix', None)!r}); use "
+            "fused_lm_head=False"
+        )
+    return base
+
+
+def _modules_outside(model: torch.nn.Module, base: torch.nn.Module, head: torch.nn.Module):
+    """Names of the causal LM's modules holding parameters outside its backbone and its LM head:
+    layers its forward applies between the two (BERT's / RoBERTa's / Electra's / ModernBERT's
+    prediction-head transform, Clvp's final norm), which the fused head would skip."""
+    allowed = {id(m) for m in base.modules()} | {id(m) for m in head.modules()}
+    # (FSDP1's flat parameters hold several modules' parameters each: not a module's own)
+    return [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if id(m) not in allowed
+        and any(not getattr(p, "_is_flat_param", False) for p in m.parameters(recurse=False))
+    ]
 
 
 def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -410,6 +443,13 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
             f"{type(inner).__name__} has none: pass fused_lm_head=False"
         )
     _unwrap_head(inner.get_output_embeddings())  # a head the fused path computes, or raise
+    extra = _modules_outside(inner, _backbone(inner), inner.get_output_embeddings())
+    if extra:
+        raise NotImplementedError(
+            f"fused_lm_head=True: {type(inner).__name__} applies modules of its own between its "
+            f"backbone and its LM head ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''}"
+            "), which the fused head would skip: use fused_lm_head=False"
+        )
     if is_prompt_learning(model):
         raise ValueError(
             "fused_lm_head=True with a prompt-learning PEFT adapter: its virtual tokens' hidden "

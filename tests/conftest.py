@@ -150,6 +150,8 @@ OTHER_FAMILIES = {
     "opt": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32)),
     "bloom": ("BloomConfig", dict(n_head=4, n_layer=2)),
     "mpt": ("MptConfig", dict(d_model=32, n_heads=4, n_layers=2)),
+    "roberta": ("RobertaConfig", dict(is_decoder=True)),  # a transform between backbone and head
+    "xlm": ("XLMConfig", {}),  # causal=False: attention both ways
 }
 
 

@@ -411,3 +411,43 @@ def test_logits_with_a_vocabulary_stride_reach_the_kernel_as_they_are(backend):
     tok.sum().backward()
     torch.testing.assert_close(wide.grad[:, :, ::2].double(), z64.grad, rtol=0, atol=1e-6)
     assert torch.all(wide.grad[:, :, 1::2] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads the fused path cannot read off get_output_embeddings(), found by a sweep of transformers'
+# causal LMs: a prediction-head transform between the backbone and the head's Linear (BERT-style),
+# a base_model_prefix naming no attribute (Llama4ForCausalLM), attention that is not causal.
+
+
+def test_fused_lm_head_refuses_a_transform_before_the_head():
+    # RoBERTa's lm_head is dense + gelu + layer_norm + decoder, get_output_embeddings() the
+    # decoder alone: the fused head read the backbone's output straight into it.
+    model = tiny_causal_lm("roberta")
+    batch = collate_preferences(preference_examples(3))
+    with pytest.raises(NotImplementedError, match=r"lm_head.dense.*fused_lm_head=False"):
+        concatenated_forward(model, batch, fused_lm_head=True)
+    assert not dpo_kernels.fused_head.fused_head_supported(model)
+    plain = concatenated_forward(model.double(), batch, fused_lm_head=False)  # the fallback
+    torch.testing.assert_close(plain.policy.logps.double(), model_logps_f64(model, batch))
+
+
+def test_fused_lm_head_finds_the_backbone_of_llama4():
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.Llama4TextConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                             intermediate_size=64, intermediate_size_mlp=64,
+                             num_local_experts=2)  # fmt: skip
+    model = T.Llama4ForCausalLM(cfg).eval().double()
+    batch = collate_preferences(preference_examples(3))
+    fused = concatenated_forward(model, batch, fused_lm_head=True)
+    torch.testing.assert_close(fused.policy.logps.double(), model_logps_f64(model, batch))
+
+
+def test_padding_free_refuses_attention_that_is_not_causal():
+    # XLM's default causal=False: the probe's 2nd and 4th sequences see the same pack both ways,
+    # so only a forward with a later sequence changed tells.
+    batch = collate_preferences(preference_examples(3))
+    with pytest.raises(ValueError, match=r"padding_free=True: XLMWithLMHeadModel.*after it"):
+        concatenated_forward(tiny_causal_lm("xlm"), batch, padding_free=True)

@@ -85,7 +85,7 @@ def fused_head_refusals(trainer, fused_lm_head: bool) -> dict[str, bool]:
             fused_lm_head and is_prompt_learning(trainer.model)
         ),
         "an LM head that is not a plain nn.Linear (a LoRA adapter on lm_head, a head class with "
-        "its own forward) with fused_lm_head=True": (
+        "its own forward, layers between the backbone and the head) with fused_lm_head=True": (
             fused_lm_head and not plain_lm_head(trainer.model)
         ),
     }
