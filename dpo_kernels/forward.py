@@ -142,8 +142,7 @@ def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     # transformers' MoE families are causal decoders, checked by the first probe).
     cfg = getattr(inner, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    moe = any((getattr(cfg, k, None) or 0) > 1
-              for k in ("num_experts", "num_local_experts", "n_routed_experts"))  # fmt: skip
+    moe = _experts(cfg) > 1
     model.eval()
     try:
         with torch.no_grad():
@@ -174,6 +173,15 @@ def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
             "(flash_attention_2, or sdpa/eager on Llama-style models)"
         )
     _PACKING_CHECKED.add(model)
+
+
+def _experts(cfg) -> int:
+    """The most experts a config names (num_experts, num_local_experts, n_routed_experts,
+    Ernie-MoE's and Aria's moe_num_experts, DBRX's ffn_config.moe_num_experts); 0 if none."""
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    fields = {**d, **(d.get("ffn_config") if isinstance(d.get("ffn_config"), dict) else {})}
+    counts = [v for k, v in fields.items() if k.endswith("experts") and type(v) is int]
+    return max(counts, default=0)
 
 
 def _logits_of(out) -> torch.Tensor:

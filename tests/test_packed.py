@@ -192,3 +192,24 @@ def test_prompt_learning_peft_is_refused_packed_or_fused(option):
     batch = collate_preferences(preference_examples(2))
     with pytest.raises(ValueError, match=rf"{option}=True with a prompt-learning PEFT.*{option}=F"):
         concatenated_forward(model, batch, **{option: True})
+
+
+def test_packing_probe_reads_every_expert_count():
+    # The packing check's second forward (a later sequence changed) is skipped for mixtures of
+    # experts, whose expert groupings, and so last bits, may change with the other tokens: the
+    # count is read under each family's name.
+    import transformers as T
+
+    from dpo_kernels.forward import _experts
+
+    cases = [
+        (T.LlamaConfig(), 0),
+        (T.GPT2Config(), 0),
+        (T.MixtralConfig(num_local_experts=4), 4),
+        (T.Qwen3MoeConfig(num_experts=6), 6),
+        (T.DeepseekV3Config(n_routed_experts=5), 5),
+        (T.Ernie4_5_MoeConfig(moe_num_experts=3), 3),
+        (T.DbrxConfig(ffn_config={"moe_num_experts": 7}), 7),
+    ]
+    for cfg, n in cases:
+        assert _experts(cfg) == n, type(cfg).__name__
