@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import types
 from typing import Any, NamedTuple
 
@@ -21,6 +22,16 @@ from .linear_logprobs import linear_sequence_logprobs
 _MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
 # Config fields of a final cap * tanh(logits / cap): Gemma-2 and most; RecurrentGemma; xLSTM.
 _SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+# Every config field `head_transform` reads as a logit post-processing.
+_TRANSFORM_FIELDS = (
+    *_SOFTCAP_FIELDS,
+    "logit_scale",
+    "lm_head_multiplier",
+    "logits_scaling",
+    "logits_mup_width_multiplier",
+    "output_multiplier",
+    "unpadded_vocab_size",
+)
 
 
 def head_transform(model) -> dict[str, float | None]:
@@ -34,9 +45,18 @@ def head_transform(model) -> dict[str, float | None]:
     cfg = (
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     )
+    if getattr(model.config, "model_type", None) in _MASKING_LOGITS:
+        raise NotImplementedError(
+            f"{type(model).__name__} masks logits of its own after its LM head (Chameleon: the "
+            "image tokens' logits set to the dtype's minimum); fused_lm_head=True does not cover "
+            "it: use fused_lm_head=False"
+        )
+    if cfg is not model.config:  # a composite (vision-language) model: only what its forward uses
+        cfg = _UsedFields(cfg, _own_source(type(model)))
+    name = type(cfg._cfg if isinstance(cfg, _UsedFields) else cfg).__name__
     if getattr(cfg, "output_multiplier", None) not in (None, 1, 1.0):
         raise NotImplementedError(
-            f"{type(cfg).__name__} scales its logits by output_multiplier before the softcap; "
+            f"{name} scales its logits by output_multiplier before the softcap; "
             "fused_lm_head=True does not cover it: use fused_lm_head=False"
         )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -44,14 +64,14 @@ def head_transform(model) -> dict[str, float | None]:
     unpadded = getattr(cfg, "unpadded_vocab_size", None)  # Inkling cuts its logits to it
     if unpadded is not None and rows is not None and unpadded < rows:
         raise NotImplementedError(
-            f"{type(cfg).__name__} drops the LM head's rows past unpadded_vocab_size={unpadded} "
+            f"{name} drops the LM head's rows past unpadded_vocab_size={unpadded} "
             f"(of {rows}) from its logits; fused_lm_head=True does not cover it: use "
             "fused_lm_head=False"
         )
     caps = {k: getattr(cfg, k) for k in _SOFTCAP_FIELDS if getattr(cfg, k, None) is not None}
     if len(caps) > 1:
         raise NotImplementedError(
-            f"{type(cfg).__name__} sets several logit softcaps ({caps}); fused_lm_head=True "
+            f"{name} sets several logit softcaps ({caps}); fused_lm_head=True "
             "applies one: use fused_lm_head=False"
         )
     scale = getattr(cfg, "logit_scale", None)
@@ -64,7 +84,7 @@ def head_transform(model) -> dict[str, float | None]:
     if mup not in (None, 1, 1.0):
         if getattr(head, "bias", None) is not None:
             raise NotImplementedError(
-                f"{type(cfg).__name__} divides the hidden states by logits_mup_width_multiplier "
+                f"{name} divides the hidden states by logits_mup_width_multiplier "
                 "before a biased LM head; fused_lm_head=True does not cover it: use "
                 "fused_lm_head=False"
             )
@@ -73,6 +93,42 @@ def head_transform(model) -> dict[str, float | None]:
         "logit_scale": float(scale or 1.0),
         "softcap": next(iter(caps.values()), None),
     }
+
+
+# Model types whose forward masks logits after the LM head (Chameleon: the image tokens').
+_MASKING_LOGITS = ("chameleon",)
+
+
+@functools.cache
+def _own_source(cls: type) -> str | None:
+    """The source of the `forward` and `__init__` methods along a model class's hierarchy (its
+    own and its bases', not torch's or transformers' generic ones); None if none can be read."""
+    parts = []
+    for c in cls.__mro__:
+        if c.__module__.startswith(("torch.", "transformers.modeling_utils",
+                                    "transformers.generation", "builtins")):  # fmt: skip
+            continue
+        for meth in ("forward", "__init__"):
+            f = c.__dict__.get(meth)
+            if inspect.isfunction(f):
+                with contextlib.suppress(OSError, TypeError):
+                    parts.append(inspect.getsource(f))
+    return "\n".join(parts) if parts else None
+
+
+class _UsedFields:
+    """A composite model's text config as its forward reads it: a logit post-processing field
+    the model's own forward / __init__ never names (LLaVA, Gemma3, Mistral3, Aya Vision, Cohere2
+    Vision ... with a Gemma-2-style softcap or Cohere's logit_scale in their text_config) is not
+    applied by it, so reads None here. Unreadable source: the config as it is."""
+
+    def __init__(self, cfg, source: str | None) -> None:
+        self._cfg, self._source = cfg, source
+
+    def __getattr__(self, name: str):
+        if self._source is not None and name in _TRANSFORM_FIELDS and name not in self._source:
+            return None
+        return getattr(self._cfg, name)
 
 
 def _head_rows(head) -> int | None:
@@ -383,6 +439,11 @@ def _fused_head_forward(self, slot: str, *args, dpo_kernels_head: HeadCall | Non
     with _forward_autocast(self):
         out = _backbone(self)(*args, **kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        ids = kwargs.get("input_ids")
+        if ids is not None and hidden.shape[-2] > ids.shape[-1]:
+            # positions before the rows' own (GIT prepends its image tokens): the rows' are the
+            # last ones, as the logits path takes them
+            hidden = hidden[..., -ids.shape[-1] :, :]
         full, hidden = hidden, hidden[0] if call.cu_seqlens is not None else hidden[:, :-1]
         # (eager under torch.compile: the head's forward is swapped for this call)
         run_head = _EAGER_RUN_HEAD or _eager_run_head()

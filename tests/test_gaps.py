@@ -451,3 +451,79 @@ def test_padding_free_refuses_attention_that_is_not_causal():
     batch = collate_preferences(preference_examples(3))
     with pytest.raises(ValueError, match=r"padding_free=True: XLMWithLMHeadModel.*after it"):
         concatenated_forward(tiny_causal_lm("xlm"), batch, padding_free=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision-language models, found by a sweep of transformers' image-text-to-text classes: their
+# text_config's logit post-processing applies only where their own forward applies it; GIT puts
+# its image positions before the text; Chameleon masks its image tokens' logits.
+
+_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0)  # fmt: skip
+_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=8, patch_size=4)  # fmt: skip
+
+
+def _vlm(name: str):
+    import transformers as T
+
+    torch.manual_seed(0)
+    if name == "aya-vision-cohere2":  # Cohere2's logit_scale (0.0625): Aya's forward ignores it
+        cfg = T.AyaVisionConfig(
+            text_config=dict(_TEXT, model_type="cohere2"), vision_config=_VISION
+        )
+        model = T.AyaVisionForConditionalGeneration(cfg)
+    elif name == "llava-gemma2":  # a Gemma-2 text config's softcap: LLaVA's forward ignores it
+        cfg = T.LlavaConfig(text_config=dict(_TEXT, model_type="gemma2"), vision_config=_VISION)
+        model = T.LlavaForConditionalGeneration(cfg)
+    elif name == "paligemma-softcap":  # PaliGemma's forward applies its text config's softcap
+        text = dict(_TEXT, model_type="gemma2", final_logit_softcapping=3.0)
+        cfg = T.PaliGemmaConfig(text_config=text, vision_config=_VISION, projection_dim=32)
+        model = T.PaliGemmaForConditionalGeneration(cfg)
+    model = model.eval().double()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)  # logits large enough for the transforms
+    return model
+
+
+@pytest.mark.parametrize("name", ["aya-vision-cohere2", "llava-gemma2", "paligemma-softcap"])
+def test_vision_language_head_applies_what_its_forward_applies(name):
+    model = _vlm(name)
+    batch = collate_preferences(preference_examples(3))
+    fused = concatenated_forward(model, batch, fused_lm_head=True)
+    torch.testing.assert_close(fused.policy.logps.double(), model_logps_f64(model, batch))
+
+
+def test_git_image_positions_before_the_text():
+    import transformers as T
+
+    torch.manual_seed(0)
+    text = {k: v for k, v in _TEXT.items() if k not in ("head_dim", "num_key_value_heads")}
+    cfg = T.GitConfig(vision_config=dict(_VISION, image_size=16, patch_size=8), **text)
+    model = T.GitForCausalLM(cfg).eval().double()
+    batch = collate_preferences(preference_examples(3))
+    pixels = {"pixel_values": torch.randn(6, 3, 16, 16, dtype=torch.float64)}
+    b = preference_batch(batch)
+    with torch.no_grad():  # the model's own logits of the text positions (the last T)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, **pixels).logits
+    logits = logits[:, -b.input_ids.shape[1] :]
+    counted = (b.completion_mask[:, 1:] != 0) & (b.attention_mask[:, 1:] != 0)
+    expect = f64_token_logps(logits[:, :-1], b.input_ids[:, 1:], counted).sum(-1)
+    for fused_lm_head in (True, False):
+        got = concatenated_forward(model, batch, fused_lm_head=fused_lm_head, model_kwargs=pixels)
+        torch.testing.assert_close(got.policy.logps.double(), expect)
+
+
+def test_chameleon_image_token_mask_is_refused():
+    import transformers as T
+
+    torch.manual_seed(0)
+    vocab_map = {"<image>": 5, **{f"IMGIMG{chr(65 + i)}Z": 100 + i for i in range(10)}}
+    text = {k: v for k, v in _TEXT.items() if k != "head_dim"}
+    vq = dict(embed_dim=32, channel_multiplier=[1], num_res_blocks=1, base_channels=32,
+              latent_channels=32, attn_resolutions=[], resolution=8)  # fmt: skip
+    cfg = T.ChameleonConfig(**text, vocabulary_map=vocab_map, vq_config=vq)
+    model = T.ChameleonForConditionalGeneration(cfg).eval()
+    batch = collate_preferences(preference_examples(3))
+    with pytest.raises(NotImplementedError, match=r"masks logits of its own.*fused_lm_head=False"):
+        concatenated_forward(model, batch, fused_lm_head=True)
