@@ -18,8 +18,9 @@ import torch
 from .common import DPOLossSpec, SequenceLogprobs
 from .linear_logprobs import linear_sequence_logprobs
 
-# Model types whose `logits_scaling` multiplies the logits (muP); Granite's divides them.
-_MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
+# Model types whose `logits_scaling` multiplies the logits (muP); Granite's divides them. The
+# model's own type, which applies it: a vision-language model's, not its text config's.
+_MULTIPLYING_LOGITS_SCALING = ("hyperclovax", "hyperclovax_vision_v2")
 # Config fields of a final cap * tanh(logits / cap): Gemma-2 and most; RecurrentGemma; xLSTM.
 _SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 # Every config field `head_transform` reads as a logit post-processing.
@@ -78,7 +79,7 @@ def head_transform(model) -> dict[str, float | None]:
     if scale is None:  # Falcon-H1: lm_head(h) * lm_head_multiplier
         scale = getattr(cfg, "lm_head_multiplier", None)
     if scale is None and getattr(cfg, "logits_scaling", None):
-        multiplies = getattr(cfg, "model_type", "") in _MULTIPLYING_LOGITS_SCALING
+        multiplies = getattr(model.config, "model_type", "") in _MULTIPLYING_LOGITS_SCALING
         scale = cfg.logits_scaling if multiplies else 1.0 / cfg.logits_scaling
     mup = getattr(cfg, "logits_mup_width_multiplier", None)  # Inkling: hidden / it, then head
     if mup not in (None, 1, 1.0):

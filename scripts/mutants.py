@@ -532,6 +532,10 @@ MUTANTS: list[Mutant] = [
     M("chameleon-logit-mask-ignored", "dpo_kernels/fused_head.py",
       "in _MASKING_LOGITS:", "in ():",
       "tests/test_gaps.py", "-k", "chameleon"),
+    M("logits-scaling-direction-from-text-config", "dpo_kernels/fused_head.py",
+      'multiplies = getattr(model.config, "model_type", "")',
+      'multiplies = getattr(cfg, "model_type", "")',
+      "tests/test_gaps.py", "-k", "vision_language"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-trl-sums-in-bf16", "dpo_kernels/bench/peers.py",
       "(selective_log_softmax(z, labels).float() * mask).sum(-1)",

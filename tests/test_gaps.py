@@ -480,13 +480,22 @@ def _vlm(name: str):
         text = dict(_TEXT, model_type="gemma2", final_logit_softcapping=3.0)
         cfg = T.PaliGemmaConfig(text_config=text, vision_config=_VISION, projection_dim=32)
         model = T.PaliGemmaForConditionalGeneration(cfg)
+    elif name == "hcx-vision-granite-text":  # multiplies by logits_scaling, whatever the text
+        vision = dict(model_type="qwen2_5_vl_vision", depth=1, hidden_size=16,
+                      intermediate_size=32, num_heads=2, out_hidden_size=32)  # fmt: skip
+        text = dict(_TEXT, model_type="granite", logits_scaling=4.0)  # (Granite's divides)
+        text.pop("head_dim")
+        cfg = T.HyperCLOVAXVisionV2Config(text_config=text, vision_config=vision)
+        model = T.HyperCLOVAXVisionV2ForConditionalGeneration(cfg)
     model = model.eval().double()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(40)  # logits large enough for the transforms
     return model
 
 
-@pytest.mark.parametrize("name", ["aya-vision-cohere2", "llava-gemma2", "paligemma-softcap"])
+@pytest.mark.parametrize(
+    "name", ["aya-vision-cohere2", "llava-gemma2", "paligemma-softcap", "hcx-vision-granite-text"]
+)
 def test_vision_language_head_applies_what_its_forward_applies(name):
     model = _vlm(name)
     batch = collate_preferences(preference_examples(3))
