@@ -156,15 +156,14 @@ def check_packing(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
         for m, training in modes:
             m.training = training
     out = out[0, -packed.shape[1] :]
+    attn = getattr(cfg, "_attn_implementation", None)
     if later is not None and not torch.equal(out[:6], later[:6]):
-        attn = getattr(cfg, "_attn_implementation", None)
         raise ValueError(
             f"padding_free=True: {type(inner).__name__} (attn_implementation={attn!r}) lets a "
             "packed sequence attend to the ones after it (its attention is not causal), so its "
             "log-probs would be wrong; pass padding_free=False"
         )
     if not torch.equal(out[2:4], out[6:8]):
-        attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
         raise ValueError(
             f"padding_free=True: {type(inner).__name__} (attn_implementation={attn!r}) lets a "
             "packed sequence attend to the one before it (it does not honour restarting "

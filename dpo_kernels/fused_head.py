@@ -23,6 +23,8 @@ from .linear_logprobs import linear_sequence_logprobs
 _MULTIPLYING_LOGITS_SCALING = ("hyperclovax", "hyperclovax_vision_v2")
 # Config fields of a final cap * tanh(logits / cap): Gemma-2 and most; RecurrentGemma; xLSTM.
 _SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+# Model types whose forward masks logits after the LM head (Chameleon: the image tokens').
+_MASKING_LOGITS = ("chameleon",)
 # Every config field `head_transform` reads as a logit post-processing.
 _TRANSFORM_FIELDS = (
     *_SOFTCAP_FIELDS,
@@ -52,9 +54,9 @@ def head_transform(model) -> dict[str, float | None]:
             "image tokens' logits set to the dtype's minimum); fused_lm_head=True does not cover "
             "it: use fused_lm_head=False"
         )
+    name = type(cfg).__name__
     if cfg is not model.config:  # a composite (vision-language) model: only what its forward uses
         cfg = _UsedFields(cfg, _own_source(type(model)))
-    name = type(cfg._cfg if isinstance(cfg, _UsedFields) else cfg).__name__
     if getattr(cfg, "output_multiplier", None) not in (None, 1, 1.0):
         raise NotImplementedError(
             f"{name} scales its logits by output_multiplier before the softcap; "
@@ -94,10 +96,6 @@ def head_transform(model) -> dict[str, float | None]:
         "logit_scale": float(scale or 1.0),
         "softcap": next(iter(caps.values()), None),
     }
-
-
-# Model types whose forward masks logits after the LM head (Chameleon: the image tokens').
-_MASKING_LOGITS = ("chameleon",)
 
 
 @functools.cache
@@ -305,19 +303,33 @@ def _unwrap_head(head: torch.nn.Module) -> torch.nn.Module:
 
 
 def plain_lm_head(model: torch.nn.Module) -> bool:
-    """Whether the causal LM inside `model`'s wrappers has an LM head the fused head computes: a
-    plain `nn.Linear` (see `_unwrap_head`)."""
-    inner = unwrap_model(model)
-    head = getattr(inner, "get_output_embeddings", lambda: None)()
-    if head is None:
-        return False
+    """Whether the causal LM inside `model`'s wrappers has an LM head the fused head computes
+    (`_check_head`)."""
     try:
-        _unwrap_head(head)
-        if _modules_outside(inner, _backbone(inner), head):
-            return False
-    except NotImplementedError:
+        _check_head(unwrap_model(model))
+    except (ValueError, NotImplementedError):
         return False
     return True
+
+
+def _check_head(inner: torch.nn.Module) -> None:
+    """Raises unless the causal LM `inner` has an LM head the fused head computes: a plain
+    `nn.Linear` (`_unwrap_head`) read straight off its backbone's last hidden states, with no
+    layers of the model's own between the two (`_modules_outside`)."""
+    head = getattr(inner, "get_output_embeddings", lambda: None)()
+    if head is None:
+        raise ValueError(
+            f"fused_lm_head needs a causal LM with an LM head (get_output_embeddings()); "
+            f"{type(inner).__name__} has none: pass fused_lm_head=False"
+        )
+    _unwrap_head(head)
+    extra = _modules_outside(inner, _backbone(inner), head)
+    if extra:
+        raise NotImplementedError(
+            f"fused_lm_head=True: {type(inner).__name__} applies modules of its own between its "
+            f"backbone and its LM head ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''}"
+            "), which the fused head would skip: use fused_lm_head=False"
+        )
 
 
 def fused_head_supported(model: torch.nn.Module) -> bool:
@@ -499,19 +511,7 @@ def install_fused_head(model: torch.nn.Module) -> torch.nn.Module:
     inner = unwrap_model(model)
     if _installed(inner):
         return inner
-    if not hasattr(inner, "get_output_embeddings") or inner.get_output_embeddings() is None:
-        raise ValueError(
-            f"fused_lm_head needs a causal LM with an LM head (get_output_embeddings()); "
-            f"{type(inner).__name__} has none: pass fused_lm_head=False"
-        )
-    _unwrap_head(inner.get_output_embeddings())  # a head the fused path computes, or raise
-    extra = _modules_outside(inner, _backbone(inner), inner.get_output_embeddings())
-    if extra:
-        raise NotImplementedError(
-            f"fused_lm_head=True: {type(inner).__name__} applies modules of its own between its "
-            f"backbone and its LM head ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''}"
-            "), which the fused head would skip: use fused_lm_head=False"
-        )
+    _check_head(inner)  # a head the fused path computes, or raise
     if is_prompt_learning(model):
         raise ValueError(
             "fused_lm_head=True with a prompt-learning PEFT adapter: its virtual tokens' hidden "

@@ -466,7 +466,7 @@ MUTANTS: list[Mutant] = [
       "xc, xr = (1 - ec) / spec.alpha, (1 - er) / spec.alpha",
       "tests/test_preference_losses.py", "-k", "backends_match_spec and cpu"),
     M("alphapo-cancelling-exp-triton", "dpo_kernels/ops/triton_sibling_losses.py",
-      "xc = -expm1(-alpha * xc, ec) / alpha", "xc = (1.0 - ec) / alpha",
+      "xc = -expm1(tc, ec) / alpha", "xc = (1.0 - ec) / alpha",
       "tests/test_preference_losses.py", "-k", "backends_match_spec and triton"),
     M("alphapo-reward-metric-cancels", "dpo_kernels/preference_losses.py",
       "rc, rr = -torch.expm1(-alpha * xc) / alpha, -torch.expm1(-alpha * xr) / alpha",

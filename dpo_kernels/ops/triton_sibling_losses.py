@@ -92,10 +92,12 @@ def _sibling_loss_kernel(
                 dxc = 1.0 / na
                 dxr = 1.0 / nb
             if SHAPED:  # AlphaPO: (1 - p^-alpha) / alpha
-                ec = tl.exp(-alpha * xc)
-                er = tl.exp(-alpha * xr)
-                xc = -expm1(-alpha * xc, ec) / alpha
-                xr = -expm1(-alpha * xr, er) / alpha
+                tc = -alpha * xc
+                tr = -alpha * xr
+                ec = tl.exp(tc)
+                er = tl.exp(tr)
+                xc = -expm1(tc, ec) / alpha
+                xr = -expm1(tr, er) / alpha
                 dxc = dxc * ec
                 dxr = dxr * er
             z = xc - xr
