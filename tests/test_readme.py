@@ -35,3 +35,99 @@ def test_readme_example_runs_and_gives_the_naive_loss():
     expect = -torch.nn.functional.logsigmoid(h).mean()
     torch.testing.assert_close(scope["loss"].detach(), expect, rtol=1e-5, atol=1e-6)
     assert logits.grad is not None and logits.grad[:, -1].abs().sum() == 0
+
+
+def _blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def _sums(logits, labels, mask):
+    """Naive per-row sums of the label tokens' log-probs (float64)."""
+    lp = logits.double().log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+    return (lp * mask).sum(-1)
+
+
+def _dpo(pc, pr, rc, rr, beta=0.1):
+    return -torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
+
+
+def test_every_readme_python_block_runs_and_gives_the_naive_numbers():
+    """Each ```python block of the README, run on the inputs its comments describe, against the
+    naive computation (the first block has its own test above)."""
+    import torch.nn.functional as F
+
+    from dpo_kernels import collate_preferences
+    from tests.conftest import preference_examples, tiny_causal_lm
+
+    blocks = _blocks()
+    assert len(blocks) == 6, "a README block was added or removed: test it here"
+    torch.manual_seed(0)
+    B, T, V, H = 3, 7, 50, 16
+    ids = torch.randint(0, V, (2 * B, T))
+    cm = torch.rand(2 * B, T) > 0.3
+    cm[:, 1] = True  # every row counts a token
+
+    # block 2: DPOLoss on the first block's `out`, then dpo_loss on the four sums (sigmoid + sft)
+    logits, ref_logits = torch.randn(2 * B, T, V, requires_grad=True), torch.randn(2 * B, T, V)
+    s = dict(logits=logits, ref_logits=ref_logits, input_ids=ids, loss_mask=cm)
+    exec(blocks[0].replace("loss.backward()", ""), s)
+    s.update(nc=cm[:B, 1:].sum(-1), nr=cm[B:, 1:].sum(-1))
+    exec(blocks[1], s)
+    p, r = _sums(logits, ids[:, 1:], cm[:, 1:]), _sums(ref_logits, ids[:, 1:], cm[:, 1:])
+    sft = -p[:B].sum() / s["nc"].sum()  # TRL's "sft": the mean NLL over every chosen token
+    expect = _dpo(p[:B], p[B:], r[:B], r[B:]) + 0.5 * sft
+    torch.testing.assert_close(s["res"].loss.double(), expect, rtol=1e-5, atol=1e-6)
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+    # block 3: linear_dpo_loss against logits built in full
+    hidden = torch.randn(2 * B, T, H, requires_grad=True)
+    lm_head = torch.nn.Linear(H, V, bias=False)
+    rc, rr = torch.randn(B), torch.randn(B)
+    s = dict(hidden=hidden, lm_head=lm_head, input_ids=ids, completion_mask=cm, rc=rc, rr=rr)
+    exec(blocks[2], s)
+    h2 = hidden.detach().double().requires_grad_()
+    p = _sums(h2[:, :-1] @ lm_head.weight.detach().double().T, ids[:, 1:], cm[:, 1:])
+    expect = _dpo(p[:B], p[B:], rc.double(), rr.double())
+    expect.backward()
+    torch.testing.assert_close(s["res"].loss.double(), expect.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad.double(), h2.grad, rtol=1e-4, atol=1e-7)
+
+    # block 4: concatenated_forward + DPOLoss against the models' own logits
+    model, ref = tiny_causal_lm(), tiny_causal_lm(seed=1)
+    batch = collate_preferences(preference_examples(B))
+    s = dict(model=model, ref_model=ref, batch=batch)
+    exec(blocks[3], s)
+    lab, m = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:].bool()
+    with torch.no_grad():
+        ids_am = batch["input_ids"], batch["attention_mask"]
+        pol = _sums(model(ids_am[0], attention_mask=ids_am[1]).logits[:, :-1], lab, m)
+        rf = _sums(ref(ids_am[0], attention_mask=ids_am[1]).logits[:, :-1], lab, m)
+    expect = _dpo(pol[:B], pol[B:], rf[:B], rf[B:])
+    torch.testing.assert_close(s["res"].loss.detach().double(), expect, rtol=1e-5, atol=1e-6)
+
+    # block 5: the sibling losses on sums; the last is KTO (TRL's formula, KL clamped at 0)
+    lp, ref_lp, kl, ref_kl = (torch.randn(2 * B) for _ in range(4))
+    labels = torch.arange(2 * B) % 2 == 0
+    s = dict(pc=p[:B].float(), pr=p[B:].float(), nc=cm[:B].sum(-1), nr=cm[B:].sum(-1),
+             nll=torch.tensor(1.5), logps=lp, ref_logps=ref_lp, labels=labels, kl=kl,
+             ref_kl=ref_kl)  # fmt: skip
+    exec(blocks[4], s)
+    z = (kl - ref_kl).mean().clamp(min=0)
+    ratio = lp - ref_lp
+    expect = torch.where(labels, 1 - F.sigmoid(0.1 * (ratio - z)), 1 - F.sigmoid(0.1 * (z - ratio)))
+    torch.testing.assert_close(s["res"].loss, expect.mean(), rtol=1e-5, atol=1e-6)
+
+    # block 6: the fused sibling losses; the last is linear_kto_loss, against logits in full
+    weight = torch.randn(V, H, requires_grad=True)
+    hid = torch.randn(2 * B, T, H, requires_grad=True)
+    desirable, kl0 = labels, torch.tensor(0.1)
+    s = dict(hidden=hid, weight=weight, labels=ids, mask=cm, ref_logps=ref_lp,
+             desirable=desirable, kl=kl0)  # fmt: skip
+    exec(blocks[5], s)
+    w2 = weight.detach().double().requires_grad_()
+    ratio = _sums(hid.detach().double() @ w2.T, ids, cm) - ref_lp.double()
+    expect = torch.where(desirable, 1 - torch.sigmoid(0.1 * (ratio - 0.1)),
+                         1 - torch.sigmoid(0.1 * (0.1 - ratio))).mean()  # fmt: skip
+    expect.backward()
+    torch.testing.assert_close(s["res"].loss.double(), expect.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), w2.grad, rtol=1e-4, atol=1e-7)
