@@ -47,7 +47,7 @@ from .common import (
     stats_dtypes,
 )
 from .losses import DPOLossOutput, check_spec, dpo_loss, make_spec
-from .validation import check_flag, make_transform, number
+from .validation import check_flag, make_transform, number, refuse_without_values
 from .validation import check_linear_inputs as _check_linear_inputs
 from .validation import check_values as _check_values
 
@@ -420,6 +420,12 @@ def linear_pair_loss(
         raise TypeError(f"per_pair must be a function of (pc, pr, nc, nr), got {per_pair!r}")
     if not math.isfinite(number("nll_weight", nll_weight)):
         raise ValueError(f"nll_weight must be a finite number, got {nll_weight!r}")
+    refuse_without_values(
+        "linear_pair_loss (and linear_cpo_loss, linear_simpo_loss, linear_orpo_loss, "
+        "linear_kto_loss, which run on it)",
+        hidden,
+        "plans its chunks from the pairs' token counts, read on the host",
+    )
     call = _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts,
                     rejected_counts, logit_scale, softcap, temperature, memory_budget, backend,
                     {})  # fmt: skip

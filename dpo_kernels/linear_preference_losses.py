@@ -197,8 +197,10 @@ def linear_orpo_loss(
     of your own. Other arguments as in `linear_cpo_loss`; metrics as `orpo_loss`'s."""
     P = _pairs(hidden)
     n = _dry_counts(hidden, chosen_counts)
-    zero = torch.zeros(P, device=hidden.device)
-    orpo_loss(zero, zero, chosen_counts=n, rejected_counts=n, beta=beta, backend=backend)
+    # Sums of -1, not 0: an average log-prob of 0 has infinite odds, a NaN loss that the
+    # reference backend's autograd reports under torch.autograd.detect_anomaly.
+    dry = torch.full((P,), -1.0, device=hidden.device)
+    orpo_loss(dry, dry, chosen_counts=n, rejected_counts=n, beta=beta, backend=backend)
 
     def per_pair(pc, pr, nc, nr):
         out = orpo_loss(pc, pr, chosen_counts=nc, rejected_counts=nr, beta=beta, backend=backend)
@@ -292,7 +294,8 @@ def _linear_kto(
     if loss_type == "kto" and kl is None and kl_logps is not None and ref_kl_logps is not None:
         kl = kto_kl(kl_logps, ref_kl_logps)
     # Validates every option and the shapes of ref_logps / desirable / kl before the pass.
-    dry = kto_loss(torch.zeros(N, device=hidden.device), ref_logps, desirable, kl=kl,
+    # (in hidden's dtype: the kl it returns is used below, in that dtype's accumulation dtype)
+    dry = kto_loss(hidden.new_zeros(N), ref_logps, desirable, kl=kl,
                    kl_logps=kl_logps, ref_kl_logps=ref_kl_logps, **opts)  # fmt: skip
     kl_c = dry.metrics["kl"] if loss_type == "kto" else None
 

@@ -22,7 +22,7 @@ from ._autograd import guard_double_backward
 from .backend import kernels, resolve_backend
 from .common import FAMILIES, SiblingSpec, acc_dtype
 from .ops.reference_siblings import log1mexp
-from .validation import check_counts, number
+from .validation import check_counts, number, refuse_without_values
 from .validation import check_pair_inputs as _check_pair_inputs
 
 CPO_LOSS_TYPES = (*FAMILIES["cpo"].loss_types, "alphapo")
@@ -326,9 +326,16 @@ def kto_loss(
                 f"kl must be a number or a scalar float tensor, got a {kl.dtype} tensor of shape "
                 f"{tuple(kl.shape)}"
             )
-        kl = torch.as_tensor(kl, device=logps.device).detach().to(acc).reshape(())
+        # dtype=acc: a Python float made at torch's default dtype (float32) would be rounded
+        kl = torch.as_tensor(kl, dtype=acc, device=logps.device).detach().reshape(())
     else:  # apo_zero_unpaired: no KL term (TRL's KTOTrainer computes none)
         kl = logps.new_zeros((), dtype=acc)
+    refuse_without_values(
+        "kto_loss",
+        labels,
+        "returns the desirable and undesirable completions' rewards apart, "
+        "whose sizes are read from the labels' values",
+    )
     d = labels
     lab = d.to(acc)
     loss, losses = _run(spec, backend, logps, ref_logps, lab, lab, kl, grad_b=False)

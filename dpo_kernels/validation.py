@@ -259,6 +259,22 @@ def values_unreadable(t: torch.Tensor) -> bool:
             or t.device.type == "meta" or is_fake(t))  # fmt: skip
 
 
+def refuse_without_values(op: str, t: torch.Tensor, why: str) -> None:
+    """For the paths that must read values of `t` on the host (`why`): on meta or fake tensors
+    (accelerate's init_empty_weights, FakeTensorMode) a NotImplementedError naming `op`, instead
+    of torch's "Cannot copy out of meta tensor" from deep inside. Nothing under torch.compile,
+    where tensors are fake while tracing and the read breaks the graph instead."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or not isinstance(t, torch.Tensor):
+        return
+    if t.device.type == "meta" or is_fake(t):
+        raise NotImplementedError(
+            f"dpo_kernels: {op} {why}, which meta and fake tensors do not have; call it on real "
+            "tensors"
+        )
+
+
 def check_counts(counts: dict[str, torch.Tensor], minimum: int, why: str) -> None:
     """Data check of completion token counts ([N] tensors by name): each at least `minimum`, not
     NaN (`why` says what needs it). On CPU a ValueError naming the first bad entry; on CUDA, and

@@ -11,7 +11,7 @@ import torch
 from ._autograd import guard_double_backward, input_grads
 from .backend import kernels
 from .common import counted_tokens, no_autocast
-from .validation import check_values
+from .validation import check_values, refuse_without_values
 
 
 def _all_reduce(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
@@ -161,6 +161,9 @@ def check_global_values(labels, mask, ignore_index, local_vocab: int, vocab_star
     one does."""
     import torch.distributed as dist
 
+    refuse_without_values(
+        "vocab_group=", labels, "compares the ranks' labels and vocabulary slices on the host"
+    )
     here = _flag_device(group)
     mine = torch.stack([torch.tensor(vocab_start, device=here),
                         torch.tensor(local_vocab, device=here),

@@ -150,6 +150,7 @@ INVENTORY = [
     ("compute_metrics with DPOLossTrainer", lambda: _loss_trainer(compute_metrics=lambda p: {}), ValueError, "compute_metrics would never be called"),
     ("compute_loss_func with DPOLossTrainer", lambda: _loss_trainer(compute_loss_func=lambda o, y, num_items_in_batch=None: o.loss), ValueError, "compute_loss_func would never be called"),
     ("TRL config with DPOLossTrainer", lambda: _loss_trainer(trl_config=True), TypeError, r"args=TrainingArguments, a TRL DPOConfig, whose own fields \(a DPOConfig's beta, loss_type"),
+    ("ops that read values on meta or fake tensors", lambda: dpo_kernels.linear_cpo_loss(z(2, T, 4).to("meta"), z(V, 4).to("meta"), y(2, T).to("meta")), NotImplementedError, "dpo_kernels: linear_pair_loss .*meta and fake tensors"),
 ]  # fmt: skip
 
 

@@ -41,7 +41,8 @@ def make_batch(P=P, T=T, H=H, V=V, dtype=torch.float32, bias=True, seed=0):
 
 
 def reference64(hidden, weight, bias, labels, mask, ref_c, ref_r, ignore_index=-100,
-                logit_scale=1.0, softcap=None, temperature=1.0, **loss):  # fmt: skip
+                logit_scale=1.0, softcap=None, temperature=1.0, chosen_counts=None,
+                rejected_counts=None, **loss):  # fmt: skip
     """(loss, per-pair losses, dh, dW, db) in float64 with plain autograd."""
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
@@ -57,8 +58,10 @@ def reference64(hidden, weight, bias, labels, mask, ref_c, ref_r, ignore_index=-
     n = hidden.shape[0] // 2
     rc = None if ref_c is None else ref_c.double()
     rr = None if ref_r is None else ref_r.double()
-    out = dpo_loss(sums[:n], sums[n:], rc, rr, chosen_counts=counts[:n],
-                   rejected_counts=counts[n:], backend="reference", **loss)  # fmt: skip
+    nc = counts[:n] if chosen_counts is None else chosen_counts
+    nr = counts[n:] if rejected_counts is None else rejected_counts
+    out = dpo_loss(sums[:n], sums[n:], rc, rr, chosen_counts=nc, rejected_counts=nr,
+                   backend="reference", **loss)  # fmt: skip
     out.loss.backward()
     return out, h.grad, w.grad, None if b is None else b.grad
 
@@ -146,6 +149,32 @@ def test_mix_of_losses_reference_free_without_bias():
 def test_softcap_scale_temperature(kind):
     check(make_batch(), **loss_options(kind), logit_scale=1.7, softcap=3.0, temperature=0.8,
           memory_budget=ONE_PAIR)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+@pytest.mark.parametrize("kind", ["ipo", "sigmoid_norm"])
+def test_given_counts_replace_the_counted_tokens(kind, backend):
+    """chosen_counts / rejected_counts (TRL's unshifted completion lengths, FusedDPOTrainer
+    passes them) are what the averaged losses divide by, not the counted tokens."""
+    from dpo_kernels.linear_dpo import linear_dpo
+
+    batch = make_batch()
+    hidden, weight, bias, labels, mask, rc, rr = batch
+    counted = ((labels != -100) & mask).sum(-1)
+    nc, nr = counted[:P] + torch.tensor([1, 3, 2]), counted[P:] + torch.tensor([2, 1, 4])
+    opts = loss_options(kind)
+    ref, dh64, dw64, db64 = reference64(*batch, chosen_counts=nc, rejected_counts=nr, **opts)
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    out = linear_dpo(h, w, labels, spec=make_spec(**opts), bias=b, mask=mask,
+                     ref_chosen_logps=rc, ref_rejected_logps=rr, chosen_counts=nc,
+                     rejected_counts=nr, memory_budget=2 * ONE_PAIR,
+                     backend=backend).loss  # fmt: skip
+    out.loss.backward()
+    assert_close(out.loss, ref.loss, 1e-5, "loss")
+    assert_close(out.losses, ref.losses, 1e-5, "per-pair losses")
+    for got, want, what in ((h.grad, dh64, "hidden"), (w.grad, dw64, "weight"),
+                            (b.grad, db64, "bias")):  # fmt: skip
+        assert_close(got, want, 1e-4, f"{what} grad")
 
 
 def test_f_divergence_and_other_ignore_index():

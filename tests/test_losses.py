@@ -230,6 +230,29 @@ def test_metrics_are_trl_rewards():
     assert not any(v.requires_grad for v in m.values())
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_accuracy_counts_a_tie_as_wrong(backend):
+    """TRL logs mean(chosen_rewards > rejected_rewards): a tied pair is not a correct one. Ties
+    are what every run whose policy starts as its reference logs first (all rewards 0), and what
+    beta = 0 gives throughout."""
+    pc, pr, *_ = make_pairs(6, seed=7)
+    same = dpo_loss(pc, pr, pc.clone(), pr.clone(), backend=backend)  # policy = reference
+    assert same.metrics["rewards/accuracies"].item() == 0.0
+    zero_beta = dpo_loss(pc, pr, pc - 5, pr + 5, beta=0.0, backend=backend)
+    assert zero_beta.metrics["rewards/accuracies"].item() == 0.0
+    # Exact ties in pairs 0-2 (dyadic values: the differences are exact), a win in 3-4, a loss in 5.
+    pc = torch.tensor([-20.5, -31.25, -7.0, -10.0, -12.0, -30.0], dtype=torch.float64)
+    pr = torch.tensor([-22.5, -33.25, -9.0, -30.0, -40.0, -10.0], dtype=torch.float64)
+    rc, rr = pc + 1.5, pr + 1.5
+    rc[3:], rr[3:] = pc[3:], pr[3:]
+    pc2 = pc.clone()
+    pc2[3:5] += 4.0  # chosen rewards 0.4 > rejected 0 in pairs 3 and 4
+    pr2 = pr.clone()
+    pr2[5] += 4.0  # pair 5: rejected ahead
+    out = dpo_loss(pc2, pr2, rc, rr, backend=backend)
+    assert out.metrics["rewards/accuracies"].item() == pytest.approx(2 / 6, rel=1e-7)
+
+
 def test_reference_free_is_a_zero_reference():
     pc, pr, *_ = make_pairs(4, seed=5)
     free = dpo_loss(pc, pr)
@@ -350,6 +373,16 @@ def test_pair_weights_scale_each_pair_loss(backend, types):
     wl = w.tolist()
     expect = weighted_scalar_loss(types, type_w, wl, lists, 0.1)
     assert out.loss.item() == pytest.approx(expect, rel=1e-10)
+    # The per-pair losses are the weighted ones, pair by pair (sft: its batch value times w[i]).
+    sft = scalar_loss("sft", *lists, 0.1, 0.0)
+    per = [
+        sum(tw * wl[i] * (sft if kind == "sft" else scalar_loss(kind, *[[x[i]] for x in lists],
+                                                                0.1, 0.0))
+            for kind, tw in zip(types, type_w, strict=True))
+        for i in range(6)
+    ]  # fmt: skip
+    torch.testing.assert_close(out.losses, torch.tensor(per, dtype=torch.float64), rtol=1e-10,
+                               atol=1e-12)  # fmt: skip
     out.loss.backward()
     for grad, k in ((pc_.grad, 0), (pr_.grad, 1)):
         for i in range(6):

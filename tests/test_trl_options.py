@@ -115,6 +115,11 @@ CONFIGS = {
         loss_weights=[1.0, 0.5, 0.5],
         optim="adamw_torch",
     ),
+    # The fused route (no sft): ipo and sigmoid_norm divide by the unshifted completion lengths,
+    # one more than the scored tokens when a completion starts at position 0.
+    "ipo+sigmoid_norm-no-prompt": dict(
+        no_prompt=True, loss_type=["ipo", "sigmoid_norm"], loss_weights=[1.0, 0.5]
+    ),
     # The reference is the policy without its (non-zero) adapter, precomputed.
     "peft-precompute": dict(peft=True, precompute_ref_log_probs=True),
     "peft-adamw": dict(peft=True, optim="adamw_torch"),

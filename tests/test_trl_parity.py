@@ -52,13 +52,18 @@ CASES = {
 _DATA = {}
 
 
-def train(trainer_cls, tmp_path, **config):
-    """Trains STEPS steps; returns the logged rows and the final parameters."""
+def llama(seed):
+    return tiny_causal_lm("llama", vocab=28, seed=seed)
+
+
+def train(trainer_cls, tmp_path, make=llama, kernel=None, **config):
+    """Trains STEPS steps; returns the logged rows and the final parameters. make(seed): the
+    policy (seed 0) and the reference (seed 1); kernel: FusedDPOTrainer's own options."""
     datasets.disable_caching()
     if "train" not in _DATA:
         _DATA["train"], _DATA["tok"] = preference_dataset(12), tiny_tokenizer()
-    model = tiny_causal_lm("llama", vocab=28, seed=0)
-    ref = tiny_causal_lm("llama", vocab=28, seed=1)
+    model = make(0)
+    ref = make(1)
     adam = config.get("optim", "sgd") != "sgd"
     args = trl.DPOConfig(
         **{
@@ -79,7 +84,7 @@ def train(trainer_cls, tmp_path, **config):
     )
     trainer = trainer_cls(
         model=model, ref_model=ref, args=args, train_dataset=_DATA["train"],
-        processing_class=_DATA["tok"],
+        processing_class=_DATA["tok"], **(kernel or {}),
     )  # fmt: skip
     trainer.train()
     rows = [h for h in trainer.state.log_history if "loss" in h]
@@ -99,4 +104,44 @@ def test_every_logged_value_and_the_final_parameters_match_stock(case, tmp_path)
         torch.testing.assert_close(our_params[name], p, rtol=1e-5, atol=1e-5, msg=name)
     # Training moved the policy: the comparison is not of two untouched models.
     start = tiny_causal_lm("llama", vocab=28, seed=0).state_dict()
+    assert any((start[n] - p).abs().max() > 1e-4 for n, p in stock_params.items())
+
+
+def _transformed(kind, seed):
+    """A tiny model whose logits are not its LM head's output alone: Cohere's logit_scale,
+    Gemma-2's final logit softcap (small enough to bend these logits)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    size = dict(vocab_size=28, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    if kind == "cohere-logit_scale":
+        model = transformers.CohereForCausalLM(transformers.CohereConfig(**size, logit_scale=0.25))
+    else:
+        cfg = transformers.Gemma2Config(**size, head_dim=8, final_logit_softcapping=0.5)
+        model = transformers.Gemma2ForCausalLM(cfg)
+    return model.eval()
+
+
+@pytest.mark.parametrize("fused_lm_head", [True, False], ids=["head", "logits"])
+@pytest.mark.parametrize("kind", ["cohere-logit_scale", "gemma2-softcap"])
+def test_model_logit_transform_trains_like_stock(kind, fused_lm_head, tmp_path):
+    """The trainer's routes on a model whose forward transforms the head's logits: the loss fused
+    into the head call (linear_dpo, the default) and the logits path, against stock."""
+
+    def make(seed):
+        return _transformed(kind, seed)
+
+    config = loss_case("sigmoid")
+    stock, stock_params = train(trl.DPOTrainer, tmp_path, make=make, **config)
+    ours, our_params = train(FusedDPOTrainer, tmp_path, make=make,
+                             kernel={"fused_lm_head": fused_lm_head}, **config)  # fmt: skip
+    assert len(stock) == len(ours) == STEPS
+    for step, (s, o) in enumerate(zip(stock, ours, strict=True)):
+        assert set(s) <= set(o), (step, sorted(set(s) - set(o)))
+        for k, v in s.items():
+            assert o[k] == pytest.approx(v, rel=1e-5, abs=1e-5), (kind, step, k, v, o[k])
+    for name, p in stock_params.items():
+        torch.testing.assert_close(our_params[name], p, rtol=1e-5, atol=1e-5, msg=name)
+    start = make(0).state_dict()
     assert any((start[n] - p).abs().max() > 1e-4 for n, p in stock_params.items())

@@ -465,3 +465,13 @@ def test_lm_head_adapter_refused_at_construction_with_the_fused_head(tmp_path):
                                fused=False)  # fmt: skip
     moved = [k for k in final if "lm_head.lora_B" in k and not torch.equal(final[k], initial[k])]
     assert moved, "the lm_head adapter did not train"
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["head", "logits"])
+def test_kto_matches_stock_with_a_logit_scale(fused, tmp_path):
+    """KTO's loss in the head call (linear_kto, the default) and the logits path on a model
+    whose logits are scaled (Cohere): every logged value, logits/* included, and the parameters."""
+    kw = dict(ref=True, dataset=unpaired_dataset(), loss_type="kto", model=_cohere)
+    stock = run(trl.KTOTrainer, trl.KTOConfig, tmp_path, **kw)
+    ours = run(FusedKTOTrainer, trl.KTOConfig, tmp_path, fused=fused, **kw)
+    assert_same(stock, ours, KTO_KEYS)
