@@ -81,7 +81,7 @@ def model_logprobs(
     if fused_lm_head:
         install_fused_head(model)
         call = HeadCall(labels, mask, cu, stats, backend, router_aux, dpo=dpo)
-        return model(**kwargs, **{HEAD_KWARG: call})
+        return _with_aux(model, model(**kwargs, **{HEAD_KWARG: call}), router_aux)
     if router_aux:
         kwargs["output_router_logits"] = True
     out = model(**kwargs)
@@ -89,7 +89,21 @@ def model_logprobs(
     logits = _logits_of(out)[:, -kwargs["input_ids"].shape[1] :]
     logits = logits[0] if padding_free else logits[:, :-1]
     res = sequence_logprobs(logits, labels, mask=mask, cu_seqlens=cu, stats=stats, backend=backend)
-    return HeadOutput(res, out.aux_loss if router_aux else None)
+    return _with_aux(model, HeadOutput(res, out.aux_loss if router_aux else None), router_aux)
+
+
+def _with_aux(model, out: HeadOutput, router_aux: bool) -> HeadOutput:
+    """`out`, after checking that the forward gave the router loss asked for: a model whose config
+    declares router_aux_loss_coef but whose forward computes no such loss (Llama4) would
+    otherwise fail as `coef * None` in the trainer (stock TRL fails on it too)."""
+    if router_aux and out.aux_loss is None:
+        raise ValueError(
+            f"the trainer adds a router load-balancing loss (router_aux_loss_coef != 0, from "
+            f"the config or the model's config), but {type(unwrap_model(model)).__name__}'s "
+            "forward computes none (its output's aux_loss is None): set router_aux_loss_coef=0.0 "
+            "in the trainer's config"
+        )
+    return out
 
 
 def _check_ref_logps(ref_logps) -> None:

@@ -256,15 +256,17 @@ def is_prompt_learning(model: torch.nn.Module) -> bool:
     return getattr(getattr(m, "active_peft_config", None), "is_prompt_learning", False)
 
 
-def _router_aux_loss(model, out, attention_mask) -> torch.Tensor:
-    """The MoE load-balancing loss as the model's own forward computes it (Mixtral's formula,
-    which every transformers MoE family uses), from the backbone's router logits."""
+def _router_aux_loss(model, out, attention_mask) -> torch.Tensor | None:
+    """The MoE load-balancing loss as the model's own forward computes it (its module's
+    `load_balancing_loss_func`, Mixtral's formula in every transformers family that has one),
+    from the backbone's router logits; None for a model whose forward computes none (Llama4,
+    Gemma 4, AFMoE, Zaya in transformers 5.24: their output's aux_loss is None)."""
     import sys
 
     cfg = model.config.get_text_config()
     func = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
     if func is None:
-        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as func
+        return None
     experts = getattr(model, "num_experts", None) or getattr(cfg, "num_experts", None)
     experts = experts or cfg.num_local_experts
     top_k = getattr(model, "num_experts_per_tok", None) or cfg.num_experts_per_tok

@@ -17,7 +17,7 @@ from conftest import (
 import dpo_kernels
 from dpo_kernels import dpo_loss, sequence_logprobs
 from dpo_kernels.batches import collate_preferences, model_inputs, preference_batch
-from dpo_kernels.forward import concatenated_forward
+from dpo_kernels.forward import concatenated_forward, model_logprobs
 
 B, T, V = 2, 3, 11
 
@@ -32,6 +32,12 @@ def y(*shape):
 
 def p(n=3):
     return torch.randn(n, dtype=torch.float64) - 20
+
+
+def _llama4():
+    from test_moe_aux import tiny_llama4
+
+    return tiny_llama4(0)
 
 
 def _double_backward():
@@ -151,6 +157,7 @@ INVENTORY = [
     ("compute_loss_func with DPOLossTrainer", lambda: _loss_trainer(compute_loss_func=lambda o, y, num_items_in_batch=None: o.loss), ValueError, "compute_loss_func would never be called"),
     ("TRL config with DPOLossTrainer", lambda: _loss_trainer(trl_config=True), TypeError, r"args=TrainingArguments, a TRL DPOConfig, whose own fields \(a DPOConfig's beta, loss_type"),
     ("ops that read values on meta or fake tensors", lambda: dpo_kernels.linear_cpo_loss(z(2, T, 4).to("meta"), z(V, 4).to("meta"), y(2, T).to("meta")), NotImplementedError, "dpo_kernels: linear_pair_loss .*meta and fake tensors"),
+    ("router loss the model does not compute", lambda: model_logprobs(_llama4(), preference_batch(collate_preferences(preference_examples(1, vocab=28))), router_aux=True), ValueError, "computes none .*router_aux_loss_coef=0.0"),
 ]  # fmt: skip
 
 

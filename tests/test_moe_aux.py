@@ -77,3 +77,49 @@ def test_padding_free_takes_a_mixture_of_experts():
     padded = concatenated_forward(model, batch).policy.logps
     packed = concatenated_forward(model, batch, padding_free=True).policy.logps
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
+
+
+def tiny_llama4(seed: int):
+    """Llama4's text model: its config declares router_aux_loss_coef (0.001) but its forward
+    computes no load-balancing loss (aux_loss None)."""
+    torch.manual_seed(seed)
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=28, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_local_experts=4, num_experts_per_tok=1, max_position_embeddings=128,
+    )  # fmt: skip
+    return transformers.Llama4ForCausalLM(cfg)
+
+
+def test_router_loss_the_model_does_not_compute_is_refused(tmp_path):
+    """Before 2026-11-27 the fused head added Mixtral's load-balancing loss to a model that has
+    none (Llama4: a made-up term of about 1.0 in the logged aux_loss) while the logits path failed
+    as `coef * None`. Both now raise, naming the fix; with router_aux_loss_coef=0.0 both train,
+    to the same numbers (stock TRL 1.16's own fused head fails on Llama4ForCausalLM)."""
+    datasets.disable_caching()
+    logs = []
+    for fused_lm_head in (True, False):
+        for coef in (None, 0.0):
+            args = trl.DPOConfig(
+                output_dir=str(tmp_path / str(coef)), per_device_train_batch_size=4,
+                max_steps=2, logging_steps=1, learning_rate=0.5, optim="sgd", report_to=[],
+                save_strategy="no", **TRAINER_DEVICE, seed=0, dataloader_num_workers=0,
+                bf16=False, disable_tqdm=True, router_aux_loss_coef=coef,
+            )  # fmt: skip
+            trainer = FusedDPOTrainer(
+                model=tiny_llama4(0), ref_model=tiny_llama4(1), args=args,
+                train_dataset=preference_dataset(), processing_class=tiny_tokenizer(),
+                fused_lm_head=fused_lm_head,
+            )  # fmt: skip
+            if coef is None:
+                assert trainer.aux_loss_enabled
+                with pytest.raises(ValueError, match=r"computes none .* router_aux_loss_coef=0\.0"):
+                    trainer.train()
+            else:
+                trainer.train()
+                logs.append([h for h in trainer.state.log_history if "loss" in h])
+    fused, plain = logs
+    assert len(fused) == len(plain) == 2 and all("aux_loss" not in h for h in fused + plain)
+    for f, p in zip(fused, plain, strict=True):
+        for k in f.keys() - {"learning_rate", "epoch"}:
+            assert f[k] == pytest.approx(p[k], rel=1e-5, abs=1e-5), (k, f[k], p[k])
