@@ -574,6 +574,15 @@ MUTANTS: list[Mutant] = [
       'if t.device.type == "meta" or is_fake(t):\n        raise NotImplementedError(',
       'if False:\n        raise NotImplementedError(',
       "tests/test_global_modes.py", "-k", "refused_by_name"),
+    M("router-loss-made-up", "dpo_kernels/fused_head.py",
+      "    if func is None:\n        return None\n",
+      "    if func is None:\n        from transformers.models.mixtral.modeling_mixtral import "
+      "load_balancing_loss_func as func\n",
+      "tests/test_moe_aux.py", "-k", "does_not_compute"),
+    M("kto-precompute-by-trl-head", "dpo_kernels/integrations/trl_kto.py",
+      "    def compute_ref_log_probs(self, model, inputs):",
+      "    def _unused_compute_ref_log_probs(self, model, inputs):",
+      "tests/test_trl_siblings.py", "-k", "precomputed_reference_is_scored"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-trl-sums-in-bf16", "dpo_kernels/bench/peers.py",
       "(selective_log_softmax(z, labels).float() * mask).sum(-1)",

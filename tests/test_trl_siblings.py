@@ -475,3 +475,37 @@ def test_kto_matches_stock_with_a_logit_scale(fused, tmp_path):
     stock = run(trl.KTOTrainer, trl.KTOConfig, tmp_path, **kw)
     ours = run(FusedKTOTrainer, trl.KTOConfig, tmp_path, fused=fused, **kw)
     assert_same(stock, ours, KTO_KEYS)
+
+
+def _recurrent_gemma():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.RecurrentGemmaConfig(
+        vocab_size=28, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, lru_width=32, attention_window_size=16,
+        logits_soft_cap=0.3, block_types=["recurrent", "attention"],
+    )  # fmt: skip
+    return transformers.RecurrentGemmaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["head", "logits"])
+def test_kto_precomputed_reference_is_scored_like_the_policy(fused, tmp_path):
+    """precompute_ref_log_probs=True without a ref_model: the reference is the policy at its
+    initial weights, so before any update the rewards and the KL estimate are 0. The precomputed
+    sums come from the same op as the policy's: TRL's own precompute (its add_fused_lm_head)
+    skips RecurrentGemma's final logits_soft_cap, which the model's forward applies (rewards
+    0.009 / 0.043 and KL 0.24 here before 2026-11-27)."""
+    args = trl.KTOConfig(
+        output_dir=str(tmp_path), **{**COMMON, "max_steps": 1, "learning_rate": 0.0},
+        optim="sgd", precompute_ref_log_probs=True,
+    )  # fmt: skip
+    trainer = FusedKTOTrainer(
+        model=_recurrent_gemma(), args=args, train_dataset=unpaired_dataset(),
+        processing_class=tiny_tokenizer(), fused_lm_head=fused,
+    )  # fmt: skip
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    for k in ("rewards/chosen", "rewards/rejected", "kl"):
+        assert log[k] == pytest.approx(0.0, abs=1e-6), (k, log[k])
+    assert log["loss"] == pytest.approx(0.5, abs=1e-7)

@@ -34,7 +34,8 @@ _KTO_NON_MODEL_KEYS = {
 class FusedKTOTrainer(KTOTrainer):
     """`trl.KTOTrainer` (kto, apo_zero_unpaired) with dpo_kernels' log-probs, statistics and fused
     loss. Extra keywords: backend (None = automatic), fused_lm_head. Precomputed reference log-probs
-    (precompute_ref_log_probs=True) are TRL's own, read from the dataset as stock does."""
+    (precompute_ref_log_probs=True) go through TRL's precompute and dataset columns, computed by
+    `compute_ref_log_probs` with the same op and head as the policy's."""
 
     def __init__(
         self, *args, backend: str | None = None, fused_lm_head: bool = True, **kwargs
@@ -123,6 +124,27 @@ class FusedKTOTrainer(KTOTrainer):
                 ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
             )
         return ref_seq.logps, ref_KL_logps
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference sums of one padded batch (and of its KL completions), which TRL's
+        `precompute_ref_log_probs` stores in the dataset: through the same op and LM head as the
+        policy's sums, so that the two agree at equal weights. (TRL's own computes them with its
+        `add_fused_lm_head`, which reads some models' final-logit transform differently from
+        their forward: RecurrentGemma's `logits_soft_cap`, a VLM's text-config softcap.)"""
+        with self.accelerator.autocast(), reference_pass(self):
+            seq, _ = self._sums(
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+            )
+            KL_logps = None
+            if self.calculate_KL:
+                kl_seq, _ = self._sums(
+                    model,
+                    inputs["KL_input_ids"],
+                    inputs["KL_attention_mask"],
+                    inputs["KL_completion_mask"],
+                )
+                KL_logps = kl_seq.logps
+        return seq.logps, KL_logps
 
     def _compute_loss(self, model, inputs, return_outputs):
         """KTO loss and TRL's metrics for a batch (TRL's _compute_loss, fused)."""
