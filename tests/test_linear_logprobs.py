@@ -324,11 +324,21 @@ def test_bad_inputs_name_the_argument(backend, case):
         )
 
 
+TRANSFORMS = {
+    "softcap": dict(softcap=20.0),
+    "scale-temperature": dict(logit_scale=0.7, temperature=1.3),
+    "all": dict(softcap=5.0, logit_scale=2.5, temperature=0.6),
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_stats_match_the_logits_path(small_tiles, backend, dtype):
+def test_stats_match_the_logits_path(small_tiles, backend, dtype, transform):
     # Stats folded across vocabulary blocks (16 per block here) equal those of the materialized
-    # logits through the logits-path op; a tie for the maximum lands in two different blocks.
+    # float64 logits through the logits-path op, with each logit transform; a tie for the
+    # maximum lands in two different blocks.
+    tf = TRANSFORMS[transform]
     hidden, weight, bias, labels, mask = make_inputs(2, 5, 8, 40, dtype)
     weight[33] = weight[2]  # logits 2 and 33 tie in every row, in blocks 0 and 2
     if bias is not None:
@@ -336,13 +346,14 @@ def test_stats_match_the_logits_path(small_tiles, backend, dtype):
     labels[0, 1], mask[0, 1] = 33, True
     hidden[0, 1] = weight[2] * 50  # ... and are the maximum of that row: the label is not top-1
     out = dpo_kernels.linear_sequence_logprobs(
-        hidden, weight, labels, bias=bias, mask=mask, stats=True, backend=backend, softcap=20.0
+        hidden, weight, labels, bias=bias, mask=mask, stats=True, backend=backend, **tf
     )
-    z = logits_of(hidden.double(), weight.double(), bias.double(), softcap=20.0)
+    z = logits_of(hidden.double(), weight.double(), bias.double(), **tf)
     ref = dpo_kernels.sequence_logprobs(z, labels, mask=mask, stats=True, backend="reference")
     tol = 1e-10 if dtype == torch.float64 else 1e-4
-    for a, b in zip(out.stats[:2], ref.stats[:2], strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+    for what in ("entropy", "mean_logits", "log_sum_sq"):
+        a, b = getattr(out.stats, what), getattr(ref.stats, what)
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=what)
     assert torch.equal(out.stats.is_top1, ref.stats.is_top1)
     assert not out.stats.is_top1[0, 1]
     torch.testing.assert_close(out.logps.double(), ref.logps, rtol=tol, atol=tol)
