@@ -260,11 +260,14 @@ def _router_aux_loss(model, out, attention_mask) -> torch.Tensor | None:
     """The MoE load-balancing loss as the model's own forward computes it (its module's
     `load_balancing_loss_func`, Mixtral's formula in every transformers family that has one),
     from the backbone's router logits; None for a model whose forward computes none (Llama4,
-    Gemma 4, AFMoE, Zaya in transformers 5.24: their output's aux_loss is None)."""
+    Gemma 4, AFMoE, Zaya in transformers 5.24: their output's aux_loss is None). The module is
+    looked up along the class's bases: FSDP2 swaps in a subclass defined in torch's own module."""
     import sys
 
     cfg = model.config.get_text_config()
-    func = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    modules = (sys.modules.get(c.__module__) for c in type(model).__mro__)
+    func = next((m.load_balancing_loss_func for m in modules
+                 if hasattr(m, "load_balancing_loss_func")), None)  # fmt: skip
     if func is None:
         return None
     experts = getattr(model, "num_experts", None) or getattr(cfg, "num_experts", None)

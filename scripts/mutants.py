@@ -583,6 +583,9 @@ MUTANTS: list[Mutant] = [
       "    def compute_ref_log_probs(self, model, inputs):",
       "    def _unused_compute_ref_log_probs(self, model, inputs):",
       "tests/test_trl_siblings.py", "-k", "precomputed_reference_is_scored"),
+    M("router-loss-own-class-module-only", "dpo_kernels/fused_head.py",
+      "for c in type(model).__mro__)", "for c in type(model).__mro__[:1])",
+      "tests/test_moe_aux.py", "-k", "fsdp2"),
     # -- The benchmark's check -----------------------------------------------------------------
     M("bench-trl-sums-in-bf16", "dpo_kernels/bench/peers.py",
       "(selective_log_softmax(z, labels).float() * mask).sum(-1)",

@@ -123,3 +123,47 @@ def test_router_loss_the_model_does_not_compute_is_refused(tmp_path):
     for f, p in zip(fused, plain, strict=True):
         for k in f.keys() - {"learning_rate", "epoch"}:
             assert f[k] == pytest.approx(p[k], rel=1e-5, abs=1e-5), (k, f[k], p[k])
+
+
+FSDP2_AUX = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, "tests")
+from torch.distributed.fsdp import fully_shard
+from conftest import preference_examples
+from test_moe_aux import tiny_moe
+from dpo_kernels import collate_preferences
+from dpo_kernels.batches import preference_batch
+from dpo_kernels.forward import model_logprobs
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = tiny_moe(0)
+fully_shard(model)  # swaps in a subclass defined in torch's module
+b = preference_batch(collate_preferences(preference_examples(2, vocab=28)))
+aux = [model_logprobs(model, b, fused_lm_head=f, router_aux=True).aux_loss.item()
+       for f in (True, False)]
+print(json.dumps([type(model).__module__, *aux]))
+dist.destroy_process_group()
+"""
+
+
+def test_router_loss_of_an_fsdp2_wrapped_model():
+    """FSDP2's fully_shard swaps the model's class for a subclass defined in torch's module: the
+    fused head finds the model's load_balancing_loss_func along the class's bases, and its router
+    loss equals the logits path's (one gloo process)."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from test_engines import free_port
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=path)
+    run = subprocess.run([sys.executable, "-c", FSDP2_AUX], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    module, fused, plain = json.loads(run.stdout.strip().splitlines()[-1])
+    assert module.startswith("torch.distributed")  # the class swap this test is about
+    assert fused > 0.5 and fused == pytest.approx(plain, rel=1e-6)
