@@ -111,11 +111,13 @@ def test_every_readme_python_block_runs_and_gives_the_naive_numbers():
     s = dict(pc=p[:B].float(), pr=p[B:].float(), nc=cm[:B].sum(-1), nr=cm[B:].sum(-1),
              nll=torch.tensor(1.5), logps=lp, ref_logps=ref_lp, labels=labels, kl=kl,
              ref_kl=ref_kl)  # fmt: skip
-    exec(blocks[4], s)
+    exec(_each_result(blocks[4]), s)
+    pc, pr, nc, nr = p[:B].detach(), p[B:].detach(), s["nc"].double(), s["nr"].double()
+    _check_pair_losses(s, pc, pr, nc, nr, nll=1.5)
     z = (kl - ref_kl).mean().clamp(min=0)
     ratio = lp - ref_lp
     expect = torch.where(labels, 1 - F.sigmoid(0.1 * (ratio - z)), 1 - F.sigmoid(0.1 * (z - ratio)))
-    torch.testing.assert_close(s["res"].loss, expect.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s["res_kto_loss"].loss, expect.mean(), rtol=1e-5, atol=1e-6)
 
     # block 6: the fused sibling losses; the last is linear_kto_loss, against logits in full
     weight = torch.randn(V, H, requires_grad=True)
@@ -123,11 +125,38 @@ def test_every_readme_python_block_runs_and_gives_the_naive_numbers():
     desirable, kl0 = labels, torch.tensor(0.1)
     s = dict(hidden=hid, weight=weight, labels=ids, mask=cm, ref_logps=ref_lp,
              desirable=desirable, kl=kl0)  # fmt: skip
-    exec(blocks[5], s)
+    exec(_each_result(blocks[5]), s)
     w2 = weight.detach().double().requires_grad_()
-    ratio = _sums(hid.detach().double() @ w2.T, ids, cm) - ref_lp.double()
+    sums = _sums(hid.detach().double() @ w2.T, ids, cm)
+    n = cm.sum(-1).double()
+    nll = -sums[:B].sum() / n[:B].sum()  # ORPO's NLL: the chosen completion tokens' mean
+    pc, pr = sums[:B].detach(), sums[B:].detach()
+    _check_pair_losses(s, pc, pr, n[:B], n[B:], nll.detach(), prefix="linear_")
+    ratio = sums - ref_lp.double()
     expect = torch.where(desirable, 1 - torch.sigmoid(0.1 * (ratio - 0.1)),
                          1 - torch.sigmoid(0.1 * (0.1 - ratio))).mean()  # fmt: skip
     expect.backward()
-    torch.testing.assert_close(s["res"].loss.double(), expect.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s["res_linear_kto_loss"].loss.double(), expect.detach(), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
     torch.testing.assert_close(weight.grad.double(), w2.grad, rtol=1e-4, atol=1e-7)
+
+
+def _each_result(block: str) -> str:
+    """The block with each `res = f(...)` also kept apart as `res_f`."""
+    return re.sub(r"^res = (\w+)\(", r"res = res_\1 = \1(", block, flags=re.M)
+
+
+def _check_pair_losses(s, pc, pr, nc, nr, nll, prefix=""):
+    """The CPO, SimPO and ORPO results of a README block against TRL's formulas in float64 (sums
+    pc, pr of the chosen and rejected completions, their token counts nc, nr)."""
+    import torch.nn.functional as F
+
+    ac, ar = pc / nc, pr / nr
+    cpo = -F.logsigmoid(0.1 * (pc - pr)).mean() + 1.0 * -(pc.sum() / nc.sum())
+    simpo = -F.logsigmoid(2.0 * (ac - ar - 0.5 / 2.0)).mean()
+    odds = (ac - ar) - (torch.log(-torch.expm1(ac)) - torch.log(-torch.expm1(ar)))
+    orpo = nll - 0.1 * F.logsigmoid(odds).mean()
+    for name, want in (("cpo_loss", cpo), ("simpo_loss", simpo), ("orpo_loss", orpo)):
+        got = s[f"res_{prefix}{name}"].loss.detach().double()
+        torch.testing.assert_close(got, torch.as_tensor(want, dtype=torch.float64), rtol=1e-5,
+                                   atol=1e-6, msg=prefix + name)  # fmt: skip
