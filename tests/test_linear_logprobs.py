@@ -324,21 +324,21 @@ def test_bad_inputs_name_the_argument(backend, case):
         )
 
 
-TRANSFORMS = {
+STATS_TRANSFORMS = {
     "softcap": dict(softcap=20.0),
     "scale-temperature": dict(logit_scale=0.7, temperature=1.3),
     "all": dict(softcap=5.0, logit_scale=2.5, temperature=0.6),
 }
 
 
-@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("transform", list(STATS_TRANSFORMS))
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stats_match_the_logits_path(small_tiles, backend, dtype, transform):
     # Stats folded across vocabulary blocks (16 per block here) equal those of the materialized
     # float64 logits through the logits-path op, with each logit transform; a tie for the
     # maximum lands in two different blocks.
-    tf = TRANSFORMS[transform]
+    tf = STATS_TRANSFORMS[transform]
     hidden, weight, bias, labels, mask = make_inputs(2, 5, 8, 40, dtype)
     weight[33] = weight[2]  # logits 2 and 33 tie in every row, in blocks 0 and 2
     if bias is not None:
