@@ -253,10 +253,15 @@ def refuse_values(bad: torch.Tensor, describe, device_message: str) -> None:
 def values_unreadable(t: torch.Tensor) -> bool:
     """Whether a data check of `t` must not read its values on the host, and asserts instead:
     CUDA (no sync), under torch.compile (no graph break), meta and fake tensors (no values)."""
+    return (backend.device_side_checks(t.device) or torch.compiler.is_compiling()
+            or _without_values(t))  # fmt: skip
+
+
+def _without_values(t: torch.Tensor) -> bool:
+    """Whether `t` has no values to read: a meta or a fake tensor."""
     from torch._subclasses.fake_tensor import is_fake
 
-    return (backend.device_side_checks(t.device) or torch.compiler.is_compiling()
-            or t.device.type == "meta" or is_fake(t))  # fmt: skip
+    return t.device.type == "meta" or is_fake(t)
 
 
 def refuse_without_values(op: str, t: torch.Tensor, why: str) -> None:
@@ -264,11 +269,9 @@ def refuse_without_values(op: str, t: torch.Tensor, why: str) -> None:
     (accelerate's init_empty_weights, FakeTensorMode) a NotImplementedError naming `op`, instead
     of torch's "Cannot copy out of meta tensor" from deep inside. Nothing under torch.compile,
     where tensors are fake while tracing and the read breaks the graph instead."""
-    from torch._subclasses.fake_tensor import is_fake
-
     if torch.compiler.is_compiling() or not isinstance(t, torch.Tensor):
         return
-    if t.device.type == "meta" or is_fake(t):
+    if _without_values(t):
         raise NotImplementedError(
             f"dpo_kernels: {op} {why}, which meta and fake tensors do not have; call it on real "
             "tensors"

@@ -131,20 +131,11 @@ class FusedKTOTrainer(KTOTrainer):
         policy's sums, so that the two agree at equal weights. (TRL's own computes them with its
         `add_fused_lm_head`, which reads some models' final-logit transform differently from
         their forward: RecurrentGemma's `logits_soft_cap`, a VLM's text-config softcap.)"""
-        with self.accelerator.autocast(), reference_pass(self):
+        with self.accelerator.autocast(), reference_pass(self):  # (completions first, as TRL)
             seq, _ = self._sums(
                 model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
             )
-            KL_logps = None
-            if self.calculate_KL:
-                kl_seq, _ = self._sums(
-                    model,
-                    inputs["KL_input_ids"],
-                    inputs["KL_attention_mask"],
-                    inputs["KL_completion_mask"],
-                )
-                KL_logps = kl_seq.logps
-        return seq.logps, KL_logps
+            return seq.logps, self._kl_sums(model, inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
         """KTO loss and TRL's metrics for a batch (TRL's _compute_loss, fused)."""
