@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -297,32 +298,35 @@ def selected(case: str, quick: bool = False, only: str | None = None) -> bool:
 
 def check_all(archs=ARCHS, quick: bool = False, only: str | None = None) -> list[KernelReport]:
     """One report per case, kernel, distinct compiled variant and arch. Launches that Triton would
-    specialize the same way are compiled (and read) once."""
+    specialize the same way are compiled (and read) once; cuobjdump reads them on every core while
+    the next ones compile (its disassembly is most of the time)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("run gpu_check without TRITON_INTERPRET=1")
-    reports = []
+    pending = []
     seen: dict[tuple, tuple] = {}
-    for case, run, module, names in cases():
-        if not selected(case, quick, only):
-            continue
-        with _recording(module, names) as recs:
-            run()
-        for name, rec in recs.items():
-            done = set()
-            for args, kwargs in rec.launches:
-                for arch in archs:
-                    key = (_launch_key(rec.fn, args, kwargs), arch)
-                    if key in done:
-                        continue
-                    done.add(key)
-                    if key not in seen:
-                        k = compile_launch(rec.fn, args, kwargs, arch)
-                        seen[key] = (k.metadata.num_warps, *read_cubin(k.asm["cubin"]))
-                    warps, regs, local, shared, loads, stores = seen[key]
-                    reports.append(
-                        KernelReport(case, name, arch, warps, regs, local, shared, loads, stores)
-                    )
-    return reports
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for case, run, module, names in cases():
+            if not selected(case, quick, only):
+                continue
+            with _recording(module, names) as recs:
+                run()
+            for name, rec in recs.items():
+                done = set()
+                for args, kwargs in rec.launches:
+                    for arch in archs:
+                        key = (_launch_key(rec.fn, args, kwargs), arch)
+                        if key in done:
+                            continue
+                        done.add(key)
+                        if key not in seen:
+                            k = compile_launch(rec.fn, args, kwargs, arch)
+                            seen[key] = (
+                                k.metadata.num_warps,
+                                pool.submit(read_cubin, k.asm["cubin"]),
+                            )
+                        pending.append((case, name, arch, key))
+        read = {key: (warps, *job.result()) for key, (warps, job) in seen.items()}
+    return [KernelReport(case, name, arch, *read[key]) for case, name, arch, key in pending]
 
 
 def main(argv: list[str] | None = None) -> int:
