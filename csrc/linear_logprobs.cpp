@@ -167,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   const at::ScalarType acc = acc_dtype(hidden.scalar_type());
   const auto acc_opts = hidden.options().dtype(acc);
   const at::Tensor empty = at::empty({0}, hidden.options());
-  at::Tensor dh = hidden_grad ? at::empty({M, H}, acc_opts) : empty;  // callers round it
+  // All three in the accumulation dtype: callers round each once, to its input's own dtype.
+  at::Tensor dh = hidden_grad ? at::empty({M, H}, acc_opts) : empty;
   at::Tensor dw = weight_grad ? at::zeros({V, H}, acc_opts) : at::Tensor();
   at::Tensor db = bias_grad && bias ? at::zeros({V}, acc_opts) : at::Tensor();
   if (M > 0) {
@@ -204,8 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
       }
     });
   }
-  return {dh, dw.defined() ? dw.to(weight.scalar_type()) : empty,
-          db.defined() ? db.to(bias->scalar_type()) : empty};
+  return {dh, dw.defined() ? dw : empty, db.defined() ? db : empty};
 }
 
 }  // namespace

@@ -23,12 +23,21 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def no_autocast(t: torch.Tensor):
-    """Autocast off on `t`'s device for a fused op's matmuls: they take the inputs' dtype and
-    accumulate in float32 on every backend (an autocast left on rounds the reference backend's
-    logits to bf16; the fused LM head casts its inputs to the autocast dtype itself)."""
+    """Autocast off on `t`'s device for a fused op's matmuls: they take the inputs' dtype (or the
+    op's `compute_dtype`, `cast_to`) and accumulate in float32 on every backend (an autocast left
+    on rounds the reference backend's logits to bf16; the fused LM head passes the autocast dtype
+    as compute_dtype)."""
     if not torch.amp.is_autocast_available(t.device.type):  # meta, lazy, ...: nothing to undo
         return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)
+
+
+def cast_to(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple:
+    """A fused op's hidden, weight and bias in the dtype its matmuls take (`compute_dtype`: as
+    torch.autocast casts a matmul's inputs; None: their own). Cast inside the op, so that autograd
+    gets the gradients in the inputs' own dtypes from the float32 accumulators: cast before the
+    op, they would come back rounded to the compute dtype."""
+    return tensors if dtype is None else tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def stats_dtypes(acc: torch.dtype) -> tuple[torch.dtype, ...]:

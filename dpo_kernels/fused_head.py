@@ -172,7 +172,8 @@ class HeadCall:
     backend: str | None = None
     router_aux: bool = False  # MoE: also return the router load-balancing loss
     # Called inside the head's forward as extra(hidden, weight, bias, transform) with the whole
-    # backbone output and the (gathered) head: `HeadOutput.extra`.
+    # backbone output and the (gathered) head: `HeadOutput.extra`. `transform`: the keywords of
+    # the linear ops, `head_transform`'s and compute_dtype (the autocast dtype, or None).
     extra: Any = None
     # Padded [chosen; rejected] rows: the DPO loss fused in the head (not with `extra`).
     dpo: DPOHead | None = None
@@ -354,15 +355,17 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
         weight, bias = _full(inner.weight), _full(getattr(inner, "bias", None))
         kind = weight.device.type
         if not torch.is_autocast_enabled(kind):
-            return fused_ops(h, weight, bias, full)
-        # Under autocast the head's inputs go in its dtype, as autocast would send them to the
-        # head's matmul; the fused ops run outside it (their logits stay float32).
-        dt = torch.get_autocast_dtype(kind)
-        args = (h, weight, bias, full)
+            return fused_ops(h, weight, bias, dict(transform, compute_dtype=None))
+        # Under autocast the fused ops take the head's inputs as they are and cast them to its
+        # dtype themselves, as autocast would for the head's matmul: cast before the ops, autograd
+        # would hand the gradients back rounded to that dtype, where the ops keep them in float32
+        # and round once, to the inputs' own dtypes. The ops run outside autocast (their logits
+        # stay float32).
+        tf = dict(transform, compute_dtype=torch.get_autocast_dtype(kind))
         with torch.autocast(kind, enabled=False):
-            return fused_ops(*(None if t is None else t.to(dt) for t in args))
+            return fused_ops(h, weight, bias, tf)
 
-    def fused_ops(h, weight, bias, full):
+    def fused_ops(h, weight, bias, transform):
         if call.dpo is not None:
             from .linear_dpo import linear_dpo
 

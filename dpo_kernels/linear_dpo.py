@@ -116,6 +116,7 @@ def linear_dpo_loss(
     softcap: float | None = None,
     temperature: float = 1.0,
     memory_budget: int | None = None,
+    compute_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> DPOLossOutput:
     """DPO loss of a [chosen (P); rejected (P)] batch from hidden states and the LM head, fused.
@@ -134,6 +135,8 @@ def linear_dpo_loss(
     memory_budget: bytes of float32 logits (working buffers included) alive at once; default
         `DEFAULT_MEMORY_BUDGET` (64 MiB on CPU, 2 GiB on CUDA). Pairs go in chunks that fit;
         a pair that does not fit alone is done in tiles with recompute.
+    compute_dtype: the dtype the matmuls take hidden, weight and bias in, as in
+        `linear_sequence_logprobs` (gradients still in the inputs' own dtypes).
 
     Returns `dpo_loss`'s `DPOLossOutput`; ``loss`` carries gradient to hidden, weight and bias,
     which were computed during this call (3 matmuls over the counted tokens; `aot` and
@@ -158,7 +161,7 @@ def linear_dpo_loss(
         hidden, weight, labels, bias=bias, mask=mask, ignore_index=ignore_index,
         ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, spec=spec,
         logit_scale=logit_scale, softcap=softcap, temperature=temperature,
-        memory_budget=memory_budget, backend=backend,
+        memory_budget=memory_budget, compute_dtype=compute_dtype, backend=backend,
     ).loss  # fmt: skip
 
 
@@ -175,11 +178,12 @@ class _Call(NamedTuple):
 
 
 def _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts, rejected_counts,
-             logit_scale, softcap, temperature, memory_budget, backend, pairs):  # fmt: skip
+             logit_scale, softcap, temperature, memory_budget, compute_dtype, backend,
+             pairs):  # fmt: skip
     """Validates the inputs of a fused linear pair loss (pairs: further [P] tensors by name), all
     but the values of labels and mask (`check_values`: a host sync, done where the loss runs)."""
     tf = make_transform(logit_scale, softcap, temperature)
-    _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index)
+    _check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, compute_dtype)
     if hidden.dim() != 3 or hidden.shape[0] % 2:
         raise ValueError(
             "hidden must be [2P, T, H]: P chosen rows then the P rejected rows of the same pairs; "
@@ -242,13 +246,16 @@ def _linear_dpo_op(
     backend: str,
     wants: list[bool],
     stats: bool,
+    compute_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """`chunks.loss_outputs` of the DPO loss that `DPOLossSpec.pack` gave (type_weights, params,
     f_divergence_type): (loss, sums, token log-probs, 4 token statistics, dh, dw, db), with the
-    gradients of the inputs in `wants` (hidden, weight, bias) made in the forward."""
+    gradients of the inputs in `wants` (hidden, weight, bias) made in the forward (matmuls in
+    compute_dtype; the gradients in the accumulation dtype, rounded to the inputs' own in the
+    backward)."""
     _check_values(labels, mask, ignore_index, weight.shape[0])
-    acc, P = acc_dtype(hidden.dtype), hidden.shape[0] // 2
+    acc, P = acc_dtype(compute_dtype or hidden.dtype), hidden.shape[0] // 2
     zero = torch.zeros(P, dtype=acc, device=hidden.device)
     rc, rr = (zero if r is None else r.detach().to(acc) for r in (ref_chosen, ref_rejected))
     spec = DPOLossSpec.unpack(type_weights, params, f_divergence_type)
@@ -257,14 +264,14 @@ def _linear_dpo_op(
     )
     return chunks.loss_outputs(
         hidden, weight, bias, labels, counted_tokens(labels, mask, ignore_index), loss_fn,
-        LogitTransform.unpack(transform), budget, backend, tuple(wants), stats,
+        LogitTransform.unpack(transform), budget, backend, tuple(wants), stats, compute_dtype,
     )  # fmt: skip
 
 
 @_linear_dpo_op.register_fake
 def _(hidden, weight, bias, labels, mask, ignore_index, rc, rr, nc, nr, type_weights, params,
-      f_divergence_type, transform, budget, backend, wants, stats):  # fmt: skip
-    acc = acc_dtype(hidden.dtype)
+      f_divergence_type, transform, budget, backend, wants, stats, compute_dtype):  # fmt: skip
+    acc = acc_dtype(compute_dtype or hidden.dtype)
     token_stats = [hidden.new_empty(0) for _ in range(4)]
     if stats:
         token_stats = [hidden.new_empty(labels.shape, dtype=d) for d in stats_dtypes(acc)]
@@ -319,25 +326,27 @@ def linear_dpo(
     softcap: float | None = None,
     temperature: float = 1.0,
     memory_budget: int | None = None,
+    compute_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> LinearDPOOutput:
     """`linear_dpo_loss` with a prepared `spec` (`make_spec`), returning the policy's log-probs
     too: what trainers log. chosen_counts, rejected_counts: [P] lengths the length-normalized
     losses (ipo, sigmoid_norm, sft) divide by, when they are not the counted tokens (TRL counts
-    the unshifted completion); stats: the `TokenStats` of the policy logits, from the same pass."""
+    the unshifted completion); stats: the `TokenStats` of the policy logits, from the same pass;
+    compute_dtype: as in `linear_dpo_loss`."""
     check_spec(spec)
     check_flag("stats", stats)
     pairs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
     call = _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts,
-                    rejected_counts, logit_scale, softcap, temperature, memory_budget, backend,
-                    pairs)  # fmt: skip
+                    rejected_counts, logit_scale, softcap, temperature, memory_budget,
+                    compute_dtype, backend, pairs)  # fmt: skip
     P = hidden.shape[0] // 2
     name, nc, nr = call.backend, call.nc, call.nr
     wants = [torch.is_grad_enabled() and t is not None and t.requires_grad
              for t in (hidden, weight, bias)]  # fmt: skip
     loss, sums, tok, *rest = _linear_dpo_op(
         hidden, weight, bias, labels, mask, ignore_index, ref_chosen_logps, ref_rejected_logps,
-        nc, nr, *spec.pack(), call.tf.pack(), call.budget, name, wants, stats,
+        nc, nr, *spec.pack(), call.tf.pack(), call.budget, name, wants, stats, compute_dtype,
     )  # fmt: skip
     logprobs = _token_outputs(call, sums, tok, rest[:4], stats)
     out = dpo_loss(
@@ -403,6 +412,7 @@ def linear_pair_loss(
     softcap: float | None = None,
     temperature: float = 1.0,
     memory_budget: int | None = None,
+    compute_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, SequenceLogprobs]:
     """Any pair-separable preference loss fused with the LM head, on `linear_dpo_loss`'s chunks
@@ -427,8 +437,8 @@ def linear_pair_loss(
         "plans its chunks from the pairs' token counts, read on the host",
     )
     call = _prepare(hidden, weight, bias, labels, mask, ignore_index, chosen_counts,
-                    rejected_counts, logit_scale, softcap, temperature, memory_budget, backend,
-                    {})  # fmt: skip
+                    rejected_counts, logit_scale, softcap, temperature, memory_budget,
+                    compute_dtype, backend, {})  # fmt: skip
 
     def make_loss(acc: torch.dtype) -> _SeparableLoss:
         return _SeparableLoss(per_pair, call.nc.to(acc), call.nr.to(acc), nll_weight, pair_index)
@@ -436,7 +446,7 @@ def linear_pair_loss(
     _check_values(labels, mask, ignore_index, weight.shape[0])
     loss, sums, tok, *token_stats = chunks.LinearLossFunction.apply(
         hidden, weight, bias, labels, call.counted, make_loss, call.tf, call.budget, call.backend,
-        torch.is_grad_enabled(), stats,
+        torch.is_grad_enabled(), stats, compute_dtype,
     )  # fmt: skip
     return loss, _token_outputs(call, sums, tok, token_stats, stats)
 

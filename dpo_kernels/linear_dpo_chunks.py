@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 
 from ._autograd import refuse_double_backward
-from .common import LogitTransform, acc_dtype, no_autocast, stats_dtypes
+from .common import LogitTransform, acc_dtype, cast_to, no_autocast, stats_dtypes
 from .linear_dpo_rows import VOCAB_BLOCK, Fold, Rows
 
 # Bytes of float32 logits alive at once (the chunk buffer), by device type. CPU: 64 MiB holds one
@@ -400,12 +400,15 @@ def run(
 
 
 def loss_outputs(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants,
-                 stats) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """`run` packed as op outputs: (loss, sums [2P], token log-probs [2P, T], the four token
-    statistics [2P, T] ([0] each without stats), dh, dw, db (accumulation dtype; each [0] where
-    not in `wants`)). Every output is its own tensor (op outputs may not alias each other)."""
+                 stats, compute_dtype) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """`run` packed as op outputs, on hidden, weight and bias cast to compute_dtype (None: as
+    they are; the cast copies live for this call only): (loss, sums [2P], token log-probs
+    [2P, T], the four token statistics [2P, T] ([0] each without stats), dh, dw, db
+    (accumulation dtype; each [0] where not in `wants`)). Every output is its own tensor (op
+    outputs may not alias each other)."""
     with no_autocast(hidden):
-        out = run(hidden, weight, bias, labels, counted, loss_fn, tf, budget, backend, wants, stats)
+        h, w, b = cast_to(compute_dtype, hidden, weight, bias)
+        out = run(h, w, b, labels, counted, loss_fn, tf, budget, backend, wants, stats)
     P = hidden.shape[0] // 2
     loss = loss_fn.loss(out.sums[:P], out.sums[P:])
     token_stats = [hidden.new_empty(0) for _ in range(4)]
@@ -422,9 +425,10 @@ def loss_outputs(hidden, weight, bias, labels, counted, loss_fn, tf, budget, bac
 
 def save_grads(ctx, grads: tuple[torch.Tensor, ...], wants: tuple[bool, ...],
                inputs: tuple[torch.Tensor | None, ...]) -> None:  # fmt: skip
-    """Keeps the gradients made in the forward (accumulation dtype) for `scaled_grads`. Saved
-    (not kept as attributes) so that autograd frees them right after the backward call: in place
-    (float32 inputs), the gradient handed to AccumulateGrad is then its only reference, and
+    """Keeps the gradients made in the forward (accumulation dtype) for `scaled_grads`, which
+    rounds them to the dtypes of `inputs` (as given to the op, before any `compute_dtype` cast).
+    Saved (not kept as attributes) so that autograd frees them right after the backward call: in
+    place (float32 inputs), the gradient handed to AccumulateGrad is then its only reference, and
     becomes .grad without a copy."""
     ctx.save_for_backward(*grads)
     ctx.wanted = tuple(wants)
@@ -504,15 +508,15 @@ class LinearLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, counted, make_loss, tf, budget, backend,
-                grad_on, stats):  # fmt: skip
+                grad_on, stats, compute_dtype):  # fmt: skip
         wants = tuple(grad_on and w for w in ctx.needs_input_grad[:3])
-        loss_fn = make_loss(acc_dtype(hidden.dtype))
+        loss_fn = make_loss(acc_dtype(compute_dtype or hidden.dtype))
         *outs, dh, dw, db = loss_outputs(hidden, weight, bias, labels, counted, loss_fn, tf,
-                                         budget, backend, wants, stats)  # fmt: skip
+                                         budget, backend, wants, stats, compute_dtype)  # fmt: skip
         save_grads(ctx, (dh, dw, db), wants, (hidden, weight, bias))
         ctx.mark_non_differentiable(*outs[1:])
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        return *scaled_grads(ctx, grad_loss), *(None,) * 8
+        return *scaled_grads(ctx, grad_loss), *(None,) * 9

@@ -18,6 +18,7 @@ from .common import (
     LogitTransform,
     SequenceLogprobs,
     acc_dtype,
+    cast_to,
     counted_tokens,
     no_autocast,
     stats_dtypes,
@@ -42,20 +43,23 @@ def _linear_token_logprobs_op(
     ignore_index: int,
     transform: list[float],
     stats: bool,
+    compute_dtype: torch.dtype | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token log-probs, lse, entropy, mean logit, is_top1, log_sum_sq), [B, T] each (the last
-    four [0] without stats); `transform` is a packed LogitTransform."""
+    four [0] without stats); `transform` is a packed LogitTransform; the matmuls take hidden,
+    weight and bias in compute_dtype (None: their own)."""
     check_values(labels, mask, ignore_index, weight.shape[0])
     counted = counted_tokens(labels, mask, ignore_index)
     fwd = kernels(backend).linear_logprobs_forward
     tf = LogitTransform.unpack(transform)
     rows = _CountedRows(counted, sync_free(hidden.device))
     with no_autocast(hidden):
-        out = fwd(rows.hidden(hidden), weight, bias, rows.targets(labels), tf, stats)
+        h, w, b = cast_to(compute_dtype, rows.hidden(hidden), weight, bias)
+        out = fwd(h, w, b, rows.targets(labels), tf, stats)
     if not stats:
         out = out[:2]
-    return (*(rows.scatter(x) for x in out), *_empty_stats(hidden)[len(out) - 2 :])
+    return (*(rows.scatter(x) for x in out), *_empty_stats(hidden, compute_dtype)[len(out) - 2 :])
 
 
 class _CountedRows:
@@ -92,18 +96,18 @@ class _CountedRows:
         return values.new_zeros(shape).index_put_(self.index, values)
 
 
-def _empty_stats(like: torch.Tensor) -> list[torch.Tensor]:
-    acc = acc_dtype(like.dtype)
+def _empty_stats(like: torch.Tensor, compute_dtype: torch.dtype | None) -> list[torch.Tensor]:
+    acc = acc_dtype(compute_dtype or like.dtype)
     return [like.new_empty(0, dtype=d) for d in stats_dtypes(acc)]
 
 
 @_linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, mask, ignore_index, transform, stats, backend):
-    acc = acc_dtype(hidden.dtype)
+def _(hidden, weight, bias, labels, mask, ignore_index, transform, stats, compute_dtype, backend):
+    acc = acc_dtype(compute_dtype or hidden.dtype)
     shape = labels.shape
     tok, lse = hidden.new_empty(shape, dtype=acc), hidden.new_empty(shape, dtype=acc)
     if not stats:
-        return tok, lse, *_empty_stats(hidden)
+        return tok, lse, *_empty_stats(hidden, compute_dtype)
     return tok, lse, *(hidden.new_empty(shape, dtype=d) for d in stats_dtypes(acc))
 
 
@@ -121,17 +125,22 @@ def _linear_token_logprobs_backward_op(
     hidden_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
+    compute_dtype: torch.dtype | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of hidden, weight and bias (the forward's inputs, cast to compute_dtype
+    again for the recompute), in the accumulation dtype from the backend, rounded once to their
+    own dtypes."""
     counted = counted_tokens(labels, mask, ignore_index)
     bwd = kernels(backend).linear_logprobs_backward
     rows = _CountedRows(counted, sync_free(hidden.device))
     with no_autocast(hidden):
+        h, w, b = cast_to(compute_dtype, rows.hidden(hidden), weight, bias)
         dh, dw, db = bwd(
             rows.rows(grad_tok.to(lse.dtype)),
-            rows.hidden(hidden),
-            weight,
-            bias,
+            h,
+            w,
+            b,
             rows.targets(labels),
             rows.rows(lse, float("inf")),  # exp(z - inf) = 0: rows not counted add nothing
             LogitTransform.unpack(transform),
@@ -139,6 +148,8 @@ def _linear_token_logprobs_backward_op(
         )
     if hidden_grad:  # tokens that do not count get exactly zero
         dh = rows.scatter(dh.to(hidden.dtype))
+    dw = dw.to(weight.dtype) if weight_grad else dw
+    db = db.to(bias.dtype) if bias_grad and bias is not None else db
     # Outputs must not alias each other: the gradients not asked for are distinct empty tensors.
     return tuple(g if want else hidden.new_empty(0) for g, want in
                  zip((dh, dw, db), (hidden_grad, weight_grad, bias_grad), strict=True))  # fmt: skip
@@ -146,7 +157,7 @@ def _linear_token_logprobs_backward_op(
 
 @_linear_token_logprobs_backward_op.register_fake
 def _(grad_tok, hidden, weight, bias, labels, mask, lse, ignore_index, transform, hidden_grad,
-      weight_grad, bias_grad, backend):  # fmt: skip
+      weight_grad, bias_grad, compute_dtype, backend):  # fmt: skip
     empty = hidden.new_empty(0)
     return (  # contiguous, as the backends make them (not the inputs' strides)
         hidden.new_empty(hidden.shape) if hidden_grad else empty,
@@ -156,19 +167,21 @@ def _(grad_tok, hidden, weight, bias, labels, mask, lse, ignore_index, transform
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, mask, ignore_index, transform, _, backend = inputs
+    hidden, weight, bias, labels, mask, ignore_index, transform, _, compute_dtype, backend = inputs
     lse = output[1]
     ctx.mark_non_differentiable(*output[1:])
+    # The inputs as given (not their compute_dtype copies: the backward casts again, and no second
+    # copy of the head lives from the forward to the backward).
     ctx.save_for_backward(hidden, weight, bias, labels, mask, lse)
     ctx.args = (ignore_index, transform)
-    ctx.backend = backend
+    ctx.tail = (compute_dtype, backend)
 
 
 def _linear_backward(ctx, grad_tok, *_):
     hidden, weight, bias, labels, mask, lse = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]  # a frozen hidden or weight skips its matmul
     grads = _linear_token_logprobs_backward_op(
-        grad_tok, hidden, weight, bias, labels, mask, lse, *ctx.args, *needs, ctx.backend
+        grad_tok, hidden, weight, bias, labels, mask, lse, *ctx.args, *needs, *ctx.tail
     )
     return input_grads(ctx, *(g if need else None for g, need in zip(grads, needs, strict=True)))
 
@@ -198,12 +211,17 @@ def linear_sequence_logprobs(
     cu_seqlens: torch.Tensor | None = None,
     vocab_group: object | None = None,
     vocab_start: int = 0,
+    compute_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> SequenceLogprobs:
     """`sequence_logprobs` of the LM head's logits, computed from hidden states without them.
 
     hidden: [B, T, H] (or [N, H], taken as one sequence [1, N, H]); bf16, fp16, fp32 or fp64.
     weight: [V, H] LM head (``lm_head.weight``), same dtype as hidden; bias: optional [V].
+    compute_dtype: the dtype the matmuls take hidden, weight and bias in, cast inside the op (the
+        dtype torch.autocast would give the LM head's matmul: the fused head passes it); their
+        dtypes may then differ, and their gradients still come back in their own dtypes, from
+        the float32 accumulators. None: the inputs' dtype.
     labels, mask, ignore_index: as in `sequence_logprobs`, shaped ``hidden.shape[:-1]``.
     The logits are ``z = logit_scale * softcap(hidden @ weight.T + bias) / temperature`` with
     ``softcap(x) = softcap * tanh(x / softcap)`` (the identity when softcap is None).
@@ -223,7 +241,7 @@ def linear_sequence_logprobs(
     def check() -> tuple[str, LogitTransform]:
         transform = make_transform(logit_scale, softcap, temperature)
         check_flag("stats", stats)
-        check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index)
+        check_linear_inputs(hidden, weight, bias, labels, mask, ignore_index, compute_dtype)
         check_packed(cu_seqlens, hidden, "hidden")
         check_group(vocab_group, vocab_start)
         if vocab_group is not None and stats:
@@ -235,6 +253,7 @@ def linear_sequence_logprobs(
     if vocab_group is not None:
         same = {
             "hidden dtype": hidden.dtype,
+            "compute_dtype": compute_dtype,
             "hidden size": hidden.shape[-1],
             "logit transform (logit_scale, softcap, temperature)": transform.pack(),
         }
@@ -242,7 +261,7 @@ def linear_sequence_logprobs(
                             vocab_group, same)  # fmt: skip
         tok_c = VocabParallelLinearTokens.apply(
             hidden[counted], weight, bias, labels[counted].long(), vocab_start, vocab_group,
-            transform, name,
+            transform, compute_dtype, name,
         )  # fmt: skip
         return sequence_outputs(_scatter_counted(counted, tok_c), counted, cu_seqlens)
     tok, _, *token_stats = _linear_token_logprobs_op(
@@ -254,6 +273,7 @@ def linear_sequence_logprobs(
         ignore_index,
         transform.pack(),
         stats,
+        compute_dtype,
         name,
     )
     return sequence_outputs(tok, counted, cu_seqlens, stats=tuple(token_stats) if stats else None)

@@ -34,11 +34,12 @@ def _as_per_pair(out: PreferenceLossOutput, per: torch.Tensor) -> torch.Tensor:
 
 
 def _head(bias, mask, ignore_index, chosen_counts, rejected_counts, logit_scale, softcap,
-          temperature, memory_budget, backend) -> dict:  # fmt: skip
+          temperature, memory_budget, compute_dtype, backend) -> dict:  # fmt: skip
     return dict(
         bias=bias, mask=mask, ignore_index=ignore_index, chosen_counts=chosen_counts,
         rejected_counts=rejected_counts, logit_scale=logit_scale, softcap=softcap,
-        temperature=temperature, memory_budget=memory_budget, backend=backend,
+        temperature=temperature, memory_budget=memory_budget, compute_dtype=compute_dtype,
+        backend=backend,
     )  # fmt: skip
 
 
@@ -80,16 +81,17 @@ def linear_cpo_loss(
     softcap: float | None = None,
     temperature: float = 1.0,
     memory_budget: int | None = None,
+    compute_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> PreferenceLossOutput:
     """`cpo_loss` of a [chosen (P); rejected (P)] batch from hidden states and the LM head, fused.
 
     hidden: [2P, T, H], aligned with labels (causal LM: ``hidden[:, :-1]`` with ``labels[:, 1:]``);
     weight, bias, labels, mask, ignore_index, logit_scale, softcap, temperature, memory_budget,
-    backend: as in `linear_dpo_loss`. chosen_counts, rejected_counts: [P] lengths the averaged
-    loss types and the NLL divide by, when not the counted tokens. beta ... alpha: as in
-    `cpo_loss` (same defaults). The cpo_alpha NLL is -cpo_alpha * sum(chosen sums) / sum(chosen
-    lengths), over the same tokens as the preference term.
+    compute_dtype, backend: as in `linear_dpo_loss`. chosen_counts, rejected_counts: [P] lengths
+    the averaged loss types and the NLL divide by, when not the counted tokens. beta ... alpha: as
+    in `cpo_loss` (same defaults). The cpo_alpha NLL is -cpo_alpha * sum(chosen sums) /
+    sum(chosen lengths), over the same tokens as the preference term.
     """
     return _linear_cpo(**locals())[0]
 
@@ -114,6 +116,7 @@ def _linear_cpo(
     softcap: float | None = None,
     temperature: float = 1.0,
     memory_budget: int | None = None,
+    compute_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> tuple[PreferenceLossOutput, SequenceLogprobs]:
     """`linear_cpo_loss` and the policy's `SequenceLogprobs` of the same pass (no gradient),
@@ -132,7 +135,7 @@ def _linear_cpo(
         return _as_per_pair(out, out.losses)
 
     head = _head(bias, mask, ignore_index, chosen_counts, rejected_counts, logit_scale, softcap,
-                 temperature, memory_budget, backend)  # fmt: skip
+                 temperature, memory_budget, compute_dtype, backend)  # fmt: skip
     loss, lp = linear_pair_loss(hidden, weight, labels, per_pair, nll_weight=cpo_alpha, **head)
     nc = lp.counts[:P] if chosen_counts is None else chosen_counts
     nr = lp.counts[P:] if rejected_counts is None else rejected_counts
@@ -159,6 +162,7 @@ def linear_simpo_loss(
     softcap: float | None = None,
     temperature: float = 1.0,
     memory_budget: int | None = None,
+    compute_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> PreferenceLossOutput:
     """`simpo_loss` fused with the LM head (`linear_cpo_loss` with loss_type="simpo",
@@ -168,7 +172,8 @@ def linear_simpo_loss(
         chosen_counts=chosen_counts, rejected_counts=rejected_counts, beta=beta,
         label_smoothing=label_smoothing, loss_type="simpo", cpo_alpha=0.0,
         simpo_gamma=simpo_gamma, alpha=alpha, logit_scale=logit_scale, softcap=softcap,
-        temperature=temperature, memory_budget=memory_budget, backend=backend,
+        temperature=temperature, memory_budget=memory_budget, compute_dtype=compute_dtype,
+        backend=backend,
     )  # fmt: skip
 
 
@@ -188,6 +193,7 @@ def linear_orpo_loss(
     softcap: float | None = None,
     temperature: float = 1.0,
     memory_budget: int | None = None,
+    compute_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> PreferenceLossOutput:
     """`orpo_loss` fused with the LM head: beta * mean(-log sigmoid(log odds ratio)) of the
@@ -207,7 +213,7 @@ def linear_orpo_loss(
         return _as_per_pair(out, out.losses)
 
     head = _head(bias, mask, ignore_index, chosen_counts, rejected_counts, logit_scale, softcap,
-                 temperature, memory_budget, backend)  # fmt: skip
+                 temperature, memory_budget, compute_dtype, backend)  # fmt: skip
     loss, lp = linear_pair_loss(hidden, weight, labels, per_pair, nll_weight=float(nll), **head)
     nc = lp.counts[:P] if chosen_counts is None else chosen_counts
     nr = lp.counts[P:] if rejected_counts is None else rejected_counts
@@ -239,6 +245,7 @@ def linear_kto_loss(
     softcap: float | None = None,
     temperature: float = 1.0,
     memory_budget: int | None = None,
+    compute_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> PreferenceLossOutput:
     """`kto_loss` of N labelled completions from hidden states and the LM head, fused.
@@ -276,6 +283,7 @@ def _linear_kto(
     softcap: float | None = None,
     temperature: float = 1.0,
     memory_budget: int | None = None,
+    compute_dtype: torch.dtype | None = None,
     backend: str | None = None,
     stats: bool = False,
 ) -> tuple[PreferenceLossOutput, SequenceLogprobs]:
@@ -294,9 +302,10 @@ def _linear_kto(
     if loss_type == "kto" and kl is None and kl_logps is not None and ref_kl_logps is not None:
         kl = kto_kl(kl_logps, ref_kl_logps)
     # Validates every option and the shapes of ref_logps / desirable / kl before the pass.
-    # (in hidden's dtype: the kl it returns is used below, in that dtype's accumulation dtype)
-    dry = kto_loss(hidden.new_zeros(N), ref_logps, desirable, kl=kl,
-                   kl_logps=kl_logps, ref_kl_logps=ref_kl_logps, **opts)  # fmt: skip
+    # (in the matmuls' dtype: the kl it returns is used below, in that dtype's accumulation dtype)
+    zeros = hidden.new_zeros(N, dtype=compute_dtype or hidden.dtype)
+    dry = kto_loss(zeros, ref_logps, desirable, kl=kl, kl_logps=kl_logps,
+                   ref_kl_logps=ref_kl_logps, **opts)  # fmt: skip
     kl_c = dry.metrics["kl"] if loss_type == "kto" else None
 
     def per_pair(pc, pr, nc, nr, k0, k1):
@@ -306,7 +315,7 @@ def _linear_kto(
         return _as_per_pair(out, (out.losses[:c] + out.losses[c:]) / 2)
 
     head = _head(bias, mask, ignore_index, None, None, logit_scale, softcap, temperature,
-                 memory_budget, backend)  # fmt: skip
+                 memory_budget, compute_dtype, backend)  # fmt: skip
     loss, lp = linear_pair_loss(hidden, weight, labels, per_pair, pair_index=True, stats=stats,
                                **head)  # fmt: skip
     out = kto_loss(lp.logps, ref_logps, desirable, kl=kl_c, **opts)

@@ -123,11 +123,19 @@ def check_linear_inputs(
     labels: torch.Tensor,
     mask: torch.Tensor | None,
     ignore_index: int,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """The fused LM head's inputs: hidden [B, T, H] or [N, H], weight [V, H], bias [V], labels and
-    mask shaped hidden.shape[:-1] (the logit transform: `make_transform`)."""
+    mask shaped hidden.shape[:-1] (the logit transform: `make_transform`); hidden, weight and
+    bias of one dtype unless a compute_dtype (bf16, fp16, fp32 or fp64) casts them."""
     check_float("hidden", hidden)
     check_float("weight", weight)
+    if compute_dtype is not None and compute_dtype not in FLOATS:
+        raise TypeError(
+            f"compute_dtype must be None or a floating-point dtype (torch.bfloat16, "
+            f"torch.float16, torch.float32 or torch.float64), got {compute_dtype!r}"
+        )
+    same = compute_dtype is None  # else each is cast to it, its gradient back to its own dtype
     if weight.dim() != 2:
         raise ValueError(
             "weight must be the LM head's [vocab, hidden] matrix (lm_head.weight), got shape "
@@ -148,10 +156,10 @@ def check_linear_inputs(
             f"hidden has {hidden.shape[-1]} features but weight has shape {tuple(weight.shape)} "
             f"([vocab, hidden]); they must agree (pass lm_head.weight, not its transpose)"
         )
-    if hidden.dtype != weight.dtype:
+    if same and hidden.dtype != weight.dtype:
         raise TypeError(
             f"hidden is {hidden.dtype} but weight is {weight.dtype}; they must match, e.g. "
-            "hidden.to(weight.dtype)"
+            "hidden.to(weight.dtype), or pass the dtype the matmuls take as compute_dtype"
         )
     check_same_device("weight", weight, hidden, "hidden")
     if bias is not None:
@@ -161,7 +169,7 @@ def check_linear_inputs(
                 f"bias must have shape ({weight.shape[0]},) (weight.shape[:1]), got "
                 f"{tuple(bias.shape)}"
             )
-        if bias.dtype != weight.dtype:
+        if same and bias.dtype != weight.dtype:
             raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}; they must match")
         check_same_device("bias", bias, hidden, "hidden")
     check_labels_and_mask(labels, mask, ignore_index, hidden, "hidden", hidden.dim() - 1)

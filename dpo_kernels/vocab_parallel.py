@@ -10,7 +10,7 @@ import torch
 
 from ._autograd import guard_double_backward, input_grads
 from .backend import kernels
-from .common import counted_tokens, no_autocast
+from .common import cast_to, counted_tokens, no_autocast
 from .validation import check_values, refuse_without_values
 
 
@@ -205,32 +205,36 @@ class VocabParallelLinearTokens(torch.autograd.Function):
     gradient (every rank's slice contributes to it) and keeps weight and bias gradients local."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, vocab_start, group, transform, backend):
+    def forward(ctx, hidden, weight, bias, targets, vocab_start, group, transform, compute_dtype,
+                backend):  # fmt: skip
         local = targets - vocab_start
         here = (local >= 0) & (local < weight.shape[0])
         arg = torch.where(here, local, -1)  # -1: the label's row is on another rank
         fwd = kernels(backend).linear_logprobs_forward
         with no_autocast(hidden):
-            tok_local, lse_local = fwd(hidden, weight, bias, arg, transform, False)[:2]
+            h, w, b = cast_to(compute_dtype, hidden, weight, bias)
+            tok_local, lse_local = fwd(h, w, b, arg, transform, False)[:2]
         target = torch.where(here, tok_local + lse_local, 0.0)
         lse = _all_reduce_logsumexp(lse_local, group)
         _all_reduce(target, group)
-        ctx.save_for_backward(hidden, weight, bias, arg, lse)
-        ctx.args = (group, transform, backend)
+        ctx.save_for_backward(hidden, weight, bias, arg, lse)  # as given: cast again below
+        ctx.args = (group, transform, compute_dtype, backend)
         return target - lse
 
     @staticmethod
     def backward(ctx, grad_tok):
         hidden, weight, bias, arg, lse = ctx.saved_tensors
-        group, transform, backend = ctx.args
+        group, transform, compute_dtype, backend = ctx.args
         needs = (True, ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         bwd = kernels(backend).linear_logprobs_backward
         with torch.no_grad(), no_autocast(hidden):  # (create_graph: guard below refuses it)
-            dh, dw, db = bwd(grad_tok.to(lse.dtype), hidden, weight, bias, arg, lse, transform,
-                             needs)  # fmt: skip
+            h, w, b = cast_to(compute_dtype, hidden, weight, bias)
+            dh, dw, db = bwd(grad_tok.to(lse.dtype), h, w, b, arg, lse, transform, needs)
             # The ranks' partial dh (large, and mostly cancelling) added up in the accumulation
-            # dtype, rounded once: added in bf16 they lost up to a fifth of the result.
+            # dtype, rounded once: added in bf16 they lost up to a fifth of the result. dw and db
+            # (local) come in the accumulation dtype too, rounded once to their inputs' dtypes.
             dh = _all_reduce(dh, group).to(hidden.dtype)
-        grads = (dh, dw if needs[1] else None, db if needs[2] else None)
+        grads = (dh, dw.to(weight.dtype) if needs[1] else None,
+                 db.to(bias.dtype) if needs[2] else None)  # fmt: skip
         op = "linear_sequence_logprobs(vocab_group=...)"
         return input_grads(ctx, *guard_double_backward(grads, op, hidden, weight))

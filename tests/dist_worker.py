@@ -198,6 +198,31 @@ def linear_vocab_parallel_worker(rank, world, init_file, out_dir, backends) -> N
     shutdown()
 
 
+def compute_dtype_vocab_parallel_worker(rank, world, init_file, out_dir, backends) -> None:
+    """A float32 head split over the ranks, its matmuls in bf16 (compute_dtype): the gradients
+    of hidden, this rank's weight rows and bias (float32, not rounded to bf16)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from dpo_kernels import linear_sequence_logprobs
+
+    hidden, weight, bias, labels, mask = (t.float() if t.is_floating_point() else t
+                                          for t in linear_vocab_parallel_case())  # fmt: skip
+    slices = vocab_slices(weight.shape[0], world)
+    labels = boundary_labels(labels, slices)
+    start, end = slices[rank]
+    results = {}
+    for backend in backends:
+        h = hidden.clone().requires_grad_()
+        w, b = (t[start:end].clone().requires_grad_() for t in (weight, bias))
+        out = linear_sequence_logprobs(
+            h, w, labels, bias=b, mask=mask, vocab_group=dist.group.WORLD, vocab_start=start,
+            compute_dtype=torch.bfloat16, backend=backend,
+        )  # fmt: skip
+        (out.logps * torch.tensor([0.7, -1.3])).sum().backward()
+        results[backend] = (h.grad, w.grad, b.grad, labels)
+    torch.save(results, os.path.join(out_dir, f"cdt_rank{rank}.pt"))
+    shutdown()
+
+
 def reduced_dh_vocab_parallel_worker(rank, world, init_file, out_dir, backends) -> None:
     """bf16 and fp16 hidden gradients of a head split over 2 ranks whose rows share a common
     direction (as trained LM heads' do): the ranks' partial dh are large and mostly cancel."""

@@ -249,10 +249,12 @@ def test_custom_op_schema_fake_and_autograd():
     counts = ((labels != -100) & mask).sum(-1).float()
     spec = make_spec(0.2, "sigmoid", None, 0.0, "reverse_kl", 0.5, 0.05).pack()
     backend = "cpu" if TEST_DEVICE == "cpu" and dpo_kernels.cpu_extension_available() else "triton"
-    for stats, wants in ((False, [True, True, True]), (True, [True, False, False])):
+    for stats, wants, dt in ((False, [True, True, True], None),
+                             (True, [True, False, False], None),
+                             (False, [True, True, True], torch.bfloat16)):  # fmt: skip
         args = (hidden.requires_grad_(wants[0]), weight.requires_grad_(wants[1]),
                 bias.requires_grad_(wants[2]), labels, mask, -100, rc, rr, counts[:2], counts[2:],
-                *spec, [1.0, 0.0, 1.0], 2 * 5 * 13 * 4, backend, wants, stats)  # fmt: skip
+                *spec, [1.0, 0.0, 1.0], 2 * 5 * 13 * 4, backend, wants, stats, dt)  # fmt: skip
         torch.library.opcheck(torch.ops.dpo_kernels.linear_dpo.default, args)
 
 

@@ -14,7 +14,7 @@ from conftest import (
 from test_logprobs import fwd_tol
 
 import dpo_kernels
-from dpo_kernels import common
+from dpo_kernels import common, make_spec
 from dpo_kernels.ops import cpu as cpu_ops
 from dpo_kernels.ops import reference
 
@@ -413,6 +413,112 @@ def test_autocast_leaves_the_fused_ops_alone(backend):
             torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-6, msg=name)
 
 
+def _rounded_grads64(hidden, weight, bias, labels, mask, dtype, loss_of_sums):
+    """Gradients of loss_of_sums(per-sequence sums) in float64, of hidden, weight and bias
+    rounded to `dtype` first: what the fused ops give with compute_dtype=dtype, up to float32
+    accumulation."""
+    leaves = [t.detach().to(dtype).double().requires_grad_() for t in (hidden, weight, bias)]
+    h, w, b = leaves
+    lp = (h @ w.T + b).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    loss_of_sums(torch.where((labels != -100) & mask, lp, 0.0).sum(-1)).backward()
+    return [t.grad for t in leaves]
+
+
+def _assert_float32_grads(got, want, what):
+    """Each gradient float32 (the inputs' dtype, not the compute dtype) and within float32
+    accumulation of the float64 one (bf16 / fp16 rounding of a gradient: 4e-3 / 5e-4)."""
+    for g, ref, name in zip(got, want, "hwb", strict=True):
+        assert g.dtype == torch.float32, (what, name, g.dtype)
+        err = ((g.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 1e-5, (what, name, err)
+
+
+def _linear_losses(labels, mask, backend):
+    """(name, fused op(hidden, weight, bias, **kw) -> loss, the same loss of float64 sums):
+    the token log-probs op, the linear_dpo op and a LinearLossFunction sibling (CPO)."""
+    P = labels.shape[0] // 2
+    n = ((labels != -100) & mask).sum(-1)
+    coef = torch.linspace(-1.0, 2.0, labels.shape[0])
+    return [
+        ("logprobs", lambda h, w, b, **kw: (dpo_kernels.linear_sequence_logprobs(
+            h, w, labels, bias=b, mask=mask, backend=backend, **kw).logps * coef).sum(),
+         lambda s: (s * coef.double()).sum()),
+        ("dpo", lambda h, w, b, **kw: dpo_kernels.linear_dpo_loss(
+            h, w, labels, bias=b, mask=mask, beta=0.5, backend=backend, **kw).loss,
+         lambda s: dpo_kernels.dpo_loss(s[:P], s[P:], beta=0.5, backend="reference").loss),
+        ("cpo", lambda h, w, b, **kw: dpo_kernels.linear_cpo_loss(
+            h, w, labels, bias=b, mask=mask, beta=0.5, backend=backend, **kw).loss,
+         lambda s: dpo_kernels.cpo_loss(s[:P], s[P:], chosen_counts=n[:P],
+                                        rejected_counts=n[P:], beta=0.5).loss),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_compute_dtype_rounds_the_inputs_not_the_gradients(backend, dtype):
+    """compute_dtype: float32 hidden, weight and bias go into the matmuls rounded to it, cast
+    inside the op, and their gradients come back in float32 from the float32 accumulators, as
+    float64 gives them on the rounded inputs (cast before the op, autograd hands them back
+    rounded to the compute dtype: errors of 2e-3 in bf16). A hidden given in the compute dtype
+    (as some models' final norm returns it) next to a float32 head gets its gradient in it."""
+    hidden, weight, bias, labels, mask = make_inputs(4, 5, 16, 37, torch.float32)
+    for name, op, of_sums in _linear_losses(labels, mask, backend):
+        h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+        op(h, w, b, compute_dtype=dtype).backward()
+        want = _rounded_grads64(hidden, weight, bias, labels, mask, dtype, of_sums)
+        _assert_float32_grads((h.grad, w.grad, b.grad), want, name)
+    h, w = hidden.to(dtype).requires_grad_(), weight.clone().requires_grad_()
+    dpo_kernels.linear_sequence_logprobs(
+        h, w, labels, mask=mask, compute_dtype=dtype, backend=backend
+    ).logps.sum().backward()
+    assert (h.grad.dtype, w.grad.dtype) == (dtype, torch.float32)
+    with pytest.raises(TypeError, match="compute_dtype must be None or a floating-point dtype"):
+        dpo_kernels.linear_sequence_logprobs(h, w, labels, compute_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fused_head_under_autocast_keeps_float32_gradients(backend):
+    """The fused LM head under bf16 autocast with a float32 head (TRL's bf16=True on a float32
+    model): each route (log-probs, the DPO loss fused in the head, a sibling's loss) gives the
+    head's and the hidden states' gradients in float32, as float64 gives them on the
+    bf16-rounded inputs (the head's inputs were cast to bf16 before the ops, and the gradients
+    came back rounded to bf16: errors of 1.5e-3 to 3e-3 here; stock TRL's head keeps them in
+    float32)."""
+    from dpo_kernels.fused_head import DPOHead, HeadCall, _run_head
+    from dpo_kernels.linear_preference_losses import _linear_cpo
+
+    hidden, weight, bias, labels, mask = make_inputs(4, 5, 16, 37, torch.float32)
+    full = torch.cat([hidden, torch.randn(4, 1, 16)], 1)  # the backbone's output, every position
+    head = torch.nn.Linear(16, 37)
+    with torch.no_grad():
+        head.weight.copy_(weight), head.bias.copy_(bias)
+    P = labels.shape[0] // 2
+    n = ((labels != -100) & mask).sum(-1)
+
+    def cpo(h, w, b, y, m, transform):
+        return _linear_cpo(h, w, y, bias=b, mask=m, beta=0.5, backend=backend, **transform)
+
+    calls = [
+        ("logprobs", HeadCall(labels, mask, backend=backend), lambda out: out.logps.sum(),
+         lambda s: s.sum()),
+        ("dpo", HeadCall(labels, mask, backend=backend, dpo=DPOHead(make_spec(beta=0.5))),
+         lambda out: out.loss.loss,
+         lambda s: dpo_kernels.dpo_loss(s[:P], s[P:], beta=0.5, backend="reference").loss),
+        ("cpo", HeadCall(labels, mask, backend=backend, loss=cpo), lambda out: out[0].loss,
+         lambda s: dpo_kernels.cpo_loss(s[:P], s[P:], chosen_counts=n[:P],
+                                        rejected_counts=n[P:], beta=0.5).loss),
+    ]  # fmt: skip
+    tf = {"logit_scale": 1.0, "softcap": None}
+    for name, call, loss_of, of_sums in calls:
+        head.zero_grad(set_to_none=True)
+        h = full.detach().clone().requires_grad_()
+        with torch.autocast(h.device.type, dtype=torch.bfloat16):
+            out = _run_head(head, h[:, :-1], call, tf, h)
+        loss_of(out).backward()
+        want = _rounded_grads64(hidden, weight, bias, labels, mask, torch.bfloat16, of_sums)
+        _assert_float32_grads((h.grad[:, :-1], head.weight.grad, head.bias.grad), want, name)
+
+
 def test_fused_matmuls_run_with_autocast_off(monkeypatch):
     """The chunk runner's matmuls (project, backprop) run with autocast off: the CUDA route's
     float32-result matmuls are autocast-eligible ops, which autocast would recast."""
@@ -456,10 +562,12 @@ def test_custom_ops_fake_match_real_on_strided_inputs(backend, sync_free, monkey
     tf = common.LogitTransform(1.0, None, 1.0).pack()
     t_major = torch.randn(T, B, H, generator=g).transpose(0, 1)
     h_major = torch.randn(H, B, T, generator=g).permute(1, 2, 0)  # rows a view, H-stride B * T
-    for hidden in (t_major, h_major):
-        fwd = (hidden, weight, bias, labels, mask, -100, tf, False, backend)
+    # (compute_dtype: the matmuls' dtype, the inputs cast to it inside the ops)
+    for hidden, dt in ((t_major, None), (h_major, None), (h_major, torch.bfloat16)):
+        fwd = (hidden, weight, bias, labels, mask, -100, tf, False, dt, backend)
         torch.library.opcheck(torch.ops.dpo_kernels.linear_token_logprobs.default, fwd)
         lse = torch.ops.dpo_kernels.linear_token_logprobs.default(*fwd)[1]
         grad = torch.randn(B, T, generator=g)
-        bwd = (grad, hidden, weight, bias, labels, mask, lse, -100, tf, True, True, True, backend)
+        bwd = (grad, hidden, weight, bias, labels, mask, lse, -100, tf, True, True, True, dt,
+               backend)  # fmt: skip
         torch.library.opcheck(torch.ops.dpo_kernels.linear_token_logprobs_backward.default, bwd)

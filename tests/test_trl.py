@@ -111,10 +111,10 @@ def test_logits_path_option_matches_stock_trl(tmp_path):
 
 
 def test_bf16_autocast_close_to_stock_trl(tmp_path):
-    # TRL's default on CPU: bf16 autocast. Both heads take bf16 inputs; TRL's rounds its logit
-    # tiles to bf16, ours keeps them in float32 (100x closer to float64), and ours rounds the
-    # head's gradient to bf16 once where TRL's returns it in float32: differences of bf16
-    # rounding (measured: 6.5e-5 in the loss, 1.7e-3 in a log-prob sum, 3e-4 in grad_norm).
+    # TRL's default on CPU: bf16 autocast. Both heads take bf16 inputs and return the head's
+    # gradients in float32; TRL's rounds its logit and gradient tiles to bf16, ours keeps them in
+    # float32 (100x closer to float64): differences of bf16 rounding (measured: 5.4e-5 in the
+    # loss, 1.1e-3 in a log-prob sum, 3.7e-4 in grad_norm).
     stock = train(trl.DPOTrainer, "sigmoid", False, tmp_path, bf16=True)
     for fused_lm_head in (True, False):
         ours = train(FusedDPOTrainer, "sigmoid", False, tmp_path, bf16=True,
@@ -122,11 +122,64 @@ def test_bf16_autocast_close_to_stock_trl(tmp_path):
         assert_same_history(stock, ours, rel=2e-3, abs_=5e-4)
 
 
+def test_bf16_autocast_head_gradient_as_float64_on_rounded_inputs(tmp_path, monkeypatch):
+    # bf16=True on a float32 model: the fused head's ops cast the head's inputs to bf16 inside
+    # the op and hand the head its gradient in float32, as stock TRL's head does: one SGD step's
+    # lm_head gradient matches float64 on the bf16-rounded hidden states and head (the same DPO
+    # loss) to 1.2e-7 (relative, Frobenius). Cast before the ops, it came back rounded to bf16:
+    # 1.8e-3; stock TRL's head, whose logit and gradient tiles are bf16: 1.6e-3.
+    from dpo_kernels import dpo_loss, fused_head
+
+    calls, grads = [], {}
+
+    def spy(head, hidden, call, transform, full):
+        if torch.is_grad_enabled():  # the policy's pass (not the reference's)
+            calls.append((head.weight.detach().clone(), hidden.detach().clone(), call))
+        return fused_head._run_head(head, hidden, call, transform, full)
+
+    monkeypatch.setattr(fused_head, "_EAGER_RUN_HEAD", spy)
+
+    def head_grad(trainer_cls):
+        model = tiny_causal_lm("llama", vocab=28, seed=0)
+        model.lm_head.weight.register_post_accumulate_grad_hook(
+            lambda p: grads.__setitem__(trainer_cls, p.grad.detach().clone())
+        )
+        args = trl.DPOConfig(
+            output_dir=str(tmp_path / trainer_cls.__name__), per_device_train_batch_size=4,
+            max_steps=1, learning_rate=1.0, optim="sgd", max_grad_norm=0, report_to=[],
+            save_strategy="no", **TRAINER_DEVICE, seed=0, dataloader_num_workers=0, bf16=True,
+        )  # fmt: skip
+        trainer_cls(
+            model=model, ref_model=tiny_causal_lm("llama", vocab=28, seed=1), args=args,
+            train_dataset=preference_dataset(), processing_class=tiny_tokenizer(),
+        ).train()  # fmt: skip
+        return grads[trainer_cls].double()
+
+    ours, stock = head_grad(FusedDPOTrainer), head_grad(trl.DPOTrainer)
+    assert grads[FusedDPOTrainer].dtype == torch.float32
+    ((weight, hidden, call),) = calls
+    w64 = weight.to(torch.bfloat16).double().requires_grad_()
+    z = hidden.to(torch.bfloat16).double() @ w64.T
+    lp = z.log_softmax(-1).gather(-1, call.labels[..., None].long())[..., 0]
+    sums = torch.where(call.mask, lp, 0.0).sum(-1)
+    d, P = call.dpo, sums.shape[0] // 2
+    dpo_loss(
+        sums[:P], sums[P:], d.ref_chosen_logps.double(), d.ref_rejected_logps.double(),
+        chosen_counts=d.chosen_counts, rejected_counts=d.rejected_counts, spec=d.spec,
+        backend="reference",
+    ).loss.backward()  # fmt: skip
+    want = w64.grad
+    err = ((ours - want).norm() / want.norm()).item()
+    assert err <= 1e-5, err
+    # The same target as stock's head, up to its bf16 tiles.
+    assert ((stock - want).norm() / want.norm()).item() <= 4e-3
+
+
 @pytest.mark.parametrize("fused_lm_head", [True, False])
 def test_bf16_autocast_reaches_the_backbone(tmp_path, fused_lm_head):
     # accelerate's mixed precision wraps the model's forward in autocast; the fused head's path
     # runs the backbone itself, so it takes the same autocast (it ran in float32 before), and
-    # the head's inputs go to the fused ops in bf16, as autocast would hand them to a matmul.
+    # the fused ops cast the head's inputs to bf16, as autocast would for a matmul.
     model = tiny_causal_lm("llama", vocab=28)
     seen = []
     layer = model.model.layers[0].self_attn.q_proj

@@ -62,8 +62,8 @@ def linear_logprobs_forward(
 
 
 def linear_logprobs_backward(grad, hidden, weight, bias, targets, lse, transform, needs):
-    """Gradients for hidden (accumulation dtype), weight and bias of the counted rows' label
-    log-probs."""
+    """Gradients for hidden, weight and bias of the counted rows' label log-probs, in the
+    accumulation dtype."""
     op = torch.ops.dpo_kernels_cpu.linear_logprobs_backward
     tiles = (LINEAR_TOKEN_TILE, LINEAR_VOCAB_BLOCK)
     return op(grad, hidden, weight, bias, targets, lse, *transform, *needs, *tiles)

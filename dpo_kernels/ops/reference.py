@@ -274,9 +274,10 @@ def linear_logprobs_backward(
     transform: LogitTransform,
     needs: tuple[bool, bool, bool],  # gradients wanted for (hidden, weight, bias)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for hidden [M, H] in the accumulation dtype (partial ones are added up across
-    the ranks of a vocabulary split before one rounding: `vocab_parallel`), weight [V, H] and
-    bias [V] in their dtypes ([0] where not asked).
+    """Gradients for hidden [M, H], weight [V, H] and bias [V], all in the accumulation dtype
+    ([0] where not asked): the callers round each once to its input's own dtype (hidden's after
+    the ranks of a vocabulary split add up their partial ones: `vocab_parallel`; the fused head's
+    after a cast of the inputs to the autocast dtype: `compute_dtype`).
 
     With a = transform.factor and z = softcap(x) * a: dz = g * (onehot - softmax(z)),
     dx = dz * a * (1 - tanh(x / softcap)^2) (dz * a without softcap), dh = dx @ W, dW = dx.T @ h
@@ -297,8 +298,8 @@ def linear_logprobs_backward(
     empty = hidden.new_empty(0)
     return (
         dx @ w if needs[0] else empty,
-        (dx.T @ h).to(weight.dtype) if needs[1] else empty,
-        dx.sum(0).to(bias.dtype) if needs[2] and bias is not None else empty,
+        dx.T @ h if needs[1] else empty,
+        dx.sum(0) if needs[2] and bias is not None else empty,
     )
 
 

@@ -406,8 +406,8 @@ def linear_logprobs_backward(
     transform: LogitTransform,
     needs: tuple[bool, bool, bool],  # gradients wanted for (hidden, weight, bias)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for hidden [M, H] (accumulation dtype), weight [V, H], bias [V] (their dtypes);
-    [0] if not asked (the contract: ops/reference.py)."""
+    """Gradients for hidden [M, H], weight [V, H], bias [V] in the accumulation dtype; [0] if not
+    asked (the contract: ops/reference.py)."""
     with device_guard(hidden):
         return _backward(grad, hidden, weight, bias, targets, lse, transform, needs)
 
@@ -444,8 +444,4 @@ def _backward(grad, hidden, weight, bias, targets, lse, transform, needs):
         for t in (dh if hidden_grad else None, dw, db):
             if t is not None:
                 t.mul_(f)
-    return (
-        dh,
-        empty if dw is None else dw.to(weight.dtype),
-        empty if db is None else db.to(bias.dtype),
-    )
+    return dh, empty if dw is None else dw, empty if db is None else db
