@@ -297,7 +297,7 @@ MUTANTS: list[Mutant] = [
       "        self.model_accepts_loss_kwargs = False\n", "",
       "tests/test_linear_dpo_trainers.py", "-k", "accumulation"),
     M("fused-ops-left-under-autocast", "dpo_kernels/linear_dpo_chunks.py",
-      "    with no_autocast(hidden):\n        out = run(", "    if True:\n        out = run(",
+      "    with no_autocast(hidden):\n        h, w, b = cast_to(", "    if True:\n        h, w, b = cast_to(",
       T_LIN, "-k", "autocast"),
     M("forward-mode-tangent-let-through", "dpo_kernels/validation.py",
       "if not torch.compiler.is_compiling() and forward_ad.unpack_dual(t).tangent is not None:",
