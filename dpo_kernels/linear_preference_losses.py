@@ -25,6 +25,7 @@ from .preference_losses import (
     kto_loss,
     orpo_loss,
 )
+from .validation import check_compute_dtype
 
 
 def _as_per_pair(out: PreferenceLossOutput, per: torch.Tensor) -> torch.Tensor:
@@ -303,6 +304,7 @@ def _linear_kto(
         kl = kto_kl(kl_logps, ref_kl_logps)
     # Validates every option and the shapes of ref_logps / desirable / kl before the pass.
     # (in the matmuls' dtype: the kl it returns is used below, in that dtype's accumulation dtype)
+    check_compute_dtype(compute_dtype)  # (the dry run below is made in it)
     zeros = hidden.new_zeros(N, dtype=compute_dtype or hidden.dtype)
     dry = kto_loss(zeros, ref_logps, desirable, kl=kl, kl_logps=kl_logps,
                    ref_kl_logps=ref_kl_logps, **opts)  # fmt: skip

@@ -116,6 +116,15 @@ def check_logprob_inputs(
         check_same_device("ref_logits", ref_logits, logits, "logits")
 
 
+def check_compute_dtype(compute_dtype: object) -> None:
+    """A fused linear op's compute_dtype: None or bf16, fp16, fp32, fp64."""
+    if compute_dtype is not None and compute_dtype not in FLOATS:
+        raise TypeError(
+            f"compute_dtype must be None or a floating-point dtype (torch.bfloat16, "
+            f"torch.float16, torch.float32 or torch.float64), got {compute_dtype!r}"
+        )
+
+
 def check_linear_inputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -130,11 +139,7 @@ def check_linear_inputs(
     bias of one dtype unless a compute_dtype (bf16, fp16, fp32 or fp64) casts them."""
     check_float("hidden", hidden)
     check_float("weight", weight)
-    if compute_dtype is not None and compute_dtype not in FLOATS:
-        raise TypeError(
-            f"compute_dtype must be None or a floating-point dtype (torch.bfloat16, "
-            f"torch.float16, torch.float32 or torch.float64), got {compute_dtype!r}"
-        )
+    check_compute_dtype(compute_dtype)
     same = compute_dtype is None  # else each is cast to it, its gradient back to its own dtype
     if weight.dim() != 2:
         raise ValueError(

@@ -145,6 +145,8 @@ INVENTORY = [
     ("nll_weight not finite", lambda: dpo_kernels.linear_pair_loss(z(4, T, 4), z(V, 4), y(4, T), lambda pc, pr, nc, nr: pr - pc, nll_weight="2"), TypeError, "nll_weight must be a number"),
     ("hidden and head in different dtypes", lambda: dpo_kernels.linear_sequence_logprobs(z(B, T, 4), z(V, 4).double(), y(B, T)), TypeError, r"hidden is torch.float32 but weight is torch.float64; .* or pass the dtype the matmuls take as compute_dtype"),
     ("hidden and head in different dtypes", lambda: dpo_kernels.linear_dpo_loss(z(2, T, 4), z(V, 4), y(2, T), compute_dtype=torch.int8), TypeError, r"compute_dtype must be None or a floating-point dtype .* got torch.int8"),
+    ("hidden and head in different dtypes", lambda: dpo_kernels.linear_kto_loss(z(2, T, 4), z(V, 4), y(2, T), p(2), torch.tensor([True, False]), kl=0.0, compute_dtype=torch.int8), TypeError, r"compute_dtype must be None or a floating-point dtype .* got torch.int8"),
+    ("hidden and head in different dtypes", lambda: dpo_kernels.linear_kto_loss(z(2, T, 4), z(V, 4), y(2, T), p(2), torch.tensor([True, False]), kl=0.0, compute_dtype="bfloat16"), TypeError, r"compute_dtype must be None or a floating-point dtype .* got 'bfloat16'"),
     ("float8 inputs", lambda: sequence_logprobs(z(B, T, V), y(B, T), ref_logits=z(B, T, V).to(torch.float8_e4m3fn)), TypeError, r"ref_logits must be a floating-point tensor \(bf16, fp16, fp32 or fp64\)"),
     ("cu_seqlens not offsets", lambda: sequence_logprobs(z(1, 4, V), y(1, 4), cu_seqlens=torch.tensor([False, True])), TypeError, "cu_seqlens must be an integer tensor"),
     ("cu_seqlens not offsets", lambda: sequence_logprobs(z(1, 4, V), y(1, 4), cu_seqlens=torch.tensor([0, 4], device="meta")), ValueError, "cu_seqlens is on meta but logits is on"),
