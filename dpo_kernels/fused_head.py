@@ -354,7 +354,9 @@ def _run_head(head: torch.nn.Module, hidden: torch.Tensor, call: HeadCall, trans
     def fused(h: torch.Tensor) -> SequenceLogprobs:
         weight, bias = _full(inner.weight), _full(getattr(inner, "bias", None))
         kind = weight.device.type
-        if not torch.is_autocast_enabled(kind):
+        # autocast leaves float64 alone (the head's matmul takes a float64 head and hidden as
+        # they are, and a float64 one beside a cast one fails there as here: dtypes differ)
+        if not torch.is_autocast_enabled(kind) or torch.float64 in (h.dtype, weight.dtype):
             return fused_ops(h, weight, bias, dict(transform, compute_dtype=None))
         # Under autocast the fused ops take the head's inputs as they are and cast them to its
         # dtype themselves, as autocast would for the head's matmul: cast before the ops, autograd

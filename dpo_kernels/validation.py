@@ -175,7 +175,10 @@ def check_linear_inputs(
                 f"{tuple(bias.shape)}"
             )
         if same and bias.dtype != weight.dtype:
-            raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}; they must match")
+            raise TypeError(
+                f"bias is {bias.dtype} but weight is {weight.dtype}; they must match, or pass the "
+                "dtype the matmuls take as compute_dtype"
+            )
         check_same_device("bias", bias, hidden, "hidden")
     check_labels_and_mask(labels, mask, ignore_index, hidden, "hidden", hidden.dim() - 1)
 

@@ -519,6 +519,26 @@ def test_fused_head_under_autocast_keeps_float32_gradients(backend):
         _assert_float32_grads((h.grad[:, :-1], head.weight.grad, head.bias.grad), want, name)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fused_head_leaves_a_float64_head_alone_under_autocast(backend):
+    """autocast does not cast float64: a float64 head and hidden states under bf16 autocast give
+    the head's own float64 log-probs (the fused head cast them to bf16 before: off by 6e-3)."""
+    from dpo_kernels.fused_head import HeadCall, _run_head
+
+    hidden, weight, bias, labels, mask = make_inputs(4, 5, 16, 37, torch.float64)
+    head = torch.nn.Linear(16, 37, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(weight), head.bias.copy_(bias)
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+        want = head(hidden)  # the model's own logits: float64, not cast
+        out = _run_head(head, hidden, HeadCall(labels, mask, backend=backend),
+                        {"logit_scale": 1.0, "softcap": None}, hidden)  # fmt: skip
+    assert want.dtype == torch.float64
+    lp = want.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    ref = torch.where((labels != -100) & mask, lp, 0.0).sum(-1)
+    torch.testing.assert_close(out.logps, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_matmuls_run_with_autocast_off(monkeypatch):
     """The chunk runner's matmuls (project, backprop) run with autocast off: the CUDA route's
     float32-result matmuls are autocast-eligible ops, which autocast would recast."""
