@@ -189,6 +189,7 @@ def facts(trainer) -> dict:
         "lora": any("lora_" in n for n, _ in trainer.model.named_parameters()),
         "wrapper": type(wrapped).__name__,
         "find_unused": getattr(wrapped, "find_unused_parameters", None),
+        "mixed_precision": trainer.accelerator.mixed_precision,
     }
     if ENGINE == "deepspeed":
         out["zero"] = wrapped.zero_optimization_stage()
@@ -217,7 +218,7 @@ def train(cls, cfg):
         save_strategy="no",
         seed=0,
         dataloader_num_workers=0,
-        bf16=False,
+        bf16=cfg.get("bf16", False),  # on CPU: accelerate's bf16 autocast, float32 params
         disable_tqdm=True,
         use_cpu=ENGINE != "deepspeed",
         gradient_checkpointing=gc is not None,
@@ -226,6 +227,7 @@ def train(cls, cfg):
         deepspeed=deepspeed_config(cfg) if ENGINE == "deepspeed" else None,
         # FSDP driven outside accelerate: its norm would be one rank's shard; do not clip by it.
         max_grad_norm=0.0 if ENGINE.startswith("fsdp") else 1.0,
+        **cfg.get("options", {}),  # further fields of the trainer's config
     )
     data = preference_dataset(BATCH * STEPS * WORLD, seed=0, length=cfg.get("completion"))
     if kto:

@@ -28,6 +28,13 @@ UNTIED, TIED = {"tied": False}, {"tied": True}
 # sums rounded to bf16 on their way into the forward (FSDP casts its inputs) would miss by 0.03
 # at completions of 100 tokens.
 MIXED_REF_COPY = {"mp": True, "ref_copy": True, "completion": 100, "tol": 2e-2}
+# bf16=True on a float32 model: accelerate's autocast, the fused head's matmuls in bf16 with the
+# head's and hidden states' gradients in float32 (compute_dtype); stock's head rounds its tiles to
+# bf16, so 2e-3 (measured 3e-4 to 5e-4). use_weighting takes the token log-probs op with gradient
+# (it saves the head's float32 weight for its backward, where FSDP must have gathered it again);
+# without it, the fused DPO loss.
+AUTOCAST = {"bf16": True, "tol": 2e-3}
+WEIGHTING = {"options": {"use_weighting": True}}
 ENGINES = {
     "ddp": [  # accelerate DDP (the Trainer's ddp_find_unused_parameters)
         {"name": "untied_find_unused", "find_unused": True, **UNTIED},  # issue #12
@@ -35,6 +42,7 @@ ENGINES = {
         {"name": "untied_gc_reentrant", "gc": "reentrant", "find_unused": False, **UNTIED},
         {"name": "tied_gc_nonreentrant_find_unused", "gc": "plain", "find_unused": True, **TIED},
         {"name": "peft_lora_adamw", "peft": True, "optim": "adamw_torch", "lr": 1e-2, **UNTIED},
+        {"name": "bf16_autocast_weighting", **AUTOCAST, **WEIGHTING, **UNTIED},
     ],
     "deepspeed": [
         {"name": "zero1_untied", "zero": 1, **UNTIED},
@@ -68,11 +76,20 @@ ENGINES = {
             **MIXED_REF_COPY,
             **UNTIED,
         },
+        {
+            "name": "bf16_autocast_weighting_flat_tied",
+            "strategy": "FULL_SHARD",
+            "orig": False,
+            **AUTOCAST,
+            **WEIGHTING,
+            **TIED,
+        },
     ],
     "fsdp2": [
         {"name": "untied", **UNTIED},
         {"name": "tied_gc_nonreentrant", "gc": "plain", **TIED},
         {"name": "mixed_precision_ref_copy_long", **MIXED_REF_COPY, **UNTIED},
+        {"name": "bf16_autocast", **AUTOCAST, **UNTIED},
         {
             "name": "mixed_precision_peft_lora",
             "mp": True,
@@ -144,6 +161,7 @@ def test_fused_trainer_matches_stock_under_engine(engine, tmp_path):
             # The run used what the configuration asks for (read back from the trained objects).
             f = r["facts"]
             assert f["gc"] == ("gc" in cfg) and f["lora"] == cfg.get("peft", False), (where, f)
+            assert f["mixed_precision"] == ("bf16" if cfg.get("bf16") else "no"), (where, f)
             if engine == "ddp":
                 assert f["wrapper"] == "DistributedDataParallel", (where, f)
                 assert f["find_unused"] == cfg.get("find_unused", not f["gc"]), (where, f)
