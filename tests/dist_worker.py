@@ -175,11 +175,16 @@ def boundary_labels(labels: torch.Tensor, slices) -> torch.Tensor:
     return flat.view(labels.shape)
 
 
-def linear_vocab_parallel_worker(rank, world, init_file, out_dir, backends) -> None:
+def linear_vocab_parallel_worker(rank, world, init_file, out_dir, backends,
+                                 compute_dtype=None) -> None:  # fmt: skip
+    """The head split over the ranks; with compute_dtype, a float32 head whose matmuls take it
+    (the gradients of hidden, this rank's rows and bias then float32, not rounded to it)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from dpo_kernels import linear_sequence_logprobs
 
     hidden, weight, bias, labels, mask = linear_vocab_parallel_case()
+    if compute_dtype is not None:
+        hidden, weight, bias = hidden.float(), weight.float(), bias.float()
     slices = vocab_slices(weight.shape[0], world)
     labels = boundary_labels(labels, slices)
     start, end = slices[rank]
@@ -190,36 +195,12 @@ def linear_vocab_parallel_worker(rank, world, init_file, out_dir, backends) -> N
         b = bias[start:end].clone().requires_grad_()
         out = linear_sequence_logprobs(
             h, w, labels, bias=b, mask=mask, softcap=3.0, vocab_group=dist.group.WORLD,
-            vocab_start=start, backend=backend,
+            vocab_start=start, compute_dtype=compute_dtype, backend=backend,
         )  # fmt: skip
         (out.logps * torch.tensor([0.7, -1.3], dtype=out.logps.dtype)).sum().backward()
         results[backend] = (out.logps.detach(), h.grad, w.grad, b.grad, labels)
-    torch.save(results, os.path.join(out_dir, f"lvp_rank{rank}.pt"))
-    shutdown()
-
-
-def compute_dtype_vocab_parallel_worker(rank, world, init_file, out_dir, backends) -> None:
-    """A float32 head split over the ranks, its matmuls in bf16 (compute_dtype): the gradients
-    of hidden, this rank's weight rows and bias (float32, not rounded to bf16)."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from dpo_kernels import linear_sequence_logprobs
-
-    hidden, weight, bias, labels, mask = (t.float() if t.is_floating_point() else t
-                                          for t in linear_vocab_parallel_case())  # fmt: skip
-    slices = vocab_slices(weight.shape[0], world)
-    labels = boundary_labels(labels, slices)
-    start, end = slices[rank]
-    results = {}
-    for backend in backends:
-        h = hidden.clone().requires_grad_()
-        w, b = (t[start:end].clone().requires_grad_() for t in (weight, bias))
-        out = linear_sequence_logprobs(
-            h, w, labels, bias=b, mask=mask, vocab_group=dist.group.WORLD, vocab_start=start,
-            compute_dtype=torch.bfloat16, backend=backend,
-        )  # fmt: skip
-        (out.logps * torch.tensor([0.7, -1.3])).sum().backward()
-        results[backend] = (h.grad, w.grad, b.grad, labels)
-    torch.save(results, os.path.join(out_dir, f"cdt_rank{rank}.pt"))
+    name = "lvp" if compute_dtype is None else "cdt"
+    torch.save(results, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
     shutdown()
 
 

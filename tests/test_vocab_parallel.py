@@ -5,7 +5,6 @@ import torch
 from conftest import cpu_backends
 from dist_worker import (
     anisotropic_head_case,
-    compute_dtype_vocab_parallel_worker,
     linear_vocab_parallel_case,
     linear_vocab_parallel_worker,
     reduced_dh_vocab_parallel_worker,
@@ -153,19 +152,23 @@ def test_compute_dtype_rounds_the_inputs_not_the_gradients(tmp_path):
     ranks' parts added up), of each rank's rows and bias come back in float32, as float64 gives
     them on the rounded inputs."""
     backends = cpu_backends()
-    spawn_ranks(compute_dtype_vocab_parallel_worker, 2, tmp_path, backends)
+    spawn_ranks(linear_vocab_parallel_worker, 2, tmp_path, backends, torch.bfloat16)
     hidden, weight, bias, _, mask = linear_vocab_parallel_case()
     per_rank = [torch.load(tmp_path / f"cdt_rank{r}.pt") for r in range(2)]
     for backend in backends:
-        labels = per_rank[0][backend][3]
+        labels = per_rank[0][backend][4]
         h, w, b = (t.float().to(torch.bfloat16).double().requires_grad_()
                    for t in (hidden, weight, bias))  # fmt: skip
-        (f64_logps(h @ w.T + b, labels, mask) * torch.tensor([0.7, -1.3]).double()).sum().backward()
+        x = h @ w.T + b
+        want = f64_logps(3.0 * torch.tanh(x / 3.0), labels, mask)
+        (want * torch.tensor([0.7, -1.3]).double()).sum().backward()
         for r in range(2):
-            assert per_rank[r][backend][0].dtype == torch.float32
-            torch.testing.assert_close(per_rank[r][backend][0].double(), h.grad, rtol=0,
+            torch.testing.assert_close(per_rank[r][backend][0].double(), want.detach(),
+                                       rtol=0, atol=1e-5)  # fmt: skip
+            assert per_rank[r][backend][1].dtype == torch.float32
+            torch.testing.assert_close(per_rank[r][backend][1].double(), h.grad, rtol=0,
                                        atol=1e-5 * h.grad.abs().max().item())  # fmt: skip
-        for i, want in ((1, w.grad), (2, b.grad)):
+        for i, want in ((2, w.grad), (3, b.grad)):
             got = torch.cat([per_rank[r][backend][i] for r in range(2)])
             assert got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, rtol=0,
