@@ -42,8 +42,18 @@ def dpo_step_loss(model, ref, examples, fused_lm_head=False):
     return DPOLoss(beta=0.1)(out.pairs()).loss
 
 
-def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -> None:
+def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, modes: list[str]) -> None:
+    """Each of `modes` in turn, in one process group (one launch: a launch costs more than a
+    mode here)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    for mode in modes:
+        _ddp_mode(rank, world, out_dir, mode)
+    shutdown()
+
+
+def _ddp_mode(rank: int, world: int, out_dir: str, mode: str) -> None:
+    """One step's gradients of `mode`'s wrapper (rank 0 saves them), then 3 more steps, and
+    whether every rank ends with the same parameters."""
     torch.manual_seed(0)
     model, ref = tiny_causal_lm(seed=0).train(), tiny_causal_lm(seed=1)
     examples = preference_examples(PAIRS, seed=3)
@@ -111,7 +121,6 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -
     if rank == 0:
         same = all(torch.equal(gathered[0], g) for g in gathered[1:])
         torch.save({"same": same}, os.path.join(out_dir, f"{mode}_params.pt"))
-    shutdown()
 
 
 def vocab_parallel_case(V=37, seed=11):

@@ -25,9 +25,17 @@ MODES = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def modes_run(tmp_path_factory):
+    """Every mode in one 2-process launch; the folder of their results."""
+    out = tmp_path_factory.mktemp("modes")
+    spawn_ranks(ddp_worker, 2, out, MODES)
+    return out
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_two_process_gradients_equal_single_process(mode, tmp_path):
-    spawn_ranks(ddp_worker, 2, tmp_path, mode)
+def test_two_process_gradients_equal_single_process(mode, modes_run):
+    tmp_path = modes_run
     dist_grads = torch.load(tmp_path / f"{mode}_grads.pt")
     expect = single_process_grads()
     assert dist_grads.keys() == expect.keys()
